@@ -1,0 +1,1 @@
+"""Computations and figure builders behind the pages; importable without streamlit."""

@@ -1,0 +1,55 @@
+"""Shared fixtures: the real DeiT-Tiny weights and photographs from ../shared."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DEIT_TINY_WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.safetensors"
+SHARED_IMAGES = sorted((SHARED / "images").glob("photo_*.jpg"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "shared: needs ../shared/weights or ../shared/images")
+    config.addinivalue_line("markers", "browser: drives a real chromium")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not DEIT_TINY_WEIGHTS.exists():
+        pytest.skip("../shared/weights/deit_tiny_patch16_224.safetensors is not present")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def deit_tiny_real(shared_dir):
+    """timm DeiT-Tiny with the real ImageNet weights, in eval mode. Never mutate it in a test."""
+    import timm
+
+    model = timm.create_model(
+        "deit_tiny_patch16_224",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(DEIT_TINY_WEIGHTS)),
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def shared_photos(shared_dir):
+    from PIL import Image
+
+    return [Image.open(p).convert("RGB") for p in SHARED_IMAGES]
+
+
+@pytest.fixture(scope="session")
+def deit_tiny_batch(deit_tiny_real, shared_photos) -> torch.Tensor:
+    """The five shared photos preprocessed with DeiT-Tiny's own timm data config."""
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=deit_tiny_real)
+    tf = timm.data.create_transform(**cfg)
+    return torch.stack([tf(im) for im in shared_photos])
