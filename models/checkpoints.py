@@ -1,0 +1,88 @@
+"""Reading checkpoint files safely and loading them strictly, with messages a person can act on."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says why."""
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """No weights could be found for a model; the message says where to put the file."""
+
+
+# Official releases wrap the state dict under one of these keys ({'model': ...} for DeiT and DynamicViT).
+_WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a .safetensors file, or a torch checkpoint with ``weights_only=True`` (never a bare pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist.")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"Checkpoint {path} is empty.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any decoder error becomes one clear message
+        raise CheckpointError(
+            f"Could not read {path.name} as a safetensors or torch checkpoint "
+            f"(only tensors are accepted, weights_only=True): {type(exc).__name__}: {exc}"
+        ) from exc
+    return unwrap_state_dict(obj, source=path.name)
+
+
+def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{source} holds no state dict (expected a mapping of parameter names to tensors).")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{source} holds no tensors.")
+    # Checkpoints saved from DataParallel/DDP prefix every key with 'module.'.
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def _first(names, n=5) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:n])
+    return shown + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load ``state_dict`` into ``model`` or raise CheckpointError listing missing, unexpected and misshapen keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    misshapen = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or misshapen:
+        parts = [f"{source} does not fit {type(model).__name__}."]
+        if misshapen:
+            parts.append(f"Shape mismatch in {len(misshapen)} tensors, e.g. {_first(misshapen, 3)} "
+                         "(weights of a different model size?).")
+        if missing:
+            parts.append(f"Missing {len(missing)} keys: {_first(missing)}.")
+        if unexpected:
+            parts.append(f"Unexpected {len(unexpected)} keys: {_first(unexpected)}.")
+        raise CheckpointError(" ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
