@@ -1,0 +1,302 @@
+"""Throughput core: warm-up, timed iterations with device sync, interleaved runs, records, CLI.
+
+Every page that shows speed and the CLI use ``benchmark``. A speed-up is the ratio of two runners'
+throughputs measured in interleaved rounds in the same process, so that drift in clock speed or
+background load hits both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from models.device import autocast, default_device, hardware_info, synchronize
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Runner:
+    """One thing to time: a forward over ready-made inputs of a given batch size."""
+    name: str
+    forward: Callable[[Any], Any]
+    make_inputs: Callable[[int], Any]  # batch size -> inputs already on the device
+    params: int = 0
+    weights: str = ""
+    flops_per_image: float | None = None  # filled by count_flops
+
+
+@dataclass
+class BenchSettings:
+    batch: int = 16
+    iters: int = 10  # timed iterations per round
+    rounds: int = 3  # interleaved rounds; the median round counts
+    warmup: int = 3
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast; GPU only)
+
+
+@dataclass
+class ThroughputRow:
+    model: str
+    batch: int
+    device: str
+    precision: str
+    img_per_s: float
+    ms_per_batch: float
+    params_m: float
+    gflops: float | None
+    peak_mem_mib: float | None
+    weights: str
+    rounds: list[float] = field(default_factory=list)  # img/s of each interleaved round
+    speedup: float | None = None
+    baseline: str | None = None
+    note: str = ""
+
+
+def count_flops(runner: Runner) -> float | None:
+    """FLOPs of one image through the runner's forward, by torch.utils.flop_counter (2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        inputs = runner.make_inputs(1)
+        with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
+            runner.forward(inputs)
+        return float(counter.get_total_flops())
+    except Exception:  # noqa: BLE001 - a forward the counter cannot trace still gets timed
+        return None
+
+
+def _extra_flop_formulas() -> dict:
+    """The CPU flash-attention kernel has no formula in torch's counter; without one, fused attention on
+    CPU would count as free. It computes what the other SDPA kernels compute, so reuse their formula."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return {}
+
+    def cpu_flash_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {op: cpu_flash_flop}
+
+
+def _time_iters(runner: Runner, inputs: Any, iters: int, settings: BenchSettings) -> float:
+    dtype = PRECISIONS[settings.precision]
+    synchronize(settings.device)
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast(settings.device, enabled=dtype is not None, dtype=dtype):
+        for _ in range(iters):
+            runner.forward(inputs)
+    synchronize(settings.device)
+    return time.perf_counter() - start
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def benchmark(runners: Sequence[Runner], settings: BenchSettings, baseline: str | None = None,
+              progress: Callable[[str, float], None] | None = None) -> list[ThroughputRow]:
+    """Time every runner in interleaved rounds; img/s is the median over rounds. Raises on out-of-memory."""
+    if baseline is not None and baseline not in {r.name for r in runners}:
+        raise ValueError(f"baseline {baseline!r} is not among the models {[r.name for r in runners]}")
+    inputs = {r.name: r.make_inputs(settings.batch) for r in runners}
+    peak: dict[str, float | None] = {}
+    is_cuda = torch.device(settings.device).type == "cuda"
+    for r in runners:
+        if r.flops_per_image is None:
+            r.flops_per_image = count_flops(r)
+        if is_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        _time_iters(r, inputs[r.name], settings.warmup, settings)
+        peak[r.name] = torch.cuda.max_memory_allocated() / 2**20 if is_cuda else None
+    per_round: dict[str, list[float]] = {r.name: [] for r in runners}
+    steps, done = settings.rounds * len(runners), 0
+    for round_index in range(settings.rounds):
+        for r in runners:
+            seconds = _time_iters(r, inputs[r.name], settings.iters, settings)
+            per_round[r.name].append(settings.batch * settings.iters / seconds)
+            done += 1
+            if progress:
+                progress(f"round {round_index + 1}/{settings.rounds}: {r.name}", done / steps)
+    rows = []
+    for r in runners:
+        img_s = statistics.median(per_round[r.name])
+        rows.append(ThroughputRow(
+            model=r.name, batch=settings.batch, device=settings.device, precision=settings.precision,
+            img_per_s=img_s, ms_per_batch=1000.0 * settings.batch / img_s, params_m=r.params / 1e6,
+            gflops=None if r.flops_per_image is None else r.flops_per_image / 1e9,
+            peak_mem_mib=peak[r.name], weights=r.weights, rounds=per_round[r.name]))
+    if baseline is not None:
+        add_speedups(rows, baseline, per_round)
+    return rows
+
+
+def add_speedups(rows: list[ThroughputRow], baseline: str, per_round: dict[str, list[float]] | None = None) -> None:
+    """Speed-up against the baseline: the median over rounds of the per-round ratio, the runs being interleaved."""
+    base = next(r for r in rows if r.model == baseline)
+    for row in rows:
+        paired = per_round is not None and len(per_round.get(row.model, [])) == len(per_round.get(baseline, []))
+        if paired:
+            row.speedup = statistics.median(a / b for a, b in zip(per_round[row.model], per_round[baseline]))
+        else:
+            row.speedup = row.img_per_s / base.img_per_s
+        row.baseline = baseline
+
+
+def sweep(runners: Sequence[Runner], settings: BenchSettings, batches: Sequence[int], baseline: str | None = None,
+          progress: Callable[[str, float], None] | None = None,
+          on_rows: Callable[[list[ThroughputRow]], None] | None = None) -> tuple[list[ThroughputRow], list[str]]:
+    """Benchmark at each batch size; on out-of-memory, retry at half the batch and stop going larger.
+
+    Returns the rows and notes saying what was backed off.
+    """
+    rows: list[ThroughputRow] = []
+    notes: list[str] = []
+    for batch in sorted(batches):
+        current = batch
+        while True:
+            try:
+                step = benchmark(runners, _with_batch(settings, current), baseline=baseline, progress=progress)
+                break
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled; the rest propagates
+                if not is_out_of_memory(exc):
+                    raise
+                _free_memory(settings.device)
+                if current <= 1:
+                    notes.append(f"batch {batch}: out of memory even at batch 1; skipped.")
+                    step = []
+                    break
+                notes.append(f"batch {current}: out of memory; backed off to batch {current // 2}.")
+                current //= 2
+        for row in step:
+            row.note = f"asked for batch {batch}" if current != batch else ""
+        rows.extend(step)
+        if on_rows:
+            on_rows(step)
+        if current != batch:
+            notes.append(f"stopped the sweep after batch {batch}: larger batches would not fit.")
+            break
+    return rows, notes
+
+
+def _with_batch(settings: BenchSettings, batch: int) -> BenchSettings:
+    s = copy.copy(settings)
+    s.batch = batch
+    return s
+
+
+def _free_memory(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def rows_to_records(rows: Sequence[ThroughputRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def rows_to_dataframe(rows: Sequence[ThroughputRow]):
+    import pandas as pd
+
+    df = pd.DataFrame(rows_to_records(rows))
+    return df.drop(columns=["rounds"]) if "rounds" in df else df
+
+
+def format_table(rows: Sequence[ThroughputRow]) -> str:
+    header = f"{'model':<48} {'batch':>5} {'img/s':>10} {'ms/batch':>10} {'params(M)':>10} {'GFLOPs':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        gflops = "n/a" if r.gflops is None else f"{r.gflops:.2f}"
+        lines.append(f"{r.model:<48} {r.batch:>5} {r.img_per_s:>10.1f} {r.ms_per_batch:>10.1f} "
+                     f"{r.params_m:>10.2f} {gflops:>8}")
+    return "\n".join(lines)
+
+
+def speedup_lines(rows: Sequence[ThroughputRow]) -> list[str]:
+    return [f"speedup {r.model} vs {r.baseline}: {r.speedup:.2f}x" for r in rows
+            if r.baseline is not None and r.model != r.baseline and r.speedup is not None]
+
+
+def write_results(rows: Sequence[ThroughputRow], path: str | Path, settings: BenchSettings) -> None:
+    path = Path(path)
+    if path.suffix == ".json":
+        payload = {"settings": asdict(settings), "hardware": hardware_info(), "rows": rows_to_records(rows)}
+        path.write_text(json.dumps(payload, indent=2))
+    else:
+        rows_to_dataframe(rows).to_csv(path, index=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m analysis.throughput",
+        description="Measure img/s of registry models and their token-reduction variants on this machine.")
+    p.add_argument("--models", nargs="+", required=True,
+                   help="registry names, optionally with settings: NAME@key=value[,key=value] (see README)")
+    p.add_argument("--baseline", help="print 'speedup <model> vs <baseline>' for every other model")
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: fastest present)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batches", type=int, nargs="+", help="a batch sweep instead of one batch")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median counts)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--random-weights", action="store_true", help="use untrained weights (fine for timing)")
+    p.add_argument("--out", help="write results to .csv or .json")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from models.checkpoints import CheckpointError, WeightsNotFoundError
+    from models.variants import make_runner
+
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or default_device()
+    settings = BenchSettings(batch=args.batch, iters=args.iters, rounds=args.rounds, warmup=args.warmup,
+                             device=device, precision=args.precision)
+    if args.baseline and args.baseline not in args.models:
+        args.models = [args.baseline] + list(args.models)
+    try:
+        runners = [make_runner(name, device=device, random_weights=args.random_weights) for name in args.models]
+    except (KeyError, ValueError, WeightsNotFoundError, CheckpointError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    hw = hardware_info()
+    print(f"device={device} ({hw['gpu'] if device == 'cuda' else hw['cpu']}), threads={torch.get_num_threads()}, "
+          f"precision={args.precision}, rounds={args.rounds}x{args.iters} iters, interleaved")
+
+    def report(message: str, fraction: float) -> None:
+        print(f"  [{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+
+    if args.batches:
+        rows, notes = sweep(runners, settings, args.batches, baseline=args.baseline, progress=report)
+        for note in notes:
+            print(f"note: {note}")
+    else:
+        rows = benchmark(runners, settings, baseline=args.baseline, progress=report)
+    print(format_table(rows))
+    for line in speedup_lines(rows):
+        print(line)
+    if args.out:
+        write_results(rows, args.out, settings)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""Device choice, synchronisation and mixed precision (DESIGN principle 6)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+
+import torch
+
+
+def available_devices() -> list[str]:
+    """Devices this machine can run on, fastest first: CUDA, then Apple MPS, then CPU."""
+    devices = []
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    devices.append("cpu")
+    return devices
+
+
+def default_device() -> str:
+    return available_devices()[0]
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued kernels so that a clock read after this call covers them."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize()
+    elif kind == "mps":
+        torch.mps.synchronize()
+
+
+def autocast(device: str | torch.device, enabled: bool = True, dtype: torch.dtype | None = None):
+    """AMP on GPU (fp16 on CUDA unless bf16 is asked for); a no-op context on CPU."""
+    kind = torch.device(device).type
+    if not enabled or kind == "cpu":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=kind, dtype=dtype or torch.float16)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_info() -> dict[str, str]:
+    """What the home page and every exported benchmark record say about the machine."""
+    import timm
+
+    info = {
+        "cpu": cpu_name(),
+        "cpu_cores": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = f"{props.total_memory / 2**30:.1f}"
+        info["cuda"] = str(torch.version.cuda)
+    else:
+        info["gpu"] = "none"
+    return info

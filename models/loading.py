@@ -1,0 +1,121 @@
+"""Build a registry model and put the resolved weights into it."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import weights as W
+from .checkpoints import CheckpointError, WeightsNotFoundError, load_strict, read_state_dict
+from .registry import ModelSpec, get_spec
+
+CACHE_DIR = Path.home() / ".cache" / "vitlab"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    spec: ModelSpec
+    model: nn.Module
+    weights: W.WeightsSource
+    device: str
+    data_config: dict
+    transform: Callable
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def _factory(spec: ModelSpec) -> Callable[..., nn.Module]:
+    module_name, func_name = spec.factory.split(":")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def build_random(spec: ModelSpec) -> nn.Module:
+    if spec.factory:
+        return _factory(spec)(**spec.factory_kwargs)
+    import timm
+
+    return timm.create_model(spec.timm_id, pretrained=False)
+
+
+def _timm_filter(model: nn.Module, state_dict: dict) -> dict:
+    """Apply the model module's own timm checkpoint converter (handles the official, non-timm key layouts)."""
+    module = importlib.import_module(type(model).__module__)
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state_dict
+    try:
+        return filter_fn(state_dict, model)
+    except Exception:  # noqa: BLE001 - a checkpoint the converter cannot read is judged by load_strict below
+        return state_dict
+
+
+def load_file_into(model: nn.Module, path: str | Path) -> None:
+    state_dict = read_state_dict(path)
+    load_strict(model, _timm_filter(model, state_dict), source=Path(path).name)
+
+
+def _download_release(spec: ModelSpec) -> Path:
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    target = CACHE_DIR / f"{spec.weight_file_stem}.pth"
+    if not target.is_file():
+        try:
+            torch.hub.download_url_to_file(spec.url, str(target), progress=True)
+        except Exception as exc:  # noqa: BLE001 - network errors of any kind become one message
+            target.unlink(missing_ok=True)
+            raise WeightsNotFoundError(W.missing_weights_message(
+                spec, f"Downloading {spec.url} failed: {type(exc).__name__}: {exc}.")) from exc
+    return target
+
+
+def build_with_weights(spec: ModelSpec, source: W.WeightsSource) -> nn.Module:
+    if source.kind == W.RANDOM:
+        return build_random(spec)
+    if source.kind == W.LOCAL:
+        model = build_random(spec)
+        load_file_into(model, source.location)
+        return model
+    if source.kind == W.URL:
+        model = build_random(spec)
+        load_file_into(model, _download_release(spec))
+        return model
+    import timm
+
+    try:
+        return timm.create_model(spec.pretrained_name, pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - hub/cache failures of any kind become one message
+        raise WeightsNotFoundError(W.missing_weights_message(
+            spec, f"Loading '{spec.pretrained_name}' from the Hugging Face hub failed: {type(exc).__name__}: {exc}.")
+        ) from exc
+
+
+def data_config_for(model: nn.Module) -> dict:
+    import timm.data
+
+    return timm.data.resolve_data_config({}, model=model)
+
+
+def load_model(name: str, device: str = "cpu", user_file: str | Path | None = None,
+               random_weights: bool = False, allow_network: bool = True,
+               weights_folder: str | Path | None = None) -> LoadedModel:
+    """Resolve, build, load and move a registry model; eval mode. Raises WeightsNotFoundError/CheckpointError."""
+    import timm.data
+
+    spec = get_spec(name)
+    folder = Path(weights_folder).expanduser() if weights_folder else None
+    source = W.resolve(spec, user_file=user_file, random_weights=random_weights, allow_network=allow_network,
+                       folder=folder)
+    model = build_with_weights(spec, source).eval().to(device)
+    cfg = data_config_for(model)
+    return LoadedModel(name=name, spec=spec, model=model, weights=source, device=str(device),
+                       data_config=cfg, transform=timm.data.create_transform(**cfg))
+
+
+__all__ = ["LoadedModel", "load_model", "build_random", "build_with_weights", "load_file_into",
+           "CheckpointError", "WeightsNotFoundError"]

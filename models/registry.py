@@ -1,0 +1,81 @@
+"""Named models: family, timm id, pretrained tag and published reference figures.
+
+Token-reduction methods (DynamicViT, ToMe, PuMer) add entries or forward settings on top of these;
+see ``models.variants`` for how the throughput CLI names them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MHSA = "MHSA ViT"
+CGA = "cascaded group attention"
+CNN = "CNN"
+DYNAMICVIT = "DynamicViT"
+VILT = "ViLT"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    timm_id: str | None = None
+    pretrained_tag: str | None = None
+    # Published ImageNet-1k top-1 and V100 throughput, with where they come from.
+    top1: float | None = None
+    paper_img_s: float | None = None
+    reference: str = ""
+    # For models timm does not define: "module:function" building a random-init model, and the official URL.
+    factory: str | None = None
+    factory_kwargs: dict = field(default_factory=dict)
+    url: str | None = None
+    input_size: int = 224
+
+    @property
+    def pretrained_name(self) -> str | None:
+        if self.timm_id and self.pretrained_tag:
+            return f"{self.timm_id}.{self.pretrained_tag}"
+        return None
+
+    @property
+    def weight_file_stem(self) -> str:
+        """File name (without suffix) looked up in the weights folder."""
+        return self.name
+
+
+_EVIT_REF = "EfficientViT (CVPR 2023) model zoo, V100"
+_DEIT_REF = "DeiT (ICML 2021) Table 1, V100"
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+for _name, _top1, _img_s in [
+    ("deit_tiny_patch16_224", 72.2, 2536.0),
+    ("deit_small_patch16_224", 79.8, 940.0),
+    ("deit_base_patch16_224", 81.8, 292.0),
+]:
+    register(ModelSpec(_name, MHSA, _name, "fb_in1k", top1=_top1, paper_img_s=_img_s, reference=_DEIT_REF))
+
+for _i, (_top1, _img_s) in enumerate([(63.2, 27644), (68.4, 20093), (70.8, 18218),
+                                      (73.4, 16644), (74.3, 15914), (77.1, 10621)]):
+    register(ModelSpec(f"efficientvit_m{_i}", CGA, f"efficientvit_m{_i}", "r224_in1k",
+                       top1=_top1, paper_img_s=float(_img_s), reference=_EVIT_REF))
+
+register(ModelSpec("mobilenetv3_large_100", CNN, "mobilenetv3_large_100", "ra_in1k", top1=75.2,
+                   paper_img_s=7560.0, reference="EfficientViT (CVPR 2023) Table 2, V100"))
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY))
+        raise KeyError(f"Unknown model {name!r}. Known models: {known}") from None
+
+
+def list_models(family: str | None = None) -> list[str]:
+    return [n for n, s in REGISTRY.items() if family is None or s.family == family]

@@ -1,0 +1,35 @@
+"""Home: what the app is for, this machine's hardware, and where every model's weights come from."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from models.device import hardware_info
+from models.registry import REGISTRY
+from models.weights import status
+from pages._ui import weights_folder
+
+st.title("ViT Efficiency Lab")
+st.markdown(
+    "See **why** efficient vision transformers are fast, on your own images and your own hardware: "
+    "which tokens DynamicViT drops and ToMe merges, which image and text tokens PuMer prunes in ViLT, "
+    "how redundant the heads of multi-head self-attention are next to EfficientViT's cascaded group attention, "
+    "which channels a first-order Taylor analysis says deserve width, and what each setting really buys in img/s."
+)
+
+st.subheader("This machine")
+info = hardware_info()
+st.dataframe(pd.DataFrame({"": list(info), "value": list(info.values())}), hide_index=True)
+
+st.subheader("Weights")
+folder = weights_folder()
+st.caption(f"Weights folder: {folder or '(none set: VITLAB_WEIGHTS_DIR)'}")
+rows = []
+for name, spec in REGISTRY.items():
+    kind, detail = status(spec, Path(folder).expanduser() if folder else None)
+    rows.append({"model": name, "family": spec.family, "weights": kind, "where": detail,
+                 "published top-1": spec.top1})
+st.dataframe(pd.DataFrame(rows), hide_index=True)
+st.caption("'missing' models can still run with random weights (each page has the switch); every figure then says so.")
