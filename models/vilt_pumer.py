@@ -1,0 +1,463 @@
+"""ViLT (transformers) with PuMer: text-informed image pruning and modality-aware merging, as an explicit forward.
+
+PuMer (Cao et al., ACL 2023) reduces tokens inside a few encoder layers, between attention and MLP:
+1. prune the image tokens that the text attends to least,
+2. merge the remaining image tokens among themselves with ToMe's bipartite matching,
+3. merge the text tokens among themselves the same way; the two modalities never mix.
+
+``pumer_forward`` walks ``model.vilt``'s own submodules, so with every ratio at 0 it returns the logits of
+``model(**inputs)``. Every setting is an argument; the model is never modified.
+
+Choices (checked against the authors' code, csarron/PuMer, sim_method=mean_head, merge_style=tome):
+- ``image_len`` counts the image CLS token, as PuMer does: ``prune_r = round(prune_ratio * image_len)`` and
+  ``merge_r = round(image_merge_ratio * image_len)`` use the image count entering the layer, so ratios compound.
+  Counts are per sample, of real tokens, so padded pixels of a mixed-size batch change nothing.
+- Both CLS tokens are protected: the text CLS feeds the pooler; the image CLS is never pruned or merged.
+- The text merge count is per sample, ``round(text_merge_ratio * real_text_len)``, from the real (unpadded)
+  length: a padded question then gives the same answer as an unpadded one. Padding never takes part in scores
+  or merges and is dropped at each reduce layer; a batch keeps one tensor shape by padding the shorter samples.
+- PuMer's code averages merged tokens with equal weights and adds no size bias to attention. Here merged tokens
+  are size-weighted averages (ToMe); proportional attention (log size added to the logits) is an argument,
+  off by default as in PuMer.
+- Image patches: transformers' ``visual_embed`` keeps every patch when ``config.max_image_length`` is -1 (the
+  released ViLT-VQA config) but shuffles their order with ``torch.multinomial``; with a positive
+  ``max_image_length`` smaller than the patch count it keeps a random subset even in eval. This forward sorts
+  the kept patches back into raster order (so matching is deterministic) and records which grid cells exist.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.checkpoints import WeightsNotFoundError
+
+VILT_VQA_REPO = "dandelin/vilt-b32-finetuned-vqa"
+WEIGHTS_DIR_ENV = "VITLAB_WEIGHTS_DIR"
+VILT_FOLDER_NAME = "vilt-b32-finetuned-vqa"
+DEFAULT_REDUCE_LAYERS = (2, 5, 8)  # VQA and NLVR2; visual entailment uses (2, 4, 6, 8)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _offline() -> bool:
+    """True when the user asked the Hugging Face libraries to stay offline."""
+    return any(os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _weights_folder(weights_dir: str | Path | None) -> Path | None:
+    """The folder ``<weights dir>/vilt-b32-finetuned-vqa`` from the argument or $VITLAB_WEIGHTS_DIR."""
+    base = weights_dir if weights_dir is not None else os.environ.get(WEIGHTS_DIR_ENV)
+    return Path(base).expanduser() / VILT_FOLDER_NAME if base else None
+
+
+def _candidates(source: str | None, weights_dir) -> Iterator[tuple[str, str | None, dict]]:
+    """(description, location or None when skipped, from_pretrained kwargs), in the resolver's order."""
+    if source is not None:
+        folder = Path(source).expanduser()
+        yield f"folder you gave ({folder})", str(folder) if folder.is_dir() else None, {}
+    folder = _weights_folder(weights_dir)
+    if folder is None:
+        yield f"${WEIGHTS_DIR_ENV}/{VILT_FOLDER_NAME}", None, {}
+    else:
+        yield f"weights folder {folder}", str(folder) if folder.is_dir() else None, {}
+    yield "Hugging Face cache", VILT_VQA_REPO, {"local_files_only": True}
+    yield "Hugging Face hub", None if _offline() else VILT_VQA_REPO, {}
+
+
+def _missing_weights_message(attempts: Sequence[str], weights_dir) -> str:
+    target = _weights_folder(weights_dir) or Path(f"${WEIGHTS_DIR_ENV}") / VILT_FOLDER_NAME
+    return (
+        f"ViLT-VQA weights ({VILT_VQA_REPO}) were not found. Tried: " + "; ".join(attempts) + ". "
+        f"To provide them, create the folder {target} with the model and processor files "
+        f"(config.json, model.safetensors or pytorch_model.bin, preprocessor_config.json, tokenizer files): "
+        f"on a machine with internet run `hf download {VILT_VQA_REPO} --local-dir {target}` "
+        f"(older huggingface_hub: `huggingface-cli download {VILT_VQA_REPO} --local-dir {target}`), "
+        f"copy it here and set {WEIGHTS_DIR_ENV} to its parent folder; or pass the folder as `source`."
+    )
+
+
+def load_vilt(source: str | None = None, weights_dir: str | Path | None = None):
+    """Load ViLT fine-tuned on VQAv2 and its processor: the folder ``source``, then
+    ``$VITLAB_WEIGHTS_DIR/vilt-b32-finetuned-vqa`` (a ``save_pretrained`` folder), then the Hugging Face
+    cache, then the hub. Returns ``(model in eval mode, processor)``; raises WeightsNotFoundError saying
+    what was tried and which folder to create."""
+    from transformers import ViltForQuestionAnswering, ViltProcessor
+
+    attempts: list[str] = []
+    for description, location, kwargs in _candidates(source, weights_dir):
+        if location is None:
+            attempts.append(f"{description}: not present" if "hub" not in description else
+                            f"{description}: skipped (offline mode)")
+            continue
+        try:
+            model = ViltForQuestionAnswering.from_pretrained(location, **kwargs).eval()
+            processor = ViltProcessor.from_pretrained(location, **kwargs)
+            return model, processor
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one line of the final message
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+            attempts.append(f"{description}: {type(exc).__name__} {reason}".strip())
+    raise WeightsNotFoundError(_missing_weights_message(attempts, weights_dir))
+
+
+# A vocabulary small enough to write here, large enough for everyday questions; letters let WordPiece spell
+# any other word.
+_TINY_WORDS = (
+    "what is the are there a an of in on this that it color colour how many who where which does do "
+    "animal animals dog cat bird man woman person people car truck water sky grass tree picture photo "
+    "image left right front behind red blue green yellow black white brown kind type sitting standing "
+    "holding wearing shown can you see any number"
+).split()
+_TINY_ANSWERS = ("yes", "no", "2", "red", "dog", "cat", "bird", "water")
+
+
+def _tiny_vocab() -> list[str]:
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    symbols = list("0123456789?.,!'-")
+    return specials + symbols + letters + [f"##{c}" for c in letters + list("0123456789")] + _TINY_WORDS
+
+
+def tiny_vilt(seed: int = 0):
+    """A small random ViLT for VQA (hidden 64, 4 heads, 10 layers, 160 px, patch 32) and a processor built
+    offline (BERT WordPiece tokenizer over a small vocabulary). Its answers mean nothing; it exists so tests
+    and the app's "random weights" mode can show the mechanics. Returns ``(model in eval mode, processor)``."""
+    from transformers import BertTokenizer, ViltConfig, ViltForQuestionAnswering, ViltImageProcessor, ViltProcessor
+
+    vocab = _tiny_vocab()
+    max_text = 40
+    config = ViltConfig(
+        vocab_size=len(vocab), hidden_size=64, num_hidden_layers=10, num_attention_heads=4,
+        intermediate_size=128, image_size=160, patch_size=32, max_image_length=-1,
+        max_position_embeddings=max_text, num_labels=len(_TINY_ANSWERS),
+        id2label=dict(enumerate(_TINY_ANSWERS)), label2id={a: i for i, a in enumerate(_TINY_ANSWERS)},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ViltForQuestionAnswering(config).eval()
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=max_text)
+    image_processor = ViltImageProcessor(size={"shortest_edge": config.image_size}, size_divisor=config.patch_size)
+    return model, ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------- records
+@dataclass
+class ReduceStep:
+    """What one reduce layer did. Grid cells are flat indices ``row * grid_w + col`` of the patch grid;
+    token positions are positions in the whole sequence after the layer (text first, then image)."""
+
+    layer: int
+    patch_scores: np.ndarray  # (B, cells) text-to-image score of the token holding the cell; NaN: no token
+    pruned_cells: list[np.ndarray]  # per sample: grid cells whose token was pruned here
+    image_groups: np.ndarray  # (B, cells) position of the token holding the cell after this layer; -1: gone
+    text_groups: np.ndarray  # (B, text_len) position of the token holding each input text token; -1: padding
+    image_pruned: np.ndarray  # (B,) image tokens pruned here
+    image_merged: np.ndarray  # (B,) image tokens merged away here
+    text_merged: np.ndarray  # (B,) text tokens merged away here
+
+
+@dataclass
+class PuMerTrace:
+    """Per-layer record of a PuMer forward. ``text_counts[:, i]`` / ``image_counts[:, i]`` are the real tokens
+    (image CLS included) entering layer ``i``; the last column is what leaves the encoder. A reduce layer's
+    attention sees column ``i`` and its MLP already sees column ``i + 1``."""
+
+    grid_shape: tuple[int, int]
+    text_lengths: np.ndarray  # (B,) real text tokens of the input
+    text_counts: np.ndarray  # (B, layers + 1)
+    image_counts: np.ndarray  # (B, layers + 1)
+    steps: list[ReduceStep] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- embeddings
+@dataclass
+class _Embedded:
+    hidden: torch.Tensor  # (B, T + 1 + P, C): text tokens, image CLS, image patches in raster order
+    valid: torch.Tensor  # (B, N) bool
+    text_len: int
+    patch_cells: torch.Tensor  # (B, P) flat grid cell of each patch token
+    grid_shape: tuple[int, int]
+
+
+def embed_inputs(vilt: nn.Module, inputs: Mapping[str, torch.Tensor]) -> _Embedded:
+    """ViltEmbeddings.forward, step by step through its submodules, keeping the patch positions that
+    ``visual_embed`` returns (and the module's forward drops) and putting patches back in raster order."""
+    emb = vilt.embeddings
+    input_ids = inputs["input_ids"]
+    attention_mask = inputs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    pixel_values = inputs["pixel_values"]
+    pixel_mask = inputs.get("pixel_mask")
+    if pixel_mask is None:
+        pixel_mask = torch.ones(pixel_values.shape[0], *pixel_values.shape[-2:], dtype=torch.long,
+                                device=pixel_values.device)
+    text = emb.text_embeddings(input_ids=input_ids, token_type_ids=inputs.get("token_type_ids"))
+    image, image_mask, (patch_index, (grid_h, grid_w)) = emb.visual_embed(
+        pixel_values, pixel_mask, max_image_length=emb.config.max_image_length)
+    text = text + emb.token_type_embeddings(torch.zeros_like(attention_mask, dtype=torch.long))
+    image = image + emb.token_type_embeddings(torch.ones_like(image_mask, dtype=torch.long))
+
+    cells = patch_index[..., 0] * grid_w + patch_index[..., 1]
+    order = cells.argsort(dim=1, stable=True)
+    patches = image[:, 1:].gather(1, order[..., None].expand(-1, -1, image.shape[-1]))
+    hidden = torch.cat([text, image[:, :1], patches], dim=1)
+    valid = torch.cat([attention_mask.bool(), image_mask[:, :1].bool(), image_mask[:, 1:].gather(1, order).bool()], 1)
+    return _Embedded(hidden, valid, text.shape[1], cells.gather(1, order), (int(grid_h), int(grid_w)))
+
+
+# ----------------------------------------------------------------------------------------------- attention
+def _attention_bias(valid: torch.Tensor, sizes: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive key bias (B, 1, 1, N): the dtype's minimum on padding (as transformers' eager mask does),
+    plus log(size) when proportional attention is on."""
+    bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, torch.finfo(dtype).min)
+    if sizes is not None:
+        bias = bias + sizes.to(dtype).log()
+    return bias[:, None, None, :]
+
+
+def _split_heads(x: torch.Tensor, head_size: int) -> torch.Tensor:
+    return x.view(*x.shape[:-1], -1, head_size).transpose(1, 2)
+
+
+def _attention_residual(layer: nn.Module, hidden: torch.Tensor, bias: torch.Tensor, with_probs: bool):
+    """ViltLayer up to its first residual. Returns (hidden, attention probs or None, keys (B, H, N, d)).
+    Probabilities are materialised only when asked; otherwise torch's fused attention does the work."""
+    self_attn = layer.attention.attention
+    normed = layer.layernorm_before(hidden)
+    head = self_attn.attention_head_size
+    query, key, value = (_split_heads(proj(normed), head) for proj in (self_attn.query, self_attn.key, self_attn.value))
+    probs = None
+    if with_probs:
+        probs = torch.softmax(query @ key.transpose(-1, -2) / math.sqrt(head) + bias, dim=-1)
+        context = self_attn.dropout(probs) @ value
+    else:
+        dropout = self_attn.dropout.p if self_attn.training else 0.0
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout)
+    context = context.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
+    return layer.attention.output(context, normed) + hidden, probs, key
+
+
+# ----------------------------------------------------------------------------------------------- reduction
+def text_to_image_scores(probs: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
+    """PuMer's pruning score of each image patch token (image CLS excluded): attention from the text to it,
+    mean over heads, summed over the real text tokens. probs: (B, H, N, N) with text first. Returns (B, P)."""
+    text_len = text_valid.shape[1]
+    cross = probs.mean(dim=1)[:, :text_len, text_len + 1:]
+    return (cross * text_valid[..., None].to(cross.dtype)).sum(dim=1)
+
+
+def prune_lowest(scores: torch.Tensor, valid: torch.Tensor, prune_r: torch.Tensor) -> torch.Tensor:
+    """Mask (B, P) of the patch tokens pruned: the ``prune_r[b]`` valid tokens with the lowest scores
+    (at least one valid token stays). Padding patches are not counted: they are dropped anyway."""
+    ranked = scores.masked_fill(~valid, math.inf)
+    rank = ranked.argsort(dim=1).argsort(dim=1)
+    limit = torch.minimum(prune_r, (valid.sum(dim=1) - 1).clamp_min(0))
+    return (rank < limit[:, None]) & valid
+
+
+def _compact(kept: torch.Tensor) -> torch.Tensor:
+    """A permutation (B, P) that puts each sample's kept tokens first, in their order, and the rest after."""
+    positions = torch.arange(kept.shape[1], device=kept.device).expand_as(kept)
+    return torch.where(kept, positions, positions + kept.shape[1]).argsort(dim=1)
+
+
+def bipartite_destinations(metric: torch.Tensor, valid: torch.Tensor, r: torch.Tensor):
+    """ToMe's bipartite matching within one modality, with a merge count per sample.
+
+    Tokens alternate into sets A (even) and B (odd); each valid A token picks the B token whose metric has
+    the highest cosine similarity; the ``r[b]`` best pairs merge (A into B). Invalid tokens never match and
+    are dropped. Written here because ToMe's own code takes one r for the batch and cannot skip padding.
+    Returns (destination (B, M): new index of each token's group, -1 when dropped; new counts (B,))."""
+    batch, count = valid.shape
+    survives = valid.clone()
+    a_idx = torch.arange(0, count, 2, device=valid.device)
+    b_idx = torch.arange(1, count, 2, device=valid.device)
+    merged_a = torch.zeros(batch, len(a_idx), dtype=torch.bool, device=valid.device)
+    best_b = torch.zeros(batch, len(a_idx), dtype=torch.long, device=valid.device)
+    if len(b_idx) > 0:
+        unit = F.normalize(metric, dim=-1)
+        similarity = unit[:, a_idx] @ unit[:, b_idx].transpose(1, 2)
+        pair_ok = valid[:, a_idx, None] & valid[:, None, b_idx]
+        best, best_b = similarity.masked_fill(~pair_ok, -math.inf).max(dim=-1)
+        rank = torch.empty_like(best_b).scatter_(
+            1, best.argsort(dim=1, descending=True), torch.arange(len(a_idx), device=valid.device).expand(batch, -1))
+        allowed = torch.minimum(r.to(valid.device), torch.isfinite(best).sum(dim=1))
+        merged_a = rank < allowed[:, None]
+        survives[:, a_idx] &= ~merged_a
+    new_index = survives.long().cumsum(dim=1) - 1
+    destination = new_index.masked_fill(~survives, -1)
+    partner = new_index[:, b_idx].gather(1, best_b) if len(b_idx) > 0 else best_b
+    destination[:, a_idx] = torch.where(merged_a, partner, destination[:, a_idx])
+    return destination, survives.sum(dim=1)
+
+
+def combine_tokens(states: torch.Tensor, sizes: torch.Tensor, destination: torch.Tensor, new_len: int):
+    """Gather tokens into their groups by size-weighted average (ToMe). ``destination`` -1 drops a token.
+    Empty slots (for samples with fewer groups) are zero padding of size 1. Returns (states, sizes, valid)."""
+    batch, _, channels = states.shape
+    slot = destination.masked_fill(destination < 0, new_len)  # one spare slot collects dropped tokens
+    total = states.new_zeros(batch, new_len + 1, channels).scatter_add_(
+        1, slot[..., None].expand(-1, -1, channels), states * sizes[..., None])
+    new_sizes = sizes.new_zeros(batch, new_len + 1).scatter_add_(1, slot, sizes)[:, :new_len]
+    valid = new_sizes > 0
+    new_sizes = new_sizes.masked_fill(~valid, 1.0)
+    return total[:, :new_len] / new_sizes[..., None], new_sizes, valid
+
+
+def _with_protected_first(destination: torch.Tensor) -> torch.Tensor:
+    """Destinations of [CLS, rest...] given those of rest: CLS keeps slot 0, the rest shift by one."""
+    shifted = torch.where(destination >= 0, destination + 1, destination)
+    return torch.cat([torch.zeros_like(shifted[:, :1]), shifted], dim=1)
+
+
+@dataclass
+class _Reduction:
+    text_destination: torch.Tensor  # (B, T) over the text segment
+    image_destination: torch.Tensor  # (B, 1 + P) over the image segment
+    pruned: torch.Tensor  # (B, P) bool: patch token pruned
+    scores: torch.Tensor | None  # (B, P)
+    text_count: int
+    image_count: int
+
+
+def plan_reduction(metric: torch.Tensor, valid: torch.Tensor, probs: torch.Tensor | None, text_len: int,
+                   prune_ratio: float, image_merge_ratio: float, text_merge_ratio: float) -> _Reduction:
+    """Decide one PuMer step: prune image patches by text attention, then merge image patches and text
+    tokens, each modality on its own. metric: keys averaged over heads (B, N, d)."""
+    text_valid, image_valid = valid[:, :text_len], valid[:, text_len:]
+    patch_valid = image_valid[:, 1:]
+    image_len = image_valid.sum(dim=1).double()  # per sample, counting the image CLS as PuMer does
+    scores = None
+    pruned = torch.zeros_like(patch_valid)
+    if prune_ratio > 0:
+        scores = text_to_image_scores(probs, text_valid)
+        pruned = prune_lowest(scores, patch_valid, torch.round(prune_ratio * image_len).long())
+    order = _compact(patch_valid & ~pruned)
+    kept_metric = metric[:, text_len + 1:].gather(1, order[..., None].expand(-1, -1, metric.shape[-1]))
+    kept_valid = (patch_valid & ~pruned).gather(1, order)
+    image_r = torch.round(image_merge_ratio * image_len).long()
+    kept_destination, image_counts = bipartite_destinations(kept_metric, kept_valid, image_r)
+    patch_destination = torch.empty_like(kept_destination).scatter_(1, order, kept_destination)
+
+    text_r = torch.round(text_merge_ratio * text_valid.sum(dim=1).double()).long()  # per sample, real length
+    text_destination, text_counts = bipartite_destinations(metric[:, 1:text_len], text_valid[:, 1:], text_r)
+    return _Reduction(_with_protected_first(text_destination), _with_protected_first(patch_destination), pruned,
+                      scores, int(text_counts.max()) + 1, int(image_counts.max()) + 1)
+
+
+def apply_reduction(hidden: torch.Tensor, sizes: torch.Tensor, text_len: int, plan: _Reduction):
+    """Carry out a planned step on the hidden states. Returns (hidden, sizes, valid, new text length)."""
+    text = combine_tokens(hidden[:, :text_len], sizes[:, :text_len], plan.text_destination, plan.text_count)
+    image = combine_tokens(hidden[:, text_len:], sizes[:, text_len:], plan.image_destination, plan.image_count)
+    return (torch.cat([text[0], image[0]], 1), torch.cat([text[1], image[1]], 1),
+            torch.cat([text[2], image[2]], 1), plan.text_count)
+
+
+# ----------------------------------------------------------------------------------------------- tracing
+def _follow(owner: torch.Tensor, destination: torch.Tensor) -> torch.Tensor:
+    """Where each original token is after a step, given where it was (-1: gone) and the step's destinations."""
+    moved = destination.gather(1, owner.clamp_min(0))
+    return moved.masked_fill(owner < 0, -1)
+
+
+class _Tracer:
+    """Follows every original text token and patch grid cell through the reduce steps (only when asked)."""
+
+    def __init__(self, embedded: _Embedded, num_layers: int):
+        batch = embedded.hidden.shape[0]
+        text_valid = embedded.valid[:, :embedded.text_len]
+        patch_valid = embedded.valid[:, embedded.text_len + 1:]
+        self.grid_shape = embedded.grid_shape
+        cells = embedded.grid_shape[0] * embedded.grid_shape[1]
+        positions = torch.arange(1, patch_valid.shape[1] + 1, device=patch_valid.device).expand(batch, -1)
+        target = embedded.patch_cells.masked_fill(~patch_valid, cells)  # a spare cell collects padding patches
+        self.image_owner = torch.full((batch, cells + 1), -1, dtype=torch.long, device=patch_valid.device).scatter_(
+            1, target, positions)[:, :cells]
+        self.text_owner = torch.arange(embedded.text_len, device=text_valid.device).expand(batch, -1).masked_fill(
+            ~text_valid, -1)
+        self.text_lengths = text_valid.sum(dim=1)
+        self.text_counts = torch.zeros(batch, num_layers + 1, dtype=torch.long)
+        self.image_counts = torch.zeros(batch, num_layers + 1, dtype=torch.long)
+        self.steps: list[ReduceStep] = []
+
+    def count(self, index: int, valid: torch.Tensor, text_len: int) -> None:
+        self.text_counts[:, index] = valid[:, :text_len].sum(dim=1).cpu()
+        self.image_counts[:, index] = valid[:, text_len:].sum(dim=1).cpu()
+
+    def step(self, layer: int, plan: _Reduction, valid: torch.Tensor, new_text_len: int) -> None:
+        """Record one reduce step; ``valid`` and ``new_text_len`` describe the sequence after it."""
+        holder = self.image_owner - 1  # patch-token index of the token holding each cell (-1 CLS/none)
+        present = holder >= 0
+        scores = torch.full(holder.shape, math.nan)
+        if plan.scores is not None:
+            scores = plan.scores.gather(1, holder.clamp_min(0)).masked_fill(~present, math.nan).float().cpu()
+        pruned = plan.pruned.gather(1, holder.clamp_min(0)) & present
+        self.image_owner = _follow(self.image_owner, plan.image_destination)
+        self.text_owner = _follow(self.text_owner, plan.text_destination)
+        image_positions = (self.image_owner + new_text_len).masked_fill(self.image_owner < 0, -1)
+        pruned_count = plan.pruned.sum(dim=1).cpu()
+        image_before = (plan.image_destination >= 0).sum(dim=1).cpu() + pruned_count  # valid tokens entering
+        image_after = valid[:, new_text_len:].sum(dim=1).cpu()
+        text_before = (plan.text_destination >= 0).sum(dim=1).cpu()
+        text_after = valid[:, :new_text_len].sum(dim=1).cpu()
+        self.steps.append(ReduceStep(
+            layer=layer,
+            patch_scores=scores.numpy(),
+            pruned_cells=[np.flatnonzero(row) for row in pruned.cpu().numpy()],
+            image_groups=image_positions.cpu().numpy(),
+            text_groups=self.text_owner.cpu().numpy(),
+            image_pruned=pruned_count.numpy(),
+            image_merged=(image_before - pruned_count - image_after).numpy(),
+            text_merged=(text_before - text_after).numpy(),
+        ))
+
+    def finish(self, settings: dict) -> PuMerTrace:
+        return PuMerTrace(self.grid_shape, self.text_lengths.cpu().numpy(), self.text_counts.numpy(),
+                          self.image_counts.numpy(), self.steps, settings)
+
+
+# ----------------------------------------------------------------------------------------------- forward
+def pumer_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor],
+                  reduce_layers: Sequence[int] = DEFAULT_REDUCE_LAYERS, prune_ratio: float = 0.1,
+                  image_merge_ratio: float = 0.3, text_merge_ratio: float = 0.2,
+                  proportional_attention: bool = False, return_trace: bool = False):
+    """ViltForQuestionAnswering's forward with PuMer token reduction in ``reduce_layers`` (0-based), between
+    each such layer's attention and its MLP. ``inputs`` is a ViltProcessor output (input_ids, attention_mask,
+    token_type_ids, pixel_values, pixel_mask). With all ratios 0 it equals ``model(**inputs).logits``.
+    Returns the logits (B, num_labels), or ``(logits, PuMerTrace)`` when ``return_trace``."""
+    vilt = model.vilt
+    embedded = embed_inputs(vilt, inputs)
+    hidden, valid, text_len = embedded.hidden, embedded.valid, embedded.text_len
+    sizes = torch.ones(valid.shape, dtype=hidden.dtype, device=hidden.device)
+    reducing = any(r > 0 for r in (prune_ratio, image_merge_ratio, text_merge_ratio))
+    layers = vilt.encoder.layer
+    tracer = _Tracer(embedded, len(layers)) if return_trace else None
+    for index, layer in enumerate(layers):
+        if tracer is not None:
+            tracer.count(index, valid, text_len)
+        reduce_here = reducing and index in reduce_layers
+        bias = _attention_bias(valid, sizes if proportional_attention else None, hidden.dtype)
+        hidden, probs, keys = _attention_residual(layer, hidden, bias, with_probs=reduce_here and prune_ratio > 0)
+        if reduce_here:
+            plan = plan_reduction(keys.mean(dim=1), valid, probs, text_len,
+                                  prune_ratio, image_merge_ratio, text_merge_ratio)
+            hidden, sizes, valid, text_len = apply_reduction(hidden, sizes, text_len, plan)
+            if tracer is not None:
+                tracer.step(index, plan, valid, text_len)
+        hidden = layer.output(layer.intermediate(layer.layernorm_after(hidden)), hidden)
+    logits = model.classifier(vilt.pooler(vilt.layernorm(hidden)))
+    if tracer is None:
+        return logits
+    tracer.count(len(layers), valid, text_len)
+    return logits, tracer.finish(dict(reduce_layers=list(reduce_layers), prune_ratio=prune_ratio,
+                                      image_merge_ratio=image_merge_ratio, text_merge_ratio=text_merge_ratio,
+                                      proportional_attention=proportional_attention))
