@@ -1,0 +1,205 @@
+"""How far ToMe's predictions stay from the unreduced model's as r grows: a sweep, a chart and a CLI.
+
+Agreement is measured against the same model without merging on the same images (no labels are
+needed): top-1 agreement is the fraction of images whose top-1 class is unchanged, top-5 overlap
+the mean fraction of the unreduced top-5 classes that ToMe's top-5 still contains.
+
+CLI::
+
+    python -m analysis.tome_agreement --weights ../shared/weights/deit_tiny_patch16_224.safetensors \
+        --images ../shared/images [--include-samples] [--r-max 16] [--out table.csv]
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+from PIL import Image
+from torch.utils import flop_counter
+
+from models.tome import merge_schedule, tome_forward
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class AgreementRow:
+    """One r of the sweep: agreement with the unreduced model, tokens left, and cost per image."""
+
+    r: int
+    top1_agreement: float
+    top5_overlap_mean: float
+    tokens_after_last_layer: int
+    gflops_per_image: float
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU fused attention kernel: the same two matmuls as the GPU kernels."""
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _flop_mapping() -> dict:
+    # torch's counter knows the GPU SDPA kernels but not the CPU one, which would count attention as free.
+    cpu_op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {cpu_op: _cpu_sdpa_flops} if cpu_op is not None else {}
+
+
+def count_gflops(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """Run ``run()`` under torch's FlopCounterMode; returns its output and the total GFLOPs (multiply-add = 2)."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as counter:
+        output = run()
+    return output, counter.get_total_flops() / 1e9
+
+
+def top1_agreement(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """Fraction of rows whose arg-max class is the same in both logit tensors."""
+    return (reference.argmax(-1) == logits.argmax(-1)).float().mean().item()
+
+
+def top5_overlap(reference: torch.Tensor, logits: torch.Tensor, k: int = 5) -> float:
+    """Mean fraction of the reference top-k classes that are also in the other top-k."""
+    k = min(k, reference.shape[-1])
+    ref_top, top = reference.topk(k, dim=-1).indices, logits.topk(k, dim=-1).indices
+    shared = (ref_top.unsqueeze(-1) == top.unsqueeze(-2)).any(-1).sum(-1)
+    return (shared.float() / k).mean().item()
+
+
+def agreement_sweep(
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    r_values: Iterable[int] = range(0, 17),
+    proportional_attention: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[AgreementRow]:
+    """For each r, compare ToMe's predictions on ``batch`` with the unreduced model's.
+
+    ``progress(done, total)`` is called after each r (for a progress bar). The model is only read.
+    """
+    r_values = list(r_values)
+    images = batch.shape[0]
+    num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    rows = []
+    with torch.inference_mode():
+        reference, _ = count_gflops(lambda: model(batch))
+        for done, r in enumerate(r_values, start=1):
+            logits, gflops = count_gflops(
+                lambda: tome_forward(model, batch, r=r, proportional_attention=proportional_attention)
+            )
+            schedule = merge_schedule(r, len(model.blocks), num_tokens, model.num_prefix_tokens)
+            rows.append(
+                AgreementRow(
+                    r=int(r),
+                    top1_agreement=top1_agreement(reference, logits),
+                    top5_overlap_mean=top5_overlap(reference, logits),
+                    tokens_after_last_layer=num_tokens - sum(schedule),
+                    gflops_per_image=gflops / images,
+                )
+            )
+            if progress is not None:
+                progress(done, len(r_values))
+    return rows
+
+
+def rows_to_frame(rows: Sequence[AgreementRow]) -> pd.DataFrame:
+    """The sweep as a table (one row per r), for display and CSV download."""
+    return pd.DataFrame([asdict(row) for row in rows])
+
+
+def plot_agreement(rows: Sequence[AgreementRow], title: str = "ToMe: agreement with the unreduced model") -> go.Figure:
+    """Top-1 agreement and top-5 overlap against r, with tokens left after the last block on a second axis."""
+    frame = rows_to_frame(rows)
+    figure = make_subplots(specs=[[{"secondary_y": True}]])
+    figure.add_trace(go.Scatter(x=frame.r, y=frame.top1_agreement, name="top-1 agreement", mode="lines+markers"))
+    figure.add_trace(go.Scatter(x=frame.r, y=frame.top5_overlap_mean, name="top-5 overlap", mode="lines+markers"))
+    figure.add_trace(
+        go.Scatter(
+            x=frame.r, y=frame.tokens_after_last_layer, name="tokens after last block",
+            mode="lines", line=dict(dash="dot", color="gray"),
+        ),
+        secondary_y=True,
+    )
+    figure.update_layout(title=title, legend=dict(orientation="h", y=-0.2), hovermode="x unified")
+    figure.update_xaxes(title_text="r (tokens merged per block)")
+    figure.update_yaxes(title_text="agreement", range=[0, 1.02], secondary_y=False)
+    figure.update_yaxes(title_text="tokens", rangemode="tozero", secondary_y=True)
+    return figure
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def load_deit_tiny(weights: Path) -> torch.nn.Module:
+    """DeiT-Tiny from a local weights file, loaded the way timm loads a user's file."""
+    import timm
+
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
+    return model.eval()
+
+
+def folder_images(folder: Path) -> list[tuple[str, Image.Image]]:
+    """Every readable image in ``folder`` (sorted by name), as RGB."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            with Image.open(path) as image:
+                found.append((path.name, image.convert("RGB")))
+    return found
+
+
+def sklearn_sample_images() -> list[tuple[str, Image.Image]]:
+    """scikit-learn's two bundled sample photos (china.jpg, flower.jpg)."""
+    from sklearn.datasets import load_sample_images
+
+    bunch = load_sample_images()
+    return [(Path(name).name, Image.fromarray(np.asarray(array))) for name, array in zip(bunch.filenames, bunch.images)]
+
+
+def preprocess(model: torch.nn.Module, images: Sequence[Image.Image]) -> torch.Tensor:
+    """Images -> batch with the model's own timm eval transform."""
+    import timm.data
+
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    return torch.stack([transform(image) for image in images])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", type=Path, required=True, help="DeiT-Tiny .safetensors or .pth file")
+    parser.add_argument("--images", type=Path, required=True, help="folder of images")
+    parser.add_argument("--include-samples", action="store_true", help="add scikit-learn's sample photos")
+    parser.add_argument("--r-max", type=int, default=16, help="largest r in the sweep (from 0)")
+    parser.add_argument("--no-proportional-attention", action="store_true")
+    parser.add_argument("--out", type=Path, help="write the table as CSV")
+    args = parser.parse_args(argv)
+
+    if not args.weights.is_file():
+        parser.error(f"weights file {args.weights} not found")
+    if not args.images.is_dir():
+        parser.error(f"image folder {args.images} not found")
+    named = folder_images(args.images) + (sklearn_sample_images() if args.include_samples else [])
+    if not named:
+        parser.error(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {args.images}")
+
+    model = load_deit_tiny(args.weights)
+    batch = preprocess(model, [image for _, image in named])
+    rows = agreement_sweep(
+        model, batch, range(0, args.r_max + 1), proportional_attention=not args.no_proportional_attention
+    )
+    frame = rows_to_frame(rows)
+    print(f"DeiT-Tiny, {len(named)} images: {', '.join(name for name, _ in named)}")
+    print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if args.out:
+        frame.to_csv(args.out, index=False)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

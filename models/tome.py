@@ -1,0 +1,362 @@
+"""ToMe (Token Merging, Bolya et al., ICLR 2023) as an explicit forward over a timm VisionTransformer.
+
+Between the attention and the MLP of every block, the tokens are split alternately into sets A
+(even positions) and B (odd positions); each A token finds its most similar B token by cosine
+similarity of the attention keys (averaged over heads); the ``r`` most similar pairs are merged
+into their B token by a size-weighted average. The class token is never merged. With
+proportional attention, log(size) is added to the attention logits so a merged token counts as
+many times as the patches it holds.
+
+Nothing here touches the model: ``r`` and every other setting are call arguments, the model's own
+submodules are called in order, and with ``r = 0`` the result equals ``model(x)``. This is an
+independent implementation written from the paper's description (ToMe's own code is
+non-commercially licensed and is neither imported nor copied).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+# A merge count: one r for every layer, an explicit per-layer list, or a string spec
+# ("13", "13,13,12,...", "decreasing:13"); see ``merge_schedule``.
+RSpec = int | Sequence[int] | str
+
+# ToMe's "decreasing" schedule: linear from 1.5 r at the first layer to 0.5 r at the last.
+DECREASING_INFLECTION = -0.5
+
+
+# --------------------------------------------------------------------------------------------
+# The merge schedule
+# --------------------------------------------------------------------------------------------
+def linear_schedule(r: int, depth: int, inflection: float = DECREASING_INFLECTION) -> list[int]:
+    """Per-layer r going linearly from ``r * (1 - inflection)`` to ``r * (1 + inflection)``.
+
+    The mean stays about ``r``, so the total merged matches a constant schedule; a negative
+    inflection merges more early (ToMe's "decreasing" schedule uses -0.5: 1.5 r -> 0.5 r).
+    """
+    start, end = r * (1.0 - inflection), r * (1.0 + inflection)
+    if depth == 1:
+        return [int(r)]
+    step = (end - start) / (depth - 1)
+    return [max(0, int(start + step * i)) for i in range(depth)]
+
+
+def parse_r_spec(spec: str, depth: int) -> list[int]:
+    """Parse a string merge spec: ``"13"`` (constant), ``"13,12,11,..."`` (one per layer), ``"decreasing:13"``."""
+    text = spec.strip().lower()
+    try:
+        if text.startswith("decreasing:"):
+            return linear_schedule(int(text.split(":", 1)[1]), depth)
+        if "," in text:
+            return [int(v) for v in text.split(",") if v.strip()]
+        return [int(text)] * depth
+    except ValueError as exc:
+        raise ValueError(
+            f"Cannot read merge spec {spec!r}: use an integer ('13'), one integer per layer "
+            f"('13,13,...'), or 'decreasing:13'."
+        ) from exc
+
+
+def merge_schedule(r: RSpec, depth: int, num_tokens: int, num_protected: int = 1) -> list[int]:
+    """The number of tokens each of ``depth`` blocks merges, clipped to what is possible.
+
+    ``r`` is an int (the same r in every layer), a sequence of ``depth`` ints (one per layer), or a
+    string spec (see ``parse_r_spec``; ``"decreasing:R"`` is ToMe's decreasing schedule with
+    inflection -0.5). ``num_tokens`` counts every token entering the first block, including the
+    ``num_protected`` class token(s) that are never merged. Each layer's r is clipped to
+    ``(tokens - num_protected) // 2``: no more than the mergeable tokens of the smaller set, so
+    at least the protected tokens and one more always remain.
+    """
+    if isinstance(r, str):
+        requested = parse_r_spec(r, depth)
+    elif isinstance(r, (int, np.integer)):
+        requested = [int(r)] * depth
+    else:
+        requested = [int(v) for v in r]
+    if len(requested) != depth:
+        raise ValueError(f"The merge schedule has {len(requested)} values but the model has {depth} blocks.")
+    schedule, tokens = [], num_tokens
+    for wanted in requested:
+        merged = min(max(wanted, 0), (tokens - num_protected) // 2)
+        schedule.append(merged)
+        tokens -= merged
+    return schedule
+
+
+# --------------------------------------------------------------------------------------------
+# Bipartite soft matching and merging (pure tensor functions)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Matching:
+    """One round of bipartite matching over a batch; indices are into sets A and B.
+
+    ``kept_a`` [B, Na - r]: A tokens left unmerged, in ascending order (so the class token stays first);
+    ``merged_a`` [B, r]: A tokens merged away; ``into_b`` [B, r]: the B token each one joins.
+    """
+
+    kept_a: torch.Tensor
+    merged_a: torch.Tensor
+    into_b: torch.Tensor
+    num_a: int
+    num_b: int
+
+
+def bipartite_matching(metric: torch.Tensor, r: int, protect_first: bool = True) -> Matching:
+    """Match A = even tokens to B = odd tokens by cosine similarity of ``metric`` [B, N, D] and pick the r best pairs.
+
+    With ``protect_first`` the first token (the class token, always in A) gets similarity -inf so
+    it is never chosen.
+    """
+    metric = F.normalize(metric, dim=-1)
+    a, b = metric[:, 0::2], metric[:, 1::2]
+    similarity = a @ b.transpose(-1, -2)
+    if protect_first:
+        similarity[:, 0, :] = float("-inf")
+    best_similarity, best_b = similarity.max(dim=-1)
+    order = best_similarity.argsort(dim=-1, descending=True)
+    merged_a = order[:, :r]
+    kept_a = order[:, r:].sort(dim=-1).values
+    into_b = best_b.gather(1, merged_a)
+    return Matching(kept_a, merged_a, into_b, num_a=a.shape[1], num_b=b.shape[1])
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` [B, K] of ``x`` [B, N, C] -> [B, K, C]."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def merge_tokens(
+    x: torch.Tensor, sizes: torch.Tensor, matching: Matching
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the matched tokens of ``x`` [B, N, C] into their B partners by size-weighted average.
+
+    ``sizes`` [B, N, 1] counts the original patches in each token. Returns the merged tokens
+    [B, N - r, C], ordered as (unmerged A tokens, B tokens), and their sizes [B, N - r, 1].
+    """
+    weighted = x * sizes
+    a_weighted, b_weighted = weighted[:, 0::2], weighted[:, 1::2]
+    a_sizes, b_sizes = sizes[:, 0::2], sizes[:, 1::2]
+    b_sum = b_weighted.scatter_add(
+        1, matching.into_b.unsqueeze(-1).expand(-1, -1, x.shape[-1]), _gather_tokens(a_weighted, matching.merged_a)
+    )
+    b_size = b_sizes.scatter_add(1, matching.into_b.unsqueeze(-1), _gather_tokens(a_sizes, matching.merged_a))
+    new_sizes = torch.cat([_gather_tokens(a_sizes, matching.kept_a), b_size], dim=1)
+    new_x = torch.cat([_gather_tokens(a_weighted, matching.kept_a), b_sum], dim=1) / new_sizes
+    return new_x, new_sizes
+
+
+def token_destinations(matching: Matching) -> torch.Tensor:
+    """For each token before the merge, its index after it: [B, N] (long).
+
+    This is the compact form of ToMe's source matrix: composing it layer by layer maps every
+    original patch to the token that holds it.
+    """
+    batch = matching.kept_a.shape[0]
+    device = matching.kept_a.device
+    kept = matching.kept_a.shape[1]
+    a_dest = torch.empty(batch, matching.num_a, dtype=torch.long, device=device)
+    a_dest.scatter_(1, matching.kept_a, torch.arange(kept, device=device).expand(batch, -1).contiguous())
+    a_dest.scatter_(1, matching.merged_a, kept + matching.into_b)
+    b_dest = (kept + torch.arange(matching.num_b, device=device)).expand(batch, -1)
+    dest = torch.empty(batch, matching.num_a + matching.num_b, dtype=torch.long, device=device)
+    dest[:, 0::2] = a_dest
+    dest[:, 1::2] = b_dest
+    return dest
+
+
+# --------------------------------------------------------------------------------------------
+# The explicit forward
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ToMeTrace:
+    """What ToMe did to a batch, per block (layer l = after block l).
+
+    ``tokens_per_layer[l]``: tokens (class token included) after block l.
+    ``schedule[l]``: tokens merged in block l.
+    ``assignments[l]`` [B, num_patches] int: index of the token (after block l) that holds each
+    original patch; class tokens keep indices ``0 .. num_prefix_tokens - 1``.
+    ``prefix_assignments[l]`` [B, num_prefix_tokens] int: the same for the class token(s).
+    ``sizes[l]`` [B, tokens] float: patches (class token: 1) held by each token after block l.
+    """
+
+    tokens_per_layer: list[int]
+    schedule: list[int]
+    assignments: list[np.ndarray] = field(repr=False)
+    prefix_assignments: list[np.ndarray] = field(repr=False)
+    sizes: list[np.ndarray] = field(repr=False)
+    num_prefix_tokens: int
+    grid_size: tuple[int, int]
+    patch_size: tuple[int, int]
+
+
+def _check_supported(model: VisionTransformer) -> None:
+    """Fail early, with a clear message, on ViT variants this forward does not walk correctly."""
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"tome_forward needs a timm VisionTransformer, got {type(model).__name__}.")
+    if model.num_prefix_tokens > 1:
+        raise ValueError("ToMe here supports a single class token or none; this model has register tokens.")
+    for index, block in enumerate(model.blocks):
+        if type(block) is not Block or not isinstance(block.attn, Attention):
+            raise TypeError(
+                f"Block {index} is {type(block).__name__} with {type(block.attn).__name__}; "
+                "only timm's pre-norm Block with the standard Attention is supported."
+            )
+
+
+def attention_with_size_bias(
+    attn: Attention, x: torch.Tensor, key_bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's Attention computed from its own submodules, with an optional additive key bias.
+
+    Returns the attention output [B, N, C] and the keys averaged over heads [B, N, head_dim]
+    (ToMe's similarity metric). ``key_bias`` [B, 1, 1, N] goes to SDPA as a float mask, so
+    attention stays fused either way.
+    """
+    batch, tokens, _ = x.shape
+    attn_dim = attn.num_heads * attn.head_dim
+    gate_layer = getattr(attn, "gate", None)  # newer timm releases only
+    gate = gate_layer(x).sigmoid() if gate_layer is not None else None
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias, dropout_p=dropout)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+
+
+def size_bias(sizes: torch.Tensor | None, proportional_attention: bool) -> torch.Tensor | None:
+    """log(size) per key as an SDPA float mask [B, 1, 1, N]; None while every size is 1 or when off."""
+    if not proportional_attention or sizes is None:
+        return None
+    return sizes.log()[:, None, None, :, 0]
+
+
+def tome_forward(
+    model: VisionTransformer,
+    x: torch.Tensor,
+    r: RSpec = 13,
+    proportional_attention: bool = True,
+    return_trace: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ToMeTrace]:
+    """Logits of ``model`` on images ``x`` [B, 3, H, W] with ToMe merging ``r`` tokens per block.
+
+    ``r`` follows ``merge_schedule`` (int, per-layer list, or string spec). With
+    ``return_trace`` it also returns a ``ToMeTrace`` (the per-layer patch-to-token assignment is
+    only built then). The model is only read, never modified.
+    """
+    _check_supported(model)
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    batch, num_tokens, _ = x.shape
+    prefix = model.num_prefix_tokens
+    schedule = merge_schedule(r, len(model.blocks), num_tokens, num_protected=prefix)
+
+    sizes: torch.Tensor | None = None  # None means "all ones" and keeps the first merge-free blocks bias-free
+    location = torch.arange(num_tokens, device=x.device).expand(batch, -1) if return_trace else None
+    tokens_per_layer, assignments, prefix_assignments, size_records = [], [], [], []
+
+    for block, merge_count in zip(model.blocks, schedule):
+        attended, keys = attention_with_size_bias(block.attn, block.norm1(x), size_bias(sizes, proportional_attention))
+        x = x + block.drop_path1(block.ls1(attended))
+        if merge_count > 0:
+            current_sizes = sizes if sizes is not None else x.new_ones(batch, x.shape[1], 1)
+            matching = bipartite_matching(keys, merge_count, protect_first=prefix > 0)
+            x, sizes = merge_tokens(x, current_sizes, matching)
+            if location is not None:
+                location = token_destinations(matching).gather(1, location)
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+        tokens_per_layer.append(x.shape[1])
+        if location is not None:
+            assignments.append(location[:, prefix:].cpu().numpy())
+            prefix_assignments.append(location[:, :prefix].cpu().numpy())
+            layer_sizes = sizes[..., 0] if sizes is not None else x.new_ones(batch, x.shape[1])
+            size_records.append(layer_sizes.float().cpu().numpy())
+
+    logits = model.forward_head(model.norm(x))
+    if not return_trace:
+        return logits
+    trace = ToMeTrace(
+        tokens_per_layer=tokens_per_layer,
+        schedule=schedule,
+        assignments=assignments,
+        prefix_assignments=prefix_assignments,
+        sizes=size_records,
+        num_prefix_tokens=prefix,
+        grid_size=tuple(model.patch_embed.grid_size),
+        patch_size=tuple(model.patch_embed.patch_size),
+    )
+    return logits, trace
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the trace
+# --------------------------------------------------------------------------------------------
+def merge_groups(trace: ToMeTrace, layer: int, image: int = 0) -> list[np.ndarray]:
+    """The original patch indices held by each patch token after block ``layer`` for one image.
+
+    Entry k lists the patches of token ``num_prefix_tokens + k``; the class token holds no patch
+    and is left out. Every patch appears in exactly one entry.
+    """
+    assignment = trace.assignments[layer][image]
+    prefix = trace.num_prefix_tokens
+    num_tokens = trace.tokens_per_layer[layer]
+    order = np.argsort(assignment, kind="stable")
+    bounds = np.searchsorted(assignment[order], np.arange(prefix, num_tokens + 1))
+    return [order[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+def _as_rgb_array(image: Image.Image | np.ndarray, height: int, width: int) -> np.ndarray:
+    """The image as an [height, width, 3] float array, resized when it is not already that size."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BICUBIC)
+    return np.asarray(image, dtype=np.float64)
+
+
+def tome_merge_map_image(
+    image: Image.Image | np.ndarray,
+    assignment: np.ndarray,
+    grid: tuple[int, int] = (14, 14),
+    patch: int = 16,
+    border_color: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
+    """The paper's merge visualisation: every group of merged patches in its mean colour, with borders.
+
+    ``assignment`` [grid_h * grid_w] gives each patch's token (one image's row of
+    ``ToMeTrace.assignments[layer]``); the image is resized to ``grid * patch`` pixels.
+    """
+    grid_h, grid_w = grid
+    height, width = grid_h * patch, grid_w * patch
+    pixels = _as_rgb_array(image, height, width)
+    labels = np.asarray(assignment).reshape(grid_h, grid_w)
+    _, group = np.unique(labels, return_inverse=True)
+    group = group.reshape(grid_h, grid_w)
+    patch_colours = pixels.reshape(grid_h, patch, grid_w, patch, 3).mean(axis=(1, 3)).reshape(-1, 3)
+    counts = np.bincount(group.ravel())
+    group_colours = np.stack(
+        [np.bincount(group.ravel(), weights=patch_colours[:, c]) / counts for c in range(3)], axis=1
+    )
+    pixel_groups = np.repeat(np.repeat(group, patch, axis=0), patch, axis=1)
+    painted = group_colours[pixel_groups]
+    # Mark both pixels on each side of a group change, so borders are two pixels wide.
+    horizontal = pixel_groups[:, 1:] != pixel_groups[:, :-1]
+    vertical = pixel_groups[1:, :] != pixel_groups[:-1, :]
+    edge = np.zeros((height, width), dtype=bool)
+    edge[:, 1:] |= horizontal
+    edge[:, :-1] |= horizontal
+    edge[1:, :] |= vertical
+    edge[:-1, :] |= vertical
+    painted[edge] = border_color
+    return Image.fromarray(np.clip(painted.round(), 0, 255).astype(np.uint8))
