@@ -1,0 +1,623 @@
+"""Channel importance: first-order Taylor scores (Molchanov et al. 2019) and captum's grad x activation.
+
+EfficientViT's parameter analysis ranked every prunable channel by |sum(w * dL/dw)| and found that V
+and the embedding deserve width while Q/K and the FFN hidden ratio can shrink. This module computes
+that score for every channel of a timm ViT/DeiT or EfficientViT (MSRA) model, the activation-based
+variant, their rank agreement, the global-budget analysis and the figures.
+
+Choices (documented once, here):
+* **Score** of an output channel: |sum over the channel's parameters of w * g|, where g is the gradient
+  of the loss summed over all images (gradients accumulate over batches in ``.grad`` before the
+  product; the loss is summed over images so the score does not depend on how images are batched).
+* **Parameters of a channel**: the weight row *and the bias* of that output channel (a pruned channel
+  loses both). Where a Conv2d is followed by BatchNorm (timm ``ConvNorm``), the BN weight and bias of
+  the same channel count too (pruning the channel removes them as well).
+* **Embedding width** (ViT): the patch-embedding conv's output channel c together with column c of
+  the cls token, the position embedding (and distillation/register tokens where present): these are
+  all summed into the same residual channel before block 0. The rest of the residual stream (norms,
+  proj/fc2 outputs) is left out so that no parameter is counted twice. EfficientViT: the last stem
+  conv (``patch_embed.conv4``), which sets the width of stage 1. EfficientViT's subsample layers
+  (PatchMerging and the residual FFNs around it) are not scored; its blocks are.
+* **Normalisation** for ranking channels across layers (see ``normalized_scores``): default ``"block"``
+  divides each score by the mean score of all prunable channels in the same block, which removes the
+  growth of gradient magnitude with depth but keeps the comparison between components inside a block
+  (the question the analysis asks). ``"layer"`` divides by the mean of the (block, component) group
+  (per-layer, as Molchanov normalises; it makes every component's mean 1), ``"l2"`` by that group's L2
+  norm (Molchanov et al. 2017), ``"none"`` keeps raw scores.
+* For Linear layers, sum over tokens of activation * grad equals sum(w * g) over the row plus bias, so
+  the two variants agree exactly for ViT q/k/v/proj/FFN; they differ for the embedding (cls/pos) and
+  for every ConvNorm (BN output vs conv + BN parameters).
+* In a ViT head without q/k norms, Q channel d and K channel d get the same score: both equal
+  sum_ij dL/dS_ij * q_id * k_jd * scale, because the attention logit S is bilinear in q and k.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LossTarget = Literal["self", "labels"]
+Normalization = Literal["block", "layer", "l2", "none"]
+Progress = Callable[[int, "int | None"], None]
+
+COMPONENTS = ("embed", "q", "k", "v", "q_dw", "proj", "ffn_hidden", "dw")
+NORMALIZATIONS = ("block", "layer", "l2", "none")
+EMBED_BLOCK = -1
+_KEYS = ["block", "component", "head", "layer", "channel"]
+
+
+# ----------------------------------------------------------------------------- channel groups
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """Output channels [start, stop) of one parameter, indexed along ``channel_dim``."""
+
+    name: str
+    start: int
+    stop: int
+    channel_dim: int = 0
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """One prunable unit (e.g. block 3, V of head 1): its channels in a layer's output and its parameters."""
+
+    block: int
+    relative_depth: float
+    component: str
+    head: int
+    layer: str  # module whose output holds these channels (for the activation variant)
+    start: int
+    stop: int
+    channel_dim: int  # dim of that module's output that indexes channels: -1 for tokens, 1 for NCHW
+    params: tuple[ParamSlice, ...]
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def _relative_depth(index: int, count: int) -> float:
+    return index / max(1, count - 1)
+
+
+def _own_params(module: nn.Module, path: str, start: int, stop: int) -> list[ParamSlice]:
+    """Weight rows and bias entries [start, stop) of a Linear/Conv (output channels are dim 0)."""
+    slices = [ParamSlice(f"{path}.weight", start, stop)]
+    if getattr(module, "bias", None) is not None:
+        slices.append(ParamSlice(f"{path}.bias", start, stop))
+    return slices
+
+
+def _linear_group(block: int, depth: float, component: str, path: str, module: nn.Module,
+                  head: int = -1, start: int = 0, stop: int | None = None) -> ChannelGroup:
+    stop = module.weight.shape[0] if stop is None else stop
+    return ChannelGroup(block, depth, component, head, path, start, stop, -1,
+                        tuple(_own_params(module, path, start, stop)))
+
+
+def _convnorm_group(block: int, depth: float, component: str, path: str, module: nn.Module,
+                    head: int = -1, start: int = 0, stop: int | None = None) -> ChannelGroup:
+    """A timm ConvNorm (conv without bias, then BN): conv rows plus BN weight and bias of the channel."""
+    stop = module.conv.weight.shape[0] if stop is None else stop
+    params = (ParamSlice(f"{path}.conv.weight", start, stop),
+              ParamSlice(f"{path}.bn.weight", start, stop),
+              ParamSlice(f"{path}.bn.bias", start, stop))
+    return ChannelGroup(block, depth, component, head, path, start, stop, 1, params)
+
+
+def is_vit(model: nn.Module) -> bool:
+    blocks = getattr(model, "blocks", None)
+    return (hasattr(model, "patch_embed") and isinstance(blocks, nn.Sequential) and len(blocks) > 0
+            and all(hasattr(b, "attn") and hasattr(b.attn, "qkv") and hasattr(b, "mlp") for b in blocks))
+
+
+def is_efficientvit_msra(model: nn.Module) -> bool:
+    from timm.models.efficientvit_msra import EfficientVitMsra
+
+    return isinstance(model, EfficientVitMsra)
+
+
+def _vit_embed_group(model: nn.Module) -> ChannelGroup:
+    proj = model.patch_embed.proj
+    width = proj.weight.shape[0]
+    params = _own_params(proj, "patch_embed.proj", 0, width)
+    for token in ("cls_token", "dist_token", "reg_token", "pos_embed"):
+        if isinstance(getattr(model, token, None), nn.Parameter):
+            params.append(ParamSlice(token, 0, width, channel_dim=-1))
+    return ChannelGroup(EMBED_BLOCK, 0.0, "embed", -1, "patch_embed", 0, width, -1, tuple(params))
+
+
+def _vit_qkv_groups(block: int, depth: float, attn: nn.Module, path: str) -> list[ChannelGroup]:
+    """The qkv Linear's rows are laid out (q|k|v, head, head_dim), as timm's Attention reshapes them."""
+    heads, head_dim = attn.num_heads, attn.qkv.weight.shape[0] // (3 * attn.num_heads)
+    width = heads * head_dim
+    return [_linear_group(block, depth, comp, path, attn.qkv, head=h,
+                          start=c * width + h * head_dim, stop=c * width + (h + 1) * head_dim)
+            for c, comp in enumerate(("q", "k", "v")) for h in range(heads)]
+
+
+def _vit_groups(model: nn.Module) -> list[ChannelGroup]:
+    count = len(model.blocks)
+    groups = [_vit_embed_group(model)]
+    for i, blk in enumerate(model.blocks):
+        depth = _relative_depth(i, count)
+        groups += _vit_qkv_groups(i, depth, blk.attn, f"blocks.{i}.attn.qkv")
+        groups.append(_linear_group(i, depth, "proj", f"blocks.{i}.attn.proj", blk.attn.proj))
+        groups.append(_linear_group(i, depth, "ffn_hidden", f"blocks.{i}.mlp.fc1", blk.mlp.fc1))
+    return groups
+
+
+def _cascaded_attention_groups(block: int, depth: float, attn: nn.Module, path: str) -> list[ChannelGroup]:
+    """Each head's qkv ConvNorm outputs (q | k | v) = (key_dim | key_dim | val_dim); q then goes through dws[h]."""
+    kd, vd = attn.key_dim, attn.val_dim
+    groups = []
+    for h, qkv in enumerate(attn.qkvs):
+        for comp, (start, stop) in zip(("q", "k", "v"), ((0, kd), (kd, 2 * kd), (2 * kd, 2 * kd + vd))):
+            groups.append(_convnorm_group(block, depth, comp, f"{path}.qkvs.{h}", qkv, h, start, stop))
+        groups.append(_convnorm_group(block, depth, "q_dw", f"{path}.dws.{h}", attn.dws[h], h))
+    groups.append(_convnorm_group(block, depth, "proj", f"{path}.proj.1", attn.proj[1]))
+    return groups
+
+
+def _efficientvit_groups(model: nn.Module) -> list[ChannelGroup]:
+    from timm.models.efficientvit_msra import EfficientVitBlock
+
+    blocks = [(p, m) for p, m in model.named_modules() if isinstance(m, EfficientVitBlock)]
+    groups = [_convnorm_group(EMBED_BLOCK, 0.0, "embed", "patch_embed.conv4", model.patch_embed.conv4)]
+    for i, (path, blk) in enumerate(blocks):
+        depth = _relative_depth(i, len(blocks))
+        groups.append(_convnorm_group(i, depth, "dw", f"{path}.dw0.m", blk.dw0.m))
+        groups.append(_convnorm_group(i, depth, "ffn_hidden", f"{path}.ffn0.m.pw1", blk.ffn0.m.pw1))
+        groups += _cascaded_attention_groups(i, depth, blk.mixer.m.attn, f"{path}.mixer.m.attn")
+        groups.append(_convnorm_group(i, depth, "dw", f"{path}.dw1.m", blk.dw1.m))
+        groups.append(_convnorm_group(i, depth, "ffn_hidden", f"{path}.ffn1.m.pw1", blk.ffn1.m.pw1))
+    return groups
+
+
+def channel_groups(model: nn.Module) -> list[ChannelGroup]:
+    """Every prunable channel group of a timm ViT/DeiT or EfficientViT (MSRA) model."""
+    if is_efficientvit_msra(model):
+        return _efficientvit_groups(model)
+    if is_vit(model):
+        return _vit_groups(model)
+    raise ValueError(f"Channel importance supports timm ViT/DeiT and EfficientViT (MSRA) models, "
+                     f"not {type(model).__name__}.")
+
+
+# ----------------------------------------------------------------------------- results
+
+@dataclass
+class TaylorScores:
+    """One row per channel (parallel numpy columns); ``score`` is |accumulated importance| (raw)."""
+
+    model: str
+    method: str  # "taylor" or "activation"
+    loss_target: str
+    num_images: int
+    block: np.ndarray
+    relative_depth: np.ndarray
+    component: np.ndarray
+    head: np.ndarray
+    layer: np.ndarray
+    channel: np.ndarray
+    score: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    def to_dataframe(self, normalize: Normalization = "block") -> pd.DataFrame:
+        """Every row with its raw ``score`` and ``normalized`` score (see ``normalized_scores``)."""
+        df = pd.DataFrame({"model": self.model, "method": self.method, "block": self.block,
+                           "relative_depth": self.relative_depth, "component": self.component,
+                           "head": self.head, "layer": self.layer, "channel": self.channel,
+                           "score": self.score})
+        df["normalized"] = normalized_scores(self, normalize)
+        return df
+
+    def normalized(self, normalize: Normalization = "block") -> np.ndarray:
+        return normalized_scores(self, normalize)
+
+    def component_summary(self, keep_fraction: float = 0.5, normalize: Normalization = "block") -> pd.DataFrame:
+        return component_summary(self, keep_fraction, normalize)
+
+
+def _scores_from_groups(groups: Sequence[ChannelGroup], vectors: Sequence[np.ndarray], *, model: str,
+                        method: str, loss_target: str, num_images: int) -> TaylorScores:
+    """Flatten per-group channel vectors into per-channel rows (channel = index within the group)."""
+    sizes = [g.size for g in groups]
+
+    def column(values) -> np.ndarray:
+        return np.repeat(np.asarray(values), sizes)
+
+    return TaylorScores(
+        model=model, method=method, loss_target=loss_target, num_images=num_images,
+        block=column([g.block for g in groups]).astype(np.int64),
+        relative_depth=column([g.relative_depth for g in groups]).astype(np.float64),
+        component=column([g.component for g in groups]).astype(object),
+        head=column([g.head for g in groups]).astype(np.int64),
+        layer=column([g.layer for g in groups]).astype(object),
+        channel=np.concatenate([np.arange(s) for s in sizes]).astype(np.int64),
+        score=np.abs(np.concatenate(vectors)).astype(np.float64),
+    )
+
+
+# ----------------------------------------------------------------------------- shared plumbing
+
+def _model_name(model: nn.Module, name: str | None) -> str:
+    if name:
+        return name
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with no grads, so the shared (cached) model is never touched.
+
+    EfficientViT keeps a per-device attention-bias cache on its attention modules; the copy starts
+    with an empty one (the original's entry may be an inference-mode tensor).
+    """
+    memo = {id(m.attention_bias_cache): {} for m in model.modules()
+            if isinstance(getattr(m, "attention_bias_cache", None), dict)}
+    work = copy.deepcopy(model, memo).eval()
+    for p in work.parameters():
+        p.grad = None
+    return work
+
+
+def _clear_attention_bias_caches(model: nn.Module) -> None:
+    """Only ever called on a private copy: a cached bias from the previous batch must not be reused."""
+    for m in model.modules():
+        if isinstance(getattr(m, "attention_bias_cache", None), dict):
+            m.attention_bias_cache = {}
+
+
+def _label_tensor(labels, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Class indices for a batch: one per image, or one index broadcast to every image."""
+    if labels is None:
+        raise ValueError("loss_target='labels' needs a label for every batch (got None).")
+    targets = torch.as_tensor(labels, device=device).long().reshape(-1)
+    if targets.numel() == 1:
+        targets = targets.expand(batch_size)
+    if targets.numel() != batch_size:
+        raise ValueError(f"{targets.numel()} labels for a batch of {batch_size} images.")
+    return targets
+
+
+def _check_loss_target(loss_target: str) -> None:
+    if loss_target not in ("self", "labels"):
+        raise ValueError(f"loss_target must be 'self' or 'labels', not {loss_target!r}.")
+
+
+def _targets(logits: torch.Tensor, labels, loss_target: LossTarget) -> torch.Tensor:
+    """Class indices for the loss: the model's own top-1 (pseudo-labels) or the given labels."""
+    if loss_target == "self":
+        return logits.detach().argmax(-1)
+    _check_loss_target(loss_target)
+    return _label_tensor(labels, logits.shape[0], logits.device)
+
+
+def _summed_loss(logits: torch.Tensor, labels, loss_target: LossTarget, reduction: str = "sum") -> torch.Tensor:
+    return F.cross_entropy(logits, _targets(logits, labels, loss_target), reduction=reduction)
+
+
+def _per_channel_sum(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Sum over every dim except ``channel_dim`` (vectorised, no per-channel loop)."""
+    t = t.movedim(channel_dim, 0)
+    return t.reshape(t.shape[0], -1).sum(1)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _sized(batches) -> int | None:
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
+# ----------------------------------------------------------------------------- Taylor (weights)
+
+def _scored_parameter_names(groups: Sequence[ChannelGroup]) -> set[str]:
+    return {s.name for g in groups for s in g.params}
+
+
+def _accumulate_gradients(work: nn.Module, batches: Iterable, loss_target: LossTarget,
+                          progress: Progress | None) -> int:
+    """One forward and one backward per batch; gradients of the summed loss add up in ``.grad``."""
+    device, total, images = _model_device(work), _sized(batches), 0
+    for done, (x, labels) in enumerate(batches, start=1):
+        x = x.to(device)
+        _clear_attention_bias_caches(work)
+        _summed_loss(work(x), labels, loss_target).backward()
+        images += x.shape[0]
+        if progress is not None:
+            progress(done, total)
+    if images == 0:
+        raise ValueError("No images: channel importance needs at least one batch.")
+    return images
+
+
+def _group_taylor_vector(group: ChannelGroup, row_sums: dict[tuple[str, int], torch.Tensor]) -> np.ndarray:
+    total = sum(row_sums[(s.name, s.channel_dim)][s.start:s.stop] for s in group.params)
+    return total.double().cpu().numpy()
+
+
+def taylor_importance(model: nn.Module, batches: Iterable, loss_target: LossTarget = "self",
+                      progress: Progress | None = None, model_name: str | None = None) -> TaylorScores:
+    """First-order Taylor importance |sum_w w * dL/dw| of every prunable channel.
+
+    ``batches`` yields ``(x, y)`` with ``y`` None for ``loss_target='self'`` (cross-entropy against the
+    model's own top-1) or class indices / one class index for ``'labels'``. Works on a private deep copy
+    (eval mode: no dropout, BN running statistics); only the scored parameters get gradients, which
+    skips the weight gradients of fc2, norms and the head.
+    """
+    _check_loss_target(loss_target)
+    groups = channel_groups(model)
+    work = private_copy(model)
+    scored = _scored_parameter_names(groups)
+    params = dict(work.named_parameters())
+    for name, p in params.items():
+        p.requires_grad_(name in scored)
+    with torch.inference_mode(False), torch.enable_grad():
+        images = _accumulate_gradients(work, batches, loss_target, progress)
+    with torch.no_grad():
+        row_sums = {}
+        for g in groups:
+            for s in g.params:
+                key = (s.name, s.channel_dim)
+                if key not in row_sums:
+                    p = params[s.name]
+                    grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                    row_sums[key] = _per_channel_sum(p * grad, s.channel_dim)
+        vectors = [_group_taylor_vector(g, row_sums) for g in groups]
+    return _scores_from_groups(groups, vectors, model=_model_name(model, model_name), method="taylor",
+                               loss_target=loss_target, num_images=images)
+
+
+# ----------------------------------------------------------------------------- activation (captum)
+
+def _unique_layers(groups: Sequence[ChannelGroup]) -> list[str]:
+    return list(dict.fromkeys(g.layer for g in groups))
+
+
+def _channel_dims(groups: Sequence[ChannelGroup]) -> dict[str, int]:
+    return {g.layer: g.channel_dim for g in groups}
+
+
+def _per_example_loss_fn(work: nn.Module, loss_target: LossTarget) -> Callable:
+    """captum's forward function: one cross-entropy per example (so no target index is needed)."""
+
+    def forward(x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        _clear_attention_bias_caches(work)
+        return _summed_loss(work(x), labels, loss_target, reduction="none")
+
+    return forward
+
+
+def activation_importance(model: nn.Module, batches: Iterable, loss_target: LossTarget = "self",
+                          progress: Progress | None = None, model_name: str | None = None) -> TaylorScores:
+    """Activation-based Taylor importance through captum's ``LayerGradientXActivation``.
+
+    For the same layers as ``taylor_importance``: grad x activation of each layer's output, summed over
+    images and tokens/space per channel, accumulated (signed) over batches, abs at the end.
+    """
+    from captum.attr import LayerGradientXActivation
+
+    _check_loss_target(loss_target)
+    groups = channel_groups(model)
+    work = private_copy(model)
+    work.requires_grad_(False)  # only gradients w.r.t. layer outputs are needed
+    layer_names = _unique_layers(groups)
+    channel_dims = _channel_dims(groups)
+    modules = dict(work.named_modules())
+    explainer = LayerGradientXActivation(_per_example_loss_fn(work, loss_target),
+                                         [modules[n] for n in layer_names])
+    device, total, images = _model_device(work), _sized(batches), 0
+    sums: dict[str, torch.Tensor] = {}
+    with torch.inference_mode(False), torch.enable_grad():
+        for done, (x, labels) in enumerate(batches, start=1):
+            x = x.to(device).requires_grad_(True)  # gives captum a graph to differentiate through
+            extra = None
+            if loss_target == "labels":
+                extra = (_label_tensor(labels, x.shape[0], device),)
+            attributions = explainer.attribute(x, additional_forward_args=extra)
+            for name, attr in zip(layer_names, attributions):
+                channel_sum = _per_channel_sum(attr.detach(), channel_dims[name])
+                sums[name] = sums[name] + channel_sum if name in sums else channel_sum
+            images += x.shape[0]
+            if progress is not None:
+                progress(done, total)
+    if images == 0:
+        raise ValueError("No images: channel importance needs at least one batch.")
+    vectors = [sums[g.layer][g.start:g.stop].double().cpu().numpy() for g in groups]
+    return _scores_from_groups(groups, vectors, model=_model_name(model, model_name), method="activation",
+                               loss_target=loss_target, num_images=images)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+def _normalization_keys(normalize: Normalization) -> list[str]:
+    if normalize == "block":
+        return ["block"]
+    if normalize in ("layer", "l2"):
+        return ["block", "component"]
+    raise ValueError(f"normalize must be one of {NORMALIZATIONS}, not {normalize!r}.")
+
+
+def normalized_scores(scores: TaylorScores, normalize: Normalization = "block") -> np.ndarray:
+    """Scores made comparable across layers: divided by their group's mean (or L2 norm for ``'l2'``).
+
+    Groups whose scores are all zero stay zero.
+    """
+    raw = np.asarray(scores.score, dtype=np.float64)
+    if normalize == "none":
+        return raw.copy()
+    df = pd.DataFrame({"block": scores.block, "component": scores.component, "score": raw})
+    grouped = df.groupby(_normalization_keys(normalize), sort=False)["score"]
+    if normalize == "l2":
+        scale = grouped.transform(lambda s: float(np.sqrt(np.square(s).sum())))
+    else:
+        scale = grouped.transform("mean")
+    scale = scale.to_numpy()
+    return np.divide(raw, scale, out=np.zeros_like(raw), where=scale > 0)
+
+
+def global_keep_mask(scores: TaylorScores, keep_fraction: float, normalize: Normalization = "block") -> np.ndarray:
+    """Rank all channels globally by normalised importance and keep the top ``keep_fraction``."""
+    if not 0.0 <= keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction must be in [0, 1], not {keep_fraction}.")
+    values = normalized_scores(scores, normalize)
+    n_keep = int(round(keep_fraction * len(values)))
+    order = np.argsort(-values, kind="stable")
+    keep = np.zeros(len(values), dtype=bool)
+    keep[order[:n_keep]] = True
+    return keep
+
+
+def _component_order(components: Iterable[str]) -> list[str]:
+    present = set(components)
+    return [c for c in COMPONENTS if c in present] + sorted(present - set(COMPONENTS))
+
+
+def budget_keep_fraction(scores: TaylorScores, keep_fraction: float,
+                         normalize: Normalization = "block") -> pd.DataFrame:
+    """The paper's analysis: after a global top-``keep_fraction`` cut, the fraction kept per block and component."""
+    df = pd.DataFrame({"block": scores.block, "relative_depth": scores.relative_depth,
+                       "component": scores.component,
+                       "kept": global_keep_mask(scores, keep_fraction, normalize)})
+    out = (df.groupby(["block", "relative_depth", "component"], sort=True)["kept"]
+           .agg(channels="size", kept="sum").reset_index())
+    out["fraction_kept"] = out["kept"] / out["channels"]
+    return out
+
+
+def component_summary(scores: TaylorScores, keep_fraction: float = 0.5,
+                      normalize: Normalization = "block") -> pd.DataFrame:
+    """Per component: channels, mean raw and normalised score, and the fraction kept under the budget."""
+    df = pd.DataFrame({"component": scores.component, "score": scores.score,
+                       "normalized": normalized_scores(scores, normalize),
+                       "kept": global_keep_mask(scores, keep_fraction, normalize)})
+    out = df.groupby("component").agg(channels=("score", "size"), mean_score=("score", "mean"),
+                                      mean_normalized=("normalized", "mean"),
+                                      fraction_kept=("kept", "mean"))
+    return out.loc[_component_order(out.index)].reset_index()
+
+
+def rank_agreement(a: TaylorScores, b: TaylorScores) -> pd.DataFrame:
+    """Spearman rank correlation of two score sets, per component and over all channels (``'all'``)."""
+    from scipy.stats import spearmanr
+
+    left = a.to_dataframe("none")[_KEYS + ["score"]]
+    right = b.to_dataframe("none")[_KEYS + ["score"]]
+    both = left.merge(right, on=_KEYS, suffixes=("_a", "_b"))
+    if len(both) != len(left) or len(both) != len(right):
+        raise ValueError("The two score sets do not describe the same channels (different models?).")
+
+    def row(name: str, part: pd.DataFrame) -> dict:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constant input -> nan, reported as such
+            result = spearmanr(part["score_a"], part["score_b"])
+        return {"component": name, "spearman": float(result.statistic), "p_value": float(result.pvalue),
+                "channels": len(part)}
+
+    rows = [row(c, both[both["component"] == c]) for c in _component_order(both["component"])]
+    rows.append(row("all", both))
+    return pd.DataFrame(rows)
+
+
+def combined_table(taylor: TaylorScores, activation: TaylorScores | None = None,
+                   normalize: Normalization = "block") -> pd.DataFrame:
+    """Every channel's scores in one table (the CSV download): Taylor, and activation where given."""
+    df = taylor.to_dataframe(normalize).rename(columns={"score": "taylor", "normalized": "taylor_normalized"})
+    df = df.drop(columns=["method"])
+    if activation is not None:
+        act = activation.to_dataframe(normalize)[_KEYS + ["score", "normalized"]]
+        act = act.rename(columns={"score": "activation", "normalized": "activation_normalized"})
+        df = df.merge(act, on=_KEYS, how="left")
+    return df
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _title(text: str, note: str) -> str:
+    return f"{text} {note}".strip()
+
+
+def component_importance_figure(scores: TaylorScores, normalize: Normalization = "block", note: str = ""):
+    """Bar per component: mean normalised importance over its blocks (error bar: spread over blocks)."""
+    import plotly.express as px
+
+    df = scores.to_dataframe(normalize)
+    per_block = df.groupby(["component", "block"])["normalized"].mean().reset_index()
+    bars = per_block.groupby("component")["normalized"].agg(["mean", "std"]).fillna(0.0)
+    bars = bars.loc[_component_order(bars.index)].reset_index()
+    fig = px.bar(bars, x="component", y="mean", error_y="std",
+                 labels={"mean": f"mean importance ({normalize}-normalised)", "component": "component"},
+                 title=_title(f"{scores.model}: channel importance per component ({scores.method})", note))
+    return fig
+
+
+def head_importance_figure(scores: TaylorScores, normalize: Normalization = "block", note: str = ""):
+    """Heatmaps of mean normalised importance per head (x) and block (y), one panel each for Q, K and V."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    df = scores.to_dataframe(normalize)
+    df = df[df["component"].isin(["q", "k", "v"])]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("Q", "K", "V"), shared_yaxes=True)
+    for col, comp in enumerate(("q", "k", "v"), start=1):
+        grid = df[df["component"] == comp].pivot_table(index="block", columns="head", values="normalized",
+                                                       aggfunc="mean")
+        fig.add_trace(go.Heatmap(z=grid.to_numpy(), x=[f"h{h}" for h in grid.columns], y=list(grid.index),
+                                 coloraxis="coloraxis",
+                                 hovertemplate="block %{y}, %{x}: %{z:.3f}<extra>" + comp.upper() + "</extra>"),
+                      row=1, col=col)
+    fig.update_layout(coloraxis={"colorscale": "Viridis", "colorbar": {"title": "importance"}},
+                      title=_title(f"{scores.model}: per-head Q/K/V importance ({normalize}-normalised)", note))
+    fig.update_yaxes(title_text="block", autorange="reversed", row=1, col=1)
+    return fig
+
+
+def fraction_kept_figure(budget: pd.DataFrame, keep_fraction: float, model: str = "", note: str = ""):
+    """Lines over depth: fraction of each component's channels kept under the global budget."""
+    import plotly.express as px
+
+    budget = budget.sort_values(["component", "relative_depth"])
+    fig = px.line(budget, x="relative_depth", y="fraction_kept", color="component", markers=True,
+                  category_orders={"component": _component_order(budget["component"])},
+                  hover_data=["block", "channels", "kept"],
+                  labels={"relative_depth": "relative depth (0 = first block)",
+                          "fraction_kept": "fraction of channels kept"},
+                  title=_title(f"{model}: channels kept with a global {keep_fraction:.0%} budget", note))
+    fig.add_hline(y=keep_fraction, line_dash="dot", line_color="gray")
+    fig.update_yaxes(range=[-0.02, 1.02])
+    return fig
+
+
+def taylor_vs_activation_figure(taylor: TaylorScores, activation: TaylorScores,
+                                normalize: Normalization = "block", note: str = ""):
+    """Scatter of both scores per channel (log axes), coloured by component; overall Spearman in the title."""
+    import plotly.express as px
+
+    agreement = rank_agreement(taylor, activation)
+    rho = float(agreement.loc[agreement["component"] == "all", "spearman"].iloc[0])
+    df = combined_table(taylor, activation, normalize)
+    df = df[(df["taylor_normalized"] > 0) & (df["activation_normalized"] > 0)]
+    fig = px.scatter(df, x="taylor_normalized", y="activation_normalized", color="component",
+                     category_orders={"component": _component_order(df["component"])},
+                     hover_data=["block", "head", "channel", "layer"], log_x=True, log_y=True, opacity=0.6,
+                     labels={"taylor_normalized": "Taylor |Σ w·∂L/∂w|",
+                             "activation_normalized": "captum |Σ a·∂L/∂a|"},
+                     title=_title(f"{taylor.model}: Taylor vs activation importance, Spearman ρ = {rho:.3f}", note))
+    fig.update_traces(marker={"size": 4})
+    return fig
