@@ -31,7 +31,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
+        img = Image.fromarray(arr.round().astype(np.uint8))
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):

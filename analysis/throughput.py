@@ -163,9 +163,10 @@ def sweep(runners: Sequence[Runner], settings: BenchSettings, batches: Sequence[
     """
     rows: list[ThroughputRow] = []
     notes: list[str] = []
+    largest_done = 0
     for batch in sorted(batches):
-        current = batch
-        while True:
+        current, step = batch, []
+        while current > largest_done:
             try:
                 step = benchmark(runners, _with_batch(settings, current), baseline=baseline, progress=progress)
                 break
@@ -173,20 +174,18 @@ def sweep(runners: Sequence[Runner], settings: BenchSettings, batches: Sequence[
                 if not is_out_of_memory(exc):
                     raise
                 _free_memory(settings.device)
-                if current <= 1:
-                    notes.append(f"batch {batch}: out of memory even at batch 1; skipped.")
-                    step = []
-                    break
                 notes.append(f"batch {current}: out of memory; backed off to batch {current // 2}.")
                 current //= 2
         for row in step:
             row.note = f"asked for batch {batch}" if current != batch else ""
         rows.extend(step)
-        if on_rows:
+        if step and on_rows:
             on_rows(step)
         if current != batch:
-            notes.append(f"stopped the sweep after batch {batch}: larger batches would not fit.")
+            notes.append(f"stopped the sweep at batch {batch}: it does not fit"
+                         + (f"; batch {current} was measured instead." if step else "."))
             break
+        largest_done = batch
     return rows, notes
 
 

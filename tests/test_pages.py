@@ -1,0 +1,40 @@
+"""Every page listed in app.py renders through AppTest without an exception."""
+import re
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE_FILES = re.findall(r'st\.Page\("(pages/\w+\.py)"', (ROOT / "app.py").read_text())
+
+
+@pytest.fixture
+def real_weights_folder(shared_dir, monkeypatch):
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(shared_dir / "weights"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_app_lists_pages_that_exist():
+    assert "pages/home.py" in PAGE_FILES
+    for page in PAGE_FILES:
+        assert (ROOT / page).is_file(), page
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("page", PAGE_FILES)
+def test_page_renders_without_exception(page, real_weights_folder):
+    at = AppTest.from_file(str(ROOT / page), default_timeout=240).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title or at.header, f"{page} shows no title"
+
+
+@pytest.mark.shared
+def test_home_shows_hardware_and_weights_status(real_weights_folder):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+    assert not at.exception
+    assert at.title[0].value == "ViT Efficiency Lab"
+    weights = at.dataframe[1].value.set_index("model")
+    assert weights.loc["deit_tiny_patch16_224", "weights"] == "local file"
+    assert weights.loc["deit_small_patch16_224", "weights"] == "missing"
+    assert at.sidebar.selectbox[0].label == "Device" and "cpu" in at.sidebar.selectbox[0].options

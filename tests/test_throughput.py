@@ -1,0 +1,95 @@
+import time
+
+import pytest
+import torch
+
+from analysis import throughput as T
+from models.variants import parse_variant
+
+
+def _sleep_runner(name: str, seconds_per_batch: float) -> T.Runner:
+    def forward(x):
+        time.sleep(seconds_per_batch)
+        return x
+
+    return T.Runner(name=name, forward=forward, make_inputs=lambda b: torch.zeros(b, 1), params=10)
+
+
+def test_known_sleep_gives_expected_throughput_and_speedup():
+    settings = T.BenchSettings(batch=4, iters=5, rounds=3, warmup=1)
+    rows = T.benchmark([_sleep_runner("slow", 0.02), _sleep_runner("fast", 0.01)], settings, baseline="slow")
+    by_name = {r.model: r for r in rows}
+    assert by_name["slow"].img_per_s == pytest.approx(4 / 0.02, rel=0.2)
+    assert by_name["fast"].img_per_s == pytest.approx(4 / 0.01, rel=0.2)
+    assert by_name["fast"].speedup == pytest.approx(2.0, rel=0.2)
+    assert by_name["slow"].speedup == pytest.approx(1.0)
+    assert len(by_name["fast"].rounds) == 3
+
+
+def test_timing_waits_for_the_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(T, "synchronize", lambda device: calls.append(device))
+    T.benchmark([_sleep_runner("a", 0.0)], T.BenchSettings(batch=1, iters=1, rounds=2, warmup=1))
+    # warm-up and every round read the clock after a sync, before and after the loop
+    assert len(calls) == 2 * (1 + 2)
+
+
+def _oom_above(limit: int):
+    def forward(x):
+        if x.shape[0] > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return x
+
+    return T.Runner("big", forward, lambda b: torch.zeros(b, 1))
+
+
+def test_sweep_backs_off_on_out_of_memory():
+    settings = T.BenchSettings(iters=1, rounds=1, warmup=1)
+    rows, notes = T.sweep([_oom_above(16)], settings, batches=[4, 8, 32, 64])
+    assert [r.batch for r in rows] == [4, 8, 16]
+    assert rows[-1].note == "asked for batch 32"
+    assert notes == ["batch 32: out of memory; backed off to batch 16.",
+                     "stopped the sweep at batch 32: it does not fit; batch 16 was measured instead."]
+
+
+def test_sweep_never_backs_off_below_a_measured_batch():
+    rows, notes = T.sweep([_oom_above(8)], T.BenchSettings(iters=1, rounds=1, warmup=1), batches=[4, 8, 32])
+    assert [r.batch for r in rows] == [4, 8]
+    assert notes[-1] == "stopped the sweep at batch 32: it does not fit."
+
+
+def test_other_errors_are_not_swallowed():
+    def forward(x):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        T.sweep([T.Runner("bad", forward, lambda b: torch.zeros(b))], T.BenchSettings(iters=1, rounds=1), [2])
+
+
+def test_flops_of_a_linear_layer():
+    layer = torch.nn.Linear(10, 20, bias=False)
+    runner = T.Runner("lin", layer, lambda b: torch.zeros(b, 10))
+    assert T.count_flops(runner) == 2 * 10 * 20
+
+
+def test_cli_prints_table_and_speedup(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    code = T.main(["--models", "efficientvit_m0", "--baseline", "mobilenetv3_large_100", "--random-weights",
+                   "--device", "cpu", "--batch", "2", "--iters", "1", "--rounds", "2", "--warmup", "1",
+                   "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "efficientvit_m0" in printed and "GFLOPs" in printed
+    assert printed.strip().splitlines()[-2].startswith("speedup efficientvit_m0 vs mobilenetv3_large_100: ")
+    assert '"img_per_s"' in out.read_text()
+
+
+def test_cli_refuses_unknown_names_clearly(capsys):
+    assert T.main(["--models", "deit_gigantic", "--random-weights"]) == 2
+    assert "Unknown model 'deit_gigantic'" in capsys.readouterr().err
+
+
+def test_variant_names():
+    v = parse_variant("deit_small_patch16_224@tome_r=13,prop_attn=off")
+    assert v.model == "deit_small_patch16_224" and v.settings == {"tome_r": 13, "prop_attn": False}
+    assert v.label == "deit_small_patch16_224@tome_r=13,prop_attn=False"

@@ -1,0 +1,140 @@
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from analysis.images import imagenet_label, load_image, to_batch
+from models.checkpoints import CheckpointError, WeightsNotFoundError, read_state_dict
+from models.loading import build_random, load_model
+from models.registry import get_spec
+from models.weights import HUB, LOCAL, MISSING, WEIGHTS_DIR_ENV, resolve, status
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from models import weights
+
+    weights.host_reachable.cache_clear()
+    yield
+    weights.host_reachable.cache_clear()
+
+
+@pytest.mark.shared
+def test_real_deit_tiny_through_the_weights_folder_sees_a_drake(shared_dir, monkeypatch):
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(shared_dir / "weights"))
+    loaded = load_model("deit_tiny_patch16_224")
+    assert loaded.weights.kind == LOCAL and not loaded.weights.is_random
+    image = load_image(shared_dir / "images" / "photo_2.jpg")
+    with torch.inference_mode():
+        top1 = loaded.model(to_batch([image], loaded.transform)).argmax(-1).item()
+    assert imagenet_label(top1) == "drake"
+
+
+@pytest.mark.shared
+def test_resolver_file_loads_like_timm_pretrained(shared_dir, deit_tiny_real):
+    path = shared_dir / "weights" / "deit_tiny_patch16_224.safetensors"
+    loaded = load_model("deit_tiny_patch16_224", user_file=path)
+    ours = loaded.model.state_dict()
+    for key, value in deit_tiny_real.state_dict().items():
+        torch.testing.assert_close(ours[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.shared
+def test_status_reports_local_and_missing(shared_dir, offline):
+    assert status(get_spec("deit_tiny_patch16_224"), shared_dir / "weights")[0] == LOCAL
+    kind, detail = status(get_spec("deit_small_patch16_224"), shared_dir / "weights")
+    assert kind == MISSING and "deit_small_patch16_224.safetensors" in detail
+
+
+def test_missing_weights_message_names_file_and_folder(tmp_path, monkeypatch, offline):
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path))
+    with pytest.raises(WeightsNotFoundError) as err:
+        load_model("efficientvit_m0")
+    message = str(err.value)
+    assert "efficientvit_m0.safetensors" in message and str(tmp_path) in message
+    assert "efficientvit_m0.r224_in1k" in message
+
+
+def test_hub_is_chosen_when_reachable(monkeypatch, tmp_path):
+    from models import weights
+
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(weights, "host_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(weights, "in_hf_cache", lambda spec: False)
+    source = resolve(get_spec("efficientvit_m0"))
+    assert source.kind == HUB and source.location == "efficientvit_m0.r224_in1k"
+
+
+def _tiny_state(name="efficientvit_m0"):
+    return build_random(get_spec(name)).state_dict()
+
+
+@pytest.mark.parametrize("wrapper", ["model", "state_dict", None])
+def test_official_wrappers_and_pth_round_trip(tmp_path, wrapper):
+    state = _tiny_state()
+    path = tmp_path / "efficientvit_m0.pth"
+    torch.save({wrapper: state} if wrapper else state, path)
+    loaded = load_model("efficientvit_m0", user_file=path)
+    torch.testing.assert_close(loaded.model.state_dict()["patch_embed.conv1.conv.weight"],
+                               state["patch_embed.conv1.conv.weight"])
+
+
+def test_data_parallel_prefix_is_stripped(tmp_path):
+    state = {f"module.{k}": v for k, v in _tiny_state().items()}
+    path = tmp_path / "m.pth"
+    torch.save(state, path)
+    load_model("efficientvit_m0", user_file=path)
+
+
+def test_weights_folder_finds_name_dot_safetensors(tmp_path, monkeypatch):
+    save_file({k: v.contiguous() for k, v in _tiny_state().items()}, str(tmp_path / "efficientvit_m0.safetensors"))
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path))
+    loaded = load_model("efficientvit_m0")
+    assert loaded.weights.kind == LOCAL and loaded.weights.location.endswith("efficientvit_m0.safetensors")
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path):
+    state = _tiny_state()
+    state.pop("head.linear.weight")
+    state["extra.layer.weight"] = torch.zeros(3)
+    path = tmp_path / "bad.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_model("efficientvit_m0", user_file=path)
+    message = str(err.value)
+    assert "Missing 1 keys: head.linear.weight" in message
+    assert "Unexpected 1 keys: extra.layer.weight" in message
+
+
+def test_wrong_model_size_names_the_shape_mismatch(tmp_path):
+    path = tmp_path / "m1.pth"
+    torch.save(_tiny_state("efficientvit_m1"), path)
+    with pytest.raises(CheckpointError, match="Shape mismatch"):
+        load_model("efficientvit_m0", user_file=path)
+
+
+class ArbitraryObject:
+    """Stands for any pickled object a checkpoint could smuggle in."""
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": _tiny_state(), "extra": ArbitraryObject()}, path)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"\x00" * 64])
+def test_empty_and_garbage_files_are_refused(tmp_path, content):
+    for suffix in (".pth", ".safetensors"):
+        path = tmp_path / f"bad{suffix}"
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError):
+            read_state_dict(path)
+
+
+def test_nonexistent_user_file(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        load_model("efficientvit_m0", user_file=tmp_path / "nope.pth")
