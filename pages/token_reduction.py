@@ -1,0 +1,196 @@
+"""Token reduction: which patches DynamicViT drops and which ToMe merges, side by side on the same images."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from analysis.images import model_view, to_batch
+from analysis.token_maps import (
+    DYNAMICVIT,
+    NO_REDUCTION,
+    TOME,
+    agreement_frame,
+    compare_reductions,
+    dynamicvit_stage_panels,
+    dynamicvit_with_untrained_predictors,
+    image_strip,
+    keep_frequency,
+    keep_frequency_figure,
+    keep_score_figure,
+    kept_indices_frame,
+    predictions_frame,
+    tokens_per_block,
+    tokens_per_block_figure,
+    tome_merge_panels,
+)
+from analysis.tome_agreement import agreement_sweep, plot_agreement, rows_to_frame
+from models.dynamicvit import DynamicViT
+from models.registry import DYNAMICVIT as DYNAMICVIT_FAMILY
+from models.registry import MHSA, list_models
+from pages._ui import (
+    cached_model,
+    current_device,
+    download_df,
+    download_png,
+    image_picker,
+    random_weights_toggle,
+    show_weights_banner,
+)
+
+MAX_IMAGES = 8
+UNTRAINED_ON_TINY = "DeiT-Tiny backbone + UNTRAINED DynamicViT predictors"
+
+
+@st.cache_resource(show_spinner="Attaching untrained DynamicViT predictors ...", max_entries=4)
+def _untrained_dynamicvit(name: str, weights: str, device: str, _backbone) -> DynamicViT:
+    # A separate cached copy: the shared backbone itself is never modified.
+    return dynamicvit_with_untrained_predictors(_backbone)
+
+
+def _model_choices() -> dict[str, tuple[str, bool]]:
+    """Label -> (registry name, build untrained predictors on it)."""
+    choices = {UNTRAINED_ON_TINY: ("deit_tiny_patch16_224", True)}
+    choices.update({name: (name, False) for name in list_models(DYNAMICVIT_FAMILY)})
+    choices.update({f"{name} (ToMe only)": (name, False) for name in list_models(MHSA)})
+    return choices
+
+
+st.title("Token reduction: DynamicViT pruning and ToMe merging")
+st.markdown(
+    "**DynamicViT** learns to *drop* patch tokens before blocks 3, 6 and 9 (keep ratio rho, rho^2, rho^3). "
+    "**ToMe** *merges* the r most similar token pairs in every block, without training. Both run here on the "
+    "same backbone and images; agreement is measured against the same model without reduction."
+)
+
+choices = _model_choices()
+left, right = st.columns(2)
+with left:
+    label = st.selectbox("Model", list(choices), key="tr_model",
+                         help="Official DynamicViT releases need their weights; the DeiT-Tiny option attaches "
+                              "untrained score predictors to real DeiT-Tiny weights (its pruning is not learned).")
+    random_weights = random_weights_toggle("tr_random")
+with right:
+    images = image_picker("tr_images", multiple=True)
+
+name, attach_predictors = choices[label]
+loaded = cached_model(name, random_weights)
+if loaded is None:
+    st.stop()
+show_weights_banner(loaded)
+model = loaded.model
+if attach_predictors:
+    model = _untrained_dynamicvit(name, loaded.weights.description, current_device(), loaded.model)
+    st.warning("The DynamicViT score predictors are **untrained** (random): the pruning maps below show the "
+               "mechanics, not what a trained DynamicViT keeps. ToMe and the unreduced model use the real backbone.")
+has_dynamicvit = isinstance(model, DynamicViT)
+weights_tag = " (RANDOM weights)" if loaded.weights.is_random else ""
+predictor_tag = " (untrained predictors)" if attach_predictors else ""
+
+if len(images) > MAX_IMAGES:
+    st.info(f"Using the first {MAX_IMAGES} of {len(images)} images.")
+    images = images[:MAX_IMAGES]
+names = [image.name for image in images]
+depth = len(model.blocks)
+
+c1, c2, c3 = st.columns(3)
+keep_ratio = c1.slider("DynamicViT keep ratio rho", 0.3, 1.0, 0.7, 0.05, key="tr_rho", disabled=not has_dynamicvit)
+r = c2.slider("ToMe r (tokens merged per block)", 0, 32, 13, key="tr_r")
+schedule = c3.radio("ToMe schedule", ["constant", "decreasing"], horizontal=True, key="tr_schedule",
+                    help="Decreasing: linear from 1.5 r at the first block to 0.5 r at the last (ToMe's schedule).")
+proportional = c3.checkbox("Proportional attention (log size bias)", value=True, key="tr_prop")
+r_spec = f"decreasing:{r}" if schedule == "decreasing" else r
+
+with st.status("Running the unreduced model, DynamicViT and ToMe ...", expanded=False) as status:
+    batch = to_batch(images, loaded.transform)
+    comparison = compare_reductions(model, batch, names, keep_ratio=keep_ratio, r=r_spec,
+                                    proportional_attention=proportional)
+    status.update(label=f"Ran 3 forwards on {len(images)} image(s).", state="complete")
+
+chosen = st.selectbox("Image for the detailed view", range(len(names)), format_func=lambda i: names[i], key="tr_image")
+canvas = model_view(images[chosen].image, loaded.data_config)
+
+# ---------------------------------------------------------------- side by side
+st.header("Side by side" + weights_tag)
+predictions = predictions_frame(comparison, chosen)
+per_image = agreement_frame(comparison, chosen).set_index("method")
+panels = {NO_REDUCTION: canvas}
+if has_dynamicvit:
+    panels[DYNAMICVIT] = dynamicvit_stage_panels(canvas, comparison.dynamicvit_trace, chosen)[-1][1]
+panels[TOME] = tome_merge_panels(canvas, comparison.tome_trace, [depth - 1], chosen)[-1][1]
+captions = {
+    NO_REDUCTION: f"{comparison.num_tokens} tokens in every block",
+    DYNAMICVIT: f"patches kept after the last stage (rho = {keep_ratio:.2f}){predictor_tag}",
+    TOME: f"merge groups after the last block ({comparison.tome_trace.tokens_per_layer[-1]} tokens)",
+}
+for column, (method, picture) in zip(st.columns(len(panels)), panels.items()):
+    with column:
+        st.subheader(method)
+        st.image(picture, caption=captions[method], width="stretch")
+        st.dataframe(predictions[predictions.method == method].drop(columns="method"), hide_index=True)
+        if method != NO_REDUCTION:
+            st.metric("Top-5 overlap with unreduced", f"{per_image.loc[method, 'top-5 overlap']:.0%}",
+                      help="Top-1 agrees" if per_image.loc[method, "top-1 agreement"] == 1.0 else "Top-1 differs")
+st.markdown(f"**Agreement with the unreduced model over all {len(names)} image(s)**{weights_tag}")
+overall = agreement_frame(comparison)
+st.dataframe(overall, hide_index=True)
+d1, d2 = st.columns(2)
+with d1:
+    download_df(predictions, "top5_predictions.csv", "Download top-5 predictions (CSV)")
+with d2:
+    download_df(overall, "agreement.csv", "Download agreement (CSV)")
+
+# ---------------------------------------------------------------- DynamicViT
+st.header("DynamicViT: pruned patches per stage" + weights_tag + predictor_tag)
+if not has_dynamicvit:
+    st.info("This model has no DynamicViT score predictors; choose a DynamicViT model or the DeiT-Tiny option.")
+else:
+    trace = comparison.dynamicvit_trace
+    stage_strip = image_strip(dynamicvit_stage_panels(canvas, trace, chosen))
+    st.image(stage_strip, caption="Dropped patches faded out", width="stretch")
+    st.plotly_chart(keep_score_figure(trace, chosen, title="DynamicViT keep scores per stage" + weights_tag
+                                      + predictor_tag))
+    if len(names) > 1:
+        stage = st.select_slider("Keep frequency after stage", options=list(range(1, len(trace.kept_indices) + 1)),
+                                 value=len(trace.kept_indices), key="tr_freq_stage")
+        st.plotly_chart(keep_frequency_figure(
+            keep_frequency(trace, stage - 1),
+            f"How often each patch position survives stage {stage}, over {len(names)} images"
+            + weights_tag + predictor_tag))
+    d1, d2 = st.columns(2)
+    with d1:
+        download_png(stage_strip, f"dynamicvit_stages_{names[chosen]}.png", "Download stage maps (PNG)")
+    with d2:
+        download_df(kept_indices_frame(trace, names), "dynamicvit_kept_indices.csv",
+                    "Download kept indices per image and stage (CSV)")
+
+# ---------------------------------------------------------------- ToMe
+st.header("ToMe: merged tokens per block" + weights_tag)
+default_layers = sorted({max(0, depth * k // 4 - 1) for k in (1, 2, 3, 4)})
+layers = st.multiselect("Show merge maps after blocks", list(range(depth)), default=default_layers, key="tr_layers")
+merge_strip = image_strip(tome_merge_panels(canvas, comparison.tome_trace, sorted(layers), chosen))
+st.image(merge_strip, caption="Each group of merged patches in its mean colour", width="stretch")
+download_png(merge_strip, f"tome_merge_maps_{names[chosen]}.png", "Download merge maps (PNG)")
+
+counts = tokens_per_block(comparison)
+st.plotly_chart(tokens_per_block_figure(counts, "Tokens entering each block" + weights_tag))
+download_df(pd.DataFrame({"block": range(depth), **counts}), "tokens_per_block.csv",
+            "Download tokens per block (CSV)")
+
+# ---------------------------------------------------------------- ToMe r sweep
+st.header("ToMe: agreement with the unreduced model as r grows" + weights_tag)
+r_max = st.slider("Largest r in the sweep", 2, 32, 16, key="tr_rmax")
+sweep_key = (label, random_weights, loaded.weights.description, tuple(names), proportional, r_max)
+if st.button("Run the r sweep on these images", key="tr_sweep"):
+    bar = st.progress(0.0, text="Sweeping r ...")
+    rows = agreement_sweep(model, batch.to(next(model.parameters()).device), range(0, r_max + 1),
+                           proportional_attention=proportional,
+                           progress=lambda done, total: bar.progress(done / total, text=f"r {done - 1} of {total - 1}"))
+    st.session_state["tr_sweep_result"] = (sweep_key, rows)
+stored = st.session_state.get("tr_sweep_result")
+if stored and stored[0] == sweep_key:
+    rows = stored[1]
+    st.plotly_chart(plot_agreement(rows, f"ToMe agreement on {len(names)} image(s){weights_tag}"))
+    download_df(rows_to_frame(rows), "tome_r_sweep.csv", "Download the r sweep (CSV)")
+else:
+    st.caption("Runs ToMe once per r (constant schedule) and compares with the unreduced model; "
+               "GFLOPs per image are counted with torch's FlopCounterMode.")
