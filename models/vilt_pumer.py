@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.checkpoints import WeightsNotFoundError
+from models.weights import WEIGHTS_DIR_ENV
 
 VILT_VQA_REPO = "dandelin/vilt-b32-finetuned-vqa"
-WEIGHTS_DIR_ENV = "VITLAB_WEIGHTS_DIR"
 VILT_FOLDER_NAME = "vilt-b32-finetuned-vqa"
 DEFAULT_REDUCE_LAYERS = (2, 5, 8)  # VQA and NLVR2; visual entailment uses (2, 4, 6, 8)
 

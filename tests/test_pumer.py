@@ -179,3 +179,36 @@ def test_loader_offline_without_weights_says_what_to_do(tmp_path, monkeypatch):
     assert str(tmp_path / "vilt-b32-finetuned-vqa") in message
     assert "download dandelin/vilt-b32-finetuned-vqa --local-dir" in message
     assert "offline" in message and "nowhere" in message
+
+
+def test_answer_question_records_and_figures(vilt, wide_photo):
+    import json
+
+    from analysis.pumer import (PuMerSettings, answer_question, counts_frame, merge_overlay, pruned_overlay,
+                                records_to_json, text_groups_html, token_counts_figure)
+
+    model, processor = vilt
+    settings = PuMerSettings(timing_iters=1, timing_rounds=1)
+    result = answer_question(model, processor, wide_photo, QUESTION, settings)
+    grid_h, grid_w = result.trace.grid_shape
+    assert result.image.size == (grid_w * result.patch_size, grid_h * result.patch_size)
+    assert len(result.full_answers) == len(result.pumer_answers) == 5
+    assert result.text_tokens[0] == "[CLS]" and result.text_tokens[-1] == "[SEP]"
+    assert result.speed["speedup"] > 0 and result.speed["memory_saving"] is None  # CPU: no allocator to ask
+    assert result.speed["pumer_gflops"] < result.speed["full_gflops"]
+
+    record = json.loads(json.dumps(records_to_json(result)))
+    assert [s["layer"] for s in record["reduce_steps"]] == [2, 5, 8]
+    assert record["tokens_per_layer"][-1]["image_tokens"] == result.trace.image_counts[0, -1]
+    assert counts_frame(result.trace)["total_tokens"].is_monotonic_decreasing
+
+    original = np.asarray(result.image)
+    for index, step in enumerate(result.trace.steps):
+        pruned = np.asarray(pruned_overlay(result, index))
+        assert pruned.shape == original.shape
+        row, col = divmod(int(step.pruned_cells[0][0]), grid_w)
+        patch = np.s_[row * 32:(row + 1) * 32, col * 32:(col + 1) * 32]
+        assert not np.array_equal(pruned[patch], original[patch])  # the pruned patch is marked
+        assert np.asarray(merge_overlay(result, index)).shape == original.shape
+        assert text_groups_html(result, index).count("<span") == len(result.text_tokens)
+    assert len(token_counts_figure(result.trace).data) == 6
