@@ -1,0 +1,71 @@
+"""The head-redundancy page: real DeiT-Tiny, random-weight MHSA + CGA side by side, and missing weights."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "head_redundancy.py")
+
+
+@pytest.fixture
+def real_weights_folder(shared_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(shared_dir / "weights"))
+
+
+def _labels(app) -> list[str]:
+    return [b.proto.label for b in app.get("download_button")]
+
+
+@pytest.mark.shared
+def test_page_on_real_deit_tiny_with_a_query_patch(real_weights_folder):
+    app = AppTest.from_file(PAGE, default_timeout=180)
+    app.session_state["hr_models"] = ["deit_tiny_patch16_224"]
+    app.session_state["hr_max_images"] = 1
+    app.run()
+    assert not app.exception, app.exception
+    assert not app.error and not app.warning  # real weights: no random-weights banner
+    assert [h.value for h in app.header] == ["Redundancy vs depth", "Head-to-head similarity per block",
+                                             "Downloads", "Attention maps on an image"]
+    assert len(app.get("plotly_chart")) == 3 and len(app.get("image")) == 1
+    assert "Download redundancy per head (CSV)" in _labels(app)
+    assert "Download attention maps (PNG)" in _labels(app)
+
+    app.radio(key="hr_query_mode").set_value("a patch").run()  # enables the row/column inputs
+    app.number_input(key="hr_row").set_value(3)
+    app.slider(key="hr_block").set_value(2)
+    app.radio(key="hr_metric").set_value("head outputs (linear CKA)")
+    app.run()
+    assert not app.exception, app.exception
+    caption = app.get("image")[0].captions[0]
+    assert "block 2" in caption and "patch (3, 7)" in caption
+
+
+def test_page_random_weights_mhsa_and_cga_side_by_side(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
+    app = AppTest.from_file(PAGE, default_timeout=180)
+    app.session_state["hr_models"] = ["deit_tiny_patch16_224", "efficientvit_m0"]
+    app.session_state["hr_random"] = True
+    app.session_state["hr_max_images"] = 1
+    app.run()
+    assert not app.exception, app.exception
+    assert sum("RANDOM weights" in w.value for w in app.warning) == 2
+    depth = app.get("plotly_chart")[0]
+    assert "random weights" in depth.proto.spec and "Cascaded group attention" in depth.proto.spec
+    app.selectbox(key="hr_overlay_model").set_value("efficientvit_m0")
+    app.run()
+    assert not app.exception, app.exception
+    assert "mean attention received" in app.get("image")[0].captions[0]
+
+
+def test_page_without_weights_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
+    app = AppTest.from_file(PAGE, default_timeout=120)
+    app.session_state["hr_models"] = ["efficientvit_m0"]
+    app.run()
+    assert not app.exception, app.exception
+    assert app.error and not app.get("plotly_chart")
