@@ -93,7 +93,7 @@ def benchmark_pumer(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], 
     )
 
 
-def model_view(pixel_values: torch.Tensor, pixel_mask: torch.Tensor, mean, std) -> Image.Image:
+def processed_image(pixel_values: torch.Tensor, pixel_mask: torch.Tensor, mean, std) -> Image.Image:
     """The first image as the model saw it: normalisation undone, padding cropped."""
     pixels = pixel_values[0].float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     rows, cols = pixel_mask[0].bool().cpu().any(dim=1), pixel_mask[0].bool().cpu().any(dim=0)
@@ -118,7 +118,7 @@ def answer_question(model: torch.nn.Module, processor, image: Image.Image, quest
     labels = model.config.id2label
     return PuMerResult(
         question=question, text_tokens=list(tokens),
-        image=model_view(inputs["pixel_values"], inputs["pixel_mask"], image_processor.image_mean,
+        image=processed_image(inputs["pixel_values"], inputs["pixel_mask"], image_processor.image_mean,
                          image_processor.image_std),
         patch_size=int(model.config.patch_size),
         full_answers=top_answers(full_logits[0], labels), pumer_answers=top_answers(pumer_logits[0], labels),

@@ -59,17 +59,21 @@ def _weights_folder(weights_dir: str | Path | None) -> Path | None:
 
 
 def _candidates(source: str | None, weights_dir) -> Iterator[tuple[str, str | None, dict]]:
-    """(description, location or None when skipped, from_pretrained kwargs), in the resolver's order."""
+    """(description, location, from_pretrained kwargs) in the resolver's order; location None: skipped, and
+    the description says why."""
     if source is not None:
         folder = Path(source).expanduser()
-        yield f"folder you gave ({folder})", str(folder) if folder.is_dir() else None, {}
+        yield (f"folder you gave ({folder})", str(folder), {}) if folder.is_dir() else \
+            (f"folder you gave ({folder}): not present", None, {})
     folder = _weights_folder(weights_dir)
     if folder is None:
-        yield f"${WEIGHTS_DIR_ENV}/{VILT_FOLDER_NAME}", None, {}
+        yield f"${WEIGHTS_DIR_ENV}/{VILT_FOLDER_NAME}: ${WEIGHTS_DIR_ENV} not set", None, {}
     else:
-        yield f"weights folder {folder}", str(folder) if folder.is_dir() else None, {}
+        yield (f"weights folder {folder}", str(folder), {}) if folder.is_dir() else \
+            (f"weights folder {folder}: not present", None, {})
     yield "Hugging Face cache", VILT_VQA_REPO, {"local_files_only": True}
-    yield "Hugging Face hub", None if _offline() else VILT_VQA_REPO, {}
+    yield ("Hugging Face hub: skipped (offline mode)", None, {}) if _offline() else \
+        ("Hugging Face hub", VILT_VQA_REPO, {})
 
 
 def _missing_weights_message(attempts: Sequence[str], weights_dir) -> str:
@@ -94,8 +98,7 @@ def load_vilt(source: str | None = None, weights_dir: str | Path | None = None):
     attempts: list[str] = []
     for description, location, kwargs in _candidates(source, weights_dir):
         if location is None:
-            attempts.append(f"{description}: not present" if "hub" not in description else
-                            f"{description}: skipped (offline mode)")
+            attempts.append(description)
             continue
         try:
             model = ViltForQuestionAnswering.from_pretrained(location, **kwargs).eval()
