@@ -444,16 +444,17 @@ def pumer_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor],
     reducing = any(r > 0 for r in (prune_ratio, image_merge_ratio, text_merge_ratio))
     layers = vilt.encoder.layer
     tracer = _Tracer(embedded, len(layers)) if return_trace else None
+    bias = _attention_bias(valid, sizes if proportional_attention else None, hidden.dtype)  # changes only on reduction
     for index, layer in enumerate(layers):
         if tracer is not None:
             tracer.count(index, valid, text_len)
         reduce_here = reducing and index in reduce_layers
-        bias = _attention_bias(valid, sizes if proportional_attention else None, hidden.dtype)
         hidden, probs, keys = _attention_residual(layer, hidden, bias, with_probs=reduce_here and prune_ratio > 0)
         if reduce_here:
             plan = plan_reduction(keys.mean(dim=1), valid, probs, text_len,
                                   prune_ratio, image_merge_ratio, text_merge_ratio)
             hidden, sizes, valid, text_len = apply_reduction(hidden, sizes, text_len, plan)
+            bias = _attention_bias(valid, sizes if proportional_attention else None, hidden.dtype)
             if tracer is not None:
                 tracer.step(index, plan, valid, text_len)
         hidden = layer.output(layer.intermediate(layer.layernorm_after(hidden)), hidden)
