@@ -621,3 +621,60 @@ def taylor_vs_activation_figure(taylor: TaylorScores, activation: TaylorScores,
                      title=_title(f"{taylor.model}: Taylor vs activation importance, Spearman ρ = {rho:.3f}", note))
     fig.update_traces(marker={"size": 4})
     return fig
+
+
+# ----------------------------------------------------------------------------- inputs for the page and CLI
+
+def imagenet_class_index(folder_name: str) -> int:
+    """The ImageNet-1k index a class sub-folder stands for: its index ("207"), WordNet id ("n02099601")
+    or one of its names ("golden retriever", case-insensitive). Raises ValueError otherwise."""
+    from timm.data import ImageNetInfo
+
+    info, name = ImageNetInfo(), folder_name.strip()
+    if name.isdigit() and 0 <= int(name) < info.num_classes():
+        return int(name)
+    wordnet_ids = list(info.label_names())
+    if name in wordnet_ids:
+        return wordnet_ids.index(name)
+    wanted = name.lower().replace("_", " ")
+    for index, description in enumerate(info.label_descriptions()):
+        if wanted in (s.strip().lower() for s in description.split(",")):
+            return index
+    raise ValueError(f"Sub-folder {folder_name!r} is not an ImageNet class: name it by class index (0-999), "
+                     f"WordNet id (e.g. n02099601) or class name (e.g. golden retriever).")
+
+
+def labelled_folder(folder, limit: int | None = None):
+    """Images under ``folder/<class>/...`` with the ImageNet index of their class sub-folder.
+
+    Returns (images, labels, messages); files directly in ``folder`` and unreadable files are skipped
+    with a message; a sub-folder that names no ImageNet class raises ValueError.
+    """
+    from pathlib import Path
+
+    from analysis.images import load_folder
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"{folder} is not a folder.")
+    found, messages = load_folder(root)
+    images, labels, index_of = [], [], {}
+    for image in found:
+        parts = Path(image.name).parts
+        if len(parts) < 2:
+            messages.append(f"{image.name}: not inside a class sub-folder, skipped.")
+            continue
+        if parts[0] not in index_of:
+            index_of[parts[0]] = imagenet_class_index(parts[0])
+        images.append(image)
+        labels.append(index_of[parts[0]])
+    if limit is not None and len(images) > limit:
+        messages.append(f"Using {limit} of {len(images)} images.")
+        images, labels = images[:limit], labels[:limit]
+    return images, labels, messages
+
+
+def split_batches(x: torch.Tensor, labels: torch.Tensor | None, batch_size: int) -> list[tuple]:
+    """(x, y) chunks of at most ``batch_size`` images, y None when there are no labels."""
+    return [(x[i:i + batch_size], None if labels is None else labels[i:i + batch_size])
+            for i in range(0, len(x), batch_size)]

@@ -263,3 +263,23 @@ def test_real_deit_tiny_scores(deit_tiny_real, deit_tiny_batch):
     np.testing.assert_allclose(q, k, rtol=1e-3, atol=1e-9)
     # EfficientViT's finding on a real model: V and the embedding keep more width than Q/K.
     assert kept["v"] > kept["q"] and kept["embed"] > kept["k"]
+
+
+def test_class_folders_map_to_imagenet_indices(tmp_path):
+    from PIL import Image
+
+    from analysis.taylor import imagenet_class_index, labelled_folder, split_batches
+
+    assert imagenet_class_index("207") == imagenet_class_index("golden_retriever") == 207
+    assert imagenet_class_index("n01443537") == imagenet_class_index("Goldfish") == 1
+    with pytest.raises(ValueError, match="not an ImageNet class"):
+        imagenet_class_index("teapots_i_like")
+    for cls in ("1", "golden retriever"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (20, 20)).save(tmp_path / cls / "x.png")
+    Image.new("RGB", (20, 20)).save(tmp_path / "loose.png")
+    found, labels, messages = labelled_folder(tmp_path)
+    assert labels == [1, 207] and len(found) == 2
+    assert any("loose.png" in m for m in messages)
+    chunks = split_batches(torch.zeros(5, 3, 4, 4), torch.arange(5), 2)
+    assert [len(x) for x, _ in chunks] == [2, 2, 1] and chunks[2][1].tolist() == [4]

@@ -1,0 +1,155 @@
+"""Channel importance: first-order Taylor scores per Q/K/V head, projection, FFN hidden and embedding channel."""
+from __future__ import annotations
+
+import hashlib
+
+import streamlit as st
+import torch
+
+from analysis.images import imagenet_label, to_batch
+from analysis.taylor import (
+    NORMALIZATIONS,
+    activation_importance,
+    budget_keep_fraction,
+    combined_table,
+    component_importance_figure,
+    fraction_kept_figure,
+    head_importance_figure,
+    labelled_folder,
+    rank_agreement,
+    split_batches,
+    taylor_importance,
+    taylor_vs_activation_figure,
+)
+from models.registry import CGA, MHSA, list_models
+from pages._ui import (
+    cached_model,
+    current_device,
+    download_df,
+    image_picker,
+    random_weights_toggle,
+    show_weights_banner,
+)
+
+BATCH_SIZE = 8
+RESULTS_KEY = "ci_results"
+SELF, CLASS, FOLDER = "Model's own top-1 (pseudo-label)", "One ImageNet class for all images", "Folder labels"
+NORMALIZATION_HELP = {
+    "block": "divide by the mean of all prunable channels in the same block (default)",
+    "layer": "divide by the mean of the (block, component) group: Molchanov's per-layer normalisation",
+    "l2": "divide by the L2 norm of the (block, component) group (Molchanov et al. 2017)",
+    "none": "raw |sum w * dL/dw|",
+}
+
+st.title("Channel importance (first-order Taylor)")
+st.markdown(
+    "EfficientViT sized its widths with **Taylor importance** |Σ w·∂L/∂w| per channel (Molchanov et al. 2019) and "
+    "found that **V and the embedding deserve width while Q/K and the FFN hidden ratio can shrink**. Here every "
+    "prunable channel is scored on your images: Q, K, V per head, the attention projection, the FFN hidden layer, "
+    "the embedding (and EfficientViT's depthwise convolutions). A global budget then keeps the most important "
+    "channels across the whole network, and the chart shows which components keep their width."
+)
+
+left, right = st.columns(2)
+with left:
+    name = st.selectbox("Model", list_models(MHSA) + list_models(CGA), key="ci_model")
+    random_weights = random_weights_toggle("ci_random")
+    source = st.radio("Images", ["Sample photos / upload", "Folder with class sub-folders"], key="ci_source",
+                      horizontal=True)
+with right:
+    folder_labels = source == "Folder with class sub-folders"
+    if folder_labels:
+        folder = st.text_input("Folder path", key="ci_folder",
+                               help="<folder>/<class>/<image>; a class sub-folder is named by ImageNet index "
+                                    "(207), WordNet id (n02099601) or class name (golden retriever).")
+        limit = st.slider("Images to use at most", 1, 256, 32, key="ci_limit")
+        label_modes = [FOLDER, SELF]
+    else:
+        images = image_picker("ci_images", multiple=True)
+        label_modes = [SELF, CLASS]
+    # One widget per input source, so that a folder starts with its own labels selected.
+    label_mode = st.radio("Loss target (cross-entropy against)", label_modes,
+                          key="ci_labels_folder" if folder_labels else "ci_labels_images")
+    picked_class = None
+    if label_mode == CLASS:
+        picked_class = st.selectbox("ImageNet class", range(1000), index=207, key="ci_class",
+                                    format_func=lambda i: f"{i}: {imagenet_label(i)}")
+
+loaded = cached_model(name, random_weights)
+if loaded is None:
+    st.stop()
+show_weights_banner(loaded)
+note = "(RANDOM weights)" if loaded.weights.is_random else ""
+
+labels = None
+if folder_labels:
+    if not folder:
+        st.info("Enter a folder path whose sub-folders are ImageNet classes.")
+        st.stop()
+    try:
+        images, folder_label_list, messages = labelled_folder(folder, limit)
+    except ValueError as exc:
+        st.error(str(exc))
+        st.stop()
+    for message in messages[:10]:
+        st.caption(message)
+    if not images:
+        st.error(f"No readable images inside class sub-folders of {folder}.")
+        st.stop()
+    if label_mode == FOLDER:
+        labels = torch.tensor(folder_label_list)
+elif picked_class is not None:
+    labels = torch.full((len(images),), picked_class)
+
+batch = to_batch(images, loaded.transform)
+loss_target = "self" if labels is None else "labels"
+digest = hashlib.sha256(batch.numpy().tobytes() + (b"" if labels is None else labels.numpy().tobytes())).hexdigest()
+key = (name, loaded.weights.description, current_device(), loss_target, digest)
+
+results = st.session_state.setdefault(RESULTS_KEY, {})
+if key not in results:
+    batches = split_batches(batch, labels, BATCH_SIZE)
+    with st.status(f"Scoring channels on {len(images)} image(s) ...", expanded=False) as status:
+        bar = st.progress(0.0, text="Taylor: gradients per batch")
+        taylor = taylor_importance(loaded.model, batches, loss_target,
+                                   progress=lambda done, total: bar.progress(done / (2 * total)), model_name=name)
+        bar.progress(0.5, text="captum: grad x activation per batch")
+        activation = activation_importance(loaded.model, batches, loss_target, model_name=name,
+                                           progress=lambda done, total: bar.progress(0.5 + done / (2 * total)))
+        status.update(label=f"Scored {len(taylor)} channels on {len(images)} image(s).", state="complete")
+    results.clear()  # keep one result per session: score tables of big models are not small
+    results[key] = (taylor, activation)
+taylor, activation = results[key]
+
+c1, c2 = st.columns(2)
+keep_fraction = c1.slider("Global budget: fraction of channels kept", 0.05, 0.95, 0.5, 0.05, key="ci_budget")
+normalize = c2.selectbox("Normalisation before the global ranking", NORMALIZATIONS, key="ci_norm",
+                         format_func=lambda n: f"{n}: {NORMALIZATION_HELP[n]}")
+
+target_text = {"self": "the model's own top-1", "labels": "the given labels"}[loss_target]
+st.header(f"Which components keep their width {note}".strip())
+st.caption(f"{len(taylor)} channels scored on {taylor.num_images} image(s), loss: cross-entropy against {target_text}.")
+summary = taylor.component_summary(keep_fraction, normalize)
+st.dataframe(summary, hide_index=True)
+kept = summary.set_index("component")["fraction_kept"]
+st.markdown(f"With {keep_fraction:.0%} of all channels kept: "
+            + ", ".join(f"**{c}** keeps {kept[c]:.0%}" for c in kept.index) + ".")
+budget = budget_keep_fraction(taylor, keep_fraction, normalize)
+st.plotly_chart(fraction_kept_figure(budget, keep_fraction, name, note), key="ci_fig_kept")
+st.plotly_chart(component_importance_figure(taylor, normalize, note), key="ci_fig_components")
+
+st.header(f"Per head {note}".strip())
+st.plotly_chart(head_importance_figure(taylor, normalize, note), key="ci_fig_heads")
+
+st.header(f"Taylor (weights) vs activation (captum) {note}".strip())
+st.markdown("captum's `LayerGradientXActivation` on the same layers, summed over images and tokens per channel. "
+            "For a Linear layer both scores are equal by construction; they differ for the embedding "
+            "(cls/position parameters) and for conv + BatchNorm layers.")
+st.plotly_chart(taylor_vs_activation_figure(taylor, activation, normalize, note), key="ci_fig_scatter")
+st.dataframe(rank_agreement(taylor, activation), hide_index=True)
+
+st.header("Downloads")
+suffix = "_random" if loaded.weights.is_random else ""
+download_df(combined_table(taylor, activation, normalize), f"channel_importance_{name}{suffix}.csv",
+            "Download every channel's scores (CSV)")
+download_df(budget, f"fraction_kept_{name}{suffix}.csv", "Download fraction kept per block (CSV)")

@@ -1,0 +1,88 @@
+"""The channel-importance page: real DeiT-Tiny on the sample photos, and a random EfficientViT on a labelled folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "channel_importance.py")
+DOWNLOADS = ["Download every channel's scores (CSV)", "Download fraction kept per block (CSV)"]
+
+
+@pytest.fixture
+def weights_folder(monkeypatch, tmp_path):
+    def use(folder: Path) -> None:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(folder))
+    return use
+
+
+@pytest.mark.shared
+def test_real_deit_tiny_on_sample_photos(shared_dir, weights_folder):
+    weights_folder(shared_dir / "weights")
+    app = AppTest.from_file(PAGE, default_timeout=180).run()
+    assert not app.exception, app.exception
+    assert not app.error
+    assert app.selectbox(key="ci_model").value == "deit_tiny_patch16_224"
+    assert [h.value for h in app.header] == ["Which components keep their width", "Per head",
+                                            "Taylor (weights) vs activation (captum)", "Downloads"]
+    summary = app.dataframe[0].value
+    assert list(summary["component"]) == ["embed", "q", "k", "v", "proj", "ffn_hidden"]
+    assert summary["channels"].sum() == 192 + 12 * (3 * 192 + 192 + 768)
+    assert len(app.get("plotly_chart")) == 4
+    agreement = app.dataframe[1].value.set_index("component")
+    assert agreement.loc["v", "spearman"] > 0.999  # Linear layers: both variants are equal
+    assert [b.proto.label for b in app.get("download_button")] == DOWNLOADS
+
+    scores_before = dict(app.session_state["ci_results"])
+    assert len(scores_before) == 1 and next(iter(scores_before))[3] == "self"
+    app.slider(key="ci_budget").set_value(0.3).run()  # the budget re-ranks; it does not rescore
+    assert not app.exception, app.exception
+    assert all(app.session_state["ci_results"][k] is v for k, v in scores_before.items())
+    assert any(m.value.startswith("With 30% of all channels kept: **embed** keeps") for m in app.markdown)
+
+    app.radio(key="ci_labels_images").set_value("One ImageNet class for all images").run()
+    assert not app.exception, app.exception
+    assert [k[3] for k in app.session_state["ci_results"]] == ["labels"]  # another loss: scored again
+    assert any("against the given labels" in c.value for c in app.caption)
+
+
+def _write_class_folder(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for cls in ("207", "n01443537"):
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / cls / "a.png")
+    Image.new("RGB", (32, 32)).save(root / "loose.png")  # not inside a class sub-folder
+    (root / "207" / "broken.png").write_bytes(b"not an image")
+
+
+def test_random_efficientvit_on_a_labelled_folder(tmp_path, weights_folder):
+    weights_folder(tmp_path / "no_weights")
+    data = tmp_path / "data"
+    _write_class_folder(data)
+    app = AppTest.from_file(PAGE, default_timeout=180).run()
+    app.selectbox(key="ci_model").select("efficientvit_m0").run()
+    assert app.error and not app.header  # no weights anywhere: explained, nothing computed
+
+    app.checkbox(key="ci_random").check()
+    app.radio(key="ci_source").set_value("Folder with class sub-folders").run()
+    assert not app.exception, app.exception
+    app.text_input(key="ci_folder").input(str(data)).run()
+    assert not app.exception, app.exception
+    assert app.radio(key="ci_labels_folder").value == "Folder labels"
+    assert any("RANDOM" in w.value for w in app.warning)
+    assert all(h.value.endswith("(RANDOM weights)") for h in app.header[:-1])
+    assert any("against the given labels" in c.value for c in app.caption)
+    assert any("loose.png: not inside a class sub-folder" in c.value for c in app.caption)
+    assert any("broken.png: not a readable image" in c.value for c in app.caption)
+    components = list(app.dataframe[0].value["component"])
+    assert components == ["embed", "q", "k", "v", "q_dw", "proj", "ffn_hidden", "dw"]
+
+    (data / "not_a_class").mkdir()
+    Image.new("RGB", (32, 32)).save(data / "not_a_class" / "b.png")
+    app.run()
+    assert not app.exception, app.exception
+    assert any("not an ImageNet class" in e.value for e in app.error)
