@@ -106,8 +106,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def benchmark(runners: Sequence[Runner], settings: BenchSettings, baseline: str | None = None,
-              progress: Callable[[str, float], None] | None = None) -> list[ThroughputRow]:
-    """Time every runner in interleaved rounds; img/s is the median over rounds. Raises on out-of-memory."""
+              progress: Callable[[str, float], None] | None = None,
+              on_measure: Callable[[str, int, int, float], None] | None = None) -> list[ThroughputRow]:
+    """Time every runner in interleaved rounds; img/s is the median over rounds. Raises on out-of-memory.
+
+    ``on_measure(model, batch, round, img_per_s)`` sees each round as it finishes (for live charts).
+    """
     if baseline is not None and baseline not in {r.name for r in runners}:
         raise ValueError(f"baseline {baseline!r} is not among the models {[r.name for r in runners]}")
     inputs = {r.name: r.make_inputs(settings.batch) for r in runners}
@@ -126,6 +130,8 @@ def benchmark(runners: Sequence[Runner], settings: BenchSettings, baseline: str 
         for r in runners:
             seconds = _time_iters(r, inputs[r.name], settings.iters, settings)
             per_round[r.name].append(settings.batch * settings.iters / seconds)
+            if on_measure:
+                on_measure(r.name, settings.batch, round_index, per_round[r.name][-1])
             done += 1
             if progress:
                 progress(f"round {round_index + 1}/{settings.rounds}: {r.name}", done / steps)
@@ -156,7 +162,7 @@ def add_speedups(rows: list[ThroughputRow], baseline: str, per_round: dict[str, 
 
 def sweep(runners: Sequence[Runner], settings: BenchSettings, batches: Sequence[int], baseline: str | None = None,
           progress: Callable[[str, float], None] | None = None,
-          on_rows: Callable[[list[ThroughputRow]], None] | None = None) -> tuple[list[ThroughputRow], list[str]]:
+          on_measure: Callable[[str, int, int, float], None] | None = None) -> tuple[list[ThroughputRow], list[str]]:
     """Benchmark at each batch size; on out-of-memory, retry at half the batch and stop going larger.
 
     Returns the rows and notes saying what was backed off.
@@ -168,7 +174,8 @@ def sweep(runners: Sequence[Runner], settings: BenchSettings, batches: Sequence[
         current, step = batch, []
         while current > largest_done:
             try:
-                step = benchmark(runners, _with_batch(settings, current), baseline=baseline, progress=progress)
+                step = benchmark(runners, _with_batch(settings, current), baseline=baseline, progress=progress,
+                                 on_measure=on_measure)
                 break
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled; the rest propagates
                 if not is_out_of_memory(exc):
@@ -179,8 +186,6 @@ def sweep(runners: Sequence[Runner], settings: BenchSettings, batches: Sequence[
         for row in step:
             row.note = f"asked for batch {batch}" if current != batch else ""
         rows.extend(step)
-        if step and on_rows:
-            on_rows(step)
         if current != batch:
             notes.append(f"stopped the sweep at batch {batch}: it does not fit"
                          + (f"; batch {current} was measured instead." if step else "."))

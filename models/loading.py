@@ -31,14 +31,14 @@ class LoadedModel:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def _factory(spec: ModelSpec) -> Callable[..., nn.Module]:
-    module_name, func_name = spec.factory.split(":")
+def _import(target: str) -> Callable:
+    module_name, func_name = target.split(":")
     return getattr(importlib.import_module(module_name), func_name)
 
 
 def build_random(spec: ModelSpec) -> nn.Module:
     if spec.factory:
-        return _factory(spec)(**spec.factory_kwargs)
+        return _import(spec.factory)(**spec.factory_kwargs)
     import timm
 
     return timm.create_model(spec.timm_id, pretrained=False)
@@ -56,7 +56,10 @@ def _timm_filter(model: nn.Module, state_dict: dict) -> dict:
         return state_dict
 
 
-def load_file_into(model: nn.Module, path: str | Path) -> None:
+def load_file_into(model: nn.Module, path: str | Path, spec: ModelSpec | None = None) -> None:
+    if spec is not None and spec.load_fn:
+        _import(spec.load_fn)(model, path)
+        return
     state_dict = read_state_dict(path)
     load_strict(model, _timm_filter(model, state_dict), source=Path(path).name)
 
@@ -79,11 +82,11 @@ def build_with_weights(spec: ModelSpec, source: W.WeightsSource) -> nn.Module:
         return build_random(spec)
     if source.kind == W.LOCAL:
         model = build_random(spec)
-        load_file_into(model, source.location)
+        load_file_into(model, source.location, spec)
         return model
     if source.kind == W.URL:
         model = build_random(spec)
-        load_file_into(model, _download_release(spec))
+        load_file_into(model, _download_release(spec), spec)
         return model
     import timm
 

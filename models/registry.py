@@ -28,6 +28,8 @@ class ModelSpec:
     factory: str | None = None
     factory_kwargs: dict = field(default_factory=dict)
     url: str | None = None
+    # "module:function(model, path)" loading a checkpoint file; default: timm's converter + strict load.
+    load_fn: str | None = None
     input_size: int = 224
 
     @property
@@ -67,6 +69,16 @@ for _i, (_top1, _img_s) in enumerate([(63.2, 27644), (68.4, 20093), (70.8, 18218
 
 register(ModelSpec("mobilenetv3_large_100", CNN, "mobilenetv3_large_100", "ra_in1k", top1=75.2,
                    paper_img_s=7560.0, reference="EfficientViT (CVPR 2023) Table 2, V100"))
+
+
+_DYNAMICVIT_REF = "DynamicViT (NeurIPS 2021), rho = 0.7"
+for _name, _top1 in [("dynamicvit_deit_256_patch16_224", 76.53), ("dynamicvit_deit_small_patch16_224", 79.32),
+                     ("dynamicvit_deit_base_patch16_224", 81.43)]:
+    from .dynamicvit import DYNAMICVIT_ARCHS as _ARCHS  # noqa: E402 - kept next to its only use
+
+    register(ModelSpec(_name, DYNAMICVIT, top1=_top1, reference=_DYNAMICVIT_REF,
+                       factory="models.dynamicvit:build_dynamicvit", factory_kwargs={"arch": _name},
+                       url=_ARCHS[_name].url, load_fn="models.dynamicvit:load_official_checkpoint"))
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -5,6 +5,7 @@ forward its settings select. The settings are forward-call arguments; the model 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -53,8 +54,27 @@ def _plain(loaded: LoadedModel, settings: dict) -> Callable:
     return loaded.model
 
 
+def _tome(loaded: LoadedModel, settings: dict) -> Callable:
+    from .tome import tome_forward
+
+    r = settings["tome"]
+    proportional = settings.get("prop_attn", True)
+    return functools.partial(tome_forward, loaded.model, r=r if isinstance(r, int) else str(r),
+                             proportional_attention=proportional)
+
+
+def _dynamicvit(loaded: LoadedModel, settings: dict) -> Callable:
+    from .dynamicvit import DynamicViT, dynamicvit_forward
+
+    if not isinstance(loaded.model, DynamicViT):
+        raise ValueError(f"rho= needs a DynamicViT model (dynamicvit_*), not {loaded.name}.")
+    return functools.partial(dynamicvit_forward, loaded.model, keep_ratio=float(settings["rho"]))
+
+
 FORWARDS: dict[str, tuple[Callable[[LoadedModel, dict], Callable], set[str]]] = {
     "plain": (_plain, set()),
+    "tome": (_tome, {"tome", "prop_attn"}),
+    "dynamicvit": (_dynamicvit, {"rho"}),
 }
 
 
@@ -78,25 +98,64 @@ def forward_for(loaded: LoadedModel, variant: Variant) -> Callable:
     return builder(loaded, variant.settings)
 
 
+def _is_channels_last(model: torch.nn.Module) -> bool:
+    weight = next((p for p in model.parameters() if p.dim() == 4), None)
+    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
 def image_inputs(loaded: LoadedModel) -> Callable[[int], torch.Tensor]:
     channels, height, width = loaded.data_config["input_size"]
 
+    memory_format = torch.channels_last if _is_channels_last(loaded.model) else torch.contiguous_format
+
     def make(batch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
-        return torch.randn(batch, channels, height, width, generator=generator).to(loaded.device)
+        x = torch.randn(batch, channels, height, width, generator=generator).to(loaded.device)
+        return x.contiguous(memory_format=memory_format)
 
     return make
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """Deployment-style changes applied to a private copy of the model before timing."""
+    channels_last: bool = False
+    fuse_bn: bool = False  # fold BatchNorm into convolutions (EfficientViT, MobileNetV3)
+    compile: bool = False  # torch.compile
+
+    @property
+    def any(self) -> bool:
+        return self.channels_last or self.fuse_bn or self.compile
+
+
+def prepared(loaded: LoadedModel, options: ModelOptions) -> LoadedModel:
+    """A LoadedModel whose model is a transformed deep copy; the shared cached model is never touched."""
+    if not options.any:
+        return loaded
+    import copy
+    import dataclasses
+
+    model = copy.deepcopy(loaded.model)
+    if options.fuse_bn:
+        from timm.utils.model import reparameterize_model
+
+        model = reparameterize_model(model, inplace=True)
+    if options.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if options.compile:
+        model = torch.compile(model)
+    return dataclasses.replace(loaded, model=model)
+
+
 def make_runner(text: str, device: str = "cpu", random_weights: bool = False,
-                loaded: LoadedModel | None = None):
+                loaded: LoadedModel | None = None, options: ModelOptions = ModelOptions()):
     """A throughput Runner for a variant name; loads the model unless one is given."""
     from analysis.throughput import Runner
 
     variant = parse_variant(text)
     method = method_of(variant)
-    loaded = loaded or load_model(variant.model, device=device, random_weights=random_weights)
+    loaded = prepared(loaded or load_model(variant.model, device=device, random_weights=random_weights), options)
     forward = forward_for(loaded, variant)
     make_inputs = getattr(forward, "make_inputs", None) or image_inputs(loaded)
     return Runner(name=variant.label, forward=forward, make_inputs=make_inputs, params=loaded.num_params,
-                  weights=loaded.weights.description if method else "")
+                  weights=loaded.weights.description)

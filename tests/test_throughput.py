@@ -90,6 +90,6 @@ def test_cli_refuses_unknown_names_clearly(capsys):
 
 
 def test_variant_names():
-    v = parse_variant("deit_small_patch16_224@tome_r=13,prop_attn=off")
-    assert v.model == "deit_small_patch16_224" and v.settings == {"tome_r": 13, "prop_attn": False}
-    assert v.label == "deit_small_patch16_224@tome_r=13,prop_attn=False"
+    v = parse_variant("deit_small_patch16_224@tome=13,prop_attn=off")
+    assert v.model == "deit_small_patch16_224" and v.settings == {"tome": 13, "prop_attn": False}
+    assert v.label == "deit_small_patch16_224@tome=13,prop_attn=False"

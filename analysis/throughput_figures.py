@@ -1,0 +1,99 @@
+"""Charts and reference tables for throughput results, and the papers' claims to set beside them."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+from analysis.throughput import ThroughputRow, rows_to_dataframe
+from models.registry import REGISTRY
+
+
+@dataclass(frozen=True)
+class SpeedupClaim:
+    model: str  # regular expression over variant labels
+    baseline: str
+    speedup: str
+    hardware: str
+    source: str
+
+
+CLAIMS = [
+    SpeedupClaim(r"deit_small_patch16_224@tome=13(,|$)", "deit_small_patch16_224", "1.64x (953 -> 1564 img/s, ViT-S/16)",
+                 "V100, off the shelf", "ToMe (ICLR 2023)"),
+    SpeedupClaim(r"dynamicvit_deit_small_patch16_224@rho=0\.7$", "deit_small_patch16_224", "1.43-1.54x",
+                 "GPU", "DynamicViT (NeurIPS 2021)"),
+    SpeedupClaim(r"dynamicvit_deit_small_patch16_224@rho=0\.7$", "dynamicvit_deit_small_patch16_224", "1.43-1.54x",
+                 "GPU", "DynamicViT (NeurIPS 2021)"),
+    SpeedupClaim(r"vilt_b32_vqa@pumer", "vilt_b32_vqa", "1.7-2.0x, 35-51 % less memory", "GPU", "PuMer (ACL 2023)"),
+    SpeedupClaim(r"efficientvit_m5$", "mobilenetv3_large_100", "1.40x GPU / 1.45x CPU", "V100 / Xeon CPU",
+                 "EfficientViT (CVPR 2023)"),
+]
+
+
+def _base_name(label: str) -> str:
+    return label.split("@", 1)[0]
+
+
+def claimed_speedup(model: str, baseline: str) -> tuple[str, str]:
+    """(claim, source with hardware) for a model/baseline pair, or the ratio of published V100 throughputs."""
+    for claim in CLAIMS:
+        if claim.baseline == baseline and re.search(claim.model, model):
+            return claim.speedup, f"{claim.source}, {claim.hardware}"
+    ours, base = REGISTRY.get(model), REGISTRY.get(baseline)
+    if "@" not in model and ours and base and ours.paper_img_s and base.paper_img_s:
+        return f"{ours.paper_img_s / base.paper_img_s:.2f}x", "ratio of published V100 img/s"
+    return "", ""
+
+
+def results_table(rows: Sequence[ThroughputRow]) -> pd.DataFrame:
+    """Our measurements with the published top-1, V100 img/s and claimed speed-ups beside them."""
+    df = rows_to_dataframe(rows)
+    if df.empty:
+        return df
+    specs = [REGISTRY.get(_base_name(m)) for m in df["model"]]
+    df["published top-1"] = [s.top1 if s and "@" not in m else None for s, m in zip(specs, df["model"])]
+    df["paper img/s (V100)"] = [s.paper_img_s if s and "@" not in m else None for s, m in zip(specs, df["model"])]
+    df["paper source"] = [s.reference if s and s.paper_img_s and "@" not in m else "" for s, m in zip(specs, df["model"])]
+    claims = [claimed_speedup(m, b) if isinstance(b, str) else ("", "") for m, b in zip(df["model"], df["baseline"])]
+    df["claimed speed-up"] = [c for c, _ in claims]
+    df["claim source"] = [s for _, s in claims]
+    return df
+
+
+def live_figure(measurements: pd.DataFrame) -> go.Figure:
+    """img/s as rounds arrive: per model the median so far; with several batches, a line per model."""
+    if measurements.empty:
+        return go.Figure()
+    summary = measurements.groupby(["model", "batch"], as_index=False)["img_per_s"].median()
+    if summary["batch"].nunique() > 1:
+        fig = px.line(summary, x="batch", y="img_per_s", color="model", markers=True, log_x=True,
+                      labels={"img_per_s": "img/s (median of rounds)"})
+    else:
+        fig = px.bar(summary, x="model", y="img_per_s", color="model", text_auto=".1f",
+                     labels={"img_per_s": "img/s (median of rounds)"})
+        fig.update_layout(showlegend=False)
+    fig.add_trace(go.Scatter(x=measurements["batch"] if summary["batch"].nunique() > 1 else measurements["model"],
+                             y=measurements["img_per_s"], mode="markers", name="single rounds",
+                             marker=dict(color="rgba(0,0,0,0.35)", size=6)))
+    fig.update_layout(height=380, margin=dict(t=30, b=10))
+    return fig
+
+
+def accuracy_figure(table: pd.DataFrame) -> go.Figure:
+    """Measured throughput against published ImageNet top-1 (models with a published figure only)."""
+    data = table.dropna(subset=["published top-1"])
+    if data.empty:
+        return go.Figure()
+    best = data.sort_values("img_per_s").groupby("model", as_index=False).last()
+    families = [REGISTRY[_base_name(m)].family for m in best["model"]]
+    fig = px.scatter(best, x="img_per_s", y="published top-1", text="model", color=families, log_x=True,
+                     hover_data=["paper img/s (V100)", "batch", "gflops"],
+                     labels={"img_per_s": "measured img/s on this machine (best batch)", "color": "family"})
+    fig.update_traces(textposition="top center")
+    fig.update_layout(height=420, margin=dict(t=30, b=10))
+    return fig

@@ -1,0 +1,118 @@
+"""Live throughput: registry models and their token-reduction variants, timed on this machine."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+import torch
+
+from analysis.throughput import BenchSettings, PRECISIONS, benchmark, rows_to_records, sweep
+from analysis.throughput_figures import accuracy_figure, live_figure, results_table
+from models.checkpoints import CheckpointError, WeightsNotFoundError
+from models.registry import DYNAMICVIT, MHSA, REGISTRY, list_models
+from models.variants import ModelOptions, make_runner, parse_variant
+from pages._ui import cached_model, current_device, download_df, download_json
+
+st.title("Live throughput")
+st.markdown(
+    "Speed claims are made on someone else's V100. Here the models run on **this machine**, interleaved "
+    "round by round in one process so that both sides of every speed-up see the same conditions. "
+    "Timing does not depend on the weight values, so models run with random weights here."
+)
+
+device = current_device()
+col_models, col_settings = st.columns([3, 2])
+with col_models:
+    models = st.multiselect("Models", list(REGISTRY),
+                            default=["deit_tiny_patch16_224", "efficientvit_m0", "mobilenetv3_large_100"])
+    vit_models = [m for m in models if REGISTRY[m].family == MHSA]
+    dyn_models = [m for m in models if REGISTRY[m].family == DYNAMICVIT]
+    tome_rs = st.multiselect("ToMe merge r per layer (applied to the ViT/DeiT models above)",
+                             list(range(1, 25)), default=[], disabled=not vit_models)
+    rhos = st.multiselect("DynamicViT keep ratio rho (applied to the DynamicViT models above)",
+                          [0.5, 0.6, 0.7, 0.8, 0.9], default=[0.7] if dyn_models else [], disabled=not dyn_models)
+    extra = st.text_input("More variants (space separated, NAME@key=value)", "",
+                          help="e.g. deit_small_patch16_224@tome=decreasing:13  dynamicvit_deit_256_patch16_224@rho=0.6")
+variants = list(models)
+variants += [f"{m}@tome={r}" for m in vit_models for r in tome_rs]
+variants += [f"{m}@rho={rho}" for m in dyn_models for rho in rhos]
+variants += extra.split()
+with col_models:
+    baseline = st.selectbox("Baseline for speed-ups", variants or ["(none)"])
+
+with col_settings:
+    sweep_mode = st.toggle("Batch sweep", value=False)
+    if sweep_mode:
+        batches = st.multiselect("Batch sizes", [1, 2, 4, 8, 16, 32, 64, 128, 256, 512], default=[1, 8, 32])
+    else:
+        batches = [st.number_input("Batch size", 1, 1024, 8)]
+    on_gpu = device != "cpu"
+    precision = st.selectbox("Precision", list(PRECISIONS) if on_gpu else ["fp32"],
+                             help="fp16/bf16 autocast on GPU; CPU runs fp32.")
+    iters = st.number_input("Timed iterations per round", 1, 1000, 5)
+    rounds = st.number_input("Interleaved rounds (median counts)", 1, 50, 3)
+    channels_last = st.checkbox("channels_last", value=False)
+    fuse_bn = st.checkbox("Fuse BatchNorm into convolutions (EfficientViT, MobileNetV3)", value=False)
+    compile_model = st.checkbox("torch.compile (slow first run)", value=False)
+    threads = st.number_input("CPU threads", 1, max(1, torch.get_num_threads() * 4), torch.get_num_threads(),
+                              help="Process-wide: other sessions share it while this runs.")
+
+if not st.button("Run benchmark", type="primary", disabled=not variants):
+    st.info("Pick models and press **Run benchmark**. Every round's result appears in the chart as it arrives.")
+    st.stop()
+
+options = ModelOptions(channels_last=channels_last, fuse_bn=fuse_bn, compile=compile_model)
+settings = BenchSettings(batch=int(batches[0]), iters=int(iters), rounds=int(rounds),
+                         warmup=max(2, int(iters) // 2), device=device, precision=precision)
+live_chart = st.empty()
+measurements: list[dict] = []
+
+
+def on_measure(model: str, batch: int, round_index: int, img_per_s: float) -> None:
+    measurements.append({"model": model, "batch": batch, "round": round_index, "img_per_s": img_per_s})
+    live_chart.plotly_chart(live_figure(pd.DataFrame(measurements)), key=f"live-{len(measurements)}")
+
+
+previous_threads = torch.get_num_threads()
+torch.set_num_threads(int(threads))
+try:
+    with st.status("Benchmarking ...", expanded=True) as status:
+        bar = st.progress(0.0)
+        runners = []
+        for text in variants:
+            status.update(label=f"Preparing {text} ...")
+            variant = parse_variant(text)
+            loaded = cached_model(variant.model, random_weights=True)
+            if loaded is None:
+                st.stop()
+            runners.append(make_runner(text, device=device, loaded=loaded, options=options))
+
+        def progress(message: str, fraction: float) -> None:
+            bar.progress(min(fraction, 1.0), text=message)
+
+        if sweep_mode:
+            rows, notes = sweep(runners, settings, [int(b) for b in batches], baseline=baseline,
+                                progress=progress, on_measure=on_measure)
+        else:
+            rows, notes = benchmark(runners, settings, baseline=baseline, progress=progress,
+                                    on_measure=on_measure), []
+        for note in notes:
+            st.warning(note)
+        status.update(label=f"Done: {len(rows)} measurements on {device}", state="complete")
+except (KeyError, ValueError, WeightsNotFoundError, CheckpointError) as exc:
+    st.error(str(exc.args[0] if exc.args else exc))
+    st.stop()
+finally:
+    torch.set_num_threads(previous_threads)
+
+table = results_table(rows)
+st.subheader("Results")
+st.caption(f"{device}, {precision}, {rounds} interleaved rounds x {iters} iterations; speed-up = median of "
+           "per-round ratios against the baseline. GFLOPs count 2 per multiply-add (papers' 'FLOPs' are half). "
+           "Published numbers come from the papers' own hardware (named per row).")
+st.dataframe(table, hide_index=True)
+st.plotly_chart(accuracy_figure(table))
+st.caption("Throughput against published ImageNet top-1; token-reduction variants have no single published top-1 "
+           "and are left out of this chart.")
+download_df(table, "throughput.csv")
+download_json({"settings": vars(settings), "options": vars(options), "rows": rows_to_records(rows)},
+              "throughput.json")
