@@ -11,7 +11,7 @@ from torch import nn
 
 from . import weights as W
 from .checkpoints import CheckpointError, WeightsNotFoundError, load_strict, read_state_dict
-from .registry import ModelSpec, get_spec
+from .registry import VILT, ModelSpec, get_spec
 
 CACHE_DIR = Path.home() / ".cache" / "vitlab"
 
@@ -98,6 +98,20 @@ def build_with_weights(spec: ModelSpec, source: W.WeightsSource) -> nn.Module:
         ) from exc
 
 
+def _load_vilt(spec: ModelSpec, device: str, random_weights: bool, folder: Path | None) -> LoadedModel:
+    """ViLT comes as a transformers folder with its processor; the processor is the 'transform' here."""
+    from .vilt_pumer import load_vilt, vilt_b32_random
+
+    if random_weights:
+        model, processor, source = vilt_b32_random(), None, W.WeightsSource(W.RANDOM)
+    else:
+        model, processor = load_vilt(weights_dir=folder)
+        source = W.WeightsSource(*W.status(spec, folder))
+    size = spec.input_size
+    return LoadedModel(name=spec.name, spec=spec, model=model.eval().to(device), weights=source,
+                       device=str(device), data_config={"input_size": (3, size, size)}, transform=processor)
+
+
 def data_config_for(model: nn.Module) -> dict:
     import timm.data
 
@@ -112,6 +126,8 @@ def load_model(name: str, device: str = "cpu", user_file: str | Path | None = No
 
     spec = get_spec(name)
     folder = Path(weights_folder).expanduser() if weights_folder else None
+    if spec.family == VILT:
+        return _load_vilt(spec, device, random_weights, folder)
     source = W.resolve(spec, user_file=user_file, random_weights=random_weights, allow_network=allow_network,
                        folder=folder)
     model = build_with_weights(spec, source).eval().to(device)

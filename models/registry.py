@@ -81,6 +81,11 @@ for _name, _top1 in [("dynamicvit_deit_256_patch16_224", 76.53), ("dynamicvit_de
                        url=_ARCHS[_name].url, load_fn="models.dynamicvit:load_official_checkpoint"))
 
 
+# ViLT is a transformers model (a save_pretrained folder, not one file); models.vilt_pumer loads it.
+register(ModelSpec("vilt_b32_vqa", VILT, reference="ViLT (ICML 2021), VQAv2 fine-tuned; PuMer (ACL 2023)",
+                   factory="models.vilt_pumer:vilt_b32_random", input_size=384))
+
+
 def get_spec(name: str) -> ModelSpec:
     try:
         return REGISTRY[name]

@@ -24,7 +24,7 @@ class Variant:
     def label(self) -> str:
         if not self.settings:
             return self.model
-        return self.model + "@" + ",".join(f"{k}={v}" for k, v in self.settings.items())
+        return self.model + "@" + ",".join(k if v is True else f"{k}={v}" for k, v in self.settings.items())
 
 
 def _number(text: str) -> Any:
@@ -71,8 +71,44 @@ def _dynamicvit(loaded: LoadedModel, settings: dict) -> Callable:
     return functools.partial(dynamicvit_forward, loaded.model, keep_ratio=float(settings["rho"]))
 
 
+PUMER_KEYS = {"pumer": None, "prune": "prune_ratio", "image_merge": "image_merge_ratio",
+              "text_merge": "text_merge_ratio"}
+
+
+def _vilt(loaded: LoadedModel, settings: dict) -> Callable:
+    """ViLT through the explicit PuMer forward; without settings every ratio is 0, which equals model(**inputs),
+    so a ViLT vs ViLT+PuMer ratio measures the token reduction alone."""
+    from .vilt_pumer import pumer_forward
+
+    if settings:
+        kwargs = {PUMER_KEYS[k]: float(v) for k, v in settings.items() if PUMER_KEYS[k]}
+    else:
+        kwargs = dict(prune_ratio=0.0, image_merge_ratio=0.0, text_merge_ratio=0.0)
+    forward = functools.partial(pumer_forward, loaded.model, **kwargs)
+    forward.make_inputs = vilt_inputs(loaded)
+    return forward
+
+
+def vilt_inputs(loaded: LoadedModel, text_len: int = 11) -> Callable[[int], dict]:
+    """A CLS + 9 words + SEP question and a square image at the model's size, as the processor would give."""
+    config = loaded.model.config
+    size = loaded.data_config["input_size"][-1]
+
+    def make(batch: int) -> dict:
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(1000, min(config.vocab_size, 2000), (batch, text_len), generator=generator)
+        ids[:, 0], ids[:, -1] = 101 % config.vocab_size, 102 % config.vocab_size
+        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids),
+                      pixel_values=torch.randn(batch, 3, size, size, generator=generator),
+                      pixel_mask=torch.ones(batch, size, size, dtype=torch.long))
+        return {k: v.to(loaded.device) for k, v in inputs.items()}
+
+    return make
+
+
 FORWARDS: dict[str, tuple[Callable[[LoadedModel, dict], Callable], set[str]]] = {
     "plain": (_plain, set()),
+    "vilt": (_vilt, set(PUMER_KEYS)),
     "tome": (_tome, {"tome", "prop_attn"}),
     "dynamicvit": (_dynamicvit, {"rho"}),
 }
@@ -94,6 +130,12 @@ def method_of(variant: Variant) -> str:
 
 
 def forward_for(loaded: LoadedModel, variant: Variant) -> Callable:
+    from .registry import VILT
+
+    if loaded.spec.family == VILT:
+        if set(variant.settings) - set(PUMER_KEYS):
+            raise ValueError(f"ViLT takes the settings {sorted(PUMER_KEYS)}, not {sorted(variant.settings)}.")
+        return _vilt(loaded, variant.settings)
     builder, _ = FORWARDS[method_of(variant)]
     return builder(loaded, variant.settings)
 
@@ -153,7 +195,6 @@ def make_runner(text: str, device: str = "cpu", random_weights: bool = False,
     from analysis.throughput import Runner
 
     variant = parse_variant(text)
-    method = method_of(variant)
     loaded = prepared(loaded or load_model(variant.model, device=device, random_weights=random_weights), options)
     forward = forward_for(loaded, variant)
     make_inputs = getattr(forward, "make_inputs", None) or image_inputs(loaded)

@@ -150,6 +150,14 @@ def tiny_vilt(seed: int = 0):
     return model, ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
+def vilt_b32_random() -> nn.Module:
+    """The ViLT-B/32 VQA architecture (transformers' ViltConfig defaults, 3,129 answers) with random weights:
+    the released model's shape and cost, for timing without the weights."""
+    from transformers import ViltConfig, ViltForQuestionAnswering
+
+    return ViltForQuestionAnswering(ViltConfig(num_labels=3129)).eval()
+
+
 # ----------------------------------------------------------------------------------------------- records
 @dataclass
 class ReduceStep:

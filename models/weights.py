@@ -136,8 +136,27 @@ def resolve(spec: ModelSpec, user_file: str | Path | None = None, random_weights
     raise WeightsNotFoundError(missing_weights_message(spec, reason, folder))
 
 
+def _vilt_status(folder: Path | None) -> tuple[str, str]:
+    from huggingface_hub import try_to_load_from_cache
+
+    from .vilt_pumer import VILT_FOLDER_NAME, VILT_VQA_REPO
+
+    folder = folder if folder is not None else weights_dir()
+    if folder is not None and (folder / VILT_FOLDER_NAME).is_dir():
+        return LOCAL, str(folder / VILT_FOLDER_NAME)
+    if isinstance(try_to_load_from_cache(VILT_VQA_REPO, "config.json"), str):
+        return HF_CACHE, VILT_VQA_REPO
+    if host_reachable():
+        return "downloadable", VILT_VQA_REPO
+    return MISSING, f"put the folder {VILT_FOLDER_NAME}/ (save_pretrained of {VILT_VQA_REPO}) in ${WEIGHTS_DIR_ENV}"
+
+
 def status(spec: ModelSpec, folder: Path | None = None) -> tuple[str, str]:
     """(kind, detail) for the home page: local file / hf-cache / downloadable / missing. Never downloads."""
+    from .registry import VILT
+
+    if spec.family == VILT:
+        return _vilt_status(folder)
     local = local_weight_file(spec, folder)
     if local is not None:
         return LOCAL, str(local)

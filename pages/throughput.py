@@ -30,11 +30,14 @@ with col_models:
                              list(range(1, 25)), default=[], disabled=not vit_models)
     rhos = st.multiselect("DynamicViT keep ratio rho (applied to the DynamicViT models above)",
                           [0.5, 0.6, 0.7, 0.8, 0.9], default=[0.7] if dyn_models else [], disabled=not dyn_models)
+    pumer = st.checkbox("ViLT + PuMer at the paper's setting (layers 2, 5, 8; prune 0.1, merge 0.3 / 0.2)",
+                        value="vilt_b32_vqa" in models, disabled="vilt_b32_vqa" not in models)
     extra = st.text_input("More variants (space separated, NAME@key=value)", "",
                           help="e.g. deit_small_patch16_224@tome=decreasing:13  dynamicvit_deit_256_patch16_224@rho=0.6")
 variants = list(models)
 variants += [f"{m}@tome={r}" for m in vit_models for r in tome_rs]
 variants += [f"{m}@rho={rho}" for m in dyn_models for rho in rhos]
+variants += ["vilt_b32_vqa@pumer"] if pumer and "vilt_b32_vqa" in models else []
 variants += extra.split()
 with col_models:
     baseline = st.selectbox("Baseline for speed-ups", variants or ["(none)"])

@@ -93,3 +93,28 @@ def test_variant_names():
     v = parse_variant("deit_small_patch16_224@tome=13,prop_attn=off")
     assert v.model == "deit_small_patch16_224" and v.settings == {"tome": 13, "prop_attn": False}
     assert v.label == "deit_small_patch16_224@tome=13,prop_attn=False"
+
+
+def test_vilt_variants_run_the_reduced_forward():
+    from models.loading import load_model
+    from models.variants import make_runner
+
+    loaded = load_model("vilt_b32_vqa", random_weights=True)
+    plain = make_runner("vilt_b32_vqa", loaded=loaded)
+    pumer = make_runner("vilt_b32_vqa@pumer", loaded=loaded)
+    assert pumer.name == "vilt_b32_vqa@pumer"
+    inputs = plain.make_inputs(1)
+    with torch.inference_mode():
+        torch.testing.assert_close(plain.forward(inputs), loaded.model(**inputs).logits, atol=1e-4, rtol=1e-4)
+    assert T.count_flops(pumer) < 0.6 * T.count_flops(plain)
+
+
+def test_settings_of_another_method_are_refused():
+    from models.loading import load_model
+    from models.variants import make_runner
+
+    loaded = load_model("deit_tiny_patch16_224", random_weights=True)
+    with pytest.raises(ValueError, match="rho= needs a DynamicViT model"):
+        make_runner("deit_tiny_patch16_224@rho=0.7", loaded=loaded)
+    with pytest.raises(ValueError, match="match no method"):
+        make_runner("deit_tiny_patch16_224@speed=11", loaded=loaded)
