@@ -1,0 +1,418 @@
+"""DynamicViT (Rao et al., NeurIPS 2021): learned token sparsification on DeiT backbones.
+
+`DynamicViT` is a timm `VisionTransformer` plus the official score predictors, so official
+checkpoints (`{'model': state_dict}` with DeiT key names and `score_predictor.*`) load strictly and
+`model(x)` is the unpruned backbone. Pruning is done by the explicit forwards below, whose settings
+(keep ratio, Gumbel temperature, forced policies) are call arguments: a cached model is never mutated.
+
+Kept-token order: the inference forward keeps the surviving patch tokens in their *original spatial
+order* (the official code keeps them sorted by score). After the embedding there is no positional
+information, so the classifier output is the same either way; spatial order makes the per-stage
+kept indices directly readable as patch positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from models.checkpoints import CheckpointError, load_strict, read_state_dict, unwrap_state_dict
+
+DEFAULT_PRUNING_LOCATIONS = (3, 6, 9)
+POLICY_EPS = 1e-6  # the official masked-softmax epsilon
+
+
+class DynamicViTArch(NamedTuple):
+    """One official DynamicViT release: its DeiT backbone shape, download URL and reported top-1 (rho = 0.7)."""
+
+    timm_base: str | None  # timm name of the backbone; None where timm has no such DeiT (DeiT-256)
+    embed_dim: int
+    num_heads: int
+    url: str
+    top1: float
+
+
+DYNAMICVIT_ARCHS: dict[str, DynamicViTArch] = {
+    "dynamicvit_deit_256_patch16_224": DynamicViTArch(
+        None, 256, 4, "https://cloud.tsinghua.edu.cn/f/b0e1ff6af1004039855e/?dl=1", 76.53),
+    "dynamicvit_deit_small_patch16_224": DynamicViTArch(
+        "deit_small_patch16_224", 384, 6, "https://cloud.tsinghua.edu.cn/f/698896dfbcea430b9591/?dl=1", 79.32),
+    "dynamicvit_deit_base_patch16_224": DynamicViTArch(
+        "deit_base_patch16_224", 768, 12, "https://cloud.tsinghua.edu.cn/f/660f27ddb6b945a797a8/?dl=1", 81.43),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+class ScorePredictor(nn.Module):
+    """Per-token keep/drop log-probabilities from a local feature and a policy-weighted global feature.
+
+    Layer layout and indices follow the official `PredictorLG` so that checkpoint keys match.
+    """
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(embed_dim, embed_dim // 2), nn.GELU(),
+            nn.Linear(embed_dim // 2, embed_dim // 4), nn.GELU(),
+            nn.Linear(embed_dim // 4, 2), nn.LogSoftmax(dim=-1),
+        )
+
+    def forward(self, patches: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, C) patch tokens and (B, N) keep policy (None = all kept) -> (B, N, 2) log-probs, index 0 = keep."""
+        feats = self.in_conv(patches)
+        half = feats.shape[-1] // 2
+        local, to_pool = feats[..., :half], feats[..., half:]
+        if policy is None:
+            pooled = to_pool.mean(dim=1, keepdim=True)
+        else:
+            weights = policy.unsqueeze(-1).to(to_pool.dtype)
+            pooled = (to_pool * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        return self.out_conv(torch.cat([local, pooled.expand_as(local)], dim=-1))
+
+
+def _init_predictor(module: nn.Module) -> None:
+    """Official initialisation: truncated normal (std 0.02) linears with zero bias, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class DynamicViT(VisionTransformer):
+    """A timm ViT with DynamicViT score predictors before the blocks in ``pruning_locations``.
+
+    ``forward`` is inherited: ``model(x)`` runs the plain, unpruned backbone. Use
+    :func:`dynamicvit_forward` (inference) or :func:`dynamicvit_train_forward` (training) to prune.
+    """
+
+    def __init__(self, *, pruning_locations: Sequence[int] = DEFAULT_PRUNING_LOCATIONS, **vit_kwargs) -> None:
+        super().__init__(**vit_kwargs)
+        locations = tuple(int(i) for i in pruning_locations)
+        _check_architecture(self, locations)
+        self.pruning_locations = locations
+        self.score_predictor = nn.ModuleList(ScorePredictor(self.embed_dim) for _ in locations)
+        self.score_predictor.apply(_init_predictor)
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+
+def _check_architecture(model: VisionTransformer, locations: tuple[int, ...]) -> None:
+    """DynamicViT needs exactly one CLS token, token pooling and a fixed patch grid; locations must be increasing."""
+    if model.cls_token is None or model.num_prefix_tokens != 1 or model.global_pool != "token":
+        raise ValueError("DynamicViT needs a ViT with one class token, no register tokens and global_pool='token'.")
+    if getattr(model, "dynamic_img_size", False):
+        raise ValueError("DynamicViT keep counts are fixed by the patch grid; dynamic_img_size is not supported.")
+    if list(locations) != sorted(set(locations)) or not all(0 <= i < len(model.blocks) for i in locations):
+        raise ValueError(f"pruning_locations must be increasing block indices in [0, {len(model.blocks)}), "
+                         f"got {locations}.")
+
+
+def build_dynamicvit(arch: str, pruning_locations: Sequence[int] = DEFAULT_PRUNING_LOCATIONS,
+                     **timm_kwargs) -> DynamicViT:
+    """A randomly initialised DynamicViT with the shape of an official release (see ``DYNAMICVIT_ARCHS``)."""
+    if arch not in DYNAMICVIT_ARCHS:
+        raise KeyError(f"Unknown DynamicViT arch {arch!r}; known: {', '.join(DYNAMICVIT_ARCHS)}.")
+    spec = DYNAMICVIT_ARCHS[arch]
+    kwargs = dict(img_size=224, patch_size=16, embed_dim=spec.embed_dim, depth=12, num_heads=spec.num_heads,
+                  mlp_ratio=4.0, qkv_bias=True)
+    kwargs.update(timm_kwargs)
+    return DynamicViT(pruning_locations=pruning_locations, **kwargs)
+
+
+def _vit_config(vit: VisionTransformer) -> dict:
+    """The constructor arguments that rebuild ``vit``'s architecture (weights are copied separately)."""
+    block = vit.blocks[0]
+    attn = block.attn
+    return dict(
+        img_size=vit.patch_embed.img_size, patch_size=vit.patch_embed.patch_size,
+        in_chans=vit.patch_embed.proj.in_channels, num_classes=vit.num_classes,
+        embed_dim=vit.embed_dim, depth=len(vit.blocks), num_heads=attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / vit.embed_dim, qkv_bias=attn.qkv.bias is not None,
+        qk_norm=not isinstance(attn.q_norm, nn.Identity),
+        init_values=block.ls1.gamma.detach().abs().mean().item() if hasattr(block.ls1, "gamma") else None,
+        pre_norm=not isinstance(vit.norm_pre, nn.Identity), no_embed_class=vit.no_embed_class,
+        global_pool=vit.global_pool,
+    )
+
+
+def dynamicvit_from_backbone(vit: VisionTransformer,
+                             pruning_locations: Sequence[int] = DEFAULT_PRUNING_LOCATIONS) -> DynamicViT:
+    """A DynamicViT holding a copy of ``vit``'s weights and freshly initialised predictors (``vit`` is untouched)."""
+    model = DynamicViT(pruning_locations=pruning_locations, **_vit_config(vit))
+    result = model.load_state_dict(vit.state_dict(), strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("score_predictor.")]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{type(vit).__name__} is not a plain DeiT/ViT that DynamicViT can wrap: "
+            f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}.")
+    first = next(vit.parameters())
+    return model.to(device=first.device, dtype=first.dtype).train(vit.training)
+
+
+# ---------------------------------------------------------------------------------------------
+# Official checkpoints
+# ---------------------------------------------------------------------------------------------
+def _arch_with_width(embed_dim: int) -> str | None:
+    return next((name for name, spec in DYNAMICVIT_ARCHS.items() if spec.embed_dim == embed_dim), None)
+
+
+def _width_hint(model: DynamicViT, state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A sentence naming the checkpoint's model size when its embedding width differs from the model's."""
+    cls = state_dict.get("cls_token")
+    if cls is None or cls.shape[-1] == model.embed_dim:
+        return ""
+    width = int(cls.shape[-1])
+    arch = _arch_with_width(width)
+    named = f" ({arch})" if arch else ""
+    return (f" The checkpoint has embedding width {width}{named} but this model has {model.embed_dim}"
+            f" ({_arch_with_width(model.embed_dim) or 'custom'}): pick the model that matches the file.")
+
+
+def load_official_checkpoint(model: DynamicViT, path_or_state_dict: str | Path | Mapping) -> DynamicViT:
+    """Load an official DynamicViT checkpoint (file or ``{'model': sd}`` / plain state dict) strictly into ``model``.
+
+    Extra top-level entries next to ``'model'`` (e.g. our ``'vitlab'`` metadata) are ignored.
+    Raises CheckpointError listing missing, unexpected and misshapen keys.
+    """
+    if isinstance(path_or_state_dict, (str, Path)):
+        source = Path(path_or_state_dict).name
+        state_dict = read_state_dict(path_or_state_dict)
+    else:
+        source = "state dict"
+        state_dict = unwrap_state_dict(path_or_state_dict, source=source)
+    try:
+        load_strict(model, state_dict, source=source)
+    except CheckpointError as exc:
+        raise CheckpointError(str(exc) + _width_hint(model, state_dict)) from exc
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference forward: keep the top-k patches at each stage
+# ---------------------------------------------------------------------------------------------
+def keep_counts(num_patches: int, keep_ratio: float, num_stages: int) -> list[int]:
+    """Patches kept after each stage: int(N * rho**s), the official convention (196, 0.7 -> 137, 96, 67)."""
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
+    return [max(1, int(num_patches * keep_ratio ** (s + 1))) for s in range(num_stages)]
+
+
+@dataclass
+class DynamicViTTrace:
+    """What the pruned forward did, per stage, in original patch coordinates (0 .. num_patches-1). CPU tensors."""
+
+    keep_ratio: float
+    grid_size: tuple[int, int]
+    pruning_locations: tuple[int, ...]
+    kept_indices: list[torch.Tensor] = field(default_factory=list)  # (B, k_s) long, ascending
+    keep_scores: list[torch.Tensor] = field(default_factory=list)   # (B, num_patches) keep prob, NaN = already dropped
+    tokens_per_block: list[int] = field(default_factory=list)       # tokens entering each block, CLS included
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def keep_masks(self) -> list[torch.Tensor]:
+        """Per stage, a (B, num_patches) bool mask of the patches that survive that stage."""
+        masks = []
+        for kept in self.kept_indices:
+            mask = torch.zeros(kept.shape[0], self.num_patches, dtype=torch.bool)
+            masks.append(mask.scatter_(1, kept, True))
+        return masks
+
+
+def embed_tokens(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Images -> tokens entering the first block (patch embedding, CLS, position embedding), as timm does it."""
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+def classify(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens after the last block -> logits (final norm, CLS pooling, head), as timm does it."""
+    return model.forward_head(model.norm(tokens))
+
+
+def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per-image selection along the token axis: (B, N, C) and (B, k) -> (B, k, C)."""
+    return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def select_top_patches(keep_logprob: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions (into the current patch tokens) of the k highest keep scores per image, in ascending order."""
+    return keep_logprob.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def _scores_in_original_coords(keep_prob: torch.Tensor, original_index: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Scatter the current patches' keep probabilities to a (B, num_patches) map, NaN for already dropped patches."""
+    full = keep_prob.new_full((keep_prob.shape[0], num_patches), float("nan"))
+    return full.scatter_(1, original_index, keep_prob)
+
+
+def dynamicvit_forward(model: DynamicViT, x: torch.Tensor, keep_ratio: float = 0.7, return_trace: bool = False):
+    """Pruned inference: before each pruning location keep the top int(N * rho**s) patches by predicted keep score.
+
+    The CLS token always stays; blocks run unchanged (fused attention) on the surviving tokens.
+    Returns logits, or (logits, DynamicViTTrace) with ``return_trace``. keep_ratio=1.0 reproduces ``model(x)``.
+    """
+    counts = keep_counts(model.num_patches, keep_ratio, len(model.pruning_locations))
+    stage_of = {block: stage for stage, block in enumerate(model.pruning_locations)}
+    tokens = embed_tokens(model, x)
+    original_index = torch.arange(model.num_patches, device=x.device).expand(x.shape[0], -1)
+    trace = DynamicViTTrace(keep_ratio, tuple(model.patch_embed.grid_size), model.pruning_locations)
+    for i, block in enumerate(model.blocks):
+        stage = stage_of.get(i)
+        if stage is not None:
+            cls_token, patches = tokens[:, :1], tokens[:, 1:]
+            keep_logprob = model.score_predictor[stage](patches)[..., 0]
+            chosen = select_top_patches(keep_logprob, counts[stage])
+            if return_trace:
+                trace.keep_scores.append(_scores_in_original_coords(
+                    keep_logprob.exp(), original_index, model.num_patches).detach().cpu())
+            original_index = torch.gather(original_index, 1, chosen)
+            tokens = torch.cat([cls_token, gather_tokens(patches, chosen)], dim=1)
+            if return_trace:
+                trace.kept_indices.append(original_index.detach().cpu())
+        trace.tokens_per_block.append(tokens.shape[1])
+        tokens = block(tokens)
+    logits = classify(model, tokens)
+    return (logits, trace) if return_trace else logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Training forward: Gumbel-softmax masks and policy-masked attention (all tokens stay in the tensor)
+# ---------------------------------------------------------------------------------------------
+class DynamicViTTrainOutput(NamedTuple):
+    """Training forward result: logits, final patch tokens (after the final norm) and per-stage cumulative masks."""
+
+    logits: torch.Tensor              # (B, classes)
+    tokens: torch.Tensor              # (B, num_patches, C)
+    decisions: list[torch.Tensor]     # per stage (B, num_patches), 1 = kept so far
+    keep_targets: list[float]         # rho, rho^2, rho^3 ... : what the ratio loss pulls each stage towards
+
+
+def policy_softmax(logits: torch.Tensor, policy: torch.Tensor, eps: float = POLICY_EPS) -> torch.Tensor:
+    """Softmax over keys where dropped keys are masked out multiplicatively, differentiably in ``policy``.
+
+    Hand-written because SDPA has no multiplicative, differentiable key gate: G = p_j + (1 - p_j) * I
+    (a dropped query still sees the kept keys and itself), A = exp(S - max) * G, A = (A + eps/N) / (sum A + eps).
+    logits: (B, H, N, N); policy: (B, N).
+    """
+    n = logits.shape[-1]
+    keep = policy[:, None, None, :].float()
+    eye = torch.eye(n, dtype=keep.dtype, device=keep.device)
+    gate = keep + (1.0 - keep) * eye
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).float().exp() * gate
+    return ((weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)).to(logits.dtype)
+
+
+def _attention_with_policy(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """timm ``Attention`` forward with its own qkv / q_norm / k_norm / norm / proj, but a policy-masked softmax."""
+    batch, n, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    weights = attn.attn_drop(policy_softmax((q * attn.scale) @ k.transpose(-2, -1), policy))
+    out = (weights @ v).transpose(1, 2).reshape(batch, n, attn.num_heads * attn.head_dim)
+    out = attn.norm(out)
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+def _block_with_policy(block: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """timm ``Block`` forward (pre-norm residuals, layer scale, drop path) with policy-masked attention."""
+    x = x + block.drop_path1(block.ls1(_attention_with_policy(block.attn, block.norm1(x), policy)))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def _stage_decision(log_probs: torch.Tensor, previous: torch.Tensor, tau: float, hard: bool,
+                    forced: torch.Tensor | None) -> torch.Tensor:
+    """This stage's cumulative keep mask: a Gumbel-softmax sample (or a forced policy) times the previous mask."""
+    if forced is not None:
+        return forced.to(previous.dtype) * previous
+    return F.gumbel_softmax(log_probs, tau=tau, hard=hard, dim=-1)[..., 0] * previous
+
+
+def dynamicvit_train_forward(model: DynamicViT, x: torch.Tensor, tau: float = 1.0, keep_ratio: float = 0.7,
+                             hard: bool = True,
+                             policy_override: Sequence[torch.Tensor] | None = None) -> DynamicViTTrainOutput:
+    """The official training forward: all tokens stay, dropped ones are masked out of attention.
+
+    At each pruning location the predictor (global feature weighted by the current mask) gives keep/drop
+    log-probs; a Gumbel-softmax sample (straight-through when ``hard``) is multiplied into the cumulative
+    mask; every later block uses policy-masked attention. ``policy_override`` (one (B, num_patches) 0/1
+    tensor per stage) replaces the samples, e.g. to test the masking. ``keep_ratio`` only sets the
+    ``keep_targets`` returned for the loss: the forward itself does not depend on it.
+    """
+    stages = len(model.pruning_locations)
+    if policy_override is not None and len(policy_override) != stages:
+        raise ValueError(f"policy_override needs one mask per stage ({stages}), got {len(policy_override)}.")
+    stage_of = {block: stage for stage, block in enumerate(model.pruning_locations)}
+    tokens = embed_tokens(model, x)
+    keep = tokens.new_ones(x.shape[0], model.num_patches)
+    cls_keep = tokens.new_ones(x.shape[0], 1)
+    policy: torch.Tensor | None = None
+    decisions: list[torch.Tensor] = []
+    for i, block in enumerate(model.blocks):
+        stage = stage_of.get(i)
+        if stage is not None:
+            log_probs = model.score_predictor[stage](tokens[:, 1:], keep)
+            forced = None if policy_override is None else policy_override[stage]
+            keep = _stage_decision(log_probs, keep, tau, hard, forced)
+            decisions.append(keep)
+            policy = torch.cat([cls_keep, keep], dim=1)
+        tokens = block(tokens) if policy is None else _block_with_policy(block, tokens, policy)
+    tokens = model.norm(tokens)
+    logits = model.forward_head(tokens)
+    targets = [keep_ratio ** (s + 1) for s in range(stages)]
+    return DynamicViTTrainOutput(logits, tokens[:, model.num_prefix_tokens:], decisions, targets)
+
+
+def teacher_outputs(teacher: VisionTransformer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain ViT teacher's logits and final patch tokens (after the final norm), for distillation."""
+    feats = teacher.forward_features(x)
+    return teacher.forward_head(feats), feats[:, teacher.num_prefix_tokens:]
+
+
+def dynamicvit_loss(output: DynamicViTTrainOutput, labels: torch.Tensor, teacher_logits: torch.Tensor,
+                    teacher_tokens: torch.Tensor, ratio_weight: float = 2.0, distill_weight: float = 0.5,
+                    cls_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The official DynamicViT loss and its parts.
+
+    total = cls_weight * CE + ratio_weight * mean_s mean_b (keep_{b,s} - target_s)^2
+            + distill_weight * KL(teacher || student) + distill_weight * MSE(kept final tokens, teacher's)
+    The keep ratio is measured per image over all patches (official non-"dynamic" mode), then squared error
+    is averaged over the batch; the token MSE uses the tokens kept after the last stage.
+    """
+    ce = F.cross_entropy(output.logits, labels)
+    ratio = output.logits.new_zeros(())
+    for decision, target in zip(output.decisions, output.keep_targets):
+        ratio = ratio + ((decision.mean(dim=1) - target) ** 2).mean()
+    ratio = ratio / max(1, len(output.decisions))
+    kl = F.kl_div(F.log_softmax(output.logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
+                  reduction="batchmean", log_target=True)
+    kept = (output.decisions[-1] > 0.5) if output.decisions else torch.ones_like(output.tokens[..., 0], dtype=torch.bool)
+    token_mse = ((output.tokens[kept] - teacher_tokens[kept]) ** 2).mean() if kept.any() else ce.new_zeros(())
+    total = cls_weight * ce + ratio_weight * ratio + distill_weight * kl + distill_weight * token_mse
+    parts = {"ce": ce, "ratio": ratio, "kl": kl, "token_mse": token_mse}
+    return total, {name: value.detach() for name, value in parts.items()}
+
+
+def mean_keep_per_stage(output: DynamicViTTrainOutput) -> list[float]:
+    """Fraction of all patches kept after each stage, averaged over the batch."""
+    return [float(d.detach().mean()) for d in output.decisions]
