@@ -1,0 +1,259 @@
+"""Train DynamicViT score predictors on a folder of images, distilling from the frozen backbone.
+
+    python -m analysis.train_dynamicvit --backbone deit_small_patch16_224 --data FOLDER \
+        [--backbone-weights FILE.safetensors] [--keep-ratio 0.7] [--epochs N] [--steps N] [--batch N] \
+        [--lr LR] [--finetune-backbone] [--device cpu|cuda] --out ckpt.pth
+
+Labels come from class sub-folders named by an ImageNet synset id (n01440764) or a class index (0-999);
+images anywhere else are labelled with the teacher's top-1. The checkpoint is written in the official
+format, ``{'model': state_dict}``, plus a ``'vitlab'`` metadata entry that the loader ignores.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from analysis.images import ACCEPTED_TYPES, ImageError, load_image
+from models.checkpoints import CheckpointError
+from models.dynamicvit import (
+    DynamicViT,
+    dynamicvit_from_backbone,
+    dynamicvit_loss,
+    dynamicvit_train_forward,
+    mean_keep_per_stage,
+    teacher_outputs,
+)
+
+TEACHER_LABEL = -1  # marks an image whose label is the teacher's top-1
+BACKBONE_LR_SCALE = 0.01  # official recipe: the backbone learns 100x slower than the predictors
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def _imagenet_synsets() -> list[str]:
+    from timm.data import ImageNetInfo
+
+    return list(ImageNetInfo().label_names())
+
+
+def label_of_folder(name: str, synset_index: dict[str, int], num_classes: int) -> int:
+    """A class sub-folder's label: an ImageNet synset id or an integer class index; otherwise TEACHER_LABEL."""
+    if name in synset_index and synset_index[name] < num_classes:
+        return synset_index[name]
+    if name.isdigit() and int(name) < num_classes:
+        return int(name)
+    return TEACHER_LABEL
+
+
+def scan_folder(folder: str | Path, num_classes: int) -> list[tuple[Path, int]]:
+    """Every image file under ``folder`` (recursively, sorted) with its label from the nearest class folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--data {folder} is not a folder.")
+    synset_index = {s: i for i, s in enumerate(_imagenet_synsets())}
+    items = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in ACCEPTED_TYPES):
+        parent = path.parent.name if path.parent != folder else ""
+        items.append((path, label_of_folder(parent, synset_index, num_classes)))
+    return items
+
+
+class ImageFolderDataset(Dataset):
+    """(image tensor, label) per file; an unreadable file yields None and is dropped (and counted) by the collate."""
+
+    def __init__(self, items: Sequence[tuple[Path, int]], transform: Callable) -> None:
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        path, label = self.items[index]
+        try:
+            image = load_image(path).image
+        except ImageError:
+            return None
+        return self.transform(image), label
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    skipped: int  # unreadable files dropped from this batch
+
+
+def collate_readable(samples: Sequence[tuple[torch.Tensor, int] | None]) -> Batch:
+    """Stack the readable samples; count the unreadable ones (works across DataLoader workers)."""
+    good = [s for s in samples if s is not None]
+    skipped = len(samples) - len(good)
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
+    return Batch(torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good], dtype=torch.long), skipped)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and one training step
+# ---------------------------------------------------------------------------------------------
+def load_backbone(name: str, weights: str | Path | None) -> nn.Module:
+    """A timm ViT with pretrained weights: from ``weights`` if given, else timm's own pretrained source (the hub)."""
+    import timm
+
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"--backbone-weights {weights} does not exist.")
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - hub / network failures of any kind get one actionable message
+        raise RuntimeError(f"Could not fetch pretrained weights for {name} ({type(exc).__name__}: {exc}). "
+                           f"Download them and pass --backbone-weights FILE.safetensors.") from exc
+
+
+def frozen_teacher(backbone: nn.Module) -> nn.Module:
+    """A deep copy of the backbone in eval mode with gradients off: the distillation target."""
+    teacher = copy.deepcopy(backbone).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def trainable_parameter_groups(model: DynamicViT, finetune_backbone: bool, lr: float) -> list[dict]:
+    """Predictors at ``lr``; the backbone frozen, or at lr * BACKBONE_LR_SCALE when fine-tuned."""
+    predictor = list(model.score_predictor.parameters())
+    predictor_ids = {id(p) for p in predictor}
+    backbone = [p for p in model.parameters() if id(p) not in predictor_ids]
+    for p in backbone:
+        p.requires_grad_(finetune_backbone)
+    groups = [{"params": predictor, "lr": lr}]
+    if finetune_backbone:
+        groups.append({"params": backbone, "lr": lr * BACKBONE_LR_SCALE})
+    return groups
+
+
+def train_step(model: DynamicViT, teacher: nn.Module, batch: torch.Tensor, labels: torch.Tensor,
+               optimizer: torch.optim.Optimizer, keep_ratio: float, tau: float = 1.0) -> dict[str, float]:
+    """One optimisation step of the DynamicViT loss; TEACHER_LABEL entries take the teacher's top-1.
+
+    Returns the loss parts as floats and the mean kept fraction per stage (``keep_0``, ``keep_1``, ...).
+    """
+    with torch.no_grad():
+        teacher_logits, teacher_tokens = teacher_outputs(teacher, batch)
+    labels = torch.where(labels == TEACHER_LABEL, teacher_logits.argmax(dim=-1), labels)
+    output = dynamicvit_train_forward(model, batch, tau=tau, keep_ratio=keep_ratio)
+    total, parts = dynamicvit_loss(output, labels, teacher_logits, teacher_tokens)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    stats = {"loss": float(total.detach()), **{k: float(v) for k, v in parts.items()}}
+    stats.update({f"keep_{s}": v for s, v in enumerate(mean_keep_per_stage(output))})
+    return stats
+
+
+def format_step(step: int, total_steps: int | None, stats: dict[str, float]) -> str:
+    """One progress line: loss, its parts and the mean keep ratio per stage."""
+    keeps = "/".join(f"{v:.3f}" for k, v in stats.items() if k.startswith("keep_"))
+    of = f"/{total_steps}" if total_steps else ""
+    return (f"step {step}{of}  loss {stats['loss']:.4f}  (ce {stats['ce']:.4f}  ratio {stats['ratio']:.4f}  "
+            f"kl {stats['kl']:.4f}  token {stats['token_mse']:.4f})  keep {keeps}")
+
+
+def save_checkpoint(model: DynamicViT, path: str | Path, metadata: dict) -> Path:
+    """Write ``{'model': state_dict, 'vitlab': metadata}`` (official layout; plain types, so weights_only loads it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"model": state, "vitlab": metadata}, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m analysis.train_dynamicvit", description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", default="deit_small_patch16_224", help="timm DeiT/ViT name")
+    parser.add_argument("--data", required=True, help="folder of images (recursive; class sub-folders optional)")
+    parser.add_argument("--backbone-weights", default=None, help="local .safetensors/.pth weights of the backbone")
+    parser.add_argument("--keep-ratio", type=float, default=0.7, help="rho: stages keep rho, rho^2, rho^3")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=None, help="stop after this many steps in total")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3, help="predictor learning rate (backbone: lr * 0.01)")
+    parser.add_argument("--tau", type=float, default=1.0, help="Gumbel-softmax temperature")
+    parser.add_argument("--finetune-backbone", action="store_true", help="also train the backbone")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="checkpoint to write (.pth)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Train as ``args`` say and write the checkpoint; returns its path."""
+    import timm.data
+
+    torch.manual_seed(args.seed)
+    if not 0.0 < args.keep_ratio <= 1.0:
+        raise ValueError(f"--keep-ratio must be in (0, 1], got {args.keep_ratio}.")
+    device = torch.device(args.device)
+    backbone = load_backbone(args.backbone, args.backbone_weights)
+    teacher = frozen_teacher(backbone).to(device)
+    model = dynamicvit_from_backbone(backbone).to(device).train()
+    optimizer = torch.optim.AdamW(trainable_parameter_groups(model, args.finetune_backbone, args.lr), weight_decay=0.05)
+
+    # The model's own input size wins over its pretrained config (a backbone built at another img_size).
+    data_config = timm.data.resolve_data_config({"input_size": (3, *model.patch_embed.img_size)}, model=backbone)
+    items = scan_folder(args.data, model.num_classes)
+    if not items:
+        raise FileNotFoundError(f"No images ({', '.join(ACCEPTED_TYPES)}) under {args.data}.")
+    labelled = sum(label != TEACHER_LABEL for _, label in items)
+    print(f"{len(items)} images: {labelled} labelled by class folder, {len(items) - labelled} by the teacher's top-1")
+    dataset = ImageFolderDataset(items, timm.data.create_transform(**data_config, is_training=True))
+    loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=args.workers,
+                        collate_fn=collate_readable, drop_last=False)
+
+    step, skipped = 0, 0
+    for _ in range(args.epochs):
+        for batch in loader:
+            skipped += batch.skipped
+            if batch.images.numel() == 0:
+                continue
+            stats = train_step(model, teacher, batch.images.to(device), batch.labels.to(device), optimizer,
+                               args.keep_ratio, tau=args.tau)
+            step += 1
+            print(format_step(step, args.steps, stats), flush=True)
+            if args.steps is not None and step >= args.steps:
+                break
+        if args.steps is not None and step >= args.steps:
+            break
+    if skipped:
+        print(f"skipped {skipped} unreadable image(s)")
+    metadata = {"backbone": args.backbone, "keep_ratio": float(args.keep_ratio), "steps": step,
+                "pruning_locations": list(model.pruning_locations), "finetune_backbone": bool(args.finetune_backbone)}
+    path = save_checkpoint(model, args.out, metadata)
+    print(f"wrote {path} after {step} steps")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError, RuntimeError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
