@@ -258,18 +258,27 @@ def _model_name(model: nn.Module, name: str | None) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
-def private_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode with no grads, so the shared (cached) model is never touched.
+def _read_only_alias(t: torch.Tensor) -> torch.Tensor:
+    """The same storage without autograd history (a copy only for inference tensors, which autograd refuses)."""
+    return t.clone() if t.is_inference() else t.detach()
 
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A structural deep copy in eval mode whose parameters and buffers alias the original's storage.
+
+    The copy has its own Parameter objects (own ``requires_grad`` and ``.grad``), modules, training
+    flags and hooks, so the shared (cached) model is never touched; nothing here writes to parameter
+    or buffer values, so sharing their storage is safe and saves copying every weight per call.
     EfficientViT keeps a per-device attention-bias cache on its attention modules; the copy starts
     with an empty one (the original's entry may be an inference-mode tensor).
     """
-    memo = {id(m.attention_bias_cache): {} for m in model.modules()
-            if isinstance(getattr(m, "attention_bias_cache", None), dict)}
-    work = copy.deepcopy(model, memo).eval()
-    for p in work.parameters():
-        p.grad = None
-    return work
+    memo: dict[int, object] = {id(m.attention_bias_cache): {} for m in model.modules()
+                               if isinstance(getattr(m, "attention_bias_cache", None), dict)}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(_read_only_alias(p), requires_grad=False)
+    for b in model.buffers():
+        memo[id(b)] = _read_only_alias(b)
+    return copy.deepcopy(model, memo).eval()
 
 
 def _clear_attention_bias_caches(model: nn.Module) -> None:
