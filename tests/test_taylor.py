@@ -283,3 +283,23 @@ def test_class_folders_map_to_imagenet_indices(tmp_path):
     assert any("loose.png" in m for m in messages)
     chunks = split_batches(torch.zeros(5, 3, 4, 4), torch.arange(5), 2)
     assert [len(x) for x, _ in chunks] == [2, 2, 1] and chunks[2][1].tolist() == [4]
+
+
+def test_two_threads_on_one_model_match_sequential_runs():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, x = tiny_vit(), images(2)
+    settings = [dict(loss_target="self"), dict(loss_target="labels")]
+    jobs = [lambda s=s: taylor_importance(model, [(x, torch.tensor([3, 4]))], **s).score for s in settings]
+    with ThreadPoolExecutor(2) as pool:
+        parallel = list(pool.map(lambda job: job(), jobs))
+    for job, got in zip(jobs, parallel):
+        np.testing.assert_allclose(got, job(), rtol=1e-5, atol=1e-10)
+    assert not np.allclose(parallel[0], parallel[1])
+
+
+def test_benchmark_reports_a_positive_ratio():
+    from analysis.bench_taylor import time_taylor_vs_forward
+
+    timing = time_taylor_vs_forward(tiny_vit(), images(2), repeats=1, name="tiny")
+    assert timing.forward_s > 0 and timing.taylor_s > 0 and timing.ratio > 1.0
