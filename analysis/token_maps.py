@@ -213,7 +213,7 @@ def keep_score_figure(trace: DynamicViTTrace, image: int, title: str = "DynamicV
         )
         figure.update_yaxes(autorange="reversed", scaleanchor=f"x{stage + 1 if stage else ''}", showticklabels=False,
                             row=1, col=stage + 1)
-        figure.update_xaxes(showticklabels=False, row=1, col=stage + 1)
+        figure.update_xaxes(showticklabels=False, constrain="domain", row=1, col=stage + 1)
     figure.update_layout(title=title, height=320, margin=dict(t=70, b=10))
     return figure
 
@@ -228,8 +228,9 @@ def keep_frequency_figure(frequency: np.ndarray, title: str) -> go.Figure:
     """Heat map of how often each patch position is kept across images."""
     figure = go.Figure(go.Heatmap(z=frequency, zmin=0.0, zmax=1.0, colorscale="Cividis",
                                   colorbar=dict(title="kept in"), hovertemplate="row %{y}, col %{x}: %{z:.0%}<extra></extra>"))
-    figure.update_yaxes(autorange="reversed", scaleanchor="x")
-    figure.update_layout(title=title, height=380)
+    figure.update_yaxes(autorange="reversed", scaleanchor="x", title="patch row")
+    figure.update_xaxes(constrain="domain", title="patch column")
+    figure.update_layout(title=title, height=420)
     return figure
 
 

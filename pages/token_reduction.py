@@ -126,10 +126,12 @@ for column, (method, picture) in zip(st.columns(len(panels)), panels.items()):
     with column:
         st.subheader(method)
         st.image(picture, caption=captions[method], width="stretch")
-        st.dataframe(predictions[predictions.method == method].drop(columns="method"), hide_index=True)
+        st.dataframe(predictions[predictions.method == method].drop(columns=["method", "class index"]),
+                     hide_index=True, column_config={"probability": st.column_config.NumberColumn(format="%.3f")})
         if method != NO_REDUCTION:
-            st.metric("Top-5 overlap with unreduced", f"{per_image.loc[method, 'top-5 overlap']:.0%}",
-                      help="Top-1 agrees" if per_image.loc[method, "top-1 agreement"] == 1.0 else "Top-1 differs")
+            st.metric("Top-5 overlap with unreduced", f"{per_image.loc[method, 'top-5 overlap']:.0%}")
+            same_top1 = per_image.loc[method, "top-1 agreement"] == 1.0
+            st.caption("Top-1 **agrees** with the unreduced model." if same_top1 else "Top-1 **differs** from the unreduced model.")
 st.markdown(f"**Agreement with the unreduced model over all {len(names)} image(s)**{weights_tag}")
 overall = agreement_frame(comparison)
 st.dataframe(overall, hide_index=True)

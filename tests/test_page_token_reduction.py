@@ -57,3 +57,36 @@ def test_missing_weights_are_explained_and_random_weights_say_so(tmp_path, monke
     assert not app.exception, app.exception
     assert any("RANDOM" in w.value for w in app.warning)
     assert all("(RANDOM weights)" in h.value for h in app.header)
+
+
+def test_fade_keeps_kept_patches_and_whitens_dropped_ones():
+    import numpy as np
+    from PIL import Image
+
+    from analysis.token_maps import fade_dropped_patches
+
+    pixels = np.full((32, 32, 3), 40, dtype=np.uint8)
+    keep = np.array([True, False, False, True])  # 2x2 grid of 16-px patches
+    faded = np.asarray(fade_dropped_patches(Image.fromarray(pixels), keep, (2, 2), fade=0.5)).astype(int)
+    assert (faded[:16, :16] == 40).all() and (faded[16:, 16:] == 40).all()
+    assert (faded[:16, 16:] == round(40 * 0.5 + 255 * 0.5)).all()
+
+
+def test_comparison_on_small_random_dynamicvit():
+    import torch
+
+    from analysis.token_maps import (
+        DYNAMICVIT, TOME, agreement_frame, compare_reductions, kept_indices_frame, tokens_per_block,
+    )
+    from models.dynamicvit import DynamicViT
+
+    torch.manual_seed(0)
+    model = DynamicViT(img_size=64, patch_size=8, embed_dim=48, depth=12, num_heads=3, num_classes=10).eval()
+    comparison = compare_reductions(model, torch.randn(2, 3, 64, 64), ["a", "b"], keep_ratio=0.5, r=4)
+    counts = tokens_per_block(comparison)
+    assert counts[TOME][:3] == [65, 61, 57]
+    assert counts[DYNAMICVIT][3] == 1 + 32 and counts[DYNAMICVIT][-1] == 1 + 8
+    frame = agreement_frame(comparison)
+    assert frame["top-1 agreement"].between(0, 1).all() and frame.loc[0, "top-1 agreement"] == 1.0
+    kept = kept_indices_frame(comparison.dynamicvit_trace, ["a", "b"])
+    assert len(kept) == 6 and kept.loc[0, "kept"] == 32
