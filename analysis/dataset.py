@@ -1,0 +1,319 @@
+"""Dataset-scale plumbing: an image folder as a torch Dataset, shards per process, resumable state, collectives.
+
+Everything here works the same in one process and under ``torchrun`` (one process per GPU or CPU slot):
+``init_distributed`` reads the launcher's environment, ``ShardSampler`` gives each process its own samples
+(never a duplicate), and ``all_reduce_sums`` adds the per-process running sums so that rank 0 can write
+the same result a single process would have produced.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, DistributedSampler
+
+from analysis.images import ACCEPTED_TYPES, ImageError, load_image
+
+NO_LABEL = -1
+LABEL_MODES = ("self", "folder")
+
+
+class DatasetError(ValueError):
+    """The folder cannot be used as a dataset (missing, empty, or unlabelled where labels are needed)."""
+
+
+class ResumeError(RuntimeError):
+    """A saved shard state that does not belong to this run (other settings or world size)."""
+
+
+# ----------------------------------------------------------------------------- the folder dataset
+
+def list_image_files(root: Path, limit: int | None = None) -> list[Path]:
+    """Image files under ``root`` (recursive), relative to it, in a fixed sorted order; the first ``limit``."""
+    files = sorted(p.relative_to(root) for p in root.rglob("*")
+                   if p.is_file() and p.suffix.lower().lstrip(".") in ACCEPTED_TYPES)
+    return files[:limit] if limit is not None else files
+
+
+def class_folder(relative: Path) -> str | None:
+    """The class a file belongs to: its top-level sub-folder, None for files directly in the root."""
+    return relative.parts[0] if len(relative.parts) > 1 else None
+
+
+def folder_labels(files: Sequence[Path]) -> list[int]:
+    """ImageNet class index of every file from its class sub-folder; DatasetError when one has none."""
+    from analysis.taylor import imagenet_class_index
+
+    unlabelled = [str(f) for f in files if class_folder(f) is None]
+    if unlabelled:
+        raise DatasetError(f"--labels folder needs every image inside a class sub-folder; {len(unlabelled)} are not "
+                           f"(e.g. {unlabelled[0]}). Move them into a sub-folder or use --labels self.")
+    index_of: dict[str, int] = {}
+    for name in sorted({class_folder(f) for f in files}):
+        try:
+            index_of[name] = imagenet_class_index(name)
+        except ValueError as exc:
+            raise DatasetError(str(exc)) from exc
+    return [index_of[class_folder(f)] for f in files]
+
+
+class FolderImages(Dataset):
+    """Images of a folder, preprocessed by ``transform``; unreadable files come back flagged, not raised.
+
+    ``__getitem__`` returns ``(index, image, label, ok)``; for a corrupt file ``image`` is an empty tensor
+    and ``ok`` is False, so that ``collate_readable`` can drop it and the run can report it.
+    """
+
+    def __init__(self, root: Path, files: Sequence[Path], transform: Callable, labels: Sequence[int] | None = None):
+        self.root = Path(root)
+        self.files = list(files)
+        self.transform = transform
+        self.labels = list(labels) if labels is not None else [NO_LABEL] * len(self.files)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, transform: Callable, limit: int | None = None,
+                    label_mode: str = "self") -> "FolderImages":
+        root = Path(folder).expanduser().resolve()
+        if not root.is_dir():
+            raise DatasetError(f"{folder} is not a folder.")
+        if label_mode not in LABEL_MODES:
+            raise DatasetError(f"--labels must be one of {LABEL_MODES}, not {label_mode!r}.")
+        files = list_image_files(root, limit)
+        if not files:
+            raise DatasetError(f"No images ({', '.join(ACCEPTED_TYPES)}) under {root}.")
+        labels = folder_labels(files) if label_mode == "folder" else None
+        return cls(root, files, transform, labels)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def path(self, index: int) -> str:
+        return str(self.files[index])
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, int, bool]:
+        try:
+            image = load_image(self.root / self.files[index]).image
+        except ImageError:
+            return index, torch.empty(0), self.labels[index], False
+        return index, self.transform(image), self.labels[index], True
+
+
+class Batch(NamedTuple):
+    """The readable images of one loader batch, and the dataset indices of the unreadable ones."""
+
+    images: torch.Tensor   # [B, 3, H, W]; B may be 0
+    labels: torch.Tensor   # [B] long, NO_LABEL where there is none
+    indices: torch.Tensor  # [B] dataset indices of ``images``
+    corrupt: list[int]     # dataset indices skipped as unreadable
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this batch consumed from the shard, corrupt ones included (what resume counts)."""
+        return len(self.indices) + len(self.corrupt)
+
+
+def collate_readable(samples: Sequence[tuple[int, torch.Tensor, int, bool]]) -> Batch:
+    """DataLoader collate: stack the readable images, set the corrupt ones aside by index."""
+    good = [s for s in samples if s[3]]
+    corrupt = [s[0] for s in samples if not s[3]]
+    images = torch.stack([s[1] for s in good]) if good else torch.empty(0)
+    labels = torch.tensor([s[2] for s in good], dtype=torch.long)
+    indices = torch.tensor([s[0] for s in good], dtype=torch.long)
+    return Batch(images, labels, indices, corrupt)
+
+
+# ----------------------------------------------------------------------------- sharding
+
+class ShardSampler(DistributedSampler):
+    """torch's DistributedSampler (no shuffle) minus its padding, optionally skipping a processed prefix.
+
+    DistributedSampler makes every shard equally long by repeating samples at the end of the index list;
+    those repeats would be counted twice. With no shuffling the padded positions are the tail of each
+    rank's strided shard, so keeping the first ``len(range(rank, n, world))`` indices drops exactly them.
+    ``start`` skips the samples of this shard that a resumed run already processed.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, start: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.start = start
+
+    @property
+    def shard_size(self) -> int:
+        """Real (unpadded) samples of this rank's shard."""
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, self.shard_size)
+
+    def __len__(self) -> int:
+        return max(0, self.shard_size - self.start)
+
+
+# ----------------------------------------------------------------------------- processes and collectives
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the run: its rank, the world size, its device and the collectives' device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool = False  # True when init_distributed created the process group (and should destroy it)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def collective_device(self) -> torch.device:
+        """NCCL reduces CUDA tensors; gloo reduces CPU tensors."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+def pick_device(requested: str | None, local_rank: int) -> torch.device:
+    """The requested device (or CUDA when present, else CPU); CUDA gets this process's local GPU."""
+    kind = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DatasetError("--device cuda was asked for but CUDA is not available on this machine.")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(kind)
+
+
+def init_distributed(requested_device: str | None = None) -> DistEnv:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group (NCCL on CUDA, gloo otherwise).
+
+    Without those variables this is a one-process run and no group is created. A group that already
+    exists (e.g. ``main`` called several times in one torchrun process) is reused, not re-created.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(requested_device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    owns = False
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        owns = True
+    return DistEnv(rank, world_size, local_rank, device, owns)
+
+
+def close_distributed(env: DistEnv) -> None:
+    if env.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sums(sums: dict[str, torch.Tensor], env: DistEnv) -> dict[str, torch.Tensor]:
+    """Element-wise sum of every tensor over all processes (one flat float64 all_reduce); CPU results.
+
+    Every rank must hold the same names and shapes (accumulators are sized from the model, not the data).
+    """
+    names = sorted(sums)
+    if not env.distributed:
+        return {n: sums[n].detach().cpu() for n in names}
+    flat = torch.cat([sums[n].detach().reshape(-1).to(torch.float64) for n in names]).to(env.collective_device)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    out, offset = {}, 0
+    for n in names:
+        count = sums[n].numel()
+        out[n] = flat[offset:offset + count].cpu().reshape(sums[n].shape).to(sums[n].dtype)
+        offset += count
+    return out
+
+
+def max_over_ranks(value: float, env: DistEnv) -> float:
+    """The largest of each process's ``value`` (e.g. the slowest loop time)."""
+    if not env.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.collective_device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def gather_lists(items: list, env: DistEnv) -> list:
+    """Concatenate every process's list (picklable items), in rank order, on every process."""
+    if not env.distributed:
+        return list(items)
+    gathered: list[list] = [[] for _ in range(env.world_size)]
+    dist.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]
+
+
+def agree_on_errors(message: str | None, env: DistEnv) -> None:
+    """Raise on every process if any one of them failed (else the others would wait in a collective forever)."""
+    messages = [m for m in gather_lists([message], env) if m]
+    if messages:
+        raise ResumeError(messages[0] if len(set(messages)) == 1 else " | ".join(sorted(set(messages))))
+
+
+# ----------------------------------------------------------------------------- resumable shard state
+
+@dataclass
+class ShardState:
+    """What one process has done so far: its settings, samples consumed from its shard, sums, corrupt files."""
+
+    settings: dict[str, Any]
+    rank: int
+    world_size: int
+    processed: int = 0           # samples of this rank's shard consumed (corrupt ones included)
+    corrupt: list[str] = field(default_factory=list)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings": self.settings, "rank": self.rank, "world_size": self.world_size,
+                "processed": self.processed, "corrupt": list(self.corrupt),
+                "sums": {k: v.detach().cpu() for k, v in self.sums.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ShardState":
+        return cls(dict(data["settings"]), int(data["rank"]), int(data["world_size"]), int(data["processed"]),
+                   list(data["corrupt"]), dict(data["sums"]))
+
+
+def state_path(out_dir: str | Path, rank: int) -> Path:
+    return Path(out_dir) / "state" / f"rank{rank}.pt"
+
+
+def save_state(state: ShardState, path: Path) -> None:
+    """Write atomically (temporary file, then os.replace) so an interruption never leaves half a state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state.to_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> ShardState:
+    """Read a state written by ``save_state`` (tensors and plain Python only: ``weights_only=True``)."""
+    return ShardState.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'name: saved -> now' for every setting that differs."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def check_resumable(state: ShardState, settings: dict[str, Any], env: DistEnv) -> None:
+    """Refuse (ResumeError) a state from another world size, another rank or other settings."""
+    if state.world_size != env.world_size:
+        raise ResumeError(f"Cannot resume: the saved state was written by {state.world_size} process(es) but this "
+                          f"run has {env.world_size}. Resume with --nproc_per_node/--nnodes giving "
+                          f"{state.world_size} processes, or start over without --resume.")
+    if state.rank != env.rank:
+        raise ResumeError(f"Cannot resume: state file of rank {state.rank} found where rank {env.rank} expected it.")
+    differences = settings_differences(state.settings, settings)
+    if differences:
+        raise ResumeError("Cannot resume: the saved state was made with other settings ("
+                          + "; ".join(differences) + "). Use the same settings, or start over without --resume.")

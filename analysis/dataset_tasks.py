@@ -1,0 +1,572 @@
+"""The four dataset-scale analyses as accumulators of running sums, plus their records, files and figures.
+
+A task holds only float64 *sums* (never per-image results), so that the sums of several processes add up
+with one all_reduce to exactly what one process would have summed, and so that a shard's progress can be
+saved and resumed. ``result(sums)`` turns (reduced) sums into the record type the pages use; ``write``
+saves that record as NPZ/CSV, ``load`` reads it back, ``figures`` draws it with the pages' own builders.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from torch import nn
+
+KEEP_FREQUENCY, TOME_MERGE, HEAD_SIMILARITY, TAYLOR = "keep-frequency", "tome-merge", "head-similarity", "taylor"
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Every setting a task may use; each task records only the ones it depends on."""
+
+    keep_ratio: float = 0.7
+    r: str = "13"
+    proportional_attention: bool = True
+    loss_target: str = "self"
+
+
+def _zeros(*shape: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.zeros(shape, dtype=torch.float64, device=device)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class DatasetTask(ABC):
+    """Running sums over batches of images; subclasses size them from the model so every rank agrees."""
+
+    name: ClassVar[str]
+
+    def __init__(self, model_name: str, note: str = "") -> None:
+        self.model_name = model_name
+        self.note = note  # e.g. "random weights": shown in every figure title and in run.json
+        self.sums: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def settings(options: TaskOptions) -> dict[str, Any]:
+        """The options this task's result depends on (stored in the resume state and run.json)."""
+        return {}
+
+    @abstractmethod
+    def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add one batch of preprocessed images (on the model's device) to the sums."""
+
+    @abstractmethod
+    def result(self, sums: dict[str, torch.Tensor]) -> Any:
+        """The record computed from (all-reduced) sums."""
+
+    def load_sums(self, saved: dict[str, torch.Tensor]) -> None:
+        """Continue from saved sums; they must have this task's names and shapes."""
+        if set(saved) != set(self.sums) or any(saved[k].shape != self.sums[k].shape for k in saved):
+            raise ValueError("The saved sums do not fit this task and model (different model or settings).")
+        self.sums = {k: saved[k].to(self.sums[k].device, self.sums[k].dtype) for k in self.sums}
+
+    def title(self, text: str) -> str:
+        return f"{text} ({self.note})" if self.note else text
+
+
+def _add(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor | float) -> None:
+    """sums[name] += value, same shape required (no silent broadcasting into a whole table)."""
+    value = torch.as_tensor(value, dtype=torch.float64).to(sums[name].device)
+    if value.shape != sums[name].shape:
+        raise ValueError(f"{name}: adding shape {tuple(value.shape)} to a sum of shape {tuple(sums[name].shape)}.")
+    sums[name] += value
+
+
+def _label(model: str, note: str) -> str:
+    return f"{model} ({note})" if note else model
+
+
+# ============================================================================= DynamicViT keep frequency
+
+@dataclass
+class KeepFrequencyRecord:
+    """How often each patch position survives each DynamicViT stage, over a dataset."""
+
+    model: str
+    note: str
+    keep_ratio: float
+    grid_size: tuple[int, int]
+    pruning_locations: tuple[int, ...]
+    kept_tokens: tuple[int, ...]     # patches kept after each stage
+    images: int
+    kept_count: np.ndarray           # [stages, patches]: images in which the patch survived the stage
+    keep_score_sum: np.ndarray       # [stages, patches]: sum of its predicted keep probability where scored
+    scored_count: np.ndarray         # [stages, patches]: images in which it was still there to be scored
+
+    def frequency(self, stage: int = -1) -> np.ndarray:
+        """[grid_h, grid_w] fraction of images in which each position survives ``stage``."""
+        return (self.kept_count[stage] / max(self.images, 1)).reshape(self.grid_size)
+
+    def mean_keep_score(self, stage: int = -1) -> np.ndarray:
+        """[grid_h, grid_w] mean keep probability where the patch was scored (NaN where it never was)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (self.keep_score_sum[stage] / self.scored_count[stage]).reshape(self.grid_size)
+
+    def summary(self) -> pd.DataFrame:
+        rows = []
+        for s, block in enumerate(self.pruning_locations):
+            freq = self.kept_count[s] / max(self.images, 1)
+            rows.append({"stage": s + 1, "before_block": block, "kept_tokens": self.kept_tokens[s],
+                         "images": self.images, "min_frequency": freq.min(), "max_frequency": freq.max(),
+                         "always_kept": int((self.kept_count[s] == self.images).sum()),
+                         "never_kept": int((self.kept_count[s] == 0).sum())})
+        return pd.DataFrame(rows)
+
+
+class KeepFrequencyTask(DatasetTask):
+    """DynamicViT pruning over a dataset: per stage, how often each patch position is kept."""
+
+    name = KEEP_FREQUENCY
+    files = ("keep_frequency.npz", "keep_frequency.csv")
+
+    def __init__(self, model: nn.Module, keep_ratio: float, model_name: str, note: str = "") -> None:
+        from models.dynamicvit import keep_counts
+
+        super().__init__(model_name, note)
+        self.model, self.keep_ratio = model, keep_ratio
+        stages, patches = len(model.pruning_locations), model.num_patches
+        self.kept_tokens = tuple(keep_counts(patches, keep_ratio, stages))
+        device = _device_of(model)
+        self.sums = {"images": _zeros(device=device), "kept": _zeros(stages, patches, device=device),
+                     "keep_score": _zeros(stages, patches, device=device),
+                     "scored": _zeros(stages, patches, device=device)}
+
+    @staticmethod
+    def settings(options: TaskOptions) -> dict[str, Any]:
+        return {"keep_ratio": options.keep_ratio}
+
+    def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        from models.dynamicvit import dynamicvit_forward
+
+        with torch.inference_mode():
+            _, trace = dynamicvit_forward(self.model, images, self.keep_ratio, return_trace=True)
+        scores = torch.stack(trace.keep_scores).double()  # [stages, B, patches], NaN = dropped earlier
+        _add(self.sums, "kept", torch.stack(trace.keep_masks()).double().sum(1))
+        _add(self.sums, "keep_score", scores.nan_to_num(0.0).sum(1))
+        _add(self.sums, "scored", (~scores.isnan()).double().sum(1))
+        _add(self.sums, "images", images.shape[0])
+
+    def result(self, sums: dict[str, torch.Tensor]) -> KeepFrequencyRecord:
+        return KeepFrequencyRecord(
+            self.model_name, self.note, self.keep_ratio, tuple(self.model.patch_embed.grid_size),
+            tuple(self.model.pruning_locations), self.kept_tokens, int(sums["images"].item()),
+            sums["kept"].cpu().numpy(), sums["keep_score"].cpu().numpy(), sums["scored"].cpu().numpy())
+
+    @staticmethod
+    def write(record: KeepFrequencyRecord, out: Path) -> list[str]:
+        np.savez(out / "keep_frequency.npz", model=record.model, note=record.note, keep_ratio=record.keep_ratio,
+                 grid_size=np.array(record.grid_size), pruning_locations=np.array(record.pruning_locations),
+                 kept_tokens=np.array(record.kept_tokens), images=record.images, kept_count=record.kept_count,
+                 keep_score_sum=record.keep_score_sum, scored_count=record.scored_count,
+                 frequency=record.kept_count / max(record.images, 1))
+        record.summary().to_csv(out / "keep_frequency.csv", index=False)
+        return list(KeepFrequencyTask.files)
+
+    @staticmethod
+    def load(folder: Path, run: dict) -> KeepFrequencyRecord:
+        with np.load(folder / "keep_frequency.npz", allow_pickle=False) as z:
+            return KeepFrequencyRecord(
+                str(z["model"]), str(z["note"]), float(z["keep_ratio"]), tuple(int(v) for v in z["grid_size"]),
+                tuple(int(v) for v in z["pruning_locations"]), tuple(int(v) for v in z["kept_tokens"]),
+                int(z["images"]), z["kept_count"], z["keep_score_sum"], z["scored_count"])
+
+    @staticmethod
+    def figures(record: KeepFrequencyRecord) -> dict[str, go.Figure]:
+        from analysis.token_maps import keep_frequency_figure
+
+        label = _label(record.model, record.note)
+        return {f"stage {s + 1}": keep_frequency_figure(
+                    record.frequency(s), f"{label}: how often each patch survives stage {s + 1} "
+                                         f"(before block {b}, keep {record.kept_tokens[s]}), {record.images} images")
+                for s, b in enumerate(record.pruning_locations)}
+
+
+# ============================================================================= ToMe merge statistics
+
+@dataclass
+class ToMeMergeRecord:
+    """ToMe merging over a dataset: per layer, token sizes and how often each patch sits in a merged group."""
+
+    model: str
+    note: str
+    r: str
+    schedule: tuple[int, ...]          # tokens merged in each block
+    tokens_per_layer: tuple[int, ...]  # tokens after each block, CLS included
+    grid_size: tuple[int, int]
+    images: int
+    size_hist: np.ndarray              # [layers, patches + 1]: patch tokens holding s patches (summed over images)
+    merged_count: np.ndarray           # [layers, patches]: images in which the patch's token holds > 1 patch
+    group_size_sum: np.ndarray         # [layers, patches]: summed size of the token holding the patch
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def merged_frequency(self, layer: int = -1) -> np.ndarray:
+        """[grid_h, grid_w] fraction of images in which the patch ends in a merged group after ``layer``."""
+        return (self.merged_count[layer] / max(self.images, 1)).reshape(self.grid_size)
+
+    def mean_token_size(self) -> np.ndarray:
+        """[layers] patches per patch token (a token-weighted mean)."""
+        sizes = np.arange(self.size_hist.shape[1])
+        return (self.size_hist * sizes).sum(1) / np.maximum(self.size_hist.sum(1), 1)
+
+    def mean_group_size(self) -> np.ndarray:
+        """[layers] size of the group a patch belongs to, averaged over patches (a patch-weighted mean)."""
+        return self.group_size_sum.sum(1) / max(self.images * self.num_patches, 1)
+
+    def summary(self) -> pd.DataFrame:
+        largest = [int(np.flatnonzero(h)[-1]) if h.any() else 0 for h in self.size_hist]
+        return pd.DataFrame({
+            "layer": np.arange(len(self.schedule)), "r": self.schedule, "tokens_after": self.tokens_per_layer,
+            "images": self.images, "mean_token_size": self.mean_token_size(),
+            "mean_group_size": self.mean_group_size(),
+            "fraction_patches_merged": self.merged_count.sum(1) / max(self.images * self.num_patches, 1),
+            "largest_token": largest})
+
+
+class ToMeMergeTask(DatasetTask):
+    """ToMe merging over a dataset: token size distribution, merged-patch frequency and group size per layer."""
+
+    name = TOME_MERGE
+    files = ("tome_merge.npz", "tome_merge.csv")
+
+    def __init__(self, model: nn.Module, r: str, proportional_attention: bool, model_name: str,
+                 note: str = "") -> None:
+        from models.tome import merge_schedule
+
+        super().__init__(model_name, note)
+        self.model, self.r, self.proportional_attention = model, str(r), proportional_attention
+        depth, patches = len(model.blocks), model.patch_embed.num_patches
+        self.schedule = tuple(merge_schedule(self.r, depth, patches + model.num_prefix_tokens,
+                                             model.num_prefix_tokens))
+        device = _device_of(model)
+        self.sums = {"images": _zeros(device=device), "size_hist": _zeros(depth, patches + 1, device=device),
+                     "merged": _zeros(depth, patches, device=device),
+                     "group_size": _zeros(depth, patches, device=device)}
+
+    @staticmethod
+    def settings(options: TaskOptions) -> dict[str, Any]:
+        return {"r": str(options.r), "proportional_attention": options.proportional_attention}
+
+    def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        from models.tome import tome_forward
+
+        with torch.inference_mode():
+            _, trace = tome_forward(self.model, images, r=self.r, proportional_attention=self.proportional_attention,
+                                    return_trace=True)
+        prefix, patches = trace.num_prefix_tokens, self.sums["merged"].shape[1]
+        histograms, merged, group_sizes = [], [], []
+        for assignment, sizes in zip(trace.assignments, trace.sizes):
+            token_sizes = torch.from_numpy(np.rint(sizes[:, prefix:]).astype(np.int64))
+            group = torch.from_numpy(np.take_along_axis(sizes, assignment, axis=1)).double()  # [B, patches]
+            histograms.append(torch.bincount(token_sizes.flatten(), minlength=patches + 1))
+            merged.append((group > 1).sum(0))
+            group_sizes.append(group.sum(0))
+        _add(self.sums, "size_hist", torch.stack(histograms))  # [layers, patches + 1]
+        _add(self.sums, "merged", torch.stack(merged))
+        _add(self.sums, "group_size", torch.stack(group_sizes))
+        _add(self.sums, "images", images.shape[0])
+
+    def result(self, sums: dict[str, torch.Tensor]) -> ToMeMergeRecord:
+        tokens, after = [], self.model.patch_embed.num_patches + self.model.num_prefix_tokens
+        for merged in self.schedule:
+            after -= merged
+            tokens.append(after)
+        return ToMeMergeRecord(self.model_name, self.note, self.r, self.schedule, tuple(tokens),
+                               tuple(self.model.patch_embed.grid_size), int(sums["images"].item()),
+                               sums["size_hist"].cpu().numpy(), sums["merged"].cpu().numpy(),
+                               sums["group_size"].cpu().numpy())
+
+    @staticmethod
+    def write(record: ToMeMergeRecord, out: Path) -> list[str]:
+        np.savez(out / "tome_merge.npz", model=record.model, note=record.note, r=record.r,
+                 schedule=np.array(record.schedule), tokens_per_layer=np.array(record.tokens_per_layer),
+                 grid_size=np.array(record.grid_size), images=record.images, size_hist=record.size_hist,
+                 merged_count=record.merged_count, group_size_sum=record.group_size_sum)
+        record.summary().to_csv(out / "tome_merge.csv", index=False)
+        return list(ToMeMergeTask.files)
+
+    @staticmethod
+    def load(folder: Path, run: dict) -> ToMeMergeRecord:
+        with np.load(folder / "tome_merge.npz", allow_pickle=False) as z:
+            return ToMeMergeRecord(
+                str(z["model"]), str(z["note"]), str(z["r"]), tuple(int(v) for v in z["schedule"]),
+                tuple(int(v) for v in z["tokens_per_layer"]), tuple(int(v) for v in z["grid_size"]),
+                int(z["images"]), z["size_hist"], z["merged_count"], z["group_size_sum"])
+
+    @staticmethod
+    def figures(record: ToMeMergeRecord) -> dict[str, go.Figure]:
+        return {"merged patches": merged_frequency_figure(record), "group sizes": group_size_figure(record)}
+
+
+def merged_frequency_figure(record: ToMeMergeRecord, layer: int = -1) -> go.Figure:
+    """Heat map: fraction of images in which each patch position ends in a merged group after ``layer``."""
+    index = layer % len(record.schedule)
+    figure = go.Figure(go.Heatmap(z=record.merged_frequency(layer), zmin=0.0, zmax=1.0, colorscale="Cividis",
+                                  colorbar=dict(title="merged in"),
+                                  hovertemplate="row %{y}, col %{x}: %{z:.0%}<extra></extra>"))
+    figure.update_yaxes(autorange="reversed", scaleanchor="x")
+    figure.update_layout(title=f"{_label(record.model, record.note)}: how often each patch is in a merged token "
+                               f"after block {index} (r = {record.r}), {record.images} images", height=380)
+    return figure
+
+
+def group_size_figure(record: ToMeMergeRecord) -> go.Figure:
+    """Per layer: mean token size (token-weighted) and mean size of a patch's group (patch-weighted)."""
+    layers = list(range(len(record.schedule)))
+    figure = go.Figure([
+        go.Scatter(x=layers, y=record.mean_token_size(), name="patches per token", mode="lines+markers"),
+        go.Scatter(x=layers, y=record.mean_group_size(), name="size of a patch's group", mode="lines+markers"),
+    ])
+    figure.update_layout(title=f"{_label(record.model, record.note)}: ToMe group sizes by depth (r = {record.r}, "
+                               f"{record.images} images)", xaxis_title="block", yaxis_title="patches",
+                         hovermode="x unified")
+    return figure
+
+
+# ============================================================================= head similarity
+
+class HeadSimilarityTask(DatasetTask):
+    """Per-block head-by-head similarity sums and counts over a dataset -> mean similarity and redundancy.
+
+    The same sums as ``analysis.head_redundancy.analyze_model`` keeps (cosine of attention maps, linear CKA of
+    head outputs, offset profiles), sized from one forward on a blank image so every rank has them up front.
+    """
+
+    name = HEAD_SIMILARITY
+    files = ("head_similarity.npz", "head_redundancy.csv", "head_similarity.csv")
+
+    def __init__(self, model: nn.Module, input_size: tuple[int, int, int], model_name: str,
+                 random_weights: bool = False, note: str = "") -> None:
+        from models.attention_recording import record_attention
+
+        super().__init__(model_name, note)
+        self.model, self.random_weights = model, random_weights
+        device = _device_of(model)
+        _, record = record_attention(model, torch.zeros(1, *input_size, device=device))
+        self.kind, self.stage_of_block = record.kind, record.stage_of_block
+        self.blocks = [b.block for b in record.blocks]
+        self.relative_depth = {b: record.relative_depth(b) for b in self.blocks}
+        self.sums = {"images": _zeros(device=device)}
+        for block in record.blocks:
+            heads, profile = block.num_heads, self._profile(block).shape[1]
+            self.sums.update({f"b{block.block}.attention": _zeros(heads, heads, device=device),
+                              f"b{block.block}.feature": _zeros(heads, heads, device=device),
+                              f"b{block.block}.profile": _zeros(heads, profile, device=device),
+                              f"b{block.block}.items": _zeros(device=device),
+                              f"b{block.block}.batches": _zeros(device=device)})
+
+    @staticmethod
+    def _profile(block) -> torch.Tensor:
+        from analysis.head_redundancy import offset_profile
+
+        return torch.from_numpy(offset_profile(block)).double()
+
+    def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        from analysis.head_redundancy import centered_gram, pairwise_head_cosine
+        from models.attention_recording import record_attention
+
+        _, record = record_attention(self.model, images)
+        for block in record.blocks:
+            key = f"b{block.block}"
+            _add(self.sums, f"{key}.attention", pairwise_head_cosine(block.maps).double().sum(0))
+            _add(self.sums, f"{key}.feature", pairwise_head_cosine(centered_gram(block.head_outputs)).double().sum(0))
+            _add(self.sums, f"{key}.profile", self._profile(block) * block.batch_size)
+            _add(self.sums, f"{key}.items", block.maps.shape[0])
+            _add(self.sums, f"{key}.batches", block.batch_size)
+        _add(self.sums, "images", images.shape[0])
+
+    def result(self, sums: dict[str, torch.Tensor]):
+        from analysis.head_redundancy import BlockRedundancy, RedundancyResult, head_embedding
+
+        blocks = []
+        for b in self.blocks:
+            items, batches = sums[f"b{b}.items"].item(), sums[f"b{b}.batches"].item()
+            blocks.append(BlockRedundancy(
+                b, self.stage_of_block[b], self.relative_depth[b],
+                (sums[f"b{b}.attention"] / max(items, 1)).cpu().numpy(),
+                (sums[f"b{b}.feature"] / max(items, 1)).cpu().numpy(),
+                (sums[f"b{b}.profile"] / max(batches, 1)).cpu().numpy()))
+        embedding = head_embedding([b.offset_profile for b in blocks])
+        return RedundancyResult(self.model_name, self.kind, int(sums["images"].item()), self.random_weights,
+                                blocks, embedding)
+
+    @staticmethod
+    def write(result, out: Path) -> list[str]:
+        from analysis.head_redundancy import similarity_dataframe, to_dataframe
+
+        arrays: dict[str, Any] = {"model": result.model, "kind": result.kind, "images": result.num_images,
+                                  "random_weights": result.random_weights, "embedding": result.embedding,
+                                  "blocks": np.array([b.block for b in result.blocks]),
+                                  "stages": np.array([b.stage for b in result.blocks]),
+                                  "relative_depth": np.array([b.relative_depth for b in result.blocks])}
+        for b in result.blocks:
+            arrays[f"block{b.block}_attention_similarity"] = b.attention_similarity
+            arrays[f"block{b.block}_feature_similarity"] = b.feature_similarity
+            arrays[f"block{b.block}_offset_profile"] = b.offset_profile
+            arrays[f"block{b.block}_attention_redundancy"] = b.attention_redundancy
+        np.savez(out / "head_similarity.npz", **arrays)
+        to_dataframe(result).to_csv(out / "head_redundancy.csv", index=False)
+        similarity_dataframe(result).to_csv(out / "head_similarity.csv", index=False)
+        return list(HeadSimilarityTask.files)
+
+    @staticmethod
+    def load(folder: Path, run: dict):
+        from analysis.head_redundancy import BlockRedundancy, RedundancyResult
+
+        with np.load(folder / "head_similarity.npz", allow_pickle=False) as z:
+            blocks = [BlockRedundancy(int(b), int(s), float(d), z[f"block{b}_attention_similarity"],
+                                      z[f"block{b}_feature_similarity"], z[f"block{b}_offset_profile"])
+                      for b, s, d in zip(z["blocks"], z["stages"], z["relative_depth"])]
+            return RedundancyResult(str(z["model"]), str(z["kind"]), int(z["images"]), bool(z["random_weights"]),
+                                    blocks, z["embedding"])
+
+    @staticmethod
+    def figures(result) -> dict[str, go.Figure]:
+        from analysis.head_redundancy import redundancy_vs_depth, similarity_heatmaps
+
+        return {"redundancy vs depth": redundancy_vs_depth([result]), "similarity": similarity_heatmaps(result)}
+
+
+# ============================================================================= Taylor importance
+
+class TaylorTask(DatasetTask):
+    """First-order Taylor importance |sum(w * dL/dw)| per channel, with dL/dw summed over the whole dataset.
+
+    Only the gradient sums are accumulated (float64, per scored parameter): across processes they are
+    all-reduced first and the product with the weights is taken once at the end, as in
+    ``analysis.taylor.taylor_importance``. Works on a private copy of the model.
+    """
+
+    name = TAYLOR
+    files = ("taylor_scores.csv", "taylor_components.csv")
+
+    def __init__(self, model: nn.Module, loss_target: str, model_name: str, note: str = "") -> None:
+        from analysis.taylor import _check_loss_target, _scored_parameter_names, channel_groups, private_copy
+
+        super().__init__(model_name, note)
+        _check_loss_target(loss_target)
+        self.loss_target = loss_target
+        self.groups = channel_groups(model)
+        self.work = private_copy(model)
+        scored = _scored_parameter_names(self.groups)
+        self.params = {n: p for n, p in self.work.named_parameters() if n in scored}
+        for name, p in self.work.named_parameters():
+            p.requires_grad_(name in scored)
+        self.sums = {"images": _zeros(device=_device_of(model))}
+        self.sums.update({f"grad.{n}": torch.zeros_like(p, dtype=torch.float64) for n, p in self.params.items()})
+
+    @staticmethod
+    def settings(options: TaskOptions) -> dict[str, Any]:
+        return {"loss_target": options.loss_target}
+
+    def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        from analysis.taylor import _clear_attention_bias_caches, _summed_loss
+
+        targets = labels.to(images.device) if self.loss_target == "labels" else None
+        names = list(self.params)
+        with torch.inference_mode(False), torch.enable_grad():
+            _clear_attention_bias_caches(self.work)  # private copy: a cached bias must not outlive its batch
+            loss = _summed_loss(self.work(images), targets, self.loss_target)
+            grads = torch.autograd.grad(loss, [self.params[n] for n in names])
+        for name, grad in zip(names, grads):
+            _add(self.sums, f"grad.{name}", grad.detach().double())
+        _add(self.sums, "images", images.shape[0])
+
+    def result(self, sums: dict[str, torch.Tensor]):
+        from analysis.taylor import _group_taylor_vector, _per_channel_sum, _scores_from_groups
+
+        row_sums = {}
+        with torch.no_grad():
+            for group in self.groups:
+                for s in group.params:
+                    if (s.name, s.channel_dim) not in row_sums:
+                        product = self.params[s.name].detach().double().cpu() * sums[f"grad.{s.name}"].cpu()
+                        row_sums[(s.name, s.channel_dim)] = _per_channel_sum(product, s.channel_dim)
+        vectors = [_group_taylor_vector(g, row_sums) for g in self.groups]
+        return _scores_from_groups(self.groups, vectors, model=self.model_name, method="taylor",
+                                   loss_target=self.loss_target, num_images=int(sums["images"].item()))
+
+    @staticmethod
+    def write(scores, out: Path) -> list[str]:
+        scores.to_dataframe("block").to_csv(out / "taylor_scores.csv", index=False)
+        scores.component_summary().to_csv(out / "taylor_components.csv", index=False)
+        return list(TaylorTask.files)
+
+    @staticmethod
+    def load(folder: Path, run: dict):
+        from analysis.taylor import TaylorScores
+
+        df = pd.read_csv(folder / "taylor_scores.csv")
+        counts = run.get("counts", {})
+        return TaylorScores(
+            model=str(df["model"].iloc[0]), method=str(df["method"].iloc[0]),
+            loss_target=str(run.get("settings", {}).get("loss_target", "self")),
+            num_images=int(counts.get("images_seen", 0)), block=df["block"].to_numpy(np.int64),
+            relative_depth=df["relative_depth"].to_numpy(np.float64), component=df["component"].to_numpy(object),
+            head=df["head"].to_numpy(np.int64), layer=df["layer"].to_numpy(object),
+            channel=df["channel"].to_numpy(np.int64), score=df["score"].to_numpy(np.float64))
+
+    @staticmethod
+    def figures(scores) -> dict[str, go.Figure]:
+        from analysis.taylor import (budget_keep_fraction, component_importance_figure, fraction_kept_figure,
+                                     head_importance_figure)
+
+        return {"components": component_importance_figure(scores), "heads": head_importance_figure(scores),
+                "budget": fraction_kept_figure(budget_keep_fraction(scores, 0.5), 0.5, scores.model)}
+
+
+TASKS: dict[str, type[DatasetTask]] = {t.name: t for t in (KeepFrequencyTask, ToMeMergeTask, HeadSimilarityTask,
+                                                           TaylorTask)}
+
+
+# ============================================================================= building a task for a model
+
+def _dynamicvit_for(model: nn.Module) -> tuple[nn.Module, str]:
+    """The model itself when it is a DynamicViT, else the DeiT wrapped with untrained (seeded) predictors."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from analysis.token_maps import dynamicvit_with_untrained_predictors
+    from models.dynamicvit import DynamicViT
+
+    if isinstance(model, DynamicViT):
+        return model, ""
+    if isinstance(model, VisionTransformer):
+        return dynamicvit_with_untrained_predictors(model, seed=0), "untrained score predictors"
+    raise ValueError(f"keep-frequency needs a DynamicViT or a DeiT/ViT backbone, not {type(model).__name__}.")
+
+
+def _check_tome_supported(model: nn.Module) -> None:
+    """ToMe's own model check, as a ValueError (bad input) rather than a TypeError."""
+    from models.tome import _check_supported
+
+    try:
+        _check_supported(model)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def build_task(name: str, model: nn.Module, model_name: str, options: TaskOptions,
+               input_size: tuple[int, int, int] = (3, 224, 224), random_weights: bool = False) -> DatasetTask:
+    """The accumulator for task ``name`` on ``model`` (which is only read; Taylor works on a private copy)."""
+    note = "random weights" if random_weights else ""
+    if name == KEEP_FREQUENCY:
+        pruner, extra = _dynamicvit_for(model)
+        return KeepFrequencyTask(pruner, options.keep_ratio, model_name, ", ".join(n for n in (note, extra) if n))
+    if name == TOME_MERGE:
+        _check_tome_supported(model)
+        return ToMeMergeTask(model, options.r, options.proportional_attention, model_name, note)
+    if name == HEAD_SIMILARITY:
+        return HeadSimilarityTask(model, input_size, model_name, random_weights, note)
+    if name == TAYLOR:
+        return TaylorTask(model, options.loss_target, model_name, note)
+    raise ValueError(f"Unknown task {name!r}; choose one of {', '.join(TASKS)}.")

@@ -1,0 +1,319 @@
+"""Dataset-scale analyses from the command line, on one process or many (torchrun).
+
+    python -m analysis.run TASK --model NAME --data FOLDER --out DIR [options]
+    torchrun --nproc_per_node 4 -m analysis.run TASK ...        # one process per GPU (or CPU slot)
+
+TASK is keep-frequency (DynamicViT), tome-merge (ToMe), head-similarity or taylor. The folder is streamed
+(recursively; class sub-folders give labels) through a DataLoader; each process takes its own shard, keeps
+running sums, and rank 0 writes the all-reduced result (the same records the pages show) and ``run.json``.
+Every ``--state-every`` batches each process saves its sums to ``DIR/state/rank{r}.pt``; ``--resume``
+continues from there. Unreadable images are skipped and listed in ``run.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from analysis.dataset import (
+    DatasetError,
+    DistEnv,
+    FolderImages,
+    ResumeError,
+    ShardSampler,
+    ShardState,
+    agree_on_errors,
+    all_reduce_sums,
+    check_resumable,
+    close_distributed,
+    collate_readable,
+    gather_lists,
+    init_distributed,
+    load_state,
+    max_over_ranks,
+    save_state,
+    state_path,
+)
+from analysis.dataset_tasks import TASKS, DatasetTask, TaskOptions, build_task
+
+RUN_FILE = "run.json"
+STOPPED = "stopped"  # run.json is not written for a run stopped by --stop-after-batches
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analysis.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", choices=list(TASKS))
+    p.add_argument("--model", required=True, help="registry name, e.g. deit_tiny_patch16_224, efficientvit_m0")
+    p.add_argument("--data", required=True, help="image folder (recursive; class sub-folders give labels)")
+    p.add_argument("--out", required=True, help="output folder for the records, run.json and state/")
+    p.add_argument("--batch", type=int, default=32, help="images per batch and process")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per process")
+    p.add_argument("--device", choices=["cuda", "mps", "cpu"], default=None, help="default: CUDA if present, else CPU")
+    p.add_argument("--random-weights", action="store_true", help="untrained weights (figures say so)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for random weights, so that every process builds the same model")
+    p.add_argument("--weights", default=None, help="a checkpoint file for the model")
+    p.add_argument("--weights-folder", default=None, help="folder of <model>.safetensors (default: $VITLAB_WEIGHTS_DIR)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N files (sorted paths)")
+    p.add_argument("--keep-ratio", type=float, default=0.7, help="keep-frequency: DynamicViT keep ratio rho")
+    p.add_argument("--r", default="13", help="tome-merge: tokens merged per block ('13', '13,12,...', 'decreasing:13')")
+    p.add_argument("--labels", choices=["self", "folder"], default="self",
+                   help="taylor: loss against the model's own top-1 (self) or the class sub-folders (folder)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/state (same settings and world size)")
+    p.add_argument("--state-every", type=int, default=20, help="save each process's state every K batches")
+    p.add_argument("--stop-after-batches", type=int, default=None,
+                   help="testing aid: save the state after this many batches and stop, as if interrupted")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def task_options(args: argparse.Namespace) -> TaskOptions:
+    return TaskOptions(keep_ratio=args.keep_ratio, r=str(args.r),
+                       loss_target="labels" if args.labels == "folder" else "self")
+
+
+def run_settings(args: argparse.Namespace, dataset: FolderImages, weights: str) -> dict[str, Any]:
+    """Everything the result depends on (not batch size, workers or device): checked before resuming."""
+    seed = {"seed": args.seed} if args.random_weights else {}
+    return {"task": args.task, "model": args.model, "weights": weights, **seed, "data": str(dataset.root),
+            "files": len(dataset), "limit": args.limit, "labels": args.labels,
+            **TASKS[args.task].settings(task_options(args))}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclass
+class LoopOutcome:
+    """One process's part of this invocation."""
+
+    state: ShardState
+    images_now: int = 0
+    samples_now: int = 0
+    loop_s: float = 0.0
+    stopped: bool = False
+
+
+def make_loader(dataset: FolderImages, sampler: ShardSampler, args: argparse.Namespace, env: DistEnv) -> DataLoader:
+    return DataLoader(dataset, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
+                      collate_fn=collate_readable, pin_memory=env.device.type == "cuda",
+                      persistent_workers=False)
+
+
+def _progress(total: int, env: DistEnv, disabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc=f"rank 0 of {env.world_size}", disable=disabled or not env.is_main,
+                file=sys.stderr)
+
+
+def run_shard(task: DatasetTask, dataset: FolderImages, state: ShardState, args: argparse.Namespace,
+              env: DistEnv, path: Path) -> LoopOutcome:
+    """Stream this process's shard (after what ``state`` already covers) into the task's sums, saving state."""
+    from models.device import synchronize
+
+    sampler = ShardSampler(dataset, env.world_size, env.rank, start=state.processed)
+    outcome = LoopOutcome(state)
+    bar = _progress(len(sampler), env, args.no_progress)
+    start = time.perf_counter()
+    for step, batch in enumerate(make_loader(dataset, sampler, args, env), start=1):
+        if len(batch.indices):
+            task.update(batch.images.to(env.device, non_blocking=True), batch.labels)
+        state.corrupt += [dataset.path(i) for i in batch.corrupt]
+        state.processed += batch.num_samples
+        outcome.images_now += len(batch.indices)
+        outcome.samples_now += batch.num_samples
+        bar.update(batch.num_samples)
+        if step % args.state_every == 0 or step == args.stop_after_batches:
+            state.sums = task.sums
+            save_state(state, path)
+        if step == args.stop_after_batches:
+            outcome.stopped = True
+            break
+    synchronize(env.device)
+    outcome.loop_s = time.perf_counter() - start
+    bar.close()
+    state.sums = task.sums
+    save_state(state, path)
+    return outcome
+
+
+def resume_state(task: DatasetTask, settings: dict, args: argparse.Namespace, env: DistEnv, path: Path) -> ShardState:
+    """This process's saved state when resuming (checked against the settings), else a fresh one."""
+    fresh = ShardState(settings, env.rank, env.world_size)
+    error = None
+    if args.resume and not path.is_file() and env.is_main:
+        print(f"No saved state at {path}: starting from the beginning.", file=sys.stderr)
+    if args.resume and path.is_file():
+        try:
+            saved = load_state(path)
+            check_resumable(saved, settings, env)
+            task.load_sums(saved.sums)
+            fresh = saved
+        except (ResumeError, ValueError, RuntimeError, KeyError) as exc:
+            error = str(exc) if isinstance(exc, ResumeError) else f"Cannot resume from {path}: {exc}"
+    agree_on_errors(error, env)
+    fresh.sums = task.sums
+    return fresh
+
+
+# ----------------------------------------------------------------------------- results
+
+def write_run_json(out: Path, info: dict[str, Any]) -> Path:
+    target = out / RUN_FILE
+    tmp = target.with_name(RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2, default=str))
+    tmp.replace(target)
+    return target
+
+
+def run(args: argparse.Namespace, env: DistEnv) -> int:
+    from models.loading import load_model
+
+    started = time.perf_counter()
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)  # random weights must be the same model in every process
+    loaded = load_model(args.model, device=str(env.device), user_file=args.weights,
+                        random_weights=args.random_weights, weights_folder=args.weights_folder)
+    dataset = FolderImages.from_folder(args.data, loaded.transform, args.limit, args.labels)
+    task = build_task(args.task, loaded.model, args.model, task_options(args),
+                      tuple(loaded.data_config["input_size"]), loaded.weights.is_random)
+    settings = run_settings(args, dataset, loaded.weights.description)
+    path = state_path(out, env.rank)
+    state = resume_state(task, settings, args, env, path)
+    resumed_from = state.processed
+    load_s = time.perf_counter() - started
+
+    outcome = run_shard(task, dataset, state, args, env, path)
+    if args.stop_after_batches is not None:
+        if env.is_main:
+            print(f"Stopped after {args.stop_after_batches} batch(es) as asked; state in {path.parent}. "
+                  f"Continue with --resume.", file=sys.stderr)
+        return 0
+
+    sums = all_reduce_sums(task.sums, env)
+    now = all_reduce_sums({"images": torch.tensor(float(outcome.images_now)),
+                           "samples": torch.tensor(float(outcome.samples_now)),
+                           "resumed": torch.tensor(float(resumed_from))}, env)
+    corrupt = sorted(gather_lists(state.corrupt, env))
+    loop_s = max_over_ranks(outcome.loop_s, env)
+    if not env.is_main:
+        return 0
+    record = task.result(sums)
+    files = TASKS[args.task].write(record, out)
+    images_now = int(now["images"].item())
+    info = {
+        "task": args.task, "settings": settings, "note": task.note,
+        "model": {"name": args.model, "weights": loaded.weights.description,
+                  "random_weights": loaded.weights.is_random, "parameters": loaded.num_params},
+        "run": {"world_size": env.world_size, "device": env.device.type, "batch": args.batch,
+                "workers": args.workers, "resumed": bool(args.resume), "samples_resumed": int(now["resumed"].item()),
+                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "torch": torch.__version__},
+        "counts": {"files": len(dataset), "images_seen": int(sums["images"].item()),
+                   "corrupt_skipped": len(corrupt), "corrupt_paths": corrupt,
+                   "images_this_invocation": images_now},
+        "timings": {"setup_s": round(load_s, 3), "loop_s": round(loop_s, 3),
+                    "total_s": round(time.perf_counter() - started, 3),
+                    "images_per_s": round(images_now / loop_s, 3) if loop_s > 0 else None},
+        "records": files,
+    }
+    write_run_json(out, info)
+    print(f"{args.task}: {info['counts']['images_seen']} images ({len(corrupt)} corrupt skipped) on "
+          f"{env.world_size} process(es), {info['timings']['images_per_s']} img/s; wrote {', '.join(files)} "
+          f"and {RUN_FILE} to {out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one task; returns the exit status (2 with a clear message for bad input)."""
+    from models.attention_recording import UnsupportedModelError
+    from models.checkpoints import CheckpointError, WeightsNotFoundError
+    from models.registry import REGISTRY
+
+    args = build_parser().parse_args(argv)
+    if args.model not in REGISTRY:
+        print(f"error: unknown model {args.model!r}; known: {', '.join(sorted(REGISTRY))}.", file=sys.stderr)
+        return 2
+    if args.batch < 1 or args.state_every < 1:
+        print("error: --batch and --state-every must be at least 1.", file=sys.stderr)
+        return 2
+    env = init_distributed(args.device)
+    try:
+        return run(args, env)
+    except (DatasetError, ResumeError, WeightsNotFoundError, CheckpointError, UnsupportedModelError,
+            ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        close_distributed(env)
+
+
+# ----------------------------------------------------------------------------- reading a run back
+
+class RunFolderError(ValueError):
+    """A folder that holds no finished run of the expected task; the message says what is wrong."""
+
+
+@dataclass
+class RunResult:
+    """A finished run read back: its task, settings, the whole run.json, and the task's record."""
+
+    folder: Path
+    task: str
+    settings: dict[str, Any]
+    info: dict[str, Any]
+    record: Any
+
+    def figures(self):
+        """The task's figures (plotly), keyed by a short name, drawn with the pages' builders."""
+        return TASKS[self.task].figures(self.record)
+
+    def summary(self) -> str:
+        counts, timings = self.info.get("counts", {}), self.info.get("timings", {})
+        return (f"{self.task} on {self.settings.get('model')}: {counts.get('images_seen')} images from "
+                f"{self.settings.get('data')} ({counts.get('corrupt_skipped', 0)} corrupt skipped), "
+                f"{self.info.get('run', {}).get('world_size', 1)} process(es), "
+                f"{timings.get('images_per_s')} img/s")
+
+
+def load_run(folder: str | Path, task: str | None = None) -> RunResult:
+    """Read ``folder/run.json`` and the task's record files; RunFolderError with a clear message otherwise."""
+    root = Path(str(folder)).expanduser()
+    if not root.is_dir():
+        raise RunFolderError(f"{folder} is not a folder.")
+    run_file = root / RUN_FILE
+    if not run_file.is_file():
+        hint = " Its state/ holds an unfinished run: finish it with --resume." if (root / "state").is_dir() else ""
+        raise RunFolderError(f"{root} holds no {RUN_FILE}: it is not the --out folder of a finished "
+                             f"`python -m analysis.run` run.{hint}")
+    try:
+        info = json.loads(run_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunFolderError(f"{run_file} cannot be read: {exc}") from exc
+    found = info.get("task")
+    if found not in TASKS:
+        raise RunFolderError(f"{run_file} names no known task ({found!r}).")
+    if task is not None and found != task:
+        raise RunFolderError(f"{root} holds a {found!r} run, but this page shows {task!r} results. "
+                             f"Run `python -m analysis.run {task} ...` and give its --out folder.")
+    try:
+        record = TASKS[found].load(root, info)
+    except (OSError, KeyError, ValueError) as exc:
+        raise RunFolderError(f"The {found} records in {root} cannot be read: {exc}") from exc
+    return RunResult(root, found, dict(info.get("settings", {})), info, record)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Streamlit glue for showing a finished command-line run (``python -m analysis.run``) on a page.
+
+Reading and drawing live in ``analysis.run`` (``load_run``, ``RunResult.figures``); this file only holds
+the widget that asks for the run's folder and reports what is wrong with it.
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis.run import RunFolderError, RunResult, load_run
+
+__all__ = ["RunResult", "load_run", "result_folder_input"]
+
+
+def result_folder_input(task: str, key: str) -> RunResult | None:
+    """A text input for the --out folder of a ``task`` run; the loaded run, or None (empty, or error shown)."""
+    folder = st.text_input(
+        "Folder of a dataset run (the --out of `python -m analysis.run`)", key=key,
+        placeholder="/path/to/run", help=f"Made by `python -m analysis.run {task} --model ... --data ... --out FOLDER` "
+                                         "(or under torchrun); it holds run.json and the result files.")
+    if not folder or not folder.strip():
+        return None
+    try:
+        result = load_run(folder.strip(), task=task)
+    except RunFolderError as exc:
+        st.error(str(exc))
+        return None
+    if result.info.get("model", {}).get("random_weights"):
+        st.warning("This run used RANDOM weights: its statistics are those of an untrained network.")
+    st.caption(result.summary())
+    return result
