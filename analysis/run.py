@@ -45,7 +45,6 @@ from analysis.dataset import (
 from analysis.dataset_tasks import TASKS, DatasetTask, TaskOptions, build_task
 
 RUN_FILE = "run.json"
-STOPPED = "stopped"  # run.json is not written for a run stopped by --stop-after-batches
 
 
 # ----------------------------------------------------------------------------- command line
@@ -134,12 +133,12 @@ def run_shard(task: DatasetTask, dataset: FolderImages, state: ShardState, args:
         outcome.images_now += len(batch.indices)
         outcome.samples_now += batch.num_samples
         bar.update(batch.num_samples)
-        if step % args.state_every == 0 or step == args.stop_after_batches:
-            state.sums = task.sums
-            save_state(state, path)
         if step == args.stop_after_batches:
             outcome.stopped = True
-            break
+            break  # the state is saved below, as after a finished shard
+        if step % args.state_every == 0:
+            state.sums = task.sums
+            save_state(state, path)
     synchronize(env.device)
     outcome.loop_s = time.perf_counter() - start
     bar.close()
