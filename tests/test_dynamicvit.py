@@ -342,3 +342,25 @@ def test_cli_reports_a_missing_folder(tmp_path, capsys):
     rc = cli.main(["--backbone", "deit_tiny_patch16_224", "--backbone-weights", str(tmp_path / "none.safetensors"),
                    "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.pth")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_two_keep_ratios_from_two_threads_share_one_model():
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(7)
+    model = _small("dynamicvit_deit_256_patch16_224").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = {r: dynamicvit_forward(model, x, r) for r in (0.7, 0.5)}
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+
+        def run(ratio: float) -> torch.Tensor:
+            with torch.inference_mode():
+                return dynamicvit_forward(model, x, ratio)
+
+        ratios = (0.7, 0.5, 0.7, 0.5)
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(run, ratios))
+    assert not torch.allclose(expected[0.7], expected[0.5])
+    assert all(torch.equal(result, expected[r]) for r, result in zip(ratios, results))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
