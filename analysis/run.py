@@ -96,11 +96,8 @@ def run_settings(args: argparse.Namespace, dataset: FolderImages, weights: str) 
 class LoopOutcome:
     """One process's part of this invocation."""
 
-    state: ShardState
     images_now: int = 0
-    samples_now: int = 0
     loop_s: float = 0.0
-    stopped: bool = False
 
 
 def make_loader(dataset: FolderImages, sampler: ShardSampler, args: argparse.Namespace, env: DistEnv) -> DataLoader:
@@ -122,7 +119,7 @@ def run_shard(task: DatasetTask, dataset: FolderImages, state: ShardState, args:
     from models.device import synchronize
 
     sampler = ShardSampler(dataset, env.world_size, env.rank, start=state.processed)
-    outcome = LoopOutcome(state)
+    outcome = LoopOutcome()
     bar = _progress(len(sampler), env, args.no_progress)
     start = time.perf_counter()
     for step, batch in enumerate(make_loader(dataset, sampler, args, env), start=1):
@@ -131,10 +128,8 @@ def run_shard(task: DatasetTask, dataset: FolderImages, state: ShardState, args:
         state.corrupt += [dataset.path(i) for i in batch.corrupt]
         state.processed += batch.num_samples
         outcome.images_now += len(batch.indices)
-        outcome.samples_now += batch.num_samples
         bar.update(batch.num_samples)
         if step == args.stop_after_batches:
-            outcome.stopped = True
             break  # the state is saved below, as after a finished shard
         if step % args.state_every == 0:
             state.sums = task.sums
@@ -201,23 +196,21 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
                   f"Continue with --resume.", file=sys.stderr)
         return 0
 
-    sums = all_reduce_sums(task.sums, env)
-    now = all_reduce_sums({"images": torch.tensor(float(outcome.images_now)),
-                           "samples": torch.tensor(float(outcome.samples_now)),
-                           "resumed": torch.tensor(float(resumed_from))}, env)
+    progress = {"now.images": outcome.images_now, "now.resumed": resumed_from}
+    sums = all_reduce_sums({**task.sums, **{k: torch.tensor(float(v)) for k, v in progress.items()}}, env)
     corrupt = sorted(gather_lists(state.corrupt, env))
     loop_s = max_over_ranks(outcome.loop_s, env)
     if not env.is_main:
         return 0
     record = task.result(sums)
     files = TASKS[args.task].write(record, out)
-    images_now = int(now["images"].item())
+    images_now = int(sums["now.images"].item())
     info = {
         "task": args.task, "settings": settings, "note": task.note,
         "model": {"name": args.model, "weights": loaded.weights.description,
                   "random_weights": loaded.weights.is_random, "parameters": loaded.num_params},
         "run": {"world_size": env.world_size, "device": env.device.type, "batch": args.batch,
-                "workers": args.workers, "resumed": bool(args.resume), "samples_resumed": int(now["resumed"].item()),
+                "workers": args.workers, "resumed": bool(args.resume), "samples_resumed": int(sums["now.resumed"].item()),
                 "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "torch": torch.__version__},
         "counts": {"files": len(dataset), "images_seen": int(sums["images"].item()),
