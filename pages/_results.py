@@ -29,3 +29,19 @@ def result_folder_input(task: str, key: str) -> RunResult | None:
         st.warning("This run used RANDOM weights: its statistics are those of an untrained network.")
     st.caption(result.summary())
     return result
+
+
+def dataset_run_section(tasks: list[str], key: str) -> None:
+    """An expander that draws a finished dataset-scale run of one of ``tasks`` with the page's own charts."""
+    with st.expander("Dataset-scale results from the command line (`python -m analysis.run`)"):
+        task = st.radio("Task", tasks, horizontal=True, key=f"{key}-task") if len(tasks) > 1 else tasks[0]
+        result = result_folder_input(task, key=f"{key}-folder")
+        if result is None:
+            st.caption(f"Run `python -m analysis.run {task} --model NAME --data FOLDER --out DIR` (or under "
+                       "`torchrun --nproc_per_node N`) over a whole image folder, then give DIR here.")
+            return
+        for name, figure in result.figures().items():
+            st.plotly_chart(figure, key=f"{key}-{name}")
+        for path in sorted(p for p in result.folder.iterdir() if p.is_file()):
+            st.download_button(f"Download {path.name}", path.read_bytes(), file_name=path.name,
+                               key=f"{key}-dl-{path.name}")

@@ -22,6 +22,7 @@ from analysis.taylor import (
     taylor_vs_activation_figure,
 )
 from models.registry import CGA, MHSA, list_models
+from pages._results import dataset_run_section
 from pages._ui import (
     cached_model,
     current_device,
@@ -49,6 +50,8 @@ st.markdown(
     "the embedding (and EfficientViT's depthwise convolutions). A global budget then keeps the most important "
     "channels across the whole network, and the chart shows which components keep their width."
 )
+
+dataset_run_section(["taylor"], key="ci_run")
 
 left, right = st.columns(2)
 with left:

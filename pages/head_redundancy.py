@@ -18,6 +18,7 @@ from analysis.head_redundancy import (
     to_dataframe,
 )
 from models.registry import CGA, MHSA, REGISTRY
+from pages._results import dataset_run_section
 from pages._ui import (
     cached_model,
     current_device,
@@ -54,6 +55,8 @@ st.markdown(
     "channel split plus the previous head's output to make heads differ. The same is measured on the heads' "
     "outputs with linear CKA."
 )
+
+dataset_run_section(["head-similarity"], key="hr_run")
 
 names = _model_names()
 left, right = st.columns(2)

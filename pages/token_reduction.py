@@ -27,6 +27,7 @@ from analysis.tome_agreement import agreement_sweep, plot_agreement, rows_to_fra
 from models.dynamicvit import DynamicViT
 from models.registry import DYNAMICVIT as DYNAMICVIT_FAMILY
 from models.registry import MHSA, list_models
+from pages._results import dataset_run_section
 from pages._ui import (
     cached_model,
     current_device,
@@ -61,6 +62,8 @@ st.markdown(
     "**ToMe** *merges* the r most similar token pairs in every block, without training. Both run here on the "
     "same backbone and images; agreement is measured against the same model without reduction."
 )
+
+dataset_run_section(["keep-frequency", "tome-merge"], key="tr_run")
 
 choices = _model_choices()
 left, right = st.columns(2)

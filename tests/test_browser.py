@@ -69,3 +69,38 @@ def test_home_page_title_in_a_real_browser(app_url, tmp_path):
         shots = Path(os.environ.get("VITLAB_SCREENSHOT_DIR", tmp_path))
         page.screenshot(path=str(shots / "home.png"), full_page=True)
         browser.close()
+
+
+PAGE_PATHS = ["token_reduction", "vision_language", "head_redundancy", "channel_importance", "throughput"]
+
+
+@pytest.mark.skipif(not os.environ.get("VITLAB_SCREENSHOT_DIR"), reason="set VITLAB_SCREENSHOT_DIR to screenshot every page")
+def test_screenshot_every_page(app_url):
+    """Not part of CI: renders each page in the browser and saves a full-page screenshot for the README."""
+    from playwright.sync_api import sync_playwright
+
+    shots = Path(os.environ["VITLAB_SCREENSHOT_DIR"])
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        for path in PAGE_PATHS:
+            page.goto(f"{app_url}/{path}")
+            page.get_by_role("heading").first.wait_for(timeout=60_000)
+            _wait_until_idle(page)
+            page.screenshot(path=str(shots / f"{path}.png"), full_page=True)
+        browser.close()
+
+
+def _wait_until_idle(page, limit_s: float = 300) -> None:
+    """Streamlit shows its status widget while the script runs; wait until it has been gone for 3 s."""
+    deadline, quiet_since = time.time() + limit_s, None
+    while time.time() < deadline:
+        busy = page.locator('[data-testid="stStatusWidget"]').count() > 0
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.time()
+        elif time.time() - quiet_since > 3:
+            return
+        time.sleep(0.5)
