@@ -62,20 +62,26 @@ class ThroughputRow:
     note: str = ""
 
 
-def count_flops(runner: Runner) -> float | None:
-    """FLOPs of one image through the runner's forward, by torch.utils.flop_counter (2 per multiply-add)."""
+def measure_flops(run: Callable[[], Any]) -> tuple[Any, float]:
+    """Run ``run()`` under torch.utils.flop_counter; (its output, FLOPs counted, 2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    with FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()) as counter:
+        output = run()
+    return output, float(counter.get_total_flops())
+
+
+def count_flops(runner: Runner) -> float | None:
+    """FLOPs of one image through the runner's forward."""
     try:
         inputs = runner.make_inputs(1)
-        with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
-            runner.forward(inputs)
-        return float(counter.get_total_flops())
+        with torch.inference_mode():
+            return measure_flops(lambda: runner.forward(inputs))[1]
     except Exception:  # noqa: BLE001 - a forward the counter cannot trace still gets timed
         return None
 
 
-def _extra_flop_formulas() -> dict:
+def extra_flop_formulas() -> dict:
     """The CPU flash-attention kernel has no formula in torch's counter; without one, fused attention on
     CPU would count as free. It computes what the other SDPA kernels compute, so reuse their formula."""
     from torch.utils.flop_counter import sdpa_flop_count
@@ -258,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--fuse-bn", action="store_true", help="fold BatchNorm into convolutions (EfficientViT, MobileNetV3)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument("--random-weights", action="store_true", help="use untrained weights (fine for timing)")
     p.add_argument("--out", help="write results to .csv or .json")
     return p
@@ -265,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from models.checkpoints import CheckpointError, WeightsNotFoundError
-    from models.variants import make_runner
+    from models.variants import ModelOptions, make_runner
 
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -276,7 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.baseline and args.baseline not in args.models:
         args.models = [args.baseline] + list(args.models)
     try:
-        runners = [make_runner(name, device=device, random_weights=args.random_weights) for name in args.models]
+        options = ModelOptions(channels_last=args.channels_last, fuse_bn=args.fuse_bn, compile=args.compile)
+        runners = [make_runner(name, device=device, random_weights=args.random_weights, options=options)
+                   for name in args.models]
     except (KeyError, ValueError, WeightsNotFoundError, CheckpointError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2

@@ -16,17 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
-from PIL import Image
-from torch.utils import flop_counter
 
+from analysis.throughput import measure_flops
 from models.tome import merge_schedule, tome_forward
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclass(frozen=True)
@@ -40,22 +37,10 @@ class AgreementRow:
     gflops_per_image: float
 
 
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of the CPU fused attention kernel: the same two matmuls as the GPU kernels."""
-    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _flop_mapping() -> dict:
-    # torch's counter knows the GPU SDPA kernels but not the CPU one, which would count attention as free.
-    cpu_op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return {cpu_op: _cpu_sdpa_flops} if cpu_op is not None else {}
-
-
 def count_gflops(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-    """Run ``run()`` under torch's FlopCounterMode; returns its output and the total GFLOPs (multiply-add = 2)."""
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as counter:
-        output = run()
-    return output, counter.get_total_flops() / 1e9
+    """``run()``'s output and its GFLOPs (2 per multiply-add), fused CPU attention included."""
+    output, flops = measure_flops(run)
+    return output, flops / 1e9
 
 
 def top1_agreement(reference: torch.Tensor, logits: torch.Tensor) -> float:
@@ -135,43 +120,11 @@ def plot_agreement(rows: Sequence[AgreementRow], title: str = "ToMe: agreement w
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
-def load_deit_tiny(weights: Path) -> torch.nn.Module:
-    """DeiT-Tiny from a local weights file, loaded the way timm loads a user's file."""
-    import timm
-
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
-    return model.eval()
-
-
-def folder_images(folder: Path) -> list[tuple[str, Image.Image]]:
-    """Every readable image in ``folder`` (sorted by name), as RGB."""
-    found = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            with Image.open(path) as image:
-                found.append((path.name, image.convert("RGB")))
-    return found
-
-
-def sklearn_sample_images() -> list[tuple[str, Image.Image]]:
-    """scikit-learn's two bundled sample photos (china.jpg, flower.jpg)."""
-    from sklearn.datasets import load_sample_images
-
-    bunch = load_sample_images()
-    return [(Path(name).name, Image.fromarray(np.asarray(array))) for name, array in zip(bunch.filenames, bunch.images)]
-
-
-def preprocess(model: torch.nn.Module, images: Sequence[Image.Image]) -> torch.Tensor:
-    """Images -> batch with the model's own timm eval transform."""
-    import timm.data
-
-    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
-    return torch.stack([transform(image) for image in images])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", type=Path, required=True, help="DeiT-Tiny .safetensors or .pth file")
+    parser.add_argument("--model", default="deit_tiny_patch16_224", help="registry name of a timm ViT/DeiT")
+    parser.add_argument("--weights", type=Path, help="weights file (default: the resolver: $VITLAB_WEIGHTS_DIR, "
+                                                     "Hugging Face cache/hub)")
     parser.add_argument("--images", type=Path, required=True, help="folder of images")
     parser.add_argument("--include-samples", action="store_true", help="add scikit-learn's sample photos")
     parser.add_argument("--r-max", type=int, default=16, help="largest r in the sweep (from 0)")
@@ -179,21 +132,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the table as CSV")
     args = parser.parse_args(argv)
 
-    if not args.weights.is_file():
-        parser.error(f"weights file {args.weights} not found")
+    from analysis.images import load_folder, sample_images, to_batch
+    from models.checkpoints import CheckpointError, WeightsNotFoundError
+    from models.loading import load_model
+
     if not args.images.is_dir():
         parser.error(f"image folder {args.images} not found")
-    named = folder_images(args.images) + (sklearn_sample_images() if args.include_samples else [])
+    named, skipped = load_folder(args.images)
+    for message in skipped:
+        print(f"skipped: {message}")
+    named += sample_images() if args.include_samples else []
     if not named:
-        parser.error(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {args.images}")
-
-    model = load_deit_tiny(args.weights)
-    batch = preprocess(model, [image for _, image in named])
+        parser.error(f"no readable images in {args.images}")
+    try:
+        loaded = load_model(args.model, user_file=args.weights)
+    except (WeightsNotFoundError, CheckpointError, KeyError) as exc:
+        parser.error(str(exc.args[0] if exc.args else exc))
+    model = loaded.model
+    batch = to_batch(named, loaded.transform)
     rows = agreement_sweep(
         model, batch, range(0, args.r_max + 1), proportional_attention=not args.no_proportional_attention
     )
     frame = rows_to_frame(rows)
-    print(f"DeiT-Tiny, {len(named)} images: {', '.join(name for name, _ in named)}")
+    print(f"{args.model} ({loaded.weights.description}), {len(named)} images: {', '.join(im.name for im in named)}")
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.out:
         frame.to_csv(args.out, index=False)

@@ -106,18 +106,11 @@ def collate_readable(samples: Sequence[tuple[torch.Tensor, int] | None]) -> Batc
 # Models and one training step
 # ---------------------------------------------------------------------------------------------
 def load_backbone(name: str, weights: str | Path | None) -> nn.Module:
-    """A timm ViT with pretrained weights: from ``weights`` if given, else timm's own pretrained source (the hub)."""
-    import timm
+    """A registry ViT with pretrained weights through the one resolver: ``weights`` if given, else
+    $VITLAB_WEIGHTS_DIR, the Hugging Face cache or hub (WeightsNotFoundError says where to put the file)."""
+    from models.loading import load_model
 
-    if weights is not None:
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"--backbone-weights {weights} does not exist.")
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
-    try:
-        return timm.create_model(name, pretrained=True)
-    except Exception as exc:  # noqa: BLE001 - hub / network failures of any kind get one actionable message
-        raise RuntimeError(f"Could not fetch pretrained weights for {name} ({type(exc).__name__}: {exc}). "
-                           f"Download them and pass --backbone-weights FILE.safetensors.") from exc
+    return load_model(name, user_file=weights).model
 
 
 def frozen_teacher(backbone: nn.Module) -> nn.Module:

@@ -83,6 +83,9 @@ if loaded is None:
     st.stop()
 show_weights_banner(loaded)
 note = "(RANDOM weights)" if loaded.weights.is_random else ""
+if loaded.weights.is_random and loaded.spec.family == CGA:
+    st.caption("timm initialises the last BatchNorm of every EfficientViT residual branch to zero, so with random "
+               "weights no gradient reaches inside the blocks and their Taylor scores are exactly zero.")
 
 labels = None
 if folder_labels:
