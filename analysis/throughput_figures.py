@@ -62,7 +62,10 @@ def results_table(rows: Sequence[ThroughputRow]) -> pd.DataFrame:
     claims = [claimed_speedup(m, b) if isinstance(b, str) else ("", "") for m, b in zip(df["model"], df["baseline"])]
     df["claimed speed-up"] = [c for c, _ in claims]
     df["claim source"] = [s for _, s in claims]
-    return df
+    first = ["model", "batch", "img_per_s", "ms_per_batch", "speedup", "baseline", "claimed speed-up", "claim source",
+             "gflops", "params_m", "peak_mem_mib", "published top-1", "paper img/s (V100)", "paper source"]
+    return df[first + [c for c in df.columns if c not in first]].round(
+        {"img_per_s": 1, "ms_per_batch": 1, "speedup": 2, "gflops": 2, "params_m": 2, "peak_mem_mib": 0})
 
 
 def live_figure(measurements: pd.DataFrame) -> go.Figure:
@@ -94,6 +97,6 @@ def accuracy_figure(table: pd.DataFrame) -> go.Figure:
     fig = px.scatter(best, x="img_per_s", y="published top-1", text="model", color=families, log_x=True,
                      hover_data=["paper img/s (V100)", "batch", "gflops"],
                      labels={"img_per_s": "measured img/s on this machine (best batch)", "color": "family"})
-    fig.update_traces(textposition="top center")
-    fig.update_layout(height=420, margin=dict(t=30, b=10))
+    fig.update_traces(textposition="top center", cliponaxis=False)
+    fig.update_layout(height=420, margin=dict(t=30, b=10, l=80, r=80))
     return fig

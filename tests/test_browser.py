@@ -72,6 +72,8 @@ def test_home_page_title_in_a_real_browser(app_url, tmp_path):
 
 
 PAGE_PATHS = ["token_reduction", "vision_language", "head_redundancy", "channel_importance", "throughput"]
+# What to click before the screenshot, where a page's first view is a form rather than a result.
+SCREENSHOT_ACTIONS = {"vision_language": "Use a small random ViLT", "throughput": "Run benchmark"}
 
 
 @pytest.mark.skipif(not os.environ.get("VITLAB_SCREENSHOT_DIR"), reason="set VITLAB_SCREENSHOT_DIR to screenshot every page")
@@ -83,11 +85,16 @@ def test_screenshot_every_page(app_url):
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        # Streamlit scrolls inside its own container, so a tall viewport is what shows the whole page.
+        page = browser.new_page(viewport={"width": 1400, "height": 3600})
         for path in PAGE_PATHS:
             page.goto(f"{app_url}/{path}")
             page.get_by_role("heading").first.wait_for(timeout=60_000)
             _wait_until_idle(page)
+            if path in SCREENSHOT_ACTIONS:
+                page.get_by_text(SCREENSHOT_ACTIONS[path]).first.click()
+                time.sleep(1)
+                _wait_until_idle(page)
             page.screenshot(path=str(shots / f"{path}.png"), full_page=True)
         browser.close()
 
