@@ -138,3 +138,44 @@ def test_empty_and_garbage_files_are_refused(tmp_path, content):
 def test_nonexistent_user_file(tmp_path):
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
         load_model("efficientvit_m0", user_file=tmp_path / "nope.pth")
+
+
+def test_dynamicvit_official_release_is_downloaded_once_and_cached(tmp_path, monkeypatch):
+    """Online, a DynamicViT without a local file comes from its official URL, in the official format."""
+    from models import loading, weights
+    from models.dynamicvit import build_dynamicvit
+    from models.weights import URL
+
+    official = build_dynamicvit("dynamicvit_deit_256_patch16_224")
+    downloads = []
+
+    def fake_download(url, dst, progress=True):
+        downloads.append(url)
+        torch.save({"model": official.state_dict()}, dst)
+
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path / "empty"))
+    monkeypatch.setattr(weights, "host_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(loading, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    for _ in range(2):
+        loaded = load_model("dynamicvit_deit_256_patch16_224")
+        assert loaded.weights.kind == URL and "cloud.tsinghua.edu.cn" in loaded.weights.location
+        torch.testing.assert_close(loaded.model.state_dict()["score_predictor.0.in_conv.1.weight"],
+                                   official.state_dict()["score_predictor.0.in_conv.1.weight"])
+    assert len(downloads) == 1
+
+
+def test_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch):
+    from models import loading, weights
+
+    def broken_download(url, dst, progress=True):
+        raise ConnectionError("connection reset")
+
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(weights, "host_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(loading, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", broken_download)
+    with pytest.raises(WeightsNotFoundError, match="dynamicvit_deit_256_patch16_224.safetensors") as err:
+        load_model("dynamicvit_deit_256_patch16_224")
+    assert "connection reset" in str(err.value)
+    assert not (tmp_path / "cache" / "dynamicvit_deit_256_patch16_224.pth").exists()
