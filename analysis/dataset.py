@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
-from analysis.images import ACCEPTED_TYPES, ImageError, load_image
+from analysis.images import ACCEPTED_TYPES, ImageError, imagenet_class_index, load_image
 
 NO_LABEL = -1
 LABEL_MODES = ("self", "folder")
@@ -47,8 +47,6 @@ def class_folder(relative: Path) -> str | None:
 
 def folder_labels(files: Sequence[Path]) -> list[int]:
     """ImageNet class index of every file from its class sub-folder; DatasetError when one has none."""
-    from analysis.taylor import imagenet_class_index
-
     unlabelled = [str(f) for f in files if class_folder(f) is None]
     if unlabelled:
         raise DatasetError(f"--labels folder needs every image inside a class sub-folder; {len(unlabelled)} are not "

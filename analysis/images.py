@@ -131,3 +131,20 @@ def _imagenet_info():
 def imagenet_label(index: int) -> str:
     """Short ImageNet-1k class name (first synonym), from the table timm ships."""
     return _imagenet_info().index_to_description(int(index)).split(",")[0]
+
+
+def imagenet_class_index(folder_name: str) -> int:
+    """The ImageNet-1k index a class sub-folder stands for: its index ("207"), WordNet id ("n02099601")
+    or one of its names ("golden retriever", case-insensitive). Raises ValueError otherwise."""
+    info, name = _imagenet_info(), folder_name.strip()
+    if name.isdigit() and 0 <= int(name) < info.num_classes():
+        return int(name)
+    wordnet_ids = list(info.label_names())
+    if name in wordnet_ids:
+        return wordnet_ids.index(name)
+    wanted = name.lower().replace("_", " ")
+    for index, description in enumerate(info.label_descriptions()):
+        if wanted in (s.strip().lower() for s in description.split(",")):
+            return index
+    raise ValueError(f"Sub-folder {folder_name!r} is not an ImageNet class: name it by class index (0-999), "
+                     f"WordNet id (e.g. n02099601) or class name (e.g. golden retriever).")

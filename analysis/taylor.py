@@ -634,25 +634,6 @@ def taylor_vs_activation_figure(taylor: TaylorScores, activation: TaylorScores,
 
 # ----------------------------------------------------------------------------- inputs for the page and CLI
 
-def imagenet_class_index(folder_name: str) -> int:
-    """The ImageNet-1k index a class sub-folder stands for: its index ("207"), WordNet id ("n02099601")
-    or one of its names ("golden retriever", case-insensitive). Raises ValueError otherwise."""
-    from timm.data import ImageNetInfo
-
-    info, name = ImageNetInfo(), folder_name.strip()
-    if name.isdigit() and 0 <= int(name) < info.num_classes():
-        return int(name)
-    wordnet_ids = list(info.label_names())
-    if name in wordnet_ids:
-        return wordnet_ids.index(name)
-    wanted = name.lower().replace("_", " ")
-    for index, description in enumerate(info.label_descriptions()):
-        if wanted in (s.strip().lower() for s in description.split(",")):
-            return index
-    raise ValueError(f"Sub-folder {folder_name!r} is not an ImageNet class: name it by class index (0-999), "
-                     f"WordNet id (e.g. n02099601) or class name (e.g. golden retriever).")
-
-
 def labelled_folder(folder, limit: int | None = None):
     """Images under ``folder/<class>/...`` with the ImageNet index of their class sub-folder.
 
@@ -661,7 +642,7 @@ def labelled_folder(folder, limit: int | None = None):
     """
     from pathlib import Path
 
-    from analysis.images import load_folder
+    from analysis.images import imagenet_class_index, load_folder
 
     root = Path(folder).expanduser()
     if not root.is_dir():

@@ -13,15 +13,15 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from analysis.images import ACCEPTED_TYPES, ImageError, load_image
+from analysis.dataset import NO_LABEL, FolderImages, class_folder, collate_readable, list_image_files
+from analysis.images import ACCEPTED_TYPES, imagenet_class_index
 from models.checkpoints import CheckpointError
 from models.dynamicvit import (
     DynamicViT,
@@ -32,74 +32,30 @@ from models.dynamicvit import (
     teacher_outputs,
 )
 
-TEACHER_LABEL = -1  # marks an image whose label is the teacher's top-1
+TEACHER_LABEL = NO_LABEL  # marks an image whose label is the teacher's top-1
 BACKBONE_LR_SCALE = 0.01  # official recipe: the backbone learns 100x slower than the predictors
 
 
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
-def _imagenet_synsets() -> list[str]:
-    from timm.data import ImageNetInfo
-
-    return list(ImageNetInfo().label_names())
-
-
-def label_of_folder(name: str, synset_index: dict[str, int], num_classes: int) -> int:
-    """A class sub-folder's label: an ImageNet synset id or an integer class index; otherwise TEACHER_LABEL."""
-    if name in synset_index and synset_index[name] < num_classes:
-        return synset_index[name]
-    if name.isdigit() and int(name) < num_classes:
-        return int(name)
-    return TEACHER_LABEL
+def label_of_folder(name: str | None, num_classes: int) -> int:
+    """A class sub-folder's label (ImageNet index, WordNet id or class name); otherwise TEACHER_LABEL."""
+    try:
+        index = imagenet_class_index(name) if name else TEACHER_LABEL
+    except ValueError:
+        return TEACHER_LABEL
+    return index if index < num_classes else TEACHER_LABEL
 
 
-def scan_folder(folder: str | Path, num_classes: int) -> list[tuple[Path, int]]:
-    """Every image file under ``folder`` (recursively, sorted) with its label from the nearest class folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
+def folder_dataset(folder: str | Path, transform: Callable, num_classes: int) -> FolderImages:
+    """Every image under ``folder`` with its label from its class sub-folder, or TEACHER_LABEL."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
         raise FileNotFoundError(f"--data {folder} is not a folder.")
-    synset_index = {s: i for i, s in enumerate(_imagenet_synsets())}
-    items = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in ACCEPTED_TYPES):
-        parent = path.parent.name if path.parent != folder else ""
-        items.append((path, label_of_folder(parent, synset_index, num_classes)))
-    return items
-
-
-class ImageFolderDataset(Dataset):
-    """(image tensor, label) per file; an unreadable file yields None and is dropped (and counted) by the collate."""
-
-    def __init__(self, items: Sequence[tuple[Path, int]], transform: Callable) -> None:
-        self.items = list(items)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        path, label = self.items[index]
-        try:
-            image = load_image(path).image
-        except ImageError:
-            return None
-        return self.transform(image), label
-
-
-@dataclass
-class Batch:
-    images: torch.Tensor
-    labels: torch.Tensor
-    skipped: int  # unreadable files dropped from this batch
-
-
-def collate_readable(samples: Sequence[tuple[torch.Tensor, int] | None]) -> Batch:
-    """Stack the readable samples; count the unreadable ones (works across DataLoader workers)."""
-    good = [s for s in samples if s is not None]
-    skipped = len(samples) - len(good)
-    if not good:
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
-    return Batch(torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good], dtype=torch.long), skipped)
+    files = list_image_files(root)
+    names = {name: label_of_folder(name, num_classes) for name in {class_folder(f) for f in files}}
+    return FolderImages(root, files, transform, [names[class_folder(f)] for f in files])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,19 +162,18 @@ def run(args: argparse.Namespace) -> Path:
 
     # The model's own input size wins over its pretrained config (a backbone built at another img_size).
     data_config = timm.data.resolve_data_config({"input_size": (3, *model.patch_embed.img_size)}, model=backbone)
-    items = scan_folder(args.data, model.num_classes)
-    if not items:
+    dataset = folder_dataset(args.data, timm.data.create_transform(**data_config, is_training=True), model.num_classes)
+    if not len(dataset):
         raise FileNotFoundError(f"No images ({', '.join(ACCEPTED_TYPES)}) under {args.data}.")
-    labelled = sum(label != TEACHER_LABEL for _, label in items)
-    print(f"{len(items)} images: {labelled} labelled by class folder, {len(items) - labelled} by the teacher's top-1")
-    dataset = ImageFolderDataset(items, timm.data.create_transform(**data_config, is_training=True))
+    labelled = sum(label != TEACHER_LABEL for label in dataset.labels)
+    print(f"{len(dataset)} images: {labelled} labelled by class folder, {len(dataset) - labelled} by the teacher's top-1")
     loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=args.workers,
                         collate_fn=collate_readable, drop_last=False)
 
     step, skipped = 0, 0
     for _ in range(args.epochs):
         for batch in loader:
-            skipped += batch.skipped
+            skipped += len(batch.corrupt)
             if batch.images.numel() == 0:
                 continue
             stats = train_step(model, teacher, batch.images.to(device), batch.labels.to(device), optimizer,

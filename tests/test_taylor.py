@@ -268,7 +268,8 @@ def test_real_deit_tiny_scores(deit_tiny_real, deit_tiny_batch):
 def test_class_folders_map_to_imagenet_indices(tmp_path):
     from PIL import Image
 
-    from analysis.taylor import imagenet_class_index, labelled_folder, split_batches
+    from analysis.images import imagenet_class_index
+    from analysis.taylor import labelled_folder, split_batches
 
     assert imagenet_class_index("207") == imagenet_class_index("golden_retriever") == 207
     assert imagenet_class_index("n01443537") == imagenet_class_index("Goldfish") == 1
