@@ -451,14 +451,14 @@ class TaylorTask(DatasetTask):
     files = ("taylor_scores.csv", "taylor_components.csv")
 
     def __init__(self, model: nn.Module, loss_target: str, model_name: str, note: str = "") -> None:
-        from analysis.taylor import _check_loss_target, _scored_parameter_names, channel_groups, private_copy
+        from analysis.taylor import check_loss_target, scored_parameter_names, channel_groups, private_copy
 
         super().__init__(model_name, note)
-        _check_loss_target(loss_target)
+        check_loss_target(loss_target)
         self.loss_target = loss_target
         self.groups = channel_groups(model)
         self.work = private_copy(model)
-        scored = _scored_parameter_names(self.groups)
+        scored = scored_parameter_names(self.groups)
         self.params = {n: p for n, p in self.work.named_parameters() if n in scored}
         for name, p in self.work.named_parameters():
             p.requires_grad_(name in scored)
@@ -470,20 +470,20 @@ class TaylorTask(DatasetTask):
         return {"loss_target": options.loss_target}
 
     def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        from analysis.taylor import _clear_attention_bias_caches, _summed_loss
+        from analysis.taylor import clear_attention_bias_caches, summed_loss
 
         targets = labels.to(images.device) if self.loss_target == "labels" else None
         names = list(self.params)
         with torch.inference_mode(False), torch.enable_grad():
-            _clear_attention_bias_caches(self.work)  # private copy: a cached bias must not outlive its batch
-            loss = _summed_loss(self.work(images), targets, self.loss_target)
+            clear_attention_bias_caches(self.work)  # private copy: a cached bias must not outlive its batch
+            loss = summed_loss(self.work(images), targets, self.loss_target)
             grads = torch.autograd.grad(loss, [self.params[n] for n in names])
         for name, grad in zip(names, grads):
             _add(self.sums, f"grad.{name}", grad.detach().double())
         _add(self.sums, "images", images.shape[0])
 
     def result(self, sums: dict[str, torch.Tensor]):
-        from analysis.taylor import _group_taylor_vector, _per_channel_sum, _scores_from_groups
+        from analysis.taylor import group_taylor_vector, per_channel_sum, scores_from_groups
 
         row_sums = {}
         with torch.no_grad():
@@ -491,9 +491,9 @@ class TaylorTask(DatasetTask):
                 for s in group.params:
                     if (s.name, s.channel_dim) not in row_sums:
                         product = self.params[s.name].detach().double().cpu() * sums[f"grad.{s.name}"].cpu()
-                        row_sums[(s.name, s.channel_dim)] = _per_channel_sum(product, s.channel_dim)
-        vectors = [_group_taylor_vector(g, row_sums) for g in self.groups]
-        return _scores_from_groups(self.groups, vectors, model=self.model_name, method="taylor",
+                        row_sums[(s.name, s.channel_dim)] = per_channel_sum(product, s.channel_dim)
+        vectors = [group_taylor_vector(g, row_sums) for g in self.groups]
+        return scores_from_groups(self.groups, vectors, model=self.model_name, method="taylor",
                                    loss_target=self.loss_target, num_images=int(sums["images"].item()))
 
     @staticmethod
@@ -547,10 +547,10 @@ def _dynamicvit_for(model: nn.Module) -> tuple[nn.Module, str]:
 
 def _check_tome_supported(model: nn.Module) -> None:
     """ToMe's own model check, as a ValueError (bad input) rather than a TypeError."""
-    from models.tome import _check_supported
+    from models.tome import check_supported
 
     try:
-        _check_supported(model)
+        check_supported(model)
     except TypeError as exc:
         raise ValueError(str(exc)) from exc
 

@@ -229,7 +229,7 @@ class TaylorScores:
         return component_summary(self, keep_fraction, normalize)
 
 
-def _scores_from_groups(groups: Sequence[ChannelGroup], vectors: Sequence[np.ndarray], *, model: str,
+def scores_from_groups(groups: Sequence[ChannelGroup], vectors: Sequence[np.ndarray], *, model: str,
                         method: str, loss_target: str, num_images: int) -> TaylorScores:
     """Flatten per-group channel vectors into per-channel rows (channel = index within the group)."""
     sizes = [g.size for g in groups]
@@ -281,7 +281,7 @@ def private_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo).eval()
 
 
-def _clear_attention_bias_caches(model: nn.Module) -> None:
+def clear_attention_bias_caches(model: nn.Module) -> None:
     """Only ever called on a private copy: a cached bias from the previous batch must not be reused."""
     for m in model.modules():
         if isinstance(getattr(m, "attention_bias_cache", None), dict):
@@ -300,7 +300,7 @@ def _label_tensor(labels, batch_size: int, device: torch.device) -> torch.Tensor
     return targets
 
 
-def _check_loss_target(loss_target: str) -> None:
+def check_loss_target(loss_target: str) -> None:
     if loss_target not in ("self", "labels"):
         raise ValueError(f"loss_target must be 'self' or 'labels', not {loss_target!r}.")
 
@@ -309,15 +309,15 @@ def _targets(logits: torch.Tensor, labels, loss_target: LossTarget) -> torch.Ten
     """Class indices for the loss: the model's own top-1 (pseudo-labels) or the given labels."""
     if loss_target == "self":
         return logits.detach().argmax(-1)
-    _check_loss_target(loss_target)
+    check_loss_target(loss_target)
     return _label_tensor(labels, logits.shape[0], logits.device)
 
 
-def _summed_loss(logits: torch.Tensor, labels, loss_target: LossTarget, reduction: str = "sum") -> torch.Tensor:
+def summed_loss(logits: torch.Tensor, labels, loss_target: LossTarget, reduction: str = "sum") -> torch.Tensor:
     return F.cross_entropy(logits, _targets(logits, labels, loss_target), reduction=reduction)
 
 
-def _per_channel_sum(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
+def per_channel_sum(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """Sum over every dim except ``channel_dim`` (vectorised, no per-channel loop)."""
     t = t.movedim(channel_dim, 0)
     return t.reshape(t.shape[0], -1).sum(1)
@@ -336,7 +336,7 @@ def _sized(batches) -> int | None:
 
 # ----------------------------------------------------------------------------- Taylor (weights)
 
-def _scored_parameter_names(groups: Sequence[ChannelGroup]) -> set[str]:
+def scored_parameter_names(groups: Sequence[ChannelGroup]) -> set[str]:
     return {s.name for g in groups for s in g.params}
 
 
@@ -346,8 +346,8 @@ def _accumulate_gradients(work: nn.Module, batches: Iterable, loss_target: LossT
     device, total, images = _model_device(work), _sized(batches), 0
     for done, (x, labels) in enumerate(batches, start=1):
         x = x.to(device)
-        _clear_attention_bias_caches(work)
-        _summed_loss(work(x), labels, loss_target).backward()
+        clear_attention_bias_caches(work)
+        summed_loss(work(x), labels, loss_target).backward()
         images += x.shape[0]
         if progress is not None:
             progress(done, total)
@@ -356,7 +356,7 @@ def _accumulate_gradients(work: nn.Module, batches: Iterable, loss_target: LossT
     return images
 
 
-def _group_taylor_vector(group: ChannelGroup, row_sums: dict[tuple[str, int], torch.Tensor]) -> np.ndarray:
+def group_taylor_vector(group: ChannelGroup, row_sums: dict[tuple[str, int], torch.Tensor]) -> np.ndarray:
     total = sum(row_sums[(s.name, s.channel_dim)][s.start:s.stop] for s in group.params)
     return total.double().cpu().numpy()
 
@@ -370,10 +370,10 @@ def taylor_importance(model: nn.Module, batches: Iterable, loss_target: LossTarg
     (eval mode: no dropout, BN running statistics); only the scored parameters get gradients, which
     skips the weight gradients of fc2, norms and the head.
     """
-    _check_loss_target(loss_target)
+    check_loss_target(loss_target)
     groups = channel_groups(model)
     work = private_copy(model)
-    scored = _scored_parameter_names(groups)
+    scored = scored_parameter_names(groups)
     params = dict(work.named_parameters())
     for name, p in params.items():
         p.requires_grad_(name in scored)
@@ -387,9 +387,9 @@ def taylor_importance(model: nn.Module, batches: Iterable, loss_target: LossTarg
                 if key not in row_sums:
                     p = params[s.name]
                     grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                    row_sums[key] = _per_channel_sum(p * grad, s.channel_dim)
-        vectors = [_group_taylor_vector(g, row_sums) for g in groups]
-    return _scores_from_groups(groups, vectors, model=_model_name(model, model_name), method="taylor",
+                    row_sums[key] = per_channel_sum(p * grad, s.channel_dim)
+        vectors = [group_taylor_vector(g, row_sums) for g in groups]
+    return scores_from_groups(groups, vectors, model=_model_name(model, model_name), method="taylor",
                                loss_target=loss_target, num_images=images)
 
 
@@ -407,8 +407,8 @@ def _per_example_loss_fn(work: nn.Module, loss_target: LossTarget) -> Callable:
     """captum's forward function: one cross-entropy per example (so no target index is needed)."""
 
     def forward(x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        _clear_attention_bias_caches(work)
-        return _summed_loss(work(x), labels, loss_target, reduction="none")
+        clear_attention_bias_caches(work)
+        return summed_loss(work(x), labels, loss_target, reduction="none")
 
     return forward
 
@@ -422,7 +422,7 @@ def activation_importance(model: nn.Module, batches: Iterable, loss_target: Loss
     """
     from captum.attr import LayerGradientXActivation
 
-    _check_loss_target(loss_target)
+    check_loss_target(loss_target)
     groups = channel_groups(model)
     work = private_copy(model)
     work.requires_grad_(False)  # only gradients w.r.t. layer outputs are needed
@@ -441,7 +441,7 @@ def activation_importance(model: nn.Module, batches: Iterable, loss_target: Loss
                 extra = (_label_tensor(labels, x.shape[0], device),)
             attributions = explainer.attribute(x, additional_forward_args=extra)
             for name, attr in zip(layer_names, attributions):
-                channel_sum = _per_channel_sum(attr.detach(), channel_dims[name])
+                channel_sum = per_channel_sum(attr.detach(), channel_dims[name])
                 sums[name] = sums[name] + channel_sum if name in sums else channel_sum
             images += x.shape[0]
             if progress is not None:
@@ -449,7 +449,7 @@ def activation_importance(model: nn.Module, batches: Iterable, loss_target: Loss
     if images == 0:
         raise ValueError("No images: channel importance needs at least one batch.")
     vectors = [sums[g.layer][g.start:g.stop].double().cpu().numpy() for g in groups]
-    return _scores_from_groups(groups, vectors, model=_model_name(model, model_name), method="activation",
+    return scores_from_groups(groups, vectors, model=_model_name(model, model_name), method="activation",
                                loss_target=loss_target, num_images=images)
 
 

@@ -196,7 +196,7 @@ class ToMeTrace:
     patch_size: tuple[int, int]
 
 
-def _check_supported(model: VisionTransformer) -> None:
+def check_supported(model: VisionTransformer) -> None:
     """Fail early, with a clear message, on ViT variants this forward does not walk correctly."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"tome_forward needs a timm VisionTransformer, got {type(model).__name__}.")
@@ -254,7 +254,7 @@ def tome_forward(
     ``return_trace`` it also returns a ``ToMeTrace`` (the per-layer patch-to-token assignment is
     only built then). The model is only read, never modified.
     """
-    _check_supported(model)
+    check_supported(model)
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     batch, num_tokens, _ = x.shape
     prefix = model.num_prefix_tokens
