@@ -102,8 +102,8 @@ def missing_weights_message(spec: ModelSpec, reason: str = "", folder: Path | No
     if reason:
         parts.append(reason)
     parts.append(
-        f"Put {spec.weight_file_stem}.safetensors (or .pth) in {where}, upload the file in the sidebar, "
-        "or tick 'random weights' to explore the mechanics with an untrained model."
+        f"Put {spec.weight_file_stem}.safetensors (or .pth) in {where} or upload it in the app's sidebar; "
+        "to explore the mechanics without it, use random weights (the pages' checkbox, the CLIs' --random-weights)."
     )
     if spec.pretrained_name:
         parts.append(f"The released weights are timm's '{spec.pretrained_name}' on the Hugging Face hub.")
