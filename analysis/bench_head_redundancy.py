@@ -9,27 +9,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from typing import Callable
 
 import torch
 
 from analysis.head_redundancy import analyze_model
+from analysis.throughput import time_call
 from models.attention_recording import record_attention
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds for one call, with the device synchronised before reading the clock."""
-    _synchronize(device)
-    start = time.perf_counter()
-    fn()
-    _synchronize(device)
-    return time.perf_counter() - start
 
 
 def benchmark(model: torch.nn.Module, batch: torch.Tensor, repeats: int) -> dict[str, float]:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
 from analysis.taylor import taylor_importance
+from analysis.throughput import time_call
 
 
 @dataclass(frozen=True)
@@ -30,21 +29,6 @@ class TaylorTiming:
     @property
     def ratio(self) -> float:
         return self.taylor_s / self.forward_s
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    _synchronize(device)
-    start = time.perf_counter()
-    fn()
-    _synchronize(device)
-    return time.perf_counter() - start
 
 
 def time_taylor_vs_forward(model: nn.Module, x: torch.Tensor, repeats: int = 3, name: str = "") -> TaylorTiming:
@@ -61,8 +45,8 @@ def time_taylor_vs_forward(model: nn.Module, x: torch.Tensor, repeats: int = 3, 
     forward(), taylor()  # warm-up: allocator, kernels, lazy caches
     forward_times, taylor_times = [], []
     for _ in range(repeats):
-        forward_times.append(_timed(forward, device))
-        taylor_times.append(_timed(taylor, device))
+        forward_times.append(time_call(forward, device))
+        taylor_times.append(time_call(taylor, device))
     return TaylorTiming(name, x.shape[0], str(device), statistics.median(forward_times),
                         statistics.median(taylor_times))
 

@@ -96,6 +96,15 @@ def extra_flop_formulas() -> dict:
     return {op: cpu_flash_flop}
 
 
+def time_call(fn: Callable[[], Any], device: str | torch.device) -> float:
+    """Seconds for one call, with the device synchronised before each clock read."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def _time_iters(runner: Runner, inputs: Any, iters: int, settings: BenchSettings) -> float:
     dtype = PRECISIONS[settings.precision]
     synchronize(settings.device)
