@@ -264,21 +264,40 @@ def _read_only_alias(t: torch.Tensor) -> torch.Tensor:
 
 
 def private_copy(model: nn.Module) -> nn.Module:
-    """A structural deep copy in eval mode whose parameters and buffers alias the original's storage.
+    """A structural copy in eval mode whose parameters and buffers alias the original's storage.
 
     The copy has its own Parameter objects (own ``requires_grad`` and ``.grad``), modules, training
-    flags and hooks, so the shared (cached) model is never touched; nothing here writes to parameter
+    flags and hook tables, so the shared (cached) model is never touched; nothing here writes to parameter
     or buffer values, so sharing their storage is safe and saves copying every weight per call.
     EfficientViT keeps a per-device attention-bias cache on its attention modules; the copy starts
     with an empty one (the original's entry may be an inference-mode tensor).
+
+    Written by hand rather than with ``copy.deepcopy`` (with a memo for the tensors): deepcopy walks every
+    Python object of the module tree and cost more than the forward and backward of a small model.
     """
-    memo: dict[int, object] = {id(m.attention_bias_cache): {} for m in model.modules()
-                               if isinstance(getattr(m, "attention_bias_cache", None), dict)}
-    for p in model.parameters():
-        memo[id(p)] = nn.Parameter(_read_only_alias(p), requires_grad=False)
-    for b in model.buffers():
-        memo[id(b)] = _read_only_alias(b)
-    return copy.deepcopy(model, memo).eval()
+    aliases: dict[int, torch.Tensor] = {}  # keeps tied parameters tied
+
+    def alias(t: torch.Tensor | None, parameter: bool):
+        if t is None:
+            return None
+        if id(t) not in aliases:
+            data = _read_only_alias(t)
+            aliases[id(t)] = nn.Parameter(data, requires_grad=False) if parameter else data
+        return aliases[id(t)]
+
+    def clone(module: nn.Module) -> nn.Module:
+        new = copy.copy(module)  # a new __dict__ holding the same values; the mutable ones are replaced below
+        for key, value in module.__dict__.items():
+            if key.endswith("_hooks") or key.endswith("_hooks_with_kwargs") or key.endswith("_hooks_always_called"):
+                new.__dict__[key] = type(value)()
+        new._parameters = {k: alias(v, True) for k, v in module._parameters.items()}
+        new._buffers = {k: alias(v, False) for k, v in module._buffers.items()}
+        new._modules = {k: None if v is None else clone(v) for k, v in module._modules.items()}
+        if isinstance(getattr(module, "attention_bias_cache", None), dict):
+            new.attention_bias_cache = {}
+        return new
+
+    return clone(model).eval()
 
 
 def clear_attention_bias_caches(model: nn.Module) -> None:
