@@ -1,6 +1,8 @@
 """Vision-language: PuMer on ViLT. Ask a question about an image; see what the text prunes and what merges."""
 from __future__ import annotations
 
+import hashlib
+
 import streamlit as st
 
 from analysis.pumer import (PuMerSettings, answer_question, answers_frame, counts_frame, merge_overlay,
@@ -62,7 +64,8 @@ if not question.strip():
 
 settings = PuMerSettings(reduce_layers=LAYER_PRESETS[preset], prune_ratio=prune, image_merge_ratio=image_merge,
                          text_merge_ratio=text_merge, proportional_attention=proportional)
-run_key = (picked.name, question, settings, random_weights, weights_folder(), current_device())
+image_digest = hashlib.sha256(picked.image.tobytes()).hexdigest()  # a new upload under the same name reruns
+run_key = (image_digest, question, settings, random_weights, weights_folder(), current_device())
 if st.session_state.get("vl_run_key") != run_key:
     with st.status("Answering with ViLT and ViLT+PuMer, then timing both (interleaved) ...", expanded=False) as status:
         st.session_state["vl_result"] = answer_question(model, processor, picked.image, question, settings)
