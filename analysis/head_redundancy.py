@@ -21,6 +21,7 @@ from PIL import Image
 from plotly.subplots import make_subplots
 from torch import nn
 
+from analysis.images import denormalize
 from models.attention_recording import CGA, MHSA, AttentionRecord, BlockAttention, record_attention
 
 Progress = Callable[[float, str], None]
@@ -415,12 +416,6 @@ def query_attention_grid(block: BlockAttention, image: int, head: int, query: tu
     return tiles[:rows, :cols]
 
 
-def model_input_image(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> Image.Image:
-    """Undo normalisation of one preprocessed [3, H, W] image: the crop the model actually saw."""
-    pixels = tensor.detach().float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
-    return Image.fromarray((pixels.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-
-
 def _colour_table(colorscale: str = "Inferno") -> np.ndarray:
     from plotly.colors import sample_colorscale, unlabel_rgb
 
@@ -460,7 +455,7 @@ def attention_overlays(model: nn.Module, image: torch.Tensor, block: int, mean: 
     device = next(model.parameters()).device
     _, record = record_attention(model, image[None].to(device), [block], store_head_outputs=False)
     recorded = record.blocks[0]
-    picture = model_input_image(image, mean, std)
+    picture = denormalize(image, mean, std)
     query = grid_query(recorded, query_yx)
     overlays = []
     for head in range(recorded.num_heads):

@@ -121,6 +121,12 @@ def model_view(image: Image.Image, data_config: dict) -> Image.Image:
     return image
 
 
+def denormalize(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> Image.Image:
+    """One preprocessed [3, H, W] image with its normalisation undone: the pixels the model actually saw."""
+    pixels = tensor.detach().float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    return Image.fromarray((pixels.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
 @functools.lru_cache(maxsize=1)
 def _imagenet_info():
     from timm.data import ImageNetInfo

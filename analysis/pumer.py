@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from analysis.images import denormalize
 from analysis.throughput import BenchSettings, Runner, benchmark
 from models.vilt_pumer import DEFAULT_REDUCE_LAYERS, PuMerTrace, pumer_forward
 
@@ -95,11 +96,8 @@ def benchmark_pumer(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], 
 
 def processed_image(pixel_values: torch.Tensor, pixel_mask: torch.Tensor, mean, std) -> Image.Image:
     """The first image as the model saw it: normalisation undone, padding cropped."""
-    pixels = pixel_values[0].float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     rows, cols = pixel_mask[0].bool().cpu().any(dim=1), pixel_mask[0].bool().cpu().any(dim=0)
-    pixels = pixels[:, : int(rows.sum()), : int(cols.sum())]
-    array = (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
+    return denormalize(pixel_values[0, :, : int(rows.sum()), : int(cols.sum())], mean, std)
 
 
 def answer_question(model: torch.nn.Module, processor, image: Image.Image, question: str,
