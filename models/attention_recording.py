@@ -7,7 +7,7 @@ its own (fused) forward. Nothing is set on the model: all settings are arguments
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F

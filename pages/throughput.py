@@ -8,7 +8,7 @@ import torch
 from analysis.throughput import BenchSettings, PRECISIONS, benchmark, rows_to_records, sweep
 from analysis.throughput_figures import accuracy_figure, live_figure, results_table
 from models.checkpoints import CheckpointError, WeightsNotFoundError
-from models.registry import DYNAMICVIT, MHSA, REGISTRY, list_models
+from models.registry import DYNAMICVIT, MHSA, REGISTRY
 from models.variants import ModelOptions, make_runner, parse_variant
 from pages._ui import cached_model, current_device, download_df, download_json
 

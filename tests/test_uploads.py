@@ -3,7 +3,6 @@ import io
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import save
 from streamlit.testing.v1 import AppTest
