@@ -15,7 +15,7 @@ import torch
 
 from analysis.throughput import BenchSettings, benchmark
 from models.device import default_device, synchronize
-from models.variants import make_runner
+from analysis.throughput import make_runner
 
 
 def plain_loop_img_per_s(model, x: torch.Tensor, iters: int, device: str) -> float:

@@ -13,7 +13,10 @@ class CheckpointError(ValueError):
 
 
 class WeightsNotFoundError(FileNotFoundError):
-    """No weights could be found for a model; the message says where to put the file."""
+    """No weights could be found for a model; the message says where to put the file, ``tried`` lists each
+    place looked at (for a details view)."""
+
+    tried: list[str] = []
 
 
 # Official releases wrap the state dict under one of these keys ({'model': ...} for DeiT and DynamicViT).

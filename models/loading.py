@@ -11,7 +11,7 @@ from torch import nn
 
 from . import weights as W
 from .checkpoints import CheckpointError, WeightsNotFoundError, load_strict, read_state_dict
-from .registry import VILT, ModelSpec, get_spec
+from .registry import ModelSpec, get_spec
 
 CACHE_DIR = Path.home() / ".cache" / "vitlab"
 
@@ -78,6 +78,7 @@ def _download_release(spec: ModelSpec) -> Path:
 
 
 def build_with_weights(spec: ModelSpec, source: W.WeightsSource) -> nn.Module:
+    """A timm (or factory-built) model holding the weights ``source`` names."""
     if source.kind == W.RANDOM:
         return build_random(spec)
     if source.kind == W.LOCAL:
@@ -94,22 +95,8 @@ def build_with_weights(spec: ModelSpec, source: W.WeightsSource) -> nn.Module:
         return timm.create_model(spec.pretrained_name, pretrained=True)
     except Exception as exc:  # noqa: BLE001 - hub/cache failures of any kind become one message
         raise WeightsNotFoundError(W.missing_weights_message(
-            spec, f"Loading '{spec.pretrained_name}' from the Hugging Face hub failed: {type(exc).__name__}: {exc}.")
+            spec, f"loading '{spec.pretrained_name}' from the Hugging Face hub failed: {type(exc).__name__}: {exc}")
         ) from exc
-
-
-def _load_vilt(spec: ModelSpec, device: str, random_weights: bool, folder: Path | None) -> LoadedModel:
-    """ViLT comes as a transformers folder with its processor; the processor is the 'transform' here."""
-    from .vilt_pumer import load_vilt, vilt_b32_random
-
-    if random_weights:
-        model, processor, source = vilt_b32_random(), None, W.WeightsSource(W.RANDOM)
-    else:
-        model, processor = load_vilt(weights_dir=folder)
-        source = W.WeightsSource(*W.status(spec, folder))
-    size = spec.input_size
-    return LoadedModel(name=spec.name, spec=spec, model=model.eval().to(device), weights=source,
-                       device=str(device), data_config={"input_size": (3, size, size)}, transform=processor)
 
 
 def data_config_for(model: nn.Module) -> dict:
@@ -118,22 +105,30 @@ def data_config_for(model: nn.Module) -> dict:
     return timm.data.resolve_data_config({}, model=model)
 
 
+def _timm_model_and_transform(spec: ModelSpec, source: W.WeightsSource) -> tuple[nn.Module, Callable, dict]:
+    import timm.data
+
+    model = build_with_weights(spec, source)
+    cfg = data_config_for(model)
+    return model, timm.data.create_transform(**cfg), cfg
+
+
 def load_model(name: str, device: str = "cpu", user_file: str | Path | None = None,
                random_weights: bool = False, allow_network: bool = True,
                weights_folder: str | Path | None = None) -> LoadedModel:
     """Resolve, build, load and move a registry model; eval mode. Raises WeightsNotFoundError/CheckpointError."""
-    import timm.data
-
     spec = get_spec(name)
     folder = Path(weights_folder).expanduser() if weights_folder else None
-    if spec.family == VILT:
-        return _load_vilt(spec, device, random_weights, folder)
     source = W.resolve(spec, user_file=user_file, random_weights=random_weights, allow_network=allow_network,
                        folder=folder)
-    model = build_with_weights(spec, source).eval().to(device)
-    cfg = data_config_for(model)
-    return LoadedModel(name=name, spec=spec, model=model, weights=source, device=str(device),
-                       data_config=cfg, transform=timm.data.create_transform(**cfg))
+    if spec.loader:
+        # Not one timm module and one file (ViLT: a transformers folder and its processor, the "transform").
+        model, transform = _import(spec.loader)(spec, source)
+        cfg = {"input_size": (3, spec.input_size, spec.input_size)}
+    else:
+        model, transform, cfg = _timm_model_and_transform(spec, source)
+    return LoadedModel(name=name, spec=spec, model=model.eval().to(device), weights=source, device=str(device),
+                       data_config=cfg, transform=transform)
 
 
 __all__ = ["LoadedModel", "load_model", "build_random", "build_with_weights", "load_file_into",

@@ -1,17 +1,34 @@
-"""Named models: family, timm id, pretrained tag and published reference figures.
+"""Named models: family, attention kind, where the weights live and published reference figures.
 
-Token-reduction methods (DynamicViT, ToMe, PuMer) add entries or forward settings on top of these;
-see ``models.variants`` for how the throughput CLI names them.
+The lowest module of the package: it imports nothing of the project, so everything else may import it.
+Token-reduction methods are not models: ``models.methods`` says which method applies to which family.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MHSA = "MHSA ViT"
-CGA = "cascaded group attention"
-CNN = "CNN"
-DYNAMICVIT = "DynamicViT"
-VILT = "ViLT"
+# Families: which token-reduction methods apply (models.methods) and how a model is built and fed.
+# MHSA and CGA double as the attention kinds that the recording forwards and the analyses dispatch on.
+MHSA = "mhsa"
+CGA = "cga"
+CNN = "cnn"
+DYNAMICVIT = "dynamicvit"
+VILT = "vilt"
+
+FAMILY_LABELS = {
+    MHSA: "ViT / DeiT (multi-head self-attention)",
+    CGA: "EfficientViT (cascaded group attention)",
+    CNN: "CNN",
+    DYNAMICVIT: "DynamicViT (DeiT + score predictors)",
+    VILT: "ViLT (vision-language)",
+}
+
+# What a model's forward takes; the throughput harness builds inputs of this kind.
+IMAGE_INPUTS = "image"
+VQA_INPUTS = "image+question"
+
+# How released weights are stored: one checkpoint file, or a transformers save_pretrained folder.
+FILE, FOLDER = "file", "folder"
 
 
 @dataclass(frozen=True)
@@ -30,7 +47,23 @@ class ModelSpec:
     url: str | None = None
     # "module:function(model, path)" loading a checkpoint file; default: timm's converter + strict load.
     load_fn: str | None = None
+    # "module:function(spec, source) -> (model, transform)" for models that are not one timm module and one
+    # file (ViLT: a transformers folder and its processor). None: timm's path in models.loading.
+    loader: str | None = None
+    # A transformers repository on the Hugging Face hub holding the released folder.
+    hf_repo: str | None = None
+    weights_layout: str = FILE
+    inputs: str = IMAGE_INPUTS
     input_size: int = 224
+
+    @property
+    def attention(self) -> str | None:
+        """The attention kind the head-redundancy recording walks: MHSA, CGA, or None (no such attention)."""
+        return {MHSA: MHSA, DYNAMICVIT: MHSA, CGA: CGA}.get(self.family)
+
+    @property
+    def family_label(self) -> str:
+        return FAMILY_LABELS.get(self.family, self.family)
 
     @property
     def pretrained_name(self) -> str | None:
@@ -40,7 +73,9 @@ class ModelSpec:
 
     @property
     def weight_file_stem(self) -> str:
-        """File name (without suffix) looked up in the weights folder."""
+        """File name without suffix (or, for a folder layout, the folder name) looked up in the weights folder."""
+        if self.weights_layout == FOLDER and self.hf_repo:
+            return self.hf_repo.rsplit("/", 1)[-1]
         return self.name
 
 
@@ -71,19 +106,23 @@ register(ModelSpec("mobilenetv3_large_100", CNN, "mobilenetv3_large_100", "ra_in
                    paper_img_s=7560.0, reference="EfficientViT (CVPR 2023) Table 2, V100"))
 
 
+# DynamicViT's official releases (rho = 0.7), direct downloads; shapes in models.dynamicvit.DYNAMICVIT_ARCHS.
 _DYNAMICVIT_REF = "DynamicViT (NeurIPS 2021), rho = 0.7"
-for _name, _top1 in [("dynamicvit_deit_256_patch16_224", 76.53), ("dynamicvit_deit_small_patch16_224", 79.32),
-                     ("dynamicvit_deit_base_patch16_224", 81.43)]:
-    from .dynamicvit import DYNAMICVIT_ARCHS as _ARCHS  # noqa: E402 - kept next to its only use
-
+for _name, _top1, _url in [
+    ("dynamicvit_deit_256_patch16_224", 76.53, "https://cloud.tsinghua.edu.cn/f/b0e1ff6af1004039855e/?dl=1"),
+    ("dynamicvit_deit_small_patch16_224", 79.32, "https://cloud.tsinghua.edu.cn/f/698896dfbcea430b9591/?dl=1"),
+    ("dynamicvit_deit_base_patch16_224", 81.43, "https://cloud.tsinghua.edu.cn/f/660f27ddb6b945a797a8/?dl=1"),
+]:
     register(ModelSpec(_name, DYNAMICVIT, top1=_top1, reference=_DYNAMICVIT_REF,
                        factory="models.dynamicvit:build_dynamicvit", factory_kwargs={"arch": _name},
-                       url=_ARCHS[_name].url, load_fn="models.dynamicvit:load_official_checkpoint"))
+                       url=_url, load_fn="models.dynamicvit:load_official_checkpoint"))
 
 
-# ViLT is a transformers model (a save_pretrained folder, not one file); models.vilt_pumer loads it.
+# ViLT is a transformers model released as a save_pretrained folder with its processor.
 register(ModelSpec("vilt_b32_vqa", VILT, reference="ViLT (ICML 2021), VQAv2 fine-tuned; PuMer (ACL 2023)",
-                   factory="models.vilt_pumer:vilt_b32_random", input_size=384))
+                   factory="models.vilt_pumer:vilt_b32_random", loader="models.vilt_pumer:vilt_from_source",
+                   hf_repo="dandelin/vilt-b32-finetuned-vqa", weights_layout=FOLDER, inputs=VQA_INPUTS,
+                   input_size=384))
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -96,3 +135,4 @@ def get_spec(name: str) -> ModelSpec:
 
 def list_models(family: str | None = None) -> list[str]:
     return [n for n, s in REGISTRY.items() if family is None or s.family == family]
+

@@ -27,7 +27,6 @@ Choices (checked against the authors' code, csarron/PuMer, sim_method=mean_head,
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -37,77 +36,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.checkpoints import WeightsNotFoundError
-from models.weights import WEIGHTS_DIR_ENV
+from models.checkpoints import CheckpointError
+from models.registry import ModelSpec, get_spec
+from models.weights import HF_CACHE, WeightsSource, fix_instruction, resolve
 
-VILT_VQA_REPO = "dandelin/vilt-b32-finetuned-vqa"
-VILT_FOLDER_NAME = "vilt-b32-finetuned-vqa"
+VILT_VQA_NAME = "vilt_b32_vqa"  # its registry entry names the hub repository and the folder looked for
 DEFAULT_REDUCE_LAYERS = (2, 5, 8)  # VQA and NLVR2; visual entailment uses (2, 4, 6, 8)
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def _offline() -> bool:
-    """True when the user asked the Hugging Face libraries to stay offline."""
-    return any(os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+def vilt_from_source(spec: ModelSpec, source: WeightsSource):
+    """``(model in eval mode, processor)`` from what the resolver chose; the registry's ``loader`` for ViLT.
+    Random weights give the full-size architecture and no processor (for timing)."""
+    from transformers import ViltForQuestionAnswering, ViltProcessor
 
-
-def _weights_folder(weights_dir: str | Path | None) -> Path | None:
-    """The folder ``<weights dir>/vilt-b32-finetuned-vqa`` from the argument or $VITLAB_WEIGHTS_DIR."""
-    base = weights_dir if weights_dir is not None else os.environ.get(WEIGHTS_DIR_ENV)
-    return Path(base).expanduser() / VILT_FOLDER_NAME if base else None
-
-
-def _candidates(source: str | None, weights_dir) -> Iterator[tuple[str, str | None, dict]]:
-    """(description, location, from_pretrained kwargs) in the resolver's order; location None: skipped, and
-    the description says why."""
-    if source is not None:
-        folder = Path(source).expanduser()
-        yield (f"folder you gave ({folder})", str(folder), {}) if folder.is_dir() else \
-            (f"folder you gave ({folder}): not present", None, {})
-    folder = _weights_folder(weights_dir)
-    if folder is None:
-        yield f"${WEIGHTS_DIR_ENV}/{VILT_FOLDER_NAME}: ${WEIGHTS_DIR_ENV} not set", None, {}
-    else:
-        yield (f"weights folder {folder}", str(folder), {}) if folder.is_dir() else \
-            (f"weights folder {folder}: not present", None, {})
-    yield "Hugging Face cache", VILT_VQA_REPO, {"local_files_only": True}
-    yield ("Hugging Face hub: skipped (offline mode)", None, {}) if _offline() else \
-        ("Hugging Face hub", VILT_VQA_REPO, {})
-
-
-def _missing_weights_message(attempts: Sequence[str], weights_dir) -> str:
-    target = _weights_folder(weights_dir) or Path(f"${WEIGHTS_DIR_ENV}") / VILT_FOLDER_NAME
-    return (
-        f"ViLT-VQA weights ({VILT_VQA_REPO}) were not found. Tried: " + "; ".join(attempts) + ". "
-        f"To provide them, create the folder {target} with the model and processor files "
-        f"(config.json, model.safetensors or pytorch_model.bin, preprocessor_config.json, tokenizer files): "
-        f"on a machine with internet run `hf download {VILT_VQA_REPO} --local-dir {target}` "
-        f"(older huggingface_hub: `huggingface-cli download {VILT_VQA_REPO} --local-dir {target}`), "
-        f"copy it here and set {WEIGHTS_DIR_ENV} to its parent folder; or pass the folder as `source`."
-    )
+    if source.is_random:
+        return vilt_b32_random(), None
+    kwargs = {"local_files_only": True} if source.kind == HF_CACHE else {}
+    try:
+        model = ViltForQuestionAnswering.from_pretrained(source.location, **kwargs).eval()
+        processor = ViltProcessor.from_pretrained(source.location, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any reading failure becomes one message naming the folder
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"Could not read ViLT from {source.description}: {type(exc).__name__} {first_line}. "
+                              + fix_instruction(spec)) from exc
+    return model, processor
 
 
 def load_vilt(source: str | None = None, weights_dir: str | Path | None = None):
-    """Load ViLT fine-tuned on VQAv2 and its processor: the folder ``source``, then
-    ``$VITLAB_WEIGHTS_DIR/vilt-b32-finetuned-vqa`` (a ``save_pretrained`` folder), then the Hugging Face
-    cache, then the hub. Returns ``(model in eval mode, processor)``; raises WeightsNotFoundError saying
-    what was tried and which folder to create."""
-    from transformers import ViltForQuestionAnswering, ViltProcessor
-
-    attempts: list[str] = []
-    for description, location, kwargs in _candidates(source, weights_dir):
-        if location is None:
-            attempts.append(description)
-            continue
-        try:
-            model = ViltForQuestionAnswering.from_pretrained(location, **kwargs).eval()
-            processor = ViltProcessor.from_pretrained(location, **kwargs)
-            return model, processor
-        except Exception as exc:  # noqa: BLE001 - every failure becomes one line of the final message
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-            attempts.append(f"{description}: {type(exc).__name__} {reason}".strip())
-    raise WeightsNotFoundError(_missing_weights_message(attempts, weights_dir))
+    """ViLT fine-tuned on VQAv2 and its processor, through the one resolver: the folder ``source``, then
+    ``<weights dir>/vilt-b32-finetuned-vqa`` (a ``save_pretrained`` folder), the Hugging Face cache, the hub.
+    Returns ``(model in eval mode, processor)``; raises WeightsNotFoundError saying which folder to create."""
+    spec = get_spec(VILT_VQA_NAME)
+    folder = Path(weights_dir).expanduser() if weights_dir else None
+    return vilt_from_source(spec, resolve(spec, user_file=source, folder=folder))
 
 
 # A vocabulary small enough to write here, large enough for everyday questions; letters let WordPiece spell

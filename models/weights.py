@@ -1,8 +1,8 @@
 """The one weights resolver (DESIGN principle 5).
 
-Order: a file the user gave (upload or path) -> the weights folder ($VITLAB_WEIGHTS_DIR) ->
-the Hugging Face cache -> the hub through timm -> the official release URL -> a clear error.
-Random weights only when asked for, and then the source says so.
+Order: a file (or folder) the user gave -> the weights folder ($VITLAB_WEIGHTS_DIR) -> the Hugging Face cache
+-> the hub -> the official release URL -> a clear error. Random weights only when asked for, and then the
+source says so. ``resolve`` decides without loading; ``models.loading`` loads what it decided.
 """
 from __future__ import annotations
 
@@ -10,22 +10,38 @@ import functools
 import os
 import socket
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .checkpoints import WeightsNotFoundError
-from .registry import ModelSpec
+from .registry import FOLDER, ModelSpec
 
 WEIGHTS_DIR_ENV = "VITLAB_WEIGHTS_DIR"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 HUB_HOST = "huggingface.co"
+HUB_CONNECT_TIMEOUT_S = 1.5
 
-LOCAL, HF_CACHE, HUB, URL, RANDOM, MISSING = "local file", "hf-cache", "hub", "url", "random", "missing"
+
+class WeightsKind(str, Enum):
+    LOCAL = "local file"
+    HF_CACHE = "hf-cache"
+    HUB = "hub"
+    URL = "url"
+    RANDOM = "random"
+    MISSING = "missing"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+LOCAL, HF_CACHE, HUB, URL, RANDOM, MISSING = WeightsKind
 
 
 @dataclass(frozen=True)
 class WeightsSource:
-    kind: str  # one of LOCAL, HF_CACHE, HUB, URL, RANDOM
-    location: str = ""  # a path, a hub id or a URL
+    kind: WeightsKind
+    location: str = ""  # a path, a hub id or a URL; for MISSING, what to put where
 
     @property
     def is_random(self) -> bool:
@@ -39,6 +55,7 @@ class WeightsSource:
             HUB: f"Hugging Face hub ({self.location})",
             URL: f"official release {self.location}",
             RANDOM: "RANDOM weights (untrained: predictions are meaningless)",
+            MISSING: f"missing: {self.location}",
         }[self.kind]
 
 
@@ -48,10 +65,14 @@ def weights_dir() -> Path | None:
 
 
 def local_weight_file(spec: ModelSpec, folder: Path | None = None) -> Path | None:
-    """``<name>.safetensors`` (or .pth/.pt/.bin) in the weights folder, also under the timm pretrained name."""
+    """In the weights folder: ``<name>.safetensors`` (or .pth/.pt/.bin; also under the timm pretrained name), or
+    for a folder layout the folder ``<repo name>/``."""
     folder = folder if folder is not None else weights_dir()
     if folder is None or not folder.is_dir():
         return None
+    if spec.weights_layout == FOLDER:
+        candidate = folder / spec.weight_file_stem
+        return candidate if candidate.is_dir() else None
     stems = [spec.weight_file_stem] + [s for s in (spec.pretrained_name, spec.timm_id) if s]
     for stem in stems:
         for suffix in WEIGHT_SUFFIXES:
@@ -62,6 +83,8 @@ def local_weight_file(spec: ModelSpec, folder: Path | None = None) -> Path | Non
 
 
 def hf_hub_id(spec: ModelSpec) -> str | None:
+    if spec.hf_repo:
+        return spec.hf_repo
     if not spec.pretrained_name:
         return None
     import timm.models
@@ -76,17 +99,21 @@ def in_hf_cache(spec: ModelSpec) -> bool:
         return False
     from huggingface_hub import try_to_load_from_cache
 
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        hit = try_to_load_from_cache(repo, filename)
-        if isinstance(hit, str):
-            return True
-    return False
+    names = ("config.json",) if spec.weights_layout == FOLDER else ("model.safetensors", "pytorch_model.bin")
+    return any(isinstance(try_to_load_from_cache(repo, name), str) for name in names)
+
+
+def hub_offline() -> bool:
+    """True when the user asked the Hugging Face libraries to stay offline."""
+    return any(os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 @functools.lru_cache(maxsize=4)
-def host_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
-    """One quick TCP connect, so an offline machine gets a clear message at once instead of long retries."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+def host_reachable(host: str = HUB_HOST, timeout: float = HUB_CONNECT_TIMEOUT_S) -> bool:
+    """One quick TCP connect, remembered for the process, so an offline machine gets its message at once
+    instead of every load waiting for the hub clients' retries. ``host_reachable.cache_clear()`` asks again."""
+    if host == HUB_HOST and hub_offline():
         return False
     try:
         with socket.create_connection((host, 443), timeout=timeout):
@@ -95,16 +122,25 @@ def host_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
         return False
 
 
-def missing_weights_message(spec: ModelSpec, reason: str = "", folder: Path | None = None) -> str:
+def _where(folder: Path | None) -> str:
+    return f"the folder {folder}" if folder else f"a folder named by the environment variable {WEIGHTS_DIR_ENV}"
+
+
+def fix_instruction(spec: ModelSpec, folder: Path | None = None) -> str:
+    """The one thing that makes the weights of ``spec`` available here, in one sentence."""
     folder = folder or weights_dir()
-    where = f"the folder {folder}" if folder else f"a folder named by the environment variable {WEIGHTS_DIR_ENV}"
-    parts = [f"No pretrained weights found for {spec.name}."]
-    if reason:
-        parts.append(reason)
-    parts.append(
-        f"Put {spec.weight_file_stem}.safetensors (or .pth) in {where} or upload it in the app's sidebar; "
-        "to explore the mechanics without it, use random weights (the pages' checkbox, the CLIs' --random-weights)."
-    )
+    if spec.weights_layout == FOLDER:
+        target = (folder or Path(f"${WEIGHTS_DIR_ENV}")) / spec.weight_file_stem
+        return (f"On a machine with internet run `hf download {spec.hf_repo} --local-dir {target}` and copy that "
+                f"folder to {target} here (with {WEIGHTS_DIR_ENV} set to its parent).")
+    return (f"Put {spec.weight_file_stem}.safetensors (or .pth) in {_where(folder)}, or upload it in the "
+            "sidebar's 'Upload a checkpoint'.")
+
+
+def missing_weights_message(spec: ModelSpec, reason: str = "", folder: Path | None = None) -> str:
+    """Two sentences (what is missing, what fixes it), then where the released weights live."""
+    parts = [f"No pretrained weights found for {spec.name}" + (f" ({reason.rstrip('.')})." if reason else ".")]
+    parts.append(fix_instruction(spec, folder))
     if spec.pretrained_name:
         parts.append(f"The released weights are timm's '{spec.pretrained_name}' on the Hugging Face hub.")
     if spec.url:
@@ -112,56 +148,60 @@ def missing_weights_message(spec: ModelSpec, reason: str = "", folder: Path | No
     return " ".join(parts)
 
 
+def _hub_note(allow_network: bool) -> str:
+    if hub_offline():
+        return "the model hub is not asked: offline mode"
+    return "the model hub cannot be reached from this machine" if allow_network else "network not allowed"
+
+
+def _not_found(spec: ModelSpec, reasons: list[str], tried: list[str], folder: Path | None) -> WeightsNotFoundError:
+    error = WeightsNotFoundError(missing_weights_message(spec, "; ".join(dict.fromkeys(reasons)), folder))
+    error.tried = tried
+    return error
+
+
 def resolve(spec: ModelSpec, user_file: str | Path | None = None, random_weights: bool = False,
             allow_network: bool = True, folder: Path | None = None) -> WeightsSource:
-    """Decide where the weights of ``spec`` come from, without loading them."""
+    """Decide where the weights of ``spec`` come from, without loading them. Raises WeightsNotFoundError
+    whose ``.tried`` has one line per place looked at."""
     if random_weights:
         return WeightsSource(RANDOM)
+    folder = folder if folder is not None else weights_dir()
     if user_file:
         path = Path(user_file).expanduser()
-        if not path.is_file():
-            raise WeightsNotFoundError(f"The weights file {path} does not exist.")
-        return WeightsSource(LOCAL, str(path))
+        if path.exists():
+            return WeightsSource(LOCAL, str(path))
+        # A path the user named and mistyped must not silently fall back to another file.
+        raise _not_found(spec, [f"the path you gave, {path}, does not exist", _hub_note(allow_network)],
+                         [f"the path you gave ({path}): not present"], folder)
+    tried: list[str] = []
     local = local_weight_file(spec, folder)
     if local is not None:
         return WeightsSource(LOCAL, str(local))
+    tried.append(f"weights folder: {folder / spec.weight_file_stem}: not present" if folder
+                 else f"weights folder: {WEIGHTS_DIR_ENV} not set")
     if in_hf_cache(spec):
-        return WeightsSource(HF_CACHE, spec.pretrained_name or "")
-    if allow_network and host_reachable():
-        if spec.pretrained_name:
-            return WeightsSource(HUB, spec.pretrained_name)
-        if spec.url:
-            return WeightsSource(URL, spec.url)
-    reason = "The model hub cannot be reached from this machine." if allow_network else ""
-    raise WeightsNotFoundError(missing_weights_message(spec, reason, folder))
+        return WeightsSource(HF_CACHE, hf_hub_id(spec) if spec.weights_layout == FOLDER else spec.pretrained_name)
+    tried.append("Hugging Face cache: not there")
+    reachable = allow_network and host_reachable()
+    if reachable and (spec.pretrained_name or spec.hf_repo):
+        return WeightsSource(HUB, spec.pretrained_name or spec.hf_repo)
+    if spec.url and allow_network and host_reachable(urlparse(spec.url).hostname or ""):
+        return WeightsSource(URL, spec.url)
+    reasons = []
+    if spec.url:
+        reasons.append("the official release cannot be reached" if allow_network else "network not allowed")
+        tried.append(f"official release {spec.url}: {reasons[-1]}")
+    if spec.pretrained_name or spec.hf_repo:
+        reasons.append(_hub_note(allow_network))
+        tried.append(f"Hugging Face hub: {reasons[-1]}")
+    raise _not_found(spec, reasons, tried, folder)
 
 
-def _vilt_status(folder: Path | None) -> tuple[str, str]:
-    from huggingface_hub import try_to_load_from_cache
-
-    from .vilt_pumer import VILT_FOLDER_NAME, VILT_VQA_REPO
-
-    folder = folder if folder is not None else weights_dir()
-    if folder is not None and (folder / VILT_FOLDER_NAME).is_dir():
-        return LOCAL, str(folder / VILT_FOLDER_NAME)
-    if isinstance(try_to_load_from_cache(VILT_VQA_REPO, "config.json"), str):
-        return HF_CACHE, VILT_VQA_REPO
-    if host_reachable():
-        return "downloadable", VILT_VQA_REPO
-    return MISSING, f"put the folder {VILT_FOLDER_NAME}/ (save_pretrained of {VILT_VQA_REPO}) in ${WEIGHTS_DIR_ENV}"
-
-
-def status(spec: ModelSpec, folder: Path | None = None) -> tuple[str, str]:
-    """(kind, detail) for the home page: local file / hf-cache / downloadable / missing. Never downloads."""
-    from .registry import VILT
-
-    if spec.family == VILT:
-        return _vilt_status(folder)
-    local = local_weight_file(spec, folder)
-    if local is not None:
-        return LOCAL, str(local)
-    if in_hf_cache(spec):
-        return HF_CACHE, spec.pretrained_name or ""
-    if (spec.pretrained_name or spec.url) and host_reachable():
-        return "downloadable", spec.pretrained_name or spec.url or ""
-    return MISSING, f"put {spec.weight_file_stem}.safetensors in ${WEIGHTS_DIR_ENV}"
+def status(spec: ModelSpec, folder: Path | None = None, user_file: str | Path | None = None) -> WeightsSource:
+    """Where the weights of ``spec`` would come from (never downloads): ``resolve``'s answer, or MISSING with
+    the fix."""
+    try:
+        return resolve(spec, user_file=user_file, folder=folder)
+    except WeightsNotFoundError:
+        return WeightsSource(MISSING, fix_instruction(spec, folder))

@@ -28,8 +28,8 @@ folder = weights_folder()
 st.caption(f"Weights folder: {folder or '(none set: VITLAB_WEIGHTS_DIR)'}")
 rows = []
 for name, spec in REGISTRY.items():
-    kind, detail = status(spec, Path(folder).expanduser() if folder else None)
-    rows.append({"model": name, "family": spec.family, "weights": kind, "where": detail,
+    source = status(spec, Path(folder).expanduser() if folder else None)
+    rows.append({"model": name, "family": spec.family_label, "weights": source.kind.value, "where": source.location,
                  "published top-1": spec.top1})
 st.dataframe(pd.DataFrame(rows), hide_index=True)
 st.caption("'missing' models can still run with random weights (each page has the switch); every figure then says so.")

@@ -5,11 +5,11 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from analysis.throughput import BenchSettings, PRECISIONS, benchmark, rows_to_records, sweep
+from analysis.throughput import PRECISIONS, BenchSettings, ModelOptions, benchmark, make_runner, rows_to_records, sweep
 from analysis.throughput_figures import accuracy_figure, live_figure, results_table
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.registry import DYNAMICVIT, MHSA, REGISTRY
-from models.variants import ModelOptions, make_runner, parse_variant
+from models.variants import parse_variant
 from pages._ui import cached_model, current_device, download_df, download_json
 
 st.title("Live throughput")

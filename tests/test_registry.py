@@ -33,3 +33,36 @@ def test_every_entry_builds_with_random_weights(name):
         with torch.inference_mode():
             logits = loaded.model(torch.randn(2, *size))
         assert logits.shape == (2, 1000) and torch.isfinite(logits).all()
+
+
+def test_every_method_forward_exists_and_applies_to_some_model():
+    from models.methods import METHODS, methods_for
+
+    for method in METHODS.values():
+        assert callable(method.forward_function()), method.key
+        assert any(method.applies_to(spec) for spec in REGISTRY.values()), method.key
+        assert method.main_setting.default in method.main_setting.choices
+    assert [m.key for m in methods_for(get_spec("deit_small_patch16_224"))] == ["tome"]
+    assert methods_for(get_spec("efficientvit_m0")) == []
+
+
+def test_method_settings_become_forward_arguments():
+    from models.methods import METHODS, method_of
+
+    assert method_of({"rho": 0.7}) is METHODS["dynamicvit"]
+    assert METHODS["dynamicvit"].arguments({"rho": "0.5"}) == {"keep_ratio": 0.5}
+    assert METHODS["tome"].arguments({"tome": "decreasing:13", "prop_attn": False}) == \
+        {"r": "decreasing:13", "proportional_attention": False}
+    assert METHODS["pumer"].arguments({"pumer": True, "prune": 0.2}) == \
+        {"prune_ratio": 0.2, "image_merge_ratio": 0.3, "text_merge_ratio": 0.2}
+    with pytest.raises(ValueError, match="match no method"):
+        method_of({"speed": 11})
+
+
+def test_a_method_at_its_neutral_arguments_equals_the_model():
+    from models.methods import METHODS
+
+    loaded = load_model("deit_tiny_patch16_224", random_weights=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(METHODS["tome"].bind_neutral(loaded.model)(x), loaded.model(x), atol=1e-5, rtol=1e-5)

@@ -97,7 +97,7 @@ def test_variant_names():
 
 def test_vilt_variants_run_the_reduced_forward():
     from models.loading import load_model
-    from models.variants import make_runner
+    from analysis.throughput import make_runner
 
     loaded = load_model("vilt_b32_vqa", random_weights=True)
     plain = make_runner("vilt_b32_vqa", loaded=loaded)
@@ -111,7 +111,7 @@ def test_vilt_variants_run_the_reduced_forward():
 
 def test_settings_of_another_method_are_refused():
     from models.loading import load_model
-    from models.variants import make_runner
+    from analysis.throughput import make_runner
 
     loaded = load_model("deit_tiny_patch16_224", random_weights=True)
     with pytest.raises(ValueError, match="rho= needs a DynamicViT model"):

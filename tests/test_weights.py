@@ -42,9 +42,9 @@ def test_resolver_file_loads_like_timm_pretrained(shared_dir, deit_tiny_real):
 
 @pytest.mark.shared
 def test_status_reports_local_and_missing(shared_dir, offline):
-    assert status(get_spec("deit_tiny_patch16_224"), shared_dir / "weights")[0] == LOCAL
-    kind, detail = status(get_spec("deit_small_patch16_224"), shared_dir / "weights")
-    assert kind == MISSING and "deit_small_patch16_224.safetensors" in detail
+    assert status(get_spec("deit_tiny_patch16_224"), shared_dir / "weights").kind == LOCAL
+    source = status(get_spec("deit_small_patch16_224"), shared_dir / "weights")
+    assert source.kind == MISSING and "deit_small_patch16_224.safetensors" in source.location
 
 
 def test_missing_weights_message_names_file_and_folder(tmp_path, monkeypatch, offline):
@@ -178,3 +178,48 @@ def test_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch):
         load_model("dynamicvit_deit_256_patch16_224")
     assert "connection reset" in str(err.value)
     assert not (tmp_path / "cache" / "dynamicvit_deit_256_patch16_224.pth").exists()
+
+
+def test_every_weights_kind_has_a_description():
+    from models.weights import WeightsKind, WeightsSource
+
+    for kind in WeightsKind:
+        assert WeightsSource(kind, "somewhere").description
+
+
+def test_status_is_what_resolve_decides(tmp_path, offline):
+    from models.weights import status
+
+    save_file({k: v.contiguous() for k, v in _tiny_state().items()}, str(tmp_path / "efficientvit_m0.safetensors"))
+    spec = get_spec("efficientvit_m0")
+    assert status(spec, tmp_path) == resolve(spec, folder=tmp_path)
+    assert status(spec, tmp_path, user_file=tmp_path / "efficientvit_m0.safetensors").kind == LOCAL
+    missing = status(get_spec("efficientvit_m1"), tmp_path)
+    assert missing.kind == MISSING and "efficientvit_m1.safetensors" in missing.location
+
+
+def test_vilt_folder_goes_through_the_one_resolver(tmp_path, offline):
+    """ViLT's save_pretrained folder is found in the weights folder by its registry entry, like any file."""
+    spec = get_spec("vilt_b32_vqa")
+    with pytest.raises(WeightsNotFoundError) as err:
+        resolve(spec, folder=tmp_path)
+    assert f"hf download dandelin/vilt-b32-finetuned-vqa --local-dir {tmp_path / 'vilt-b32-finetuned-vqa'}" in str(err.value)
+    assert any("offline" in line for line in err.value.tried)
+    (tmp_path / "vilt-b32-finetuned-vqa").mkdir()
+    source = resolve(spec, folder=tmp_path)
+    assert source.kind == LOCAL and source.location == str(tmp_path / "vilt-b32-finetuned-vqa")
+
+
+def test_offline_resolution_is_fast_and_asks_the_network_once(tmp_path, monkeypatch, offline):
+    """A missing model fails at once offline: no connection is attempted while HF_HUB_OFFLINE is set."""
+    import socket
+    import time
+
+    def no_connections(*args, **kwargs):
+        raise AssertionError("the resolver tried the network although offline")
+
+    monkeypatch.setattr(socket, "create_connection", no_connections)
+    start = time.perf_counter()
+    with pytest.raises(WeightsNotFoundError):
+        load_model("vilt_b32_vqa", weights_folder=tmp_path)
+    assert time.perf_counter() - start < 2.0

@@ -1,0 +1,122 @@
+"""The token-reduction method table: one record per method, its settings, the families it applies to, its forward.
+
+A variant name ``NAME@key=value[,key=value]`` selects the method whose setting keys it uses; the settings become
+keyword arguments of the method's forward, so the cached model itself is never changed. Pages and the throughput
+CLI loop over ``METHODS``; a new method is one record here plus its forward module (and its figures in
+``analysis.token_reduction``).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .registry import DYNAMICVIT, MHSA, VILT, ModelSpec
+
+
+def _r_spec(value: Any) -> int | str:
+    """ToMe's r: an int per block, or a schedule string such as ``decreasing:13``."""
+    return value if isinstance(value, int) else str(value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # in variant names: NAME@key=value
+    argument: str  # keyword argument of the forward
+    label: str
+    parse: Callable[[Any], Any] = float
+    choices: tuple = ()  # what pages offer
+    default: Any = None
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    families: frozenset[str]
+    forward: str  # "module:function(model, inputs, **settings)"
+    settings: tuple[Setting, ...]
+    reference: str = ""
+    # A bare flag (NAME@flag) that selects the paper's setting; the arguments it stands for.
+    paper_flag: str | None = None
+    paper_arguments: dict = field(default_factory=dict)
+    # Arguments with which the forward reduces nothing (equals the model's own forward).
+    neutral_arguments: dict = field(default_factory=dict)
+    # Families whose unreduced runs also go through this forward at its neutral arguments, so that a speed-up
+    # against them measures the token reduction alone (ViLT: the explicit encoder walk).
+    plain_for: frozenset[str] = frozenset()
+
+    @property
+    def main_setting(self) -> Setting:
+        return self.settings[0]
+
+    @property
+    def keys(self) -> set[str]:
+        return {s.key for s in self.settings} | ({self.paper_flag} if self.paper_flag else set())
+
+    def applies_to(self, spec: ModelSpec) -> bool:
+        return spec.family in self.families
+
+    def arguments(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """Forward keyword arguments for variant settings (``{'rho': 0.7}`` -> ``{'keep_ratio': 0.7}``)."""
+        by_key = {s.key: s for s in self.settings}
+        arguments = dict(self.paper_arguments) if self.paper_flag in settings else {}
+        for key, value in settings.items():
+            if key != self.paper_flag:
+                arguments[by_key[key].argument] = by_key[key].parse(value)
+        return arguments
+
+    def forward_function(self) -> Callable:
+        module_name, function_name = self.forward.split(":")
+        return getattr(importlib.import_module(module_name), function_name)
+
+    def bind(self, model, settings: dict[str, Any]) -> Callable:
+        """The forward over ``model`` at the variant ``settings``, as a function of the inputs."""
+        return functools.partial(self.forward_function(), model, **self.arguments(settings))
+
+    def bind_neutral(self, model) -> Callable:
+        """The forward over ``model`` reducing nothing."""
+        return functools.partial(self.forward_function(), model, **self.neutral_arguments)
+
+    def variant(self, model_name: str, value: Any) -> str:
+        """The variant name running ``model_name`` with the main setting at ``value``."""
+        return f"{model_name}@{self.main_setting.key}={value}"
+
+
+METHODS: dict[str, Method] = {m.key: m for m in [
+    Method("tome", "ToMe (token merging)", frozenset({MHSA}), "models.tome:tome_forward",
+           (Setting("tome", "r", "tokens merged per block (r)", _r_spec, tuple(range(1, 25)), 13),
+            Setting("prop_attn", "proportional_attention", "proportional attention", bool, (True, False), True)),
+           reference="ToMe (ICLR 2023)", neutral_arguments={"r": 0}),
+    Method("dynamicvit", "DynamicViT", frozenset({DYNAMICVIT}), "models.dynamicvit:dynamicvit_forward",
+           (Setting("rho", "keep_ratio", "keep ratio rho", float, (0.5, 0.6, 0.7, 0.8, 0.9), 0.7),),
+           reference="DynamicViT (NeurIPS 2021)", neutral_arguments={"keep_ratio": 1.0}),
+    Method("pumer", "PuMer", frozenset({VILT}), "models.vilt_pumer:pumer_forward",
+           (Setting("prune", "prune_ratio", "image prune ratio", float, (0.1, 0.2, 0.3), 0.1),
+            Setting("image_merge", "image_merge_ratio", "image merge ratio", float, (0.1, 0.2, 0.3), 0.3),
+            Setting("text_merge", "text_merge_ratio", "text merge ratio", float, (0.1, 0.2, 0.3), 0.2)),
+           reference="PuMer (ACL 2023)", paper_flag="pumer",
+           paper_arguments=dict(prune_ratio=0.1, image_merge_ratio=0.3, text_merge_ratio=0.2),
+           neutral_arguments=dict(prune_ratio=0.0, image_merge_ratio=0.0, text_merge_ratio=0.0),
+           plain_for=frozenset({VILT})),
+]}
+
+
+def methods_for(spec: ModelSpec) -> list[Method]:
+    return [m for m in METHODS.values() if m.applies_to(spec)]
+
+
+def method_of(settings: dict[str, Any]) -> Method | None:
+    """The method whose keys the settings use; None for no settings. ValueError when none matches."""
+    if not settings:
+        return None
+    for method in METHODS.values():
+        if set(settings) <= method.keys:
+            return method
+    known = "; ".join(f"{m.key}: {', '.join(sorted(m.keys))}" for m in METHODS.values())
+    raise ValueError(f"Settings {sorted(settings)} match no method. Known settings: {known}")
+
+
+def plain_method(spec: ModelSpec) -> Method | None:
+    return next((m for m in METHODS.values() if spec.family in m.plain_for), None)
