@@ -14,6 +14,7 @@ PAGES = [
     st.Page("pages/head_redundancy.py", title="Head redundancy", icon=":material/hub:"),
     st.Page("pages/channel_importance.py", title="Channel importance", icon=":material/tune:"),
     st.Page("pages/throughput.py", title="Live throughput", icon=":material/speed:"),
+    st.Page("pages/frontier.py", title="Accuracy vs throughput", icon=":material/scatter_plot:"),
 ]
 
 navigation = st.navigation(PAGES)

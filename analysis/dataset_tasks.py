@@ -29,6 +29,7 @@ class TaskOptions:
     r: str = "13"
     proportional_attention: bool = True
     loss_target: str = "self"
+    frontier_settings: tuple[str, ...] = ()  # frontier: "unreduced", "tome=8", "rho=0.7[:untrained]"; () = defaults
 
 
 def _zeros(*shape: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -42,7 +42,11 @@ from analysis.dataset import (
     save_state,
     state_path,
 )
-from analysis.dataset_tasks import TASKS, DatasetTask, TaskOptions, build_task
+from analysis.dataset_tasks import TASKS as ANALYSIS_TASKS
+from analysis.dataset_tasks import DatasetTask, TaskOptions, build_task
+from analysis.frontier import FRONTIER, FrontierTask
+
+TASKS: dict[str, type[DatasetTask]] = {**ANALYSIS_TASKS, FRONTIER: FrontierTask}
 
 RUN_FILE = "run.json"
 
@@ -69,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r", default="13", help="tome-merge: tokens merged per block ('13', '13,12,...', 'decreasing:13')")
     p.add_argument("--labels", choices=["self", "folder"], default="self",
                    help="taylor: loss against the model's own top-1 (self) or the class sub-folders (folder)")
+    p.add_argument("--settings", nargs="+", default=None,
+                   help="frontier: points of the backbone, e.g. unreduced tome=4 tome=8 tome=decreasing:13 "
+                        "rho=0.7 (rho=0.7:untrained on a plain DeiT); default: every offered value")
     p.add_argument("--resume", action="store_true", help="continue from DIR/state (same settings and world size)")
     p.add_argument("--state-every", type=int, default=20, help="save each process's state every K batches")
     p.add_argument("--stop-after-batches", type=int, default=None,
@@ -79,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def task_options(args: argparse.Namespace) -> TaskOptions:
     return TaskOptions(keep_ratio=args.keep_ratio, r=str(args.r),
-                       loss_target="labels" if args.labels == "folder" else "self")
+                       loss_target="labels" if args.labels == "folder" else "self",
+                       frontier_settings=tuple(args.settings or ()))
 
 
 def run_settings(args: argparse.Namespace, dataset: FolderImages, weights: str) -> dict[str, Any]:
@@ -181,8 +189,11 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     loaded = load_model(args.model, device=str(env.device), user_file=args.weights,
                         random_weights=args.random_weights, weights_folder=args.weights_folder)
     dataset = FolderImages.from_folder(args.data, loaded.transform, args.limit, args.labels)
-    task = build_task(args.task, loaded.model, args.model, task_options(args),
-                      tuple(loaded.data_config["input_size"]), loaded.weights.is_random)
+    if args.task == FRONTIER:
+        task = FrontierTask.build(loaded, task_options(args))
+    else:
+        task = build_task(args.task, loaded.model, args.model, task_options(args),
+                          tuple(loaded.data_config["input_size"]), loaded.weights.is_random)
     settings = run_settings(args, dataset, loaded.weights.description)
     path = state_path(out, env.rank)
     state = resume_state(task, settings, args, env, path)

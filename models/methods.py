@@ -85,7 +85,7 @@ class Method:
 
 
 METHODS: dict[str, Method] = {m.key: m for m in [
-    Method("tome", "ToMe (token merging)", frozenset({MHSA}), "models.tome:tome_forward",
+    Method("tome", "ToMe", frozenset({MHSA}), "models.tome:tome_forward",
            (Setting("tome", "r", "tokens merged per block (r)", _r_spec, tuple(range(1, 25)), 13),
             Setting("prop_attn", "proportional_attention", "proportional attention", bool, (True, False), True)),
            reference="ToMe (ICLR 2023)", neutral_arguments={"r": 0}),

@@ -61,3 +61,10 @@ def deit_tiny_batch(deit_tiny_real, shared_photos) -> torch.Tensor:
     cfg = timm.data.resolve_data_config({}, model=deit_tiny_real)
     tf = timm.data.create_transform(**cfg)
     return torch.stack([tf(im) for im in shared_photos])
+
+
+@pytest.fixture
+def real_weights_folder(shared_dir, monkeypatch):
+    """The app's environment with ../shared/weights as the weights folder and the hub switched off."""
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(shared_dir / "weights"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

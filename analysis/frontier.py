@@ -1,0 +1,366 @@
+"""The accuracy-throughput frontier: every token-reduction setting of every chosen backbone, on the user's own
+images and hardware.
+
+Accuracy: top-1 against folder labels, or, without labels, top-1 agreement with the backbone's unreduced model
+(labelled "agreement, not accuracy"). One pass over the images per backbone: each batch runs the unreduced model
+once and every setting once (``FrontierTask``, the same accumulator in the app and under ``analysis.run``).
+Throughput: the interleaved harness of ``analysis.throughput`` on the local device. Every point carries a Wilson
+95 % interval: with 200 images, one point of accuracy is noise.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from scipy.stats import binomtest
+from torch import nn
+
+from analysis.dataset import NO_LABEL
+from analysis.dataset_tasks import DatasetTask, TaskOptions, _add, _device_of, _zeros
+from analysis.throughput import BenchSettings, Runner, benchmark, image_inputs
+from models.loading import LoadedModel
+from models.methods import METHODS, Method, methods_for
+from models.registry import DYNAMICVIT, MHSA, REGISTRY, get_spec
+
+FRONTIER = "frontier"
+UNREDUCED = "unreduced"
+UNTRAINED_PREDICTORS = "untrained predictors"
+ACCURACY, AGREEMENT = "top-1 accuracy", "top-1 agreement with the unreduced model (not accuracy)"
+
+
+@dataclass(frozen=True)
+class FrontierSetting:
+    """One point of one backbone: a method (or none) at one value of its main setting."""
+
+    method: str  # UNREDUCED or a key of models.methods.METHODS
+    value: Any = None
+    # DynamicViT on a plain DeiT: freshly initialised score predictors on the backbone's weights (not learned).
+    untrained_predictors: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.method == UNREDUCED:
+            return UNREDUCED
+        method = METHODS[self.method]
+        text = f"{method.label} {method.main_setting.key}={self.value}"
+        return text + (f" ({UNTRAINED_PREDICTORS})" if self.untrained_predictors else "")
+
+    def variant(self, model: str) -> str:
+        return model if self.method == UNREDUCED else METHODS[self.method].variant(model, self.value)
+
+    @staticmethod
+    def parse(text: str) -> "FrontierSetting":
+        """``unreduced``, ``tome=8``, ``tome=decreasing:13``, ``rho=0.7`` or ``rho=0.7:untrained``."""
+        if text == UNREDUCED:
+            return FrontierSetting(UNREDUCED)
+        key, _, value = text.partition("=")
+        method = next((m for m in METHODS.values() if m.main_setting.key == key), None)
+        if method is None or not value:
+            known = ", ".join(m.main_setting.key for m in METHODS.values())
+            raise ValueError(f"Setting {text!r}: write unreduced or KEY=VALUE with KEY one of {known}.")
+        untrained = value.endswith(":untrained")
+        value = value.removesuffix(":untrained")
+        return FrontierSetting(method.key, method.main_setting.parse(_number(value)), untrained)
+
+    def text(self) -> str:
+        if self.method == UNREDUCED:
+            return UNREDUCED
+        suffix = ":untrained" if self.untrained_predictors else ""
+        return f"{METHODS[self.method].main_setting.key}={self.value}{suffix}"
+
+
+def _number(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def settings_methods(model_name: str) -> list[Method]:
+    """Methods that give points for a backbone: its own, and DynamicViT with untrained predictors on a DeiT."""
+    spec = get_spec(model_name)
+    found = methods_for(spec)
+    if spec.family == MHSA:
+        found.append(METHODS["dynamicvit"])
+    return found
+
+
+def default_settings(model_name: str) -> list[FrontierSetting]:
+    """The unreduced model plus each applicable method at every value it offers, up to ToMe's r = 16."""
+    spec = get_spec(model_name)
+    points = [FrontierSetting(UNREDUCED)]
+    for method in settings_methods(model_name):
+        untrained = method.key == "dynamicvit" and spec.family != DYNAMICVIT
+        values = [v for v in method.main_setting.choices if not (method.key == "tome" and v > 16)]
+        points += [FrontierSetting(method.key, v, untrained) for v in values]
+    return points
+
+
+# ----------------------------------------------------------------------------- forwards for the settings
+
+@functools.lru_cache(maxsize=8)
+def _untrained_dynamicvit(backbone: nn.Module) -> nn.Module:
+    from analysis.token_maps import dynamicvit_with_untrained_predictors
+
+    return dynamicvit_with_untrained_predictors(backbone, seed=0)
+
+
+def setting_forward(model: nn.Module, model_name: str, setting: FrontierSetting) -> Callable[[torch.Tensor], Any]:
+    """The forward of ``setting`` on ``model``, which is never changed (DynamicViT on a DeiT gets its own copy)."""
+    from models.variants import forward_for, parse_variant
+
+    if setting.method == UNREDUCED:
+        return model
+    if setting.untrained_predictors:
+        return METHODS[setting.method].bind(_untrained_dynamicvit(model), {METHODS[setting.method].main_setting.key:
+                                                                           setting.value})
+    return forward_for(model, model_name, parse_variant(setting.variant(model_name)))
+
+
+def _is_neutral(setting: FrontierSetting) -> bool:
+    if setting.method == UNREDUCED:
+        return True
+    method = METHODS[setting.method]
+    return method.arguments({method.main_setting.key: setting.value}) == method.neutral_arguments
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+# ----------------------------------------------------------------------------- the accumulator
+
+@dataclass
+class FrontierRecord:
+    """Per setting of one backbone: images seen, correct top-1 (labelled images only), agreement with unreduced."""
+
+    model: str
+    weights: str  # the weights source, e.g. "local file .../deit_tiny_patch16_224.safetensors" or RANDOM
+    settings: list[FrontierSetting]
+    images: int
+    labelled: int
+    correct: np.ndarray  # [settings]
+    agree: np.ndarray  # [settings]
+
+    @property
+    def kind(self) -> str:
+        return ACCURACY if self.labelled else AGREEMENT
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = []
+        for i, s in enumerate(self.settings):
+            hits, total = (int(self.correct[i]), self.labelled) if self.labelled else (int(self.agree[i]), self.images)
+            low, high = wilson_interval(hits, total)
+            rows.append({"model": self.model, "weights": self.weights, "setting": s.label,
+                         "setting_key": s.text(), "method": s.method, "value": s.value, "metric": self.kind,
+                         "hits": hits, "images": total, "score": hits / total if total else np.nan,
+                         "ci_low": low, "ci_high": high,
+                         "agreement": self.agree[i] / self.images if self.images else np.nan})
+        return pd.DataFrame(rows)
+
+
+class FrontierTask(DatasetTask):
+    """Top-1 per setting of one backbone, all settings evaluated on each batch of one pass over the images."""
+
+    name = FRONTIER
+    files = ("frontier.csv",)
+
+    def __init__(self, model: nn.Module, model_name: str, settings: Sequence[FrontierSetting], note: str = "",
+                 weights: str = "") -> None:
+        super().__init__(model_name, note)
+        self.model = model
+        self.weights = weights or note
+        self.points = list(settings)
+        # The unreduced logits serve every setting that reduces nothing (ToMe r = 0, rho = 1): no second forward.
+        self.forwards = [None if _is_neutral(s) else setting_forward(model, model_name, s) for s in self.points]
+        device = _device_of(model)
+        n = len(self.points)
+        self.sums = {"images": _zeros(device=device), "labelled": _zeros(device=device),
+                     "correct": _zeros(n, device=device), "agree": _zeros(n, device=device)}
+
+    @staticmethod
+    def settings(options: TaskOptions) -> dict[str, Any]:
+        return {"frontier_settings": list(options.frontier_settings)}
+
+    @classmethod
+    def build(cls, loaded: LoadedModel, options: TaskOptions) -> "FrontierTask":
+        points = ([FrontierSetting.parse(t) for t in options.frontier_settings] if options.frontier_settings
+                  else default_settings(loaded.name))
+        return cls(loaded.model, loaded.name, points, "random weights" if loaded.weights.is_random else "",
+                   loaded.weights.description)
+
+    def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        labels = labels.to(images.device)
+        has_label = labels != NO_LABEL
+        correct = torch.zeros(len(self.points), dtype=torch.float64)
+        agree = torch.zeros(len(self.points), dtype=torch.float64)
+        with torch.inference_mode():
+            reference = _logits(self.model(images)).argmax(-1)
+            for i, forward in enumerate(self.forwards):
+                predicted = reference if forward is None else _logits(forward(images)).argmax(-1)
+                correct[i] = float(((predicted == labels) & has_label).sum())
+                agree[i] = float((predicted == reference).sum())
+        _add(self.sums, "correct", correct)
+        _add(self.sums, "agree", agree)
+        _add(self.sums, "images", images.shape[0])
+        _add(self.sums, "labelled", float(has_label.sum()))
+
+    def result(self, sums: dict[str, torch.Tensor]) -> FrontierRecord:
+        return FrontierRecord(self.model_name, self.weights, self.points, int(sums["images"].item()),
+                              int(sums["labelled"].item()), sums["correct"].cpu().numpy(),
+                              sums["agree"].cpu().numpy())
+
+    @staticmethod
+    def write(record: FrontierRecord, out: Path) -> list[str]:
+        record.to_frame().to_csv(out / "frontier.csv", index=False)
+        return list(FrontierTask.files)
+
+    @staticmethod
+    def load(folder: Path, run: dict) -> pd.DataFrame:
+        return pd.read_csv(folder / "frontier.csv")
+
+    @staticmethod
+    def figures(frame: pd.DataFrame) -> dict[str, go.Figure]:
+        return {"frontier": frontier_figure(frame)}
+
+
+def evaluate(loaded: LoadedModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             settings: Sequence[FrontierSetting], progress: Callable[[float, str], None] | None = None,
+             total: int | None = None) -> FrontierRecord:
+    """The in-app run of ``FrontierTask``: ``batches`` of (images, labels with NO_LABEL where none)."""
+    task = FrontierTask(loaded.model, loaded.name, settings, "random weights" if loaded.weights.is_random else "",
+                        loaded.weights.description)
+    device = _device_of(loaded.model)
+    for done, (images, labels) in enumerate(batches, start=1):
+        task.update(images.to(device), labels)
+        if progress:
+            progress(done / total if total else 0.0, f"{loaded.name}: batch {done}" + (f"/{total}" if total else ""))
+    return task.result(task.sums)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def wilson_interval(hits: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (scipy); (nan, nan) for no trials."""
+    if total <= 0:
+        return float("nan"), float("nan")
+    interval = binomtest(int(hits), int(total)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def pareto_front(frame: pd.DataFrame, x: str = "img_per_s", y: str = "score") -> pd.DataFrame:
+    """Points no other point beats on both axes (higher is better on both), sorted by ``x``."""
+    data = frame.dropna(subset=[x, y]).sort_values([x, y], ascending=[False, False])
+    best_y, keep = -np.inf, []
+    for index, row in data.iterrows():
+        if row[y] > best_y:
+            keep.append(index)
+            best_y = row[y]
+    return data.loc[keep].sort_values(x)
+
+
+# ----------------------------------------------------------------------------- throughput of the settings
+
+def setting_runners(loaded: LoadedModel, settings: Sequence[FrontierSetting]) -> list[Runner]:
+    make_inputs = image_inputs(loaded)
+    return [Runner(name=f"{loaded.name} | {s.label}", forward=setting_forward(loaded.model, loaded.name, s),
+                   make_inputs=make_inputs, params=loaded.num_params, weights=loaded.weights.description)
+            for s in settings]
+
+
+def measure_throughput(loaded: LoadedModel, settings: Sequence[FrontierSetting], bench: BenchSettings,
+                       progress: Callable[[float, str], None] | None = None) -> pd.DataFrame:
+    """img/s (median of interleaved rounds), ms per batch and GFLOPs per image of each setting."""
+    runners = setting_runners(loaded, settings)
+    report = (lambda message, fraction: progress(fraction, message)) if progress else None
+    rows = benchmark(runners, bench, progress=report)
+    return pd.DataFrame({"model": loaded.name, "setting_key": [s.text() for s in settings],
+                         "img_per_s": [r.img_per_s for r in rows], "ms_per_batch": [r.ms_per_batch for r in rows],
+                         "batch": bench.batch, "device": bench.device,
+                         "gflops": [r.gflops for r in rows]})
+
+
+def join_points(accuracy: pd.DataFrame, speed: pd.DataFrame) -> pd.DataFrame:
+    return accuracy.merge(speed, on=["model", "setting_key"], how="left")
+
+
+# ----------------------------------------------------------------------------- published points
+
+def paper_points() -> pd.DataFrame:
+    """Registry models with a published ImageNet top-1 and V100 img/s (the papers' own hardware)."""
+    rows = [{"model": name, "score": spec.top1 / 100.0, "img_per_s": spec.paper_img_s,
+             "source": f"{spec.reference}" if spec.reference else "paper"}
+            for name, spec in REGISTRY.items() if spec.top1 and spec.paper_img_s]
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- the chart
+
+def _method_name(row: pd.Series) -> str:
+    method = "none" if row["method"] == UNREDUCED else METHODS[row["method"]].label
+    return f"{row['model']} · {method}"
+
+
+def frontier_figure(points: pd.DataFrame, papers: pd.DataFrame | None = None, title: str = "") -> go.Figure:
+    """Accuracy (or agreement) against img/s: one colour per backbone and method, lines through each method's
+    settings, Wilson intervals, the Pareto frontier, and the papers' points as hollow markers (their hardware)."""
+    fig = go.Figure()
+    if points.empty:
+        return fig
+    data = points.copy()
+    has_speed = "img_per_s" in data and data["img_per_s"].notna().any()
+    x_col = "img_per_s" if has_speed else "gflops_or_index"
+    if not has_speed:
+        data[x_col] = np.arange(len(data))
+    data["series"] = data.apply(_method_name, axis=1)
+    for series, group in data.groupby("series", sort=False):
+        group = group.sort_values(x_col)
+        unreduced = data[(data["model"] == group["model"].iloc[0]) & (data["method"] == UNREDUCED)]
+        if not group["method"].eq(UNREDUCED).all():
+            group = pd.concat([unreduced, group]).drop_duplicates("setting_key").sort_values(x_col)
+        hover = [f"{r.model}<br>{r.setting}<br>{r.metric}: {r.score:.1%} [{r.ci_low:.1%}, {r.ci_high:.1%}] "
+                 f"of {r.images} images" + (f"<br>{r.img_per_s:.1f} img/s" if has_speed else "")
+                 + (f"<br>{r.gflops:.2f} GFLOPs" if "gflops" in group and pd.notna(r.gflops) else "")
+                 for r in group.itertuples()]
+        fig.add_trace(go.Scatter(
+            x=group[x_col], y=group["score"], mode="lines+markers", name=series, hovertext=hover, hoverinfo="text",
+            error_y=dict(type="data", symmetric=False, array=group["ci_high"] - group["score"],
+                         arrayminus=group["score"] - group["ci_low"], thickness=1)))
+    if has_speed:
+        front = pareto_front(data, x_col, "score")
+        fig.add_trace(go.Scatter(x=front[x_col], y=front["score"], mode="lines", name="Pareto frontier (measured)",
+                                 line=dict(color="black", dash="dot", width=2), hoverinfo="skip"))
+    if papers is not None and not papers.empty and has_speed:
+        fig.add_trace(go.Scatter(
+            x=papers["img_per_s"], y=papers["score"], mode="markers+text", name="papers (V100 img/s, ImageNet top-1)",
+            text=papers["model"], textposition="top center", textfont=dict(size=10),
+            marker=dict(symbol="circle-open", size=11, line=dict(width=2), color="grey"),
+            hovertext=[f"{r.model}: {r.score:.1%} top-1, {r.img_per_s:.0f} img/s<br>{r.source} (not this machine)"
+                       for r in papers.itertuples()], hoverinfo="text"))
+    metrics = data["metric"].unique()
+    fig.update_layout(
+        title=title or "Accuracy vs throughput on this machine", height=560, margin=dict(t=50, b=10),
+        xaxis=dict(title="img/s on this machine" if has_speed else "setting (no throughput measured yet)",
+                   type="log" if has_speed else "linear"),
+        yaxis=dict(title=" / ".join(metrics), tickformat=".0%"),
+        legend=dict(orientation="v"))
+    return fig
+
+
+def to_json(points: pd.DataFrame, meta: dict) -> dict:
+    return {**meta, "points": json_records(points)}
+
+
+def json_records(frame: pd.DataFrame) -> list[dict]:
+    return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+            for row in frame.to_dict(orient="records")]
+
+

@@ -1,0 +1,194 @@
+"""Accuracy-throughput frontier: every chosen backbone and token-reduction setting, on your images and hardware."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+import torch
+
+from analysis.dataset import NO_LABEL, DatasetError, FolderImages, collate_readable
+from analysis.frontier import (
+    UNREDUCED,
+    FrontierSetting,
+    evaluate,
+    frontier_figure,
+    join_points,
+    json_records,
+    measure_throughput,
+    paper_points,
+    settings_methods,
+)
+from analysis.images import to_batch
+from analysis.throughput import BenchSettings
+from models.methods import METHODS
+from models.registry import REGISTRY, VILT, get_spec
+from pages._results import result_folder_input
+from pages._ui import cached_model, current_device, download_df, download_json, image_picker
+
+RESULT_KEY = "fr_result"
+BATCH = 8
+DEFAULT_VALUES = {"tome": [4, 8, 13, 16], "dynamicvit": [0.5, 0.7, 0.9]}
+
+
+def _backbones() -> list[str]:
+    return [n for n, s in REGISTRY.items() if s.family not in (VILT,)]
+
+
+st.title("Accuracy vs throughput: what each setting buys here")
+st.markdown(
+    "Papers each draw their own accuracy-vs-speed chart on their own GPU. Here every backbone and token-reduction "
+    "setting you pick runs on **your images** and is timed on **this machine**, interleaved. Each backbone streams "
+    "the images once; every setting is evaluated on each batch. With a labelled folder (class sub-folders named by "
+    "ImageNet index, WordNet id or class name) the y-axis is top-1 accuracy; otherwise it is top-1 **agreement** "
+    "with the backbone's unreduced model, which is not accuracy. Bars are Wilson 95 % intervals: with a few hundred "
+    "images, a one-point difference is noise."
+)
+
+left, right = st.columns(2)
+with left:
+    models = st.multiselect("Backbones", _backbones(), default=["deit_tiny_patch16_224"], key="fr_models")
+    random_ok = st.multiselect("May run with random weights (untrained)", models, default=[], key="fr_random",
+                               help="Only the models ticked here run untrained when their weights are missing; "
+                                    "every point and export then says RANDOM.")
+    chosen: dict[str, list] = {}
+    methods = {m.key: m for name in models for m in settings_methods(name)}
+    for key, method in methods.items():
+        offered = list(method.main_setting.choices)
+        chosen[key] = st.multiselect(f"{method.label}: {method.main_setting.label}", offered,
+                                     default=[v for v in DEFAULT_VALUES.get(key, offered[:3]) if v in offered],
+                                     key=f"fr_values_{key}")
+    decreasing = st.checkbox("Also ToMe's decreasing schedule at the same r", value=False, key="fr_decreasing",
+                             disabled="tome" not in methods)
+with right:
+    source = st.radio("Images", ["Sample photos / upload", "Folder on this machine"], horizontal=True, key="fr_source")
+    if source == "Folder on this machine":
+        folder = st.text_input("Folder path", key="fr_folder",
+                               help="Streamed recursively. Class sub-folders (ImageNet index, WordNet id or name) "
+                                    "give labels; otherwise agreement with the unreduced model is shown.")
+        labelled = st.checkbox("The sub-folders are ImageNet classes (top-1 accuracy)", value=True, key="fr_labelled")
+        limit = st.number_input("Images at most", 1, 100_000, 200, key="fr_limit")
+        uploads = None
+    else:
+        uploads = image_picker("fr_images", multiple=True)
+        folder, labelled, limit = "", False, None
+    bench_batch = st.number_input("Throughput batch size", 1, 512, 8, key="fr_batch")
+    rounds = st.number_input("Interleaved timing rounds", 1, 20, 3, key="fr_rounds")
+
+
+
+def _bench_settings() -> BenchSettings:
+    return BenchSettings(batch=int(bench_batch), iters=2, rounds=int(rounds), warmup=1, device=current_device())
+
+
+def _load(name: str):
+    loaded = cached_model(name, random_weights=False)
+    if loaded is None and name in random_ok:
+        loaded = cached_model(name, random_weights=True)
+    return loaded
+
+
+with st.expander("Dataset-scale results from the command line (`python -m analysis.run frontier`)"):
+    run = result_folder_input("frontier", key="fr_run")
+    if run is None:
+        st.caption("Run `python -m analysis.run frontier --model NAME --data FOLDER --labels folder --out DIR` (once "
+                   "per backbone, or under `torchrun`), then give DIR here and time its settings on this machine.")
+    elif st.button("Time these settings on this machine", key="fr_run_time"):
+        name = str(run.record["model"].iloc[0])
+        loaded = _load(name)
+        if loaded is not None:
+            settings = [FrontierSetting.parse(t) for t in run.record["setting_key"]]
+            bar = st.progress(0.0, text="Timing ...")
+            speed = measure_throughput(loaded, settings, _bench_settings(), lambda f, msg: bar.progress(f, text=msg))
+            st.session_state[RESULT_KEY] = {"points": join_points(run.record, speed), "skipped": [],
+                                            "device": current_device(), "batch": int(bench_batch)}
+
+
+def _settings_for(name: str) -> list[FrontierSetting]:
+    spec = get_spec(name)
+    points = [FrontierSetting(UNREDUCED)]
+    for method in settings_methods(name):
+        untrained = method.key == "dynamicvit" and not method.applies_to(spec)
+        for value in chosen.get(method.key, []):
+            points.append(FrontierSetting(method.key, value, untrained))
+            if method.key == "tome" and decreasing:
+                points.append(FrontierSetting(method.key, f"decreasing:{value}"))
+    return points
+
+
+def _batches(loaded):
+    """(images, labels) batches with the model's own preprocessing, and how many there are."""
+    if source == "Folder on this machine":
+        dataset = FolderImages.from_folder(folder, loaded.transform, int(limit), "folder" if labelled else "self")
+        loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, collate_fn=collate_readable)
+        return ((b.images, b.labels) for b in loader if len(b.indices)), len(loader)
+    batch = to_batch(uploads, loaded.transform)
+    labels = torch.full((batch.shape[0],), NO_LABEL)
+    chunks = [(batch[i:i + BATCH], labels[i:i + BATCH]) for i in range(0, batch.shape[0], BATCH)]
+    return iter(chunks), len(chunks)
+
+
+if st.button("Compute the frontier", type="primary", disabled=not models):
+    if source == "Folder on this machine" and not folder.strip():
+        st.error("Enter a folder path, or switch to the sample photos.")
+        st.stop()
+    accuracy_parts, speed_parts, skipped = [], [], []
+    bench = _bench_settings()
+    with st.status("Computing ...", expanded=True) as status:
+        bar = st.progress(0.0)
+        for m_index, name in enumerate(models):
+            loaded = _load(name)
+            if loaded is None:
+                skipped.append(name)
+                continue
+            settings = _settings_for(name)
+            status.update(label=f"{name}: evaluating {len(settings)} settings on the images")
+            share = 1.0 / len(models)
+
+            def report(fraction: float, message: str, base=m_index * share) -> None:
+                bar.progress(min(1.0, base + share * fraction), text=message)
+
+            try:
+                batches, total = _batches(loaded)
+                record = evaluate(loaded, batches, settings, lambda f, msg: report(0.5 * f, msg), total)
+            except (DatasetError, ValueError) as exc:
+                st.error(str(exc))
+                st.stop()
+            accuracy_parts.append(record.to_frame())
+            status.update(label=f"{name}: timing {len(settings)} settings, interleaved")
+            speed_parts.append(measure_throughput(loaded, settings, bench, lambda f, msg: report(0.5 + 0.5 * f, msg)))
+        status.update(label=f"Done: {sum(len(p) for p in accuracy_parts)} points from {len(accuracy_parts)} backbone(s)",
+                      state="complete")
+    if not accuracy_parts:
+        st.stop()
+    points = join_points(pd.concat(accuracy_parts, ignore_index=True), pd.concat(speed_parts, ignore_index=True))
+    st.session_state[RESULT_KEY] = {"points": points, "skipped": skipped, "device": current_device(),
+                                    "batch": int(bench_batch)}
+
+result = st.session_state.get(RESULT_KEY)
+if not result:
+    st.info("Pick backbones and settings, then press **Compute the frontier**. Each backbone shows its progress.")
+    st.stop()
+
+points: pd.DataFrame = result["points"]
+if result["skipped"]:
+    st.warning("Left out for missing weights: " + ", ".join(result["skipped"])
+               + ". Tick them under *May run with random weights* to include them untrained.")
+random_models = sorted(points.loc[points["weights"].str.contains("RANDOM", na=False), "model"].unique())
+if random_models:
+    st.warning("RANDOM weights (untrained) for: " + ", ".join(random_models) + ". Their points show cost, not accuracy.")
+if points["setting"].str.contains("untrained predictors").any():
+    st.caption("DynamicViT on a plain DeiT uses untrained score predictors: its keep decisions are not learned, "
+               "so its accuracy is a lower bound of what the trained model gets.")
+paper = paper_points()
+st.plotly_chart(frontier_figure(points, paper, f"On {result['device']}, batch {result['batch']}"), key="fr_chart")
+st.caption("Hollow grey markers: the papers' own ImageNet top-1 and V100 img/s, for orientation only (not this "
+           "machine, not your images). Dotted: the measured Pareto frontier.")
+shown = points[["model", "weights", "setting", "metric", "score", "ci_low", "ci_high", "images", "img_per_s",
+                "ms_per_batch", "gflops"]]
+st.dataframe(shown, hide_index=True,
+             column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("score", "ci_low", "ci_high")})
+d1, d2 = st.columns(2)
+with d1:
+    download_df(points, "frontier.csv", "Download points (CSV)")
+with d2:
+    download_json({"device": result["device"], "batch": result["batch"], "points": json_records(points),
+                   "methods": {k: METHODS[k].reference for k in METHODS}}, "frontier.json", "Download points (JSON)")
