@@ -48,7 +48,7 @@ class FrontierSetting:
         if self.method == UNREDUCED:
             return UNREDUCED
         method = METHODS[self.method]
-        text = f"{method.label} {method.main_setting.key}={self.value}"
+        text = f"{method.label} {method.main_setting.symbol}={self.value}"
         return text + (f" ({UNTRAINED_PREDICTORS})" if self.untrained_predictors else "")
 
     def variant(self, model: str) -> str:
@@ -339,15 +339,20 @@ def frontier_figure(points: pd.DataFrame, papers: pd.DataFrame | None = None, ti
         fig.add_trace(go.Scatter(x=front[x_col], y=front["score"], mode="lines", name="Pareto frontier (measured)",
                                  line=dict(color="black", dash="dot", width=2), hoverinfo="skip"))
     if papers is not None and not papers.empty and has_speed:
+        # Their own axis: V100 img/s and local CPU img/s differ by orders of magnitude and are not comparable.
         fig.add_trace(go.Scatter(
-            x=papers["img_per_s"], y=papers["score"], mode="markers+text", name="papers (V100 img/s, ImageNet top-1)",
-            text=papers["model"], textposition="top center", textfont=dict(size=10),
-            marker=dict(symbol="circle-open", size=11, line=dict(width=2), color="grey"),
+            x=papers["img_per_s"], y=papers["score"], mode="markers+text", xaxis="x2",
+            name="papers: ImageNet top-1 vs V100 img/s (top axis)", text=papers["model"], textposition="top center",
+            textfont=dict(size=10, color="grey"), marker=dict(symbol="circle-open", size=11, line=dict(width=2),
+                                                              color="grey"),
+            visible=True if (data["metric"] == ACCURACY).all() else "legendonly",
             hovertext=[f"{r.model}: {r.score:.1%} top-1, {r.img_per_s:.0f} img/s<br>{r.source} (not this machine)"
                        for r in papers.itertuples()], hoverinfo="text"))
+        fig.update_layout(xaxis2=dict(title="papers' img/s (V100, not this machine)", type="log", overlaying="x",
+                                      side="top", showgrid=False, color="grey"))
     metrics = data["metric"].unique()
     fig.update_layout(
-        title=title or "Accuracy vs throughput on this machine", height=560, margin=dict(t=50, b=10),
+        title=title or "Accuracy vs throughput on this machine", height=600, margin=dict(t=110, b=10),
         xaxis=dict(title="img/s on this machine" if has_speed else "setting (no throughput measured yet)",
                    type="log" if has_speed else "linear"),
         yaxis=dict(title=" / ".join(metrics), tickformat=".0%"),

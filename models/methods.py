@@ -28,6 +28,11 @@ class Setting:
     parse: Callable[[Any], Any] = float
     choices: tuple = ()  # what pages offer
     default: Any = None
+    symbol: str = ""  # how papers write it (r, rho); defaults to the key
+
+    def __post_init__(self) -> None:
+        if not self.symbol:
+            object.__setattr__(self, "symbol", self.key)
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ class Method:
 
 METHODS: dict[str, Method] = {m.key: m for m in [
     Method("tome", "ToMe", frozenset({MHSA}), "models.tome:tome_forward",
-           (Setting("tome", "r", "tokens merged per block (r)", _r_spec, tuple(range(1, 25)), 13),
+           (Setting("tome", "r", "tokens merged per block (r)", _r_spec, tuple(range(1, 25)), 13, "r"),
             Setting("prop_attn", "proportional_attention", "proportional attention", bool, (True, False), True)),
            reference="ToMe (ICLR 2023)", neutral_arguments={"r": 0}),
     Method("dynamicvit", "DynamicViT", frozenset({DYNAMICVIT}), "models.dynamicvit:dynamicvit_forward",

@@ -182,6 +182,7 @@ def test_figure_draws_methods_frontier_and_papers():
     assert any("ToMe" in n for n in names) and "Pareto frontier (measured)" in names
     papers = next(t for t in figure.data if t.name.startswith("papers"))
     assert "circle-open" in papers.marker.symbol and "deit_tiny_patch16_224" in list(papers.text)
+    assert papers.xaxis == "x2" and "V100" in figure.layout.xaxis2.title.text  # never on the local axis
     assert figure.layout.xaxis.type == "log"
 
 
@@ -197,7 +198,7 @@ def test_page_computes_points_that_survive_a_download(real_weights_folder):
     next(b for b in at.button if b.label == "Compute the frontier").click().run()
     assert not at.exception, [e.value for e in at.exception]
     table = at.dataframe[-1].value
-    assert set(table["setting"]) == {"unreduced", "ToMe tome=8", "DynamicViT rho=0.7 (untrained predictors)"}
+    assert set(table["setting"]) == {"unreduced", "ToMe r=8", "DynamicViT rho=0.7 (untrained predictors)"}
     assert (table["img_per_s"] > 0).all() and table["metric"].str.startswith("top-1 agreement").all()
     at.number_input(key="fr_rounds").set_value(2).run()  # any other widget: a rerun
     assert len(at.dataframe[-1].value) == 3 and at.get("plotly_chart")
