@@ -320,6 +320,11 @@ def load_official_state_dict(model: MeterForQuestionAnswering, state_dict: Mappi
     return dropped
 
 
+def load_official_file(model: MeterForQuestionAnswering, path: str | Path) -> None:
+    """Load an official METER ``.ckpt`` into an existing model (the registry's ``load_fn`` form)."""
+    load_official_state_dict(model, read_state_dict(path), source=Path(path).name)
+
+
 def load_meter_checkpoint(path: str | Path, image_size: int = 288, id2label: Mapping[int, str] | None = None,
                           config: MeterConfig | None = None) -> MeterForQuestionAnswering:
     """Build METER from an official ``.ckpt`` (``{'state_dict': ...}``, read with weights_only=True), sizes
