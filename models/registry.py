@@ -12,6 +12,7 @@ CGA = "cascaded group attention"
 CNN = "CNN"
 DYNAMICVIT = "DynamicViT"
 VILT = "ViLT"
+METER = "METER"
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,12 @@ for _name, _top1 in [("dynamicvit_deit_256_patch16_224", 76.53), ("dynamicvit_de
 # ViLT is a transformers model (a save_pretrained folder, not one file); models.vilt_pumer loads it.
 register(ModelSpec("vilt_b32_vqa", VILT, reference="ViLT (ICML 2021), VQAv2 fine-tuned; PuMer (ACL 2023)",
                    factory="models.vilt_pumer:vilt_b32_random", input_size=384))
+
+# METER is assembled from transformers parts; models.meter loads the official Lightning .ckpt (GitHub release).
+register(ModelSpec("meter_clip16_288_vqa", METER,
+                   reference="METER (CVPR 2022) CLIP-ViT-B/16 + RoBERTa, VQAv2 fine-tuned; PuMer (ACL 2023)",
+                   factory="models.meter:meter_random", load_fn="models.meter:load_official_file", input_size=288,
+                   url="https://github.com/zdou0830/METER/releases/download/checkpoint/meter_clip16_288_roberta_vqa.ckpt"))
 
 
 def get_spec(name: str) -> ModelSpec:
