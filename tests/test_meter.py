@@ -337,3 +337,17 @@ def test_two_settings_from_two_threads_on_one_model(meter, photos):
         assert results[i][1].image_counts.tolist() == expected[i][1].image_counts.tolist()
     assert not np.array_equal(expected[0][1].image_counts, expected[1][1].image_counts)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_registry_entry_builds_and_loads_official_files(official_file):
+    from models.registry import METER, get_spec, list_models
+    from models.meter import MeterConfig, load_official_file
+
+    spec = get_spec("meter_clip16_288_vqa")
+    assert spec.family == METER and list_models(METER) == ["meter_clip16_288_vqa"]
+    assert spec.factory == "models.meter:meter_random" and spec.load_fn == "models.meter:load_official_file"
+    official = _official_state_dict()
+    model = MeterForQuestionAnswering(config_from_state_dict(official, image_size=GRID * PATCH))
+    load_official_file(model, official_file)
+    torch.testing.assert_close(model.token_type_embeddings.weight, official["token_type_embeddings.weight"])
+    assert MeterConfig().grid == 18
