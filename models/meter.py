@@ -464,21 +464,30 @@ def load_roberta_tokenizer(tokenizer_dir: str | Path | None = None, weights_dir=
 
     attempts: list[str] = []
     base = _weights_base(weights_dir)
-    candidates = [(f"folder you gave ({tokenizer_dir})", tokenizer_dir, {})] if tokenizer_dir is not None else []
-    candidates.append((f"weights folder {base / ROBERTA_FOLDER_NAME}" if base else
-                       f"${WEIGHTS_DIR_ENV}/{ROBERTA_FOLDER_NAME}", base / ROBERTA_FOLDER_NAME if base else None, {}))
+    folders = [("folder you gave", Path(tokenizer_dir).expanduser())] if tokenizer_dir is not None else []
+    if base is not None:
+        folders.append(("weights folder", base / ROBERTA_FOLDER_NAME))
+    else:
+        attempts.append(f"${WEIGHTS_DIR_ENV}/{ROBERTA_FOLDER_NAME}: ${WEIGHTS_DIR_ENV} not set")
+    candidates = [(f"{what} {folder}", str(folder), {}) for what, folder in folders]
     candidates.append(("Hugging Face cache", ROBERTA_REPO, {"local_files_only": True}))
-    if not _offline():
+    if _offline():
+        attempts.append("Hugging Face hub: skipped (offline mode)")
+    else:
         candidates.append(("Hugging Face hub", ROBERTA_REPO, {}))
     for description, location, kwargs in candidates:
-        if location is None or (kwargs == {} and description.startswith(("folder", "weights"))
-                                and not Path(location).expanduser().is_dir()):
+        if not kwargs and location != ROBERTA_REPO and not Path(location).is_dir():
             attempts.append(f"{description}: not present")
             continue
         try:
-            return RobertaTokenizer.from_pretrained(str(location), model_max_length=max_text_len, **kwargs)
+            tokenizer = RobertaTokenizer.from_pretrained(location, model_max_length=max_text_len, **kwargs)
         except Exception as exc:  # noqa: BLE001 - every failure becomes one line of the final message
             attempts.append(f"{description}: {type(exc).__name__}")
+            continue
+        # Without vocabulary files transformers builds a tokenizer of the special tokens alone, silently.
+        if len(tokenizer) > len(set(tokenizer.all_special_tokens)):
+            return tokenizer
+        attempts.append(f"{description}: no vocabulary files (vocab.json, merges.txt)")
     target = base / ROBERTA_FOLDER_NAME if base else Path(f"${WEIGHTS_DIR_ENV}") / ROBERTA_FOLDER_NAME
     raise WeightsNotFoundError(
         "The RoBERTa tokenizer METER needs was not found. Tried: " + "; ".join(attempts) + ". "

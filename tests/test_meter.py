@@ -351,3 +351,14 @@ def test_registry_entry_builds_and_loads_official_files(official_file):
     load_official_file(model, official_file)
     torch.testing.assert_close(model.token_type_embeddings.weight, official["token_type_embeddings.weight"])
     assert MeterConfig().grid == 18
+
+
+def test_tokenizer_missing_offline_names_the_folder(tmp_path, monkeypatch):
+    from models.meter import load_roberta_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(WeightsNotFoundError) as info:
+        load_roberta_tokenizer(weights_dir=tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / "roberta-base") in message and "vocab.json" in message and "offline" in message
