@@ -249,13 +249,15 @@ def image_inputs(loaded: LoadedModel) -> Callable[[int], torch.Tensor]:
 
 
 def vqa_inputs(loaded: LoadedModel, text_len: int = 11) -> Callable[[int], dict]:
-    """A CLS + 9 words + SEP question and a square image at the model's size, as ViLT's processor would give."""
+    """A CLS + 9 words + SEP question (BERT's special ids; the token values do not change the cost) and a square
+    image at the model's size, as ViLT's or METER's processor would give."""
     config = loaded.model.config
     size = loaded.data_config["input_size"][-1]
 
     def make(batch: int) -> dict:
         generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(1000, min(config.vocab_size, 2000), (batch, text_len), generator=generator)
+        high = min(config.vocab_size, 2000)
+        ids = torch.randint(min(1000, high // 2), high, (batch, text_len), generator=generator)
         ids[:, 0], ids[:, -1] = 101 % config.vocab_size, 102 % config.vocab_size
         inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids),
                       pixel_values=torch.randn(batch, 3, size, size, generator=generator),

@@ -77,17 +77,23 @@ def _download_release(spec: ModelSpec) -> Path:
     return target
 
 
+def checkpoint_path(spec: ModelSpec, source: W.WeightsSource) -> Path:
+    """The local file holding the weights ``source`` names: the file itself, or the official release downloaded
+    once into the cache."""
+    if source.kind == W.LOCAL:
+        return Path(source.location)
+    if source.kind == W.URL:
+        return _download_release(spec)
+    raise ValueError(f"{source.description} is not a checkpoint file.")
+
+
 def build_with_weights(spec: ModelSpec, source: W.WeightsSource) -> nn.Module:
     """A timm (or factory-built) model holding the weights ``source`` names."""
     if source.kind == W.RANDOM:
         return build_random(spec)
-    if source.kind == W.LOCAL:
+    if source.kind in (W.LOCAL, W.URL):
         model = build_random(spec)
-        load_file_into(model, source.location, spec)
-        return model
-    if source.kind == W.URL:
-        model = build_random(spec)
-        load_file_into(model, _download_release(spec), spec)
+        load_file_into(model, checkpoint_path(spec, source), spec)
         return model
     import timm
 

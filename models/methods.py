@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .registry import DYNAMICVIT, MHSA, VILT, ModelSpec
+from .registry import DYNAMICVIT, METER, MHSA, VILT, ModelSpec
 
 
 def _r_spec(value: Any) -> int | str:
@@ -89,6 +89,11 @@ class Method:
         return f"{model_name}@{self.main_setting.key}={value}"
 
 
+_PUMER_SETTINGS = (Setting("prune", "prune_ratio", "image prune ratio", float, (0.1, 0.2, 0.3), 0.1),
+                   Setting("image_merge", "image_merge_ratio", "image merge ratio", float, (0.1, 0.2, 0.3), 0.3),
+                   Setting("text_merge", "text_merge_ratio", "text merge ratio", float, (0.1, 0.2, 0.3), 0.2))
+_PUMER_NEUTRAL = dict(prune_ratio=0.0, image_merge_ratio=0.0, text_merge_ratio=0.0)
+
 METHODS: dict[str, Method] = {m.key: m for m in [
     Method("tome", "ToMe", frozenset({MHSA}), "models.tome:tome_forward",
            (Setting("tome", "r", "tokens merged per block (r)", _r_spec, tuple(range(1, 25)), 13, "r"),
@@ -97,14 +102,15 @@ METHODS: dict[str, Method] = {m.key: m for m in [
     Method("dynamicvit", "DynamicViT", frozenset({DYNAMICVIT}), "models.dynamicvit:dynamicvit_forward",
            (Setting("rho", "keep_ratio", "keep ratio rho", float, (0.5, 0.6, 0.7, 0.8, 0.9), 0.7),),
            reference="DynamicViT (NeurIPS 2021)", neutral_arguments={"keep_ratio": 1.0}),
-    Method("pumer", "PuMer", frozenset({VILT}), "models.vilt_pumer:pumer_forward",
-           (Setting("prune", "prune_ratio", "image prune ratio", float, (0.1, 0.2, 0.3), 0.1),
-            Setting("image_merge", "image_merge_ratio", "image merge ratio", float, (0.1, 0.2, 0.3), 0.3),
-            Setting("text_merge", "text_merge_ratio", "text merge ratio", float, (0.1, 0.2, 0.3), 0.2)),
-           reference="PuMer (ACL 2023)", paper_flag="pumer",
+    Method("pumer", "PuMer", frozenset({VILT}), "models.vilt_pumer:pumer_forward", _PUMER_SETTINGS,
+           reference="PuMer (ACL 2023), ViLT: layers 2, 5, 8", paper_flag="pumer",
            paper_arguments=dict(prune_ratio=0.1, image_merge_ratio=0.3, text_merge_ratio=0.2),
-           neutral_arguments=dict(prune_ratio=0.0, image_merge_ratio=0.0, text_merge_ratio=0.0),
-           plain_for=frozenset({VILT})),
+           neutral_arguments=_PUMER_NEUTRAL, plain_for=frozenset({VILT})),
+    # PuMer's METER-VQA setting: fusion blocks 0-3, prune 0.2, image and text merge 0.2 (csarron/PuMer).
+    Method("pumer-meter", "PuMer", frozenset({METER}), "models.meter_pumer:meter_pumer_forward", _PUMER_SETTINGS,
+           reference="PuMer (ACL 2023), METER: fusion blocks 0-3", paper_flag="pumer",
+           paper_arguments=dict(prune_ratio=0.2, image_merge_ratio=0.2, text_merge_ratio=0.2),
+           neutral_arguments=_PUMER_NEUTRAL, plain_for=frozenset({METER})),
 ]}
 
 
@@ -112,14 +118,15 @@ def methods_for(spec: ModelSpec) -> list[Method]:
     return [m for m in METHODS.values() if m.applies_to(spec)]
 
 
-def method_of(settings: dict[str, Any]) -> Method | None:
-    """The method whose keys the settings use; None for no settings. ValueError when none matches."""
+def method_of(settings: dict[str, Any], spec: ModelSpec | None = None) -> Method | None:
+    """The method whose keys the settings use (preferring one that applies to ``spec``); None for no settings.
+    ValueError when none matches."""
     if not settings:
         return None
-    for method in METHODS.values():
-        if set(settings) <= method.keys:
-            return method
-    known = "; ".join(f"{m.key}: {', '.join(sorted(m.keys))}" for m in METHODS.values())
+    matching = [m for m in METHODS.values() if set(settings) <= m.keys]
+    if matching:
+        return next((m for m in matching if spec is not None and m.applies_to(spec)), matching[0])
+    known = "; ".join(sorted({f"{m.label}: {', '.join(sorted(m.keys))}" for m in METHODS.values()}))
     raise ValueError(f"Settings {sorted(settings)} match no method. Known settings: {known}")
 
 

@@ -14,6 +14,7 @@ CGA = "cga"
 CNN = "cnn"
 DYNAMICVIT = "dynamicvit"
 VILT = "vilt"
+METER = "meter"
 
 FAMILY_LABELS = {
     MHSA: "ViT / DeiT (multi-head self-attention)",
@@ -21,6 +22,7 @@ FAMILY_LABELS = {
     CNN: "CNN",
     DYNAMICVIT: "DynamicViT (DeiT + score predictors)",
     VILT: "ViLT (vision-language)",
+    METER: "METER (vision-language)",
 }
 
 # What a model's forward takes; the throughput harness builds inputs of this kind.
@@ -52,6 +54,8 @@ class ModelSpec:
     loader: str | None = None
     # A transformers repository on the Hugging Face hub holding the released folder.
     hf_repo: str | None = None
+    # The released file's name without suffix, where it is not the registry name (METER's .ckpt).
+    file_stem: str | None = None
     weights_layout: str = FILE
     inputs: str = IMAGE_INPUTS
     input_size: int = 224
@@ -76,7 +80,7 @@ class ModelSpec:
         """File name without suffix (or, for a folder layout, the folder name) looked up in the weights folder."""
         if self.weights_layout == FOLDER and self.hf_repo:
             return self.hf_repo.rsplit("/", 1)[-1]
-        return self.name
+        return self.file_stem or self.name
 
 
 _EVIT_REF = "EfficientViT (CVPR 2023) model zoo, V100"
@@ -123,6 +127,15 @@ register(ModelSpec("vilt_b32_vqa", VILT, reference="ViLT (ICML 2021), VQAv2 fine
                    factory="models.vilt_pumer:vilt_b32_random", loader="models.vilt_pumer:vilt_from_source",
                    hf_repo="dandelin/vilt-b32-finetuned-vqa", weights_layout=FOLDER, inputs=VQA_INPUTS,
                    input_size=384))
+
+# METER is assembled from transformers parts; models.meter reads the official Lightning .ckpt (GitHub release)
+# and the roberta-base tokenizer files.
+register(ModelSpec("meter_clip16_288_vqa", METER,
+                   reference="METER (CVPR 2022) CLIP-ViT-B/16 + RoBERTa, VQAv2 fine-tuned; PuMer (ACL 2023)",
+                   factory="models.meter:meter_random", load_fn="models.meter:load_official_file",
+                   loader="models.meter:meter_from_source", file_stem="meter_clip16_288_roberta_vqa",
+                   url="https://github.com/zdou0830/METER/releases/download/checkpoint/meter_clip16_288_roberta_vqa.ckpt",
+                   inputs=VQA_INPUTS, input_size=288))
 
 
 def get_spec(name: str) -> ModelSpec:

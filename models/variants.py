@@ -52,7 +52,7 @@ def forward_for(model: nn.Module, model_name: str, variant: Variant) -> Callable
     """The function of an input batch that runs ``variant`` on ``model`` (the registry model ``model_name``)."""
     spec = get_spec(model_name)
     try:
-        method = method_of(variant.settings)
+        method = method_of(variant.settings, spec)
     except ValueError as exc:
         raise ValueError(f"{variant.label}: {exc}") from None
     if method is None:

@@ -18,7 +18,7 @@ from .checkpoints import WeightsNotFoundError
 from .registry import FOLDER, ModelSpec
 
 WEIGHTS_DIR_ENV = "VITLAB_WEIGHTS_DIR"
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 HUB_HOST = "huggingface.co"
 HUB_CONNECT_TIMEOUT_S = 1.5
 
@@ -133,8 +133,10 @@ def fix_instruction(spec: ModelSpec, folder: Path | None = None) -> str:
         target = (folder or Path(f"${WEIGHTS_DIR_ENV}")) / spec.weight_file_stem
         return (f"On a machine with internet run `hf download {spec.hf_repo} --local-dir {target}` and copy that "
                 f"folder to {target} here (with {WEIGHTS_DIR_ENV} set to its parent).")
-    return (f"Put {spec.weight_file_stem}.safetensors (or .pth) in {_where(folder)}, or upload it in the "
-            "sidebar's 'Upload a checkpoint'.")
+    released = Path(urlparse(spec.url).path).suffix if spec.url else ""
+    name = (f"{spec.weight_file_stem}{released}" if released in WEIGHT_SUFFIXES
+            else f"{spec.weight_file_stem}.safetensors (or .pth)")
+    return f"Put {name} in {_where(folder)}, or upload it in the sidebar's 'Upload a checkpoint'."
 
 
 def missing_weights_message(spec: ModelSpec, reason: str = "", folder: Path | None = None) -> str:

@@ -118,3 +118,23 @@ def test_settings_of_another_method_are_refused():
         make_runner("deit_tiny_patch16_224@rho=0.7", loaded=loaded)
     with pytest.raises(ValueError, match="match no method"):
         make_runner("deit_tiny_patch16_224@speed=11", loaded=loaded)
+
+
+def test_meter_variants_run_pumer_in_the_fusion_layers():
+    from analysis.throughput import make_runner
+    from models.loading import LoadedModel
+    from models.meter import tiny_meter
+    from models.registry import get_spec
+    from models.weights import RANDOM, WeightsSource
+
+    model, processor = tiny_meter()
+    spec = get_spec("meter_clip16_288_vqa")
+    size = model.config.image_size
+    loaded = LoadedModel(name=spec.name, spec=spec, model=model, weights=WeightsSource(RANDOM), device="cpu",
+                         data_config={"input_size": (3, size, size)}, transform=processor)
+    plain = make_runner(spec.name, loaded=loaded)
+    pumer = make_runner(f"{spec.name}@pumer", loaded=loaded)
+    inputs = plain.make_inputs(2)
+    with torch.inference_mode():
+        torch.testing.assert_close(plain.forward(inputs), model(**inputs), atol=1e-5, rtol=1e-5)
+    assert T.count_flops(pumer) < T.count_flops(plain)

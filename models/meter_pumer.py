@@ -1,0 +1,141 @@
+"""PuMer on METER: text-informed image pruning and modality-aware merging in the co-attention (fusion) layers.
+
+An explicit forward over ``models.meter.MeterForQuestionAnswering``'s own submodules; with every ratio at 0 it
+returns ``model(**inputs)``. Settings are call arguments; the model is never modified. The decisions reuse
+``models.vilt_pumer`` (scores, pruning, bipartite matching, size-weighted merging, the trace).
+
+Where and how (checked against csarron/PuMer, ``modules_meter.py`` / ``modeling_meter.py`` and the METER-VQA
+command in its notes):
+- A reduce step runs inside the *text* co-attention layer of a fusion block, after its cross-attention and
+  before its MLP. Image tokens (the block's image input) are ranked by the text-to-image cross-attention (mean
+  over heads, summed over real text tokens) and the lowest ``round(prune_ratio * image tokens)`` are pruned; the
+  rest merge among themselves by the keys of that cross-attention (mean over heads); the text tokens merge by
+  the keys of the text self-attention. The text MLP and the block's image layer then see the reduced streams.
+- PuMer's METER-VQA setting: ``reduce_layers=[0,2,4,6]`` with prune, image merge and text merge ratios 0.2.
+  Its layer counter steps by 2 per fusion block (one text and one image layer), so these are fusion blocks
+  0, 1, 2 and 3 of 6: ``DEFAULT_REDUCE_LAYERS`` here counts fusion blocks.
+- Differences from PuMer's code, each to stay faithful to the released METER weights (PuMer fine-tuned its
+  own): the image layer attends to the text stream's *input* of the block, as METER does (PuMer's code passes
+  the text layer's output), merged into the same groups as the text; both CLS tokens are protected (PuMer's
+  top-k over METER's image tokens may drop the image CLS that the image pooler reads); counts and merges are
+  per sample over real tokens, so padding never takes part (as in ``models.vilt_pumer``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.vilt_pumer import (PuMerTrace, _attention_bias, _Embedded, _split_heads, _Tracer, apply_reduction,
+                               combine_tokens, plan_reduction)
+
+DEFAULT_REDUCE_LAYERS = (0, 1, 2, 3)  # fusion blocks; PuMer's [0, 2, 4, 6] in its text+image layer count
+DEFAULT_PRUNE_RATIO = 0.2
+DEFAULT_IMAGE_MERGE_RATIO = 0.2
+DEFAULT_TEXT_MERGE_RATIO = 0.2
+
+
+def _attend(attention: nn.Module, hidden: torch.Tensor, context: torch.Tensor, bias: torch.Tensor,
+            with_probs: bool):
+    """transformers' RobertaAttention (self-attention when ``context`` is ``hidden``, else cross-attention)
+    through its submodules. Returns (output after the residual norm, probs (B, H, N, M) or None, keys
+    (B, H, M, d)). Probabilities are materialised only when asked; otherwise fused attention runs."""
+    heads = attention.self
+    size = heads.attention_head_size
+    query = _split_heads(heads.query(hidden), size)
+    key = _split_heads(heads.key(context), size)
+    value = _split_heads(heads.value(context), size)
+    probs = None
+    if with_probs:
+        probs = torch.softmax(query @ key.transpose(-1, -2) / math.sqrt(size) + bias, dim=-1)
+        out = heads.dropout(probs) @ value
+    else:
+        dropout = heads.dropout.p if heads.training else 0.0
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout)
+    out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
+    return attention.output(out, hidden), probs, key
+
+
+def _as_joint_probs(text_to_image: torch.Tensor, text_len: int) -> torch.Tensor:
+    """Text-to-image probabilities (B, H, T, I) laid out as rows of a [text, image] joint attention
+    (B, 1, T, T + I), the layout ``vilt_pumer.text_to_image_scores`` reads (text columns unused: zeros)."""
+    mean = text_to_image.mean(dim=1, keepdim=True)
+    return torch.cat([mean.new_zeros(*mean.shape[:3], text_len), mean], dim=-1)
+
+
+def meter_pumer_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor],
+                        prune_ratio: float = DEFAULT_PRUNE_RATIO,
+                        image_merge_ratio: float = DEFAULT_IMAGE_MERGE_RATIO,
+                        text_merge_ratio: float = DEFAULT_TEXT_MERGE_RATIO,
+                        reduce_layers: Sequence[int] = DEFAULT_REDUCE_LAYERS, return_trace: bool = False,
+                        proportional_attention: bool = False):
+    """METER's VQA forward with PuMer in the fusion blocks ``reduce_layers`` (0-based). ``inputs``: a
+    MeterProcessor output (input_ids, attention_mask, pixel_values). With all ratios 0 it equals
+    ``model(**inputs)``. Returns the logits (B, num_labels), or ``(logits, PuMerTrace)`` when ``return_trace``:
+    the trace's column ``i`` counts the tokens entering fusion block ``i``, the last what leaves the fusion."""
+    input_ids = inputs["input_ids"]
+    attention_mask = inputs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    x = model.encode_text(input_ids, attention_mask)
+    y = model.encode_image(inputs["pixel_values"])
+    text_len = x.shape[1]
+    text_valid = attention_mask.bool()
+    image_valid = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
+    text_sizes = torch.ones(text_valid.shape, dtype=x.dtype, device=x.device)
+    image_sizes = torch.ones(image_valid.shape, dtype=y.dtype, device=y.device)
+    reducing = any(r > 0 for r in (prune_ratio, image_merge_ratio, text_merge_ratio))
+    pairs = list(zip(model.cross_modal_text_layers, model.cross_modal_image_layers))
+    tracer = None
+    if return_trace:
+        grid = model.config.grid
+        cells = torch.arange(grid * grid, device=y.device).expand(y.shape[0], -1)
+        tracer = _Tracer(_Embedded(torch.cat([x, y], 1), torch.cat([text_valid, image_valid], 1), text_len,
+                                   cells, (grid, grid)), len(pairs))
+
+    def biases():
+        return (_attention_bias(text_valid, text_sizes if proportional_attention else None, x.dtype),
+                _attention_bias(image_valid, image_sizes if proportional_attention else None, y.dtype))
+
+    text_bias, image_bias = biases()
+    for index, (text_layer, image_layer) in enumerate(pairs):
+        if tracer is not None:
+            tracer.count(index, torch.cat([text_valid, image_valid], 1), text_len)
+        reduce_here = reducing and index in reduce_layers
+        attended, _, text_keys = _attend(text_layer.attention, x, x, text_bias, with_probs=False)
+        crossed, probs, image_keys = _attend(text_layer.crossattention, attended, y, image_bias,
+                                             with_probs=reduce_here and prune_ratio > 0)
+        text_context, context_bias = x, text_bias  # what the image layer attends to: the block's text input
+        if reduce_here:
+            plan = plan_reduction(torch.cat([text_keys.mean(dim=1), image_keys.mean(dim=1)], dim=1),
+                                  torch.cat([text_valid, image_valid], dim=1),
+                                  None if probs is None else _as_joint_probs(probs, text_len), text_len,
+                                  prune_ratio, image_merge_ratio, text_merge_ratio)
+            text_context = combine_tokens(x, text_sizes, plan.text_destination, plan.text_count)[0]
+            hidden, sizes, valid, text_len = apply_reduction(
+                torch.cat([crossed, y], dim=1), torch.cat([text_sizes, image_sizes], dim=1), x.shape[1], plan)
+            crossed, y = hidden[:, :text_len], hidden[:, text_len:]
+            text_sizes, image_sizes = sizes[:, :text_len], sizes[:, text_len:]
+            text_valid, image_valid = valid[:, :text_len], valid[:, text_len:]
+            text_bias, image_bias = biases()
+            context_bias = text_bias
+            if tracer is not None:
+                tracer.step(index, plan, valid, text_len)
+        x = text_layer.output(text_layer.intermediate(crossed), crossed)
+        attended, _, _ = _attend(image_layer.attention, y, y, image_bias, with_probs=False)
+        crossed, _, _ = _attend(image_layer.crossattention, attended, text_context, context_bias, with_probs=False)
+        y = image_layer.output(image_layer.intermediate(crossed), crossed)
+    logits = model.classify(x, y)
+    if tracer is None:
+        return logits
+    tracer.count(len(pairs), torch.cat([text_valid, image_valid], 1), text_len)
+    return logits, tracer.finish(dict(reduce_layers=list(reduce_layers), prune_ratio=prune_ratio,
+                                      image_merge_ratio=image_merge_ratio, text_merge_ratio=text_merge_ratio,
+                                      proportional_attention=proportional_attention))
+
+
+__all__ = ["DEFAULT_REDUCE_LAYERS", "DEFAULT_PRUNE_RATIO", "DEFAULT_IMAGE_MERGE_RATIO",
+           "DEFAULT_TEXT_MERGE_RATIO", "PuMerTrace", "meter_pumer_forward"]
