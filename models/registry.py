@@ -11,6 +11,11 @@ MHSA = "MHSA ViT"
 CGA = "cascaded group attention"
 CNN = "CNN"
 DYNAMICVIT = "DynamicViT"
+# DynamicViT's zoo; pruned forwards: models.dynamic_lvvit:lvvit_forward, models.dynamic_convnext:convnext_forward,
+# models.dynamic_swin:swin_forward, each forward(model, x, keep_ratio=0.7, return_trace=False).
+DYNAMIC_LVVIT = "DynamicViT (LV-ViT)"
+DYNAMIC_CNN = "DynamicCNN (ConvNeXt)"
+DYNAMIC_SWIN = "DynamicSwin"
 VILT = "ViLT"
 
 
@@ -79,6 +84,41 @@ for _name, _top1 in [("dynamicvit_deit_256_patch16_224", 76.53), ("dynamicvit_de
     register(ModelSpec(_name, DYNAMICVIT, top1=_top1, reference=_DYNAMICVIT_REF,
                        factory="models.dynamicvit:build_dynamicvit", factory_kwargs={"arch": _name},
                        url=_ARCHS[_name].url, load_fn="models.dynamicvit:load_official_checkpoint"))
+
+
+# The zoo's official releases (DynamicViT README). A release is trained for one keep ratio rho: the plain name
+# is the rho = 0.7 file, `_rho05` / `_rho09` the others; run each at its own rho (`NAME@rho=0.9`).
+_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+_ZOO_REF = "DynamicViT model zoo (README), trained at rho = {}"
+for _name, _family, _factory, _loader, _arch, _rho, _file, _top1 in [
+    ("dynamicvit_lvvit_s_rho05", DYNAMIC_LVVIT, "dynamic_lvvit:build_dynamic_lvvit", "dynamic_lvvit:load_official_lvvit",
+     "lvvit_s", 0.5, "635cb172312749e39cf2", 81.97),
+    ("dynamicvit_lvvit_s", DYNAMIC_LVVIT, "dynamic_lvvit:build_dynamic_lvvit", "dynamic_lvvit:load_official_lvvit",
+     "lvvit_s", 0.7, "d732a3511dd64db598e1", 83.08),
+    ("dynamicvit_lvvit_m", DYNAMIC_LVVIT, "dynamic_lvvit:build_dynamic_lvvit", "dynamic_lvvit:load_official_lvvit",
+     "lvvit_m", 0.7, "b8d1efdfc41d4777903e", 83.82),
+    ("dynamiccnn_convnext_tiny", DYNAMIC_CNN, "dynamic_convnext:build_dynamic_convnext",
+     "dynamic_convnext:load_official_convnext", "convnext_tiny", 0.7, "95b2daf7593a42f48baa", 81.59),
+    ("dynamiccnn_convnext_tiny_rho09", DYNAMIC_CNN, "dynamic_convnext:build_dynamic_convnext",
+     "dynamic_convnext:load_official_convnext", "convnext_tiny", 0.9, "030c6b8268104c16a666", 82.06),
+    ("dynamiccnn_convnext_small", DYNAMIC_CNN, "dynamic_convnext:build_dynamic_convnext",
+     "dynamic_convnext:load_official_convnext", "convnext_small", 0.7, "293972cc7d8c4adaac23", 82.57),
+    ("dynamiccnn_convnext_small_rho09", DYNAMIC_CNN, "dynamic_convnext:build_dynamic_convnext",
+     "dynamic_convnext:load_official_convnext", "convnext_small", 0.9, "64c4ed5ab02d45998bf6", 83.12),
+    ("dynamiccnn_convnext_base", DYNAMIC_CNN, "dynamic_convnext:build_dynamic_convnext",
+     "dynamic_convnext:load_official_convnext", "convnext_base", 0.7, "1e3a861f272142c38bbc", 83.45),
+    ("dynamiccnn_convnext_base_rho09", DYNAMIC_CNN, "dynamic_convnext:build_dynamic_convnext",
+     "dynamic_convnext:load_official_convnext", "convnext_base", 0.9, "9b4c8df7b30d410bba75", 83.96),
+    ("dynamicswin_tiny", DYNAMIC_SWIN, "dynamic_swin:build_dynamic_swin", "dynamic_swin:load_official_swin",
+     "swin_tiny_patch4_window7_224", 0.7, "6a3d0de592f04d77a2fa", 80.91),
+    ("dynamicswin_small", DYNAMIC_SWIN, "dynamic_swin:build_dynamic_swin", "dynamic_swin:load_official_swin",
+     "swin_small_patch4_window7_224", 0.7, "86b58132f354495590d0", 83.21),
+    ("dynamicswin_base", DYNAMIC_SWIN, "dynamic_swin:build_dynamic_swin", "dynamic_swin:load_official_swin",
+     "swin_base_patch4_window7_224", 0.7, "ea260248adc040929970", 83.43),
+]:
+    register(ModelSpec(_name, _family, top1=_top1, reference=_ZOO_REF.format(_rho),
+                       factory=f"models.{_factory}", factory_kwargs={"arch": _arch}, url=_TSINGHUA.format(_file),
+                       load_fn=f"models.{_loader}"))
 
 
 # ViLT is a transformers model (a save_pretrained folder, not one file); models.vilt_pumer loads it.
