@@ -434,3 +434,46 @@ def test_builders_match_timm_backbones():
             timm_shapes = _shapes(timm.create_model(spec.timm_name).state_dict())
             ours = _shapes(dswin.build_dynamic_swin(arch).state_dict())
             assert {k: ours[k] for k in timm_shapes} == timm_shapes
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry and the weights resolver
+# ------------------------------------------------------------------------------------------------
+def test_registry_entries_point_at_the_zoo():
+    from models import registry
+    from models.loading import _import
+
+    families = {registry.DYNAMIC_LVVIT: dlv, registry.DYNAMIC_CNN: dcnn, registry.DYNAMIC_SWIN: dswin}
+    names = [n for f in families for n in registry.list_models(f)]
+    assert len(names) == 12 and {"dynamicvit_lvvit_s", "dynamiccnn_convnext_tiny", "dynamicswin_tiny"} <= set(names)
+    for name in names:
+        spec = registry.get_spec(name)
+        module = families[spec.family]
+        assert module.FAMILY == spec.family
+        assert _import(spec.factory).__module__ == module.__name__ == _import(spec.load_fn).__module__
+        assert spec.url.startswith("https://cloud.tsinghua.edu.cn/f/") and spec.url.endswith("/?dl=1")
+        assert 80 < spec.top1 < 85
+
+
+def test_official_file_through_the_resolver(tmp_path, monkeypatch):
+    """The registry entry's own factory and loader, with a small Swin in place of Swin-T to keep the test fast."""
+    import dataclasses
+
+    from models import registry
+    from models.loading import load_model
+
+    small = dict(embed_dim=8, depths=(1, 1, 5, 1), num_heads=(1, 1, 2, 2), num_classes=10)
+    for name, depths in (("dynamicswin_tiny", (1, 1, 5, 1)), ("dynamicswin_small", (1, 1, 7, 1))):
+        spec = registry.get_spec(name)
+        kwargs = {**spec.factory_kwargs, **small, "depths": depths}
+        monkeypatch.setitem(registry.REGISTRY, name, dataclasses.replace(spec, factory_kwargs=kwargs))
+    reference = dswin.build_dynamic_swin(**small)
+    path = tmp_path / "dynamicswin_tiny_official.pth"
+    torch.save({"model": dswin.official_state_dict(reference)}, path)
+    loaded = load_model("dynamicswin_tiny", user_file=path, allow_network=False)
+    assert isinstance(loaded.model, dswin.DynamicSwin) and not loaded.model.training
+    assert loaded.data_config["input_size"] == (3, 224, 224) and loaded.data_config["crop_pct"] == 0.9
+    for key, value in reference.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    with pytest.raises(CheckpointError, match=r"dynamicswin_tiny_official\.pth.*5 third-stage blocks"):
+        load_model("dynamicswin_small", user_file=path, allow_network=False)
