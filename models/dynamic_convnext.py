@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models.convnext import ConvNeXt
 from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, read_state_dict, unwrap_state_dict
-from models.dynamic_zoo import (DynamicStageTrace, gather_positions, linear_counts, scatter_positions,
-                                scores_for_trace, split_top_k)
+from models.dynamic_zoo import (DynamicStageTrace, HierarchicalTrainOutput, gather_positions, linear_counts,
+                                linear_targets, mix, scatter_positions, scores_for_trace, split_top_k)
 
 FAMILY = "DynamicCNN (ConvNeXt)"
 PRUNED_STAGE = 2  # the official code prunes the third stage only
@@ -49,7 +50,7 @@ CONVNEXT_ARCHS: dict[str, ConvNeXtArch] = {
 class MapScorePredictor(nn.Module):
     """The official ConvNeXt predictor on a (B, C, H, W) map: channels-first LayerNorm and 1x1 convs.
 
-    First C/2 channels local, last C/2 averaged over the map; returns (B, 2, H, W) log-probs, channel 0 = keep.
+    First C/2 channels local, last C/2 averaged over the map.
     """
 
     def __init__(self, dim: int) -> None:
@@ -58,13 +59,27 @@ class MapScorePredictor(nn.Module):
         self.out_conv = nn.Sequential(
             nn.Conv2d(dim, dim // 2, 1), nn.GELU(),
             nn.Conv2d(dim // 2, dim // 4, 1), nn.GELU(),
-            nn.Conv2d(dim // 4, 2, 1), nn.LogSoftmax(dim=1))
+            nn.Conv2d(dim // 4, 2, 1), nn.LogSoftmax(dim=-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.in_conv(x)
-        half = feats.shape[1] // 2
-        local, pooled = feats[:, :half], feats[:, half:].mean(dim=(2, 3), keepdim=True)
-        return self.out_conv(torch.cat([local, pooled.expand_as(local)], dim=1))
+        """(B, C, H, W) map -> (B, H*W, 2) log-probabilities, index 0 = keep.
+
+        Computed on channels-last tokens with the 1x1 convs' weights as linear maps (the same arithmetic,
+        much faster on CPU than 1x1 convolutions)."""
+        norm, conv_in, act = self.in_conv
+        tokens = x.flatten(2).transpose(1, 2)
+        tokens = F.layer_norm(tokens, norm.weight.shape, norm.weight, norm.bias, norm.eps)
+        feats = act(_pointwise(conv_in, tokens))
+        half = feats.shape[-1] // 2
+        local, pooled = feats[..., :half], feats[..., half:].mean(dim=1, keepdim=True)
+        h = torch.cat([local, pooled.expand_as(local)], dim=-1)
+        for layer in self.out_conv:
+            h = _pointwise(layer, h) if isinstance(layer, nn.Conv2d) else layer(h)
+        return h
+
+
+def _pointwise(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
 
 
 def _init_new(module: nn.Module) -> None:
@@ -258,7 +273,7 @@ def convnext_forward(model: DynamicConvNeXt, x: torch.Tensor, keep_ratio: float 
     for i, block in enumerate(stage.blocks):
         if i in model.pruning_locations:
             s = model.pruning_locations.index(i)
-            keep_logprob = model.score_predictor[s](x)[:, 0].flatten(1)
+            keep_logprob = model.score_predictor[s](x)[..., 0]
             kept, rest = split_top_k(keep_logprob, counts[s])
             if return_trace:
                 trace.keep_scores.append(scores_for_trace(keep_logprob))
@@ -274,3 +289,67 @@ def convnext_forward(model: DynamicConvNeXt, x: torch.Tensor, keep_ratio: float 
 
 
 forward = convnext_forward
+
+
+# ---------------------------------------------------------------------------------------------
+# Training forward: the official two-stream form with Gumbel-softmax masks
+# ---------------------------------------------------------------------------------------------
+def _two_stream_block(block: nn.Module, streams: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor):
+    """The official AdaBlock in training: stream 1 carries the MLP path, stream 2 the fast path.
+
+    The depthwise conv sees the mixed map; each stream takes the conv output at its own positions (mask 1 for
+    stream 1, 0 for stream 2) and keeps its own values elsewhere, then adds its branch to itself.
+    """
+    first, second = streams
+    mixed = block.conv_dw(first * mask + second * (1 - mask))
+    first_in = (mixed * mask + first * (1 - mask)).permute(0, 2, 3, 1)
+    second_in = (mixed * (1 - mask) + second * mask).permute(0, 2, 3, 1)
+    first = first + block.drop_path(_ffn(block, first_in).permute(0, 3, 1, 2))
+    second = second + block.drop_path(_fast(block, second_in).permute(0, 3, 1, 2))
+    return first, second
+
+
+def convnext_features_for_distillation(convnext: ConvNeXt, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain ConvNeXt's logits and final-norm features per last-stage position (B, N, C): the teacher's targets."""
+    feats = convnext.forward_features(x)
+    return convnext.forward_head(feats), convnext.head.norm(feats).flatten(2).transpose(1, 2)
+
+
+def convnext_train_forward(model: DynamicConvNeXt, x: torch.Tensor, tau: float = 1.0, keep_ratio: float = 0.7,
+                           hard: bool = True, policy_override: Sequence[torch.Tensor] | None = None):
+    """The official DynamicCNN training forward (``AdaConvNeXt`` in training mode).
+
+    Each predictor samples a (straight-through) Gumbel-softmax keep mask over the whole third-stage map; from
+    the first predictor on, the blocks carry two streams (see ``_two_stream_block``) that are mixed by the
+    current mask where a map is needed. ``keep_ratio`` only sets the targets returned for the loss;
+    ``policy_override`` (one (B, H*W) 0/1 tensor per stage) replaces the samples, e.g. to test the masking.
+    """
+    x = model.stem(x)
+    for index in range(PRUNED_STAGE):
+        x = model.stages[index](x)
+    stage = model.stages[PRUNED_STAGE]
+    x = stage.downsample(x)
+    streams, mask, decisions = None, None, []
+    for i, block in enumerate(stage.blocks):
+        if i in model.pruning_locations:
+            current = x if streams is None else mix(streams, mask)
+            log_probs = model.score_predictor[model.pruning_locations.index(i)](current)
+            if policy_override is None:
+                keep = F.gumbel_softmax(log_probs, tau=tau, hard=hard, dim=-1)[..., 0]
+            else:
+                keep = policy_override[len(decisions)].to(log_probs.dtype).view_as(log_probs[..., 0])
+            decisions.append(keep)
+            mask = keep.view(current.shape[0], 1, *current.shape[2:])
+            if streams is None:
+                streams = (current, current)
+        if streams is None:
+            x = block(x)
+        else:
+            streams = _two_stream_block(block, streams, mask)
+    x = mix(streams, mask) if streams is not None else x
+    for index in range(PRUNED_STAGE + 1, len(model.stages)):
+        x = model.stages[index](x)
+    x = model.norm_pre(x)
+    featmap = model.head.norm(x).flatten(2).transpose(1, 2)
+    return HierarchicalTrainOutput(model.forward_head(x), featmap, decisions,
+                                   linear_targets(keep_ratio, len(model.pruning_locations)))

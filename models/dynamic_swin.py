@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, read_state_dict, unwrap_state_dict
-from models.dynamic_zoo import (DynamicStageTrace, gather_positions, linear_counts, scatter_positions,
-                                scores_for_trace, split_top_k)
+from models.dynamic_zoo import (DynamicStageTrace, HierarchicalTrainOutput, gather_positions, linear_counts,
+                                linear_targets, mix, scatter_positions, scores_for_trace, split_top_k)
 from models.dynamicvit import ScorePredictor, _init_predictor
 
 FAMILY = "DynamicSwin"
@@ -267,3 +268,62 @@ def swin_forward(model: DynamicSwin, x: torch.Tensor, keep_ratio: float = 0.7, r
 
 
 forward = swin_forward
+
+
+# ---------------------------------------------------------------------------------------------
+# Training forward: the official two-stream form with Gumbel-softmax masks
+# ---------------------------------------------------------------------------------------------
+def _two_stream_block(block: nn.Module, streams: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor):
+    """The official AdaSwinTransformerBlock in training, on (B, H, W, C) streams and a (B, H, W, 1) mask.
+
+    Attention runs on the mixed map; stream 1 takes the attended map at kept positions (its own values
+    elsewhere) into the MLP, stream 2 the attended map at the other positions into the fast MLP; both
+    residuals are added to the attended map.
+    """
+    first, second = streams
+    x = first * mask + second * (1 - mask)
+    x = x + block.drop_path1(block._attn(block.norm1(x)))
+    first_in = x * mask + first * (1 - mask)
+    second_in = x * (1 - mask) + second * mask
+    return (x + block.drop_path2(block.mlp(block.norm2(first_in))),
+            x + block.drop_path2(block.fastmlp(second_in)))
+
+
+def swin_features_for_distillation(swin: SwinTransformer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain Swin's logits and final-norm features per last-stage position (B, N, C): the teacher's targets."""
+    feats = swin.forward_features(x)
+    return swin.forward_head(feats), feats.flatten(1, 2)
+
+
+def swin_train_forward(model: DynamicSwin, x: torch.Tensor, tau: float = 1.0, keep_ratio: float = 0.7,
+                       hard: bool = True, policy_override: Sequence[torch.Tensor] | None = None):
+    """The official DynamicSwin training forward (``AdaSwinTransformer`` in training mode); see
+    ``models.dynamic_convnext.convnext_train_forward``. ``keep_ratio`` only sets the loss targets."""
+    x = model.patch_embed(x)
+    for index in range(PRUNED_STAGE):
+        x = model.layers[index](x)
+    stage = model.layers[PRUNED_STAGE]
+    x = stage.downsample(x)
+    streams, mask, decisions = None, None, []
+    for i, block in enumerate(stage.blocks):
+        if i in model.pruning_locations:
+            current = x if streams is None else mix(streams, mask)
+            log_probs = stage.score_predictor[model.pruning_locations.index(i)](current.flatten(1, 2))
+            if policy_override is None:
+                keep = F.gumbel_softmax(log_probs, tau=tau, hard=hard, dim=-1)[..., 0]
+            else:
+                keep = policy_override[len(decisions)].to(log_probs.dtype).view_as(log_probs[..., 0])
+            decisions.append(keep)
+            mask = keep.view(*current.shape[:3], 1)
+            if streams is None:
+                streams = (current, current)
+        if streams is None:
+            x = block(x)
+        else:
+            streams = _two_stream_block(block, streams, mask)
+    x = mix(streams, mask) if streams is not None else x
+    for index in range(PRUNED_STAGE + 1, len(model.layers)):
+        x = model.layers[index](x)
+    x = model.norm(x)
+    return HierarchicalTrainOutput(model.forward_head(x), x.flatten(1, 2), decisions,
+                                   linear_targets(keep_ratio, len(model.pruning_locations)))

@@ -17,8 +17,10 @@ How the hierarchical (T-PAMI) forward differs from the DeiT one (``models.dynami
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -108,20 +110,74 @@ def split_top_k(keep_logprob: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     return order[:, :k].sort(dim=1).values, order[:, k:].sort(dim=1).values
 
 
+def _flat_rows(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B, k) per-image positions -> (B * k,) rows of the (B * N, C) flattened tensor."""
+    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * num_tokens
+    return (index + offsets).reshape(-1)
+
+
 def gather_positions(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) and (B, k) -> (B, k, C)."""
-    return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    """(B, N, C) and (B, k) -> (B, k, C); row copies (index_select), faster on CPU than an expanded gather."""
+    batch, num_tokens, channels = tokens.shape
+    rows = _flat_rows(index, num_tokens)
+    return tokens.reshape(batch * num_tokens, channels).index_select(0, rows).view(batch, -1, channels)
 
 
 def scatter_positions(like: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """A (B, N, C) tensor holding each (index (B, k), values (B, k, C)) part at its positions.
 
     The parts must cover every position exactly once (kept + rest)."""
-    out = torch.empty_like(like)
+    batch, num_tokens, channels = like.shape
+    out = like.new_empty(batch * num_tokens, channels)
     for index, values in parts:
-        out.scatter_(1, index.unsqueeze(-1).expand(-1, -1, like.shape[-1]), values.to(like.dtype))
-    return out
+        out.index_copy_(0, _flat_rows(index, num_tokens), values.reshape(-1, channels).to(like.dtype))
+    return out.view(batch, num_tokens, channels)
 
 
 def scores_for_trace(keep_logprob: torch.Tensor) -> torch.Tensor:
     return keep_logprob.detach().float().exp().cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training (hierarchical models): the official two-stream form and loss
+# ---------------------------------------------------------------------------------------------
+class HierarchicalTrainOutput(NamedTuple):
+    """Training forward result of DynamicCNN / DynamicSwin."""
+
+    logits: torch.Tensor           # (B, classes)
+    featmap: torch.Tensor          # (B, N_last, C) final-norm features of every last-stage position
+    decisions: list[torch.Tensor]  # per stage (B, N) hard keep mask of that stage (not cumulative)
+    keep_targets: list[float]      # what the ratio loss pulls each stage towards: rho, rho - 0.2, rho - 0.4
+
+
+def linear_targets(keep_ratio: float, num_stages: int = 3) -> list[float]:
+    """The official SPARSE_RATIO targets [rho, rho - 0.2, rho - 0.4] (float arithmetic as the official code)."""
+    _check_ratio(keep_ratio)
+    return [keep_ratio - 0.2 * s if s else keep_ratio for s in range(num_stages)]
+
+
+def mix(streams: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """The map the two training streams stand for: kept positions from the first, the others from the second."""
+    return streams[0] * mask + streams[1] * (1 - mask)
+
+
+def hierarchical_loss(output: HierarchicalTrainOutput, labels: torch.Tensor, teacher_logits: torch.Tensor,
+                      teacher_featmap: torch.Tensor, ratio_weight: float = 10.0, distill_weight: float = 0.5,
+                      cls_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The official DynamicCNN/DynamicSwin loss (``ConvNextDistillDiffPruningLoss``) and its parts.
+
+    total = cls_weight * CE + ratio_weight * mean_s mean_b (keep_{b,s} - target_s)^2
+            + distill_weight * KL(teacher || student) + distill_weight * MSE(featmap, teacher featmap)
+    The feature MSE covers every position of the last stage (the map is never sparse there).
+    """
+    ce = F.cross_entropy(output.logits, labels)
+    ratio = output.logits.new_zeros(())
+    for decision, target in zip(output.decisions, output.keep_targets):
+        ratio = ratio + ((decision.mean(dim=1) - target) ** 2).mean()
+    ratio = ratio / max(1, len(output.decisions))
+    kl = F.kl_div(F.log_softmax(output.logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
+                  reduction="batchmean", log_target=True)
+    feat_mse = ((output.featmap - teacher_featmap) ** 2).mean()
+    total = cls_weight * ce + ratio_weight * ratio + distill_weight * kl + distill_weight * feat_mse
+    parts = {"ce": ce, "ratio": ratio, "kl": kl, "token_mse": feat_mse}
+    return total, {name: value.detach() for name, value in parts.items()}
