@@ -477,3 +477,66 @@ def test_official_file_through_the_resolver(tmp_path, monkeypatch):
         assert torch.equal(loaded.model.state_dict()[key], value), key
     with pytest.raises(CheckpointError, match=r"dynamicswin_tiny_official\.pth.*5 third-stage blocks"):
         load_model("dynamicswin_small", user_file=path, allow_network=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training forwards (official two-stream form) and loss
+# ------------------------------------------------------------------------------------------------
+def _random_mask(seed, batch=2, n=196, keep=0.6):
+    return (torch.rand(batch, n, generator=torch.Generator().manual_seed(seed)) < keep).float()
+
+
+def test_train_forwards_with_all_kept_are_the_backbone_and_its_features(convnext_pair, swin_pair, images):
+    ones = [torch.ones(2, 196)] * 3
+    cases = [(convnext_pair, dcnn.convnext_train_forward, dcnn.convnext_features_for_distillation),
+             (swin_pair, dswin.swin_train_forward, dswin.swin_features_for_distillation)]
+    with torch.no_grad():
+        for (backbone, model), train_forward, teacher in cases:
+            output = train_forward(model, images, policy_override=ones)
+            logits, featmap = teacher(backbone, images)
+            assert torch.allclose(output.logits, logits, atol=1e-5)
+            assert torch.allclose(output.featmap, featmap, atol=1e-5)
+            assert output.keep_targets == [0.7, 0.7 - 0.2, 0.7 - 0.4]
+
+
+def test_train_forward_with_one_mask_equals_the_dense_mixture(convnext_pair, swin_pair, images):
+    """With the same mask at every stage the two streams never disagree where it matters: the result is the
+    map with MLP at kept positions and fast path elsewhere, as at inference."""
+    mask = _random_mask(0)
+    grid = mask.bool().view(2, 14, 14)
+    with torch.no_grad():
+        _, model = convnext_pair
+        output = dcnn.convnext_train_forward(model, images, policy_override=[mask] * 3)
+        x = model.stages[2].downsample(model.stages[1](model.stages[0](model.stem(images))))
+        for i, block in enumerate(model.stages[2].blocks):
+            x = block(x) if i < 1 else _dense_convnext_block(block, x, grid)
+        assert torch.allclose(output.logits, model.forward_head(model.stages[3](x)), atol=1e-5)
+
+        _, model = swin_pair
+        output = dswin.swin_train_forward(model, images, policy_override=[mask] * 3)
+        x = model.layers[2].downsample(model.layers[1](model.layers[0](model.patch_embed(images))))
+        for i, block in enumerate(model.layers[2].blocks):
+            x = block(x) if i < 1 else _dense_swin_block(block, x, grid)
+        assert torch.allclose(output.logits, model.forward_head(model.norm(model.layers[3](x))), atol=1e-5)
+
+
+def test_gumbel_training_step_reaches_predictors_and_fast_paths():
+    from models.dynamic_zoo import hierarchical_loss
+
+    torch.manual_seed(0)
+    backbone = ConvNeXt(depths=(1, 1, 5, 1), dims=(16, 24, 32, 48), num_classes=10).eval()
+    model = _randomise_scales(dcnn.dynamic_convnext_from_backbone(backbone), suffix="fast_path_gamma").train()
+    x = torch.randn(2, 3, 224, 224)
+    output = dcnn.convnext_train_forward(model, x, keep_ratio=0.9)
+    assert [d.shape for d in output.decisions] == [(2, 196)] * 3
+    assert all(bool(((d == 0) | (d == 1)).all()) for d in output.decisions)
+    assert output.keep_targets == [0.9, 0.9 - 0.2, 0.9 - 0.4]
+    with torch.no_grad():
+        teacher_logits, teacher_featmap = dcnn.convnext_features_for_distillation(backbone, x)
+    total, parts = hierarchical_loss(output, torch.tensor([1, 2]), teacher_logits, teacher_featmap)
+    expected_ratio = sum(((d.mean(1) - t) ** 2).mean() for d, t in zip(output.decisions, output.keep_targets)) / 3
+    assert torch.allclose(parts["ratio"], expected_ratio.detach())
+    assert torch.allclose(total.detach(), parts["ce"] + 10 * parts["ratio"] + 0.5 * parts["kl"] + 0.5 * parts["token_mse"])
+    total.backward()
+    assert model.score_predictor[2].out_conv[4].weight.grad.abs().sum() > 0
+    assert model.stages[2].blocks[2].fast_path[1].weight.grad.abs().sum() > 0
