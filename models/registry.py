@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 MHSA = "MHSA ViT"
 CGA = "cascaded group attention"
 CNN = "CNN"
+SWIN = "Swin Transformer"
 DYNAMICVIT = "DynamicViT"
 # DynamicViT's zoo; pruned forwards: models.dynamic_lvvit:lvvit_forward, models.dynamic_convnext:convnext_forward,
 # models.dynamic_swin:swin_forward, each forward(model, x, keep_ratio=0.7, return_trace=False).
@@ -75,6 +76,16 @@ for _i, (_top1, _img_s) in enumerate([(63.2, 27644), (68.4, 20093), (70.8, 18218
 register(ModelSpec("mobilenetv3_large_100", CNN, "mobilenetv3_large_100", "ra_in1k", top1=75.2,
                    paper_img_s=7560.0, reference="EfficientViT (CVPR 2023) Table 2, V100"))
 
+
+# The plain backbones of DynamicCNN and DynamicSwin (timm, ImageNet-1k weights); top-1 from their papers.
+for _name, _family, _tag, _top1 in [
+    ("convnext_tiny", CNN, "fb_in1k", 82.1), ("convnext_small", CNN, "fb_in1k", 83.1),
+    ("convnext_base", CNN, "fb_in1k", 83.8),
+    ("swin_tiny_patch4_window7_224", SWIN, "ms_in1k", 81.2), ("swin_small_patch4_window7_224", SWIN, "ms_in1k", 83.2),
+    ("swin_base_patch4_window7_224", SWIN, "ms_in1k", 83.5),
+]:
+    register(ModelSpec(_name, _family, _name, _tag, top1=_top1,
+                       reference="ConvNeXt (CVPR 2022)" if _family == CNN else "Swin Transformer (ICCV 2021)"))
 
 _DYNAMICVIT_REF = "DynamicViT (NeurIPS 2021), rho = 0.7"
 for _name, _top1 in [("dynamicvit_deit_256_patch16_224", 76.53), ("dynamicvit_deit_small_patch16_224", 79.32),
