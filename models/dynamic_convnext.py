@@ -353,3 +353,12 @@ def convnext_train_forward(model: DynamicConvNeXt, x: torch.Tensor, tau: float =
     featmap = model.head.norm(x).flatten(2).transpose(1, 2)
     return HierarchicalTrainOutput(model.forward_head(x), featmap, decisions,
                                    linear_targets(keep_ratio, len(model.pruning_locations)))
+
+
+def official_pruning_locations(stage_depth: int) -> tuple[int, ...]:
+    """The official predictor positions for a third stage of ``stage_depth`` blocks (T: 9, S/B: 27)."""
+    table = {9: (1, 2, 3), 27: (3, 6, 9)}
+    if stage_depth not in table:
+        raise ValueError(f"DynamicCNN's official schedule covers ConvNeXt third stages of {sorted(table)} blocks, "
+                         f"not {stage_depth}.")
+    return table[stage_depth]

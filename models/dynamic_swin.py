@@ -327,3 +327,12 @@ def swin_train_forward(model: DynamicSwin, x: torch.Tensor, tau: float = 1.0, ke
     x = model.norm(x)
     return HierarchicalTrainOutput(model.forward_head(x), x.flatten(1, 2), decisions,
                                    linear_targets(keep_ratio, len(model.pruning_locations)))
+
+
+def official_pruning_locations(stage_depth: int) -> tuple[int, ...]:
+    """The official predictor positions for a third stage of ``stage_depth`` blocks (T: 6, S/B: 18)."""
+    table = {6: (1, 2, 3), 18: (2, 4, 6)}
+    if stage_depth not in table:
+        raise ValueError(f"DynamicSwin's official schedule covers Swin third stages of {sorted(table)} blocks, "
+                         f"not {stage_depth}.")
+    return table[stage_depth]

@@ -540,3 +540,40 @@ def test_gumbel_training_step_reaches_predictors_and_fast_paths():
     total.backward()
     assert model.score_predictor[2].out_conv[4].weight.grad.abs().sum() > 0
     assert model.stages[2].blocks[2].fast_path[1].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["convnext", "swin"])
+def test_training_cli_takes_hierarchical_backbones(family, tmp_path, monkeypatch, capsys):
+    """`--backbone convnext_*` / `swin_*`: two steps on a folder, an official-format checkpoint that loads strictly."""
+    import numpy as np
+    from PIL import Image
+
+    from analysis import train_dynamicvit as cli
+
+    torch.manual_seed(0)
+    if family == "convnext":
+        backbone = ConvNeXt(depths=(1, 1, 9, 1), dims=(8, 16, 32, 48), num_classes=1000)
+        fresh = dcnn.DynamicConvNeXt(depths=(1, 1, 9, 1), dims=(8, 16, 32, 48), pruning_locations=(1, 2, 3))
+        load, name = dcnn.load_official_convnext, "convnext_tiny"
+    else:
+        backbone = SwinTransformer(img_size=224, embed_dim=8, depths=(1, 1, 6, 1), num_heads=(1, 1, 2, 2))
+        fresh = dswin.DynamicSwin(img_size=224, embed_dim=8, depths=(1, 1, 6, 1), num_heads=(1, 1, 2, 2),
+                                  pruning_locations=(1, 2, 3))
+        load, name = dswin.load_official_swin, "swin_tiny_patch4_window7_224"
+    monkeypatch.setattr(cli, "load_backbone", lambda backbone_name, weights: backbone.eval())
+    data = tmp_path / "data" / "n01530575"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (240, 260, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    out = tmp_path / f"dynamic_{family}.pth"
+    rc = cli.main(["--backbone", name, "--data", str(tmp_path / "data"), "--epochs", "2", "--steps", "2", "--batch", "2",
+                   "--device", "cpu", "--keep-ratio", "0.9", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "step 2/2" in printed and "keep " in printed
+    saved = torch.load(out, map_location="cpu", weights_only=True)
+    assert saved["vitlab"]["pruning_locations"] == [1, 2, 3] and saved["vitlab"]["keep_ratio"] == pytest.approx(0.9)
+    load(fresh, out)  # official key names, strict
+    first = "stages.2.blocks.0.conv_dw.weight" if family == "convnext" else "layers.2.blocks.0.attn.qkv.weight"
+    assert torch.equal(fresh.state_dict()[first], backbone.state_dict()[first])  # backbone frozen by default
