@@ -154,12 +154,7 @@ def lvvit_forward(model: DynamicLVViT, x: torch.Tensor, keep_ratio: float = 0.7,
     if not return_trace:
         return dynamicvit_forward(model, x, keep_ratio=keep_ratio)
     logits, vit_trace = dynamicvit_forward(model, x, keep_ratio=keep_ratio, return_trace=True)
-    trace = DynamicStageTrace(
-        family=FAMILY, keep_ratio=keep_ratio, image_size=tuple(x.shape[-2:]),
-        stage_grids=[tuple(vit_trace.grid_size)] * len(model.pruning_locations),
-        stage_blocks=[f"blocks.{i}" for i in model.pruning_locations], nested=True,
-        kept_indices=vit_trace.kept_indices, keep_scores=vit_trace.keep_scores,
-        tokens_per_block=vit_trace.tokens_per_block)
+    trace = DynamicStageTrace.from_dynamicvit_trace(vit_trace, tuple(x.shape[-2:]), family=FAMILY)
     return logits, trace
 
 

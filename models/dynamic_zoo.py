@@ -30,7 +30,8 @@ class DynamicStageTrace:
     Differs from ``DynamicViTTrace``: each stage has its own grid (``stage_grids``, rows x cols of the map
     the predictor scored; the image's pixels per cell are ``cell_size(s)``), ``image_size`` is recorded so maps
     can be drawn to scale, ``nested`` says whether a dropped position can come back, and
-    ``tokens_per_block`` counts positions taking each block's full (expensive) path, over all blocks.
+    ``tokens_per_block`` counts positions taking each block's full (expensive) path, over all blocks (for
+    DeiT/LV-ViT the tokens entering each block, CLS included). ``from_dynamicvit_trace`` converts DeiT's trace.
     """
 
     family: str
@@ -63,6 +64,17 @@ class DynamicStageTrace:
             mask = torch.zeros(kept.shape[0], rows * cols, dtype=torch.bool)
             masks.append(mask.scatter_(1, kept, True).view(-1, rows, cols))
         return masks
+
+    @classmethod
+    def from_dynamicvit_trace(cls, trace, image_size: tuple[int, int], family: str = "DynamicViT",
+                              stage_blocks: list[str] | None = None) -> "DynamicStageTrace":
+        """The same record for a token-dropping forward's ``DynamicViTTrace`` (one patch grid, nested stages)."""
+        stages = len(trace.pruning_locations)
+        return cls(family=family, keep_ratio=trace.keep_ratio, image_size=tuple(image_size),
+                   stage_grids=[tuple(trace.grid_size)] * stages,
+                   stage_blocks=stage_blocks or [f"blocks.{i}" for i in trace.pruning_locations], nested=True,
+                   kept_indices=list(trace.kept_indices), keep_scores=list(trace.keep_scores),
+                   tokens_per_block=list(trace.tokens_per_block))
 
     def score_maps(self) -> list[torch.Tensor]:
         """Per stage, a (B, H_s, W_s) map of keep probabilities (NaN where the position was not scored)."""
