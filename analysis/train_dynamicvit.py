@@ -7,6 +7,10 @@
 Labels come from class sub-folders named by an ImageNet synset id (n01440764) or a class index (0-999);
 images anywhere else are labelled with the teacher's top-1. The checkpoint is written in the official
 format, ``{'model': state_dict}``, plus a ``'vitlab'`` metadata entry that the loader ignores.
+
+Backbones: a timm DeiT/ViT (DynamicViT), ConvNeXt (DynamicCNN) or Swin (DynamicSwin) from the registry. The
+hierarchical ones train the official two-stream forward with its loss (ratio weight 10, feature-map MSE) and
+their new fast paths along with the predictors; their checkpoints use the official key names.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -22,18 +26,40 @@ from torch.utils.data import DataLoader
 
 from analysis.dataset import NO_LABEL, FolderImages, class_folder, collate_readable, list_image_files
 from analysis.images import ACCEPTED_TYPES, imagenet_class_index
+from models import dynamic_convnext, dynamic_swin
 from models.checkpoints import CheckpointError
 from models.dynamicvit import (
-    DynamicViT,
     dynamicvit_from_backbone,
     dynamicvit_loss,
     dynamicvit_train_forward,
     mean_keep_per_stage,
     teacher_outputs,
 )
+from models.dynamic_zoo import hierarchical_loss
 
 TEACHER_LABEL = NO_LABEL  # marks an image whose label is the teacher's top-1
 BACKBONE_LR_SCALE = 0.01  # official recipe: the backbone learns 100x slower than the predictors
+NEW_MODULES = ("score_predictor", "fast_path", "fastmlp")  # parameters DynamicViT adds to a backbone
+
+
+class Recipe(NamedTuple):
+    """How one family trains: forward, the teacher's targets, loss, checkpoint layout, backbone learning-rate scale."""
+
+    train_forward: Callable
+    teacher_outputs: Callable
+    loss: Callable
+    state_dict: Callable
+    backbone_lr_scale: float
+
+
+RECIPES = {
+    "deit": Recipe(dynamicvit_train_forward, teacher_outputs, dynamicvit_loss, lambda m: m.state_dict(),
+                   BACKBONE_LR_SCALE),
+    "convnext": Recipe(dynamic_convnext.convnext_train_forward, dynamic_convnext.convnext_features_for_distillation,
+                       hierarchical_loss, dynamic_convnext.official_state_dict, 0.2),
+    "swin": Recipe(dynamic_swin.swin_train_forward, dynamic_swin.swin_features_for_distillation, hierarchical_loss,
+                   dynamic_swin.official_state_dict, 0.2),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,30 +102,52 @@ def frozen_teacher(backbone: nn.Module) -> nn.Module:
     return teacher
 
 
-def trainable_parameter_groups(model: DynamicViT, finetune_backbone: bool, lr: float) -> list[dict]:
-    """Predictors at ``lr``; the backbone frozen, or at lr * BACKBONE_LR_SCALE when fine-tuned."""
-    predictor = list(model.score_predictor.parameters())
-    predictor_ids = {id(p) for p in predictor}
-    backbone = [p for p in model.parameters() if id(p) not in predictor_ids]
+def family_of(model: nn.Module) -> str:
+    if isinstance(model, dynamic_convnext.ConvNeXt):
+        return "convnext"
+    if isinstance(model, dynamic_swin.SwinTransformer):
+        return "swin"
+    return "deit"
+
+
+def student_for(backbone: nn.Module) -> nn.Module:
+    """The DynamicViT model of the backbone's family: a copy of its weights plus fresh predictors (and fast paths)."""
+    family = family_of(backbone)
+    if family == "convnext":
+        depth = len(backbone.stages[dynamic_convnext.PRUNED_STAGE].blocks)
+        return dynamic_convnext.dynamic_convnext_from_backbone(
+            backbone, dynamic_convnext.official_pruning_locations(depth))
+    if family == "swin":
+        depth = len(backbone.layers[dynamic_swin.PRUNED_STAGE].blocks)
+        return dynamic_swin.dynamic_swin_from_backbone(backbone, dynamic_swin.official_pruning_locations(depth))
+    return dynamicvit_from_backbone(backbone)
+
+
+def trainable_parameter_groups(model: nn.Module, finetune_backbone: bool, lr: float) -> list[dict]:
+    """Added modules (predictors, fast paths) at ``lr``; the backbone frozen, or at lr * the family's scale."""
+    new = [p for name, p in model.named_parameters() if any(part in name for part in NEW_MODULES)]
+    new_ids = {id(p) for p in new}
+    backbone = [p for p in model.parameters() if id(p) not in new_ids]
     for p in backbone:
         p.requires_grad_(finetune_backbone)
-    groups = [{"params": predictor, "lr": lr}]
+    groups = [{"params": new, "lr": lr}]
     if finetune_backbone:
-        groups.append({"params": backbone, "lr": lr * BACKBONE_LR_SCALE})
+        groups.append({"params": backbone, "lr": lr * RECIPES[family_of(model)].backbone_lr_scale})
     return groups
 
 
-def train_step(model: DynamicViT, teacher: nn.Module, batch: torch.Tensor, labels: torch.Tensor,
+def train_step(model: nn.Module, teacher: nn.Module, batch: torch.Tensor, labels: torch.Tensor,
                optimizer: torch.optim.Optimizer, keep_ratio: float, tau: float = 1.0) -> dict[str, float]:
-    """One optimisation step of the DynamicViT loss; TEACHER_LABEL entries take the teacher's top-1.
+    """One optimisation step of the family's DynamicViT loss; TEACHER_LABEL entries take the teacher's top-1.
 
     Returns the loss parts as floats and the mean kept fraction per stage (``keep_0``, ``keep_1``, ...).
     """
+    recipe = RECIPES[family_of(model)]
     with torch.no_grad():
-        teacher_logits, teacher_tokens = teacher_outputs(teacher, batch)
+        teacher_logits, teacher_targets = recipe.teacher_outputs(teacher, batch)
     labels = torch.where(labels == TEACHER_LABEL, teacher_logits.argmax(dim=-1), labels)
-    output = dynamicvit_train_forward(model, batch, tau=tau, keep_ratio=keep_ratio)
-    total, parts = dynamicvit_loss(output, labels, teacher_logits, teacher_tokens)
+    output = recipe.train_forward(model, batch, tau=tau, keep_ratio=keep_ratio)
+    total, parts = recipe.loss(output, labels, teacher_logits, teacher_targets)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
@@ -116,11 +164,11 @@ def format_step(step: int, total_steps: int | None, stats: dict[str, float]) -> 
             f"kl {stats['kl']:.4f}  token {stats['token_mse']:.4f})  keep {keeps}")
 
 
-def save_checkpoint(model: DynamicViT, path: str | Path, metadata: dict) -> Path:
+def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict) -> Path:
     """Write ``{'model': state_dict, 'vitlab': metadata}`` (official layout; plain types, so weights_only loads it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in RECIPES[family_of(model)].state_dict(model).items()}
     torch.save({"model": state, "vitlab": metadata}, path)
     return path
 
@@ -130,10 +178,11 @@ def save_checkpoint(model: DynamicViT, path: str | Path, metadata: dict) -> Path
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m analysis.train_dynamicvit", description=__doc__.split("\n")[0])
-    parser.add_argument("--backbone", default="deit_small_patch16_224", help="timm DeiT/ViT name")
+    parser.add_argument("--backbone", default="deit_small_patch16_224",
+                        help="registry name of a timm DeiT/ViT, ConvNeXt (convnext_tiny ...) or Swin (swin_tiny_patch4_window7_224 ...)")
     parser.add_argument("--data", required=True, help="folder of images (recursive; class sub-folders optional)")
     parser.add_argument("--backbone-weights", default=None, help="local .safetensors/.pth weights of the backbone")
-    parser.add_argument("--keep-ratio", type=float, default=0.7, help="rho: stages keep rho, rho^2, rho^3")
+    parser.add_argument("--keep-ratio", type=float, default=0.7, help="rho: DeiT stages keep rho, rho^2, rho^3; ConvNeXt/Swin rho, rho-0.2, rho-0.4")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps in total")
     parser.add_argument("--batch", type=int, default=32)
@@ -157,11 +206,13 @@ def run(args: argparse.Namespace) -> Path:
     device = torch.device(args.device)
     backbone = load_backbone(args.backbone, args.backbone_weights)
     teacher = frozen_teacher(backbone).to(device)
-    model = dynamicvit_from_backbone(backbone).to(device).train()
+    model = student_for(backbone).to(device).train()
     optimizer = torch.optim.AdamW(trainable_parameter_groups(model, args.finetune_backbone, args.lr), weight_decay=0.05)
 
     # The model's own input size wins over its pretrained config (a backbone built at another img_size).
-    data_config = timm.data.resolve_data_config({"input_size": (3, *model.patch_embed.img_size)}, model=backbone)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    overrides = {"input_size": (3, *img_size)} if img_size else {}
+    data_config = timm.data.resolve_data_config(overrides, model=backbone)
     dataset = folder_dataset(args.data, timm.data.create_transform(**data_config, is_training=True), model.num_classes)
     if not len(dataset):
         raise FileNotFoundError(f"No images ({', '.join(ACCEPTED_TYPES)}) under {args.data}.")

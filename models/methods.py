@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .registry import DYNAMICVIT, METER, MHSA, VILT, ModelSpec
+from .registry import DYNAMIC_CNN, DYNAMIC_LVVIT, DYNAMIC_SWIN, DYNAMICVIT, METER, MHSA, VILT, ModelSpec
 
 
 def _r_spec(value: Any) -> int | str:
@@ -89,6 +89,7 @@ class Method:
         return f"{model_name}@{self.main_setting.key}={value}"
 
 
+_RHO = (Setting("rho", "keep_ratio", "keep ratio rho", float, (0.5, 0.6, 0.7, 0.8, 0.9), 0.7),)
 _PUMER_SETTINGS = (Setting("prune", "prune_ratio", "image prune ratio", float, (0.1, 0.2, 0.3), 0.1),
                    Setting("image_merge", "image_merge_ratio", "image merge ratio", float, (0.1, 0.2, 0.3), 0.3),
                    Setting("text_merge", "text_merge_ratio", "text merge ratio", float, (0.1, 0.2, 0.3), 0.2))
@@ -99,9 +100,15 @@ METHODS: dict[str, Method] = {m.key: m for m in [
            (Setting("tome", "r", "tokens merged per block (r)", _r_spec, tuple(range(1, 25)), 13, "r"),
             Setting("prop_attn", "proportional_attention", "proportional attention", bool, (True, False), True)),
            reference="ToMe (ICLR 2023)", neutral_arguments={"r": 0}),
-    Method("dynamicvit", "DynamicViT", frozenset({DYNAMICVIT}), "models.dynamicvit:dynamicvit_forward",
-           (Setting("rho", "keep_ratio", "keep ratio rho", float, (0.5, 0.6, 0.7, 0.8, 0.9), 0.7),),
+    Method("dynamicvit", "DynamicViT", frozenset({DYNAMICVIT}), "models.dynamicvit:dynamicvit_forward", _RHO,
            reference="DynamicViT (NeurIPS 2021)", neutral_arguments={"keep_ratio": 1.0}),
+    Method("dynamicvit-lvvit", "DynamicViT", frozenset({DYNAMIC_LVVIT}), "models.dynamic_lvvit:lvvit_forward", _RHO,
+           reference="DynamicViT (NeurIPS 2021), LV-ViT", neutral_arguments={"keep_ratio": 1.0}),
+    # Structured sparsification (T-PAMI extension): the feature map stays whole; only kept positions run the MLP.
+    Method("dynamiccnn", "DynamicCNN", frozenset({DYNAMIC_CNN}), "models.dynamic_convnext:convnext_forward", _RHO,
+           reference="Dynamic Spatial Sparsification (T-PAMI 2023), ConvNeXt", neutral_arguments={"keep_ratio": 1.0}),
+    Method("dynamicswin", "DynamicSwin", frozenset({DYNAMIC_SWIN}), "models.dynamic_swin:swin_forward", _RHO,
+           reference="Dynamic Spatial Sparsification (T-PAMI 2023), Swin", neutral_arguments={"keep_ratio": 1.0}),
     Method("pumer", "PuMer", frozenset({VILT}), "models.vilt_pumer:pumer_forward", _PUMER_SETTINGS,
            reference="PuMer (ACL 2023), ViLT: layers 2, 5, 8", paper_flag="pumer",
            paper_arguments=dict(prune_ratio=0.1, image_merge_ratio=0.3, text_merge_ratio=0.2),

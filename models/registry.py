@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 MHSA = "mhsa"
 CGA = "cga"
 CNN = "cnn"
+SWIN = "swin"
 DYNAMICVIT = "dynamicvit"
+# DynamicViT's zoo (T-PAMI extension): LV-ViT drops tokens like DeiT; ConvNeXt and Swin keep the feature map
+# and run only the kept positions' MLPs (models.dynamic_convnext, models.dynamic_swin).
+DYNAMIC_LVVIT = "dynamic-lvvit"
+DYNAMIC_CNN = "dynamic-cnn"
+DYNAMIC_SWIN = "dynamic-swin"
 VILT = "vilt"
 METER = "meter"
 
@@ -20,7 +26,11 @@ FAMILY_LABELS = {
     MHSA: "ViT / DeiT (multi-head self-attention)",
     CGA: "EfficientViT (cascaded group attention)",
     CNN: "CNN",
+    SWIN: "Swin Transformer (window attention)",
     DYNAMICVIT: "DynamicViT (DeiT + score predictors)",
+    DYNAMIC_LVVIT: "DynamicViT (LV-ViT + score predictors)",
+    DYNAMIC_CNN: "DynamicCNN (ConvNeXt + score predictors)",
+    DYNAMIC_SWIN: "DynamicSwin (Swin + score predictors)",
     VILT: "ViLT (vision-language)",
     METER: "METER (vision-language)",
 }
@@ -59,11 +69,13 @@ class ModelSpec:
     weights_layout: str = FILE
     inputs: str = IMAGE_INPUTS
     input_size: int = 224
+    # The keep ratio a released token-pruning model was trained for (pages and CLIs default to it).
+    trained_keep_ratio: float | None = None
 
     @property
     def attention(self) -> str | None:
         """The attention kind the head-redundancy recording walks: MHSA, CGA, or None (no such attention)."""
-        return {MHSA: MHSA, DYNAMICVIT: MHSA, CGA: CGA}.get(self.family)
+        return {MHSA: MHSA, DYNAMICVIT: MHSA, DYNAMIC_LVVIT: MHSA, CGA: CGA}.get(self.family)
 
     @property
     def family_label(self) -> str:
@@ -110,6 +122,17 @@ register(ModelSpec("mobilenetv3_large_100", CNN, "mobilenetv3_large_100", "ra_in
                    paper_img_s=7560.0, reference="EfficientViT (CVPR 2023) Table 2, V100"))
 
 
+# The plain backbones of DynamicCNN and DynamicSwin (timm, ImageNet-1k weights); top-1 from their papers.
+for _name, _family, _tag, _top1 in [
+    ("convnext_tiny", CNN, "fb_in1k", 82.1), ("convnext_small", CNN, "fb_in1k", 83.1),
+    ("convnext_base", CNN, "fb_in1k", 83.8),
+    ("swin_tiny_patch4_window7_224", SWIN, "ms_in1k", 81.2), ("swin_small_patch4_window7_224", SWIN, "ms_in1k", 83.2),
+    ("swin_base_patch4_window7_224", SWIN, "ms_in1k", 83.5),
+]:
+    register(ModelSpec(_name, _family, _name, _tag, top1=_top1,
+                       reference="ConvNeXt (CVPR 2022)" if _family == CNN else "Swin Transformer (ICCV 2021)"))
+
+
 # DynamicViT's official releases (rho = 0.7), direct downloads; shapes in models.dynamicvit.DYNAMICVIT_ARCHS.
 _DYNAMICVIT_REF = "DynamicViT (NeurIPS 2021), rho = 0.7"
 for _name, _top1, _url in [
@@ -119,7 +142,42 @@ for _name, _top1, _url in [
 ]:
     register(ModelSpec(_name, DYNAMICVIT, top1=_top1, reference=_DYNAMICVIT_REF,
                        factory="models.dynamicvit:build_dynamicvit", factory_kwargs={"arch": _name},
-                       url=_url, load_fn="models.dynamicvit:load_official_checkpoint"))
+                       url=_url, load_fn="models.dynamicvit:load_official_checkpoint", trained_keep_ratio=0.7))
+
+
+# The zoo's official releases (DynamicViT README). A release is trained for one keep ratio rho: the plain name
+# is the rho = 0.7 file, `_rho05` / `_rho09` the others; run each at its own rho (`NAME@rho=0.9`).
+_TSINGHUA = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+_ZOO_REF = "DynamicViT model zoo (README), trained at rho = {}"
+for _name, _family, _factory, _loader, _arch, _rho, _file, _top1 in [
+    ("dynamicvit_lvvit_s_rho05", DYNAMIC_LVVIT, "dynamic_lvvit:build_dynamic_lvvit", "dynamic_lvvit:load_official_lvvit",
+     "lvvit_s", 0.5, "635cb172312749e39cf2", 81.97),
+    ("dynamicvit_lvvit_s", DYNAMIC_LVVIT, "dynamic_lvvit:build_dynamic_lvvit", "dynamic_lvvit:load_official_lvvit",
+     "lvvit_s", 0.7, "d732a3511dd64db598e1", 83.08),
+    ("dynamicvit_lvvit_m", DYNAMIC_LVVIT, "dynamic_lvvit:build_dynamic_lvvit", "dynamic_lvvit:load_official_lvvit",
+     "lvvit_m", 0.7, "b8d1efdfc41d4777903e", 83.82),
+    ("dynamiccnn_convnext_tiny", DYNAMIC_CNN, "dynamic_convnext:build_dynamic_convnext",
+     "dynamic_convnext:load_official_convnext", "convnext_tiny", 0.7, "95b2daf7593a42f48baa", 81.59),
+    ("dynamiccnn_convnext_tiny_rho09", DYNAMIC_CNN, "dynamic_convnext:build_dynamic_convnext",
+     "dynamic_convnext:load_official_convnext", "convnext_tiny", 0.9, "030c6b8268104c16a666", 82.06),
+    ("dynamiccnn_convnext_small", DYNAMIC_CNN, "dynamic_convnext:build_dynamic_convnext",
+     "dynamic_convnext:load_official_convnext", "convnext_small", 0.7, "293972cc7d8c4adaac23", 82.57),
+    ("dynamiccnn_convnext_small_rho09", DYNAMIC_CNN, "dynamic_convnext:build_dynamic_convnext",
+     "dynamic_convnext:load_official_convnext", "convnext_small", 0.9, "64c4ed5ab02d45998bf6", 83.12),
+    ("dynamiccnn_convnext_base", DYNAMIC_CNN, "dynamic_convnext:build_dynamic_convnext",
+     "dynamic_convnext:load_official_convnext", "convnext_base", 0.7, "1e3a861f272142c38bbc", 83.45),
+    ("dynamiccnn_convnext_base_rho09", DYNAMIC_CNN, "dynamic_convnext:build_dynamic_convnext",
+     "dynamic_convnext:load_official_convnext", "convnext_base", 0.9, "9b4c8df7b30d410bba75", 83.96),
+    ("dynamicswin_tiny", DYNAMIC_SWIN, "dynamic_swin:build_dynamic_swin", "dynamic_swin:load_official_swin",
+     "swin_tiny_patch4_window7_224", 0.7, "6a3d0de592f04d77a2fa", 80.91),
+    ("dynamicswin_small", DYNAMIC_SWIN, "dynamic_swin:build_dynamic_swin", "dynamic_swin:load_official_swin",
+     "swin_small_patch4_window7_224", 0.7, "86b58132f354495590d0", 83.21),
+    ("dynamicswin_base", DYNAMIC_SWIN, "dynamic_swin:build_dynamic_swin", "dynamic_swin:load_official_swin",
+     "swin_base_patch4_window7_224", 0.7, "ea260248adc040929970", 83.43),
+]:
+    register(ModelSpec(_name, _family, top1=_top1, reference=_ZOO_REF.format(_rho),
+                       factory=f"models.{_factory}", factory_kwargs={"arch": _arch}, url=_TSINGHUA.format(_file),
+                       load_fn=f"models.{_loader}", trained_keep_ratio=_rho))
 
 
 # ViLT is a transformers model released as a save_pretrained folder with its processor.
