@@ -300,7 +300,7 @@ def test_two_threads_on_one_model_match_sequential_runs():
 
 
 def test_benchmark_reports_a_positive_ratio():
-    from analysis.bench_taylor import time_taylor_vs_forward
+    from analysis.bench.taylor_cost import time_taylor_vs_forward
 
     timing = time_taylor_vs_forward(tiny_vit(), images(2), repeats=1, name="tiny")
     assert timing.forward_s > 0 and timing.taylor_s > 0 and timing.ratio > 1.0
