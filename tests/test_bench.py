@@ -21,7 +21,8 @@ def measure(quick=False, progress=None):
 @pytest.fixture
 def fake_benchmarks(tmp_path, monkeypatch):
     (tmp_path / "vitlab_fake_bench.py").write_text(FAKE)
-    (tmp_path / "vitlab_broken_bench.py").write_text("def measure(quick=False, progress=None):\n    raise RuntimeError('boom')\n")
+    (tmp_path / "vitlab_broken_bench.py").write_text(
+        "def measure(quick=False, progress=None):\n    raise RuntimeError('boom')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(suite, "BENCHMARKS", {"fake": "vitlab_fake_bench", "later": "vitlab_not_merged_yet",
                                               "broken": "vitlab_broken_bench"})
@@ -46,7 +47,8 @@ def test_missing_and_broken_modules_become_rows_and_the_rest_still_runs(fake_ben
     assert by_figure["fake speed-up"]["passed"] is True and by_figure["fake speed-up"]["benchmark"] == "fake"
     assert by_figure["later: not available"]["passed"] is None
     assert "vitlab_not_merged_yet" in by_figure["later: not available"]["detail"]
-    assert by_figure["broken: failed"]["passed"] is False and "RuntimeError: boom" in by_figure["broken: failed"]["detail"]
+    broken = by_figure["broken: failed"]
+    assert broken["passed"] is False and "RuntimeError: boom" in broken["detail"]
     assert [s["status"] for s in status] == ["ok", "missing", "error"]
     assert (pytest.approx(0.5 / 3), "fake: half way") in messages
     assert all(0.0 <= f <= 1.0 for f, _ in messages)
@@ -129,7 +131,8 @@ def test_speedup_figures_apply_the_issue_targets_at_batch_16_and_report_batch_1(
     rows = [_row("deit_small_patch16_224", 15.0, 1.0, 9.2),
             _row("dynamicvit_deit_small_patch16_224@rho=0.7", 24.0, 1.60, 5.96),
             _row("deit_small_patch16_224@tome=13", 25.0, 1.66, 5.41)]
-    lat = [_latency("deit_small_patch16_224", 70.0, 1.0), _latency("dynamicvit_deit_small_patch16_224@rho=0.7", 50.0, 1.4),
+    lat = [_latency("deit_small_patch16_224", 70.0, 1.0),
+           _latency("dynamicvit_deit_small_patch16_224@rho=0.7", 50.0, 1.4),
            _latency("deit_small_patch16_224@tome=13", 48.0, 1.46)]
     figures = {f["figure"]: f for f in group_figures(group, comparisons, rows, lat, "cpu")}
     dynamic = figures["DynamicViT-DeiT-S rho 0.7 vs DeiT-S, batch 16"]
