@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
-from analysis.images import ACCEPTED_TYPES, ImageError, imagenet_class_index, load_image
+from analysis.images import ACCEPTED_TYPES, ImageError, class_folder, folder_class_labels, load_image
 
 NO_LABEL = -1
 LABEL_MODES = ("self", "folder")
@@ -40,24 +40,16 @@ def list_image_files(root: Path, limit: int | None = None) -> list[Path]:
     return files[:limit] if limit is not None else files
 
 
-def class_folder(relative: Path) -> str | None:
-    """The class a file belongs to: its top-level sub-folder, None for files directly in the root."""
-    return relative.parts[0] if len(relative.parts) > 1 else None
-
-
 def folder_labels(files: Sequence[Path]) -> list[int]:
     """ImageNet class index of every file from its class sub-folder; DatasetError when one has none."""
     unlabelled = [str(f) for f in files if class_folder(f) is None]
     if unlabelled:
         raise DatasetError(f"--labels folder needs every image inside a class sub-folder; {len(unlabelled)} are not "
                            f"(e.g. {unlabelled[0]}). Move them into a sub-folder or use --labels self.")
-    index_of: dict[str, int] = {}
-    for name in sorted({class_folder(f) for f in files}):
-        try:
-            index_of[name] = imagenet_class_index(name)
-        except ValueError as exc:
-            raise DatasetError(str(exc)) from exc
-    return [index_of[class_folder(f)] for f in files]
+    try:
+        return folder_class_labels(files)
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from exc
 
 
 class FolderImages(Dataset):

@@ -67,7 +67,8 @@ class DatasetTask(ABC):
         """Continue from saved sums; they must have this task's names and shapes."""
         if set(saved) != set(self.sums) or any(saved[k].shape != self.sums[k].shape for k in saved):
             raise ValueError("The saved sums do not fit this task and model (different model or settings).")
-        self.sums = {k: saved[k].to(self.sums[k].device, self.sums[k].dtype) for k in self.sums}
+        for k, current in self.sums.items():  # in place: a task's accumulator holds this same dict
+            current.copy_(saved[k])
 
     def title(self, text: str) -> str:
         return f"{text} ({self.note})" if self.note else text
@@ -339,8 +340,8 @@ def group_size_figure(record: ToMeMergeRecord) -> go.Figure:
 class HeadSimilarityTask(DatasetTask):
     """Per-block head-by-head similarity sums and counts over a dataset -> mean similarity and redundancy.
 
-    The same sums as ``analysis.head_redundancy.analyze_model`` keeps (cosine of attention maps, linear CKA of
-    head outputs, offset profiles), sized from one forward on a blank image so every rank has them up front.
+    The accumulator is ``analysis.head_redundancy.HeadSimilaritySums``, the one the page's ``analyze_model``
+    runs, sized from one forward on a blank image so every rank has the sums up front.
     """
 
     name = HEAD_SIMILARITY
@@ -348,58 +349,24 @@ class HeadSimilarityTask(DatasetTask):
 
     def __init__(self, model: nn.Module, input_size: tuple[int, int, int], model_name: str,
                  random_weights: bool = False, note: str = "") -> None:
+        from analysis.head_redundancy import HeadSimilaritySums
         from models.attention_recording import record_attention
 
         super().__init__(model_name, note)
         self.model, self.random_weights = model, random_weights
         device = _device_of(model)
-        _, record = record_attention(model, torch.zeros(1, *input_size, device=device))
-        self.kind, self.stage_of_block = record.kind, record.stage_of_block
-        self.blocks = [b.block for b in record.blocks]
-        self.relative_depth = {b: record.relative_depth(b) for b in self.blocks}
-        self.sums = {"images": _zeros(device=device)}
-        for block in record.blocks:
-            heads, profile = block.num_heads, self._profile(block).shape[1]
-            self.sums.update({f"b{block.block}.attention": _zeros(heads, heads, device=device),
-                              f"b{block.block}.feature": _zeros(heads, heads, device=device),
-                              f"b{block.block}.profile": _zeros(heads, profile, device=device),
-                              f"b{block.block}.items": _zeros(device=device),
-                              f"b{block.block}.batches": _zeros(device=device)})
-
-    @staticmethod
-    def _profile(block) -> torch.Tensor:
-        from analysis.head_redundancy import offset_profile
-
-        return torch.from_numpy(offset_profile(block)).double()
+        _, layout = record_attention(model, torch.zeros(1, *input_size, device=device))
+        self.accumulator = HeadSimilaritySums(layout, device)
+        self.sums = self.accumulator.sums
 
     def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        from analysis.head_redundancy import centered_gram, pairwise_head_cosine
         from models.attention_recording import record_attention
 
         _, record = record_attention(self.model, images)
-        for block in record.blocks:
-            key = f"b{block.block}"
-            _add(self.sums, f"{key}.attention", pairwise_head_cosine(block.maps).double().sum(0))
-            _add(self.sums, f"{key}.feature", pairwise_head_cosine(centered_gram(block.head_outputs)).double().sum(0))
-            _add(self.sums, f"{key}.profile", self._profile(block) * block.batch_size)
-            _add(self.sums, f"{key}.items", block.maps.shape[0])
-            _add(self.sums, f"{key}.batches", block.batch_size)
-        _add(self.sums, "images", images.shape[0])
+        self.accumulator.update(record)
 
     def result(self, sums: dict[str, torch.Tensor]):
-        from analysis.head_redundancy import BlockRedundancy, RedundancyResult, head_embedding
-
-        blocks = []
-        for b in self.blocks:
-            items, batches = sums[f"b{b}.items"].item(), sums[f"b{b}.batches"].item()
-            blocks.append(BlockRedundancy(
-                b, self.stage_of_block[b], self.relative_depth[b],
-                (sums[f"b{b}.attention"] / max(items, 1)).cpu().numpy(),
-                (sums[f"b{b}.feature"] / max(items, 1)).cpu().numpy(),
-                (sums[f"b{b}.profile"] / max(batches, 1)).cpu().numpy()))
-        embedding = head_embedding([b.offset_profile for b in blocks])
-        return RedundancyResult(self.model_name, self.kind, int(sums["images"].item()), self.random_weights,
-                                blocks, embedding)
+        return self.accumulator.result(self.model_name, self.random_weights, sums)
 
     @staticmethod
     def write(result, out: Path) -> list[str]:
@@ -443,59 +410,31 @@ class HeadSimilarityTask(DatasetTask):
 class TaylorTask(DatasetTask):
     """First-order Taylor importance |sum(w * dL/dw)| per channel, with dL/dw summed over the whole dataset.
 
-    Only the gradient sums are accumulated (float64, per scored parameter): across processes they are
-    all-reduced first and the product with the weights is taken once at the end, as in
-    ``analysis.taylor.taylor_importance``. Works on a private copy of the model.
+    The accumulator is ``analysis.taylor.TaylorSums``, the one ``taylor_importance`` (the page) runs: only the
+    gradient sums are accumulated (float64, per scored parameter), all-reduced across processes, and the
+    product with the weights is taken once at the end. Works on a private copy of the model.
     """
 
     name = TAYLOR
     files = ("taylor_scores.csv", "taylor_components.csv")
 
     def __init__(self, model: nn.Module, loss_target: str, model_name: str, note: str = "") -> None:
-        from analysis.taylor import check_loss_target, scored_parameter_names, channel_groups, private_copy
+        from analysis.taylor import TaylorSums
 
         super().__init__(model_name, note)
-        check_loss_target(loss_target)
         self.loss_target = loss_target
-        self.groups = channel_groups(model)
-        self.work = private_copy(model)
-        scored = scored_parameter_names(self.groups)
-        self.params = {n: p for n, p in self.work.named_parameters() if n in scored}
-        for name, p in self.work.named_parameters():
-            p.requires_grad_(name in scored)
-        self.sums = {"images": _zeros(device=_device_of(model))}
-        self.sums.update({f"grad.{n}": torch.zeros_like(p, dtype=torch.float64) for n, p in self.params.items()})
+        self.accumulator = TaylorSums(model, loss_target, model_name)
+        self.sums = self.accumulator.sums
 
     @staticmethod
     def settings(options: TaskOptions) -> dict[str, Any]:
         return {"loss_target": options.loss_target}
 
     def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        from analysis.taylor import clear_attention_bias_caches, summed_loss
-
-        targets = labels.to(images.device) if self.loss_target == "labels" else None
-        names = list(self.params)
-        with torch.inference_mode(False), torch.enable_grad():
-            clear_attention_bias_caches(self.work)  # private copy: a cached bias must not outlive its batch
-            loss = summed_loss(self.work(images), targets, self.loss_target)
-            grads = torch.autograd.grad(loss, [self.params[n] for n in names])
-        for name, grad in zip(names, grads):
-            _add(self.sums, f"grad.{name}", grad.detach().double())
-        _add(self.sums, "images", images.shape[0])
+        self.accumulator.update(images, labels)
 
     def result(self, sums: dict[str, torch.Tensor]):
-        from analysis.taylor import group_taylor_vector, per_channel_sum, scores_from_groups
-
-        row_sums = {}
-        with torch.no_grad():
-            for group in self.groups:
-                for s in group.params:
-                    if (s.name, s.channel_dim) not in row_sums:
-                        product = self.params[s.name].detach().double().cpu() * sums[f"grad.{s.name}"].cpu()
-                        row_sums[(s.name, s.channel_dim)] = per_channel_sum(product, s.channel_dim)
-        vectors = [group_taylor_vector(g, row_sums) for g in self.groups]
-        return scores_from_groups(self.groups, vectors, model=self.model_name, method="taylor",
-                                   loss_target=self.loss_target, num_images=int(sums["images"].item()))
+        return self.accumulator.result(sums)
 
     @staticmethod
     def write(scores, out: Path) -> list[str]:

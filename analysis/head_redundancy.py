@@ -203,45 +203,78 @@ class RedundancyResult:
         return np.array([np.nanmean(b.redundancy(metric)) for b in self.blocks])
 
 
-class _BlockSums:
-    """Running sums over batches, so any number of images fits in memory."""
+class HeadSimilaritySums:
+    """Per-block running float64 sums of head-by-head similarity: the one accumulator behind ``analyze_model``
+    (the page) and ``analysis.run head-similarity``.
 
-    def __init__(self) -> None:
-        self.attention = self.feature = self.profile = None
-        self.items = self.batches = 0
+    Sized from one recording (any batch, e.g. a blank image) so that every process of a distributed run holds
+    the same names and shapes before it sees data; ``sums`` is a flat dict of tensors that add up across
+    processes and batches. ``update`` adds a recording, ``result`` turns (all-reduced) sums into the record.
+    """
 
-    def add(self, block: BlockAttention) -> None:
-        attention = pairwise_head_cosine(block.maps).sum(0)
-        feature = pairwise_head_cosine(centered_gram(block.head_outputs)).sum(0)
-        profile = offset_profile(block) * block.batch_size
-        if self.attention is None:
-            self.attention, self.feature, self.profile = attention, feature, profile
-        else:
-            self.attention, self.feature, self.profile = (
-                self.attention + attention, self.feature + feature, self.profile + profile)
-        self.items += block.maps.shape[0]
-        self.batches += block.batch_size
+    def __init__(self, layout: AttentionRecord, device: torch.device | str = "cpu", reach: int = 3) -> None:
+        self.kind, self.stage_of_block, self.reach = layout.kind, layout.stage_of_block, reach
+        self.blocks = [b.block for b in layout.blocks]
+        self.relative_depth = {b: layout.relative_depth(b) for b in self.blocks}
+        width = (2 * reach + 1) ** 2 + 2  # offset bins, 'far', prefix tokens: see offset_profile
 
-    def finish(self, block: int, stage: int, relative_depth: float) -> BlockRedundancy:
-        return BlockRedundancy(block, stage, relative_depth, (self.attention / self.items).numpy(),
-                               (self.feature / self.items).numpy(), self.profile / self.batches)
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.float64, device=device)
+
+        self.sums: dict[str, torch.Tensor] = {"images": zeros()}
+        for block in layout.blocks:
+            heads, key = block.num_heads, f"b{block.block}"
+            self.sums.update({f"{key}.attention": zeros(heads, heads), f"{key}.feature": zeros(heads, heads),
+                              f"{key}.profile": zeros(heads, width), f"{key}.items": zeros(),
+                              f"{key}.batches": zeros()})
+
+    def _add(self, name: str, value: torch.Tensor | float) -> None:
+        total = self.sums[name]
+        value = torch.as_tensor(value, dtype=torch.float64).to(total.device)
+        if value.shape != total.shape:
+            raise ValueError(f"{name}: adding shape {tuple(value.shape)} to a sum of shape {tuple(total.shape)}.")
+        total += value
+
+    def update(self, record: AttentionRecord) -> None:
+        """Add one recorded batch (every block of the layout, with maps and head outputs)."""
+        for block in record.blocks:
+            key = f"b{block.block}"
+            self._add(f"{key}.attention", pairwise_head_cosine(block.maps).double().sum(0))
+            self._add(f"{key}.feature", pairwise_head_cosine(centered_gram(block.head_outputs)).double().sum(0))
+            profile = torch.from_numpy(offset_profile(block, self.reach)).double()
+            self._add(f"{key}.profile", profile * block.batch_size)
+            self._add(f"{key}.items", block.maps.shape[0])
+            self._add(f"{key}.batches", block.batch_size)
+        self._add("images", record.blocks[0].batch_size)
+
+    def result(self, model: str, random_weights: bool = False,
+               sums: dict[str, torch.Tensor] | None = None) -> RedundancyResult:
+        """The record from ``sums`` (this accumulator's own by default, or all-reduced ones)."""
+        sums = self.sums if sums is None else sums
+        blocks = []
+        for b in self.blocks:
+            items, batches = sums[f"b{b}.items"].item(), sums[f"b{b}.batches"].item()
+            blocks.append(BlockRedundancy(
+                b, self.stage_of_block[b], self.relative_depth[b],
+                (sums[f"b{b}.attention"] / max(items, 1)).cpu().numpy(),
+                (sums[f"b{b}.feature"] / max(items, 1)).cpu().numpy(),
+                (sums[f"b{b}.profile"] / max(batches, 1)).cpu().numpy()))
+        embedding = head_embedding([b.offset_profile for b in blocks])
+        return RedundancyResult(model, self.kind, int(sums["images"].item()), random_weights, blocks, embedding)
 
 
 def analyze_model(model: nn.Module, batch: torch.Tensor, name: str, *, random_weights: bool = False,
                   chunk: int = 8, progress: Progress | None = None) -> RedundancyResult:
     """Record every attention block on ``batch`` (in chunks of ``chunk`` images) and compute all metrics."""
-    sums: dict[int, _BlockSums] = {}
-    record: AttentionRecord | None = None
+    sums: HeadSimilaritySums | None = None
     device = next(model.parameters()).device
     for start in range(0, batch.shape[0], chunk):
         _, record = record_attention(model, batch[start: start + chunk].to(device))
-        for block in record.blocks:
-            sums.setdefault(block.block, _BlockSums()).add(block)
+        sums = sums or HeadSimilaritySums(record)
+        sums.update(record)
         if progress:
             progress(min(1.0, (start + chunk) / batch.shape[0]), f"{name}: {min(start + chunk, len(batch))} images")
-    blocks = [sums[b].finish(b, record.stage_of_block[b], record.relative_depth(b)) for b in sorted(sums)]
-    embedding = head_embedding([b.offset_profile for b in blocks])
-    return RedundancyResult(name, record.kind, batch.shape[0], random_weights, blocks, embedding)
+    return sums.result(name, random_weights)
 
 
 class LoadedLike(Protocol):

@@ -154,3 +154,28 @@ def imagenet_class_index(folder_name: str) -> int:
             return index
     raise ValueError(f"Sub-folder {folder_name!r} is not an ImageNet class: name it by class index (0-999), "
                      f"WordNet id (e.g. n02099601) or class name (e.g. golden retriever).")
+
+
+def class_folder(relative: str | Path) -> str | None:
+    """The class sub-folder of a path relative to a dataset root (its first part); None for a file in the root."""
+    parts = Path(relative).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def folder_class_labels(paths: Sequence[str | Path], strict: bool = True) -> list[int | None]:
+    """The one parser of class sub-folders: the ImageNet index of each file's class sub-folder (relative paths;
+    see ``imagenet_class_index``), None for a file directly in the root. A sub-folder that names no class
+    raises ValueError when ``strict``, else gives None."""
+    index_of: dict[str, int | None] = {}
+    labels = []
+    for path in paths:
+        name = class_folder(path)
+        if name is not None and name not in index_of:
+            try:
+                index_of[name] = imagenet_class_index(name)
+            except ValueError:
+                if strict:
+                    raise
+                index_of[name] = None
+        labels.append(None if name is None else index_of[name])
+    return labels

@@ -7,7 +7,7 @@ variant, their rank agreement, the global-budget analysis and the figures.
 
 Choices (documented once, here):
 * **Score** of an output channel: |sum over the channel's parameters of w * g|, where g is the gradient
-  of the loss summed over all images (gradients accumulate over batches in ``.grad`` before the
+  of the loss summed over all images (gradients are summed over batches, in float64, before the
   product; the loss is summed over images so the score does not depend on how images are batched).
 * **Parameters of a channel**: the weight row *and the bias* of that output channel (a pruned channel
   loses both). Where a Conv2d is followed by BatchNorm (timm ``ConvNorm``), the BN weight and bias of
@@ -359,25 +359,62 @@ def scored_parameter_names(groups: Sequence[ChannelGroup]) -> set[str]:
     return {s.name for g in groups for s in g.params}
 
 
-def _accumulate_gradients(work: nn.Module, batches: Iterable, loss_target: LossTarget,
-                          progress: Progress | None) -> int:
-    """One forward and one backward per batch; gradients of the summed loss add up in ``.grad``."""
-    device, total, images = _model_device(work), _sized(batches), 0
-    for done, (x, labels) in enumerate(batches, start=1):
-        x = x.to(device)
-        clear_attention_bias_caches(work)
-        summed_loss(work(x), labels, loss_target).backward()
-        images += x.shape[0]
-        if progress is not None:
-            progress(done, total)
-    if images == 0:
-        raise ValueError("No images: channel importance needs at least one batch.")
-    return images
-
-
 def group_taylor_vector(group: ChannelGroup, row_sums: dict[tuple[str, int], torch.Tensor]) -> np.ndarray:
     total = sum(row_sums[(s.name, s.channel_dim)][s.start:s.stop] for s in group.params)
     return total.double().cpu().numpy()
+
+
+class TaylorSums:
+    """Running float64 sums of dL/dw for every scored parameter: the one accumulator behind
+    ``taylor_importance`` (the page) and ``analysis.run taylor``.
+
+    Works on a private copy of the model in which only the scored parameters take gradients. ``sums`` is a
+    flat dict of tensors sized from the model (so the sums of several processes add up with one all_reduce);
+    ``update`` adds one batch's gradients of the summed loss, ``result`` takes |sum(w * g)| per channel once.
+    """
+
+    def __init__(self, model: nn.Module, loss_target: LossTarget = "self", model_name: str | None = None) -> None:
+        check_loss_target(loss_target)
+        self.loss_target, self.model_name = loss_target, _model_name(model, model_name)
+        self.groups = channel_groups(model)
+        self.work = private_copy(model)
+        scored = scored_parameter_names(self.groups)
+        self.params = {n: p for n, p in self.work.named_parameters() if n in scored}
+        for name, p in self.work.named_parameters():
+            p.requires_grad_(name in scored)
+        self.sums = {"images": torch.zeros((), dtype=torch.float64, device=_model_device(model))}
+        self.sums.update({f"grad.{n}": torch.zeros_like(p, dtype=torch.float64) for n, p in self.params.items()})
+
+    @property
+    def images(self) -> int:
+        return int(self.sums["images"].item())
+
+    def update(self, images: torch.Tensor, labels=None) -> None:
+        """One forward and backward of a batch; ``labels`` are used only for ``loss_target='labels'``."""
+        names = list(self.params)
+        with torch.inference_mode(False), torch.enable_grad():
+            clear_attention_bias_caches(self.work)  # private copy: a cached bias must not outlive its batch
+            loss = summed_loss(self.work(images), labels, self.loss_target)
+            grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True)
+        for name, grad in zip(names, grads):
+            if grad is not None:
+                self.sums[f"grad.{name}"].add_(grad.detach())  # promoted to float64 in place
+        self.sums["images"] += images.shape[0]
+
+    def result(self, sums: dict[str, torch.Tensor] | None = None) -> TaylorScores:
+        """Scores from ``sums`` (this accumulator's own by default, or all-reduced ones)."""
+        sums = self.sums if sums is None else sums
+        row_sums = {}
+        with torch.no_grad():
+            for group in self.groups:
+                for s in group.params:
+                    if (s.name, s.channel_dim) not in row_sums:
+                        grad = sums[f"grad.{s.name}"]
+                        product = grad * self.params[s.name].detach().to(grad.device)  # float64 by promotion
+                        row_sums[(s.name, s.channel_dim)] = per_channel_sum(product, s.channel_dim)
+        vectors = [group_taylor_vector(g, row_sums) for g in self.groups]
+        return scores_from_groups(self.groups, vectors, model=self.model_name, method="taylor",
+                                   loss_target=self.loss_target, num_images=int(sums["images"].item()))
 
 
 def taylor_importance(model: nn.Module, batches: Iterable, loss_target: LossTarget = "self",
@@ -385,31 +422,19 @@ def taylor_importance(model: nn.Module, batches: Iterable, loss_target: LossTarg
     """First-order Taylor importance |sum_w w * dL/dw| of every prunable channel.
 
     ``batches`` yields ``(x, y)`` with ``y`` None for ``loss_target='self'`` (cross-entropy against the
-    model's own top-1) or class indices / one class index for ``'labels'``. Works on a private deep copy
+    model's own top-1) or class indices / one class index for ``'labels'``. Works on a private copy
     (eval mode: no dropout, BN running statistics); only the scored parameters get gradients, which
-    skips the weight gradients of fc2, norms and the head.
+    skips the weight gradients of fc2, norms and the head. Gradients are summed over batches (``TaylorSums``).
     """
-    check_loss_target(loss_target)
-    groups = channel_groups(model)
-    work = private_copy(model)
-    scored = scored_parameter_names(groups)
-    params = dict(work.named_parameters())
-    for name, p in params.items():
-        p.requires_grad_(name in scored)
-    with torch.inference_mode(False), torch.enable_grad():
-        images = _accumulate_gradients(work, batches, loss_target, progress)
-    with torch.no_grad():
-        row_sums = {}
-        for g in groups:
-            for s in g.params:
-                key = (s.name, s.channel_dim)
-                if key not in row_sums:
-                    p = params[s.name]
-                    grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                    row_sums[key] = per_channel_sum(p * grad, s.channel_dim)
-        vectors = [group_taylor_vector(g, row_sums) for g in groups]
-    return scores_from_groups(groups, vectors, model=_model_name(model, model_name), method="taylor",
-                               loss_target=loss_target, num_images=images)
+    sums = TaylorSums(model, loss_target, model_name)
+    device, total = _model_device(model), _sized(batches)
+    for done, (x, labels) in enumerate(batches, start=1):
+        sums.update(x.to(device), labels)
+        if progress is not None:
+            progress(done, total)
+    if sums.images == 0:
+        raise ValueError("No images: channel importance needs at least one batch.")
+    return sums.result()
 
 
 # ----------------------------------------------------------------------------- activation (captum)
@@ -661,22 +686,19 @@ def labelled_folder(folder, limit: int | None = None):
     """
     from pathlib import Path
 
-    from analysis.images import imagenet_class_index, load_folder
+    from analysis.images import folder_class_labels, load_folder
 
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ValueError(f"{folder} is not a folder.")
     found, messages = load_folder(root)
-    images, labels, index_of = [], [], {}
-    for image in found:
-        parts = Path(image.name).parts
-        if len(parts) < 2:
+    images, labels = [], []
+    for image, label in zip(found, folder_class_labels([image.name for image in found])):
+        if label is None:
             messages.append(f"{image.name}: not inside a class sub-folder, skipped.")
             continue
-        if parts[0] not in index_of:
-            index_of[parts[0]] = imagenet_class_index(parts[0])
         images.append(image)
-        labels.append(index_of[parts[0]])
+        labels.append(label)
     if limit is not None and len(images) > limit:
         messages.append(f"Using {limit} of {len(images)} images.")
         images, labels = images[:limit], labels[:limit]

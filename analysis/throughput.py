@@ -66,6 +66,22 @@ class ThroughputRow:
     note: str = ""
 
 
+@dataclass
+class LatencyRow:
+    """Batch-1 latency of one runner: milliseconds per image over interleaved rounds."""
+    model: str
+    device: str
+    precision: str
+    median_ms: float
+    p90_ms: float
+    params_m: float
+    gflops: float | None
+    weights: str
+    rounds_ms: list[float] = field(default_factory=list)  # ms per image of each interleaved round
+    speedup: float | None = None  # median over rounds of baseline ms / this ms
+    baseline: str | None = None
+
+
 def measure_flops(run: Callable[[], Any]) -> tuple[Any, float]:
     """Run ``run()`` under torch.utils.flop_counter; (its output, FLOPs counted, 2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -177,6 +193,27 @@ def add_speedups(rows: list[ThroughputRow], baseline: str, per_round: dict[str, 
         else:
             row.speedup = row.img_per_s / base.img_per_s
         row.baseline = baseline
+
+
+def latency(runners: Sequence[Runner], settings: BenchSettings, baseline: str | None = None,
+            progress: Callable[[str, float], None] | None = None,
+            on_measure: Callable[[str, int, int, float], None] | None = None) -> list[LatencyRow]:
+    """Batch-1 latency: ``benchmark`` at batch 1, each round read as ms per image; median and p90 over rounds.
+
+    With ``settings.iters == 1`` every round is one forward, so the p90 is that of single calls. The speed-up
+    is ``benchmark``'s: the median of per-round ratios of the interleaved runs.
+    """
+    import numpy as np
+
+    rows = benchmark(runners, _with_batch(settings, 1), baseline=baseline, progress=progress, on_measure=on_measure)
+    out = []
+    for row in rows:
+        ms = [1000.0 / img_s for img_s in row.rounds]
+        out.append(LatencyRow(
+            model=row.model, device=row.device, precision=row.precision, median_ms=statistics.median(ms),
+            p90_ms=float(np.percentile(ms, 90)), params_m=row.params_m, gflops=row.gflops, weights=row.weights,
+            rounds_ms=ms, speedup=row.speedup, baseline=row.baseline))
+    return out
 
 
 def sweep(runners: Sequence[Runner], settings: BenchSettings, batches: Sequence[int], baseline: str | None = None,
@@ -311,15 +348,15 @@ def make_runner(text: str, device: str = "cpu", random_weights: bool = False,
                   params=loaded.num_params, weights=loaded.weights.description)
 
 
-def rows_to_records(rows: Sequence[ThroughputRow]) -> list[dict]:
+def rows_to_records(rows: Sequence[ThroughputRow | LatencyRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
-def rows_to_dataframe(rows: Sequence[ThroughputRow]):
+def rows_to_dataframe(rows: Sequence[ThroughputRow | LatencyRow]):
     import pandas as pd
 
     df = pd.DataFrame(rows_to_records(rows))
-    return df.drop(columns=["rounds"]) if "rounds" in df else df
+    return df.drop(columns=[c for c in ("rounds", "rounds_ms") if c in df])
 
 
 def format_table(rows: Sequence[ThroughputRow]) -> str:
@@ -332,12 +369,22 @@ def format_table(rows: Sequence[ThroughputRow]) -> str:
     return "\n".join(lines)
 
 
-def speedup_lines(rows: Sequence[ThroughputRow]) -> list[str]:
-    return [f"speedup {r.model} vs {r.baseline}: {r.speedup:.2f}x" for r in rows
+def format_latency_table(rows: Sequence[LatencyRow]) -> str:
+    header = f"{'model':<48} {'batch':>5} {'median ms':>10} {'p90 ms':>10} {'params(M)':>10} {'GFLOPs':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        gflops = "n/a" if r.gflops is None else f"{r.gflops:.2f}"
+        lines.append(f"{r.model:<48} {1:>5} {r.median_ms:>10.2f} {r.p90_ms:>10.2f} {r.params_m:>10.2f} {gflops:>8}")
+    return "\n".join(lines)
+
+
+def speedup_lines(rows: Sequence[ThroughputRow | LatencyRow]) -> list[str]:
+    at = " at batch 1" if rows and isinstance(rows[0], LatencyRow) else ""
+    return [f"speedup {r.model} vs {r.baseline}{at}: {r.speedup:.2f}x" for r in rows
             if r.baseline is not None and r.model != r.baseline and r.speedup is not None]
 
 
-def write_results(rows: Sequence[ThroughputRow], path: str | Path, settings: BenchSettings) -> None:
+def write_results(rows: Sequence[ThroughputRow | LatencyRow], path: str | Path, settings: BenchSettings) -> None:
     path = Path(path)
     if path.suffix == ".json":
         payload = {"settings": asdict(settings), "hardware": hardware_info(), "rows": rows_to_records(rows)}
@@ -356,8 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: fastest present)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--batches", type=int, nargs="+", help="a batch sweep instead of one batch")
-    p.add_argument("--iters", type=int, default=10, help="timed iterations per round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median counts)")
+    p.add_argument("--latency", action="store_true",
+                   help="batch-1 latency: ms per image, median and p90 over rounds (default 20 rounds of 1 iteration)")
+    p.add_argument("--iters", type=int, help="timed iterations per round (default 10; 1 with --latency)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds, the median counts (default 3; 20 with --latency)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -371,11 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from models.checkpoints import CheckpointError, WeightsNotFoundError
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.latency and args.batches:
+        parser.error("--latency measures batch 1; it cannot be combined with --batches")
+    iters = args.iters or (1 if args.latency else 10)
+    rounds = args.rounds or (20 if args.latency else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or default_device()
-    settings = BenchSettings(batch=args.batch, iters=args.iters, rounds=args.rounds, warmup=args.warmup,
+    settings = BenchSettings(batch=1 if args.latency else args.batch, iters=iters, rounds=rounds, warmup=args.warmup,
                              device=device, precision=args.precision)
     if args.baseline and args.baseline not in args.models:
         args.models = [args.baseline] + list(args.models)
@@ -388,18 +442,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     hw = hardware_info()
     print(f"device={device} ({hw['gpu'] if device == 'cuda' else hw['cpu']}), threads={torch.get_num_threads()}, "
-          f"precision={args.precision}, rounds={args.rounds}x{args.iters} iters, interleaved")
+          f"precision={args.precision}, rounds={rounds}x{iters} iters, interleaved")
 
     def report(message: str, fraction: float) -> None:
         print(f"  [{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
 
-    if args.batches:
-        rows, notes = sweep(runners, settings, args.batches, baseline=args.baseline, progress=report)
-        for note in notes:
-            print(f"note: {note}")
+    if args.latency:
+        rows = latency(runners, settings, baseline=args.baseline, progress=report)
+        print(format_latency_table(rows))
     else:
-        rows = benchmark(runners, settings, baseline=args.baseline, progress=report)
-    print(format_table(rows))
+        if args.batches:
+            rows, notes = sweep(runners, settings, args.batches, baseline=args.baseline, progress=report)
+            for note in notes:
+                print(f"note: {note}")
+        else:
+            rows = benchmark(runners, settings, baseline=args.baseline, progress=report)
+        print(format_table(rows))
     for line in speedup_lines(rows):
         print(line)
     if args.out:

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from analysis.dataset import NO_LABEL, FolderImages, class_folder, collate_readable, list_image_files
-from analysis.images import ACCEPTED_TYPES, imagenet_class_index
+from analysis.dataset import NO_LABEL, FolderImages, collate_readable, list_image_files
+from analysis.images import ACCEPTED_TYPES, folder_class_labels
 from models import dynamic_convnext, dynamic_swin
 from models.checkpoints import CheckpointError
 from models.dynamicvit import (
@@ -65,13 +65,16 @@ RECIPES = {
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
+def teacher_fallback_labels(files: Sequence[Path], num_classes: int) -> list[int]:
+    """Each file's class sub-folder label (ImageNet index, WordNet id or class name); TEACHER_LABEL where it
+    has no sub-folder, the sub-folder names no class, or the model has fewer classes."""
+    return [TEACHER_LABEL if label is None or label >= num_classes else label
+            for label in folder_class_labels(files, strict=False)]
+
+
 def label_of_folder(name: str | None, num_classes: int) -> int:
-    """A class sub-folder's label (ImageNet index, WordNet id or class name); otherwise TEACHER_LABEL."""
-    try:
-        index = imagenet_class_index(name) if name else TEACHER_LABEL
-    except ValueError:
-        return TEACHER_LABEL
-    return index if index < num_classes else TEACHER_LABEL
+    """The label of one class sub-folder name; TEACHER_LABEL when there is none."""
+    return teacher_fallback_labels([Path(name or "", "image")], num_classes)[0]
 
 
 def folder_dataset(folder: str | Path, transform: Callable, num_classes: int) -> FolderImages:
@@ -80,8 +83,7 @@ def folder_dataset(folder: str | Path, transform: Callable, num_classes: int) ->
     if not root.is_dir():
         raise FileNotFoundError(f"--data {folder} is not a folder.")
     files = list_image_files(root)
-    names = {name: label_of_folder(name, num_classes) for name in {class_folder(f) for f in files}}
-    return FolderImages(root, files, transform, [names[class_folder(f)] for f in files])
+    return FolderImages(root, files, transform, teacher_fallback_labels(files, num_classes))
 
 
 # ---------------------------------------------------------------------------------------------

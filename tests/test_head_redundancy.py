@@ -245,3 +245,25 @@ def test_tables_and_figures(deit_tiny_result, efficientvit_m0):
     assert {t.xaxis for t in depth.data} == {"x", "x2"}  # MHSA left, CGA right
     assert "random weights" in depth.data[1].name
     assert cga.embedding.shape == (24, 2) and len(hr.head_embedding_figure(cga).data) == 6
+
+
+def test_page_analysis_and_dataset_task_share_one_accumulator():
+    """analyze_model (page) and analysis.run's head-similarity task run HeadSimilaritySums: same result,
+    whatever the chunking, and the task's sums are the accumulator's."""
+    from analysis.dataset_tasks import HeadSimilarityTask
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_heads=3,
+                              embed_dim=24).eval()
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    page = hr.analyze_model(model, x, "tiny", chunk=2)
+    whole = hr.analyze_model(model, x, "tiny", chunk=5)
+    task = HeadSimilarityTask(model, (3, 32, 32), "tiny")
+    assert task.sums is task.accumulator.sums and isinstance(task.accumulator, hr.HeadSimilaritySums)
+    task.update(x[:3], torch.zeros(3)), task.update(x[3:], torch.zeros(2))
+    dataset = task.result(task.sums)
+    assert page.num_images == dataset.num_images == 5
+    for a, b, c in zip(page.blocks, whole.blocks, dataset.blocks):
+        for field in ("attention_similarity", "feature_similarity", "offset_profile"):
+            np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(getattr(a, field), getattr(c, field), rtol=1e-5, atol=1e-7)

@@ -105,3 +105,13 @@ def test_samples_are_real_photos_and_preprocess_with_the_model_config():
     assert batch.shape == (2, *cfg["input_size"])
     assert abs(batch.mean().item()) < 1.5 and batch.std().item() > 0.3
     assert model_view(samples[0].image, cfg).size == cfg["input_size"][1:][::-1]
+
+
+def test_one_parser_for_class_sub_folders():
+    from analysis.images import folder_class_labels
+
+    paths = ["207/a.png", "n01443537/b.jpg", "golden retriever/c.png", "loose.png", "207/d.png"]
+    assert folder_class_labels(paths) == [207, 1, 207, None, 207]
+    with pytest.raises(ValueError, match="not an ImageNet class"):
+        folder_class_labels(["holiday/x.png"])
+    assert folder_class_labels(["holiday/x.png", "3/y.png"], strict=False) == [None, 3]

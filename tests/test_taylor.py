@@ -300,7 +300,21 @@ def test_two_threads_on_one_model_match_sequential_runs():
 
 
 def test_benchmark_reports_a_positive_ratio():
-    from analysis.bench_taylor import time_taylor_vs_forward
+    from analysis.bench.taylor_cost import time_taylor_vs_forward
 
     timing = time_taylor_vs_forward(tiny_vit(), images(2), repeats=1, name="tiny")
     assert timing.forward_s > 0 and timing.taylor_s > 0 and timing.ratio > 1.0
+
+
+def test_page_function_and_dataset_task_share_one_accumulator():
+    from analysis.dataset_tasks import TaylorTask
+    from analysis.taylor import TaylorSums
+
+    model, x, labels = tiny_vit(), images(4), torch.tensor([0, 1, 2, 3])
+    page = taylor_importance(model, [(x[:1], labels[:1]), (x[1:], labels[1:])], loss_target="labels")
+    task = TaylorTask(model, "labels", "tiny")
+    assert task.sums is task.accumulator.sums and isinstance(task.accumulator, TaylorSums)
+    task.update(x[:3], labels[:3]), task.update(x[3:], labels[3:])
+    dataset = task.result(task.sums)
+    assert dataset.num_images == page.num_images == 4
+    np.testing.assert_allclose(dataset.score, page.score, rtol=1e-4, atol=1e-6 * page.score.max())

@@ -138,3 +138,44 @@ def test_meter_variants_run_pumer_in_the_fusion_layers():
     with torch.inference_mode():
         torch.testing.assert_close(plain.forward(inputs), model(**inputs), atol=1e-5, rtol=1e-5)
     assert T.count_flops(pumer) < T.count_flops(plain)
+
+
+def test_latency_reads_interleaved_rounds_as_ms_per_image():
+    settings = T.BenchSettings(batch=16, iters=1, rounds=5, warmup=1)
+    rows = T.latency([_sleep_runner("slow", 0.02), _sleep_runner("fast", 0.01)], settings, baseline="slow")
+    by_name = {r.model: r for r in rows}
+    assert by_name["slow"].median_ms == pytest.approx(20.0, rel=0.25)
+    assert by_name["fast"].median_ms == pytest.approx(10.0, rel=0.25)
+    for row in rows:
+        assert len(row.rounds_ms) == 5 and row.p90_ms >= row.median_ms
+        assert row.median_ms == pytest.approx(sorted(row.rounds_ms)[2])
+    assert by_name["fast"].speedup == pytest.approx(2.0, rel=0.25) and by_name["fast"].baseline == "slow"
+    assert settings.batch == 16  # the caller's settings are not changed
+
+
+def test_latency_runs_at_batch_one():
+    seen = []
+
+    def forward(x):
+        seen.append(x.shape[0])
+        return x
+
+    T.latency([T.Runner("a", forward, lambda b: torch.zeros(b, 1))], T.BenchSettings(batch=32, iters=1, rounds=2))
+    assert set(seen) == {1}
+
+
+def test_cli_latency_prints_ms_and_batch_one_speedup(capsys, tmp_path):
+    out = tmp_path / "latency.csv"
+    code = T.main(["--models", "deit_tiny_patch16_224@tome=4", "--baseline", "deit_tiny_patch16_224",
+                   "--random-weights", "--device", "cpu", "--latency", "--rounds", "2", "--iters", "1",
+                   "--warmup", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "median ms" in printed and "p90 ms" in printed
+    assert "speedup deit_tiny_patch16_224@tome=4 vs deit_tiny_patch16_224 at batch 1: " in printed
+    header = out.read_text().splitlines()[0].split(",")
+    assert {"median_ms", "p90_ms", "speedup"} <= set(header) and "rounds_ms" not in header
+
+
+def test_cli_latency_refuses_a_batch_sweep():
+    with pytest.raises(SystemExit):
+        T.main(["--models", "deit_tiny_patch16_224", "--latency", "--batches", "1", "2"])

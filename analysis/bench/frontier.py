@@ -2,7 +2,7 @@
 
 One pass of ``FrontierTask.update`` runs the unreduced model once and each reducing setting once; the reference
 is the same forwards called one after the other with nothing else. Interleaved rounds in one process, random
-DeiT-S weights (timing does not depend on the values), ``python -m analysis.bench_frontier [--quick]``.
+DeiT-S weights (timing does not depend on the values), ``python -m analysis.bench.frontier [--quick]``.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def measure(quick: bool = False, progress: Callable[[float, str], None] | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.bench_frontier", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m analysis.bench.frontier", description=__doc__)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     for row in measure(args.quick):

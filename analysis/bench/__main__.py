@@ -1,0 +1,3 @@
+from analysis.bench.suite import main
+
+raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""The speed-ups the README reports, at their batch and at batch 1, each group interleaved in one process.
+
+    python -m analysis.bench.speedups [--quick] [--device cpu]
+
+DynamicViT-DeiT-S (rho 0.7) and ToMe (r = 13; the full run adds r = 4, 8, 16 and decreasing:13) against
+DeiT-S at batch 16; ViLT + PuMer against ViLT at batch 8; EfficientViT-M5 (the full run adds M0..M4)
+against MobileNetV3-Large with BatchNorm fused, at batch 16. Random weights (timing does not depend on
+them). Every group is also timed at batch 1 (``analysis.throughput.latency``); batch 1 has no target.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from analysis.throughput import BenchSettings, LatencyRow, ThroughputRow, benchmark, latency
+from models.device import default_device
+
+FEWER_FLOPS_TARGET = 0.30  # DynamicViT rho 0.7: at least 30 % fewer FLOPs than DeiT-S
+
+
+@dataclass(frozen=True)
+class Comparison:
+    label: str  # what the table calls the model, e.g. "DynamicViT-DeiT-S rho 0.7"
+    model: str  # variant name for models.variants.make_runner
+    target: float | None = None  # least speed-up at the group's batch on CPU; None: reported only
+    gpu_target: float | None = None  # the same on a GPU, where the issue gives one
+    paper: str = ""
+    full_only: bool = False  # timed only outside --quick
+
+
+@dataclass(frozen=True)
+class Group:
+    """Models timed together, interleaved, against one baseline."""
+
+    baseline_label: str
+    baseline: str
+    batch: int
+    comparisons: tuple[Comparison, ...]
+    fuse_bn: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+GROUPS = (
+    Group("DeiT-S", "deit_small_patch16_224", 16, (
+        Comparison("DynamicViT-DeiT-S rho 0.7", "dynamicvit_deit_small_patch16_224@rho=0.7", 1.62,
+                   paper="paper +43-54 % throughput (GPU)"),
+        Comparison("ToMe DeiT-S r = 13", "deit_small_patch16_224@tome=13", 1.6, paper="paper 1.64x (V100)"),
+        *(Comparison(f"ToMe DeiT-S r = {r}", f"deit_small_patch16_224@tome={r}", full_only=True)
+          for r in ("4", "8", "16", "decreasing:13")),
+    )),
+    Group("ViLT-B/32", "vilt_b32_vqa", 8, (
+        Comparison("ViLT-B/32 + PuMer", "vilt_b32_vqa@pumer", 1.5, gpu_target=1.7, paper="paper 1.7-2x (GPU)"),
+    ), notes=("384 px, 11-token question",)),
+    Group("MobileNetV3-Large", "mobilenetv3_large_100", 16, (
+        Comparison("EfficientViT-M5", "efficientvit_m5", paper="paper 1.45x (Xeon CPU)"),
+        *(Comparison(f"EfficientViT-M{i}", f"efficientvit_m{i}", full_only=True) for i in range(5)),
+    ), fuse_bn=True, notes=("BN fused",)),
+)
+
+
+def batch_settings(quick: bool, batch: int, device: str) -> BenchSettings:
+    if quick:
+        return BenchSettings(batch=batch, iters=1, rounds=3, warmup=1, device=device)
+    return BenchSettings(batch=batch, iters=3, rounds=5, warmup=2, device=device)
+
+
+def latency_settings(quick: bool, device: str) -> BenchSettings:
+    return BenchSettings(batch=1, iters=1, rounds=10 if quick else 30, warmup=2 if quick else 3, device=device)
+
+
+def _runners(group: Group, comparisons: list[Comparison], device: str) -> list:
+    """One runner per model; variants of the same registry model share one loaded model."""
+    from analysis.throughput import ModelOptions, make_runner
+    from models.loading import load_model
+    from models.variants import parse_variant
+
+    loaded: dict[str, object] = {}
+    runners = []
+    for name in [group.baseline] + [c.model for c in comparisons]:
+        model = parse_variant(name).model
+        if model not in loaded:
+            torch.manual_seed(0)
+            loaded[model] = load_model(model, device=device, random_weights=True)
+        runners.append(make_runner(name, loaded=loaded[model], options=ModelOptions(fuse_bn=group.fuse_bn)))
+    return runners
+
+
+def _gflops(row: ThroughputRow) -> str:
+    return "n/a" if row.gflops is None else f"{row.gflops:.2f}"
+
+
+def group_figures(group: Group, comparisons: list[Comparison], rows: list[ThroughputRow],
+                  lat: list[LatencyRow], device: str) -> list[dict]:
+    by_model = {r.model: r for r in rows}
+    lat_by_model = {r.model: r for r in lat}
+    base, base_lat = by_model[group.baseline], lat_by_model[group.baseline]
+    suffix = "".join(f", {n}" for n in group.notes)
+    on_gpu = torch.device(device).type == "cuda"
+    figures = []
+    for c in comparisons:
+        row, one = by_model[c.model], lat_by_model[c.model]
+        target = c.gpu_target if on_gpu and c.gpu_target else c.target
+        detail = f"{row.img_per_s:.1f} vs {base.img_per_s:.1f} img/s; {_gflops(base)} -> {_gflops(row)} GFLOPs"
+        figures.append({"figure": f"{c.label} vs {group.baseline_label}{suffix}, batch {group.batch}",
+                        "value": row.speedup, "unit": "x", "target": f">= {target:g}x" if target else "",
+                        "passed": None if target is None else row.speedup >= target,
+                        "detail": detail + (f"; {c.paper}" if c.paper else "")})
+        figures.append({"figure": f"{c.label} vs {group.baseline_label}{suffix}, batch 1",
+                        "value": one.speedup, "unit": "x", "target": "", "passed": None,
+                        "detail": f"median {one.median_ms:.1f} vs {base_lat.median_ms:.1f} ms, "
+                                  f"p90 {one.p90_ms:.1f} vs {base_lat.p90_ms:.1f} ms"})
+        if c.model.endswith("@rho=0.7") and row.gflops and base.gflops:
+            fewer = 1 - row.gflops / base.gflops
+            figures.append({"figure": f"{c.label} FLOPs vs {group.baseline_label}", "value": 100 * fewer, "unit": "%",
+                            "target": f">= {FEWER_FLOPS_TARGET * 100:.0f} % fewer",
+                            "passed": fewer >= FEWER_FLOPS_TARGET,
+                            "detail": f"{_gflops(base)} -> {_gflops(row)} GFLOPs per image (2 FLOPs per multiply-add)"})
+    return figures
+
+
+def measure(quick: bool = False, progress: Callable[[float, str], None] | None = None,
+            device: str | None = None) -> list[dict]:
+    """Every group's speed-ups at its batch (with targets) and at batch 1 (reported)."""
+    device = device or default_device()
+    figures = []
+    for g, group in enumerate(GROUPS):
+        comparisons = [c for c in group.comparisons if not (quick and c.full_only)]
+
+        def step(message: str, fraction: float, g=g, offset=0.0, share=1.0) -> None:
+            if progress:
+                progress((g + offset + share * fraction) / len(GROUPS), f"{group.baseline_label} group: {message}")
+
+        step("loading models", 0.0)
+        runners = _runners(group, comparisons, device)
+        rows = benchmark(runners, batch_settings(quick, group.batch, device), baseline=group.baseline,
+                         progress=lambda m, f: step(f"batch {group.batch}, {m}", f, share=0.7))
+        lat = latency(runners, latency_settings(quick, device), baseline=group.baseline,
+                      progress=lambda m, f: step(f"batch 1, {m}", f, offset=0.7, share=0.3))
+        figures += group_figures(group, comparisons, rows, lat, device)
+        del runners
+    return figures
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analysis.bench.speedups", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer rounds, headline models only")
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    for f in measure(args.quick, device=args.device):
+        verdict = "" if f["passed"] is None else ("  pass" if f["passed"] else "  FAIL")
+        target = f" (target {f['target']})" if f["target"] else ""
+        print(f"{f['figure']:<72} {f['value']:.2f}{f['unit']}{target}{verdict}  {f['detail']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
