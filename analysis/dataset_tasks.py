@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -90,33 +90,37 @@ def _label(model: str, note: str) -> str:
 
 @dataclass
 class KeepFrequencyRecord:
-    """How often each patch position survives each DynamicViT stage, over a dataset."""
+    """How often each position survives each pruning stage of a DynamicViT-family model, over a dataset.
+
+    Positions are the cells of the grid the predictors score (DeiT/LV-ViT: the patch grid; ConvNeXt/Swin: the
+    pruned stage's feature map, 14 x 14 at 224 px)."""
 
     model: str
     note: str
     keep_ratio: float
     grid_size: tuple[int, int]
-    pruning_locations: tuple[int, ...]
-    kept_tokens: tuple[int, ...]     # patches kept after each stage
+    stage_blocks: tuple[str, ...]    # the block each predictor sits before
+    kept_tokens: tuple[int, ...]     # positions kept by each stage
     images: int
-    kept_count: np.ndarray           # [stages, patches]: images in which the patch survived the stage
-    keep_score_sum: np.ndarray       # [stages, patches]: sum of its predicted keep probability where scored
-    scored_count: np.ndarray         # [stages, patches]: images in which it was still there to be scored
+    kept_count: np.ndarray           # [stages, cells]: images in which the position survived the stage
+    keep_score_sum: np.ndarray       # [stages, cells]: sum of its predicted keep probability where scored
+    scored_count: np.ndarray         # [stages, cells]: images in which it was there to be scored
 
     def frequency(self, stage: int = -1) -> np.ndarray:
         """[grid_h, grid_w] fraction of images in which each position survives ``stage``."""
         return (self.kept_count[stage] / max(self.images, 1)).reshape(self.grid_size)
 
     def mean_keep_score(self, stage: int = -1) -> np.ndarray:
-        """[grid_h, grid_w] mean keep probability where the patch was scored (NaN where it never was)."""
+        """[grid_h, grid_w] mean keep probability where the position was scored (NaN where it never was)."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return (self.keep_score_sum[stage] / self.scored_count[stage]).reshape(self.grid_size)
 
     def summary(self) -> pd.DataFrame:
         rows = []
-        for s, block in enumerate(self.pruning_locations):
+        for s, block in enumerate(self.stage_blocks):
             freq = self.kept_count[s] / max(self.images, 1)
-            rows.append({"stage": s + 1, "before_block": block, "kept_tokens": self.kept_tokens[s],
+            rows.append({"model": self.model, "weights": self.note or "pretrained", "stage": s + 1,
+                         "before_block": block, "kept_tokens": self.kept_tokens[s],
                          "images": self.images, "min_frequency": freq.min(), "max_frequency": freq.max(),
                          "always_kept": int((self.kept_count[s] == self.images).sum()),
                          "never_kept": int((self.kept_count[s] == 0).sum())})
@@ -124,48 +128,60 @@ class KeepFrequencyRecord:
 
 
 class KeepFrequencyTask(DatasetTask):
-    """DynamicViT pruning over a dataset: per stage, how often each patch position is kept."""
+    """DynamicViT-family pruning over a dataset: per stage, how often each position is kept.
+
+    ``forward`` is the family's pruned forward (``models.methods``); the sums are sized by one probe forward."""
 
     name = KEEP_FREQUENCY
     files = ("keep_frequency.npz", "keep_frequency.csv")
 
-    def __init__(self, model: nn.Module, keep_ratio: float, model_name: str, note: str = "") -> None:
-        from models.dynamicvit import keep_counts
+    def __init__(self, model: nn.Module, keep_ratio: float, model_name: str, note: str = "",
+                 forward: Callable | None = None, input_size: tuple[int, int, int] = (3, 224, 224)) -> None:
+        from models.dynamicvit import dynamicvit_forward
 
         super().__init__(model_name, note)
         self.model, self.keep_ratio = model, keep_ratio
-        stages, patches = len(model.pruning_locations), model.num_patches
-        self.kept_tokens = tuple(keep_counts(patches, keep_ratio, stages))
+        self.forward = forward or dynamicvit_forward
         device = _device_of(model)
-        self.sums = {"images": _zeros(device=device), "kept": _zeros(stages, patches, device=device),
-                     "keep_score": _zeros(stages, patches, device=device),
-                     "scored": _zeros(stages, patches, device=device)}
+        probe = self._trace(torch.zeros(1, *input_size, device=device))
+        if len(set(probe.stage_grids)) != 1:
+            raise ValueError(f"{model_name}: its pruning stages score grids of different sizes {probe.stage_grids}.")
+        self.grid_size, self.stage_blocks = tuple(probe.stage_grids[0]), tuple(probe.stage_blocks)
+        self.kept_tokens = tuple(probe.kept_counts)
+        stages, cells = len(probe.stage_grids), self.grid_size[0] * self.grid_size[1]
+        self.sums = {"images": _zeros(device=device), "kept": _zeros(stages, cells, device=device),
+                     "keep_score": _zeros(stages, cells, device=device),
+                     "scored": _zeros(stages, cells, device=device)}
+
+    def _trace(self, images: torch.Tensor):
+        from models.dynamic_zoo import as_stage_trace
+
+        with torch.inference_mode():
+            _, trace = self.forward(self.model, images, keep_ratio=self.keep_ratio, return_trace=True)
+        return as_stage_trace(trace, tuple(images.shape[-2:]))
 
     @staticmethod
     def settings(options: TaskOptions) -> dict[str, Any]:
         return {"keep_ratio": options.keep_ratio}
 
     def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        from models.dynamicvit import dynamicvit_forward
-
-        with torch.inference_mode():
-            _, trace = dynamicvit_forward(self.model, images, self.keep_ratio, return_trace=True)
-        scores = torch.stack(trace.keep_scores).double()  # [stages, B, patches], NaN = dropped earlier
-        _add(self.sums, "kept", torch.stack(trace.keep_masks()).double().sum(1))
+        trace = self._trace(images)
+        scores = torch.stack([m.flatten(1) for m in trace.score_maps()]).double()  # [stages, B, cells]
+        _add(self.sums, "kept", torch.stack([m.flatten(1) for m in trace.keep_masks()]).double().sum(1))
         _add(self.sums, "keep_score", scores.nan_to_num(0.0).sum(1))
         _add(self.sums, "scored", (~scores.isnan()).double().sum(1))
         _add(self.sums, "images", images.shape[0])
 
     def result(self, sums: dict[str, torch.Tensor]) -> KeepFrequencyRecord:
         return KeepFrequencyRecord(
-            self.model_name, self.note, self.keep_ratio, tuple(self.model.patch_embed.grid_size),
-            tuple(self.model.pruning_locations), self.kept_tokens, int(sums["images"].item()),
-            sums["kept"].cpu().numpy(), sums["keep_score"].cpu().numpy(), sums["scored"].cpu().numpy())
+            self.model_name, self.note, self.keep_ratio, self.grid_size, self.stage_blocks, self.kept_tokens,
+            int(sums["images"].item()), sums["kept"].cpu().numpy(), sums["keep_score"].cpu().numpy(),
+            sums["scored"].cpu().numpy())
 
     @staticmethod
     def write(record: KeepFrequencyRecord, out: Path) -> list[str]:
         np.savez(out / "keep_frequency.npz", model=record.model, note=record.note, keep_ratio=record.keep_ratio,
-                 grid_size=np.array(record.grid_size), pruning_locations=np.array(record.pruning_locations),
+                 grid_size=np.array(record.grid_size), stage_blocks=np.array(record.stage_blocks),
                  kept_tokens=np.array(record.kept_tokens), images=record.images, kept_count=record.kept_count,
                  keep_score_sum=record.keep_score_sum, scored_count=record.scored_count,
                  frequency=record.kept_count / max(record.images, 1))
@@ -177,7 +193,7 @@ class KeepFrequencyTask(DatasetTask):
         with np.load(folder / "keep_frequency.npz", allow_pickle=False) as z:
             return KeepFrequencyRecord(
                 str(z["model"]), str(z["note"]), float(z["keep_ratio"]), tuple(int(v) for v in z["grid_size"]),
-                tuple(int(v) for v in z["pruning_locations"]), tuple(int(v) for v in z["kept_tokens"]),
+                tuple(str(v) for v in z["stage_blocks"]), tuple(int(v) for v in z["kept_tokens"]),
                 int(z["images"]), z["kept_count"], z["keep_score_sum"], z["scored_count"])
 
     @staticmethod
@@ -186,9 +202,9 @@ class KeepFrequencyTask(DatasetTask):
 
         label = _label(record.model, record.note)
         return {f"stage {s + 1}": keep_frequency_figure(
-                    record.frequency(s), f"{label}: how often each patch survives stage {s + 1} "
-                                         f"(before block {b}, keep {record.kept_tokens[s]}), {record.images} images")
-                for s, b in enumerate(record.pruning_locations)}
+                    record.frequency(s), f"{label}: how often each position survives stage {s + 1} "
+                                         f"(before {b}, keep {record.kept_tokens[s]}), {record.images} images")
+                for s, b in enumerate(record.stage_blocks)}
 
 
 # ============================================================================= ToMe merge statistics
@@ -471,18 +487,22 @@ TASKS: dict[str, type[DatasetTask]] = {t.name: t for t in (KeepFrequencyTask, To
 
 # ============================================================================= building a task for a model
 
-def _dynamicvit_for(model: nn.Module) -> tuple[nn.Module, str]:
-    """The model itself when it is a DynamicViT, else the DeiT wrapped with untrained (seeded) predictors."""
+def _pruner_for(model: nn.Module, model_name: str) -> tuple[nn.Module, Callable, str]:
+    """(model, its pruned forward, note): a DynamicViT-family model with its own forward from the method table,
+    else a plain DeiT/ViT wrapped with untrained (seeded) predictors."""
     from timm.models.vision_transformer import VisionTransformer
 
     from analysis.token_maps import dynamicvit_with_untrained_predictors
-    from models.dynamicvit import DynamicViT
+    from models.dynamicvit import dynamicvit_forward
+    from models.methods import methods_for
+    from models.registry import get_spec
 
-    if isinstance(model, DynamicViT):
-        return model, ""
+    pruning = [m for m in methods_for(get_spec(model_name)) if m.main_setting.key == "rho"]
+    if pruning:
+        return model, pruning[0].forward_function(), ""
     if isinstance(model, VisionTransformer):
-        return dynamicvit_with_untrained_predictors(model, seed=0), "untrained score predictors"
-    raise ValueError(f"keep-frequency needs a DynamicViT or a DeiT/ViT backbone, not {type(model).__name__}.")
+        return dynamicvit_with_untrained_predictors(model, seed=0), dynamicvit_forward, "untrained score predictors"
+    raise ValueError(f"keep-frequency needs a DynamicViT-family model or a DeiT/ViT backbone, not {model_name}.")
 
 
 def _check_tome_supported(model: nn.Module) -> None:
@@ -500,8 +520,9 @@ def build_task(name: str, model: nn.Module, model_name: str, options: TaskOption
     """The accumulator for task ``name`` on ``model`` (which is only read; Taylor works on a private copy)."""
     note = "random weights" if random_weights else ""
     if name == KEEP_FREQUENCY:
-        pruner, extra = _dynamicvit_for(model)
-        return KeepFrequencyTask(pruner, options.keep_ratio, model_name, ", ".join(n for n in (note, extra) if n))
+        pruner, forward, extra = _pruner_for(model, model_name)
+        return KeepFrequencyTask(pruner, options.keep_ratio, model_name, ", ".join(n for n in (note, extra) if n),
+                                 forward, input_size)
     if name == TOME_MERGE:
         _check_tome_supported(model)
         return ToMeMergeTask(model, options.r, options.proportional_attention, model_name, note)

@@ -81,6 +81,11 @@ class DynamicStageTrace:
         return [scores.view(-1, rows, cols) for (rows, cols), scores in zip(self.stage_grids, self.keep_scores)]
 
 
+def as_stage_trace(trace, image_size: tuple[int, int]) -> DynamicStageTrace:
+    """Any DynamicViT family's trace as a DynamicStageTrace (DeiT's DynamicViTTrace is converted)."""
+    return trace if isinstance(trace, DynamicStageTrace) else DynamicStageTrace.from_dynamicvit_trace(trace, image_size)
+
+
 # ---------------------------------------------------------------------------------------------
 # Keep schedules
 # ---------------------------------------------------------------------------------------------

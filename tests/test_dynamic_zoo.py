@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import timm
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models.convnext import ConvNeXt
@@ -577,3 +578,19 @@ def test_training_cli_takes_hierarchical_backbones(family, tmp_path, monkeypatch
     load(fresh, out)  # official key names, strict
     first = "stages.2.blocks.0.conv_dw.weight" if family == "convnext" else "layers.2.blocks.0.attn.qkv.weight"
     assert torch.equal(fresh.state_dict()[first], backbone.state_dict()[first])  # backbone frozen by default
+
+
+def test_keep_frequency_task_counts_the_zoo_forward():
+    """analysis.run keep-frequency on a hierarchical family: positions of the pruned stage's 14 x 14 map."""
+    from analysis.dataset import NO_LABEL
+    from analysis.dataset_tasks import KEEP_FREQUENCY, TaskOptions, build_task
+    from models.loading import load_model
+
+    loaded = load_model("dynamiccnn_convnext_tiny", random_weights=True)
+    task = build_task(KEEP_FREQUENCY, loaded.model, loaded.name, TaskOptions(keep_ratio=0.7))
+    task.update(torch.randn(2, 3, 224, 224), torch.full((2,), NO_LABEL))
+    record = task.result(task.sums)
+    assert record.grid_size == (14, 14) and record.kept_tokens == (137, 97, 58)
+    assert record.stage_blocks[0].startswith("stages.2.blocks.")
+    np.testing.assert_array_equal(record.kept_count.sum(1), 2 * np.array(record.kept_tokens))
+    assert (record.scored_count == 2).all()  # hierarchical stages score every position
