@@ -9,7 +9,7 @@ import streamlit as st
 from models.device import hardware_info
 from models.registry import REGISTRY
 from models.weights import status
-from pages._ui import weights_folder
+from pages._ui import user_weight_files, weights_folder
 
 st.title("ViT Efficiency Lab")
 st.markdown(
@@ -26,10 +26,15 @@ st.dataframe(pd.DataFrame({"": list(info), "value": list(info.values())}), hide_
 st.subheader("Weights")
 folder = weights_folder()
 st.caption(f"Weights folder: {folder or '(none set: VITLAB_WEIGHTS_DIR)'}")
+uploads = user_weight_files()
 rows = []
 for name, spec in REGISTRY.items():
-    kind, detail = status(spec, Path(folder).expanduser() if folder else None)
-    rows.append({"model": name, "family": spec.family, "weights": kind, "where": detail,
-                 "published top-1": spec.top1})
-st.dataframe(pd.DataFrame(rows), hide_index=True)
+    if name in uploads:  # the sidebar upload is what the pages load for this model
+        kind, detail = "uploaded", Path(uploads[name]).name
+    else:
+        kind, detail = status(spec, Path(folder).expanduser() if folder else None)
+    rows.append({"model": name, "family": spec.family, "weights": str(getattr(kind, "value", kind)),
+                 "where": detail, "published top-1": spec.top1})
+# A static table: every column and row visible, no inner scrollbar.
+st.table(pd.DataFrame(rows).set_index("model"))
 st.caption("'missing' models can still run with random weights (each page has the switch); every figure then says so.")
