@@ -61,3 +61,20 @@ def deit_tiny_batch(deit_tiny_real, shared_photos) -> torch.Tensor:
     cfg = timm.data.resolve_data_config({}, model=deit_tiny_real)
     tf = timm.data.create_transform(**cfg)
     return torch.stack([tf(im) for im in shared_photos])
+
+
+@pytest.fixture
+def downloads(monkeypatch):
+    """Every file a page offers for download in an AppTest run, by file name: {name: bytes}."""
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+    files: dict[str, bytes] = {}
+    original = MemoryMediaFileStorage.load_and_get_id
+
+    def record(self, path_or_data, mimetype, kind, filename=None):
+        if filename and isinstance(path_or_data, bytes):
+            files[filename] = path_or_data
+        return original(self, path_or_data, mimetype, kind, filename)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record)
+    return files
