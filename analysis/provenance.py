@@ -25,14 +25,16 @@ def weights_label(source, untrained_predictors: bool = False) -> str:
     return f"{text} + {UNTRAINED_PREDICTORS}" if untrained_predictors else text
 
 
-def label_rows(frame: pd.DataFrame, model: str | None, weights: str,
+def label_rows(frame: pd.DataFrame, model: str | None, weights: str | Sequence[str],
                image: str | Sequence[str] | None = None) -> pd.DataFrame:
     """A copy of ``frame`` with ``model``, ``weights`` and (unless it has one) ``image`` as its first columns.
 
-    ``model`` None keeps the frame's own model column; ``image`` is one name for every row, or one per row.
+    ``model`` None keeps the frame's own model column; ``weights`` and ``image`` are one value for every row,
+    or one per row.
     """
     out = frame.copy()
-    columns = {"model": out["model"].tolist() if model is None else model, "weights": weights}
+    columns = {"model": out["model"].tolist() if model is None else model,
+               "weights": weights if isinstance(weights, str) else list(weights)}
     if "image" not in out.columns and image is not None:
         columns["image"] = image if isinstance(image, str) else list(image)
     for position, (name, value) in enumerate(columns.items()):
