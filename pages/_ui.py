@@ -259,3 +259,20 @@ def upload_checkpoint() -> None:
         del user_weight_files()[target]
     fits = f" It fits {', '.join(matches)}." if matches else " It fits no model of the registry."
     st.error(f"{upload.name} does not fit {target}: {mismatches.get(target, '')}{fits}")
+
+
+def run_through_app() -> None:
+    """Make sure a page runs inside app.py's navigation (sidebar, page titles), also on a fresh server.
+
+    Streamlit starts in its legacy multipage mode when a ``pages/`` folder sits next to the main script,
+    and stays there until ``st.navigation`` has run once; a first visit straight to a page URL would then
+    run that page alone, without the sidebar. Leaving the legacy mode and rerunning lets app.py take over.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory and not st.session_state.get(APP_RUN_KEY):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+APP_RUN_KEY = "vitlab_app_ran"

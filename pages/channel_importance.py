@@ -32,6 +32,7 @@ from pages._ui import (
     image_picker,
     progress_bar,
     random_weights_toggle,
+    run_through_app,
     session_result,
     show_weights_banner,
     weights_text,
@@ -46,6 +47,7 @@ NORMALIZATION_HELP = {
     "none": "raw |sum w * dL/dw|",
 }
 
+run_through_app()
 st.title("Channel importance (first-order Taylor)")
 st.markdown(
     "EfficientViT sized its widths with **Taylor importance** |Σ w·∂L/∂w| per channel (Molchanov et al. 2019) and "

@@ -30,6 +30,7 @@ from pages._ui import (
     image_set_key,
     progress_bar,
     random_models_picker,
+    run_through_app,
     session_result,
     show_weights_banner,
     weights_text,
@@ -49,6 +50,7 @@ def _labelled(frame, weights_of: dict[str, str], images: str):
     return label_rows(frame, None, frame["model"].map(weights_of).tolist(), images)
 
 
+run_through_app()
 st.title("Head redundancy: multi-head vs cascaded group attention")
 st.markdown(
     "For each head, **redundancy** is the largest cosine similarity between its attention map and another "

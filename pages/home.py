@@ -9,8 +9,9 @@ import streamlit as st
 from models.device import hardware_info
 from models.registry import REGISTRY
 from models.weights import status
-from pages._ui import user_weight_files, weights_folder
+from pages._ui import run_through_app, user_weight_files, weights_folder
 
+run_through_app()
 st.title("ViT Efficiency Lab")
 st.markdown(
     "See **why** efficient vision transformers are fast, on your own images and your own hardware: "

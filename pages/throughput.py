@@ -14,10 +14,11 @@ from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.registry import DYNAMICVIT, MHSA, REGISTRY
 from models.variants import ModelOptions, make_runner, parse_variant
 from pages._ui import (cached_model, current_device, download_df, download_json, follow_options, latest_result,
-                       progress_bar, session_result)
+                       progress_bar, run_through_app, session_result)
 
 SYNTHETIC_INPUT = "synthetic input (random tensor)"
 
+run_through_app()
 st.title("Live throughput")
 st.markdown(
     "Speed claims are made on someone else's V100. Here the models run on **this machine**, interleaved "
@@ -110,9 +111,11 @@ def run_benchmark() -> dict:
             else:
                 rows, notes = benchmark(runners, settings, baseline=baseline, progress=progress,
                                         on_measure=on_measure), []
-            status.update(label=f"Done: {len(measurements)} timed rounds of {len(rows)} "
-                                f"model{'s' if len(rows) != 1 else ''}/batch{'es' if len(rows) != 1 else ''} "
-                                f"on {device}", state="complete")
+            shapes = f"{len(runners)} model{'s' if len(runners) != 1 else ''}"
+            if len(batches) > 1:
+                shapes += f" x {len(batches)} batch sizes"
+            status.update(label=f"Done: {len(measurements)} measurements ({shapes} x {int(rounds)} "
+                                f"round{'s' if int(rounds) != 1 else ''}) on {device}", state="complete")
     except (KeyError, ValueError, WeightsNotFoundError, CheckpointError) as exc:
         st.error(str(exc.args[0] if exc.args else exc))
         st.stop()

@@ -42,6 +42,7 @@ from pages._ui import (
     image_set_key,
     progress_bar,
     random_weights_toggle,
+    run_through_app,
     session_result,
     show_weights_banner,
     weights_text,
@@ -66,6 +67,7 @@ def _model_choices() -> dict[str, tuple[str, bool]]:
     return choices
 
 
+run_through_app()
 st.title("Token reduction: DynamicViT pruning and ToMe merging")
 st.markdown(
     "**DynamicViT** learns to *drop* patch tokens before blocks 3, 6 and 9 (keep ratio rho, rho^2, rho^3). "

@@ -15,7 +15,7 @@ from models.registry import get_spec
 from models.vilt_pumer import VILT_FOLDER_NAME, VILT_VQA_REPO, load_vilt, tiny_vilt
 from models.weights import WEIGHTS_DIR_ENV, status
 from pages._ui import (current_device, download_df, download_json, download_png, image_picker, image_set_key,
-                       session_result, weights_folder)
+                       run_through_app, session_result, weights_folder)
 
 VILT_MODEL = "vilt_b32_vqa"
 LAYER_PRESETS = {"VQA / NLVR2: layers 2, 5, 8": (2, 5, 8), "Visual entailment: layers 2, 4, 6, 8": (2, 4, 6, 8)}
@@ -39,6 +39,7 @@ def _vilt_target(folder: str) -> Path:
     return Path(base).expanduser() / VILT_FOLDER_NAME if base else Path(f"${WEIGHTS_DIR_ENV}") / VILT_FOLDER_NAME
 
 
+run_through_app()
 st.title("Vision-language: PuMer on ViLT")
 st.markdown(
     "PuMer (ACL 2023) speeds up ViLT inside a few layers: it **prunes** the image patches the question "

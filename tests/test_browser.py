@@ -71,6 +71,58 @@ def test_home_page_title_in_a_real_browser(app_url, tmp_path):
         browser.close()
 
 
+def _browser(p):
+    return p.chromium.launch(
+        executable_path=CHROMIUM,
+        args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", "--no-first-run"])
+
+
+def test_throughput_downloads_keep_the_results_on_the_page(app_url, tmp_path):
+    """Issue 12.1: after one run, both downloads arrive and the table, the charts and the buttons stay."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 2400}, accept_downloads=True)
+        page.goto(f"{app_url}/throughput")
+        page.get_by_role("heading", name="Live throughput").wait_for(timeout=60_000)
+        _wait_until_idle(page)
+        # A fresh server's first visit straight to a page URL still runs inside app.py: sidebar and titles.
+        page.get_by_text("Upload a checkpoint").wait_for(timeout=30_000)
+        assert page.get_by_text("Live throughput", exact=True).count() >= 1
+        for label, value in (("Batch size", "1"), ("Timed iterations per round", "1"),
+                             ("Interleaved rounds (median counts)", "2")):
+            field = page.get_by_label(label)
+            field.fill(value)
+            field.press("Enter")
+            _wait_until_idle(page)
+        page.get_by_role("button", name="Run benchmark").click()
+        page.get_by_role("button", name="Download CSV").wait_for(timeout=240_000)
+        _wait_until_idle(page)
+        charts = page.locator('[data-testid="stPlotlyChart"]')
+        assert charts.count() == 2
+        saved = {}
+        for name in ("Download CSV", "Download JSON"):
+            with page.expect_download(timeout=60_000) as download:
+                page.get_by_role("button", name=name).click()
+            saved[name] = tmp_path / download.value.suggested_filename
+            download.value.save_as(saved[name])
+            time.sleep(1)
+            _wait_until_idle(page)
+            # The result is still there after each click: no return to the form.
+            assert page.get_by_text("Pick models and press").count() == 0
+            assert charts.count() == 2 and page.locator('[data-testid="stDataFrame"]').count() == 1
+            assert page.get_by_role("button", name="Download CSV").count() == 1
+            assert page.get_by_role("button", name="Download JSON").count() == 1
+        assert saved["Download CSV"].name == "throughput.csv" and saved["Download JSON"].name == "throughput.json"
+        header = saved["Download CSV"].read_text().splitlines()[0]
+        assert header.startswith("model,weights,image,")
+        assert '"weights": "random"' in saved["Download JSON"].read_text()
+        page.screenshot(path=str(tmp_path / "throughput_after_downloads.png"), full_page=True)
+        browser.close()
+
+
 PAGE_PATHS = ["token_reduction", "vision_language", "head_redundancy", "channel_importance", "throughput"]
 # What to click before the screenshot, where a page's first view is a form rather than a result.
 SCREENSHOT_ACTIONS = {"vision_language": "Use a small random ViLT", "throughput": "Run benchmark"}
