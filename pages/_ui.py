@@ -164,8 +164,10 @@ def image_picker(key: str, multiple: bool = True, label: str = "Upload images") 
 
 
 def download_df(df, filename: str, label: str = "Download CSV", key: str | None = None) -> None:
-    st.download_button(label, df.to_csv(index=False).encode(), file_name=filename, mime="text/csv",
-                       key=key or f"dl-{filename}", on_click="ignore")
+    """A CSV download; ``df`` may be a function returning the frame, then it is only built when clicked."""
+    data = (lambda: df().to_csv(index=False).encode()) if callable(df) else df.to_csv(index=False).encode()
+    st.download_button(label, data, file_name=filename, mime="text/csv", key=key or f"dl-{filename}",
+                       on_click="ignore")
 
 
 def download_json(obj: Any, filename: str, label: str = "Download JSON", key: str | None = None) -> None:
@@ -173,13 +175,18 @@ def download_json(obj: Any, filename: str, label: str = "Download JSON", key: st
                        mime="application/json", key=key or f"dl-{filename}", on_click="ignore")
 
 
+def _png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def download_png(image_or_bytes, filename: str, label: str = "Download PNG", key: str | None = None) -> None:
+    """A PNG download; a PIL image is only encoded when the button is clicked (encoding costs a rerun time)."""
     if isinstance(image_or_bytes, (bytes, bytearray)):
         data = bytes(image_or_bytes)
     else:
-        buffer = io.BytesIO()
-        image_or_bytes.save(buffer, format="PNG")
-        data = buffer.getvalue()
+        data = lambda image=image_or_bytes: _png_bytes(image)  # noqa: E731
     st.download_button(label, data, file_name=filename, mime="image/png", key=key or f"dl-{filename}",
                        on_click="ignore")
 

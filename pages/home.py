@@ -37,5 +37,5 @@ for name, spec in REGISTRY.items():
     rows.append({"model": name, "family": spec.family, "weights": str(getattr(kind, "value", kind)),
                  "where": detail, "published top-1": spec.top1})
 # A static table: every column and row visible, no inner scrollbar.
-st.table(pd.DataFrame(rows).set_index("model"))
+st.table(pd.DataFrame(rows).set_index("model").style.format({"published top-1": "{:.1f}"}, na_rep=""))
 st.caption("'missing' models can still run with random weights (each page has the switch); every figure then says so.")

@@ -174,7 +174,7 @@ def detail_view() -> None:
     st.dataframe(overall, hide_index=True)
     d1, d2 = st.columns(2)
     with d1:
-        download_df(_labelled(predictions_frame(comparison)), "top5_predictions.csv",
+        download_df(lambda: _labelled(predictions_frame(comparison)), "top5_predictions.csv",
                     "Download top-5 predictions, every image (CSV)")
     with d2:
         download_df(_labelled(overall, all_images), "agreement.csv", "Download agreement (CSV)")
@@ -187,8 +187,10 @@ def detail_view() -> None:
         stage_strip = image_strip(dynamicvit_stage_panels(canvas, trace, chosen),
                                   title=f"DynamicViT rho {keep_ratio:.2f} | " + title_line(name, weights, image_name))
         st.image(stage_strip, caption="Dropped patches faded out", width="stretch")
-        st.plotly_chart(keep_score_figure(trace, chosen, title=f"DynamicViT keep scores per stage: {image_name}"
-                                          + weights_tag + predictor_tag), key="tr_keep_scores")
+        scores = session_result("tr_keep_scores", inputs + (keep_ratio, chosen), lambda: keep_score_figure(
+            trace, chosen, title=f"DynamicViT keep scores per stage: {image_name}" + weights_tag + predictor_tag),
+            keep=SETTINGS_KEPT)
+        st.plotly_chart(scores, key="tr_keep_scores")
         download_png(stage_strip, f"dynamicvit_stages_{image_name}.png", "Download stage maps (PNG)")
 
     st.header("ToMe: merged tokens per block" + weights_tag)
