@@ -363,7 +363,7 @@ def redundancy_vs_depth(results: Sequence[RedundancyResult], metric: str = ATTEN
 
 
 EMBEDDING_NOISE = 1e-4  # offset profiles are distributions: an MDS axis spanning less than this is rounding noise
-ALIKE_HEADS = 0.98  # every pair of heads at least this similar in every block: nothing to conclude
+ALIKE_HEADS = 0.9  # every pair of heads at least this similar in every block: nothing to conclude
 
 
 def embedding_noise_axes(result: RedundancyResult) -> list[bool]:
