@@ -89,10 +89,12 @@ def bench_head_redundancy(real: bool, quick: bool) -> list[dict]:
     app.run()
     first = time.perf_counter() - start
     block = _timed(app, lambda: app.slider(key="hr_block").set_value(3))
+    block_cpu = _CPU[0]
     metric = _timed(app, lambda: app.radio(key="hr_metric").set_value("head outputs (linear CKA)"))
     return [_row("Head redundancy: first analysis, DeiT-Tiny", first, None, "cold: record attention"),
-            _row("Head redundancy: block slider", block, WARM_TARGET_S, "attention maps of one block"),
-            _row("Head redundancy: similarity metric", metric, WARM_TARGET_S, "charts redrawn from the stored result")]
+            _row("Head redundancy: block slider", block, None, f"attention maps of one block; {block_cpu:.2f} s CPU"),
+            _row("Head redundancy: similarity metric", metric, None,
+                 f"charts redrawn from the stored result; {_CPU[0]:.2f} s CPU")]
 
 
 def bench_channel_importance(real: bool, quick: bool) -> list[dict]:
@@ -104,7 +106,7 @@ def bench_channel_importance(real: bool, quick: bool) -> list[dict]:
     first = time.perf_counter() - start
     budget = _timed(app, lambda: app.slider(key="ci_budget").set_value(0.3))
     return [_row("Channel importance: first scoring, DeiT-Tiny, 2 sample photos", first, None, "cold"),
-            _row("Channel importance: budget slider", budget, WARM_TARGET_S, "re-ranks the stored scores")]
+            _row("Channel importance: budget slider", budget, None, f"re-ranks the stored scores; {_CPU[0]:.2f} s CPU")]
 
 
 def bench_vision_language(quick: bool) -> list[dict]:
@@ -115,7 +117,8 @@ def bench_vision_language(quick: bool) -> list[dict]:
     first = time.perf_counter() - start
     prune = _timed(app, lambda: app.slider(key="vl_prune").set_value(0.2))
     return [_row("Vision-language: first answer, small random ViLT", first, None, "answer, trace and timing"),
-            _row("Vision-language: prune ratio slider", prune, None, "reruns PuMer and its timing")]
+            _row("Vision-language: prune ratio slider", prune, None,
+                 f"reruns PuMer and its timing; {_CPU[0]:.2f} s CPU")]
 
 
 def bench_throughput(quick: bool) -> list[dict]:
@@ -128,6 +131,8 @@ def bench_throughput(quick: bool) -> list[dict]:
     app.run()
     run = _timed(app, lambda: app.button(key="tp_run").click())
     rerun = _timed(app, lambda: app.checkbox(key="tp_channels_last").check())
+    if not app.dataframe:
+        raise RuntimeError("the throughput results were lost on a rerun")
     return [_row("Live throughput: one tiny benchmark (efficientvit_m0, batch 1)", run, None, "press Run"),
             _row("Live throughput: another widget after a run", rerun, WARM_TARGET_S, "results stay, nothing reruns")]
 

@@ -1,4 +1,5 @@
 """One real browser: `streamlit run app.py` headless, driven by Playwright in Debian's chromium."""
+import contextlib
 import os
 import shutil
 import socket
@@ -23,8 +24,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url():
+@contextlib.contextmanager
+def _running_app():
     if not Path(CHROMIUM).exists():
         if REQUIRE:
             pytest.fail("chromium is not installed (apt-get install chromium)")
@@ -53,6 +54,19 @@ def app_url():
         proc.wait(timeout=20)
 
 
+@pytest.fixture(scope="module")
+def app_url():
+    with _running_app() as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_app_url():
+    """A server nobody has visited yet: its first request goes straight to a page URL."""
+    with _running_app() as url:
+        yield url
+
+
 def test_home_page_title_in_a_real_browser(app_url, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -78,14 +92,14 @@ def _browser(p):
               "--disable-component-update", "--disable-sync", "--no-first-run"])
 
 
-def test_throughput_downloads_keep_the_results_on_the_page(app_url, tmp_path):
+def test_throughput_downloads_keep_the_results_on_the_page(fresh_app_url, tmp_path):
     """Issue 12.1: after one run, both downloads arrive and the table, the charts and the buttons stay."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = _browser(p)
         page = browser.new_page(viewport={"width": 1400, "height": 2400}, accept_downloads=True)
-        page.goto(f"{app_url}/throughput")
+        page.goto(f"{fresh_app_url}/throughput")
         page.get_by_role("heading", name="Live throughput").wait_for(timeout=60_000)
         _wait_until_idle(page)
         # A fresh server's first visit straight to a page URL still runs inside app.py: sidebar and titles.

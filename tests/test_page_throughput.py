@@ -31,6 +31,7 @@ def test_tiny_benchmark_runs_reports_speedups_and_keeps_them_across_reruns():
     assert table.loc["efficientvit_m0", "paper img/s (V100)"] == 27644
     assert table.loc["efficientvit_m0", "claimed speed-up"].endswith("(paper, V100, not comparable)")
     assert len(at.get("plotly_chart")) == 2  # every round, and the accuracy chart
+    assert at.status[0].label == "Done: 4 measurements (2 models x 2 rounds) on cpu"  # what the chart shows
     assert {b.label for b in at.get("download_button")} == {"Download CSV", "Download JSON"}
 
     # Any other widget reruns the page: the results of the run must stay until the next run.

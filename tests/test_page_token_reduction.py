@@ -169,3 +169,12 @@ def test_a_slider_reruns_only_its_method(random_page, monkeypatch):
     assert calls == ["dynamicvit_run", "tome_run"]
     app.slider(key="tr_rho").set_value(0.7).run()  # back to a setting already computed: nothing runs
     assert calls == ["dynamicvit_run", "tome_run"]
+
+
+def test_r_sweep_axis_ticks_at_round_numbers():
+    from analysis.tome_agreement import AgreementRow, plot_agreement
+
+    rows = [AgreementRow(r, 1.0, 1.0, 197 - 11 * r, 1.0) for r in range(0, 17)]
+    axis = plot_agreement(rows).layout.xaxis
+    assert axis.dtick == 2 and axis.tick0 == 0
+    assert plot_agreement(rows[:4]).layout.xaxis.dtick == 1
