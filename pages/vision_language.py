@@ -121,7 +121,7 @@ st.subheader("Answers")
 st.dataframe(answers_frame(result), hide_index=True)
 cols = st.columns(4)
 cols[0].metric("Speed-up (this question, batch 1)", f"{speed['speedup']:.2f}x")
-cols[1].metric("ViLT / ViLT+PuMer", f"{speed['full_ms']:.1f} / {speed['pumer_ms']:.1f} ms")
+cols[1].metric("ms per batch, ViLT / ViLT+PuMer", f"{speed['full_ms']:.0f} / {speed['pumer_ms']:.0f}")
 cols[2].metric("GFLOPs ViLT / PuMer", "n/a" if speed["full_gflops"] is None else
                f"{speed['full_gflops']:.2f} / {speed['pumer_gflops']:.2f}")
 cols[3].metric("Peak memory saving", "n/a" if speed["memory_saving"] is None else f"{100 * speed['memory_saving']:.1f} %")
