@@ -27,6 +27,7 @@ def test_page_on_real_deit_tiny_with_a_query_patch(real_weights_folder):
     app.run()
     assert not app.exception, app.exception
     assert not app.error and not app.warning  # real weights: no random-weights banner
+    assert not app.info  # trained heads differ: no "nothing to conclude" note
     assert [h.value for h in app.header] == ["Redundancy vs depth", "Head-to-head similarity per block",
                                              "Downloads", "Attention maps on an image"]
     assert len(app.get("plotly_chart")) == 3 and len(app.get("image")) == 1
