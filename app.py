@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages._ui import sidebar
+from pages._ui import APP_RUN_KEY, sidebar
 
 st.set_page_config(page_title="ViT Efficiency Lab", page_icon=":material/speed:", layout="wide")
 
@@ -17,6 +17,7 @@ PAGES = [
     st.Page("pages/frontier.py", title="Accuracy vs throughput", icon=":material/scatter_plot:"),
 ]
 
+st.session_state[APP_RUN_KEY] = True
 navigation = st.navigation(PAGES)
 sidebar()
 navigation.run()

@@ -361,9 +361,10 @@ def similarity_heatmaps(result: RedundancyResult, metric: str = ATTENTION, colum
         ), row=i // columns + 1, col=i % columns + 1)
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(
-        title=f"{result.label}: " + ("cosine similarity of attention maps" if metric == ATTENTION
-                                      else "linear CKA of head outputs")
-              + f" ({result.num_images} images; heads ordered by clustering)",
+        title=dict(text=f"{result.label}: " + ("cosine similarity of attention maps" if metric == ATTENTION
+                                                else "linear CKA of head outputs")
+                   + f"<br><sup>{result.num_images} image{'s' if result.num_images != 1 else ''}; "
+                     "heads reordered by clustering; one panel per block</sup>"),
         coloraxis=dict(colorscale="Viridis", cmin=0, cmax=1),
         height=260 * rows + 80,
     )
@@ -394,22 +395,60 @@ def redundancy_vs_depth(results: Sequence[RedundancyResult], metric: str = ATTEN
     return fig
 
 
-def head_embedding_figure(result: RedundancyResult) -> go.Figure:
-    """2-D MDS embedding of every head of a model, coloured by block."""
+EMBEDDING_NOISE = 1e-4  # offset profiles are distributions: an MDS axis spanning less than this is rounding noise
+ALIKE_HEADS = 0.9  # every pair of heads at least this similar in every block: nothing to conclude
+
+
+def embedding_noise_axes(result: RedundancyResult) -> list[bool]:
+    """Per MDS axis: whether its spread is below ``EMBEDDING_NOISE`` (then it shows rounding, not structure)."""
+    spread = np.ptp(result.embedding, axis=0) if len(result.embedding) else np.zeros(2)
+    return [bool(s < EMBEDDING_NOISE) for s in spread]
+
+
+def untrained_notes(result: RedundancyResult) -> list[str]:
+    """Why a result supports no conclusion (heads alike everywhere, an MDS of noise); empty when it does."""
+    notes = []
+    lowest = min((b.attention_similarity[~np.eye(b.num_heads, dtype=bool)].min() for b in result.blocks
+                  if b.num_heads > 1), default=None)
+    if lowest is not None and lowest >= ALIKE_HEADS:
+        notes.append(f"{result.label}: every pair of heads has attention maps at least {lowest:.3f} alike in every "
+                     "block, as when attention is (nearly) uniform: redundancy near 1 here reflects the weights "
+                     "(untrained heads all look everywhere), not a property of the architecture.")
+    noise = embedding_noise_axes(result)
+    if all(noise):
+        notes.append(f"{result.label}: the heads' attention-offset profiles differ by less than "
+                     f"{EMBEDDING_NOISE:g}, so their MDS layout would only show rounding noise; it is not drawn.")
+    elif any(noise):
+        notes.append(f"{result.label}: the second MDS axis spans less than {EMBEDDING_NOISE:g} (rounding noise) "
+                     "and is drawn flat.")
+    return notes
+
+
+def head_embedding_figure(result: RedundancyResult, weights: str = "") -> go.Figure:
+    """2-D MDS embedding of every head of a model, coloured by depth; an axis of pure rounding noise is drawn flat."""
+    noise = embedding_noise_axes(result)
+    embedding = np.where(noise, 0.0, result.embedding) if len(result.embedding) else result.embedding
     fig = go.Figure()
     offset = 0
     for b in result.blocks:
-        xy = result.embedding[offset: offset + b.num_heads]
+        xy = embedding[offset: offset + b.num_heads]
         offset += b.num_heads
         fig.add_trace(go.Scatter(
             x=xy[:, 0], y=xy[:, 1], mode="markers+text", name=f"block {b.block}",
-            text=[f"{b.block}.{h}" for h in range(b.num_heads)], textposition="top center",
-            marker=dict(size=10, color=b.relative_depth, colorscale="Plasma", cmin=0, cmax=1),
+            text=[f"b{b.block}h{h}" for h in range(b.num_heads)], textposition="top center",
+            textfont=dict(size=9, color="#555"),
+            marker=dict(size=9, color=b.relative_depth, colorscale="Plasma", cmin=0, cmax=1,
+                        line=dict(width=0.5, color="white")),
             customdata=b.attention_redundancy,
-            hovertemplate="block.head %{text}<br>redundancy %{customdata:.3f}<extra></extra>",
+            hovertemplate="block %{text}<br>redundancy %{customdata:.3f}<extra></extra>",
         ))
-    fig.update_layout(title=f"{result.label}: heads embedded by where they attend (MDS, colour = depth)",
-                      xaxis_title="MDS 1", yaxis_title="MDS 2", height=480)
+    subtitle = f"weights: {weights}" if weights else ""
+    fig.update_layout(title=dict(text=f"{result.label}: heads placed by where they attend (MDS, colour = depth)"
+                                      + (f"<br><sup>{subtitle}</sup>" if subtitle else "")),
+                      xaxis_title="MDS 1 (unitless)", yaxis_title="MDS 2 (unitless)", height=480,
+                      xaxis=dict(tickformat=".2f"), yaxis=dict(tickformat=".2f"))
+    if noise[1]:
+        fig.update_yaxes(range=[-1, 1])
     return fig
 
 

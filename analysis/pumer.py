@@ -251,8 +251,14 @@ def text_groups_html(result: PuMerResult, step_index: int, sample: int = 0) -> s
     return "<div style='line-height:2.2'>" + "".join(spans) + "</div>"
 
 
-def token_counts_figure(trace: PuMerTrace, sample: int = 0):
-    """Tokens per layer for each modality, with PuMer (solid) and without (dashed); reduce layers marked."""
+def tokens(count: int, what: str = "token") -> str:
+    """'1 image token', '3 image tokens'."""
+    return f"{count} {what}{'' if count == 1 else 's'}"
+
+
+def token_counts_figure(trace: PuMerTrace, subtitle: str = "", sample: int = 0):
+    """Tokens per layer for each modality, with PuMer (solid) and without (dashed); reduce layers marked.
+    ``subtitle`` (model, weights, image) goes under the title."""
     import plotly.graph_objects as go
 
     frame = counts_frame(trace, sample)
@@ -265,7 +271,8 @@ def token_counts_figure(trace: PuMerTrace, sample: int = 0):
                            name=f"{name} (full)", line=dict(color=colour, dash="dash"), opacity=0.5)
     for step in trace.steps:
         figure.add_vline(x=str(step.layer), line=dict(color="#999", dash="dot"))
-    figure.update_layout(xaxis_title="tokens entering layer", yaxis_title="tokens",
-                         title="Tokens per layer (dotted: reduce layers; the layer's MLP already sees the reduced count)",
-                         legend=dict(orientation="h", y=-0.25), margin=dict(t=50, b=10))
+    title = "Tokens entering each layer (dotted: reduce layers; their MLP already sees the reduced count)"
+    figure.update_layout(xaxis_title="layer", yaxis_title="tokens",
+                         title=title + (f"<br><sup>{subtitle}</sup>" if subtitle else ""),
+                         legend=dict(orientation="h", y=-0.25), margin=dict(t=70, b=10))
     return figure

@@ -566,6 +566,24 @@ def component_summary(scores: TaylorScores, keep_fraction: float = 0.5,
     return out.loc[_component_order(out.index)].reset_index()
 
 
+def no_ranking_reason(scores: TaylorScores) -> str | None:
+    """Why these scores support no budget result, or None when they do.
+
+    A component whose channels all score exactly the same cannot be ranked: a global budget would cut it
+    by tie-breaking order alone. That happens when no gradient reaches it (untrained EfficientViT: timm
+    zero-initialises the last BatchNorm of every residual branch), never in a trained network.
+    """
+    frame = pd.DataFrame({"component": scores.component, "score": scores.score})
+    spread = frame.groupby("component")["score"].agg(["size", "min", "max"])
+    tied = spread[(spread["size"] > 1) & (spread["max"] - spread["min"] <= 1e-12 * spread["max"].abs().clip(lower=1.0))]
+    if tied.empty:
+        return None
+    values = ", ".join(f"{c} = {row['min']:.3g}" for c, row in tied.loc[_component_order(tied.index)].iterrows())
+    return (f"Every channel of {', '.join(_component_order(tied.index))} has the same score ({values}): no "
+            "gradient separates them, as with untrained weights, so they cannot be ranked and no budget result "
+            "(which component keeps its width) is stated.")
+
+
 def rank_agreement(a: TaylorScores, b: TaylorScores) -> pd.DataFrame:
     """Spearman rank correlation of two score sets, per component and over all channels (``'all'``)."""
     from scipy.stats import spearmanr

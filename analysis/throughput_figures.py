@@ -39,19 +39,48 @@ def _base_name(label: str) -> str:
     return label.split("@", 1)[0]
 
 
-def claimed_speedup(model: str, baseline: str) -> tuple[str, str]:
-    """(claim, source with hardware) for a model/baseline pair, or the ratio of published V100 throughputs."""
+def claimed_speedup(model: str, baseline: str) -> tuple[str, str, str]:
+    """(claim, source, hardware) for a model/baseline pair, or the ratio of published V100 throughputs."""
     for claim in CLAIMS:
         if claim.baseline == baseline and re.search(claim.model, model):
-            return claim.speedup, f"{claim.source}, {claim.hardware}"
+            return claim.speedup, claim.source, claim.hardware
     ours, base = REGISTRY.get(model), REGISTRY.get(baseline)
     if "@" not in model and ours and base and ours.paper_img_s and base.paper_img_s:
-        return f"{ours.paper_img_s / base.paper_img_s:.2f}x", "ratio of published V100 img/s"
-    return "", ""
+        return f"{ours.paper_img_s / base.paper_img_s:.2f}x", "ratio of published img/s", "V100"
+    return "", "", ""
 
 
-def results_table(rows: Sequence[ThroughputRow]) -> pd.DataFrame:
-    """Our measurements with the published top-1, V100 img/s and claimed speed-ups beside them."""
+def same_hardware(claim_hardware: str, hardware: str) -> bool:
+    """Whether a claim measured on ``claim_hardware`` ('V100', 'GPU', 'V100 / Xeon CPU') was measured on the
+    kind of machine ``hardware`` names (a GPU name from torch, or 'cpu'/'mps'). A named chip must appear in
+    ``hardware``; an unnamed 'GPU' matches any GPU; a CPU claim never matches an unnamed CPU."""
+    hardware = hardware.lower()
+    on_gpu = hardware not in ("cpu", "mps", "")
+    for part in re.split(r"[/,]", claim_hardware):
+        words = part.split()
+        if not words:
+            continue
+        chip = words[0].lower()
+        if chip == "gpu":
+            if on_gpu:
+                return True
+        elif chip in hardware:
+            return True
+    return False
+
+
+def claim_text(claim: str, claim_hardware: str, hardware: str) -> str:
+    """The claim with where it was measured, and 'not comparable' unless this run used that hardware."""
+    if not claim:
+        return ""
+    where = claim_hardware.split(",")[0]
+    return f"{claim} (paper, {where})" if same_hardware(claim_hardware, hardware) else \
+        f"{claim} (paper, {where}, not comparable)"
+
+
+def results_table(rows: Sequence[ThroughputRow], hardware: str = "cpu") -> pd.DataFrame:
+    """Our measurements with the published top-1, V100 img/s and claimed speed-ups beside them; a claim made on
+    other hardware than ``hardware`` (the GPU name, or 'cpu') is marked not comparable."""
     df = rows_to_dataframe(rows)
     if df.empty:
         return df
@@ -59,9 +88,10 @@ def results_table(rows: Sequence[ThroughputRow]) -> pd.DataFrame:
     df["published top-1"] = [s.top1 if s and "@" not in m else None for s, m in zip(specs, df["model"])]
     df["paper img/s (V100)"] = [s.paper_img_s if s and "@" not in m else None for s, m in zip(specs, df["model"])]
     df["paper source"] = [s.reference if s and s.paper_img_s and "@" not in m else "" for s, m in zip(specs, df["model"])]
-    claims = [claimed_speedup(m, b) if isinstance(b, str) else ("", "") for m, b in zip(df["model"], df["baseline"])]
-    df["claimed speed-up"] = [c for c, _ in claims]
-    df["claim source"] = [s for _, s in claims]
+    claims = [claimed_speedup(m, b) if isinstance(b, str) else ("", "", "")
+              for m, b in zip(df["model"], df["baseline"])]
+    df["claimed speed-up"] = [claim_text(c, where, hardware) for c, _, where in claims]
+    df["claim source"] = [f"{source}, {where}" if source else "" for _, source, where in claims]
     first = ["model", "batch", "img_per_s", "ms_per_batch", "speedup", "baseline", "claimed speed-up", "claim source",
              "gflops", "params_m", "peak_mem_mib", "published top-1", "paper img/s (V100)", "paper source"]
     return df[first + [c for c in df.columns if c not in first]].round(

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from timm.models.vision_transformer import VisionTransformer
 
 from analysis.images import imagenet_label
+from analysis.provenance import with_title
 from analysis.tome_agreement import top1_agreement, top5_overlap
 from models.dynamicvit import DynamicViT, DynamicViTTrace, dynamicvit_forward, dynamicvit_from_backbone
 from models.tome import ToMeTrace, tome_forward, tome_merge_map_image
@@ -54,6 +55,48 @@ class ReductionComparison:
         return methods
 
 
+def reference_logits(model: VisionTransformer, batch: torch.Tensor) -> torch.Tensor:
+    """Logits (CPU, float) of the model without any reduction."""
+    with torch.inference_mode():
+        return model(batch.to(next(model.parameters()).device)).float().cpu()
+
+
+def tome_run(model: VisionTransformer, batch: torch.Tensor, r: int | Sequence[int] | str = 13,
+             proportional_attention: bool = True) -> tuple[torch.Tensor, ToMeTrace]:
+    """ToMe's logits (CPU) and merge trace on ``batch``."""
+    with torch.inference_mode():
+        logits, trace = tome_forward(model, batch.to(next(model.parameters()).device), r=r,
+                                     proportional_attention=proportional_attention, return_trace=True)
+    return logits.float().cpu(), trace
+
+
+def dynamicvit_run(model: DynamicViT, batch: torch.Tensor, keep_ratio: float = 0.7) -> tuple[torch.Tensor, DynamicViTTrace]:
+    """DynamicViT's logits (CPU) and pruning trace on ``batch`` at ``keep_ratio``."""
+    with torch.inference_mode():
+        logits, trace = dynamicvit_forward(model, batch.to(next(model.parameters()).device), keep_ratio,
+                                           return_trace=True)
+    return logits.float().cpu(), trace
+
+
+def combine_runs(model: VisionTransformer, image_names: Sequence[str], reference: torch.Tensor,
+                 tome: tuple[torch.Tensor, ToMeTrace], r: int | Sequence[int] | str,
+                 dynamicvit: tuple[torch.Tensor, DynamicViTTrace] | None = None,
+                 keep_ratio: float | None = None) -> ReductionComparison:
+    """The comparison record from separately computed runs (so each can be cached by its own setting)."""
+    return ReductionComparison(
+        image_names=list(image_names),
+        num_tokens=model.patch_embed.num_patches + model.num_prefix_tokens,
+        depth=len(model.blocks),
+        reference_logits=reference,
+        tome_logits=tome[0],
+        tome_trace=tome[1],
+        r=r,
+        keep_ratio=keep_ratio if dynamicvit is not None else None,
+        dynamicvit_logits=None if dynamicvit is None else dynamicvit[0],
+        dynamicvit_trace=None if dynamicvit is None else dynamicvit[1],
+    )
+
+
 def compare_reductions(
     model: VisionTransformer,
     batch: torch.Tensor,
@@ -66,28 +109,9 @@ def compare_reductions(
 
     The model is only read (inference mode, no attribute set): it may be a shared cached model.
     """
-    device = next(model.parameters()).device
-    batch = batch.to(device)
-    with torch.inference_mode():
-        reference = model(batch)
-        tome_logits, tome_trace = tome_forward(
-            model, batch, r=r, proportional_attention=proportional_attention, return_trace=True
-        )
-        dynamicvit_logits, dynamicvit_trace = (None, None)
-        if isinstance(model, DynamicViT):
-            dynamicvit_logits, dynamicvit_trace = dynamicvit_forward(model, batch, keep_ratio, return_trace=True)
-    return ReductionComparison(
-        image_names=list(image_names),
-        num_tokens=model.patch_embed.num_patches + model.num_prefix_tokens,
-        depth=len(model.blocks),
-        reference_logits=reference.float().cpu(),
-        tome_logits=tome_logits.float().cpu(),
-        tome_trace=tome_trace,
-        r=r,
-        keep_ratio=keep_ratio if dynamicvit_logits is not None else None,
-        dynamicvit_logits=None if dynamicvit_logits is None else dynamicvit_logits.float().cpu(),
-        dynamicvit_trace=dynamicvit_trace,
-    )
+    dynamicvit = dynamicvit_run(model, batch, keep_ratio) if isinstance(model, DynamicViT) else None
+    return combine_runs(model, image_names, reference_logits(model, batch),
+                        tome_run(model, batch, r, proportional_attention), r, dynamicvit, keep_ratio)
 
 
 def dynamicvit_with_untrained_predictors(backbone: VisionTransformer, seed: int = 0) -> DynamicViT:
@@ -138,10 +162,12 @@ def agreement_frame(comparison: ReductionComparison, image: int | None = None) -
     )
 
 
-def predictions_frame(comparison: ReductionComparison, image: int) -> pd.DataFrame:
-    """Top-5 of every method for one image, long format (method, rank, class, probability)."""
-    frames = [top5_frame(logits, image).assign(method=method) for method, logits in comparison.logits_by_method().items()]
-    return pd.concat(frames, ignore_index=True)[["method", "rank", "class", "class index", "probability"]]
+def predictions_frame(comparison: ReductionComparison, image: int | None = None) -> pd.DataFrame:
+    """Top-5 of every method for one image (or every image), long format (image, method, rank, class, probability)."""
+    images = range(len(comparison.image_names)) if image is None else [image]
+    frames = [top5_frame(logits, i).assign(method=method, image=comparison.image_names[i])
+              for i in images for method, logits in comparison.logits_by_method().items()]
+    return pd.concat(frames, ignore_index=True)[["image", "method", "rank", "class", "class index", "probability"]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,8 +287,10 @@ def tome_merge_panels(canvas: Image.Image, trace: ToMeTrace, layers: Sequence[in
 # --------------------------------------------------------------------------------------------
 # Panels -> one image for download
 # --------------------------------------------------------------------------------------------
-def image_strip(panels: Sequence[tuple[str, Image.Image]], caption_height: int = 18, gap: int = 6) -> Image.Image:
-    """The panels side by side on white, each with its caption above, as one PNG-ready image."""
+def image_strip(panels: Sequence[tuple[str, Image.Image]], caption_height: int = 18, gap: int = 6,
+                title: str | None = None) -> Image.Image:
+    """The panels side by side on white, each with its caption above, as one PNG-ready image; ``title`` (model,
+    weights, image) goes on a line above them all."""
     width = sum(image.size[0] for _, image in panels) + gap * (len(panels) - 1)
     height = max(image.size[1] for _, image in panels) + caption_height
     strip = Image.new("RGB", (width, height), "white")
@@ -272,4 +300,4 @@ def image_strip(panels: Sequence[tuple[str, Image.Image]], caption_height: int =
         draw.text((x + 2, 3), caption, fill=(0, 0, 0))
         strip.paste(image.convert("RGB"), (x, caption_height))
         x += image.size[0] + gap
-    return strip
+    return with_title(strip, title) if title else strip

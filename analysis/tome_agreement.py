@@ -61,11 +61,11 @@ def agreement_sweep(
     batch: torch.Tensor,
     r_values: Iterable[int] = range(0, 17),
     proportional_attention: bool = True,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[float, str], None] | None = None,
 ) -> list[AgreementRow]:
     """For each r, compare ToMe's predictions on ``batch`` with the unreduced model's.
 
-    ``progress(done, total)`` is called after each r (for a progress bar). The model is only read.
+    ``progress(fraction, message)`` is called after each r (for a progress bar). The model is only read.
     """
     r_values = list(r_values)
     images = batch.shape[0]
@@ -88,13 +88,19 @@ def agreement_sweep(
                 )
             )
             if progress is not None:
-                progress(done, len(r_values))
+                progress(done / len(r_values), f"r = {r} ({done}/{len(r_values)})")
     return rows
 
 
 def rows_to_frame(rows: Sequence[AgreementRow]) -> pd.DataFrame:
     """The sweep as a table (one row per r), for display and CSV download."""
     return pd.DataFrame([asdict(row) for row in rows])
+
+
+def _round_step(raw: float) -> int:
+    """The round number (1, 2, 5, 10, 20, ...) nearest above ``raw``, for axis ticks."""
+    magnitude = 10 ** max(0, len(str(int(raw))) - 1)
+    return next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
 
 
 def plot_agreement(rows: Sequence[AgreementRow], title: str = "ToMe: agreement with the unreduced model") -> go.Figure:
@@ -111,7 +117,8 @@ def plot_agreement(rows: Sequence[AgreementRow], title: str = "ToMe: agreement w
         secondary_y=True,
     )
     figure.update_layout(title=title, legend=dict(orientation="h", y=-0.2), hovermode="x unified")
-    figure.update_xaxes(title_text="r (tokens merged per block)")
+    step = max(1, _round_step(max(frame.r.max() - frame.r.min(), 1) / 8))
+    figure.update_xaxes(title_text="r (tokens merged per block)", tick0=0, dtick=step)
     figure.update_yaxes(title_text="agreement", range=[0, 1.02], secondary_y=False)
     figure.update_yaxes(title_text="tokens", rangemode="tozero", secondary_y=True)
     return figure

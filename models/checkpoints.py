@@ -89,3 +89,69 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source
             parts.append(f"Unexpected {len(unexpected)} keys: {_first(unexpected)}.")
         raise CheckpointError(" ".join(parts))
     model.load_state_dict(state_dict, strict=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Which registry model a checkpoint belongs to (the sidebar upload infers it from the shapes)
+# --------------------------------------------------------------------------------------------
+_META_MODELS: dict[str, nn.Module | None] = {}
+
+
+def _meta_model(spec) -> nn.Module | None:
+    """The spec's random-init architecture on the meta device (no memory, no init cost); cached per name."""
+    if spec.name not in _META_MODELS:
+        from .loading import build_random
+
+        try:
+            with torch.device("meta"):
+                _META_MODELS[spec.name] = build_random(spec)
+        except Exception:  # noqa: BLE001 - a model that cannot be built on meta just never matches
+            _META_MODELS[spec.name] = None
+    return _META_MODELS[spec.name]
+
+
+def _shape_diff(own: Mapping[str, tuple], state_dict: Mapping[str, torch.Tensor]) -> tuple[list, list, list]:
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    misshapen = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {own[k]}"
+                 for k in own if k in state_dict and tuple(state_dict[k].shape) != own[k]]
+    return missing, unexpected, misshapen
+
+
+def checkpoint_mismatch(state_dict: Mapping[str, torch.Tensor], spec) -> str | None:
+    """None when ``state_dict`` (as saved, or after timm's converter for the official layout) fits ``spec``'s
+    architecture key for key and shape for shape; otherwise what differs, in one line."""
+    model = _meta_model(spec)
+    if model is None:
+        return f"{spec.name} cannot be built to compare shapes."
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    candidates = [state_dict]
+    from .loading import _timm_filter
+
+    try:
+        converted = _timm_filter(model, dict(state_dict))
+        if converted is not state_dict:
+            candidates.append(converted)
+    except Exception:  # noqa: BLE001 - no converter for this layout: the raw keys are all there is
+        pass
+    best = None
+    for candidate in candidates:
+        missing, unexpected, misshapen = _shape_diff(own, candidate)
+        if not (missing or unexpected or misshapen):
+            return None
+        if best is None or len(missing) + len(unexpected) + len(misshapen) < sum(map(len, best)):
+            best = (missing, unexpected, misshapen)
+    missing, unexpected, misshapen = best
+    parts = []
+    if misshapen:
+        parts.append(f"{len(misshapen)} tensors differ in shape, e.g. {_first(misshapen, 2)}")
+    if missing:
+        parts.append(f"{len(missing)} keys missing, e.g. {_first(missing, 3)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} keys unexpected, e.g. {_first(unexpected, 3)}")
+    return "; ".join(parts) + "."
+
+
+def matching_models(state_dict: Mapping[str, torch.Tensor], specs) -> list[str]:
+    """Names of the ``specs`` whose random-init state dict has exactly the keys and shapes of ``state_dict``."""
+    return [spec.name for spec in specs if checkpoint_mismatch(state_dict, spec) is None]

@@ -10,12 +10,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Hashable, Sequence
 
 import streamlit as st
 
 from analysis.images import ACCEPTED_TYPES, ImageError, NamedImage, load_image, sample_images
-from models.checkpoints import CheckpointError, WeightsNotFoundError
+from analysis.provenance import weights_label
+from models.checkpoints import (CheckpointError, WeightsNotFoundError, checkpoint_mismatch, matching_models,
+                                read_state_dict)
 from models.device import available_devices
 from models.loading import LoadedModel, load_model
 from models.weights import WEIGHTS_DIR_ENV
@@ -23,6 +25,65 @@ from models.weights import WEIGHTS_DIR_ENV
 DEVICE_KEY = "vitlab_device"
 FOLDER_KEY = "vitlab_weights_folder"
 USER_WEIGHTS_KEY = "vitlab_user_weights"  # model name -> path of an uploaded checkpoint
+
+
+RESULTS_KEY = "vitlab_results"  # slot -> {key: result}; the one place pages keep what they computed
+_MISSING = object()
+
+
+def session_result(slot: str, key: Hashable, compute: Callable[[], Any] | None = None, keep: int = 1) -> Any:
+    """The result stored in ``slot`` for ``key``; if there is none, ``compute()`` it and store it.
+
+    Results live in ``st.session_state``, so they survive every rerun (downloads, other widgets) until
+    the inputs they depend on (``key``) change. A slot holds the ``keep`` most recent keys, so moving a
+    slider back is instant. Without ``compute`` the stored result (or None) is returned.
+    """
+    store = st.session_state.setdefault(RESULTS_KEY, {}).setdefault(slot, {})
+    value = store.get(key, _MISSING)
+    if value is not _MISSING:
+        store[key] = store.pop(key)  # most recently used last
+        return value
+    if compute is None:
+        return None
+    value = compute()
+    store[key] = value
+    while len(store) > keep:
+        store.pop(next(iter(store)))
+    return value
+
+
+def latest_result(slot: str) -> tuple[Hashable, Any] | None:
+    """The most recent (key, result) of ``slot``, whatever its key: what a button last computed."""
+    store = st.session_state.get(RESULTS_KEY, {}).get(slot)
+    if not store:
+        return None
+    key = next(reversed(store))
+    return key, store[key]
+
+
+def progress_bar(text: str = "") -> Callable[[float, str], None]:
+    """A progress bar and its callback in the one signature every analysis uses: ``(fraction, message)``."""
+    bar = st.progress(0.0, text=text)
+    return lambda fraction, message="": bar.progress(min(max(float(fraction), 0.0), 1.0), text=message or text)
+
+
+def follow_options(key: str, options: Sequence) -> None:
+    """Drop a widget's stored choice when it is no longer among ``options`` (e.g. after a new upload),
+    so the widget shows its default instead of a stale value."""
+    if key in st.session_state:
+        value = st.session_state[key]
+        values = value if isinstance(value, list) else [value]
+        if any(v not in options for v in values):
+            del st.session_state[key]
+
+
+def image_set_key(images: Sequence[NamedImage]) -> str:
+    """A digest of the images' names and pixels: results computed on them are stored under it."""
+    digest = hashlib.sha1()
+    for image in images:
+        digest.update(image.name.encode())
+        digest.update(image.image.tobytes())
+    return digest.hexdigest()
 
 
 def current_device() -> str:
@@ -59,6 +120,20 @@ def random_weights_toggle(key: str, default: bool = False) -> bool:
                        help="Untrained weights show the mechanics and the speed, not what a trained model sees.")
 
 
+def random_models_picker(models: Sequence[str], key: str) -> set[str]:
+    """Per-model choice of random weights: only the ticked models run untrained, the others need their file."""
+    follow_options(key, models)
+    picked = st.multiselect("Run these with random weights (untrained)", list(models), default=[], key=key,
+                            help="Each model not ticked loads its pretrained weights, so a real model and an "
+                                 "untrained one can be compared side by side; every chart names its weights.")
+    return set(picked)
+
+
+def weights_text(loaded: LoadedModel, untrained_predictors: bool = False) -> str:
+    """The weights source of one loaded model, as every export and figure title names it."""
+    return weights_label(loaded.weights, untrained_predictors)
+
+
 def show_weights_banner(loaded: LoadedModel) -> None:
     if loaded.weights.is_random:
         st.warning(f"**{loaded.name} runs with RANDOM weights**: predictions, maps and scores below are those of "
@@ -89,23 +164,31 @@ def image_picker(key: str, multiple: bool = True, label: str = "Upload images") 
 
 
 def download_df(df, filename: str, label: str = "Download CSV", key: str | None = None) -> None:
-    st.download_button(label, df.to_csv(index=False).encode(), file_name=filename, mime="text/csv",
-                       key=key or f"dl-{filename}")
+    """A CSV download; ``df`` may be a function returning the frame, then it is only built when clicked."""
+    data = (lambda: df().to_csv(index=False).encode()) if callable(df) else df.to_csv(index=False).encode()
+    st.download_button(label, data, file_name=filename, mime="text/csv", key=key or f"dl-{filename}",
+                       on_click="ignore")
 
 
 def download_json(obj: Any, filename: str, label: str = "Download JSON", key: str | None = None) -> None:
     st.download_button(label, json.dumps(obj, indent=2, default=str).encode(), file_name=filename,
-                       mime="application/json", key=key or f"dl-{filename}")
+                       mime="application/json", key=key or f"dl-{filename}", on_click="ignore")
+
+
+def _png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def download_png(image_or_bytes, filename: str, label: str = "Download PNG", key: str | None = None) -> None:
+    """A PNG download; a PIL image is only encoded when the button is clicked (encoding costs a rerun time)."""
     if isinstance(image_or_bytes, (bytes, bytearray)):
         data = bytes(image_or_bytes)
     else:
-        buffer = io.BytesIO()
-        image_or_bytes.save(buffer, format="PNG")
-        data = buffer.getvalue()
-    st.download_button(label, data, file_name=filename, mime="image/png", key=key or f"dl-{filename}")
+        data = lambda image=image_or_bytes: _png_bytes(image)  # noqa: E731
+    st.download_button(label, data, file_name=filename, mime="image/png", key=key or f"dl-{filename}",
+                       on_click="ignore")
 
 
 def sidebar() -> None:
@@ -122,16 +205,81 @@ def sidebar() -> None:
         if folder and not Path(folder).expanduser().is_dir():
             st.warning(f"{folder} is not a folder.")
         with st.expander("Upload a checkpoint"):
-            target = st.selectbox("For model", sorted(REGISTRY), key="vitlab_upload_model")
-            upload = st.file_uploader("Checkpoint (.safetensors, .pth)", type=["safetensors", "pth", "pt", "bin"],
-                                      key="vitlab_upload_ckpt")
-            if upload is not None:
-                data = upload.getvalue()
-                digest = hashlib.sha256(data).hexdigest()[:16]
-                suffix = Path(upload.name).suffix or ".pth"
-                path = Path(tempfile.gettempdir()) / "vitlab_uploads" / f"{digest}{suffix}"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                if not path.exists():
-                    path.write_bytes(data)
-                user_weight_files()[target] = str(path)
-                st.caption(f"{upload.name} will be used for {target}.")
+            upload_checkpoint()
+
+
+UPLOAD_MODEL_KEY, UPLOAD_FILE_KEY, UPLOAD_SEEN_KEY = "vitlab_upload_model", "vitlab_upload_ckpt", "vitlab_upload_seen"
+
+
+@st.cache_data(show_spinner="Reading the checkpoint ...", max_entries=4)
+def _inspect_checkpoint(path: str) -> tuple[list[str], dict[str, str], str | None]:
+    """(matching registry models, mismatch per other model, read error) for a saved upload."""
+    from models.registry import REGISTRY
+
+    try:
+        state_dict = read_state_dict(path)
+    except CheckpointError as exc:
+        return [], {}, str(exc)
+    specs = list(REGISTRY.values())
+    matches = matching_models(state_dict, specs)
+    mismatches = {s.name: checkpoint_mismatch(state_dict, s) or "" for s in specs if s.name not in matches}
+    return matches, mismatches, None
+
+
+def _save_upload(upload) -> Path:
+    """The upload on disk under its own file name (in a folder named by its content digest)."""
+    data = upload.getvalue()
+    folder = Path(tempfile.gettempdir()) / "vitlab_uploads" / hashlib.sha256(data).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / Path(upload.name).name
+    if not path.exists():
+        path.write_bytes(data)
+    return path
+
+
+def upload_checkpoint() -> None:
+    """Upload a checkpoint; the architecture is inferred from its shapes and a file that does not fit is refused."""
+    from models.registry import REGISTRY
+
+    upload = st.file_uploader("Checkpoint (.safetensors, .pth)", type=["safetensors", "pth", "pt", "bin"],
+                              key=UPLOAD_FILE_KEY)
+    if upload is None:
+        st.caption("The model it belongs to is recognised from the shapes of its tensors.")
+        return
+    path = _save_upload(upload)
+    matches, mismatches, error = _inspect_checkpoint(str(path))
+    if error:
+        st.error(error)
+        return
+    options = matches + sorted(n for n in REGISTRY if n not in matches)
+    if st.session_state.get(UPLOAD_SEEN_KEY) != str(path):  # a new file: preselect what it fits
+        st.session_state[UPLOAD_SEEN_KEY] = str(path)
+        st.session_state[UPLOAD_MODEL_KEY] = options[0]
+    follow_options(UPLOAD_MODEL_KEY, options)
+    target = st.selectbox("For model", options, key=UPLOAD_MODEL_KEY,
+                          format_func=lambda n: f"{n} (fits)" if n in matches else n)
+    if target in matches:
+        user_weight_files()[target] = str(path)
+        st.success(f"{upload.name} is used for {target}.")
+        return
+    if user_weight_files().get(target) == str(path):
+        del user_weight_files()[target]
+    fits = f" It fits {', '.join(matches)}." if matches else " It fits no model of the registry."
+    st.error(f"{upload.name} does not fit {target}: {mismatches.get(target, '')}{fits}")
+
+
+def run_through_app() -> None:
+    """Make sure a page runs inside app.py's navigation (sidebar, page titles), also on a fresh server.
+
+    Streamlit starts in its legacy multipage mode when a ``pages/`` folder sits next to the main script,
+    and stays there until ``st.navigation`` has run once; a first visit straight to a page URL would then
+    run that page alone, without the sidebar. Leaving the legacy mode and rerunning lets app.py take over.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory and not st.session_state.get(APP_RUN_KEY):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+APP_RUN_KEY = "vitlab_app_ran"

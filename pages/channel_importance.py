@@ -16,11 +16,13 @@ from analysis.taylor import (
     fraction_kept_figure,
     head_importance_figure,
     labelled_folder,
+    no_ranking_reason,
     rank_agreement,
     split_batches,
     taylor_importance,
     taylor_vs_activation_figure,
 )
+from analysis.provenance import images_label, label_rows
 from models.registry import CGA, MHSA, list_models
 from pages._results import dataset_run_section
 from pages._ui import (
@@ -28,12 +30,15 @@ from pages._ui import (
     current_device,
     download_df,
     image_picker,
+    progress_bar,
     random_weights_toggle,
+    run_through_app,
+    session_result,
     show_weights_banner,
+    weights_text,
 )
 
 BATCH_SIZE = 8
-RESULTS_KEY = "ci_results"
 SELF, CLASS, FOLDER = "Model's own top-1 (pseudo-label)", "One ImageNet class for all images", "Folder labels"
 NORMALIZATION_HELP = {
     "block": "divide by the mean of all prunable channels in the same block (default)",
@@ -42,6 +47,7 @@ NORMALIZATION_HELP = {
     "none": "raw |sum w * dL/dw|",
 }
 
+run_through_app()
 st.title("Channel importance (first-order Taylor)")
 st.markdown(
     "EfficientViT sized its widths with **Taylor importance** |Σ w·∂L/∂w| per channel (Molchanov et al. 2019) and "
@@ -112,20 +118,32 @@ loss_target = "self" if labels is None else "labels"
 digest = hashlib.sha256(batch.numpy().tobytes() + (b"" if labels is None else labels.numpy().tobytes())).hexdigest()
 key = (name, loaded.weights.description, current_device(), loss_target, digest)
 
-results = st.session_state.setdefault(RESULTS_KEY, {})
-if key not in results:
+
+
+def _score():
     batches = split_batches(batch, labels, BATCH_SIZE)
-    with st.status(f"Scoring channels on {len(images)} image(s) ...", expanded=False) as status:
-        bar = st.progress(0.0, text="Taylor: gradients per batch")
-        taylor = taylor_importance(loaded.model, batches, loss_target,
-                                   progress=lambda done, total: bar.progress(done / (2 * total)), model_name=name)
-        bar.progress(0.5, text="captum: grad x activation per batch")
-        activation = activation_importance(loaded.model, batches, loss_target, model_name=name,
-                                           progress=lambda done, total: bar.progress(0.5 + done / (2 * total)))
-        status.update(label=f"Scored {len(taylor)} channels on {len(images)} image(s).", state="complete")
-    results.clear()  # keep one result per session: score tables of big models are not small
-    results[key] = (taylor, activation)
-taylor, activation = results[key]
+    with st.status(f"Scoring channels on {len(images)} image{'s' if len(images) != 1 else ''} ...",
+                   expanded=False) as status:
+        show = progress_bar("Taylor: gradients per batch")
+        taylor = taylor_importance(loaded.model, batches, loss_target, model_name=name,
+                                   progress=lambda done, total: show(done / (2 * total), "Taylor: gradients per batch"))
+        activation = activation_importance(
+            loaded.model, batches, loss_target, model_name=name,
+            progress=lambda done, total: show(0.5 + done / (2 * total), "captum: grad x activation per batch"))
+        status.update(label=f"Scored {len(taylor)} channels on {len(images)} image"
+                            f"{'s' if len(images) != 1 else ''}.", state="complete")
+    return taylor, activation
+
+
+# One result per session: score tables of big models are not small.
+taylor, activation = session_result("ci_scores", key, _score)
+weights = weights_text(loaded)
+image_names = images_label([im.name for im in images])
+
+
+def _labelled(frame):
+    return label_rows(frame, name, weights, image_names)
+
 
 c1, c2 = st.columns(2)
 keep_fraction = c1.slider("Global budget: fraction of channels kept", 0.05, 0.95, 0.5, 0.05, key="ci_budget")
@@ -134,8 +152,17 @@ normalize = c2.selectbox("Normalisation before the global ranking", NORMALIZATIO
 
 target_text = {"self": "the model's own top-1", "labels": "the given labels"}[loss_target]
 st.header(f"Which components keep their width {note}".strip())
-st.caption(f"{len(taylor)} channels scored on {taylor.num_images} image(s), loss: cross-entropy against {target_text}.")
+st.caption(f"{len(taylor)} channels scored on {taylor.num_images} image{'s' if taylor.num_images != 1 else ''}, "
+           f"loss: cross-entropy against {target_text}; weights: {weights}.")
 summary = taylor.component_summary(keep_fraction, normalize)
+reason = no_ranking_reason(taylor)
+if reason:
+    st.warning(reason)
+    st.dataframe(summary[["component", "channels", "mean_score"]], hide_index=True)
+    st.header("Downloads")
+    download_df(_labelled(combined_table(taylor, activation, normalize)), f"channel_importance_{name}.csv",
+                "Download every channel's scores (CSV)")
+    st.stop()
 st.dataframe(summary, hide_index=True)
 kept = summary.set_index("component")["fraction_kept"]
 st.markdown(f"With {keep_fraction:.0%} of all channels kept: "
@@ -156,6 +183,6 @@ st.dataframe(rank_agreement(taylor, activation), hide_index=True)
 
 st.header("Downloads")
 suffix = "_random" if loaded.weights.is_random else ""
-download_df(combined_table(taylor, activation, normalize), f"channel_importance_{name}{suffix}.csv",
+download_df(_labelled(combined_table(taylor, activation, normalize)), f"channel_importance_{name}{suffix}.csv",
             "Download every channel's scores (CSV)")
-download_df(budget, f"fraction_kept_{name}{suffix}.csv", "Download fraction kept per block (CSV)")
+download_df(_labelled(budget), f"fraction_kept_{name}{suffix}.csv", "Download fraction kept per block (CSV)")

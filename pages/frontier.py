@@ -1,6 +1,8 @@
 """Accuracy-throughput frontier: every chosen backbone and token-reduction setting, on your images and hardware."""
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import streamlit as st
 import torch
@@ -22,9 +24,10 @@ from analysis.throughput import BenchSettings
 from models.methods import METHODS
 from models.registry import REGISTRY, VILT, get_spec
 from pages._results import result_folder_input
-from pages._ui import cached_model, current_device, download_df, download_json, image_picker
+from pages._ui import (cached_model, current_device, download_df, download_json, image_picker, image_set_key,
+                       latest_result, progress_bar, random_models_picker, run_through_app, session_result)
 
-RESULT_KEY = "fr_result"
+RESULT_SLOT = "frontier"
 BATCH = 8
 DEFAULT_VALUES = {"tome": [4, 8, 13, 16], "dynamicvit": [0.5, 0.7, 0.9]}
 
@@ -33,6 +36,7 @@ def _backbones() -> list[str]:
     return [n for n, s in REGISTRY.items() if s.family not in (VILT,)]
 
 
+run_through_app()
 st.title("Accuracy vs throughput: what each setting buys here")
 st.markdown(
     "Papers each draw their own accuracy-vs-speed chart on their own GPU. Here every backbone and token-reduction "
@@ -46,9 +50,7 @@ st.markdown(
 left, right = st.columns(2)
 with left:
     models = st.multiselect("Backbones", _backbones(), default=["deit_tiny_patch16_224"], key="fr_models")
-    random_ok = st.multiselect("May run with random weights (untrained)", models, default=[], key="fr_random",
-                               help="Only the models ticked here run untrained when their weights are missing; "
-                                    "every point and export then says RANDOM.")
+    random_ok = random_models_picker(models, key="fr_random")
     chosen: dict[str, list] = {}
     methods = {m.key: m for name in models for m in settings_methods(name)}
     for key, method in methods.items():
@@ -80,10 +82,7 @@ def _bench_settings() -> BenchSettings:
 
 
 def _load(name: str):
-    loaded = cached_model(name, random_weights=False)
-    if loaded is None and name in random_ok:
-        loaded = cached_model(name, random_weights=True)
-    return loaded
+    return cached_model(name, random_weights=name in random_ok)
 
 
 with st.expander("Dataset-scale results from the command line (`python -m analysis.run frontier`)"):
@@ -96,10 +95,10 @@ with st.expander("Dataset-scale results from the command line (`python -m analys
         loaded = _load(name)
         if loaded is not None:
             settings = [FrontierSetting.parse(t) for t in run.record["setting_key"]]
-            bar = st.progress(0.0, text="Timing ...")
-            speed = measure_throughput(loaded, settings, _bench_settings(), lambda f, msg: bar.progress(f, text=msg))
-            st.session_state[RESULT_KEY] = {"points": join_points(run.record, speed), "skipped": [],
-                                            "device": current_device(), "batch": int(bench_batch)}
+            speed = measure_throughput(loaded, settings, _bench_settings(), progress_bar("Timing ..."))
+            session_result(RESULT_SLOT, ("run", str(run.folder), time.monotonic()),
+                           lambda: {"points": join_points(run.record, speed), "skipped": [],
+                                    "device": current_device(), "batch": int(bench_batch)})
 
 
 def _settings_for(name: str) -> list[FrontierSetting]:
@@ -133,7 +132,7 @@ if st.button("Compute the frontier", type="primary", disabled=not models):
     accuracy_parts, speed_parts, skipped = [], [], []
     bench = _bench_settings()
     with st.status("Computing ...", expanded=True) as status:
-        bar = st.progress(0.0)
+        report = progress_bar()
         for m_index, name in enumerate(models):
             loaded = _load(name)
             if loaded is None:
@@ -141,29 +140,31 @@ if st.button("Compute the frontier", type="primary", disabled=not models):
                 continue
             settings = _settings_for(name)
             status.update(label=f"{name}: evaluating {len(settings)} settings on the images")
-            share = 1.0 / len(models)
-
-            def report(fraction: float, message: str, base=m_index * share) -> None:
-                bar.progress(min(1.0, base + share * fraction), text=message)
-
+            share, base = 1.0 / len(models), m_index / len(models)
             try:
                 batches, total = _batches(loaded)
-                record = evaluate(loaded, batches, settings, lambda f, msg: report(0.5 * f, msg), total)
+                record = evaluate(loaded, batches, settings, lambda f, msg: report(base + share * 0.5 * f, msg), total)
             except (DatasetError, ValueError) as exc:
                 st.error(str(exc))
                 st.stop()
             accuracy_parts.append(record.to_frame())
             status.update(label=f"{name}: timing {len(settings)} settings, interleaved")
-            speed_parts.append(measure_throughput(loaded, settings, bench, lambda f, msg: report(0.5 + 0.5 * f, msg)))
+            speed_parts.append(measure_throughput(
+                loaded, settings, bench, lambda f, msg: report(base + share * (0.5 + 0.5 * f), msg)))
         status.update(label=f"Done: {sum(len(p) for p in accuracy_parts)} points from {len(accuracy_parts)} backbone(s)",
                       state="complete")
     if not accuracy_parts:
         st.stop()
     points = join_points(pd.concat(accuracy_parts, ignore_index=True), pd.concat(speed_parts, ignore_index=True))
-    st.session_state[RESULT_KEY] = {"points": points, "skipped": skipped, "device": current_device(),
-                                    "batch": int(bench_batch)}
+    images_used = folder if source == "Folder on this machine" else image_set_key(uploads)
+    # A press of Compute always stores anew (timings differ run to run): the clock makes the key unique.
+    session_result(RESULT_SLOT, ("live", tuple(models), images_used, time.monotonic()),
+                   lambda: {"points": points, "skipped": skipped, "device": current_device(),
+                            "batch": int(bench_batch), "images": images_used})
 
-result = st.session_state.get(RESULT_KEY)
+# The last computed frontier stays until the next Compute, whatever else reruns the page.
+latest = latest_result(RESULT_SLOT)
+result = latest[1] if latest else None
 if not result:
     st.info("Pick backbones and settings, then press **Compute the frontier**. Each backbone shows its progress.")
     st.stop()
@@ -190,5 +191,6 @@ d1, d2 = st.columns(2)
 with d1:
     download_df(points, "frontier.csv", "Download points (CSV)")
 with d2:
-    download_json({"device": result["device"], "batch": result["batch"], "points": json_records(points),
+    download_json({"device": result["device"], "batch": result["batch"], "images": result.get("images", ""),
+                   "points": json_records(points),
                    "methods": {k: METHODS[k].reference for k in METHODS}}, "frontier.json", "Download points (JSON)")

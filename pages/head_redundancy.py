@@ -1,8 +1,6 @@
 """Head redundancy: how alike the attention heads of a block are, in MHSA ViTs and in EfficientViT's cascaded group attention."""
 from __future__ import annotations
 
-import hashlib
-
 import streamlit as st
 
 from analysis.head_redundancy import (
@@ -10,13 +8,16 @@ from analysis.head_redundancy import (
     FEATURE,
     analyze_models,
     attention_overlays,
+    embedding_noise_axes,
     head_embedding_figure,
     montage,
     redundancy_vs_depth,
     similarity_dataframe,
     similarity_heatmaps,
     to_dataframe,
+    untrained_notes,
 )
+from analysis.provenance import images_label, label_rows, title_line, with_title
 from models.registry import CGA, MHSA, REGISTRY
 from pages._results import dataset_run_section
 from pages._ui import (
@@ -24,14 +25,19 @@ from pages._ui import (
     current_device,
     download_df,
     download_png,
+    follow_options,
     image_picker,
-    random_weights_toggle,
+    image_set_key,
+    progress_bar,
+    random_models_picker,
+    run_through_app,
+    session_result,
     show_weights_banner,
+    weights_text,
 )
 
 MAX_IMAGES = 16
 QUERY_GRID = 14  # the query patch is picked on the 14 x 14 grid of 16-px patches of a 224-px input
-RESULTS_KEY = "hr_results"
 METRICS = {"attention maps (cosine)": ATTENTION, "head outputs (linear CKA)": FEATURE}
 
 
@@ -39,14 +45,12 @@ def _model_names() -> list[str]:
     return [n for n, s in REGISTRY.items() if s.family in (MHSA, CGA)]
 
 
-def _fingerprint(names, random_weights, images, device) -> str:
-    digest = hashlib.sha1(repr((names, random_weights, device)).encode())
-    for im in images:
-        digest.update(im.name.encode())
-        digest.update(im.image.tobytes())
-    return digest.hexdigest()
+def _labelled(frame, weights_of: dict[str, str], images: str):
+    """Every row with its model's weights source and the images it summarises."""
+    return label_rows(frame, None, frame["model"].map(weights_of).tolist(), images)
 
 
+run_through_app()
 st.title("Head redundancy: multi-head vs cascaded group attention")
 st.markdown(
     "For each head, **redundancy** is the largest cosine similarity between its attention map and another "
@@ -63,7 +67,7 @@ left, right = st.columns(2)
 with left:
     chosen = st.multiselect("Models", names, default=[n for n in ("deit_tiny_patch16_224", "efficientvit_m0")
                                                       if n in names], key="hr_models")
-    random_weights = random_weights_toggle("hr_random")
+    random_models = random_models_picker(chosen, "hr_random_models")
     max_images = st.number_input("Images used (at most)", 1, MAX_IMAGES, 8, key="hr_max_images")
 with right:
     images = image_picker("hr_images", multiple=True)[: int(max_images)]
@@ -72,69 +76,104 @@ if not chosen:
     st.info("Pick at least one model.")
     st.stop()
 
-loaded = [m for m in (cached_model(n, random_weights) for n in chosen) if m is not None]
+loaded = [m for m in (cached_model(n, n in random_models) for n in chosen) if m is not None]
 if len(loaded) < len(chosen):
-    st.info("Models without weights are left out; tick *Use random weights* to run them untrained.")
+    st.info("Models without weights are left out; tick them under *Run these with random weights* to run them "
+            "untrained.")
 if not loaded:
     st.stop()
 for model in loaded:
     show_weights_banner(model)
+weights_of = {m.name: weights_text(m) for m in loaded}
+image_names = [im.name for im in images]
+all_images = images_label(image_names)
 
-key = _fingerprint(tuple(m.name for m in loaded), random_weights, images, current_device())
-store = st.session_state.setdefault(RESULTS_KEY, {})
-if key not in store:
-    with st.status(f"Recording attention of {len(loaded)} models on {len(images)} images ...") as status:
-        bar = st.progress(0.0)
-        results = analyze_models(loaded, [im.image for im in images],
-                                 progress=lambda fraction, message: bar.progress(min(1.0, fraction), text=message))
+key = (tuple((m.name, m.weights.description) for m in loaded), image_set_key(images), current_device())
+
+
+def _analyze():
+    with st.status(f"Recording attention of {len(loaded)} model{'s' if len(loaded) != 1 else ''} on "
+                   f"{len(images)} image{'s' if len(images) != 1 else ''} ...") as status:
+        results = analyze_models(loaded, [im.image for im in images], progress=progress_bar())
         status.update(label="Attention recorded.", state="complete")
-    store.clear()  # keep one analysis per session
-    store[key] = results
-results = store[key]
+    return results
+
+
+results = session_result("hr_analysis", key, _analyze)
 by_name = {r.model: r for r in results}
+for result in results:
+    for note in untrained_notes(result):
+        st.info(note)
 
 metric = METRICS[st.radio("Similarity of", list(METRICS), horizontal=True, key="hr_metric")]
 
 st.header("Redundancy vs depth")
 st.plotly_chart(redundancy_vs_depth(results, metric), key="hr_depth")
+st.caption("Weights: " + "; ".join(f"**{n}**: {w}" for n, w in weights_of.items()))
 
-st.header("Head-to-head similarity per block")
-shown = st.selectbox("Model", list(by_name), key="hr_heatmap_model")
-st.plotly_chart(similarity_heatmaps(by_name[shown], metric), key="hr_heatmaps")
-st.plotly_chart(head_embedding_figure(by_name[shown]), key="hr_embedding")
+
+@st.fragment
+def block_similarity_view() -> None:
+    st.header("Head-to-head similarity per block")
+    follow_options("hr_heatmap_model", list(by_name))
+    shown = st.selectbox("Model", list(by_name), key="hr_heatmap_model")
+    st.caption(f"{shown}: weights {weights_of[shown]}")
+    st.plotly_chart(similarity_heatmaps(by_name[shown], metric), key="hr_heatmaps")
+    if all(embedding_noise_axes(by_name[shown])):
+        st.caption("No MDS layout: the heads' attention-offset profiles are identical up to rounding.")
+    else:
+        st.plotly_chart(head_embedding_figure(by_name[shown], weights_of[shown]), key="hr_embedding")
+
+
+block_similarity_view()
 
 st.header("Downloads")
 per_head, pairs = st.columns(2)
 with per_head:
-    download_df(to_dataframe(results), "head_redundancy.csv", "Download redundancy per head (CSV)")
+    download_df(_labelled(to_dataframe(results), weights_of, all_images), "head_redundancy.csv",
+                "Download redundancy per head (CSV)")
 with pairs:
-    download_df(similarity_dataframe(results), "head_similarity.csv", "Download head-to-head similarities (CSV)")
+    download_df(_labelled(similarity_dataframe(results), weights_of, all_images), "head_similarity.csv",
+                "Download head-to-head similarities (CSV)")
 
-st.header("Attention maps on an image")
-loaded_by_name = {m.name: m for m in loaded}
-c1, c2, c3 = st.columns(3)
-with c1:
-    overlay_model = st.selectbox("Model", list(loaded_by_name), key="hr_overlay_model")
-    picked = loaded_by_name[overlay_model]
-    result = by_name[overlay_model]
-    block = st.slider("Block", 0, len(result.blocks) - 1, len(result.blocks) - 1, key="hr_block")
-with c2:
-    image_name = st.selectbox("Image", [im.name for im in images], key="hr_image")
-    cls_label = "CLS token" if result.kind == "mhsa" else "mean attention received (no CLS token)"
-    use_query = st.radio("Query", [cls_label, "a patch"], key="hr_query_mode") == "a patch"
-with c3:
-    row = st.number_input("Patch row", 0, QUERY_GRID - 1, QUERY_GRID // 2, key="hr_row", disabled=not use_query)
-    col = st.number_input("Patch column", 0, QUERY_GRID - 1, QUERY_GRID // 2, key="hr_col", disabled=not use_query)
 
-image = next(im for im in images if im.name == image_name)
-query_yx = ((row + 0.5) / QUERY_GRID, (col + 0.5) / QUERY_GRID) if use_query else None
-overlays = attention_overlays(picked.model, picked.transform(image.image), block, picked.data_config["mean"],
-                              picked.data_config["std"], query_yx)
-labels = [f"head {h}" for h in range(len(overlays))]
-sheet = montage(overlays, labels, columns=min(4, len(overlays)))
-redundancy = result.blocks[block].redundancy(metric)
-st.image(sheet, caption=f"{result.label}, block {block}: per-head attention of "
-                        f"{'patch (%d, %d)' % (row, col) if use_query else cls_label} "
-                        f"(each map scaled to its own maximum); redundancy per head: "
-                        + ", ".join(f"{r:.2f}" for r in redundancy))
-download_png(sheet, f"attention_{overlay_model}_block{block}.png", "Download attention maps (PNG)")
+@st.fragment
+def overlay_view() -> None:
+    """Per-head attention on one image: its widgets rerun only this panel."""
+    st.header("Attention maps on an image")
+    loaded_by_name = {m.name: m for m in loaded}
+    c1, c2, c3 = st.columns(3)
+    with c1:
+        follow_options("hr_overlay_model", list(loaded_by_name))
+        overlay_model = st.selectbox("Model", list(loaded_by_name), key="hr_overlay_model")
+        picked = loaded_by_name[overlay_model]
+        result = by_name[overlay_model]
+        follow_options("hr_block", list(range(len(result.blocks))))
+        block = st.slider("Block", 0, len(result.blocks) - 1, len(result.blocks) - 1, key="hr_block")
+    with c2:
+        follow_options("hr_image", image_names)
+        image_name = st.selectbox("Image", image_names, key="hr_image")
+        cls_label = "CLS token" if result.kind == "mhsa" else "mean attention received (no CLS token)"
+        use_query = st.radio("Query", [cls_label, "a patch"], key="hr_query_mode") == "a patch"
+    with c3:
+        row = st.number_input("Patch row", 0, QUERY_GRID - 1, QUERY_GRID // 2, key="hr_row", disabled=not use_query)
+        col = st.number_input("Patch column", 0, QUERY_GRID - 1, QUERY_GRID // 2, key="hr_col",
+                              disabled=not use_query)
+
+    image = images[image_names.index(image_name)]
+    query_yx = ((row + 0.5) / QUERY_GRID, (col + 0.5) / QUERY_GRID) if use_query else None
+    overlays = attention_overlays(picked.model, picked.transform(image.image), block, picked.data_config["mean"],
+                                  picked.data_config["std"], query_yx)
+    labels = [f"head {h}" for h in range(len(overlays))]
+    query = "patch (%d, %d)" % (row, col) if use_query else cls_label
+    sheet = with_title(montage(overlays, labels, columns=min(4, len(overlays))),
+                       f"block {block}, query {query} | " + title_line(overlay_model, weights_of[overlay_model],
+                                                                       image_name))
+    redundancy = result.blocks[block].redundancy(metric)
+    st.image(sheet, caption=f"{result.label}, block {block}: per-head attention of {query} "
+                            f"(each map scaled to its own maximum); redundancy per head: "
+                            + ", ".join(f"{r:.2f}" for r in redundancy))
+    download_png(sheet, f"attention_{overlay_model}_block{block}_{image_name}.png", "Download attention maps (PNG)")
+
+
+overlay_view()

@@ -9,8 +9,9 @@ import streamlit as st
 from models.device import hardware_info
 from models.registry import REGISTRY
 from models.weights import status
-from pages._ui import weights_folder
+from pages._ui import run_through_app, user_weight_files, weights_folder
 
+run_through_app()
 st.title("ViT Efficiency Lab")
 st.markdown(
     "See **why** efficient vision transformers are fast, on your own images and your own hardware: "
@@ -26,10 +27,16 @@ st.dataframe(pd.DataFrame({"": list(info), "value": list(info.values())}), hide_
 st.subheader("Weights")
 folder = weights_folder()
 st.caption(f"Weights folder: {folder or '(none set: VITLAB_WEIGHTS_DIR)'}")
+uploads = user_weight_files()
 rows = []
 for name, spec in REGISTRY.items():
-    source = status(spec, Path(folder).expanduser() if folder else None)
-    rows.append({"model": name, "family": spec.family_label, "weights": source.kind.value, "where": source.location,
+    if name in uploads:  # the sidebar upload is what the pages load for this model
+        kind, detail = "uploaded", Path(uploads[name]).name
+    else:
+        source = status(spec, Path(folder).expanduser() if folder else None)
+        kind, detail = source.kind.value, source.location
+    rows.append({"model": name, "family": spec.family_label, "weights": kind, "where": detail,
                  "published top-1": spec.top1})
-st.dataframe(pd.DataFrame(rows), hide_index=True)
+# A static table: every column and row visible, no inner scrollbar.
+st.table(pd.DataFrame(rows).set_index("model").style.format({"published top-1": "{:.1f}"}, na_rep=""))
 st.caption("'missing' models can still run with random weights (each page has the switch); every figure then says so.")

@@ -5,12 +5,14 @@ import pandas as pd
 import streamlit as st
 
 from analysis.images import model_view, to_batch
+from analysis.provenance import images_label, label_rows, title_line
 from analysis.token_maps import (
     DYNAMICVIT,
     NO_REDUCTION,
     TOME,
     agreement_frame,
-    compare_reductions,
+    combine_runs,
+    dynamicvit_run,
     dynamicvit_stage_panels,
     dynamicvit_with_untrained_predictors,
     image_strip,
@@ -19,9 +21,11 @@ from analysis.token_maps import (
     keep_score_figure,
     kept_indices_frame,
     predictions_frame,
+    reference_logits,
     tokens_per_block,
     tokens_per_block_figure,
     tome_merge_panels,
+    tome_run,
 )
 from analysis.tome_agreement import agreement_sweep, plot_agreement, rows_to_frame
 from models.dynamicvit import DynamicViT
@@ -33,12 +37,19 @@ from pages._ui import (
     current_device,
     download_df,
     download_png,
+    follow_options,
     image_picker,
+    image_set_key,
+    progress_bar,
     random_weights_toggle,
+    run_through_app,
+    session_result,
     show_weights_banner,
+    weights_text,
 )
 
 MAX_IMAGES = 8
+SETTINGS_KEPT = 8  # results per setting kept in the session, so moving a slider back is instant
 UNTRAINED_ON_TINY = "DeiT-Tiny backbone + UNTRAINED DynamicViT predictors"
 
 
@@ -56,6 +67,7 @@ def _model_choices() -> dict[str, tuple[str, bool]]:
     return choices
 
 
+run_through_app()
 st.title("Token reduction: DynamicViT pruning and ToMe merging")
 st.markdown(
     "**DynamicViT** learns to *drop* patch tokens before blocks 3, 6 and 9 (keep ratio rho, rho^2, rho^3). "
@@ -83,9 +95,12 @@ show_weights_banner(loaded)
 model = loaded.model
 if attach_predictors:
     model = _untrained_dynamicvit(name, loaded.weights.description, current_device(), loaded.model)
+    backbone = ("the same RANDOM backbone" if loaded.weights.is_random
+                else f"the same trained backbone ({loaded.weights.description})")
     st.warning("The DynamicViT score predictors are **untrained** (random): the pruning maps below show the "
-               "mechanics, not what a trained DynamicViT keeps. ToMe and the unreduced model use the real backbone.")
+               f"mechanics, not what a trained DynamicViT keeps. ToMe and the unreduced model use {backbone}.")
 has_dynamicvit = isinstance(model, DynamicViT)
+weights = weights_text(loaded, attach_predictors)
 weights_tag = " (RANDOM weights)" if loaded.weights.is_random else ""
 predictor_tag = " (untrained predictors)" if attach_predictors else ""
 
@@ -103,99 +118,135 @@ schedule = c3.radio("ToMe schedule", ["constant", "decreasing"], horizontal=True
 proportional = c3.checkbox("Proportional attention (log size bias)", value=True, key="tr_prop")
 r_spec = f"decreasing:{r}" if schedule == "decreasing" else r
 
-with st.status("Running the unreduced model, DynamicViT and ToMe ...", expanded=False) as status:
-    batch = to_batch(images, loaded.transform)
-    comparison = compare_reductions(model, batch, names, keep_ratio=keep_ratio, r=r_spec,
-                                    proportional_attention=proportional)
-    status.update(label=f"Ran 3 forwards on {len(images)} image(s).", state="complete")
-
-chosen = st.selectbox("Image for the detailed view", range(len(names)), format_func=lambda i: names[i], key="tr_image")
-canvas = model_view(images[chosen].image, loaded.data_config)
-
-# ---------------------------------------------------------------- side by side
-st.header("Side by side" + weights_tag)
-predictions = predictions_frame(comparison, chosen)
-per_image = agreement_frame(comparison, chosen).set_index("method")
-panels = {NO_REDUCTION: canvas}
+# Each run is stored under the settings it depends on: a slider recomputes only its own method.
+inputs = (label, loaded.weights.description, current_device(), image_set_key(images))
+batch = session_result("tr_batch", inputs, lambda: to_batch(images, loaded.transform))
+reference = session_result("tr_reference", inputs, lambda: reference_logits(model, batch), keep=2)
+tome = session_result("tr_tome", inputs + (r_spec, proportional),
+                      lambda: tome_run(model, batch, r_spec, proportional), keep=SETTINGS_KEPT)
+dynamicvit = None
 if has_dynamicvit:
-    panels[DYNAMICVIT] = dynamicvit_stage_panels(canvas, comparison.dynamicvit_trace, chosen)[-1][1]
-panels[TOME] = tome_merge_panels(canvas, comparison.tome_trace, [depth - 1], chosen)[-1][1]
-captions = {
-    NO_REDUCTION: f"{comparison.num_tokens} tokens in every block",
-    DYNAMICVIT: f"patches kept after the last stage (rho = {keep_ratio:.2f}){predictor_tag}",
-    TOME: f"merge groups after the last block ({comparison.tome_trace.tokens_per_layer[-1]} tokens)",
-}
-for column, (method, picture) in zip(st.columns(len(panels)), panels.items()):
-    with column:
-        st.subheader(method)
-        st.image(picture, caption=captions[method], width="stretch")
-        st.dataframe(predictions[predictions.method == method].drop(columns=["method", "class index"]),
-                     hide_index=True, column_config={"probability": st.column_config.NumberColumn(format="%.3f")})
-        if method != NO_REDUCTION:
-            st.metric("Top-5 overlap with unreduced", f"{per_image.loc[method, 'top-5 overlap']:.0%}")
-            same_top1 = per_image.loc[method, "top-1 agreement"] == 1.0
-            st.caption("Top-1 **agrees** with the unreduced model." if same_top1 else "Top-1 **differs** from the unreduced model.")
-st.markdown(f"**Agreement with the unreduced model over all {len(names)} image(s)**{weights_tag}")
-overall = agreement_frame(comparison)
-st.dataframe(overall, hide_index=True)
-d1, d2 = st.columns(2)
-with d1:
-    download_df(predictions, "top5_predictions.csv", "Download top-5 predictions (CSV)")
-with d2:
-    download_df(overall, "agreement.csv", "Download agreement (CSV)")
+    dynamicvit = session_result("tr_dynamicvit", inputs + (keep_ratio,),
+                                lambda: dynamicvit_run(model, batch, keep_ratio), keep=SETTINGS_KEPT)
+comparison = combine_runs(model, names, reference, tome, r_spec, dynamicvit, keep_ratio)
+all_images = images_label(names)
 
-# ---------------------------------------------------------------- DynamicViT
-st.header("DynamicViT: pruned patches per stage" + weights_tag + predictor_tag)
-if not has_dynamicvit:
-    st.info("This model has no DynamicViT score predictors; choose a DynamicViT model or the DeiT-Tiny option.")
-else:
-    trace = comparison.dynamicvit_trace
-    stage_strip = image_strip(dynamicvit_stage_panels(canvas, trace, chosen))
-    st.image(stage_strip, caption="Dropped patches faded out", width="stretch")
-    st.plotly_chart(keep_score_figure(trace, chosen, title="DynamicViT keep scores per stage" + weights_tag
-                                      + predictor_tag))
-    if len(names) > 1:
-        stage = st.select_slider("Keep frequency after stage", options=list(range(1, len(trace.kept_indices) + 1)),
-                                 value=len(trace.kept_indices), key="tr_freq_stage")
-        st.plotly_chart(keep_frequency_figure(
-            keep_frequency(trace, stage - 1),
-            f"How often each patch position survives stage {stage}, over {len(names)} images"
-            + weights_tag + predictor_tag))
+
+def _labelled(frame: pd.DataFrame, image=None) -> pd.DataFrame:
+    return label_rows(frame, name, weights, image)
+
+
+@st.fragment
+def detail_view() -> None:
+    """The chosen image's panels: picking another image or other blocks reruns only this part."""
+    follow_options("tr_image", names)
+    image_name = st.selectbox("Image for the detailed view", names, key="tr_image")
+    chosen = names.index(image_name)
+    canvas = model_view(images[chosen].image, loaded.data_config)
+
+    st.header("Side by side" + weights_tag)
+    predictions = predictions_frame(comparison, chosen)
+    per_image = agreement_frame(comparison, chosen).set_index("method")
+    panels = {NO_REDUCTION: canvas}
+    if has_dynamicvit:
+        panels[DYNAMICVIT] = dynamicvit_stage_panels(canvas, comparison.dynamicvit_trace, chosen)[-1][1]
+    panels[TOME] = tome_merge_panels(canvas, comparison.tome_trace, [depth - 1], chosen)[-1][1]
+    captions = {
+        NO_REDUCTION: f"{comparison.num_tokens} tokens in every block",
+        DYNAMICVIT: f"patches kept after the last stage (rho = {keep_ratio:.2f}){predictor_tag}",
+        TOME: f"merge groups after the last block ({comparison.tome_trace.tokens_per_layer[-1]} tokens)",
+    }
+    for column, (method, picture) in zip(st.columns(len(panels)), panels.items()):
+        with column:
+            st.subheader(method)
+            st.image(picture, caption=captions[method], width="stretch")
+            st.dataframe(predictions[predictions.method == method].drop(columns=["image", "method", "class index"]),
+                         hide_index=True,
+                         column_config={"probability": st.column_config.NumberColumn(format="%.3f")})
+            if method != NO_REDUCTION:
+                st.metric("Top-5 overlap with unreduced", f"{per_image.loc[method, 'top-5 overlap']:.0%}")
+                same_top1 = per_image.loc[method, "top-1 agreement"] == 1.0
+                st.caption("Top-1 **agrees** with the unreduced model." if same_top1
+                           else "Top-1 **differs** from the unreduced model.")
+    st.markdown(f"**Agreement with the unreduced model over all {len(names)} "
+                f"image{'s' if len(names) != 1 else ''}**{weights_tag}")
+    overall = agreement_frame(comparison)
+    st.dataframe(overall, hide_index=True)
     d1, d2 = st.columns(2)
     with d1:
-        download_png(stage_strip, f"dynamicvit_stages_{names[chosen]}.png", "Download stage maps (PNG)")
+        download_df(lambda: _labelled(predictions_frame(comparison)), "top5_predictions.csv",
+                    "Download top-5 predictions, every image (CSV)")
     with d2:
-        download_df(kept_indices_frame(trace, names), "dynamicvit_kept_indices.csv",
-                    "Download kept indices per image and stage (CSV)")
+        download_df(_labelled(overall, all_images), "agreement.csv", "Download agreement (CSV)")
 
-# ---------------------------------------------------------------- ToMe
-st.header("ToMe: merged tokens per block" + weights_tag)
-default_layers = sorted({max(0, depth * k // 4 - 1) for k in (1, 2, 3, 4)})
-layers = st.multiselect("Show merge maps after blocks", list(range(depth)), default=default_layers, key="tr_layers")
-merge_strip = image_strip(tome_merge_panels(canvas, comparison.tome_trace, sorted(layers), chosen))
-st.image(merge_strip, caption="Each group of merged patches in its mean colour", width="stretch")
-download_png(merge_strip, f"tome_merge_maps_{names[chosen]}.png", "Download merge maps (PNG)")
+    st.header("DynamicViT: pruned patches per stage" + weights_tag + predictor_tag)
+    if not has_dynamicvit:
+        st.info("This model has no DynamicViT score predictors; choose a DynamicViT model or the DeiT-Tiny option.")
+    else:
+        trace = comparison.dynamicvit_trace
+        stage_strip = image_strip(dynamicvit_stage_panels(canvas, trace, chosen),
+                                  title=f"DynamicViT rho {keep_ratio:.2f} | " + title_line(name, weights, image_name))
+        st.image(stage_strip, caption="Dropped patches faded out", width="stretch")
+        scores = session_result("tr_keep_scores", inputs + (keep_ratio, chosen), lambda: keep_score_figure(
+            trace, chosen, title=f"DynamicViT keep scores per stage: {image_name}" + weights_tag + predictor_tag),
+            keep=SETTINGS_KEPT)
+        st.plotly_chart(scores, key="tr_keep_scores")
+        download_png(stage_strip, f"dynamicvit_stages_{image_name}.png", "Download stage maps (PNG)")
+
+    st.header("ToMe: merged tokens per block" + weights_tag)
+    follow_options("tr_layers", list(range(depth)))
+    default_layers = sorted({max(0, depth * k // 4 - 1) for k in (1, 2, 3, 4)})
+    layers = st.multiselect("Show merge maps after blocks", list(range(depth)), default=default_layers,
+                            key="tr_layers")
+    merge_strip = image_strip(tome_merge_panels(canvas, comparison.tome_trace, sorted(layers), chosen),
+                              title=f"ToMe r {r_spec} | " + title_line(name, weights, image_name))
+    st.image(merge_strip, caption="Each group of merged patches in its mean colour", width="stretch")
+    download_png(merge_strip, f"tome_merge_maps_{image_name}.png", "Download merge maps (PNG)")
+
+
+detail_view()
+
+if has_dynamicvit:
+    trace = comparison.dynamicvit_trace
+    if len(names) > 1:
+        @st.fragment
+        def keep_frequency_view() -> None:
+            stage = st.select_slider("Keep frequency after stage",
+                                     options=list(range(1, len(trace.kept_indices) + 1)),
+                                     value=len(trace.kept_indices), key="tr_freq_stage")
+            st.plotly_chart(keep_frequency_figure(
+                keep_frequency(trace, stage - 1),
+                f"How often each patch position survives stage {stage}, over {len(names)} images"
+                + weights_tag + predictor_tag), key="tr_keep_frequency")
+
+        keep_frequency_view()
+    download_df(_labelled(kept_indices_frame(trace, names)), "dynamicvit_kept_indices.csv",
+                "Download kept indices per image and stage (CSV)")
 
 counts = tokens_per_block(comparison)
-st.plotly_chart(tokens_per_block_figure(counts, "Tokens entering each block" + weights_tag))
-download_df(pd.DataFrame({"block": range(depth), **counts}), "tokens_per_block.csv",
+st.plotly_chart(tokens_per_block_figure(counts, "Tokens entering each block" + weights_tag), key="tr_tokens")
+download_df(_labelled(pd.DataFrame({"block": range(depth), **counts}), all_images), "tokens_per_block.csv",
             "Download tokens per block (CSV)")
 
-# ---------------------------------------------------------------- ToMe r sweep
-st.header("ToMe: agreement with the unreduced model as r grows" + weights_tag)
-r_max = st.slider("Largest r in the sweep", 2, 32, 16, key="tr_rmax")
-sweep_key = (label, random_weights, loaded.weights.description, tuple(names), proportional, r_max)
-if st.button("Run the r sweep on these images", key="tr_sweep"):
-    bar = st.progress(0.0, text="Sweeping r ...")
-    rows = agreement_sweep(model, batch.to(next(model.parameters()).device), range(0, r_max + 1),
-                           proportional_attention=proportional,
-                           progress=lambda done, total: bar.progress(done / total, text=f"r {done - 1} of {total - 1}"))
-    st.session_state["tr_sweep_result"] = (sweep_key, rows)
-stored = st.session_state.get("tr_sweep_result")
-if stored and stored[0] == sweep_key:
-    rows = stored[1]
-    st.plotly_chart(plot_agreement(rows, f"ToMe agreement on {len(names)} image(s){weights_tag}"))
-    download_df(rows_to_frame(rows), "tome_r_sweep.csv", "Download the r sweep (CSV)")
-else:
-    st.caption("Runs ToMe once per r (constant schedule) and compares with the unreduced model; "
-               "GFLOPs per image are counted with torch's FlopCounterMode.")
+
+@st.fragment
+def sweep_view() -> None:
+    """The r sweep reruns alone; its result stays until the images, model or settings change."""
+    st.header("ToMe: agreement with the unreduced model as r grows" + weights_tag)
+    r_max = st.slider("Largest r in the sweep", 2, 32, 16, key="tr_rmax")
+    sweep_key = inputs + (proportional, r_max)
+    if st.button("Run the r sweep on these images", key="tr_sweep"):
+        show = progress_bar("Sweeping r ...")
+        session_result("tr_sweep", sweep_key, lambda: agreement_sweep(
+            model, batch.to(next(model.parameters()).device), range(0, r_max + 1),
+            proportional_attention=proportional, progress=show))
+    rows = session_result("tr_sweep", sweep_key)
+    if rows is None:
+        st.caption("Runs ToMe once per r (constant schedule) and compares with the unreduced model; "
+                   "GFLOPs per image are counted with torch's FlopCounterMode.")
+        return
+    st.plotly_chart(plot_agreement(rows, f"ToMe agreement: {name}, {weights}, {all_images}"), key="tr_sweep_chart")
+    download_df(_labelled(rows_to_frame(rows), all_images), "tome_r_sweep.csv", "Download the r sweep (CSV)")
+
+
+sweep_view()

@@ -1,4 +1,5 @@
 """One real browser: `streamlit run app.py` headless, driven by Playwright in Debian's chromium."""
+import contextlib
 import os
 import shutil
 import socket
@@ -23,8 +24,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url():
+@contextlib.contextmanager
+def _running_app():
     if not Path(CHROMIUM).exists():
         if REQUIRE:
             pytest.fail("chromium is not installed (apt-get install chromium)")
@@ -53,6 +54,19 @@ def app_url():
         proc.wait(timeout=20)
 
 
+@pytest.fixture(scope="module")
+def app_url():
+    with _running_app() as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_app_url():
+    """A server nobody has visited yet: its first request goes straight to a page URL."""
+    with _running_app() as url:
+        yield url
+
+
 def test_home_page_title_in_a_real_browser(app_url, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -68,6 +82,58 @@ def test_home_page_title_in_a_real_browser(app_url, tmp_path):
         page.get_by_text("deit_tiny_patch16_224").first.wait_for(state="attached", timeout=60_000)
         shots = Path(os.environ.get("VITLAB_SCREENSHOT_DIR", tmp_path))
         page.screenshot(path=str(shots / "home.png"), full_page=True)
+        browser.close()
+
+
+def _browser(p):
+    return p.chromium.launch(
+        executable_path=CHROMIUM,
+        args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", "--no-first-run"])
+
+
+def test_throughput_downloads_keep_the_results_on_the_page(fresh_app_url, tmp_path):
+    """Issue 12.1: after one run, both downloads arrive and the table, the charts and the buttons stay."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 2400}, accept_downloads=True)
+        page.goto(f"{fresh_app_url}/throughput")
+        page.get_by_role("heading", name="Live throughput").wait_for(timeout=60_000)
+        _wait_until_idle(page)
+        # A fresh server's first visit straight to a page URL still runs inside app.py: sidebar and titles.
+        page.get_by_text("Upload a checkpoint").wait_for(timeout=30_000)
+        assert page.get_by_text("Live throughput", exact=True).count() >= 1
+        for label, value in (("Batch size", "1"), ("Timed iterations per round", "1"),
+                             ("Interleaved rounds (median counts)", "2")):
+            field = page.get_by_label(label)
+            field.fill(value)
+            field.press("Enter")
+            _wait_until_idle(page)
+        page.get_by_role("button", name="Run benchmark").click()
+        page.get_by_role("button", name="Download CSV").wait_for(timeout=240_000)
+        _wait_until_idle(page)
+        charts = page.locator('[data-testid="stPlotlyChart"]')
+        assert charts.count() == 2
+        saved = {}
+        for name in ("Download CSV", "Download JSON"):
+            with page.expect_download(timeout=60_000) as download:
+                page.get_by_role("button", name=name).click()
+            saved[name] = tmp_path / download.value.suggested_filename
+            download.value.save_as(saved[name])
+            time.sleep(1)
+            _wait_until_idle(page)
+            # The result is still there after each click: no return to the form.
+            assert page.get_by_text("Pick models and press").count() == 0
+            assert charts.count() == 2 and page.locator('[data-testid="stDataFrame"]').count() == 1
+            assert page.get_by_role("button", name="Download CSV").count() == 1
+            assert page.get_by_role("button", name="Download JSON").count() == 1
+        assert saved["Download CSV"].name == "throughput.csv" and saved["Download JSON"].name == "throughput.json"
+        header = saved["Download CSV"].read_text().splitlines()[0]
+        assert header.startswith("model,weights,image,")
+        assert '"weights": "random"' in saved["Download JSON"].read_text()
+        page.screenshot(path=str(tmp_path / "throughput_after_downloads.png"), full_page=True)
         browser.close()
 
 

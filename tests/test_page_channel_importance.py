@@ -37,16 +37,16 @@ def test_real_deit_tiny_on_sample_photos(shared_dir, weights_folder):
     assert agreement.loc["v", "spearman"] > 0.999  # Linear layers: both variants are equal
     assert [b.proto.label for b in app.get("download_button")] == DOWNLOADS
 
-    scores_before = dict(app.session_state["ci_results"])
+    scores_before = dict(app.session_state["vitlab_results"]["ci_scores"])
     assert len(scores_before) == 1 and next(iter(scores_before))[3] == "self"
     app.slider(key="ci_budget").set_value(0.3).run()  # the budget re-ranks; it does not rescore
     assert not app.exception, app.exception
-    assert all(app.session_state["ci_results"][k] is v for k, v in scores_before.items())
+    assert all(app.session_state["vitlab_results"]["ci_scores"][k] is v for k, v in scores_before.items())
     assert any(m.value.startswith("With 30% of all channels kept: **embed** keeps") for m in app.markdown)
 
     app.radio(key="ci_labels_images").set_value("One ImageNet class for all images").run()
     assert not app.exception, app.exception
-    assert [k[3] for k in app.session_state["ci_results"]] == ["labels"]  # another loss: scored again
+    assert [k[3] for k in app.session_state["vitlab_results"]["ci_scores"]] == ["labels"]  # another loss: rescored
     assert any("against the given labels" in c.value for c in app.caption)
 
 
@@ -80,6 +80,10 @@ def test_random_efficientvit_on_a_labelled_folder(tmp_path, weights_folder):
     assert any("broken.png: not a readable image" in c.value for c in app.caption)
     components = list(app.dataframe[0].value["component"])
     assert components == ["embed", "q", "k", "v", "q_dw", "proj", "ffn_hidden", "dw"]
+    # Untrained EfficientViT: every score inside the blocks is 0, so no budget result may be stated.
+    assert any("has the same score" in w.value and "no budget result" in w.value for w in app.warning)
+    assert not any("of all channels kept" in m.value for m in app.markdown)
+    assert not app.get("plotly_chart")
 
     (data / "not_a_class").mkdir()
     Image.new("RGB", (32, 32)).save(data / "not_a_class" / "b.png")

@@ -27,6 +27,7 @@ def test_page_on_real_deit_tiny_with_a_query_patch(real_weights_folder):
     app.run()
     assert not app.exception, app.exception
     assert not app.error and not app.warning  # real weights: no random-weights banner
+    assert not app.info  # trained heads differ: no "nothing to conclude" note
     assert [h.value for h in app.header] == ["Redundancy vs depth", "Head-to-head similarity per block",
                                              "Downloads", "Attention maps on an image"]
     assert len(app.get("plotly_chart")) == 3 and len(app.get("image")) == 1
@@ -48,11 +49,14 @@ def test_page_random_weights_mhsa_and_cga_side_by_side(monkeypatch, tmp_path):
     monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
     app = AppTest.from_file(PAGE, default_timeout=180)
     app.session_state["hr_models"] = ["deit_tiny_patch16_224", "efficientvit_m0"]
-    app.session_state["hr_random"] = True
+    app.session_state["hr_random_models"] = ["deit_tiny_patch16_224", "efficientvit_m0"]
     app.session_state["hr_max_images"] = 1
     app.run()
     assert not app.exception, app.exception
     assert sum("RANDOM weights" in w.value for w in app.warning) == 2
+    notes = " ".join(i.value for i in app.info)
+    assert "deit_tiny_patch16_224 (random weights): every pair of heads" in notes  # no conclusion drawn
+    assert "not drawn" in notes and len(app.get("plotly_chart")) == 2  # no MDS of rounding noise
     depth = app.get("plotly_chart")[0]
     assert "random weights" in depth.proto.spec and "Cascaded group attention" in depth.proto.spec
     app.selectbox(key="hr_overlay_model").set_value("efficientvit_m0")
@@ -69,3 +73,25 @@ def test_page_without_weights_says_so(monkeypatch, tmp_path):
     app.run()
     assert not app.exception, app.exception
     assert app.error and not app.get("plotly_chart")
+
+
+@pytest.mark.shared
+def test_real_mhsa_beside_untrained_cga_with_weights_on_every_chart_and_export(real_weights_folder, downloads):
+    import io
+
+    import pandas as pd
+
+    app = AppTest.from_file(PAGE, default_timeout=180)
+    app.session_state["hr_models"] = ["deit_tiny_patch16_224", "efficientvit_m0"]
+    app.session_state["hr_random_models"] = ["efficientvit_m0"]  # only EfficientViT runs untrained
+    app.session_state["hr_max_images"] = 1
+    app.run()
+    assert not app.exception, app.exception
+    warnings = [w.value for w in app.warning]
+    assert len(warnings) == 1 and "efficientvit_m0 runs with RANDOM weights" in warnings[0]
+    weights = next(c.value for c in app.caption if c.value.startswith("Weights:"))
+    assert "deit_tiny_patch16_224**: local file" in weights and "efficientvit_m0**: random" in weights
+    frame = pd.read_csv(io.BytesIO(downloads["head_redundancy.csv"]))
+    by_model = frame.groupby("model")["weights"].first()
+    assert by_model["efficientvit_m0"] == "random" and by_model["deit_tiny_patch16_224"].startswith("local file ")
+    assert frame["image"].nunique() == 1

@@ -90,3 +90,91 @@ def test_comparison_on_small_random_dynamicvit():
     assert frame["top-1 agreement"].between(0, 1).all() and frame.loc[0, "top-1 agreement"] == 1.0
     kept = kept_indices_frame(comparison.dynamicvit_trace, ["a", "b"])
     assert len(kept) == 6 and kept.loc[0, "kept"] == 32
+
+
+def _png(colour, size=(64, 48)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def random_page(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
+    app = AppTest.from_file(PAGE, default_timeout=180)
+    app.session_state["tr_random"] = True
+    return app.run()
+
+
+def test_every_export_names_model_weights_and_image(random_page, downloads):
+    import io
+
+    import pandas as pd
+
+    app = random_page
+    assert not app.exception, app.exception
+    names = app.selectbox(key="tr_image").options
+    app.button(key="tr_sweep").click()
+    app.slider(key="tr_rmax").set_value(2).run()
+    assert not app.exception, app.exception
+    weights = "random + untrained DynamicViT predictors"
+    for csv in ("top5_predictions.csv", "agreement.csv", "tome_r_sweep.csv", "tokens_per_block.csv",
+                "dynamicvit_kept_indices.csv"):
+        frame = pd.read_csv(io.BytesIO(downloads[csv]))
+        assert list(frame.columns[:3]) == ["model", "weights", "image"], csv
+        assert (frame["model"] == "deit_tiny_patch16_224").all() and (frame["weights"] == weights).all(), csv
+    top5 = pd.read_csv(io.BytesIO(downloads["top5_predictions.csv"]))
+    assert set(top5["image"]) == set(names) and len(top5) == len(names) * 3 * 5
+    assert set(pd.read_csv(io.BytesIO(downloads["dynamicvit_kept_indices.csv"]))["image"]) == set(names)
+    # PNGs carry the same in a title line: the strip is taller than its panels by that line.
+    from PIL import Image
+
+    stages = Image.open(io.BytesIO(downloads[f"dynamicvit_stages_{names[0]}.png"]))
+    assert stages.size[1] == 224 + 18 + 20
+
+
+def test_selection_follows_the_current_image_set(random_page):
+    app = random_page
+    samples = app.selectbox(key="tr_image").options
+    app.selectbox(key="tr_image").set_value(samples[1]).run()
+    app.file_uploader(key="tr_images").set_value([("first.png", _png((200, 30, 30)), "image/png"),
+                                                  ("second.png", _png((30, 200, 30)), "image/png")]).run()
+    assert not app.exception, app.exception
+    picker = app.selectbox(key="tr_image")
+    assert picker.options == ["first.png", "second.png"] and picker.value == "first.png"
+    assert any(h.value.startswith("Side by side") for h in app.header)
+
+
+def test_banner_follows_the_backbone_weights(random_page):
+    warnings = " ".join(w.value for w in random_page.warning)
+    assert "the same RANDOM backbone" in warnings and "real backbone" not in warnings
+
+
+def test_a_slider_reruns_only_its_method(random_page, monkeypatch):
+    import analysis.token_maps as token_maps
+
+    calls = []
+    for fn in ("reference_logits", "tome_run", "dynamicvit_run"):
+        original = getattr(token_maps, fn)
+        monkeypatch.setattr(token_maps, fn, lambda *a, _f=original, _n=fn, **k: calls.append(_n) or _f(*a, **k))
+    app = random_page
+    app.slider(key="tr_rho").set_value(0.5).run()
+    assert calls == ["dynamicvit_run"]
+    app.slider(key="tr_r").set_value(4).run()
+    assert calls == ["dynamicvit_run", "tome_run"]
+    app.slider(key="tr_rho").set_value(0.7).run()  # back to a setting already computed: nothing runs
+    assert calls == ["dynamicvit_run", "tome_run"]
+
+
+def test_r_sweep_axis_ticks_at_round_numbers():
+    from analysis.tome_agreement import AgreementRow, plot_agreement
+
+    rows = [AgreementRow(r, 1.0, 1.0, 197 - 11 * r, 1.0) for r in range(0, 17)]
+    axis = plot_agreement(rows).layout.xaxis
+    assert axis.dtick == 2 and axis.tick0 == 0
+    assert plot_agreement(rows[:4]).layout.xaxis.dtick == 1

@@ -34,7 +34,7 @@ def test_home_shows_hardware_and_weights_status(real_weights_folder):
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
     assert not at.exception
     assert at.title[0].value == "ViT Efficiency Lab"
-    weights = at.dataframe[1].value.set_index("model")
+    weights = at.table[0].value
     assert weights.loc["deit_tiny_patch16_224", "weights"] == "local file"
     assert weights.loc["deit_small_patch16_224", "weights"] == "missing"
     assert at.sidebar.selectbox[0].label == "Device" and "cpu" in at.sidebar.selectbox[0].options

@@ -44,15 +44,58 @@ def _sidebar_then_load():
     cached_model("deit_tiny_patch16_224")
 
 
-def test_sidebar_checkpoint_upload_is_used_and_a_wrong_one_is_explained(real_weights):
+def _state_dict(name: str) -> bytes:
+    return save({k: v.contiguous() for k, v in build_random(get_spec(name)).state_dict().items()})
+
+
+def test_checkpoint_upload_infers_the_model_and_refuses_a_mismatch(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     at = AppTest.from_function(_sidebar_then_load, default_timeout=240).run()
-    assert not at.exception and not at.error  # the real DeiT-Tiny from the weights folder
-    wrong = {k: v.contiguous() for k, v in build_random(get_spec("efficientvit_m0")).state_dict().items()}
-    at.sidebar.selectbox(key="vitlab_upload_model").set_value("deit_tiny_patch16_224")
+    assert at.error  # no DeiT-Tiny weights anywhere yet
     at.sidebar.file_uploader(key="vitlab_upload_ckpt").set_value(
-        ("m0.safetensors", save(wrong), "application/octet-stream")).run()
+        ("my_m0.safetensors", _state_dict("efficientvit_m0"), "application/octet-stream")).run()
     assert not at.exception, [e.value for e in at.exception]
-    uploaded = at.session_state[USER_WEIGHTS_KEY]["deit_tiny_patch16_224"]
-    assert Path(uploaded).is_file() and uploaded.endswith(".safetensors")
-    message = " ".join(e.value for e in at.error)
-    assert "does not fit VisionTransformer" in message and "Missing" in message and "Unexpected" in message
+    picker = at.sidebar.selectbox(key="vitlab_upload_model")
+    assert picker.value == "efficientvit_m0" and picker.options[0] == "efficientvit_m0 (fits)"  # inferred from shapes
+    assert Path(at.session_state[USER_WEIGHTS_KEY]["efficientvit_m0"]).name == "my_m0.safetensors"
+    assert any("my_m0.safetensors is used for efficientvit_m0" in s.value for s in at.sidebar.success)
+
+    picker.set_value("deit_tiny_patch16_224").run()  # the wrong model: refused at upload time
+    message = " ".join(e.value for e in at.sidebar.error)
+    assert "my_m0.safetensors does not fit deit_tiny_patch16_224" in message and "It fits efficientvit_m0" in message
+    assert "deit_tiny_patch16_224" not in at.session_state[USER_WEIGHTS_KEY]
+
+
+def _sidebar_then_home():
+    """The sidebar as app.py draws it, then the Home page (AppTest reruns of st.navigation skip app.py's sidebar)."""
+    import runpy
+
+    from pages._ui import sidebar
+
+    sidebar()
+    runpy.run_path("pages/home.py")
+
+
+def test_home_weights_table_shows_the_upload(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(ROOT)
+    at = AppTest.from_function(_sidebar_then_home, default_timeout=240).run()
+    table = at.table[0].value
+    assert table.loc["deit_tiny_patch16_224", "weights"] == "missing"
+    at.sidebar.file_uploader(key="vitlab_upload_ckpt").set_value(
+        ("tiny.safetensors", _state_dict("deit_tiny_patch16_224"), "application/octet-stream")).run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = at.table[0].value
+    assert table.loc["deit_tiny_patch16_224", "weights"] == "uploaded"
+    assert table.loc["deit_tiny_patch16_224", "where"] == "tiny.safetensors"
+
+
+def test_matching_models_compares_shapes_with_every_registry_model():
+    from models.checkpoints import checkpoint_mismatch, matching_models
+    from models.registry import REGISTRY
+
+    tiny = build_random(get_spec("deit_tiny_patch16_224")).state_dict()
+    assert matching_models(tiny, REGISTRY.values()) == ["deit_tiny_patch16_224"]
+    assert "differ in shape" in checkpoint_mismatch(tiny, get_spec("deit_small_patch16_224"))
