@@ -22,9 +22,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, read_state_dict, unwrap_state_dict
+from models.vit_forward import (  # noqa: F401 - POLICY_EPS and policy_softmax are part of this module's API
+    POLICY_EPS, attention_residual, classify, embed_tokens, gather_tokens, mlp_residual, policy_softmax,
+)
 
 DEFAULT_PRUNING_LOCATIONS = (3, 6, 9)
-POLICY_EPS = 1e-6  # the official masked-softmax epsilon
 
 
 class DynamicViTArch(NamedTuple):
@@ -233,24 +235,6 @@ class DynamicViTTrace:
         return masks
 
 
-def embed_tokens(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    """Images -> tokens entering the first block (patch embedding, CLS, position embedding), as timm does it."""
-    x = model.patch_embed(x)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    return model.norm_pre(x)
-
-
-def classify(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
-    """Tokens after the last block -> logits (final norm, CLS pooling, head), as timm does it."""
-    return model.forward_head(model.norm(tokens))
-
-
-def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Per-image selection along the token axis: (B, N, C) and (B, k) -> (B, k, C)."""
-    return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-
-
 def select_top_patches(keep_logprob: torch.Tensor, k: int) -> torch.Tensor:
     """Positions (into the current patch tokens) of the k highest keep scores per image, in ascending order."""
     return keep_logprob.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
@@ -304,42 +288,6 @@ class DynamicViTTrainOutput(NamedTuple):
     keep_targets: list[float]         # rho, rho^2, rho^3 ... : what the ratio loss pulls each stage towards
 
 
-def policy_softmax(logits: torch.Tensor, policy: torch.Tensor, eps: float = POLICY_EPS) -> torch.Tensor:
-    """Softmax over keys where dropped keys are masked out multiplicatively, differentiably in ``policy``.
-
-    Hand-written because SDPA has no multiplicative, differentiable key gate: G = p_j + (1 - p_j) * I
-    (a dropped query still sees the kept keys and itself), A = exp(S - max) * G, A = (A + eps/N) / (sum A + eps).
-    logits: (B, H, N, N); policy: (B, N).
-    """
-    n = logits.shape[-1]
-    keep = policy[:, None, None, :].float()
-    eye = torch.eye(n, dtype=keep.dtype, device=keep.device)
-    gate = keep + (1.0 - keep) * eye
-    weights = (logits - logits.amax(dim=-1, keepdim=True)).float().exp() * gate
-    return ((weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)).to(logits.dtype)
-
-
-def _attention_with_policy(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-    """timm ``Attention`` forward with its own qkv / q_norm / k_norm / norm / proj, but a policy-masked softmax."""
-    batch, n, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    weights = attn.attn_drop(policy_softmax((q * attn.scale) @ k.transpose(-2, -1), policy))
-    out = (weights @ v).transpose(1, 2).reshape(batch, n, attn.num_heads * attn.head_dim)
-    out = attn.norm(out)
-    gate = getattr(attn, "gate", None)
-    if gate is not None:
-        out = out * gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(out))
-
-
-def _block_with_policy(block: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-    """timm ``Block`` forward (pre-norm residuals, layer scale, drop path) with policy-masked attention."""
-    x = x + block.drop_path1(block.ls1(_attention_with_policy(block.attn, block.norm1(x), policy)))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-
-
 def _stage_decision(log_probs: torch.Tensor, previous: torch.Tensor, tau: float, hard: bool,
                     forced: torch.Tensor | None) -> torch.Tensor:
     """This stage's cumulative keep mask: a Gumbel-softmax sample (or a forced policy) times the previous mask."""
@@ -376,7 +324,10 @@ def dynamicvit_train_forward(model: DynamicViT, x: torch.Tensor, tau: float = 1.
             keep = _stage_decision(log_probs, keep, tau, hard, forced)
             decisions.append(keep)
             policy = torch.cat([cls_keep, keep], dim=1)
-        tokens = block(tokens) if policy is None else _block_with_policy(block, tokens, policy)
+        if policy is None:
+            tokens = block(tokens)
+        else:
+            tokens = mlp_residual(block, attention_residual(block, tokens, policy=policy)[0])
     tokens = model.norm(tokens)
     logits = model.forward_head(tokens)
     targets = [keep_ratio ** (s + 1) for s in range(stages)]
