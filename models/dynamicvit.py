@@ -235,9 +235,28 @@ class DynamicViTTrace:
         return masks
 
 
-def select_top_patches(keep_logprob: torch.Tensor, k: int) -> torch.Tensor:
+def select_top_patches(keep_score: torch.Tensor, k: int) -> torch.Tensor:
     """Positions (into the current patch tokens) of the k highest keep scores per image, in ascending order."""
-    return keep_logprob.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+    return keep_score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def keep_logits(predictor: ScorePredictor, tokens: torch.Tensor) -> torch.Tensor:
+    """Inference scoring: (B, 1 + N, C) tokens, CLS first -> (B, N) keep-minus-drop logits of the patch tokens.
+
+    The predictor's math (all tokens kept so far) with three shortcuts that leave its ranking unchanged: the
+    keep log-probability is logsigmoid of this difference, a monotone map, so LogSoftmax is skipped; the
+    global feature goes through its half of the first ``out_conv`` linear once per image instead of being
+    copied to every token; the CLS token rides along through the per-token layers (one token in 197, cheaper
+    than copying the patches out) and is dropped from the result.
+    """
+    norm, fc_in, act_in = predictor.in_conv
+    fc1, act1, fc2, act2, fc3, _ = predictor.out_conv
+    feats = act_in(fc_in(norm(tokens)))
+    half = feats.shape[-1] // 2
+    pooled = feats[:, 1:, half:].mean(dim=1, keepdim=True)
+    hidden = F.linear(feats[..., :half], fc1.weight[:, :half]) + F.linear(pooled, fc1.weight[:, half:], fc1.bias)
+    logits = fc3(act2(fc2(act1(hidden))))
+    return logits[:, 1:, 0] - logits[:, 1:, 1]
 
 
 def _scores_in_original_coords(keep_prob: torch.Tensor, original_index: torch.Tensor, num_patches: int) -> torch.Tensor:
@@ -249,31 +268,50 @@ def _scores_in_original_coords(keep_prob: torch.Tensor, original_index: torch.Te
 def dynamicvit_forward(model: DynamicViT, x: torch.Tensor, keep_ratio: float = 0.7, return_trace: bool = False):
     """Pruned inference: before each pruning location keep the top int(N * rho**s) patches by predicted keep score.
 
-    The CLS token always stays; blocks run unchanged (fused attention) on the surviving tokens.
-    Returns logits, or (logits, DynamicViTTrace) with ``return_trace``. keep_ratio=1.0 reproduces ``model(x)``.
+    The CLS token always stays; blocks run unchanged (fused attention) on the surviving tokens, kept in their
+    original order. Returns logits, or (logits, DynamicViTTrace) with ``return_trace``. keep_ratio=1.0
+    reproduces ``model(x)``.
     """
     counts = keep_counts(model.num_patches, keep_ratio, len(model.pruning_locations))
     stage_of = {block: stage for stage, block in enumerate(model.pruning_locations)}
     tokens = embed_tokens(model, x)
-    original_index = torch.arange(model.num_patches, device=x.device).expand(x.shape[0], -1)
-    trace = DynamicViTTrace(keep_ratio, tuple(model.patch_embed.grid_size), model.pruning_locations)
+    trace = None
+    if return_trace:
+        trace = DynamicViTTrace(keep_ratio, tuple(model.patch_embed.grid_size), model.pruning_locations)
+        original_index = torch.arange(model.num_patches, device=x.device).expand(x.shape[0], -1)
     for i, block in enumerate(model.blocks):
         stage = stage_of.get(i)
         if stage is not None:
-            cls_token, patches = tokens[:, :1], tokens[:, 1:]
-            keep_logprob = model.score_predictor[stage](patches)[..., 0]
-            chosen = select_top_patches(keep_logprob, counts[stage])
-            if return_trace:
+            score = keep_logits(model.score_predictor[stage], tokens)
+            chosen = select_top_patches(score, counts[stage])
+            tokens = gather_tokens(tokens, F.pad(chosen + 1, (1, 0)))  # CLS (position 0) first, then the kept patches
+            if trace is not None:
                 trace.keep_scores.append(_scores_in_original_coords(
-                    keep_logprob.exp(), original_index, model.num_patches).detach().cpu())
-            original_index = torch.gather(original_index, 1, chosen)
-            tokens = torch.cat([cls_token, gather_tokens(patches, chosen)], dim=1)
-            if return_trace:
+                    score.sigmoid(), original_index, model.num_patches).detach().cpu())
+                original_index = original_index.gather(1, chosen)
                 trace.kept_indices.append(original_index.detach().cpu())
-        trace.tokens_per_block.append(tokens.shape[1])
+        if trace is not None:
+            trace.tokens_per_block.append(tokens.shape[1])
         tokens = block(tokens)
     logits = classify(model, tokens)
     return (logits, trace) if return_trace else logits
+
+
+def dynamicvit_schedule_forward(model: DynamicViT, x: torch.Tensor, keep_ratio: float = 0.7) -> torch.Tensor:
+    """DynamicViT's token schedule without DynamicViT: the same blocks on the same kept counts, no predictors.
+
+    Before each pruning location the first int(N * rho**s) patches stay (plus CLS). Not a classifier: the speed
+    ceiling that ``dynamicvit_forward``'s predictors and selection are measured against.
+    """
+    counts = keep_counts(model.num_patches, keep_ratio, len(model.pruning_locations))
+    stage_of = {block: stage for stage, block in enumerate(model.pruning_locations)}
+    tokens = embed_tokens(model, x)
+    for i, block in enumerate(model.blocks):
+        stage = stage_of.get(i)
+        if stage is not None:
+            tokens = tokens[:, : 1 + counts[stage]]
+        tokens = block(tokens)
+    return classify(model, tokens)
 
 
 # ---------------------------------------------------------------------------------------------
