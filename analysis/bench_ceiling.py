@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.bench_ceiling", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds (well under a minute on 2 cores)")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: fastest present)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is steadier on a machine shared with other jobs)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for torch (1 is steadier on a machine shared with other jobs)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""The one ViT walk (models/vit_forward.py) and the one bipartite matching (models/merging.py) against the installed timm."""
+"""The one ViT walk (models/vit_forward.py) and the one bipartite matching (models/merging.py), against this timm."""
 from __future__ import annotations
 
 import pytest
@@ -20,7 +20,7 @@ def small_vit(**kwargs) -> VisionTransformer:
 
 
 def timm_attention(attn: Attention, x: torch.Tensor, fused: bool) -> torch.Tensor:
-    """timm's own ``Attention.forward`` on its fused or its explicit path (a test-owned module, so setting it is fine)."""
+    """timm's own ``Attention.forward`` on its fused or its explicit path (the module is the test's own to set)."""
     attn.fused_attn = fused
     return attn(x)
 
