@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.vit_forward import attention_residual, classify, embed_tokens, is_plain_block, mlp_residual
+
 MHSA = "mhsa"
 CGA = "cga"
 
@@ -118,59 +120,31 @@ def _to_cpu(t: torch.Tensor | None, keep: bool) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------- ViT / DeiT (MHSA)
 
 def _check_vit_block(block: nn.Module) -> None:
-    from timm.layers import Attention
-
-    needed = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
-    if not all(hasattr(block, n) for n in needed) or not isinstance(block.attn, Attention):
+    if not is_plain_block(block):
         raise UnsupportedModelError(
             f"Recording needs pre-norm timm ViT blocks with timm Attention; got {type(block).__name__}."
         )
 
 
-def mhsa_attention(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """timm ``Attention`` with the softmax materialised (its fused SDPA keeps no attention matrix).
-
-    Returns (output [B, N, C], maps [B, H, N, N], per-head outputs [B, H, N, d]).
-    """
-    B, N, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    maps = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    heads = attn.attn_drop(maps) @ v
-    out = heads.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
-    out = attn.norm(out)
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), maps, heads
-
-
-def _vit_block_recorded(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pre-norm ViT block, same order of operations as timm's ``Block.forward``."""
-    attn_out, maps, heads = mhsa_attention(block.attn, block.norm1(x))
-    x = x + block.drop_path1(block.ls1(attn_out))
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return x, maps, heads
-
-
 def _vit_forward(model, x, wanted, *, store_maps, store_head_outputs):
     patch_h, patch_w = model.patch_embed.patch_size
     grid = (x.shape[-2] // patch_h, x.shape[-1] // patch_w)
-    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    h = embed_tokens(model, x)
     recorded = []
     for index, block in enumerate(model.blocks):
         if index not in wanted:
             h = block(h)
             continue
         _check_vit_block(block)
-        h, maps, heads = _vit_block_recorded(block, h)
+        h, result = attention_residual(block, h, record=True)
+        h = mlp_residual(block, h)
+        maps, heads = result.maps, result.heads
         recorded.append(BlockAttention(
             block=index, stage=0, kind=MHSA, batch_size=x.shape[0], num_heads=maps.shape[1], grid=grid,
             num_prefix_tokens=model.num_prefix_tokens,
             maps=_to_cpu(maps, store_maps), head_outputs=_to_cpu(heads, store_head_outputs),
         ))
-    return model.forward_head(model.norm(h)), recorded
+    return classify(model, h), recorded
 
 
 # ----------------------------------------------------------------------------- EfficientViT (CGA)

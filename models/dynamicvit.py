@@ -22,9 +22,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, read_state_dict, unwrap_state_dict
+from models.vit_forward import (  # noqa: F401 - POLICY_EPS and policy_softmax are part of this module's API
+    POLICY_EPS, attention_residual, classify, embed_tokens, gather_tokens, mlp_residual, policy_softmax,
+)
 
 DEFAULT_PRUNING_LOCATIONS = (3, 6, 9)
-POLICY_EPS = 1e-6  # the official masked-softmax epsilon
 
 
 class DynamicViTArch(NamedTuple):
@@ -233,27 +235,28 @@ class DynamicViTTrace:
         return masks
 
 
-def embed_tokens(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    """Images -> tokens entering the first block (patch embedding, CLS, position embedding), as timm does it."""
-    x = model.patch_embed(x)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    return model.norm_pre(x)
-
-
-def classify(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
-    """Tokens after the last block -> logits (final norm, CLS pooling, head), as timm does it."""
-    return model.forward_head(model.norm(tokens))
-
-
-def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Per-image selection along the token axis: (B, N, C) and (B, k) -> (B, k, C)."""
-    return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-
-
-def select_top_patches(keep_logprob: torch.Tensor, k: int) -> torch.Tensor:
+def select_top_patches(keep_score: torch.Tensor, k: int) -> torch.Tensor:
     """Positions (into the current patch tokens) of the k highest keep scores per image, in ascending order."""
-    return keep_logprob.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+    return keep_score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def keep_logits(predictor: ScorePredictor, tokens: torch.Tensor) -> torch.Tensor:
+    """Inference scoring: (B, 1 + N, C) tokens, CLS first -> (B, N) keep-minus-drop logits of the patch tokens.
+
+    The predictor's math (all tokens kept so far) with three shortcuts that leave its ranking unchanged: the
+    keep log-probability is logsigmoid of this difference, a monotone map, so LogSoftmax is skipped; the
+    global feature goes through its half of the first ``out_conv`` linear once per image instead of being
+    copied to every token; the CLS token rides along through the per-token layers (one token in 197, cheaper
+    than copying the patches out) and is dropped from the result.
+    """
+    norm, fc_in, act_in = predictor.in_conv
+    fc1, act1, fc2, act2, fc3, _ = predictor.out_conv
+    feats = act_in(fc_in(norm(tokens)))
+    half = feats.shape[-1] // 2
+    pooled = feats[:, 1:, half:].mean(dim=1, keepdim=True)
+    hidden = F.linear(feats[..., :half], fc1.weight[:, :half]) + F.linear(pooled, fc1.weight[:, half:], fc1.bias)
+    logits = fc3(act2(fc2(act1(hidden))))
+    return logits[:, 1:, 0] - logits[:, 1:, 1]
 
 
 def _scores_in_original_coords(keep_prob: torch.Tensor, original_index: torch.Tensor, num_patches: int) -> torch.Tensor:
@@ -265,31 +268,50 @@ def _scores_in_original_coords(keep_prob: torch.Tensor, original_index: torch.Te
 def dynamicvit_forward(model: DynamicViT, x: torch.Tensor, keep_ratio: float = 0.7, return_trace: bool = False):
     """Pruned inference: before each pruning location keep the top int(N * rho**s) patches by predicted keep score.
 
-    The CLS token always stays; blocks run unchanged (fused attention) on the surviving tokens.
-    Returns logits, or (logits, DynamicViTTrace) with ``return_trace``. keep_ratio=1.0 reproduces ``model(x)``.
+    The CLS token always stays; blocks run unchanged (fused attention) on the surviving tokens, kept in their
+    original order. Returns logits, or (logits, DynamicViTTrace) with ``return_trace``. keep_ratio=1.0
+    reproduces ``model(x)``.
     """
     counts = keep_counts(model.num_patches, keep_ratio, len(model.pruning_locations))
     stage_of = {block: stage for stage, block in enumerate(model.pruning_locations)}
     tokens = embed_tokens(model, x)
-    original_index = torch.arange(model.num_patches, device=x.device).expand(x.shape[0], -1)
-    trace = DynamicViTTrace(keep_ratio, tuple(model.patch_embed.grid_size), model.pruning_locations)
+    trace = None
+    if return_trace:
+        trace = DynamicViTTrace(keep_ratio, tuple(model.patch_embed.grid_size), model.pruning_locations)
+        original_index = torch.arange(model.num_patches, device=x.device).expand(x.shape[0], -1)
     for i, block in enumerate(model.blocks):
         stage = stage_of.get(i)
         if stage is not None:
-            cls_token, patches = tokens[:, :1], tokens[:, 1:]
-            keep_logprob = model.score_predictor[stage](patches)[..., 0]
-            chosen = select_top_patches(keep_logprob, counts[stage])
-            if return_trace:
+            score = keep_logits(model.score_predictor[stage], tokens)
+            chosen = select_top_patches(score, counts[stage])
+            tokens = gather_tokens(tokens, F.pad(chosen + 1, (1, 0)))  # CLS (position 0) first, then the kept patches
+            if trace is not None:
                 trace.keep_scores.append(_scores_in_original_coords(
-                    keep_logprob.exp(), original_index, model.num_patches).detach().cpu())
-            original_index = torch.gather(original_index, 1, chosen)
-            tokens = torch.cat([cls_token, gather_tokens(patches, chosen)], dim=1)
-            if return_trace:
+                    score.sigmoid(), original_index, model.num_patches).detach().cpu())
+                original_index = original_index.gather(1, chosen)
                 trace.kept_indices.append(original_index.detach().cpu())
-        trace.tokens_per_block.append(tokens.shape[1])
+        if trace is not None:
+            trace.tokens_per_block.append(tokens.shape[1])
         tokens = block(tokens)
     logits = classify(model, tokens)
     return (logits, trace) if return_trace else logits
+
+
+def dynamicvit_schedule_forward(model: DynamicViT, x: torch.Tensor, keep_ratio: float = 0.7) -> torch.Tensor:
+    """DynamicViT's token schedule without DynamicViT: the same blocks on the same kept counts, no predictors.
+
+    Before each pruning location the first int(N * rho**s) patches stay (plus CLS). Not a classifier: the speed
+    ceiling that ``dynamicvit_forward``'s predictors and selection are measured against.
+    """
+    counts = keep_counts(model.num_patches, keep_ratio, len(model.pruning_locations))
+    stage_of = {block: stage for stage, block in enumerate(model.pruning_locations)}
+    tokens = embed_tokens(model, x)
+    for i, block in enumerate(model.blocks):
+        stage = stage_of.get(i)
+        if stage is not None:
+            tokens = tokens[:, : 1 + counts[stage]]
+        tokens = block(tokens)
+    return classify(model, tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,42 +324,6 @@ class DynamicViTTrainOutput(NamedTuple):
     tokens: torch.Tensor              # (B, num_patches, C)
     decisions: list[torch.Tensor]     # per stage (B, num_patches), 1 = kept so far
     keep_targets: list[float]         # rho, rho^2, rho^3 ... : what the ratio loss pulls each stage towards
-
-
-def policy_softmax(logits: torch.Tensor, policy: torch.Tensor, eps: float = POLICY_EPS) -> torch.Tensor:
-    """Softmax over keys where dropped keys are masked out multiplicatively, differentiably in ``policy``.
-
-    Hand-written because SDPA has no multiplicative, differentiable key gate: G = p_j + (1 - p_j) * I
-    (a dropped query still sees the kept keys and itself), A = exp(S - max) * G, A = (A + eps/N) / (sum A + eps).
-    logits: (B, H, N, N); policy: (B, N).
-    """
-    n = logits.shape[-1]
-    keep = policy[:, None, None, :].float()
-    eye = torch.eye(n, dtype=keep.dtype, device=keep.device)
-    gate = keep + (1.0 - keep) * eye
-    weights = (logits - logits.amax(dim=-1, keepdim=True)).float().exp() * gate
-    return ((weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)).to(logits.dtype)
-
-
-def _attention_with_policy(attn: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-    """timm ``Attention`` forward with its own qkv / q_norm / k_norm / norm / proj, but a policy-masked softmax."""
-    batch, n, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    weights = attn.attn_drop(policy_softmax((q * attn.scale) @ k.transpose(-2, -1), policy))
-    out = (weights @ v).transpose(1, 2).reshape(batch, n, attn.num_heads * attn.head_dim)
-    out = attn.norm(out)
-    gate = getattr(attn, "gate", None)
-    if gate is not None:
-        out = out * gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(out))
-
-
-def _block_with_policy(block: nn.Module, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-    """timm ``Block`` forward (pre-norm residuals, layer scale, drop path) with policy-masked attention."""
-    x = x + block.drop_path1(block.ls1(_attention_with_policy(block.attn, block.norm1(x), policy)))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 def _stage_decision(log_probs: torch.Tensor, previous: torch.Tensor, tau: float, hard: bool,
@@ -376,7 +362,10 @@ def dynamicvit_train_forward(model: DynamicViT, x: torch.Tensor, tau: float = 1.
             keep = _stage_decision(log_probs, keep, tau, hard, forced)
             decisions.append(keep)
             policy = torch.cat([cls_keep, keep], dim=1)
-        tokens = block(tokens) if policy is None else _block_with_policy(block, tokens, policy)
+        if policy is None:
+            tokens = block(tokens)
+        else:
+            tokens = mlp_residual(block, attention_residual(block, tokens, policy=policy)[0])
     tokens = model.norm(tokens)
     logits = model.forward_head(tokens)
     targets = [keep_ratio ** (s + 1) for s in range(stages)]

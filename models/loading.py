@@ -4,13 +4,13 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 from . import weights as W
-from .checkpoints import CheckpointError, WeightsNotFoundError, load_strict, read_state_dict
+from .checkpoints import CheckpointError, WeightsNotFoundError, _first, load_strict, read_state_dict
 from .registry import ModelSpec, get_spec
 
 CACHE_DIR = Path.home() / ".cache" / "vitlab"
@@ -137,5 +137,68 @@ def load_model(name: str, device: str = "cpu", user_file: str | Path | None = No
                        data_config=cfg, transform=transform)
 
 
-__all__ = ["LoadedModel", "load_model", "build_random", "build_with_weights", "load_file_into",
+# --------------------------------------------------------------------------------------------
+# Which registry model a checkpoint belongs to (the sidebar upload infers it from the shapes)
+# --------------------------------------------------------------------------------------------
+_META_MODELS: dict[str, nn.Module | None] = {}
+
+
+def _meta_model(spec) -> nn.Module | None:
+    """The spec's random-init architecture on the meta device (no memory, no init cost); cached per name."""
+    if spec.name not in _META_MODELS:
+        try:
+            with torch.device("meta"):
+                _META_MODELS[spec.name] = build_random(spec)
+        except Exception:  # noqa: BLE001 - a model that cannot be built on meta just never matches
+            _META_MODELS[spec.name] = None
+    return _META_MODELS[spec.name]
+
+
+def _shape_diff(own: Mapping[str, tuple], state_dict: Mapping[str, torch.Tensor]) -> tuple[list, list, list]:
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    misshapen = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {own[k]}"
+                 for k in own if k in state_dict and tuple(state_dict[k].shape) != own[k]]
+    return missing, unexpected, misshapen
+
+
+def checkpoint_mismatch(state_dict: Mapping[str, torch.Tensor], spec) -> str | None:
+    """None when ``state_dict`` (as saved, or after timm's converter for the official layout) fits ``spec``'s
+    architecture key for key and shape for shape; otherwise what differs, in one line."""
+    model = _meta_model(spec)
+    if model is None:
+        return f"{spec.name} cannot be built to compare shapes."
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    candidates = [state_dict]
+    try:
+        converted = _timm_filter(model, dict(state_dict))
+        if converted is not state_dict:
+            candidates.append(converted)
+    except Exception:  # noqa: BLE001 - no converter for this layout: the raw keys are all there is
+        pass
+    best = None
+    for candidate in candidates:
+        missing, unexpected, misshapen = _shape_diff(own, candidate)
+        if not (missing or unexpected or misshapen):
+            return None
+        if best is None or len(missing) + len(unexpected) + len(misshapen) < sum(map(len, best)):
+            best = (missing, unexpected, misshapen)
+    missing, unexpected, misshapen = best
+    parts = []
+    if misshapen:
+        parts.append(f"{len(misshapen)} tensors differ in shape, e.g. {_first(misshapen, 2)}")
+    if missing:
+        parts.append(f"{len(missing)} keys missing, e.g. {_first(missing, 3)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} keys unexpected, e.g. {_first(unexpected, 3)}")
+    return "; ".join(parts) + "."
+
+
+def matching_models(state_dict: Mapping[str, torch.Tensor], specs) -> list[str]:
+    """Names of the ``specs`` whose random-init state dict has exactly the keys and shapes of ``state_dict``."""
+    return [spec.name for spec in specs if checkpoint_mismatch(state_dict, spec) is None]
+
+
+__all__ = ["LoadedModel", "load_model", "build_random", "build_with_weights", "load_file_into", "checkpoint_mismatch",
+           "matching_models",
            "CheckpointError", "WeightsNotFoundError"]

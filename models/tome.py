@@ -19,10 +19,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
+
+from models.merging import bipartite_match
+from models.vit_forward import (
+    attention, attention_residual, classify, embed_tokens, gather_tokens, is_plain_block, mlp_residual,
+)
 
 # A merge count: one r for every layer, an explicit per-layer list, or a string spec
 # ("13", "13,13,12,...", "decreasing:13"); see ``merge_schedule``.
@@ -111,25 +115,13 @@ class Matching:
 def bipartite_matching(metric: torch.Tensor, r: int, protect_first: bool = True) -> Matching:
     """Match A = even tokens to B = odd tokens by cosine similarity of ``metric`` [B, N, D] and pick the r best pairs.
 
-    With ``protect_first`` the first token (the class token, always in A) gets similarity -inf so
-    it is never chosen.
+    With ``protect_first`` the first token (the class token, always in A) is never chosen.
     """
-    metric = F.normalize(metric, dim=-1)
-    a, b = metric[:, 0::2], metric[:, 1::2]
-    similarity = a @ b.transpose(-1, -2)
-    if protect_first:
-        similarity[:, 0, :] = float("-inf")
-    best_similarity, best_b = similarity.max(dim=-1)
-    order = best_similarity.argsort(dim=-1, descending=True)
-    merged_a = order[:, :r]
-    kept_a = order[:, r:].sort(dim=-1).values
-    into_b = best_b.gather(1, merged_a)
-    return Matching(kept_a, merged_a, into_b, num_a=a.shape[1], num_b=b.shape[1])
-
-
-def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` [B, K] of ``x`` [B, N, C] -> [B, K, C]."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    match = bipartite_match(metric, protect_first=protect_first)
+    merged_a = match.order[:, :r]
+    kept_a = match.order[:, r:].sort(dim=-1).values
+    return Matching(kept_a, merged_a, match.partner.gather(1, merged_a),
+                    num_a=match.order.shape[1], num_b=metric.shape[1] - match.order.shape[1])
 
 
 def merge_tokens(
@@ -144,11 +136,11 @@ def merge_tokens(
     a_weighted, b_weighted = weighted[:, 0::2], weighted[:, 1::2]
     a_sizes, b_sizes = sizes[:, 0::2], sizes[:, 1::2]
     b_sum = b_weighted.scatter_add(
-        1, matching.into_b.unsqueeze(-1).expand(-1, -1, x.shape[-1]), _gather_tokens(a_weighted, matching.merged_a)
+        1, matching.into_b.unsqueeze(-1).expand(-1, -1, x.shape[-1]), gather_tokens(a_weighted, matching.merged_a)
     )
-    b_size = b_sizes.scatter_add(1, matching.into_b.unsqueeze(-1), _gather_tokens(a_sizes, matching.merged_a))
-    new_sizes = torch.cat([_gather_tokens(a_sizes, matching.kept_a), b_size], dim=1)
-    new_x = torch.cat([_gather_tokens(a_weighted, matching.kept_a), b_sum], dim=1) / new_sizes
+    b_size = b_sizes.scatter_add(1, matching.into_b.unsqueeze(-1), gather_tokens(a_sizes, matching.merged_a))
+    new_sizes = torch.cat([gather_tokens(a_sizes, matching.kept_a), b_size], dim=1)
+    new_x = torch.cat([gather_tokens(a_weighted, matching.kept_a), b_sum], dim=1) / new_sizes
     return new_x, new_sizes
 
 
@@ -203,7 +195,7 @@ def check_supported(model: VisionTransformer) -> None:
     if model.num_prefix_tokens > 1:
         raise ValueError("ToMe here supports a single class token or none; this model has register tokens.")
     for index, block in enumerate(model.blocks):
-        if type(block) is not Block or not isinstance(block.attn, Attention):
+        if not is_plain_block(block):
             raise TypeError(
                 f"Block {index} is {type(block).__name__} with {type(block.attn).__name__}; "
                 "only timm's pre-norm Block with the standard Attention is supported."
@@ -213,25 +205,13 @@ def check_supported(model: VisionTransformer) -> None:
 def attention_with_size_bias(
     attn: Attention, x: torch.Tensor, key_bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm's Attention computed from its own submodules, with an optional additive key bias.
+    """timm's Attention with an optional additive key bias [B, 1, 1, N] (fused either way).
 
     Returns the attention output [B, N, C] and the keys averaged over heads [B, N, head_dim]
-    (ToMe's similarity metric). ``key_bias`` [B, 1, 1, N] goes to SDPA as a float mask, so
-    attention stays fused either way.
+    (ToMe's similarity metric).
     """
-    batch, tokens, _ = x.shape
-    attn_dim = attn.num_heads * attn.head_dim
-    gate_layer = getattr(attn, "gate", None)  # newer timm releases only
-    gate = gate_layer(x).sigmoid() if gate_layer is not None else None
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    dropout = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias, dropout_p=dropout)
-    out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn_dim))
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+    result = attention(attn, x, key_bias=key_bias)
+    return result.out, result.keys.mean(dim=1)
 
 
 def size_bias(sizes: torch.Tensor | None, proportional_attention: bool) -> torch.Tensor | None:
@@ -255,7 +235,7 @@ def tome_forward(
     only built then). The model is only read, never modified.
     """
     check_supported(model)
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    x = embed_tokens(model, x)
     batch, num_tokens, _ = x.shape
     prefix = model.num_prefix_tokens
     schedule = merge_schedule(r, len(model.blocks), num_tokens, num_protected=prefix)
@@ -265,15 +245,14 @@ def tome_forward(
     tokens_per_layer, assignments, prefix_assignments, size_records = [], [], [], []
 
     for block, merge_count in zip(model.blocks, schedule):
-        attended, keys = attention_with_size_bias(block.attn, block.norm1(x), size_bias(sizes, proportional_attention))
-        x = x + block.drop_path1(block.ls1(attended))
+        x, attended = attention_residual(block, x, key_bias=size_bias(sizes, proportional_attention))
         if merge_count > 0:
             current_sizes = sizes if sizes is not None else x.new_ones(batch, x.shape[1], 1)
-            matching = bipartite_matching(keys, merge_count, protect_first=prefix > 0)
+            matching = bipartite_matching(attended.keys.mean(dim=1), merge_count, protect_first=prefix > 0)
             x, sizes = merge_tokens(x, current_sizes, matching)
             if location is not None:
                 location = token_destinations(matching).gather(1, location)
-        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        x = mlp_residual(block, x)
 
         tokens_per_layer.append(x.shape[1])
         if location is not None:
@@ -282,7 +261,7 @@ def tome_forward(
             layer_sizes = sizes[..., 0] if sizes is not None else x.new_ones(batch, x.shape[1])
             size_records.append(layer_sizes.float().cpu().numpy())
 
-    logits = model.forward_head(model.norm(x))
+    logits = classify(model, x)
     if not return_trace:
         return logits
     trace = ToMeTrace(
@@ -296,6 +275,23 @@ def tome_forward(
         patch_size=tuple(model.patch_embed.patch_size),
     )
     return logits, trace
+
+
+def tome_schedule_forward(model: VisionTransformer, x: torch.Tensor, r: RSpec = 13) -> torch.Tensor:
+    """ToMe's token counts without ToMe: each block's attention sees as many tokens as in ``tome_forward`` and
+    its MLP as many as remain after merging, the tokens simply truncated (no matching, no size bias).
+
+    Not a classifier: the speed ceiling that ``tome_forward``'s matching and merging are measured against.
+    """
+    check_supported(model)
+    x = embed_tokens(model, x)
+    schedule = merge_schedule(r, len(model.blocks), x.shape[1], num_protected=model.num_prefix_tokens)
+    for block, merge_count in zip(model.blocks, schedule):
+        x, _ = attention_residual(block, x)
+        if merge_count > 0:
+            x = x[:, : x.shape[1] - merge_count]
+        x = mlp_residual(block, x)
+    return classify(model, x)
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.checkpoints import CheckpointError
+from models.merging import bipartite_match, merge_mask
 from models.registry import ModelSpec, get_spec
 from models.weights import HF_CACHE, WeightsSource, fix_instruction, resolve
 
@@ -244,32 +245,19 @@ def _compact(kept: torch.Tensor) -> torch.Tensor:
 
 
 def bipartite_destinations(metric: torch.Tensor, valid: torch.Tensor, r: torch.Tensor):
-    """ToMe's bipartite matching within one modality, with a merge count per sample.
+    """ToMe's bipartite matching (``models.merging``) within one modality, with a merge count per sample.
 
-    Tokens alternate into sets A (even) and B (odd); each valid A token picks the B token whose metric has
-    the highest cosine similarity; the ``r[b]`` best pairs merge (A into B). Invalid tokens never match and
-    are dropped. Written here because ToMe's own code takes one r for the batch and cannot skip padding.
+    The ``r[b]`` best A -> B pairs merge; invalid tokens never match and are dropped.
     Returns (destination (B, M): new index of each token's group, -1 when dropped; new counts (B,))."""
-    batch, count = valid.shape
+    match = bipartite_match(metric, valid)
+    merged_a = merge_mask(match, r.to(valid.device))
     survives = valid.clone()
-    a_idx = torch.arange(0, count, 2, device=valid.device)
-    b_idx = torch.arange(1, count, 2, device=valid.device)
-    merged_a = torch.zeros(batch, len(a_idx), dtype=torch.bool, device=valid.device)
-    best_b = torch.zeros(batch, len(a_idx), dtype=torch.long, device=valid.device)
-    if len(b_idx) > 0:
-        unit = F.normalize(metric, dim=-1)
-        similarity = unit[:, a_idx] @ unit[:, b_idx].transpose(1, 2)
-        pair_ok = valid[:, a_idx, None] & valid[:, None, b_idx]
-        best, best_b = similarity.masked_fill(~pair_ok, -math.inf).max(dim=-1)
-        rank = torch.empty_like(best_b).scatter_(
-            1, best.argsort(dim=1, descending=True), torch.arange(len(a_idx), device=valid.device).expand(batch, -1))
-        allowed = torch.minimum(r.to(valid.device), torch.isfinite(best).sum(dim=1))
-        merged_a = rank < allowed[:, None]
-        survives[:, a_idx] &= ~merged_a
+    survives[:, 0::2] &= ~merged_a
     new_index = survives.long().cumsum(dim=1) - 1
     destination = new_index.masked_fill(~survives, -1)
-    partner = new_index[:, b_idx].gather(1, best_b) if len(b_idx) > 0 else best_b
-    destination[:, a_idx] = torch.where(merged_a, partner, destination[:, a_idx])
+    if valid.shape[1] > 1:
+        partner = new_index[:, 1::2].gather(1, match.partner)
+        destination[:, 0::2] = torch.where(merged_a, partner, destination[:, 0::2])
     return destination, survives.sum(dim=1)
 
 

@@ -16,10 +16,9 @@ import streamlit as st
 
 from analysis.images import ACCEPTED_TYPES, ImageError, NamedImage, load_image, sample_images
 from analysis.provenance import weights_label
-from models.checkpoints import (CheckpointError, WeightsNotFoundError, checkpoint_mismatch, matching_models,
-                                read_state_dict)
+from models.checkpoints import CheckpointError, WeightsNotFoundError, read_state_dict
 from models.device import available_devices
-from models.loading import LoadedModel, load_model
+from models.loading import LoadedModel, checkpoint_mismatch, load_model, matching_models
 from models.weights import WEIGHTS_DIR_ENV
 
 DEVICE_KEY = "vitlab_device"

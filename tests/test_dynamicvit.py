@@ -18,8 +18,10 @@ from models.dynamicvit import (
     dynamicvit_forward,
     dynamicvit_from_backbone,
     dynamicvit_loss,
+    dynamicvit_schedule_forward,
     dynamicvit_train_forward,
     keep_counts,
+    keep_logits,
     load_official_checkpoint,
     mean_keep_per_stage,
     policy_softmax,
@@ -81,6 +83,41 @@ def test_pruned_forward_is_per_image(dyn_tiny, deit_tiny_batch):
             assert torch.allclose(single[0], batched[i], atol=1e-4)
             for a, b in zip(single_trace.kept_indices, trace.kept_indices):
                 assert torch.equal(a[0], b[i])
+
+
+def test_keep_logits_rank_like_the_predictors_keep_probability():
+    torch.manual_seed(7)
+    model = _small("dynamicvit_deit_small_patch16_224").eval()
+    tokens = torch.randn(3, 17, 384)
+    with torch.inference_mode():
+        log_keep = model.score_predictor[0](tokens[:, 1:])[..., 0]
+        logits = keep_logits(model.score_predictor[0], tokens)
+    torch.testing.assert_close(F.logsigmoid(logits), log_keep, atol=1e-6, rtol=0)
+
+
+def test_schedule_forward_runs_the_same_token_counts_without_predictors():
+    torch.manual_seed(8)
+    model = _small("dynamicvit_deit_small_patch16_224").eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen: list[int] = []
+    handles = [block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+               for block in model.blocks]
+    predictor_calls = []
+    handles += [p.in_conv[1].register_forward_pre_hook(lambda *_: predictor_calls.append(1))
+                for p in model.score_predictor]
+    try:
+        with torch.inference_mode():
+            _, trace = dynamicvit_forward(model, x, keep_ratio=0.7, return_trace=True)
+            assert len(predictor_calls) == 3
+            seen.clear()
+            predictor_calls.clear()
+            dynamicvit_schedule_forward(model, x, keep_ratio=0.7)
+            assert torch.allclose(dynamicvit_schedule_forward(model, x, keep_ratio=1.0), model(x), atol=1e-5)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen[:12] == trace.tokens_per_block == [17] * 3 + [12] * 3 + [8] * 3 + [6] * 3
+    assert not predictor_calls
 
 
 # ------------------------------------------------------------------------------------------------

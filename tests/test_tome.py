@@ -291,3 +291,32 @@ def test_agreement_sweep_on_real_deit_tiny(deit_tiny_real, deit_tiny_batch):
     assert rows[0].gflops_per_image > rows[1].gflops_per_image > rows[2].gflops_per_image
     figure = plot_agreement(rows)
     assert len(figure.data) == 3 and list(figure.data[0].x) == [0, 8, 16]
+
+
+# ---------------------------------------------------------------- the schedule ceiling
+def _tokens_seen(model: VisionTransformer, forward) -> list[tuple[int, int]]:
+    """(tokens into attention, tokens into the MLP) of every block during ``forward()``; hooks on a test-owned model."""
+    seen: list[list[int]] = [[] for _ in model.blocks]
+    handles = []
+    for i, block in enumerate(model.blocks):
+        for part in (block.norm1, block.norm2):
+            handles.append(part.register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args[0].shape[1])))
+    try:
+        with torch.inference_mode():
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [tuple(s) for s in seen]
+
+
+@pytest.mark.parametrize("r", [8, "decreasing:6"])
+def test_schedule_forward_runs_tomes_token_counts_without_merging(images, r):
+    from models.tome import tome_schedule_forward
+
+    model = small_vit(seed=2)
+    expected = _tokens_seen(model, lambda: tome_forward(model, images, r=r))
+    assert _tokens_seen(model, lambda: tome_schedule_forward(model, images, r=r)) == expected
+    assert expected[0][1] < expected[0][0]  # the MLP of the first block already runs on fewer tokens
+    with torch.inference_mode():
+        torch.testing.assert_close(tome_schedule_forward(model, images, r=0), model(images), atol=1e-5, rtol=0)

@@ -93,7 +93,7 @@ def test_home_weights_table_shows_the_upload(monkeypatch, tmp_path):
 
 
 def test_matching_models_compares_shapes_with_every_registry_model():
-    from models.checkpoints import checkpoint_mismatch, matching_models
+    from models.loading import checkpoint_mismatch, matching_models
     from models.registry import REGISTRY
 
     tiny = build_random(get_spec("deit_tiny_patch16_224")).state_dict()

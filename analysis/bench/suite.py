@@ -21,32 +21,22 @@ from typing import Callable, Sequence
 # name -> module with measure(quick, progress) -> list[dict]
 BENCHMARKS: dict[str, str] = {
     "speed-ups": "analysis.bench.speedups",
-    "token-schedule ceilings": "analysis.bench_ceiling",
+    "token-schedule ceilings": "analysis.bench.ceiling",
     "harness fidelity": "analysis.bench.fidelity",
     "head recording cost": "analysis.bench.head_recording",
     "Taylor cost": "analysis.bench.taylor_cost",
     "frontier task cost": "analysis.bench.frontier",
-    "page interaction": "analysis.bench_pages",
+    "page interaction": "analysis.bench.pages",
 }
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-
-
-def load_benchmark(module: str):
-    """The benchmark module, or None when it does not exist in this checkout (another branch writes it)."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return None
 
 
 def run_all(quick: bool = False, names: Sequence[str] | None = None,
             progress: Callable[[float, str], None] | None = None) -> tuple[list[dict], list[dict]]:
     """Run the benchmarks one after another; (figures, one status record per benchmark).
 
-    Every figure gets a ``benchmark`` key. A module that is missing gives one "not available" row, one that
-    raises gives one failed row with the error, so one broken benchmark never hides the others.
+    Every figure gets a ``benchmark`` key. A module that cannot be imported or raises gives one failed row with
+    the error, so one broken benchmark never hides the others.
     """
     chosen = list(names) if names else list(BENCHMARKS)
     unknown = [n for n in chosen if n not in BENCHMARKS]
@@ -63,11 +53,8 @@ def run_all(quick: bool = False, names: Sequence[str] | None = None,
 
         step(0.0, "starting")
         try:
-            module = load_benchmark(module_path)
-            if module is None:
-                rows, state = [_row(name, "not available", f"module {module_path} is not in this checkout")], "missing"
-            else:
-                rows, state = [dict(r, benchmark=name) for r in module.measure(quick=quick, progress=step)], "ok"
+            module = importlib.import_module(module_path)
+            rows, state = [dict(r, benchmark=name) for r in module.measure(quick=quick, progress=step)], "ok"
         except Exception as exc:  # noqa: BLE001 - reported in the table, the other benchmarks still run
             rows, state = [_row(name, "failed", f"{type(exc).__name__}: {exc}", passed=False)], "error"
         figures += rows

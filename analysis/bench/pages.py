@@ -1,6 +1,6 @@
 """How long each page takes to answer its main interaction, driven as a user would with Streamlit's AppTest.
 
-    python -m analysis.bench_pages [--quick]
+    python -m analysis.bench.pages [--quick]
 
 Real DeiT-Tiny weights are used from $VITLAB_WEIGHTS_DIR (default ../shared/weights) when present, random
 weights otherwise; images are ../shared/images/*.jpg (the bundled samples when absent). Each figure is the
