@@ -198,7 +198,7 @@ class KeepFrequencyTask(DatasetTask):
 
     @staticmethod
     def figures(record: KeepFrequencyRecord) -> dict[str, go.Figure]:
-        from analysis.token_maps import keep_frequency_figure
+        from analysis.token_reduction import keep_frequency_figure
 
         label = _label(record.model, record.note)
         return {f"stage {s + 1}": keep_frequency_figure(
@@ -426,7 +426,7 @@ class HeadSimilarityTask(DatasetTask):
 class TaylorTask(DatasetTask):
     """First-order Taylor importance |sum(w * dL/dw)| per channel, with dL/dw summed over the whole dataset.
 
-    The accumulator is ``analysis.taylor.TaylorSums``, the one ``taylor_importance`` (the page) runs: only the
+    The accumulator is ``analysis.channel_importance.TaylorSums``, the one ``taylor_importance`` (the page) runs: only the
     gradient sums are accumulated (float64, per scored parameter), all-reduced across processes, and the
     product with the weights is taken once at the end. Works on a private copy of the model.
     """
@@ -435,7 +435,7 @@ class TaylorTask(DatasetTask):
     files = ("taylor_scores.csv", "taylor_components.csv")
 
     def __init__(self, model: nn.Module, loss_target: str, model_name: str, note: str = "") -> None:
-        from analysis.taylor import TaylorSums
+        from analysis.channel_importance import TaylorSums
 
         super().__init__(model_name, note)
         self.loss_target = loss_target
@@ -460,7 +460,7 @@ class TaylorTask(DatasetTask):
 
     @staticmethod
     def load(folder: Path, run: dict):
-        from analysis.taylor import TaylorScores
+        from analysis.channel_importance import TaylorScores
 
         df = pd.read_csv(folder / "taylor_scores.csv")
         counts = run.get("counts", {})
@@ -474,7 +474,7 @@ class TaylorTask(DatasetTask):
 
     @staticmethod
     def figures(scores) -> dict[str, go.Figure]:
-        from analysis.taylor import (budget_keep_fraction, component_importance_figure, fraction_kept_figure,
+        from analysis.channel_importance import (budget_keep_fraction, component_importance_figure, fraction_kept_figure,
                                      head_importance_figure)
 
         return {"components": component_importance_figure(scores), "heads": head_importance_figure(scores),
@@ -492,7 +492,7 @@ def _pruner_for(model: nn.Module, model_name: str) -> tuple[nn.Module, Callable,
     else a plain DeiT/ViT wrapped with untrained (seeded) predictors."""
     from timm.models.vision_transformer import VisionTransformer
 
-    from analysis.token_maps import dynamicvit_with_untrained_predictors
+    from analysis.token_reduction import dynamicvit_with_untrained_predictors
     from models.dynamicvit import dynamicvit_forward
     from models.methods import methods_for
     from models.registry import get_spec

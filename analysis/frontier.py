@@ -21,7 +21,7 @@ import torch
 from scipy.stats import binomtest
 from torch import nn
 
-from analysis.dataset import NO_LABEL
+from analysis.data.folders import NO_LABEL
 from analysis.dataset_tasks import DatasetTask, TaskOptions, _add, _device_of, _zeros
 from analysis.throughput import BenchSettings, Runner, benchmark, image_inputs
 from models.loading import LoadedModel
@@ -108,7 +108,7 @@ def default_settings(model_name: str) -> list[FrontierSetting]:
 
 @functools.lru_cache(maxsize=8)
 def _untrained_dynamicvit(backbone: nn.Module) -> nn.Module:
-    from analysis.token_maps import dynamicvit_with_untrained_predictors
+    from analysis.token_reduction import dynamicvit_with_untrained_predictors
 
     return dynamicvit_with_untrained_predictors(backbone, seed=0)
 

@@ -21,7 +21,7 @@ from PIL import Image
 from plotly.subplots import make_subplots
 from torch import nn
 
-from analysis.images import denormalize
+from analysis.data.images import denormalize
 from models.attention_recording import CGA, MHSA, AttentionRecord, BlockAttention, record_attention
 
 Progress = Callable[[float, str], None]

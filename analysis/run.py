@@ -3,7 +3,7 @@
     python -m analysis.run TASK --model NAME --data FOLDER --out DIR [options]
     torchrun --nproc_per_node 4 -m analysis.run TASK ...        # one process per GPU (or CPU slot)
 
-TASK is keep-frequency (DynamicViT), tome-merge (ToMe), head-similarity or taylor. The folder is streamed
+TASK is keep-frequency (DynamicViT), tome-merge (ToMe), head-similarity, taylor or frontier. The folder is streamed
 (recursively; class sub-folders give labels) through a DataLoader; each process takes its own shard, keeps
 running sums, and rank 0 writes the all-reduced result (the same records the pages show) and ``run.json``.
 Every ``--state-every`` batches each process saves its sums to ``DIR/state/rank{r}.pt``; ``--resume``
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from analysis.dataset import (
+from analysis.data.folders import (
     DatasetError,
     DistEnv,
     FolderImages,
@@ -42,13 +42,9 @@ from analysis.dataset import (
     save_state,
     state_path,
 )
-from analysis.dataset_tasks import TASKS as ANALYSIS_TASKS
 from analysis.dataset_tasks import DatasetTask, TaskOptions, build_task
 from analysis.frontier import FRONTIER, FrontierTask
-
-TASKS: dict[str, type[DatasetTask]] = {**ANALYSIS_TASKS, FRONTIER: FrontierTask}
-
-RUN_FILE = "run.json"
+from analysis.run_folders import RUN_FILE, TASKS
 
 
 # ----------------------------------------------------------------------------- command line
@@ -71,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use only the first N files (sorted paths)")
     p.add_argument("--keep-ratio", type=float, default=0.7, help="keep-frequency: DynamicViT keep ratio rho")
     p.add_argument("--r", default="13", help="tome-merge: tokens merged per block ('13', '13,12,...', 'decreasing:13')")
+    p.add_argument("--no-prop-attn", action="store_true",
+                   help="tome-merge: without proportional attention (no log-size bias on the attention logits)")
     p.add_argument("--labels", choices=["self", "folder"], default="self",
                    help="taylor: loss against the model's own top-1 (self) or the class sub-folders (folder)")
     p.add_argument("--settings", nargs="+", default=None,
@@ -85,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def task_options(args: argparse.Namespace) -> TaskOptions:
-    return TaskOptions(keep_ratio=args.keep_ratio, r=str(args.r),
+    return TaskOptions(keep_ratio=args.keep_ratio, r=str(args.r), proportional_attention=not args.no_prop_attn,
                        loss_target="labels" if args.labels == "folder" else "self",
                        frontier_settings=tuple(args.settings or ()))
 
@@ -261,61 +259,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         close_distributed(env)
-
-
-# ----------------------------------------------------------------------------- reading a run back
-
-class RunFolderError(ValueError):
-    """A folder that holds no finished run of the expected task; the message says what is wrong."""
-
-
-@dataclass
-class RunResult:
-    """A finished run read back: its task, settings, the whole run.json, and the task's record."""
-
-    folder: Path
-    task: str
-    settings: dict[str, Any]
-    info: dict[str, Any]
-    record: Any
-
-    def figures(self):
-        """The task's figures (plotly), keyed by a short name, drawn with the pages' builders."""
-        return TASKS[self.task].figures(self.record)
-
-    def summary(self) -> str:
-        counts, timings = self.info.get("counts", {}), self.info.get("timings", {})
-        return (f"{self.task} on {self.settings.get('model')}: {counts.get('images_seen')} images from "
-                f"{self.settings.get('data')} ({counts.get('corrupt_skipped', 0)} corrupt skipped), "
-                f"{self.info.get('run', {}).get('world_size', 1)} process(es), "
-                f"{timings.get('images_per_s')} img/s")
-
-
-def load_run(folder: str | Path, task: str | None = None) -> RunResult:
-    """Read ``folder/run.json`` and the task's record files; RunFolderError with a clear message otherwise."""
-    root = Path(str(folder)).expanduser()
-    if not root.is_dir():
-        raise RunFolderError(f"{folder} is not a folder.")
-    run_file = root / RUN_FILE
-    if not run_file.is_file():
-        hint = " Its state/ holds an unfinished run: finish it with --resume." if (root / "state").is_dir() else ""
-        raise RunFolderError(f"{root} holds no {RUN_FILE}: it is not the --out folder of a finished "
-                             f"`python -m analysis.run` run.{hint}")
-    try:
-        info = json.loads(run_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunFolderError(f"{run_file} cannot be read: {exc}") from exc
-    found = info.get("task")
-    if found not in TASKS:
-        raise RunFolderError(f"{run_file} names no known task ({found!r}).")
-    if task is not None and found != task:
-        raise RunFolderError(f"{root} holds a {found!r} run, but this page shows {task!r} results. "
-                             f"Run `python -m analysis.run {task} ...` and give its --out folder.")
-    try:
-        record = TASKS[found].load(root, info)
-    except (OSError, KeyError, ValueError) as exc:
-        raise RunFolderError(f"The {found} records in {root} cannot be read: {exc}") from exc
-    return RunResult(root, found, dict(info.get("settings", {})), info, record)
 
 
 if __name__ == "__main__":

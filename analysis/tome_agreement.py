@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the table as CSV")
     args = parser.parse_args(argv)
 
-    from analysis.images import load_folder, sample_images, to_batch
+    from analysis.data.images import load_folder, sample_images, to_batch
     from models.checkpoints import CheckpointError, WeightsNotFoundError
     from models.loading import load_model
 

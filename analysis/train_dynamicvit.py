@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from analysis.dataset import NO_LABEL, FolderImages, collate_readable, list_image_files
-from analysis.images import ACCEPTED_TYPES, folder_class_labels
+from analysis.data.folders import NO_LABEL, FolderImages, collate_readable, list_image_files
+from analysis.data.images import ACCEPTED_TYPES, folder_class_labels
 from models import dynamic_convnext, dynamic_swin
 from models.checkpoints import CheckpointError
 from models.dynamicvit import (

@@ -30,22 +30,16 @@ DEFAULT_PRUNING_LOCATIONS = (3, 6, 9)
 
 
 class DynamicViTArch(NamedTuple):
-    """One official DynamicViT release: its DeiT backbone shape, download URL and reported top-1 (rho = 0.7)."""
+    """The DeiT backbone shape of one official DynamicViT release (URLs and top-1 live in the registry)."""
 
-    timm_base: str | None  # timm name of the backbone; None where timm has no such DeiT (DeiT-256)
     embed_dim: int
     num_heads: int
-    url: str
-    top1: float
 
 
 DYNAMICVIT_ARCHS: dict[str, DynamicViTArch] = {
-    "dynamicvit_deit_256_patch16_224": DynamicViTArch(
-        None, 256, 4, "https://cloud.tsinghua.edu.cn/f/b0e1ff6af1004039855e/?dl=1", 76.53),
-    "dynamicvit_deit_small_patch16_224": DynamicViTArch(
-        "deit_small_patch16_224", 384, 6, "https://cloud.tsinghua.edu.cn/f/698896dfbcea430b9591/?dl=1", 79.32),
-    "dynamicvit_deit_base_patch16_224": DynamicViTArch(
-        "deit_base_patch16_224", 768, 12, "https://cloud.tsinghua.edu.cn/f/660f27ddb6b945a797a8/?dl=1", 81.43),
+    "dynamicvit_deit_256_patch16_224": DynamicViTArch(256, 4),
+    "dynamicvit_deit_small_patch16_224": DynamicViTArch(384, 6),
+    "dynamicvit_deit_base_patch16_224": DynamicViTArch(768, 12),
 }
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import streamlit as st
 
-from analysis.images import ACCEPTED_TYPES, ImageError, NamedImage, load_image, sample_images
+from analysis.data.images import ACCEPTED_TYPES, ImageError, NamedImage, load_image, sample_images
 from analysis.provenance import weights_label
 from models.checkpoints import CheckpointError, WeightsNotFoundError, read_state_dict
 from models.device import available_devices

@@ -6,8 +6,8 @@ import hashlib
 import streamlit as st
 import torch
 
-from analysis.images import imagenet_label, to_batch
-from analysis.taylor import (
+from analysis.data.images import imagenet_label, to_batch
+from analysis.channel_importance import (
     NORMALIZATIONS,
     activation_importance,
     budget_keep_fraction,

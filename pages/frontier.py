@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from analysis.dataset import NO_LABEL, DatasetError, FolderImages, collate_readable
+from analysis.data.folders import NO_LABEL, DatasetError, FolderImages, collate_readable
 from analysis.frontier import (
     UNREDUCED,
     FrontierSetting,
@@ -19,7 +19,7 @@ from analysis.frontier import (
     paper_points,
     settings_methods,
 )
-from analysis.images import to_batch
+from analysis.data.images import to_batch
 from analysis.throughput import BenchSettings
 from models.methods import METHODS
 from models.registry import REGISTRY, VILT, get_spec

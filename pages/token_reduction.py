@@ -4,9 +4,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from analysis.images import model_view, to_batch
+from analysis.data.images import model_view, to_batch
 from analysis.provenance import images_label, label_rows, title_line
-from analysis.token_maps import (
+from analysis.token_reduction import (
     DYNAMICVIT,
     NO_REDUCTION,
     TOME,

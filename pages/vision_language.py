@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from analysis.pumer import (PuMerSettings, answer_question, answers_frame, counts_frame, merge_overlay,
+from analysis.vision_language import (PuMerSettings, answer_question, answers_frame, counts_frame, merge_overlay,
                             pruned_overlay, records_to_json, steps_frame, text_groups_html, token_counts_figure,
                             tokens)
 from analysis.provenance import label_rows, title_line, with_title

@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from analysis.dataset import FolderImages, ShardSampler, collate_readable
-from analysis.run import RunFolderError, load_run, main
+from analysis.data.folders import FolderImages, ShardSampler, collate_readable
+from analysis.run import main
+from analysis.run_folders import RunFolderError, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEIT, EVIT = "deit_tiny_patch16_224", "efficientvit_m0"
@@ -46,7 +47,7 @@ finally:
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory, shared_dir) -> Path:
     """9 files in two ImageNet-class sub-folders: 5 shared photos, 2 scikit-learn photos, a PNG, one corrupt file."""
-    from analysis.images import sample_images
+    from analysis.data.images import sample_images
 
     root = tmp_path_factory.mktemp("images")
     (root / "drake").mkdir()
@@ -189,7 +190,7 @@ def test_torchrun_keep_frequency_equals_one_process(image_folder, cli_env, run_h
     # The same statistic as the token page's own keep_frequency(trace) on the same four images.
     import timm.data
 
-    from analysis.token_maps import dynamicvit_with_untrained_predictors, keep_frequency
+    from analysis.token_reduction import dynamicvit_with_untrained_predictors, keep_frequency
     from models.dynamicvit import dynamicvit_forward
 
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=deit_tiny_real))
@@ -231,7 +232,7 @@ def test_torchrun_head_similarity_equals_one_process_and_the_page_analysis(two_p
 def test_torchrun_taylor_equals_one_process_and_taylor_importance(two_process_runs, image_folder, run_here):
     import pandas as pd
 
-    from analysis.taylor import taylor_importance
+    from analysis.channel_importance import taylor_importance
     from models.loading import load_model
 
     single = run_here("taylor1", *common("taylor", EVIT, image_folder, "--random-weights", "--batch", "8",

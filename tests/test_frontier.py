@@ -12,7 +12,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from analysis.dataset import NO_LABEL
+from analysis.data.folders import NO_LABEL
 from analysis.frontier import (
     AGREEMENT,
     ACCURACY,
@@ -26,7 +26,7 @@ from analysis.frontier import (
     setting_forward,
     wilson_interval,
 )
-from analysis.images import imagenet_label, sample_images
+from analysis.data.images import imagenet_label, sample_images
 from analysis.run import main
 from models.loading import load_model
 
@@ -63,7 +63,7 @@ def deit(shared_dir):
 
 def _direct_counts(loaded, folder: Path, settings: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
     """Each setting evaluated on its own over every image, one at a time: the reference the task must match."""
-    from analysis.dataset import FolderImages
+    from analysis.data.folders import FolderImages
 
     dataset = FolderImages.from_folder(folder, loaded.transform, None, "folder")
     correct, agree = np.zeros(len(settings)), np.zeros(len(settings))

@@ -6,7 +6,7 @@ import timm
 import timm.data
 from PIL import Image
 
-from analysis.images import ImageError, load_folder, load_image, model_view, sample_images, to_batch
+from analysis.data.images import ImageError, load_folder, load_image, model_view, sample_images, to_batch
 
 
 def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -108,7 +108,7 @@ def test_samples_are_real_photos_and_preprocess_with_the_model_config():
 
 
 def test_one_parser_for_class_sub_folders():
-    from analysis.images import folder_class_labels
+    from analysis.data.images import folder_class_labels
 
     paths = ["207/a.png", "n01443537/b.jpg", "golden retriever/c.png", "loose.png", "207/d.png"]
     assert folder_class_labels(paths) == [207, 1, 207, None, 207]

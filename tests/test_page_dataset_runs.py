@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.images import sample_images
+from analysis.data.images import sample_images
 from analysis.run import main as run_main
 
 ROOT = Path(__file__).resolve().parents[1]

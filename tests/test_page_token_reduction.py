@@ -63,7 +63,7 @@ def test_fade_keeps_kept_patches_and_whitens_dropped_ones():
     import numpy as np
     from PIL import Image
 
-    from analysis.token_maps import fade_dropped_patches
+    from analysis.token_reduction import fade_dropped_patches
 
     pixels = np.full((32, 32, 3), 40, dtype=np.uint8)
     keep = np.array([True, False, False, True])  # 2x2 grid of 16-px patches
@@ -75,7 +75,7 @@ def test_fade_keeps_kept_patches_and_whitens_dropped_ones():
 def test_comparison_on_small_random_dynamicvit():
     import torch
 
-    from analysis.token_maps import (
+    from analysis.token_reduction import (
         DYNAMICVIT, TOME, agreement_frame, compare_reductions, kept_indices_frame, tokens_per_block,
     )
     from models.dynamicvit import DynamicViT
@@ -156,7 +156,7 @@ def test_banner_follows_the_backbone_weights(random_page):
 
 
 def test_a_slider_reruns_only_its_method(random_page, monkeypatch):
-    import analysis.token_maps as token_maps
+    import analysis.token_reduction as token_maps
 
     calls = []
     for fn in ("reference_logits", "tome_run", "dynamicvit_run"):

@@ -184,7 +184,7 @@ def test_loader_offline_without_weights_says_what_to_do(tmp_path, monkeypatch):
 def test_answer_question_records_and_figures(vilt, wide_photo):
     import json
 
-    from analysis.pumer import (PuMerSettings, answer_question, counts_frame, merge_overlay, pruned_overlay,
+    from analysis.vision_language import (PuMerSettings, answer_question, counts_frame, merge_overlay, pruned_overlay,
                                 records_to_json, text_groups_html, token_counts_figure)
 
     model, processor = vilt

@@ -8,7 +8,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from analysis.taylor import (
+from analysis.channel_importance import (
     COMPONENTS,
     activation_importance,
     budget_keep_fraction,
@@ -268,8 +268,8 @@ def test_real_deit_tiny_scores(deit_tiny_real, deit_tiny_batch):
 def test_class_folders_map_to_imagenet_indices(tmp_path):
     from PIL import Image
 
-    from analysis.images import imagenet_class_index
-    from analysis.taylor import labelled_folder, split_batches
+    from analysis.data.images import imagenet_class_index
+    from analysis.channel_importance import labelled_folder, split_batches
 
     assert imagenet_class_index("207") == imagenet_class_index("golden_retriever") == 207
     assert imagenet_class_index("n01443537") == imagenet_class_index("Goldfish") == 1
@@ -308,7 +308,7 @@ def test_benchmark_reports_a_positive_ratio():
 
 def test_page_function_and_dataset_task_share_one_accumulator():
     from analysis.dataset_tasks import TaylorTask
-    from analysis.taylor import TaylorSums
+    from analysis.channel_importance import TaylorSums
 
     model, x, labels = tiny_vit(), images(4), torch.tensor([0, 1, 2, 3])
     page = taylor_importance(model, [(x[:1], labels[:1]), (x[1:], labels[1:])], loss_target="labels")

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
+from analysis.token_reduction import tome_merge_map_image
 from analysis.tome_agreement import agreement_sweep, plot_agreement, top5_overlap
 from models.tome import (
     Matching,
@@ -20,7 +21,6 @@ from models.tome import (
     size_bias,
     token_destinations,
     tome_forward,
-    tome_merge_map_image,
 )
 
 
@@ -313,7 +313,6 @@ def _tokens_seen(model: VisionTransformer, forward) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("r", [8, "decreasing:6"])
 def test_schedule_forward_runs_tomes_token_counts_without_merging(images, r):
     from models.tome import tome_schedule_forward
-
     model = small_vit(seed=2)
     expected = _tokens_seen(model, lambda: tome_forward(model, images, r=r))
     assert _tokens_seen(model, lambda: tome_schedule_forward(model, images, r=r)) == expected

@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from analysis.images import imagenet_label, load_image, to_batch
+from analysis.data.images import imagenet_label, load_image, to_batch
 from models.checkpoints import CheckpointError, WeightsNotFoundError, read_state_dict
 from models.loading import build_random, load_model
 from models.registry import get_spec

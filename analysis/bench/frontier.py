@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from analysis.dataset import NO_LABEL
+from analysis.data.folders import NO_LABEL
 from analysis.frontier import FrontierSetting, FrontierTask, _is_neutral, setting_forward
 from analysis.throughput import time_call
 from models.loading import load_model

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from analysis.taylor import taylor_importance
+from analysis.channel_importance import taylor_importance
 from analysis.throughput import time_call
 
 MODELS = ("deit_small_patch16_224", "efficientvit_m0")

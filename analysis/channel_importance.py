@@ -704,7 +704,7 @@ def labelled_folder(folder, limit: int | None = None):
     """
     from pathlib import Path
 
-    from analysis.images import folder_class_labels, load_folder
+    from analysis.data.images import folder_class_labels, load_folder
 
     root = Path(folder).expanduser()
     if not root.is_dir():

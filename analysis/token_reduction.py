@@ -17,11 +17,11 @@ from plotly.subplots import make_subplots
 from PIL import Image, ImageDraw
 from timm.models.vision_transformer import VisionTransformer
 
-from analysis.images import imagenet_label
+from analysis.data.images import imagenet_label
 from analysis.provenance import with_title
 from analysis.tome_agreement import top1_agreement, top5_overlap
 from models.dynamicvit import DynamicViT, DynamicViTTrace, dynamicvit_forward, dynamicvit_from_backbone
-from models.tome import ToMeTrace, tome_forward, tome_merge_map_image
+from models.tome import ToMeTrace, tome_forward
 
 NO_REDUCTION, DYNAMICVIT, TOME = "no reduction", "DynamicViT pruning", "ToMe merging"
 
@@ -301,3 +301,51 @@ def image_strip(panels: Sequence[tuple[str, Image.Image]], caption_height: int =
         strip.paste(image.convert("RGB"), (x, caption_height))
         x += image.size[0] + gap
     return with_title(strip, title) if title else strip
+
+
+# ToMe's merge visualisation (the paper's figure)
+def _as_rgb_array(image: Image.Image | np.ndarray, height: int, width: int) -> np.ndarray:
+    """The image as an [height, width, 3] float array, resized when it is not already that size."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BICUBIC)
+    return np.asarray(image, dtype=np.float64)
+
+
+def tome_merge_map_image(
+    image: Image.Image | np.ndarray,
+    assignment: np.ndarray,
+    grid: tuple[int, int] = (14, 14),
+    patch: int = 16,
+    border_color: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
+    """The paper's merge visualisation: every group of merged patches in its mean colour, with borders.
+
+    ``assignment`` [grid_h * grid_w] gives each patch's token (one image's row of
+    ``ToMeTrace.assignments[layer]``); the image is resized to ``grid * patch`` pixels.
+    """
+    grid_h, grid_w = grid
+    height, width = grid_h * patch, grid_w * patch
+    pixels = _as_rgb_array(image, height, width)
+    labels = np.asarray(assignment).reshape(grid_h, grid_w)
+    _, group = np.unique(labels, return_inverse=True)
+    group = group.reshape(grid_h, grid_w)
+    patch_colours = pixels.reshape(grid_h, patch, grid_w, patch, 3).mean(axis=(1, 3)).reshape(-1, 3)
+    counts = np.bincount(group.ravel())
+    group_colours = np.stack(
+        [np.bincount(group.ravel(), weights=patch_colours[:, c]) / counts for c in range(3)], axis=1
+    )
+    pixel_groups = np.repeat(np.repeat(group, patch, axis=0), patch, axis=1)
+    painted = group_colours[pixel_groups]
+    # Mark both pixels on each side of a group change, so borders are two pixels wide.
+    horizontal = pixel_groups[:, 1:] != pixel_groups[:, :-1]
+    vertical = pixel_groups[1:, :] != pixel_groups[:-1, :]
+    edge = np.zeros((height, width), dtype=bool)
+    edge[:, 1:] |= horizontal
+    edge[:, :-1] |= horizontal
+    edge[1:, :] |= vertical
+    edge[:-1, :] |= vertical
+    painted[edge] = border_color
+    return Image.fromarray(np.clip(painted.round(), 0, 255).astype(np.uint8))

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
-from analysis.images import ACCEPTED_TYPES, ImageError, class_folder, folder_class_labels, load_image
+from analysis.data.images import ACCEPTED_TYPES, ImageError, class_folder, folder_class_labels, load_image
 
 NO_LABEL = -1
 LABEL_MODES = ("self", "folder")

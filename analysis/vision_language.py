@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from analysis.images import denormalize
+from analysis.data.images import denormalize
 from analysis.throughput import BenchSettings, Runner, benchmark
 from models.vilt_pumer import DEFAULT_REDUCE_LAYERS, PuMerTrace, pumer_forward
 
