@@ -4,7 +4,8 @@
 
 DynamicViT-DeiT-S (rho 0.7) and ToMe (r = 13; the full run adds r = 4, 8, 16 and decreasing:13) against
 DeiT-S at batch 16; ViLT + PuMer against ViLT at batch 8; EfficientViT-M5 (the full run adds M0..M4)
-against MobileNetV3-Large with BatchNorm fused, at batch 16. Random weights (timing does not depend on
+against MobileNetV3-Large with BatchNorm fused, at batch 16. The full run adds DynamicViT's zoo (ConvNeXt-T,
+Swin-T, LV-ViT-S at rho 0.7 against their backbones, batch 16) and METER + PuMer against METER (batch 8). Random weights (timing does not depend on
 them). Every group is also timed at batch 1 (``analysis.throughput.latency``); batch 1 has no target.
 """
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Comparison:
     gpu_target: float | None = None  # the same on a GPU, where the issue gives one
     paper: str = ""
     full_only: bool = False  # timed only outside --quick
+    fewer_flops_target: float | None = None  # a token-pruning model: report its FLOP saving (with this target)
+    reports_flops: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,12 +44,13 @@ class Group:
     comparisons: tuple[Comparison, ...]
     fuse_bn: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    full_only: bool = False  # the whole group is timed only outside --quick
 
 
 GROUPS = (
     Group("DeiT-S", "deit_small_patch16_224", 16, (
         Comparison("DynamicViT-DeiT-S rho 0.7", "dynamicvit_deit_small_patch16_224@rho=0.7", 1.62,
-                   paper="paper +43-54 % throughput (GPU)"),
+                   paper="paper +43-54 % throughput (GPU)", fewer_flops_target=FEWER_FLOPS_TARGET, reports_flops=True),
         Comparison("ToMe DeiT-S r = 13", "deit_small_patch16_224@tome=13", 1.6, paper="paper 1.64x (V100)"),
         *(Comparison(f"ToMe DeiT-S r = {r}", f"deit_small_patch16_224@tome={r}", full_only=True)
           for r in ("4", "8", "16", "decreasing:13")),
@@ -58,6 +62,23 @@ GROUPS = (
         Comparison("EfficientViT-M5", "efficientvit_m5", paper="paper 1.45x (Xeon CPU)"),
         *(Comparison(f"EfficientViT-M{i}", f"efficientvit_m{i}", full_only=True) for i in range(5)),
     ), fuse_bn=True, notes=("BN fused",)),
+    # DynamicViT's zoo (T-PAMI extension): no speed target in the issue; FLOPs against the paper's multiply-adds.
+    Group("ConvNeXt-T", "convnext_tiny", 16, (
+        Comparison("DynamicCNN ConvNeXt-T rho 0.7", "dynamiccnn_convnext_tiny@rho=0.7", reports_flops=True,
+                   paper="paper 4.5 -> 3.6 G multiply-adds"),
+    ), full_only=True),
+    Group("Swin-T", "swin_tiny_patch4_window7_224", 16, (
+        Comparison("DynamicSwin-T rho 0.7", "dynamicswin_tiny@rho=0.7", reports_flops=True,
+                   paper="paper 4.5 -> 4.0 G multiply-adds"),
+    ), full_only=True),
+    Group("LV-ViT-S (unpruned)", "dynamicvit_lvvit_s", 16, (
+        Comparison("DynamicViT-LV-ViT-S rho 0.7", "dynamicvit_lvvit_s@rho=0.7", reports_flops=True,
+                   paper="paper 6.6 -> 4.6 G multiply-adds"),
+    ), full_only=True),
+    Group("METER", "meter_clip16_288_vqa", 8, (
+        Comparison("METER + PuMer", "meter_clip16_288_vqa@pumer", 1.6, gpu_target=1.8, reports_flops=True,
+                   paper="paper 1.8-2x (GPU); PuMer reduces only the 6 fusion blocks"),
+    ), notes=("288 px, 11-token question",), full_only=True),
 )
 
 
@@ -112,12 +133,13 @@ def group_figures(group: Group, comparisons: list[Comparison], rows: list[Throug
                         "value": one.speedup, "unit": "x", "target": "", "passed": None,
                         "detail": f"median {one.median_ms:.1f} vs {base_lat.median_ms:.1f} ms, "
                                   f"p90 {one.p90_ms:.1f} vs {base_lat.p90_ms:.1f} ms"})
-        if c.model.endswith("@rho=0.7") and row.gflops and base.gflops:
-            fewer = 1 - row.gflops / base.gflops
+        if c.reports_flops and row.gflops and base.gflops:
+            fewer, goal = 1 - row.gflops / base.gflops, c.fewer_flops_target
             figures.append({"figure": f"{c.label} FLOPs vs {group.baseline_label}", "value": 100 * fewer, "unit": "%",
-                            "target": f">= {FEWER_FLOPS_TARGET * 100:.0f} % fewer",
-                            "passed": fewer >= FEWER_FLOPS_TARGET,
-                            "detail": f"{_gflops(base)} -> {_gflops(row)} GFLOPs per image (2 FLOPs per multiply-add)"})
+                            "target": f">= {goal * 100:.0f} % fewer" if goal else "",
+                            "passed": None if goal is None else fewer >= goal,
+                            "detail": f"{_gflops(base)} -> {_gflops(row)} GFLOPs per image (2 FLOPs per multiply-add)"
+                                      + (f"; {c.paper}" if c.paper else "")})
     return figures
 
 
@@ -126,12 +148,13 @@ def measure(quick: bool = False, progress: Callable[[float, str], None] | None =
     """Every group's speed-ups at its batch (with targets) and at batch 1 (reported)."""
     device = device or default_device()
     figures = []
-    for g, group in enumerate(GROUPS):
+    groups = [g for g in GROUPS if not (quick and g.full_only)]
+    for g, group in enumerate(groups):
         comparisons = [c for c in group.comparisons if not (quick and c.full_only)]
 
         def step(message: str, fraction: float, g=g, offset=0.0, share=1.0) -> None:
             if progress:
-                progress((g + offset + share * fraction) / len(GROUPS), f"{group.baseline_label} group: {message}")
+                progress((g + offset + share * fraction) / len(groups), f"{group.baseline_label} group: {message}")
 
         step("loading models", 0.0)
         runners = _runners(group, comparisons, device)
