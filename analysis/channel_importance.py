@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from analysis.data.images import folder_class_labels, load_folder
+
 LossTarget = Literal["self", "labels"]
 Normalization = Literal["block", "layer", "l2", "none"]
 Progress = Callable[[int, "int | None"], None]
@@ -704,7 +706,6 @@ def labelled_folder(folder, limit: int | None = None):
     """
     from pathlib import Path
 
-    from analysis.data.images import folder_class_labels, load_folder
 
     root = Path(folder).expanduser()
     if not root.is_dir():

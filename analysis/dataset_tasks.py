@@ -18,6 +18,18 @@ import plotly.graph_objects as go
 import torch
 from torch import nn
 
+from analysis.channel_importance import (TaylorScores, TaylorSums, budget_keep_fraction, component_importance_figure,
+                                         fraction_kept_figure, head_importance_figure)
+from analysis.head_redundancy import (BlockRedundancy, HeadSimilaritySums, RedundancyResult, redundancy_vs_depth,
+                                      similarity_dataframe, similarity_heatmaps, to_dataframe)
+from analysis.token_reduction import dynamicvit_with_untrained_predictors, keep_frequency_figure
+from models.attention_recording import record_attention
+from models.dynamic_zoo import as_stage_trace
+from models.dynamicvit import dynamicvit_forward
+from models.methods import methods_for
+from models.registry import get_spec
+from models.tome import check_supported, merge_schedule, tome_forward
+
 KEEP_FREQUENCY, TOME_MERGE, HEAD_SIMILARITY, TAYLOR = "keep-frequency", "tome-merge", "head-similarity", "taylor"
 
 
@@ -137,8 +149,6 @@ class KeepFrequencyTask(DatasetTask):
 
     def __init__(self, model: nn.Module, keep_ratio: float, model_name: str, note: str = "",
                  forward: Callable | None = None, input_size: tuple[int, int, int] = (3, 224, 224)) -> None:
-        from models.dynamicvit import dynamicvit_forward
-
         super().__init__(model_name, note)
         self.model, self.keep_ratio = model, keep_ratio
         self.forward = forward or dynamicvit_forward
@@ -154,8 +164,6 @@ class KeepFrequencyTask(DatasetTask):
                      "scored": _zeros(stages, cells, device=device)}
 
     def _trace(self, images: torch.Tensor):
-        from models.dynamic_zoo import as_stage_trace
-
         with torch.inference_mode():
             _, trace = self.forward(self.model, images, keep_ratio=self.keep_ratio, return_trace=True)
         return as_stage_trace(trace, tuple(images.shape[-2:]))
@@ -198,8 +206,6 @@ class KeepFrequencyTask(DatasetTask):
 
     @staticmethod
     def figures(record: KeepFrequencyRecord) -> dict[str, go.Figure]:
-        from analysis.token_reduction import keep_frequency_figure
-
         label = _label(record.model, record.note)
         return {f"stage {s + 1}": keep_frequency_figure(
                     record.frequency(s), f"{label}: how often each position survives stage {s + 1} "
@@ -259,8 +265,6 @@ class ToMeMergeTask(DatasetTask):
 
     def __init__(self, model: nn.Module, r: str, proportional_attention: bool, model_name: str,
                  note: str = "") -> None:
-        from models.tome import merge_schedule
-
         super().__init__(model_name, note)
         self.model, self.r, self.proportional_attention = model, str(r), proportional_attention
         depth, patches = len(model.blocks), model.patch_embed.num_patches
@@ -276,8 +280,6 @@ class ToMeMergeTask(DatasetTask):
         return {"r": str(options.r), "proportional_attention": options.proportional_attention}
 
     def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        from models.tome import tome_forward
-
         with torch.inference_mode():
             _, trace = tome_forward(self.model, images, r=self.r, proportional_attention=self.proportional_attention,
                                     return_trace=True)
@@ -365,9 +367,6 @@ class HeadSimilarityTask(DatasetTask):
 
     def __init__(self, model: nn.Module, input_size: tuple[int, int, int], model_name: str,
                  random_weights: bool = False, note: str = "") -> None:
-        from analysis.head_redundancy import HeadSimilaritySums
-        from models.attention_recording import record_attention
-
         super().__init__(model_name, note)
         self.model, self.random_weights = model, random_weights
         device = _device_of(model)
@@ -376,8 +375,6 @@ class HeadSimilarityTask(DatasetTask):
         self.sums = self.accumulator.sums
 
     def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        from models.attention_recording import record_attention
-
         _, record = record_attention(self.model, images)
         self.accumulator.update(record)
 
@@ -386,8 +383,6 @@ class HeadSimilarityTask(DatasetTask):
 
     @staticmethod
     def write(result, out: Path) -> list[str]:
-        from analysis.head_redundancy import similarity_dataframe, to_dataframe
-
         arrays: dict[str, Any] = {"model": result.model, "kind": result.kind, "images": result.num_images,
                                   "random_weights": result.random_weights, "embedding": result.embedding,
                                   "blocks": np.array([b.block for b in result.blocks]),
@@ -405,8 +400,6 @@ class HeadSimilarityTask(DatasetTask):
 
     @staticmethod
     def load(folder: Path, run: dict):
-        from analysis.head_redundancy import BlockRedundancy, RedundancyResult
-
         with np.load(folder / "head_similarity.npz", allow_pickle=False) as z:
             blocks = [BlockRedundancy(int(b), int(s), float(d), z[f"block{b}_attention_similarity"],
                                       z[f"block{b}_feature_similarity"], z[f"block{b}_offset_profile"])
@@ -416,8 +409,6 @@ class HeadSimilarityTask(DatasetTask):
 
     @staticmethod
     def figures(result) -> dict[str, go.Figure]:
-        from analysis.head_redundancy import redundancy_vs_depth, similarity_heatmaps
-
         return {"redundancy vs depth": redundancy_vs_depth([result]), "similarity": similarity_heatmaps(result)}
 
 
@@ -435,8 +426,6 @@ class TaylorTask(DatasetTask):
     files = ("taylor_scores.csv", "taylor_components.csv")
 
     def __init__(self, model: nn.Module, loss_target: str, model_name: str, note: str = "") -> None:
-        from analysis.channel_importance import TaylorSums
-
         super().__init__(model_name, note)
         self.loss_target = loss_target
         self.accumulator = TaylorSums(model, loss_target, model_name)
@@ -460,8 +449,6 @@ class TaylorTask(DatasetTask):
 
     @staticmethod
     def load(folder: Path, run: dict):
-        from analysis.channel_importance import TaylorScores
-
         df = pd.read_csv(folder / "taylor_scores.csv")
         counts = run.get("counts", {})
         return TaylorScores(
@@ -474,9 +461,6 @@ class TaylorTask(DatasetTask):
 
     @staticmethod
     def figures(scores) -> dict[str, go.Figure]:
-        from analysis.channel_importance import (budget_keep_fraction, component_importance_figure, fraction_kept_figure,
-                                     head_importance_figure)
-
         return {"components": component_importance_figure(scores), "heads": head_importance_figure(scores),
                 "budget": fraction_kept_figure(budget_keep_fraction(scores, 0.5), 0.5, scores.model)}
 
@@ -492,10 +476,6 @@ def _pruner_for(model: nn.Module, model_name: str) -> tuple[nn.Module, Callable,
     else a plain DeiT/ViT wrapped with untrained (seeded) predictors."""
     from timm.models.vision_transformer import VisionTransformer
 
-    from analysis.token_reduction import dynamicvit_with_untrained_predictors
-    from models.dynamicvit import dynamicvit_forward
-    from models.methods import methods_for
-    from models.registry import get_spec
 
     pruning = [m for m in methods_for(get_spec(model_name)) if m.main_setting.key == "rho"]
     if pruning:
@@ -507,8 +487,6 @@ def _pruner_for(model: nn.Module, model_name: str) -> tuple[nn.Module, Callable,
 
 def _check_tome_supported(model: nn.Module) -> None:
     """ToMe's own model check, as a ValueError (bad input) rather than a TypeError."""
-    from models.tome import check_supported
-
     try:
         check_supported(model)
     except TypeError as exc:

@@ -24,9 +24,11 @@ from torch import nn
 from analysis.data.folders import NO_LABEL
 from analysis.dataset_tasks import DatasetTask, TaskOptions, _add, _device_of, _zeros
 from analysis.throughput import BenchSettings, Runner, benchmark, image_inputs
+from analysis.token_reduction import dynamicvit_with_untrained_predictors
 from models.loading import LoadedModel
 from models.methods import METHODS, Method, methods_for
 from models.registry import DYNAMICVIT, MHSA, REGISTRY, get_spec
+from models.variants import forward_for, parse_variant
 
 FRONTIER = "frontier"
 UNREDUCED = "unreduced"
@@ -108,15 +110,11 @@ def default_settings(model_name: str) -> list[FrontierSetting]:
 
 @functools.lru_cache(maxsize=8)
 def _untrained_dynamicvit(backbone: nn.Module) -> nn.Module:
-    from analysis.token_reduction import dynamicvit_with_untrained_predictors
-
     return dynamicvit_with_untrained_predictors(backbone, seed=0)
 
 
 def setting_forward(model: nn.Module, model_name: str, setting: FrontierSetting) -> Callable[[torch.Tensor], Any]:
     """The forward of ``setting`` on ``model``, which is never changed (DynamicViT on a DeiT gets its own copy)."""
-    from models.variants import forward_for, parse_variant
-
     if setting.method == UNREDUCED:
         return model
     if setting.untrained_predictors:

@@ -23,28 +23,18 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from analysis.data.folders import (
-    DatasetError,
-    DistEnv,
-    FolderImages,
-    ResumeError,
-    ShardSampler,
-    ShardState,
-    agree_on_errors,
-    all_reduce_sums,
-    check_resumable,
-    close_distributed,
-    collate_readable,
-    gather_lists,
-    init_distributed,
-    load_state,
-    max_over_ranks,
-    save_state,
-    state_path,
-)
+from analysis.data.folders import (DatasetError, DistEnv, FolderImages, ResumeError, ShardSampler, ShardState,
+                                   agree_on_errors, all_reduce_sums, check_resumable, close_distributed,
+                                   collate_readable, gather_lists, init_distributed, load_state, max_over_ranks,
+                                   save_state, state_path)
 from analysis.dataset_tasks import DatasetTask, TaskOptions, build_task
 from analysis.frontier import FRONTIER, FrontierTask
 from analysis.run_folders import RUN_FILE, TASKS
+from models.attention_recording import UnsupportedModelError
+from models.checkpoints import CheckpointError, WeightsNotFoundError
+from models.device import synchronize
+from models.loading import load_model
+from models.registry import REGISTRY
 
 
 # ----------------------------------------------------------------------------- command line
@@ -122,8 +112,6 @@ def _progress(total: int, env: DistEnv, disabled: bool):
 def run_shard(task: DatasetTask, dataset: FolderImages, state: ShardState, args: argparse.Namespace,
               env: DistEnv, path: Path) -> LoopOutcome:
     """Stream this process's shard (after what ``state`` already covers) into the task's sums, saving state."""
-    from models.device import synchronize
-
     sampler = ShardSampler(dataset, env.world_size, env.rank, start=state.processed)
     outcome = LoopOutcome()
     bar = _progress(len(sampler), env, args.no_progress)
@@ -178,8 +166,6 @@ def write_run_json(out: Path, info: dict[str, Any]) -> Path:
 
 
 def run(args: argparse.Namespace, env: DistEnv) -> int:
-    from models.loading import load_model
-
     started = time.perf_counter()
     out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -239,10 +225,6 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one task; returns the exit status (2 with a clear message for bad input)."""
-    from models.attention_recording import UnsupportedModelError
-    from models.checkpoints import CheckpointError, WeightsNotFoundError
-    from models.registry import REGISTRY
-
     args = build_parser().parse_args(argv)
     if args.model not in REGISTRY:
         print(f"error: unknown model {args.model!r}; known: {', '.join(sorted(REGISTRY))}.", file=sys.stderr)

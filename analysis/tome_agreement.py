@@ -21,7 +21,10 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from analysis.data.images import load_folder, sample_images, to_batch
 from analysis.throughput import measure_flops
+from models.checkpoints import CheckpointError, WeightsNotFoundError
+from models.loading import load_model
 from models.tome import merge_schedule, tome_forward
 
 
@@ -139,9 +142,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the table as CSV")
     args = parser.parse_args(argv)
 
-    from analysis.data.images import load_folder, sample_images, to_batch
-    from models.checkpoints import CheckpointError, WeightsNotFoundError
-    from models.loading import load_model
 
     if not args.images.is_dir():
         parser.error(f"image folder {args.images} not found")

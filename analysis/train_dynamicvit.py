@@ -28,14 +28,10 @@ from analysis.data.folders import NO_LABEL, FolderImages, collate_readable, list
 from analysis.data.images import ACCEPTED_TYPES, folder_class_labels
 from models import dynamic_convnext, dynamic_swin
 from models.checkpoints import CheckpointError
-from models.dynamicvit import (
-    dynamicvit_from_backbone,
-    dynamicvit_loss,
-    dynamicvit_train_forward,
-    mean_keep_per_stage,
-    teacher_outputs,
-)
 from models.dynamic_zoo import hierarchical_loss
+from models.dynamicvit import (dynamicvit_from_backbone, dynamicvit_loss, dynamicvit_train_forward,
+                               mean_keep_per_stage, teacher_outputs)
+from models.loading import load_model
 
 TEACHER_LABEL = NO_LABEL  # marks an image whose label is the teacher's top-1
 BACKBONE_LR_SCALE = 0.01  # official recipe: the backbone learns 100x slower than the predictors
@@ -92,8 +88,6 @@ def folder_dataset(folder: str | Path, transform: Callable, num_classes: int) ->
 def load_backbone(name: str, weights: str | Path | None) -> nn.Module:
     """A registry ViT with pretrained weights through the one resolver: ``weights`` if given, else
     $VITLAB_WEIGHTS_DIR, the Hugging Face cache or hub (WeightsNotFoundError says where to put the file)."""
-    from models.loading import load_model
-
     return load_model(name, user_file=weights).model
 
 
