@@ -62,6 +62,13 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor
     return tensors
 
 
+def state_dict_and_source(path_or_state_dict: str | Path | Mapping) -> tuple[dict[str, torch.Tensor], str]:
+    """A checkpoint given as a file, a wrapped or a plain state dict: (its state dict, what to call it in messages)."""
+    if isinstance(path_or_state_dict, (str, Path)):
+        return read_state_dict(path_or_state_dict), Path(path_or_state_dict).name
+    return unwrap_state_dict(path_or_state_dict, source="state dict"), "state dict"
+
+
 def _first(names, n=5) -> str:
     names = sorted(names)
     shown = ", ".join(names[:n])

@@ -25,9 +25,9 @@ from timm.layers import LayerNorm2d
 from timm.models.convnext import ConvNeXt
 from torch import nn
 
-from models.checkpoints import CheckpointError, load_strict, read_state_dict, unwrap_state_dict
-from models.dynamic_zoo import (DynamicStageTrace, HierarchicalTrainOutput, gather_positions, linear_counts,
-                                linear_targets, mix, scatter_positions, scores_for_trace, split_top_k)
+from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
+from models.dynamic_zoo import (DynamicStageTrace, HierarchicalTrainOutput, gather_positions, imagenet_cfg,
+                                linear_counts, linear_targets, mix, scatter_positions, scores_for_trace, split_top_k)
 from models.registry import DYNAMIC_CNN
 
 FAMILY = DYNAMIC_CNN
@@ -122,10 +122,7 @@ def build_dynamic_convnext(arch: str = "convnext_tiny", **kwargs) -> DynamicConv
     options = dict(depths=spec.depths, dims=spec.dims, pruning_locations=spec.pruning_locations)
     options.update(kwargs)
     model = DynamicConvNeXt(**options)
-    model.pretrained_cfg = dict(architecture=arch, input_size=(3, 224, 224), interpolation="bicubic",
-                                crop_pct=0.875, crop_mode="center", mean=(0.485, 0.456, 0.406),
-                                std=(0.229, 0.224, 0.225), num_classes=model.num_classes,
-                                first_conv="stem.0", classifier="head.fc")
+    model.pretrained_cfg = imagenet_cfg(arch, 0.875, "stem.0", "head.fc", model.num_classes)
     return model
 
 
@@ -214,12 +211,7 @@ def load_official_convnext(model: DynamicConvNeXt, path_or_state_dict: str | Pat
     Official key names are mapped one to one onto timm's; a file already in timm's names loads as is.
     Raises CheckpointError naming the file and listing missing, unexpected and misshapen keys.
     """
-    if isinstance(path_or_state_dict, (str, Path)):
-        source = Path(path_or_state_dict).name
-        state_dict = read_state_dict(path_or_state_dict)
-    else:
-        source = "state dict"
-        state_dict = unwrap_state_dict(path_or_state_dict, source=source)
+    state_dict, source = state_dict_and_source(path_or_state_dict)
     if _looks_official(state_dict):
         state_dict = from_official_keys(state_dict)
     try:

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from models.checkpoints import CheckpointError, load_strict, read_state_dict, unwrap_state_dict
-from models.dynamic_zoo import (DynamicStageTrace, HierarchicalTrainOutput, gather_positions, linear_counts,
-                                linear_targets, mix, scatter_positions, scores_for_trace, split_top_k)
+from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
+from models.dynamic_zoo import (DynamicStageTrace, HierarchicalTrainOutput, gather_positions, imagenet_cfg,
+                                linear_counts, linear_targets, mix, scatter_positions, scores_for_trace, split_top_k)
 from models.dynamicvit import ScorePredictor, _init_predictor
 from models.registry import DYNAMIC_SWIN
 
@@ -95,10 +95,7 @@ def build_dynamic_swin(arch: str = "swin_tiny_patch4_window7_224", **kwargs) -> 
                    num_heads=spec.num_heads, pruning_locations=spec.pruning_locations)
     options.update(kwargs)
     model = DynamicSwin(**options)
-    model.pretrained_cfg = dict(architecture=arch, input_size=(3, 224, 224), interpolation="bicubic",
-                                crop_pct=0.9, crop_mode="center", mean=(0.485, 0.456, 0.406),
-                                std=(0.229, 0.224, 0.225), num_classes=model.num_classes,
-                                first_conv="patch_embed.proj", classifier="head.fc")
+    model.pretrained_cfg = imagenet_cfg(arch, 0.9, "patch_embed.proj", "head.fc", model.num_classes)
     return model
 
 
@@ -195,12 +192,7 @@ def load_official_swin(model: DynamicSwin, path_or_state_dict: str | Path | Mapp
 
     Raises CheckpointError naming the file and listing missing, unexpected and misshapen keys.
     """
-    if isinstance(path_or_state_dict, (str, Path)):
-        source = Path(path_or_state_dict).name
-        state_dict = read_state_dict(path_or_state_dict)
-    else:
-        source = "state dict"
-        state_dict = unwrap_state_dict(path_or_state_dict, source=source)
+    state_dict, source = state_dict_and_source(path_or_state_dict)
     if _looks_official(state_dict):
         state_dict = {_from_official_key(k): v for k, v in state_dict.items()}
         hint = _size_hint(model, state_dict)

@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from models.dynamicvit import distillation_kl, keep_ratio_loss
+
 
 @dataclass
 class DynamicStageTrace:
@@ -79,6 +81,13 @@ class DynamicStageTrace:
     def score_maps(self) -> list[torch.Tensor]:
         """Per stage, a (B, H_s, W_s) map of keep probabilities (NaN where the position was not scored)."""
         return [scores.view(-1, rows, cols) for (rows, cols), scores in zip(self.stage_grids, self.keep_scores)]
+
+
+def imagenet_cfg(arch: str, crop_pct: float, first_conv: str, classifier: str, num_classes: int) -> dict:
+    """timm's pretrained_cfg for an official 224-px ImageNet release (the data config the app preprocesses with)."""
+    return dict(architecture=arch, input_size=(3, 224, 224), interpolation="bicubic", crop_pct=crop_pct,
+                crop_mode="center", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=num_classes,
+                first_conv=first_conv, classifier=classifier)
 
 
 def as_stage_trace(trace, image_size: tuple[int, int]) -> DynamicStageTrace:
@@ -188,12 +197,8 @@ def hierarchical_loss(output: HierarchicalTrainOutput, labels: torch.Tensor, tea
     The feature MSE covers every position of the last stage (the map is never sparse there).
     """
     ce = F.cross_entropy(output.logits, labels)
-    ratio = output.logits.new_zeros(())
-    for decision, target in zip(output.decisions, output.keep_targets):
-        ratio = ratio + ((decision.mean(dim=1) - target) ** 2).mean()
-    ratio = ratio / max(1, len(output.decisions))
-    kl = F.kl_div(F.log_softmax(output.logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
-                  reduction="batchmean", log_target=True)
+    ratio = keep_ratio_loss(output.decisions, output.keep_targets, output.logits)
+    kl = distillation_kl(output.logits, teacher_logits)
     feat_mse = ((output.featmap - teacher_featmap) ** 2).mean()
     total = cls_weight * ce + ratio_weight * ratio + distill_weight * kl + distill_weight * feat_mse
     parts = {"ce": ce, "ratio": ratio, "kl": kl, "token_mse": feat_mse}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.checkpoints import CheckpointError, load_strict, read_state_dict, unwrap_state_dict
+from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
 from models.vit_forward import (  # noqa: F401 - POLICY_EPS and policy_softmax are part of this module's API
     POLICY_EPS, attention_residual, classify, embed_tokens, gather_tokens, mlp_residual, policy_softmax,
 )
@@ -182,12 +182,7 @@ def load_official_checkpoint(model: DynamicViT, path_or_state_dict: str | Path |
     Extra top-level entries next to ``'model'`` (e.g. our ``'vitlab'`` metadata) are ignored.
     Raises CheckpointError listing missing, unexpected and misshapen keys.
     """
-    if isinstance(path_or_state_dict, (str, Path)):
-        source = Path(path_or_state_dict).name
-        state_dict = read_state_dict(path_or_state_dict)
-    else:
-        source = "state dict"
-        state_dict = unwrap_state_dict(path_or_state_dict, source=source)
+    state_dict, source = state_dict_and_source(path_or_state_dict)
     try:
         load_strict(model, state_dict, source=source)
     except CheckpointError as exc:
@@ -372,6 +367,20 @@ def teacher_outputs(teacher: VisionTransformer, x: torch.Tensor) -> tuple[torch.
     return teacher.forward_head(feats), feats[:, teacher.num_prefix_tokens:]
 
 
+def keep_ratio_loss(decisions, targets, like: torch.Tensor) -> torch.Tensor:
+    """mean over stages of mean over images of (kept fraction - target)^2 (the official ratio term)."""
+    ratio = like.new_zeros(())
+    for decision, target in zip(decisions, targets):
+        ratio = ratio + ((decision.mean(dim=1) - target) ** 2).mean()
+    return ratio / max(1, len(decisions))
+
+
+def distillation_kl(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over the classes, averaged over the batch."""
+    return F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
+                    reduction="batchmean", log_target=True)
+
+
 def dynamicvit_loss(output: DynamicViTTrainOutput, labels: torch.Tensor, teacher_logits: torch.Tensor,
                     teacher_tokens: torch.Tensor, ratio_weight: float = 2.0, distill_weight: float = 0.5,
                     cls_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -383,12 +392,8 @@ def dynamicvit_loss(output: DynamicViTTrainOutput, labels: torch.Tensor, teacher
     is averaged over the batch; the token MSE uses the tokens kept after the last stage.
     """
     ce = F.cross_entropy(output.logits, labels)
-    ratio = output.logits.new_zeros(())
-    for decision, target in zip(output.decisions, output.keep_targets):
-        ratio = ratio + ((decision.mean(dim=1) - target) ** 2).mean()
-    ratio = ratio / max(1, len(output.decisions))
-    kl = F.kl_div(F.log_softmax(output.logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
-                  reduction="batchmean", log_target=True)
+    ratio = keep_ratio_loss(output.decisions, output.keep_targets, output.logits)
+    kl = distillation_kl(output.logits, teacher_logits)
     kept = (output.decisions[-1] > 0.5) if output.decisions else torch.ones_like(output.tokens[..., 0], dtype=torch.bool)
     token_mse = ((output.tokens[kept] - teacher_tokens[kept]) ** 2).mean() if kept.any() else ce.new_zeros(())
     total = cls_weight * ce + ratio_weight * ratio + distill_weight * kl + distill_weight * token_mse
