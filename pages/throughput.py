@@ -236,4 +236,7 @@ def show_throughput() -> None:
         download_json(dict(provenance, rows=rows_to_records(result["rows"])), "throughput.json")
 
 
-show_latency() if result["mode"] == LATENCY else show_throughput()
+if result["mode"] == LATENCY:
+    show_latency()
+else:
+    show_throughput()
