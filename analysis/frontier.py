@@ -278,8 +278,7 @@ def measure_throughput(loaded: LoadedModel, settings: Sequence[FrontierSetting],
                        progress: Callable[[float, str], None] | None = None) -> pd.DataFrame:
     """img/s (median of interleaved rounds), ms per batch and GFLOPs per image of each setting."""
     runners = setting_runners(loaded, settings)
-    report = (lambda message, fraction: progress(fraction, message)) if progress else None
-    rows = benchmark(runners, bench, progress=report)
+    rows = benchmark(runners, bench, progress=progress)
     return pd.DataFrame({"model": loaded.name, "setting_key": [s.text() for s in settings],
                          "img_per_s": [r.img_per_s for r in rows], "ms_per_batch": [r.ms_per_batch for r in rows],
                          "batch": bench.batch, "device": bench.device,

@@ -141,10 +141,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def benchmark(runners: Sequence[Runner], settings: BenchSettings, baseline: str | None = None,
-              progress: Callable[[str, float], None] | None = None,
+              progress: Callable[[float, str], None] | None = None,
               on_measure: Callable[[str, int, int, float], None] | None = None) -> list[ThroughputRow]:
     """Time every runner in interleaved rounds; img/s is the median over rounds. Raises on out-of-memory.
 
+    ``progress(fraction, message)`` follows each timed round, like every analysis's progress callback.
     ``on_measure(model, batch, round, img_per_s)`` sees each round as it finishes (for live charts).
     """
     if baseline is not None and baseline not in {r.name for r in runners}:
@@ -169,7 +170,7 @@ def benchmark(runners: Sequence[Runner], settings: BenchSettings, baseline: str 
                 on_measure(r.name, settings.batch, round_index, per_round[r.name][-1])
             done += 1
             if progress:
-                progress(f"round {round_index + 1}/{settings.rounds}: {r.name}", done / steps)
+                progress(done / steps, f"round {round_index + 1}/{settings.rounds}: {r.name}")
     rows = []
     for r in runners:
         img_s = statistics.median(per_round[r.name])
@@ -196,7 +197,7 @@ def add_speedups(rows: list[ThroughputRow], baseline: str, per_round: dict[str, 
 
 
 def latency(runners: Sequence[Runner], settings: BenchSettings, baseline: str | None = None,
-            progress: Callable[[str, float], None] | None = None,
+            progress: Callable[[float, str], None] | None = None,
             on_measure: Callable[[str, int, int, float], None] | None = None) -> list[LatencyRow]:
     """Batch-1 latency: ``benchmark`` at batch 1, each round read as ms per image; median and p90 over rounds.
 
@@ -217,7 +218,7 @@ def latency(runners: Sequence[Runner], settings: BenchSettings, baseline: str | 
 
 
 def sweep(runners: Sequence[Runner], settings: BenchSettings, batches: Sequence[int], baseline: str | None = None,
-          progress: Callable[[str, float], None] | None = None,
+          progress: Callable[[float, str], None] | None = None,
           on_measure: Callable[[str, int, int, float], None] | None = None) -> tuple[list[ThroughputRow], list[str]]:
     """Benchmark at each batch size; on out-of-memory, retry at half the batch and stop going larger.
 
@@ -444,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"device={device} ({hw['gpu'] if device == 'cuda' else hw['cpu']}), threads={torch.get_num_threads()}, "
           f"precision={args.precision}, rounds={rounds}x{iters} iters, interleaved")
 
-    def report(message: str, fraction: float) -> None:
+    def report(fraction: float, message: str) -> None:
         print(f"  [{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
 
     if args.latency:

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from analysis.throughput import ThroughputRow, rows_to_dataframe
+from analysis.throughput import LatencyRow, ThroughputRow, rows_to_dataframe
 from models.registry import REGISTRY
 
 
@@ -129,4 +129,31 @@ def accuracy_figure(table: pd.DataFrame) -> go.Figure:
                      labels={"img_per_s": "measured img/s on this machine (best batch)", "color": "family"})
     fig.update_traces(textposition="top center", cliponaxis=False)
     fig.update_layout(height=420, margin=dict(t=30, b=10, l=80, r=80))
+    return fig
+
+
+def latency_table(rows: Sequence[LatencyRow]) -> pd.DataFrame:
+    """Batch-1 latency per model: median and p90 ms per image and the batch-1 speed-up against the baseline."""
+    df = rows_to_dataframe(rows)
+    if df.empty:
+        return df
+    first = ["model", "median_ms", "p90_ms", "speedup", "baseline", "gflops", "params_m"]
+    return df[first + [c for c in df.columns if c not in first]].round(
+        {"median_ms": 2, "p90_ms": 2, "speedup": 2, "gflops": 2, "params_m": 2})
+
+
+def latency_figure(rounds: pd.DataFrame) -> go.Figure:
+    """ms per image at batch 1 from single rounds (columns model, ms): the median as a bar, the p90 as a
+    diamond and every round as a dot."""
+    if rounds.empty:
+        return go.Figure()
+    grouped = rounds.groupby("model", sort=False)["ms"]
+    summary = pd.DataFrame({"median": grouped.median(), "p90": grouped.quantile(0.9)}).reset_index()
+    fig = go.Figure(go.Bar(x=summary["model"], y=summary["median"], name="median", text=summary["median"],
+                           texttemplate="%{text:.1f}", marker_color="rgba(31,119,180,0.7)"))
+    fig.add_trace(go.Scatter(x=summary["model"], y=summary["p90"], mode="markers", name="p90",
+                             marker=dict(symbol="diamond", size=11, color="#d62728")))
+    fig.add_trace(go.Scatter(x=rounds["model"], y=rounds["ms"], mode="markers", name="single rounds",
+                             marker=dict(color="rgba(0,0,0,0.35)", size=6)))
+    fig.update_layout(height=380, margin=dict(t=30, b=10), yaxis_title="ms per image (batch 1)")
     return fig

@@ -207,3 +207,8 @@ def get_spec(name: str) -> ModelSpec:
 def list_models(family: str | None = None) -> list[str]:
     return [n for n, s in REGISTRY.items() if family is None or s.family == family]
 
+
+def models_with_attention(*kinds: str) -> list[str]:
+    """Registry names whose attention kind (``ModelSpec.attention``) is one of ``kinds``, in registry order."""
+    return [n for n, s in REGISTRY.items() if s.attention in kinds]
+

@@ -23,7 +23,7 @@ from analysis.channel_importance import (
     taylor_vs_activation_figure,
 )
 from analysis.provenance import images_label, label_rows
-from models.registry import CGA, MHSA, list_models
+from models.registry import CGA, MHSA, models_with_attention
 from pages._results import dataset_run_section
 from pages._ui import (
     cached_model,
@@ -61,7 +61,7 @@ dataset_run_section(["taylor"], key="ci_run")
 
 left, right = st.columns(2)
 with left:
-    name = st.selectbox("Model", list_models(MHSA) + list_models(CGA), key="ci_model")
+    name = st.selectbox("Model", models_with_attention(MHSA, CGA), key="ci_model")
     random_weights = random_weights_toggle("ci_random")
     source = st.radio("Images", ["Sample photos / upload", "Folder with class sub-folders"], key="ci_source",
                       horizontal=True)
@@ -89,7 +89,7 @@ if loaded is None:
     st.stop()
 show_weights_banner(loaded)
 note = "(RANDOM weights)" if loaded.weights.is_random else ""
-if loaded.weights.is_random and loaded.spec.family == CGA:
+if loaded.weights.is_random and loaded.spec.attention == CGA:
     st.caption("timm initialises the last BatchNorm of every EfficientViT residual branch to zero, so with random "
                "weights no gradient reaches inside the blocks and their Taylor scores are exactly zero.")
 
@@ -117,7 +117,6 @@ batch = to_batch(images, loaded.transform)
 loss_target = "self" if labels is None else "labels"
 digest = hashlib.sha256(batch.numpy().tobytes() + (b"" if labels is None else labels.numpy().tobytes())).hexdigest()
 key = (name, loaded.weights.description, current_device(), loss_target, digest)
-
 
 
 def _score():

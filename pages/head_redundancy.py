@@ -18,7 +18,8 @@ from analysis.head_redundancy import (
     untrained_notes,
 )
 from analysis.provenance import images_label, label_rows, title_line, with_title
-from models.registry import CGA, MHSA, REGISTRY
+from models.attention_recording import UnsupportedModelError
+from models.registry import CGA, MHSA, models_with_attention
 from pages._results import dataset_run_section
 from pages._ui import (
     cached_model,
@@ -41,10 +42,6 @@ QUERY_GRID = 14  # the query patch is picked on the 14 x 14 grid of 16-px patche
 METRICS = {"attention maps (cosine)": ATTENTION, "head outputs (linear CKA)": FEATURE}
 
 
-def _model_names() -> list[str]:
-    return [n for n, s in REGISTRY.items() if s.family in (MHSA, CGA)]
-
-
 def _labelled(frame, weights_of: dict[str, str], images: str):
     """Every row with its model's weights source and the images it summarises."""
     return label_rows(frame, None, frame["model"].map(weights_of).tolist(), images)
@@ -62,7 +59,7 @@ st.markdown(
 
 dataset_run_section(["head-similarity"], key="hr_run")
 
-names = _model_names()
+names = models_with_attention(MHSA, CGA)
 left, right = st.columns(2)
 with left:
     chosen = st.multiselect("Models", names, default=[n for n in ("deit_tiny_patch16_224", "efficientvit_m0")
@@ -94,7 +91,12 @@ key = (tuple((m.name, m.weights.description) for m in loaded), image_set_key(ima
 def _analyze():
     with st.status(f"Recording attention of {len(loaded)} model{'s' if len(loaded) != 1 else ''} on "
                    f"{len(images)} image{'s' if len(images) != 1 else ''} ...") as status:
-        results = analyze_models(loaded, [im.image for im in images], progress=progress_bar())
+        try:
+            results = analyze_models(loaded, [im.image for im in images], progress=progress_bar())
+        except UnsupportedModelError as exc:
+            status.update(label="Attention could not be recorded.", state="error")
+            st.error(str(exc))
+            st.stop()
         status.update(label="Attention recorded.", state="complete")
     return results
 
@@ -153,7 +155,7 @@ def overlay_view() -> None:
     with c2:
         follow_options("hr_image", image_names)
         image_name = st.selectbox("Image", image_names, key="hr_image")
-        cls_label = "CLS token" if result.kind == "mhsa" else "mean attention received (no CLS token)"
+        cls_label = "CLS token" if result.kind == MHSA else "mean attention received (no CLS token)"
         use_query = st.radio("Query", [cls_label, "a patch"], key="hr_query_mode") == "a patch"
     with c3:
         row = st.number_input("Patch row", 0, QUERY_GRID - 1, QUERY_GRID // 2, key="hr_row", disabled=not use_query)

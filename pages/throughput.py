@@ -8,15 +8,63 @@ import streamlit as st
 import torch
 
 from analysis.provenance import RANDOM, label_rows
-from analysis.throughput import PRECISIONS, BenchSettings, ModelOptions, benchmark, make_runner, rows_to_records, sweep
-from analysis.throughput_figures import accuracy_figure, live_figure, results_table
+from analysis.throughput import (PRECISIONS, BenchSettings, ModelOptions, benchmark, latency, make_runner,
+                                 rows_to_records, sweep)
+from analysis.throughput_figures import accuracy_figure, latency_figure, latency_table, live_figure, results_table
 from models.checkpoints import CheckpointError, WeightsNotFoundError
-from models.registry import DYNAMICVIT, MHSA, REGISTRY
+from models.methods import METHODS, Method, Setting
+from models.registry import REGISTRY, ModelSpec
 from models.variants import parse_variant
 from pages._ui import (cached_model, current_device, download_df, download_json, follow_options, latest_result,
                        progress_bar, run_through_app, session_result)
 
 SYNTHETIC_INPUT = "synthetic input (random tensor)"
+TRAINED = "trained"  # a setting option: each release at the value it was trained for
+THROUGHPUT, LATENCY = "throughput", "latency"
+
+
+def _trained_value(spec: ModelSpec, setting: Setting):
+    # A release trained for one value of a setting declares it as ModelSpec.trained_<argument> (trained_keep_ratio).
+    return getattr(spec, f"trained_{setting.argument}", None)
+
+
+def method_variants(models: list[str]) -> list[str]:
+    """One multiselect per method (of the method table) that applies to a picked model, and a checkbox for a
+    method's paper setting; returns the variant names they ask for. Methods sharing a label and main setting
+    (DynamicViT on DeiT and LV-ViT, PuMer on ViLT and METER) share their widgets."""
+    groups: dict[tuple[str, str], list[Method]] = {}
+    for method in METHODS.values():
+        if any(method.applies_to(REGISTRY[m]) for m in models):
+            groups.setdefault((method.label, method.main_setting.key), []).append(method)
+    variants: list[str] = []
+    for (label, key), methods in groups.items():
+        setting = methods[0].main_setting
+        targets = [(m, method) for method in methods for m in models if method.applies_to(REGISTRY[m])]
+        trained = {m: v for m, _ in targets if (v := _trained_value(REGISTRY[m], setting)) is not None}
+        options = ([TRAINED] if trained else []) + list(setting.choices)
+        trained_values = ", ".join(map(str, sorted(set(trained.values()))))
+        trained_text = f"each release's trained {setting.symbol} ({trained_values})"
+        widget_key = f"tp_{label}_{key}"
+        follow_options(widget_key, options)
+        picked = st.multiselect(
+            f"{label}: {setting.label}", options, default=[TRAINED] if trained else [], key=widget_key,
+            format_func=lambda v, text=trained_text: text if v == TRAINED else str(v),
+            help=f"{'; '.join(dict.fromkeys(m.reference for m in methods))}. Applied to "
+                 f"{', '.join(dict.fromkeys(m for m, _ in targets))}.")
+        for model, method in targets:
+            values = [trained.get(model) if v == TRAINED else v for v in picked]
+            variants += [method.variant(model, v) for v in dict.fromkeys(values) if v is not None]
+        flagged = [(m, method) for m, method in targets if method.paper_flag]
+        if flagged:
+            paper_text = "; ".join(dict.fromkeys(
+                f"{method.reference}: " + ", ".join(f"{k.removesuffix('_ratio').replace('_', ' ')} {v}"
+                                                    for k, v in method.paper_arguments.items())
+                for _, method in flagged))
+            if st.checkbox(f"{label} at the paper's setting", value=True, key=f"tp_{label}_paper",
+                           help=paper_text):
+                variants += [f"{m}@{method.paper_flag}" for m, method in flagged]
+    return variants
+
 
 run_through_app()
 st.title("Live throughput")
@@ -31,28 +79,24 @@ col_models, col_settings = st.columns([3, 2])
 with col_models:
     models = st.multiselect("Models", list(REGISTRY), key="tp_models",
                             default=["deit_tiny_patch16_224", "efficientvit_m0", "mobilenetv3_large_100"])
-    vit_models = [m for m in models if REGISTRY[m].family == MHSA]
-    dyn_models = [m for m in models if REGISTRY[m].family == DYNAMICVIT]
-    tome_rs = st.multiselect("ToMe merge r per layer (applied to the ViT/DeiT models above)",
-                             list(range(1, 25)), default=[], disabled=not vit_models)
-    rhos = st.multiselect("DynamicViT keep ratio rho (applied to the DynamicViT models above)",
-                          [0.5, 0.6, 0.7, 0.8, 0.9], default=[0.7] if dyn_models else [], disabled=not dyn_models)
-    pumer = st.checkbox("ViLT + PuMer at the paper's setting (layers 2, 5, 8; prune 0.1, merge 0.3 / 0.2)",
-                        value="vilt_b32_vqa" in models, disabled="vilt_b32_vqa" not in models)
-    extra = st.text_input("More variants (space separated, NAME@key=value)", "",
+    reduced = method_variants(models)
+    extra = st.text_input("More variants (space separated, NAME@key=value)", "", key="tp_extra",
                           help="e.g. deit_small_patch16_224@tome=decreasing:13  dynamicvit_deit_256_patch16_224@rho=0.6")
-variants = list(models)
-variants += [f"{m}@tome={r}" for m in vit_models for r in tome_rs]
-variants += [f"{m}@rho={rho}" for m in dyn_models for rho in rhos]
-variants += ["vilt_b32_vqa@pumer"] if pumer and "vilt_b32_vqa" in models else []
-variants += extra.split()
+variants = list(dict.fromkeys(list(models) + reduced + extra.split()))
 with col_models:
     follow_options("tp_baseline", variants)
     baseline = st.selectbox("Baseline for speed-ups", variants or ["(none)"], key="tp_baseline")
 
 with col_settings:
-    sweep_mode = st.toggle("Batch sweep", value=False)
-    if sweep_mode:
+    toggle_latency, toggle_sweep = st.columns(2)
+    latency_mode = toggle_latency.toggle("Batch-1 latency", value=False, key="tp_latency",
+                                         help="One image per call: ms per image, median and p90 over the rounds.")
+    sweep_mode = toggle_sweep.toggle("Batch sweep", value=False, key="tp_sweep", disabled=latency_mode)
+    if latency_mode:
+        sweep_mode, batches = False, [1]
+        st.caption("Batch 1. The p90 is that of single calls with 1 timed iteration per round; it needs many rounds "
+                   "(the CLI's `--latency` runs 20).")
+    elif sweep_mode:
         batches = st.multiselect("Batch sizes", [1, 2, 4, 8, 16, 32, 64, 128, 256, 512], default=[1, 8, 32])
     else:
         batches = [st.number_input("Batch size", 1, 1024, 8, key="tp_batch")]
@@ -71,7 +115,8 @@ hardware = torch.cuda.get_device_name() if device.startswith("cuda") else device
 options = ModelOptions(channels_last=channels_last, fuse_bn=fuse_bn, compile=compile_model)
 settings = BenchSettings(batch=int(batches[0]), iters=int(iters), rounds=int(rounds),
                          warmup=max(2, int(iters) // 2), device=device, precision=precision)
-request = (tuple(variants), baseline, tuple(int(b) for b in batches), sweep_mode, repr(settings), repr(options))
+mode = LATENCY if latency_mode else THROUGHPUT
+request = (mode, tuple(variants), baseline, tuple(int(b) for b in batches), sweep_mode, repr(settings), repr(options))
 run = st.button("Run benchmark", type="primary", disabled=not variants, key="tp_run")
 
 
@@ -81,8 +126,11 @@ def run_benchmark() -> dict:
     measurements: list[dict] = []
 
     def on_measure(model: str, batch: int, round_index: int, img_per_s: float) -> None:
-        measurements.append({"model": model, "batch": batch, "round": round_index, "img_per_s": img_per_s})
-        live_chart.plotly_chart(live_figure(pd.DataFrame(measurements)), key=f"live-{len(measurements)}")
+        measurements.append({"model": model, "batch": batch, "round": round_index, "img_per_s": img_per_s,
+                             "ms": 1000.0 / img_per_s})
+        frame = pd.DataFrame(measurements)
+        live_chart.plotly_chart(latency_figure(frame) if latency_mode else live_figure(frame),
+                                key=f"live-{len(measurements)}")
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(int(threads))
@@ -98,14 +146,14 @@ def run_benchmark() -> dict:
                     st.stop()
                 runners.append(make_runner(text, device=device, loaded=loaded, options=options))
 
-            def progress(first, second) -> None:
-                # (fraction, message); analysis.throughput of this version still calls (message, fraction).
-                fraction, message = (first, second) if isinstance(first, (int, float)) else (second, first)
-                message = f"Timing {message}"
-                status.update(label=message)
-                show(fraction, message)
+            def progress(fraction: float, message: str) -> None:
+                status.update(label=f"Timing {message}")
+                show(fraction, f"Timing {message}")
 
-            if sweep_mode:
+            if latency_mode:
+                rows, notes = latency(runners, settings, baseline=baseline, progress=progress,
+                                      on_measure=on_measure), []
+            elif sweep_mode:
                 rows, notes = sweep(runners, settings, [int(b) for b in batches], baseline=baseline,
                                     progress=progress, on_measure=on_measure)
             else:
@@ -122,7 +170,7 @@ def run_benchmark() -> dict:
     finally:
         torch.set_num_threads(previous_threads)
     live_chart.empty()
-    return {"rows": rows, "notes": notes, "measurements": measurements, "hardware": hardware,
+    return {"mode": mode, "rows": rows, "notes": notes, "measurements": measurements, "hardware": hardware,
             "settings": vars(settings), "options": vars(options), "request": request}
 
 
@@ -139,23 +187,56 @@ if result["request"] != request:
                "time them.")
 for note in result["notes"]:
     st.warning(note)
+rounds_text = (f"{shown['rounds']} interleaved round{'s' if shown['rounds'] != 1 else ''} x {shown['iters']} "
+               f"iteration{'s' if shown['iters'] != 1 else ''}")
+provenance = {"weights": RANDOM, "image": SYNTHETIC_INPUT, "hardware": result["hardware"], "settings": shown,
+              "options": result["options"]}
 
-table = results_table(result["rows"], hardware=result["hardware"])
-st.subheader("Results")
-st.caption(f"{shown['device']} ({result['hardware']}), {shown['precision']}, {shown['rounds']} interleaved "
-           f"round{'s' if shown['rounds'] != 1 else ''} x {shown['iters']} iteration"
-           f"{'s' if shown['iters'] != 1 else ''}; speed-up = median of per-round ratios against the baseline. "
-           "GFLOPs count 2 per multiply-add (papers' 'FLOPs' are half). A paper's claim is compared only on "
-           "the hardware it was measured on; otherwise it is marked not comparable.")
-st.dataframe(table, hide_index=True,
-             column_config={"speedup": st.column_config.NumberColumn("speed-up", format="%.2fx")})
-st.plotly_chart(live_figure(pd.DataFrame(result["measurements"])), key="tp_rounds_chart")
-st.plotly_chart(accuracy_figure(table), key="tp_accuracy_chart")
-st.caption("Throughput against published ImageNet top-1; token-reduction variants have no single published top-1 "
-           "and are left out of this chart. Models run with random weights: timing does not depend on them.")
-d1, d2 = st.columns(2)
-with d1:
-    download_df(label_rows(table, None, RANDOM, SYNTHETIC_INPUT), "throughput.csv")
-with d2:
-    download_json({"weights": RANDOM, "image": SYNTHETIC_INPUT, "hardware": result["hardware"], "settings": shown,
-                   "options": result["options"], "rows": rows_to_records(result["rows"])}, "throughput.json")
+
+def show_latency() -> None:
+    table = latency_table(result["rows"])
+    st.subheader("Batch-1 latency")
+    st.caption(f"{shown['device']} ({result['hardware']}), {shown['precision']}, batch 1, {rounds_text}; "
+               "median and p90 of the rounds' ms per image; speed-up = median of per-round ratios against the "
+               "baseline. Models run with random weights: timing does not depend on them.")
+    st.dataframe(table, hide_index=True, column_config={
+        "median_ms": st.column_config.NumberColumn("median ms", format="%.2f"),
+        "p90_ms": st.column_config.NumberColumn("p90 ms", format="%.2f"),
+        "speedup": st.column_config.NumberColumn("batch-1 speed-up", format="%.2fx")})
+    st.plotly_chart(latency_figure(pd.DataFrame(result["measurements"])), key="tp_latency_chart")
+    st.info("Token reduction often gains less at batch 1 on CPU than at larger batches: one image leaves the "
+            "matrix products too small to keep the cores busy, so dropping tokens saves less time, while the "
+            "methods' own work (matching, top-k, gathers) and the per-call overhead stay. Compare with a "
+            "throughput run at batch 8 or more.")
+    d1, d2 = st.columns(2)
+    with d1:
+        download_df(label_rows(table, None, RANDOM, SYNTHETIC_INPUT), "latency.csv")
+    with d2:
+        download_json(dict(provenance, rows=rows_to_records(result["rows"])), "latency.json")
+
+
+def show_throughput() -> None:
+    table = results_table(result["rows"], hardware=result["hardware"])
+    st.subheader("Results")
+    st.caption(f"{shown['device']} ({result['hardware']}), {shown['precision']}, {rounds_text}; "
+               "speed-up = median of per-round ratios against the baseline. "
+               "GFLOPs count 2 per multiply-add (papers' 'FLOPs' are half). A paper's claim is compared only on "
+               "the hardware it was measured on; otherwise it is marked not comparable.")
+    st.dataframe(table, hide_index=True,
+                 column_config={"speedup": st.column_config.NumberColumn("speed-up", format="%.2fx")})
+    st.plotly_chart(live_figure(pd.DataFrame(result["measurements"])), key="tp_rounds_chart")
+    st.plotly_chart(accuracy_figure(table), key="tp_accuracy_chart")
+    st.caption("Throughput against published ImageNet top-1; token-reduction variants have no single published "
+               "top-1 and are left out of this chart. Models run with random weights: timing does not depend on "
+               "them.")
+    d1, d2 = st.columns(2)
+    with d1:
+        download_df(label_rows(table, None, RANDOM, SYNTHETIC_INPUT), "throughput.csv")
+    with d2:
+        download_json(dict(provenance, rows=rows_to_records(result["rows"])), "throughput.json")
+
+
+if result["mode"] == LATENCY:
+    show_latency()
+else:
+    show_throughput()

@@ -95,3 +95,25 @@ def test_real_mhsa_beside_untrained_cga_with_weights_on_every_chart_and_export(r
     by_model = frame.groupby("model")["weights"].first()
     assert by_model["efficientvit_m0"] == "random" and by_model["deit_tiny_patch16_224"].startswith("local file ")
     assert frame["image"].nunique() == 1
+
+
+def test_models_are_offered_by_attention_kind_and_an_unsupported_block_is_an_error(monkeypatch, tmp_path):
+    from models.registry import CGA, MHSA, models_with_attention
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
+    app = AppTest.from_file(PAGE, default_timeout=120)
+    app.session_state["hr_models"] = []
+    app.run()
+    offered = app.multiselect(key="hr_models").options
+    assert offered == models_with_attention(MHSA, CGA)
+    assert {"deit_tiny_patch16_224", "efficientvit_m0", "dynamicvit_deit_256_patch16_224"} <= set(offered)
+    assert not {"mobilenetv3_large_100", "swin_tiny_patch4_window7_224", "vilt_b32_vqa"} & set(offered)
+
+    # LV-ViT's blocks are not timm's plain Block: the page says so instead of raising.
+    app.session_state["hr_models"] = ["dynamicvit_lvvit_s"]
+    app.session_state["hr_random_models"] = ["dynamicvit_lvvit_s"]
+    app.session_state["hr_max_images"] = 1
+    app.run()
+    assert not app.exception, app.exception
+    assert any("LVViTBlock" in e.value for e in app.error)

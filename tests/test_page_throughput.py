@@ -1,4 +1,5 @@
 """AppTest runs a tiny benchmark on the live throughput page; its results survive later reruns."""
+import json
 from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
@@ -57,3 +58,75 @@ def test_claims_are_compared_only_on_their_hardware():
     assert not same_hardware("V100 / Xeon CPU", "cpu")
     assert claim_text("1.64x", "V100, off the shelf", "cpu") == "1.64x (paper, V100, not comparable)"
     assert claim_text("1.64x", "V100, off the shelf", "Tesla V100") == "1.64x (paper, V100)"
+
+
+def test_method_table_gives_the_variant_widgets_and_the_variants_run():
+    """DeiT, a DynamicViT release and ViLT: one widget per method of the table, labelled from its record."""
+    at = AppTest.from_file(PAGE, default_timeout=240).run()
+    at.multiselect(key="tp_models").set_value(
+        ["deit_tiny_patch16_224", "dynamicvit_deit_256_patch16_224", "vilt_b32_vqa"]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    widgets = {w.label: w for w in at.multiselect}
+    assert set(widgets) == {"Models", "ToMe: tokens merged per block (r)", "DynamicViT: keep ratio rho",
+                            "PuMer: image prune ratio"}
+    rho = widgets["DynamicViT: keep ratio rho"]
+    assert rho.value == ["trained"] and rho.format_func("trained") == "each release's trained rho (0.7)"
+    assert widgets["ToMe: tokens merged per block (r)"].value == []
+    assert [c.label for c in at.checkbox if c.value] == ["PuMer at the paper's setting"]
+    widgets["ToMe: tokens merged per block (r)"].set_value([8]).run()
+    expected = {"deit_tiny_patch16_224", "dynamicvit_deit_256_patch16_224", "vilt_b32_vqa",
+                "deit_tiny_patch16_224@tome=8", "dynamicvit_deit_256_patch16_224@rho=0.7", "vilt_b32_vqa@pumer"}
+    assert set(at.selectbox(key="tp_baseline").options) == expected
+
+    at.selectbox(key="tp_baseline").set_value("deit_tiny_patch16_224")
+    at.number_input(key="tp_batch").set_value(1)
+    at.number_input(key="tp_iters").set_value(1)
+    at.number_input(key="tp_rounds").set_value(1)
+    at.button(key="tp_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = at.dataframe[0].value.set_index("model")
+    assert set(table.index) == expected and (table["img_per_s"] > 0).all()
+
+
+def test_releases_run_at_their_own_trained_ratio_and_pumer_covers_vilt_and_meter():
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    at.multiselect(key="tp_models").set_value(
+        ["dynamicvit_deit_256_patch16_224", "dynamicvit_lvvit_s_rho05", "vilt_b32_vqa", "meter_clip16_288_vqa"]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    options = set(at.selectbox(key="tp_baseline").options)
+    # DeiT and LV-ViT releases share one DynamicViT widget; each runs at the ratio it was trained for.
+    assert {"dynamicvit_deit_256_patch16_224@rho=0.7", "dynamicvit_lvvit_s_rho05@rho=0.5"} <= options
+    assert not {"dynamicvit_deit_256_patch16_224@rho=0.5", "dynamicvit_lvvit_s_rho05@rho=0.7"} & options
+    assert {"vilt_b32_vqa@pumer", "meter_clip16_288_vqa@pumer"} <= options
+    assert [c.label for c in at.checkbox].count("PuMer at the paper's setting") == 1
+    at.checkbox(key="tp_PuMer_paper").uncheck().run()
+    assert not {o for o in at.selectbox(key="tp_baseline").options if o.endswith("@pumer")}
+
+
+def test_latency_mode_shows_median_p90_and_batch1_speedup_and_keeps_them(downloads):
+    at = AppTest.from_file(PAGE, default_timeout=240).run()
+    at.multiselect(key="tp_models").set_value(["efficientvit_m0", "mobilenetv3_large_100"]).run()
+    at.toggle(key="tp_latency").set_value(True).run()
+    assert at.toggle(key="tp_sweep").disabled
+    at.selectbox(key="tp_baseline").set_value("mobilenetv3_large_100")
+    at.number_input(key="tp_iters").set_value(1)
+    at.number_input(key="tp_rounds").set_value(2)
+    at.button(key="tp_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [s.value for s in at.subheader] == ["Batch-1 latency"]
+    table = at.dataframe[0].value.set_index("model")
+    assert list(table.columns[:4]) == ["median_ms", "p90_ms", "speedup", "baseline"]
+    assert (table["median_ms"] > 0).all() and (table["p90_ms"] >= table["median_ms"]).all()
+    assert table.loc["mobilenetv3_large_100", "speedup"] == 1.0 and table["speedup"].notna().all()
+    assert len(at.get("plotly_chart")) == 1
+    assert any("gains less at batch 1 on CPU" in i.value for i in at.info)
+    assert at.status[0].label == "Done: 4 measurements (2 models x 2 rounds) on cpu"
+    assert downloads["latency.csv"].decode().splitlines()[0].startswith("model,weights,image,median_ms,p90_ms")
+    saved = json.loads(downloads["latency.json"])
+    assert saved["weights"] == "random" and saved["settings"]["batch"] == 1
+    assert [len(r["rounds_ms"]) for r in saved["rows"]] == [2, 2]
+
+    at.get("download_button")[0].click().run()
+    assert not at.exception
+    assert at.dataframe[0].value.set_index("model")["median_ms"].equals(table["median_ms"])
+    assert [b.label for b in at.get("download_button")] == ["Download CSV", "Download JSON"]

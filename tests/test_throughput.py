@@ -26,6 +26,14 @@ def test_known_sleep_gives_expected_throughput_and_speedup():
     assert len(by_name["fast"].rounds) == 3
 
 
+def test_progress_is_fraction_then_message_like_every_analysis():
+    seen = []
+    T.latency([_sleep_runner("a", 0.0), _sleep_runner("b", 0.0)], T.BenchSettings(iters=1, rounds=2, warmup=1),
+              progress=lambda fraction, message: seen.append((fraction, message)))
+    assert [f for f, _ in seen] == [0.25, 0.5, 0.75, 1.0]
+    assert seen[-1][1] == "round 2/2: b"
+
+
 def test_timing_waits_for_the_device(monkeypatch):
     calls = []
     monkeypatch.setattr(T, "synchronize", lambda device: calls.append(device))

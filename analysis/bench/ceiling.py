@@ -102,7 +102,7 @@ def measure(quick: bool = False, progress: Callable[[float, str], None] | None =
     runners = build_runners(device)
     figures = []
     for step, batch in enumerate(BATCHES):
-        def report(message: str, fraction: float, step: int = step) -> None:
+        def report(fraction: float, message: str, step: int = step) -> None:
             if progress:
                 progress((step + fraction) / len(BATCHES), f"batch {batch}: {message}")
 

@@ -159,9 +159,9 @@ def measure(quick: bool = False, progress: Callable[[float, str], None] | None =
         step("loading models", 0.0)
         runners = _runners(group, comparisons, device)
         rows = benchmark(runners, batch_settings(quick, group.batch, device), baseline=group.baseline,
-                         progress=lambda m, f: step(f"batch {group.batch}, {m}", f, share=0.7))
+                         progress=lambda f, m: step(f"batch {group.batch}, {m}", f, share=0.7))
         lat = latency(runners, latency_settings(quick, device), baseline=group.baseline,
-                      progress=lambda m, f: step(f"batch 1, {m}", f, offset=0.7, share=0.3))
+                      progress=lambda f, m: step(f"batch 1, {m}", f, offset=0.7, share=0.3))
         figures += group_figures(group, comparisons, rows, lat, device)
         del runners
     return figures
