@@ -507,7 +507,7 @@ def token_counts_figure(trace: PuMerTrace, subtitle: str = "", sample: int = 0, 
         figure.add_vline(x=str(step.layer), line=dict(color="#999", dash="dot"))
     title = (f"Tokens entering each {layer_word} (dotted: where PuMer reduces; the MLP there already sees "
              "the reduced count)")
-    figure.update_layout(xaxis_title=layer_word, yaxis_title="tokens",
+    figure.update_layout(xaxis_title=layer_word, yaxis_title="tokens", xaxis_type="category",
                          title=title + (f"<br><sup>{subtitle}</sup>" if subtitle else ""),
                          legend=dict(orientation="h", y=-0.25), margin=dict(t=70, b=10))
     return figure

@@ -121,13 +121,17 @@ def _titled(picture, what: str):
     return with_title(for_display(picture, 480), f"{what} | {title}")
 
 
+def _gflops(value: float) -> str:
+    return f"{value:.1f}" if value >= 1 else f"{value:.2g}"
+
+
 st.subheader("Answers")
 st.dataframe(answers_frame(result), hide_index=True)
 cols = st.columns(4)
 cols[0].metric("Speed-up (this question, batch 1)", f"{speed.speedup:.2f}x")
 cols[1].metric(f"ms per batch, {result.full_name} / {result.pumer_name}", f"{speed.full_ms:.0f} / {speed.pumer_ms:.0f}")
 cols[2].metric("GFLOPs full / PuMer", "n/a" if speed.full_gflops is None or speed.pumer_gflops is None else
-               f"{speed.full_gflops:.2f} / {speed.pumer_gflops:.2f}")
+               f"{_gflops(speed.full_gflops)} / {_gflops(speed.pumer_gflops)}")
 cols[3].metric("Peak memory saving", "n/a" if speed.memory_saving is None else f"{100 * speed.memory_saving:.1f} %")
 st.caption(f"Median of {speed.rounds} interleaved rounds of {speed.iters} forwards on {speed.device}; "
            f"memory: {speed.memory_note}.")
