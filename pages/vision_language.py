@@ -31,6 +31,16 @@ def _cached_model(name: str, random_weights: bool, folder: str, user_file: str |
     return model.to(device), processor, model_name, weights, None
 
 
+def _kept(key: str, default):
+    """The value a per-model widget had when last drawn (Streamlit forgets widgets a run does not draw, e.g.
+    after switching to the other model), else ``default``; use with ``on_change=_keep, args=(key,)``."""
+    return st.session_state.get(f"{key}_kept", default)
+
+
+def _keep(key: str) -> None:
+    st.session_state[f"{key}_kept"] = st.session_state[key]
+
+
 run_through_app()
 st.title("Vision-language: PuMer on ViLT and METER")
 st.markdown(
@@ -45,7 +55,9 @@ name = st.radio("Model", list(MODELS), key="vl_model", horizontal=True,
                 format_func=lambda n: f"{MODELS[n].label} ({n})")
 entry = MODELS[name]
 st.markdown(entry.view.summary)
-random_weights = st.checkbox(f"Use a small random {entry.label} (no pretrained weights)", key=f"vl_random_{name}",
+random_key = f"vl_random_{name}"
+random_weights = st.checkbox(f"Use a small random {entry.label} (no pretrained weights)", _kept(random_key, False),
+                             key=random_key, on_change=_keep, args=(random_key,),
                              help=f"A {entry.view.tiny_description} with random weights: it shows the mechanics only.")
 model, processor, model_name, weights, missing = _cached_model(
     name, random_weights, weights_folder(), user_weight_files().get(name), current_device())
@@ -75,16 +87,20 @@ with left:
     st.image(picked.image, caption=picked.name, width=360)
 with right:
     question = st.text_input("Question", value="What animal is in the picture?", key="vl_question")
-    preset = st.radio(f"Reduce {word}s", list(presets), key=f"vl_layers_{name}")
-    prune = st.slider("Image prune ratio", 0.0, 0.5, paper.prune_ratio, 0.05, key=f"vl_prune_{name}")
-    image_merge = st.slider("Image merge ratio", 0.0, 0.5, paper.image_merge_ratio, 0.05,
-                            key=f"vl_image_merge_{name}")
-    text_merge = st.slider("Text merge ratio", 0.0, 0.5, paper.text_merge_ratio, 0.05, key=f"vl_text_merge_{name}")
+    keys = {part: f"vl_{part}_{name}" for part in ("layers", "prune", "image_merge", "text_merge", "proportional")}
+    kept = {part: dict(key=key, on_change=_keep, args=(key,)) for part, key in keys.items()}
+    preset = st.radio(f"Reduce {word}s", list(presets), list(presets).index(_kept(keys["layers"], next(iter(presets)))),
+                      **kept["layers"])
+    prune = st.slider("Image prune ratio", 0.0, 0.5, _kept(keys["prune"], paper.prune_ratio), 0.05, **kept["prune"])
+    image_merge = st.slider("Image merge ratio", 0.0, 0.5, _kept(keys["image_merge"], paper.image_merge_ratio), 0.05,
+                            **kept["image_merge"])
+    text_merge = st.slider("Text merge ratio", 0.0, 0.5, _kept(keys["text_merge"], paper.text_merge_ratio), 0.05,
+                           **kept["text_merge"])
     proportional = st.checkbox("Proportional attention (add log token size; PuMer's code does not)",
-                               key=f"vl_proportional_{name}")
-    st.caption(f"Paper setting for {entry.label}: {word}s {', '.join(map(str, paper.reduce_layers))}, prune "
-               f"{paper.prune_ratio:g}, image merge {paper.image_merge_ratio:g}, text merge "
-               f"{paper.text_merge_ratio:g} ({entry.method.reference}).")
+                               _kept(keys["proportional"], False), **kept["proportional"])
+    st.caption(f"Paper setting for {entry.label} (PuMer, ACL 2023): {word}s "
+               f"{', '.join(map(str, paper.reduce_layers))}; prune {paper.prune_ratio:g}, image merge "
+               f"{paper.image_merge_ratio:g}, text merge {paper.text_merge_ratio:g}.")
 
 depth = entry.depth(model)
 absent = [layer for layer in presets[preset] if layer >= depth]
@@ -130,8 +146,12 @@ st.dataframe(answers_frame(result), hide_index=True)
 cols = st.columns(4)
 cols[0].metric("Speed-up (this question, batch 1)", f"{speed.speedup:.2f}x")
 cols[1].metric(f"ms per batch, {result.full_name} / {result.pumer_name}", f"{speed.full_ms:.0f} / {speed.pumer_ms:.0f}")
-cols[2].metric("GFLOPs full / PuMer", "n/a" if speed.full_gflops is None or speed.pumer_gflops is None else
-               f"{_gflops(speed.full_gflops)} / {_gflops(speed.pumer_gflops)}")
+if speed.full_gflops and speed.pumer_gflops is not None:
+    change = 100 * (speed.pumer_gflops / speed.full_gflops - 1)
+    cols[2].metric("GFLOPs with PuMer", _gflops(speed.pumer_gflops), f"{change:+.0f} %", delta_color="inverse",
+                   help=f"Without PuMer: {_gflops(speed.full_gflops)} GFLOPs per batch.")
+else:
+    cols[2].metric("GFLOPs with PuMer", "n/a")
 cols[3].metric("Peak memory saving", "n/a" if speed.memory_saving is None else f"{100 * speed.memory_saving:.1f} %")
 st.caption(f"Median of {speed.rounds} interleaved rounds of {speed.iters} forwards on {speed.device}; "
            f"memory: {speed.memory_note}.")

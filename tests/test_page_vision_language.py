@@ -186,3 +186,7 @@ def test_random_meter_shows_fusion_blocks_and_survives_reruns(offline_without_we
 
     app.radio(key="vl_model").set_value(VILT).run()  # back to ViLT: its own checkbox, its own message
     assert app.checkbox(key=f"vl_random_{VILT}").value is False and "ViLT-VQA" in app.error[0].value
+    app.radio(key="vl_model").set_value(METER).run()  # and METER's choices are still there
+    assert app.checkbox(key=f"vl_random_{METER}").value is True and not app.error and not app.exception
+    assert app.slider(key=f"vl_prune_{METER}").value == 0.0 and len(answer_calls) == 2
+    assert not [w.value for w in app.warning if "Session State" in w.value]
