@@ -16,8 +16,8 @@ MODELS = {entry.name: entry for entry in pumer_models()}
 
 @st.cache_resource(show_spinner="Looking for the model ...", max_entries=4)
 def _cached_model(name: str, random_weights: bool, folder: str, user_file: str | None, device: str):
-    """(model, processor, provenance name, weights label, None), or (None, ..., what was tried) when the weights
-    are missing or unreadable.
+    """(model, processor, provenance name, weights label, None), or (None, ..., (what was tried, unreadable))
+    when the weights are missing or cannot be read.
 
     A failed resolution is cached like a model (once per process, for every session): the hub is not asked
     again on every visit or rerun; the Retry button clears it."""
@@ -25,9 +25,9 @@ def _cached_model(name: str, random_weights: bool, folder: str, user_file: str |
         model, processor, model_name, weights = MODELS[name].load(random_weights, folder or None, user_file)
     except WeightsNotFoundError as exc:
         tried = f"Tried: {'; '.join(exc.tried)}. " if exc.tried else ""
-        return None, None, None, None, tried + str(exc)
+        return None, None, None, None, (tried + str(exc), False)
     except CheckpointError as exc:
-        return None, None, None, None, str(exc)
+        return None, None, None, None, (str(exc), True)
     return model.to(device), processor, model_name, weights, None
 
 
@@ -62,9 +62,12 @@ random_weights = st.checkbox(f"Use a small random {entry.label} (no pretrained w
 model, processor, model_name, weights, missing = _cached_model(
     name, random_weights, weights_folder(), user_weight_files().get(name), current_device())
 if missing:
-    st.error(entry.missing_message(weights_folder()))
+    details, unreadable = missing
+    first = details.splitlines()[0]
+    short = first if len(first) <= 240 else first[:240] + " ... (see below)"
+    st.error(short if unreadable else entry.missing_message(weights_folder()))
     with st.expander("What was tried"):
-        st.write(missing)
+        st.write(details)
     if st.button("Retry", key="vl_retry", help="Look for the weights again (after adding the files)."):
         _cached_model.clear()
         st.rerun()

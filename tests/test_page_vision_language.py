@@ -190,3 +190,19 @@ def test_random_meter_shows_fusion_blocks_and_survives_reruns(offline_without_we
     assert app.checkbox(key=f"vl_random_{METER}").value is True and not app.error and not app.exception
     assert app.slider(key=f"vl_prune_{METER}").value == 0.0 and len(answer_calls) == 2
     assert not [w.value for w in app.warning if "Session State" in w.value]
+
+
+def test_meter_without_tokenizer_then_with_an_unreadable_checkpoint(offline_without_weights):
+    """A checkpoint alone is not enough (the tokenizer is named); a file that is no checkpoint says so."""
+    from models.meter import _tiny_tokenizer
+
+    (offline_without_weights / "meter_clip16_288_roberta_vqa.ckpt").write_bytes(b"not a checkpoint")
+    app = AppTest.from_file(PAGE, default_timeout=120).run()
+    app.radio(key="vl_model").set_value(METER).run()
+    assert str(offline_without_weights / "roberta-base") in app.error[0].value
+    assert "RoBERTa tokenizer" in app.expander[-1].markdown[0].value
+
+    _tiny_tokenizer(24).save_pretrained(offline_without_weights / "roberta-base")
+    app.button(key="vl_retry").click().run()
+    assert not app.exception and "roberta-base" not in app.error[0].value
+    assert "meter_clip16_288_roberta_vqa.ckpt" in app.error[0].value and not app.dataframe
