@@ -137,7 +137,7 @@ def _labelled(frame):
 
 
 def _titled(picture, what: str):
-    return with_title(for_display(picture, 480), f"{what} | {title}")
+    return with_title(for_display(picture, 720), f"{what} | {title}")
 
 
 def _gflops(value: float) -> str:
