@@ -10,7 +10,7 @@ st.set_page_config(page_title="ViT Efficiency Lab", page_icon=":material/speed:"
 PAGES = [
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
     st.Page("pages/token_reduction.py", title="Token reduction (DynamicViT, ToMe)", icon=":material/grid_view:"),
-    st.Page("pages/vision_language.py", title="Vision-language (PuMer on ViLT)", icon=":material/chat:"),
+    st.Page("pages/vision_language.py", title="Vision-language (PuMer on ViLT, METER)", icon=":material/chat:"),
     st.Page("pages/head_redundancy.py", title="Head redundancy", icon=":material/hub:"),
     st.Page("pages/channel_importance.py", title="Channel importance", icon=":material/tune:"),
     st.Page("pages/throughput.py", title="Live throughput", icon=":material/speed:"),

@@ -1,11 +1,20 @@
-"""PuMer on ViLT for one question: answers with and without reduction, what was pruned and merged per layer,
-measured speed-up and memory, figures and records. Importable without Streamlit."""
+"""PuMer on a vision-language model (ViLT, METER) for one question: answers with and without reduction, what was
+pruned and merged per reduce layer, measured speed-up and memory, figures and records. Importable without Streamlit.
+
+The models come from the registry and their PuMer forwards from the method table (``models.methods``): every
+registry model whose family has a PuMer record is offered (``pumer_models``). What differs per family and is not
+a model property (what a trace column counts, layer presets, the small random model, how to fetch the weights)
+is the table ``FAMILY_VIEWS``."""
 from __future__ import annotations
 
 import html
+import importlib
+import inspect
 import math
+import os
 from dataclasses import asdict, dataclass, field
-from typing import Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -13,23 +22,45 @@ from PIL import Image
 
 from analysis.data.images import denormalize
 from analysis.throughput import BenchSettings, Runner, benchmark
-from models.vilt_pumer import DEFAULT_REDUCE_LAYERS, PuMerTrace, pumer_forward
+from models.methods import METHODS, Method, methods_for
+from models.registry import FAMILY_LABELS, METER, REGISTRY, VILT, ModelSpec
+from models.vilt_pumer import PuMerTrace, pumer_forward
 
-FULL_NAME, PUMER_NAME = "ViLT", "ViLT+PuMer"
-NO_REDUCTION = dict(prune_ratio=0.0, image_merge_ratio=0.0, text_merge_ratio=0.0)
+PUMER = "PuMer"  # the label of PuMer's records in the method table
+_SETTING_ARGUMENTS = ("reduce_layers", "prune_ratio", "image_merge_ratio", "text_merge_ratio",
+                      "proportional_attention")
+
+
+def forward_defaults(forward: Callable) -> dict[str, Any]:
+    """The PuMer arguments' defaults of a forward's signature (its paper setting)."""
+    parameters = inspect.signature(forward).parameters
+    return {name: parameters[name].default for name in _SETTING_ARGUMENTS
+            if name in parameters and parameters[name].default is not inspect.Parameter.empty}
+
+
+_VILT_DEFAULTS = forward_defaults(pumer_forward)
 
 
 @dataclass(frozen=True)
 class PuMerSettings:
-    """PuMer's knobs (defaults: the paper's VQA setting) and how long to time them."""
+    """PuMer's knobs and how long to time them. Field defaults are ``pumer_forward``'s (ViLT, the paper's VQA
+    setting); ``PuMerSettings.paper(method)`` gives another forward's."""
 
-    reduce_layers: tuple[int, ...] = DEFAULT_REDUCE_LAYERS
-    prune_ratio: float = 0.1
-    image_merge_ratio: float = 0.3
-    text_merge_ratio: float = 0.2
-    proportional_attention: bool = False
+    reduce_layers: tuple[int, ...] = tuple(_VILT_DEFAULTS["reduce_layers"])
+    prune_ratio: float = _VILT_DEFAULTS["prune_ratio"]
+    image_merge_ratio: float = _VILT_DEFAULTS["image_merge_ratio"]
+    text_merge_ratio: float = _VILT_DEFAULTS["text_merge_ratio"]
+    proportional_attention: bool = _VILT_DEFAULTS["proportional_attention"]
     timing_iters: int = 3
     timing_rounds: int = 3
+
+    @classmethod
+    def paper(cls, method: Method | str, **overrides) -> "PuMerSettings":
+        """The method's paper setting: its forward's defaults, then the record's ``paper_arguments``."""
+        method = METHODS[method] if isinstance(method, str) else method
+        values = {**forward_defaults(method.forward_function()), **method.paper_arguments, **overrides}
+        values["reduce_layers"] = tuple(values["reduce_layers"])
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
     def forward_kwargs(self) -> dict:
         return dict(reduce_layers=tuple(self.reduce_layers), prune_ratio=self.prune_ratio,
@@ -37,17 +68,185 @@ class PuMerSettings:
                     proportional_attention=self.proportional_attention)
 
 
+@dataclass(frozen=True)
+class PuMerSpeed:
+    """Interleaved timing of the model with and without PuMer (``benchmark_pumer``)."""
+
+    device: str
+    batch: int
+    precision: str
+    iters: int
+    rounds: int
+    full_ms: float  # per batch
+    pumer_ms: float
+    full_per_s: float  # samples per second
+    pumer_per_s: float
+    speedup: float
+    full_gflops: float | None
+    pumer_gflops: float | None
+    full_peak_mib: float | None  # CUDA only
+    pumer_peak_mib: float | None
+    memory_saving: float | None  # 1 - pumer / full peak memory; None off CUDA
+    memory_note: str
+
+
 @dataclass
 class PuMerResult:
     question: str
-    text_tokens: list[str]  # the input tokens, padding excluded
+    text_tokens: list[str]  # the input tokens as shown (RoBERTa's space marker removed), padding excluded
     image: Image.Image  # what the model saw: resized, normalisation undone
     patch_size: int
     full_answers: list[tuple[str, float]]  # top-5 (answer, sigmoid score)
     pumer_answers: list[tuple[str, float]]
     trace: PuMerTrace
-    speed: dict  # benchmark_pumer's record
+    speed: PuMerSpeed
     settings: PuMerSettings = field(default_factory=PuMerSettings)
+    model_label: str = "ViLT"  # names the two answer columns: ViLT / ViLT+PuMer
+    layer_word: str = "layer"  # what a trace column counts: an encoder layer (ViLT), a fusion block (METER)
+
+    @property
+    def full_name(self) -> str:
+        return self.model_label
+
+    @property
+    def pumer_name(self) -> str:
+        return f"{self.model_label}+{PUMER}"
+
+
+# ----------------------------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class FamilyView:
+    """What the page and the records need about one family beyond the registry and the method table."""
+
+    label: str  # "ViLT"
+    description: str  # the released model, one line
+    layer_word: str  # what the forward's reduce layers count
+    depth_attribute: str  # model.config attribute: how many of them
+    presets: tuple[tuple[str, tuple[int, ...]], ...]  # besides the forward's default (the paper's)
+    paper_preset: str  # the name of the forward's default
+    summary: str  # where PuMer acts in this model (markdown)
+    missing: str  # what is missing when loading fails: "The ... are"
+    load: str  # "module:function(source=None, weights_dir=None) -> (model, processor)" through the resolver
+    tiny: str  # "module:function(seed) -> (model, processor)": a small random model of the same structure
+    tiny_description: str
+    fetch: Callable[[ModelSpec, Path], str]  # what to put where, one sentence body
+
+
+def _fetch_vilt(spec: ModelSpec, base: Path) -> str:
+    target = base / spec.weight_file_stem
+    return (f"Create the folder {target} (on a machine with internet: `hf download {spec.hf_repo} "
+            f"--local-dir {target}`)")
+
+
+def _fetch_meter(spec: ModelSpec, base: Path) -> str:
+    from models.meter import METER_VQA_FILE, ROBERTA_FOLDER_NAME, ROBERTA_REPO
+
+    tokenizer = base / ROBERTA_FOLDER_NAME
+    return (f"Put {METER_VQA_FILE} ({spec.url}) in {base} and the tokenizer files of {ROBERTA_REPO} in the folder "
+            f"{tokenizer} (`hf download {ROBERTA_REPO} vocab.json merges.txt --local-dir {tokenizer}`)")
+
+
+FAMILY_VIEWS: dict[str, FamilyView] = {
+    VILT: FamilyView(
+        label="ViLT", description="ViLT-B/32 fine-tuned on VQAv2", layer_word="layer",
+        depth_attribute="num_hidden_layers", paper_preset="VQA / NLVR2",
+        presets=(("Visual entailment", (2, 4, 6, 8)),),
+        summary="ViLT runs the question's tokens and the image patches through **one 12-layer encoder**; PuMer "
+                "reduces inside a few of its layers, between attention and MLP.",
+        missing="The ViLT-VQA weights are", load="models.vilt_pumer:load_vilt", tiny="models.vilt_pumer:tiny_vilt",
+        tiny_description="small 10-layer ViLT", fetch=_fetch_vilt),
+    METER: FamilyView(
+        label="METER", description="METER-CLIP16-RoBERTa fine-tuned on VQAv2 (288 px)", layer_word="fusion block",
+        depth_attribute="fusion_layers", paper_preset="VQA",
+        presets=(("All", (0, 1, 2, 3, 4, 5)), ("Alternate", (0, 2, 4))),
+        summary="METER encodes the question with **RoBERTa** and the image with **CLIP ViT-B/16**, then fuses "
+                "them in **6 co-attention blocks**; PuMer reduces inside the fusion blocks, in each text block "
+                "after its cross-attention to the image (the image block then sees the reduced streams).",
+        missing="The METER-VQA checkpoint or the roberta-base tokenizer it reads is",
+        load="models.meter:load_meter", tiny="models.meter:tiny_meter",
+        tiny_description="small 3-fusion-block METER", fetch=_fetch_meter),
+}
+
+
+def _import(target: str) -> Callable:
+    module_name, function_name = target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+@dataclass(frozen=True)
+class PuMerModel:
+    """A registry model PuMer applies to, its PuMer record and its family's view."""
+
+    spec: ModelSpec
+    method: Method
+    view: FamilyView
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def label(self) -> str:
+        return self.view.label
+
+    @property
+    def tiny_name(self) -> str:
+        return f"{self.view.label.lower()}_tiny_random"
+
+    @property
+    def tiny_weights(self) -> str:
+        return f"random ({self.view.tiny_description})"
+
+    def paper_settings(self, **overrides) -> PuMerSettings:
+        return PuMerSettings.paper(self.method, **overrides)
+
+    def layer_presets(self) -> dict[str, tuple[int, ...]]:
+        """Preset name -> reduce layers; the first is the forward's default (the paper's setting)."""
+        word = self.view.layer_word
+        presets = ((f"{self.view.paper_preset} (paper)", self.paper_settings().reduce_layers),) + self.view.presets
+        return {f"{name}: {word}s {', '.join(map(str, layers))}": tuple(layers) for name, layers in presets}
+
+    def depth(self, model: torch.nn.Module) -> int:
+        """How many layers (fusion blocks) ``model`` has: the reduce layers it can use."""
+        return int(getattr(model.config, self.view.depth_attribute))
+
+    def load(self, random_weights: bool, folder: str | None = None, user_file: str | None = None):
+        """``(model, processor, provenance name, weights label)``: the small random model when asked, else the
+        released weights through the one resolver. Raises WeightsNotFoundError or CheckpointError."""
+        if random_weights:
+            model, processor = _import(self.view.tiny)(0)
+            return model, processor, self.tiny_name, self.tiny_weights
+        from analysis.provenance import weights_label
+        from models.weights import resolve
+
+        base = Path(folder).expanduser() if folder else None
+        source = resolve(self.spec, user_file=user_file, folder=base)
+        model, processor = _import(self.view.load)(source=user_file, weights_dir=base)
+        return model, processor, self.name, weights_label(source)
+
+    def missing_message(self, folder: str | None = None) -> str:
+        """Two sentences: what is missing, what to put where."""
+        from models.weights import WEIGHTS_DIR_ENV, hub_offline
+
+        base = folder or os.environ.get(WEIGHTS_DIR_ENV, "")
+        base_path = Path(base).expanduser() if base else Path(f"${WEIGHTS_DIR_ENV}")
+        offline = " and the hub is off (HF_HUB_OFFLINE)" if hub_offline() else ""
+        return (f"{self.view.missing} not on this machine{offline}. "
+                f"{self.view.fetch(self.spec, base_path)}, or tick **Use a small random {self.view.label}** above.")
+
+
+def pumer_models() -> list[PuMerModel]:
+    """Every registry model whose family has a PuMer record in the method table (and a view), registry order."""
+    return [PuMerModel(spec, method, FAMILY_VIEWS[spec.family]) for spec in REGISTRY.values()
+            for method in methods_for(spec) if method.label == PUMER and spec.family in FAMILY_VIEWS]
+
+
+def _method_of(method: Method | str) -> Method:
+    return METHODS[method] if isinstance(method, str) else method
+
+
+def _view_of(method: Method) -> FamilyView | None:
+    return next((FAMILY_VIEWS[f] for f in sorted(method.families) if f in FAMILY_VIEWS), None)
 
 
 # ----------------------------------------------------------------------------------------------- compute
@@ -66,24 +265,28 @@ def batch_of(inputs: Mapping[str, torch.Tensor], batch: int) -> dict[str, torch.
 
 
 def benchmark_pumer(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], iters: int, device: str,
-                    settings: PuMerSettings = PuMerSettings(), rounds: int = 3, precision: str = "fp32") -> dict:
-    """Throughput of ViLT with and without PuMer on ``inputs`` (already on ``device``), interleaved rounds.
+                    settings: PuMerSettings = PuMerSettings(), rounds: int = 3, precision: str = "fp32",
+                    method: Method | str = "pumer") -> PuMerSpeed:
+    """Throughput of the model with and without PuMer on ``inputs`` (already on ``device``), interleaved rounds.
 
-    Both sides run the same explicit forward (the baseline with every ratio at 0, which equals
+    Both sides run the method's explicit forward (the baseline at the record's neutral arguments, which equals
     ``model(**inputs)``), so the ratio measures the token reduction alone. Peak memory is
     ``torch.cuda.max_memory_allocated`` on CUDA; elsewhere there is no allocator to ask and it is None."""
+    method = _method_of(method)
+    forward = method.forward_function()
     batch = next(iter(inputs.values())).shape[0]
     reduce = settings.forward_kwargs()
+    full_name, pumer_name = "full", PUMER
     runners = [
-        Runner(FULL_NAME, lambda x: pumer_forward(model, x, **NO_REDUCTION), lambda b: batch_of(inputs, b)),
-        Runner(PUMER_NAME, lambda x: pumer_forward(model, x, **reduce), lambda b: batch_of(inputs, b)),
+        Runner(full_name, lambda x: forward(model, x, **method.neutral_arguments), lambda b: batch_of(inputs, b)),
+        Runner(pumer_name, lambda x: forward(model, x, **reduce), lambda b: batch_of(inputs, b)),
     ]
     bench = BenchSettings(batch=batch, iters=iters, rounds=rounds, warmup=1, device=device, precision=precision)
-    full, pumer = benchmark(runners, bench, baseline=FULL_NAME)
+    full, pumer = benchmark(runners, bench, baseline=full_name)
     memory_saving = None
     if full.peak_mem_mib and pumer.peak_mem_mib is not None:
         memory_saving = 1.0 - pumer.peak_mem_mib / full.peak_mem_mib
-    return dict(
+    return PuMerSpeed(
         device=device, batch=batch, precision=precision, iters=iters, rounds=rounds,
         full_ms=full.ms_per_batch, pumer_ms=pumer.ms_per_batch,
         full_per_s=full.img_per_s, pumer_per_s=pumer.img_per_s, speedup=pumer.speedup,
@@ -100,51 +303,80 @@ def processed_image(pixel_values: torch.Tensor, pixel_mask: torch.Tensor, mean, 
     return denormalize(pixel_values[0, :, : int(rows.sum()), : int(cols.sum())], mean, std)
 
 
+def display_tokens(tokenizer, ids: torch.Tensor) -> list[str]:
+    """The tokens of ``ids`` as a reader wants them: byte-level BPE's space marker (RoBERTa's 'Ġ') removed and
+    bytes decoded; WordPiece keeps its '##'; a token that would become empty keeps its raw form."""
+    shown = []
+    for token in tokenizer.convert_ids_to_tokens(ids.tolist()):
+        text = tokenizer.convert_tokens_to_string([token]).strip()
+        shown.append(text or token)
+    return shown
+
+
 def answer_question(model: torch.nn.Module, processor, image: Image.Image, question: str,
-                    settings: PuMerSettings = PuMerSettings()) -> PuMerResult:
-    """Answer ``question`` about ``image`` with full ViLT and with ViLT+PuMer, trace the reduction and time both
-    on the model's device. The model is only read."""
+                    settings: PuMerSettings | None = None, method: Method | str = "pumer") -> PuMerResult:
+    """Answer ``question`` about ``image`` with the full model and with PuMer, trace the reduction and time both
+    on the model's device. ``method``: the PuMer record of the method table that applies to the model ("pumer"
+    for ViLT, "pumer-meter" for METER); ``settings`` default to its paper setting. The model is only read."""
+    method = _method_of(method)
+    settings = settings if settings is not None else PuMerSettings.paper(method)
+    forward = method.forward_function()
+    view = _view_of(method)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in processor(images=image.convert("RGB"), text=question,
                                                      return_tensors="pt").items()}
     with torch.inference_mode():
-        full_logits = pumer_forward(model, inputs, **NO_REDUCTION)
-        pumer_logits, trace = pumer_forward(model, inputs, **settings.forward_kwargs(), return_trace=True)
-    speed = benchmark_pumer(model, inputs, settings.timing_iters, str(device), settings, settings.timing_rounds)
+        full_logits = forward(model, inputs, **method.neutral_arguments)
+        pumer_logits, trace = forward(model, inputs, **settings.forward_kwargs(), return_trace=True)
+    speed = benchmark_pumer(model, inputs, settings.timing_iters, str(device), settings, settings.timing_rounds,
+                            method=method)
     image_processor = processor.image_processor
-    tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0][inputs["attention_mask"][0].bool()])
     labels = model.config.id2label
     return PuMerResult(
-        question=question, text_tokens=list(tokens),
+        question=question,
+        text_tokens=display_tokens(processor.tokenizer, inputs["input_ids"][0][inputs["attention_mask"][0].bool()]),
         image=processed_image(inputs["pixel_values"], inputs["pixel_mask"], image_processor.image_mean,
-                         image_processor.image_std),
+                              image_processor.image_std),
         patch_size=int(model.config.patch_size),
         full_answers=top_answers(full_logits[0], labels), pumer_answers=top_answers(pumer_logits[0], labels),
         trace=trace, speed=speed, settings=settings,
+        model_label=view.label if view else FAMILY_LABELS.get(next(iter(method.families)), "model"),
+        layer_word=view.layer_word if view else "layer",
     )
 
 
+def numbered_answers(model: torch.nn.Module) -> bool:
+    """True when the answer head has no answer names (METER without an answer list): answers read 'answer #i'."""
+    labels = list(model.config.id2label.values())
+    return bool(labels) and all(str(v).startswith("answer #") for v in labels)
+
+
 # ----------------------------------------------------------------------------------------------- tables and records
-def counts_frame(trace: PuMerTrace, sample: int = 0):
-    """Tokens entering each layer per modality (image CLS counted), and after the encoder."""
+def _column(layer_word: str) -> str:
+    return layer_word.replace(" ", "_")
+
+
+def counts_frame(trace: PuMerTrace, sample: int = 0, layer_word: str = "layer"):
+    """Tokens entering each layer (fusion block) per modality (image CLS counted), and what leaves the last.
+    The first column is named by ``layer_word``."""
     import pandas as pd
 
     layers = trace.text_counts.shape[1] - 1
     reduce_layers = {s.layer for s in trace.steps}
     return pd.DataFrame({
-        "layer": [str(i) for i in range(layers)] + ["output"],
+        _column(layer_word): [str(i) for i in range(layers)] + ["output"],
         "text_tokens": trace.text_counts[sample], "image_tokens": trace.image_counts[sample],
         "total_tokens": trace.text_counts[sample] + trace.image_counts[sample],
         "reduces_here": [i in reduce_layers for i in range(layers)] + [False],
     })
 
 
-def steps_frame(trace: PuMerTrace, sample: int = 0):
+def steps_frame(trace: PuMerTrace, sample: int = 0, layer_word: str = "layer"):
     """One row per reduce layer: what came in, what was pruned and merged, which grid cells were pruned."""
     import pandas as pd
 
     return pd.DataFrame([{
-        "layer": s.layer,
+        _column(layer_word): s.layer,
         "image_tokens_in": int(trace.image_counts[sample, s.layer]),
         "image_pruned": int(s.image_pruned[sample]), "image_merged": int(s.image_merged[sample]),
         "text_tokens_in": int(trace.text_counts[sample, s.layer]), "text_merged": int(s.text_merged[sample]),
@@ -155,8 +387,9 @@ def steps_frame(trace: PuMerTrace, sample: int = 0):
 def answers_frame(result: PuMerResult):
     import pandas as pd
 
-    return pd.DataFrame([{"rank": i + 1, "ViLT answer": fa, "ViLT score": round(fs, 4),
-                          "ViLT+PuMer answer": pa, "ViLT+PuMer score": round(ps, 4)}
+    full, pumer = result.full_name, result.pumer_name
+    return pd.DataFrame([{"rank": i + 1, f"{full} answer": fa, f"{full} score": round(fs, 4),
+                          f"{pumer} answer": pa, f"{pumer} score": round(ps, 4)}
                          for i, ((fa, fs), (pa, ps)) in enumerate(zip(result.full_answers, result.pumer_answers))])
 
 
@@ -166,15 +399,15 @@ def _finite_or_none(values: np.ndarray) -> list:
 
 def records_to_json(result: PuMerResult, sample: int = 0) -> dict:
     """Everything the page shows, as plain JSON types."""
-    trace = result.trace
+    trace, column = result.trace, _column(result.layer_word)
     return {
-        "question": result.question, "text_tokens": result.text_tokens,
+        "question": result.question, "text_tokens": result.text_tokens, "layers_are": result.layer_word + "s",
         "settings": asdict(result.settings), "grid_shape": list(trace.grid_shape), "patch_size": result.patch_size,
         "answers": {"full": result.full_answers, "pumer": result.pumer_answers},
-        "speed": result.speed,
-        "tokens_per_layer": counts_frame(trace, sample).to_dict(orient="records"),
+        "speed": asdict(result.speed),
+        "tokens_per_layer": counts_frame(trace, sample, result.layer_word).to_dict(orient="records"),
         "reduce_steps": [{
-            "layer": s.layer,
+            column: s.layer,
             "image_pruned": int(s.image_pruned[sample]), "image_merged": int(s.image_merged[sample]),
             "text_merged": int(s.text_merged[sample]),
             "pruned_cells": s.pruned_cells[sample].tolist(),
@@ -256,23 +489,33 @@ def tokens(count: int, what: str = "token") -> str:
     return f"{count} {what}{'' if count == 1 else 's'}"
 
 
-def token_counts_figure(trace: PuMerTrace, subtitle: str = "", sample: int = 0):
-    """Tokens per layer for each modality, with PuMer (solid) and without (dashed); reduce layers marked.
-    ``subtitle`` (model, weights, image) goes under the title."""
+def token_counts_figure(trace: PuMerTrace, subtitle: str = "", sample: int = 0, layer_word: str = "layer"):
+    """Tokens per layer (fusion block: ``layer_word``) for each modality, with PuMer (solid) and without
+    (dashed); reduce layers marked. ``subtitle`` (model, weights, image) goes under the title."""
     import plotly.graph_objects as go
 
-    frame = counts_frame(trace, sample)
+    frame = counts_frame(trace, sample, layer_word)
+    x = frame[_column(layer_word)]
     figure = go.Figure()
     for column, colour in (("text_tokens", "#1f77b4"), ("image_tokens", "#d62728"), ("total_tokens", "#444")):
         name = column.replace("_", " ")
-        figure.add_scatter(x=frame["layer"], y=frame[column], mode="lines+markers", name=f"{name} (PuMer)",
+        figure.add_scatter(x=x, y=frame[column], mode="lines+markers", name=f"{name} (PuMer)",
                            line=dict(color=colour, shape="hv"))
-        figure.add_scatter(x=frame["layer"], y=[frame[column].iloc[0]] * len(frame), mode="lines",
+        figure.add_scatter(x=x, y=[frame[column].iloc[0]] * len(frame), mode="lines",
                            name=f"{name} (full)", line=dict(color=colour, dash="dash"), opacity=0.5)
     for step in trace.steps:
         figure.add_vline(x=str(step.layer), line=dict(color="#999", dash="dot"))
-    title = "Tokens entering each layer (dotted: reduce layers; their MLP already sees the reduced count)"
-    figure.update_layout(xaxis_title="layer", yaxis_title="tokens",
+    title = (f"Tokens entering each {layer_word} (dotted: where PuMer reduces; the MLP there already sees "
+             "the reduced count)")
+    figure.update_layout(xaxis_title=layer_word, yaxis_title="tokens", xaxis_type="category",
                          title=title + (f"<br><sup>{subtitle}</sup>" if subtitle else ""),
                          legend=dict(orientation="h", y=-0.25), margin=dict(t=70, b=10))
     return figure
+
+
+def for_display(picture: Image.Image, min_side: int = 320) -> Image.Image:
+    """``picture`` enlarged by a whole factor (nearest neighbour, patches stay sharp) until its longer side is
+    at least ``min_side``: a small random model's 64-px input stays readable."""
+    factor = max(1, math.ceil(min_side / max(picture.size)))
+    return picture if factor == 1 else picture.resize((picture.width * factor, picture.height * factor),
+                                                      Image.NEAREST)

@@ -1,115 +1,134 @@
-"""Vision-language: PuMer on ViLT. Ask a question about an image; see what the text prunes and what merges."""
+"""Vision-language: PuMer on ViLT and METER. Ask a question about an image; see what the text prunes and what merges."""
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import streamlit as st
 
-from analysis.vision_language import (PuMerSettings, answer_question, answers_frame, counts_frame, merge_overlay,
-                            pruned_overlay, records_to_json, steps_frame, text_groups_html, token_counts_figure,
-                            tokens)
 from analysis.provenance import label_rows, title_line, with_title
-from models.checkpoints import WeightsNotFoundError
-from models.registry import get_spec
-from models.vilt_pumer import load_vilt, tiny_vilt
-from models.weights import WEIGHTS_DIR_ENV, status
+from analysis.vision_language import (PuMerSettings, answer_question, answers_frame, counts_frame, for_display,
+                                      merge_overlay, numbered_answers, pruned_overlay, pumer_models, records_to_json,
+                                      steps_frame, text_groups_html, token_counts_figure, tokens)
+from models.checkpoints import CheckpointError, WeightsNotFoundError
 from pages._ui import (current_device, download_df, download_json, download_png, image_picker, image_set_key,
-                       run_through_app, session_result, weights_folder)
+                       run_through_app, session_result, user_weight_files, weights_folder)
 
-VILT_MODEL = "vilt_b32_vqa"
-VILT_SPEC = get_spec(VILT_MODEL)
-LAYER_PRESETS = {"VQA / NLVR2: layers 2, 5, 8": (2, 5, 8), "Visual entailment: layers 2, 4, 6, 8": (2, 4, 6, 8)}
+MODELS = {entry.name: entry for entry in pumer_models()}
 
 
-@st.cache_resource(show_spinner="Looking for ViLT ...", max_entries=4)
-def _cached_vilt(random_weights: bool, folder: str, device: str):
-    """(model, processor, None), or (None, None, what was tried) when the weights are missing.
+@st.cache_resource(show_spinner="Looking for the model ...", max_entries=4)
+def _cached_model(name: str, random_weights: bool, folder: str, user_file: str | None, device: str):
+    """(model, processor, provenance name, weights label, None), or (None, ..., (what was tried, unreadable))
+    when the weights are missing or cannot be read.
 
     A failed resolution is cached like a model (once per process, for every session): the hub is not asked
     again on every visit or rerun; the Retry button clears it."""
     try:
-        model, processor = tiny_vilt() if random_weights else load_vilt(weights_dir=folder or None)
+        model, processor, model_name, weights = MODELS[name].load(random_weights, folder or None, user_file)
     except WeightsNotFoundError as exc:
         tried = f"Tried: {'; '.join(exc.tried)}. " if exc.tried else ""
-        return None, None, tried + str(exc)
-    return model.to(device), processor, None
+        return None, None, None, None, (tried + str(exc), False)
+    except CheckpointError as exc:
+        return None, None, None, None, (str(exc), True)
+    return model.to(device), processor, model_name, weights, None
 
 
-def _vilt_target(folder: str) -> Path:
-    base = folder or os.environ.get(WEIGHTS_DIR_ENV, "")
-    name = VILT_SPEC.weight_file_stem
-    return Path(base).expanduser() / name if base else Path(f"${WEIGHTS_DIR_ENV}") / name
+def _kept(key: str, default):
+    """The value a per-model widget had when last drawn (Streamlit forgets widgets a run does not draw, e.g.
+    after switching to the other model), else ``default``; use with ``on_change=_keep, args=(key,)``."""
+    return st.session_state.get(f"{key}_kept", default)
+
+
+def _keep(key: str) -> None:
+    st.session_state[f"{key}_kept"] = st.session_state[key]
 
 
 run_through_app()
-st.title("Vision-language: PuMer on ViLT")
+st.title("Vision-language: PuMer on ViLT and METER")
 st.markdown(
-    "PuMer (ACL 2023) speeds up ViLT inside a few layers: it **prunes** the image patches the question "
-    "attends to least, then **merges** similar image tokens and similar text tokens (ToMe matching), never "
-    "mixing the two modalities. Ratios apply to the tokens entering each reduce layer, so they compound. "
+    "PuMer (ACL 2023) speeds up a vision-language model inside a few layers: it **prunes** the image patches the "
+    "question attends to least, then **merges** similar image tokens and similar text tokens (ToMe matching), "
+    "never mixing the two modalities. Ratios apply to the tokens entering each reduce layer, so they compound. "
     "Both CLS tokens are protected. The paper reports 1.7-2x throughput with < 1 % accuracy drop after "
-    "fine-tuning with PuMer; here it runs off the shelf on the fine-tuned ViLT."
+    "fine-tuning with PuMer; here it runs off the shelf on the released fine-tuned models."
 )
 
-random_weights = st.checkbox("Use a small random ViLT (no pretrained weights)", key="vl_random",
-                             help="A 10-layer, 64-wide ViLT with random weights: it shows the mechanics only.")
-model, processor, missing = _cached_vilt(random_weights, weights_folder(), current_device())
+name = st.radio("Model", list(MODELS), key="vl_model", horizontal=True,
+                format_func=lambda n: f"{MODELS[n].label} ({n})")
+entry = MODELS[name]
+st.markdown(entry.view.summary)
+random_key = f"vl_random_{name}"
+random_weights = st.checkbox(f"Use a small random {entry.label} (no pretrained weights)", _kept(random_key, False),
+                             key=random_key, on_change=_keep, args=(random_key,),
+                             help=f"A {entry.view.tiny_description} with random weights: it shows the mechanics only.")
+model, processor, model_name, weights, missing = _cached_model(
+    name, random_weights, weights_folder(), user_weight_files().get(name), current_device())
 if missing:
-    target = _vilt_target(weights_folder())
-    st.error(f"The ViLT-VQA weights ({VILT_SPEC.hf_repo}) are not on this machine"
-             f"{' and the hub is off (HF_HUB_OFFLINE)' if os.environ.get('HF_HUB_OFFLINE') else ''}. "
-             f"Create the folder {target} (on a machine with internet: `hf download {VILT_SPEC.hf_repo} "
-             f"--local-dir {target}`), or tick **Use a small random ViLT** above.")
+    details, unreadable = missing
+    first = details.splitlines()[0]
+    short = first if len(first) <= 240 else first[:240] + " ... (see below)"
+    st.error(short if unreadable else entry.missing_message(weights_folder()))
     with st.expander("What was tried"):
-        st.write(missing)
-    if st.button("Retry", key="vl_retry", help="Look for the weights again (after adding the folder)."):
-        _cached_vilt.clear()
+        st.write(details)
+    if st.button("Retry", key="vl_retry", help="Look for the weights again (after adding the files)."):
+        _cached_model.clear()
         st.rerun()
     st.stop()
 if random_weights:
-    st.warning("**Random weights**: this small ViLT is untrained, so its answers, attention scores and merges "
-               "below are meaningless; they only show the mechanics. Timings of a model this small say nothing "
-               "about ViLT-B/32.")
-    weights = "random (small 10-layer ViLT)"
-    model_name = "vilt_tiny_random"
+    st.warning(f"**Random weights**: this {entry.view.tiny_description} is untrained, so its answers, attention "
+               "scores and merges below are meaningless; they only show the mechanics. Timings of a model this "
+               f"small say nothing about {entry.view.description}.")
 else:
-    source = status(VILT_SPEC, Path(weights_folder()).expanduser() if weights_folder() else None)
-    weights = f"{source.kind.value} {source.location}"
-    model_name = VILT_MODEL
-    st.caption(f"ViLT-B/32 fine-tuned on VQAv2 ({VILT_SPEC.hf_repo}): {weights}, on {current_device()}.")
+    st.caption(f"{entry.view.description}: {weights}, on {current_device()}.")
+    if numbered_answers(model):
+        st.info("No answer list was found, so answers are shown by index ('answer #i'); the weights folder's "
+                "ViLT-VQA config or a meter_vqa_labels.json gives them names.")
 
+word, paper = entry.view.layer_word, entry.paper_settings()
+presets = entry.layer_presets()
 left, right = st.columns([1, 1])
 with left:
     picked = image_picker("vl_image", multiple=False, label="Upload an image")[0]
     st.image(picked.image, caption=picked.name, width=360)
 with right:
     question = st.text_input("Question", value="What animal is in the picture?", key="vl_question")
-    preset = st.radio("Reduce layers", list(LAYER_PRESETS), key="vl_layers")
-    prune = st.slider("Image prune ratio", 0.0, 0.5, 0.1, 0.05, key="vl_prune")
-    image_merge = st.slider("Image merge ratio", 0.0, 0.5, 0.3, 0.05, key="vl_image_merge")
-    text_merge = st.slider("Text merge ratio", 0.0, 0.5, 0.2, 0.05, key="vl_text_merge")
+    keys = {part: f"vl_{part}_{name}" for part in ("layers", "prune", "image_merge", "text_merge", "proportional")}
+    kept = {part: dict(key=key, on_change=_keep, args=(key,)) for part, key in keys.items()}
+    preset = st.radio(f"Reduce {word}s", list(presets), list(presets).index(_kept(keys["layers"], next(iter(presets)))),
+                      **kept["layers"])
+    prune = st.slider("Image prune ratio", 0.0, 0.5, _kept(keys["prune"], paper.prune_ratio), 0.05, **kept["prune"])
+    image_merge = st.slider("Image merge ratio", 0.0, 0.5, _kept(keys["image_merge"], paper.image_merge_ratio), 0.05,
+                            **kept["image_merge"])
+    text_merge = st.slider("Text merge ratio", 0.0, 0.5, _kept(keys["text_merge"], paper.text_merge_ratio), 0.05,
+                           **kept["text_merge"])
     proportional = st.checkbox("Proportional attention (add log token size; PuMer's code does not)",
-                               key="vl_proportional")
+                               _kept(keys["proportional"], False), **kept["proportional"])
+    st.caption(f"Paper setting for {entry.label} (PuMer, ACL 2023): {word}s "
+               f"{', '.join(map(str, paper.reduce_layers))}; prune {paper.prune_ratio:g}, image merge "
+               f"{paper.image_merge_ratio:g}, text merge {paper.text_merge_ratio:g}.")
 
+depth = entry.depth(model)
+absent = [layer for layer in presets[preset] if layer >= depth]
+if absent:
+    st.caption(f"This model has {depth} {word}s (0-{depth - 1}): {word} {', '.join(map(str, absent))} of the "
+               "preset does not exist here and reduces nothing.")
 if not question.strip():
     st.info("Type a question about the image.")
     st.stop()
 
-settings = PuMerSettings(reduce_layers=LAYER_PRESETS[preset], prune_ratio=prune, image_merge_ratio=image_merge,
+settings = PuMerSettings(reduce_layers=presets[preset], prune_ratio=prune, image_merge_ratio=image_merge,
                          text_merge_ratio=text_merge, proportional_attention=proportional)
-run_key = (image_set_key([picked]), question, settings, random_weights, weights_folder(), current_device())
+run_key = (name, image_set_key([picked]), question, settings, random_weights, weights, current_device())
 
 
 def _answer():
-    with st.status("Answering with ViLT and ViLT+PuMer, then timing both (interleaved) ...", expanded=False) as status:
-        answered = answer_question(model, processor, picked.image, question, settings)
+    with st.status(f"Answering with {entry.label} and {entry.label}+PuMer, then timing both (interleaved) ...",
+                   expanded=False) as status:
+        answered = answer_question(model, processor, picked.image, question, settings, method=entry.method)
         status.update(label="Answered and timed.", state="complete")
     return answered
 
 
 result = session_result("vl_answer", run_key, _answer)
-speed = result.speed
+speed, title = result.speed, title_line(model_name, weights, picked.name)
 provenance = {"model": model_name, "weights": weights, "image": picked.name}
 
 
@@ -118,49 +137,67 @@ def _labelled(frame):
 
 
 def _titled(picture, what: str):
-    return with_title(picture, f"{what} | " + title_line(model_name, weights, picked.name))
+    return with_title(for_display(picture, 720), f"{what} | {title}")
+
+
+def _gflops(value: float) -> str:
+    return f"{value:.1f}" if value >= 1 else f"{value:.2g}"
+
 
 st.subheader("Answers")
 st.dataframe(answers_frame(result), hide_index=True)
 cols = st.columns(4)
-cols[0].metric("Speed-up (this question, batch 1)", f"{speed['speedup']:.2f}x")
-cols[1].metric("ms per batch, ViLT / ViLT+PuMer", f"{speed['full_ms']:.0f} / {speed['pumer_ms']:.0f}")
-cols[2].metric("GFLOPs ViLT / PuMer", "n/a" if speed["full_gflops"] is None else
-               f"{speed['full_gflops']:.2f} / {speed['pumer_gflops']:.2f}")
-cols[3].metric("Peak memory saving", "n/a" if speed["memory_saving"] is None else f"{100 * speed['memory_saving']:.1f} %")
-st.caption(f"Median of {speed['rounds']} interleaved rounds of {speed['iters']} forwards on {speed['device']}; "
-           f"memory: {speed['memory_note']}.")
+cols[0].metric("Speed-up (this question, batch 1)", f"{speed.speedup:.2f}x")
+cols[1].metric(f"ms per batch, {result.full_name} / {result.pumer_name}", f"{speed.full_ms:.0f} / {speed.pumer_ms:.0f}")
+if speed.full_gflops and speed.pumer_gflops is not None:
+    change = 100 * (speed.pumer_gflops / speed.full_gflops - 1)
+    cols[2].metric("GFLOPs with PuMer", _gflops(speed.pumer_gflops), f"{change:+.0f} %", delta_color="inverse",
+                   help=f"Without PuMer: {_gflops(speed.full_gflops)} GFLOPs per batch.")
+else:
+    cols[2].metric("GFLOPs with PuMer", "n/a")
+cols[3].metric("Peak memory saving", "n/a" if speed.memory_saving is None else f"{100 * speed.memory_saving:.1f} %")
+st.caption(f"Median of {speed.rounds} interleaved rounds of {speed.iters} forwards on {speed.device}; "
+           f"memory: {speed.memory_note}.")
 
-st.subheader("Tokens per layer")
-st.plotly_chart(token_counts_figure(result.trace, title_line(model_name, weights, picked.name)), key="vl_counts")
+st.subheader(f"Tokens per {word}")
+st.plotly_chart(token_counts_figure(result.trace, title, layer_word=word), key="vl_counts")
 
-st.subheader("What each reduce layer did")
-st.caption("Left: patches pruned at this layer in red (low text-to-image attention), gone earlier faded. "
-           "Middle: image tokens after the layer, patches sharing one token share a colour. "
+st.subheader(f"What each reduce {word} did")
+st.caption("Left: patches pruned here in red (low text-to-image attention), gone earlier faded. "
+           "Right: image tokens after this step, patches sharing one token share a colour. "
            "Below: question tokens, merged tokens share a colour; the number is the token they became.")
-tabs = st.tabs([f"Layer {step.layer}" for step in result.trace.steps])
+if not result.trace.steps:
+    st.info(f"Nothing was reduced: no {word} of the preset exists in this model, or every ratio is 0.")
+tabs = st.tabs([f"{word.capitalize()} {step.layer}" for step in result.trace.steps]) if result.trace.steps else []
 for index, (tab, step) in enumerate(zip(tabs, result.trace.steps)):
     with tab:
         pruned_image, merged_image = pruned_overlay(result, index), merge_overlay(result, index)
         a, b = st.columns(2)
-        a.image(pruned_image, caption=f"pruned: {tokens(int(step.image_pruned[0]), 'image token')}", width=360)
-        b.image(merged_image, caption=f"merged away: {tokens(int(step.image_merged[0]), 'image token')}", width=360)
+        a.image(for_display(pruned_image), caption=f"pruned: {tokens(int(step.image_pruned[0]), 'image token')}",
+                width=360)
+        b.image(for_display(merged_image),
+                caption=f"merged away: {tokens(int(step.image_merged[0]), 'image token')}", width=360)
         st.html(text_groups_html(result, index))
         st.caption(f"merged away: {tokens(int(step.text_merged[0]), 'text token')}")
         d1, d2 = st.columns(2)
         with d1:
-            download_png(_titled(pruned_image, f"PuMer layer {step.layer}: pruned"),
-                         f"pumer_layer{step.layer}_pruned.png", "Download pruned map (PNG)")
+            download_png(_titled(pruned_image, f"PuMer {word} {step.layer}: pruned"),
+                         f"pumer_{model_name}_{word.replace(' ', '_')}{step.layer}_pruned.png",
+                         "Download pruned map (PNG)")
         with d2:
-            download_png(_titled(merged_image, f"PuMer layer {step.layer}: merged"),
-                         f"pumer_layer{step.layer}_merged.png", "Download merge map (PNG)")
+            download_png(_titled(merged_image, f"PuMer {word} {step.layer}: merged"),
+                         f"pumer_{model_name}_{word.replace(' ', '_')}{step.layer}_merged.png",
+                         "Download merge map (PNG)")
 
 st.subheader("Records")
-st.dataframe(steps_frame(result.trace), hide_index=True)
+st.dataframe(steps_frame(result.trace, layer_word=word), hide_index=True)
 d1, d2, d3 = st.columns(3)
 with d1:
-    download_json({**provenance, **records_to_json(result)}, "pumer_records.json", "Download all records (JSON)")
+    download_json({**provenance, **records_to_json(result)}, f"pumer_{model_name}_records.json",
+                  "Download all records (JSON)")
 with d2:
-    download_df(_labelled(steps_frame(result.trace)), "pumer_reduce_steps.csv", "Download reduce steps (CSV)")
+    download_df(_labelled(steps_frame(result.trace, layer_word=word)), f"pumer_{model_name}_reduce_steps.csv",
+                "Download reduce steps (CSV)")
 with d3:
-    download_df(_labelled(counts_frame(result.trace)), "pumer_tokens_per_layer.csv", "Download tokens per layer (CSV)")
+    download_df(_labelled(counts_frame(result.trace, layer_word=word)),
+                f"pumer_{model_name}_tokens_per_{word.replace(' ', '_')}.csv", f"Download tokens per {word} (CSV)")
