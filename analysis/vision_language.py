@@ -24,7 +24,7 @@ from analysis.data.images import denormalize
 from analysis.throughput import BenchSettings, Runner, benchmark
 from models.methods import METHODS, Method, methods_for
 from models.registry import FAMILY_LABELS, METER, REGISTRY, VILT, ModelSpec
-from models.vilt_pumer import PuMerTrace, pumer_forward
+from models.vilt_pumer import ENTAILMENT_REDUCE_LAYERS, PuMerTrace, pumer_forward
 
 PUMER = "PuMer"  # the label of PuMer's records in the method table
 _SETTING_ARGUMENTS = ("reduce_layers", "prune_ratio", "image_merge_ratio", "text_merge_ratio",
@@ -150,7 +150,7 @@ FAMILY_VIEWS: dict[str, FamilyView] = {
     VILT: FamilyView(
         label="ViLT", description="ViLT-B/32 fine-tuned on VQAv2", layer_word="layer",
         depth_attribute="num_hidden_layers", paper_preset="VQA / NLVR2",
-        presets=(("Visual entailment", (2, 4, 6, 8)),),
+        presets=(("Visual entailment", ENTAILMENT_REDUCE_LAYERS),),
         summary="ViLT runs the question's tokens and the image patches through **one 12-layer encoder**; PuMer "
                 "reduces inside a few of its layers, between attention and MLP.",
         missing="The ViLT-VQA weights are", load="models.vilt_pumer:load_vilt", tiny="models.vilt_pumer:tiny_vilt",

@@ -129,7 +129,7 @@ def load_model(name: str, device: str = "cpu", user_file: str | Path | None = No
                        folder=folder)
     if spec.loader:
         # Not one timm module and one file (ViLT: a transformers folder and its processor, the "transform").
-        model, transform = _import(spec.loader)(spec, source)
+        model, transform = _import(spec.loader)(spec, source, folder)
         cfg = {"input_size": (3, spec.input_size, spec.input_size)}
     else:
         model, transform, cfg = _timm_model_and_transform(spec, source)

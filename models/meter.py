@@ -518,6 +518,8 @@ def load_meter(source: str | Path | None = None, weights_dir: str | Path | None 
     try:
         resolved = resolve(spec, user_file=source, folder=folder)
     except WeightsNotFoundError as exc:
-        raise WeightsNotFoundError(f"{exc} METER also needs the roberta-base tokenizer files (vocab.json, "
-                                   f"merges.txt) in a {ROBERTA_FOLDER_NAME}/ folder next to it.") from exc
+        error = WeightsNotFoundError(f"{exc} METER also needs the roberta-base tokenizer files (vocab.json, "
+                                     f"merges.txt) in a {ROBERTA_FOLDER_NAME}/ folder next to it.")
+        error.tried = exc.tried
+        raise error from exc
     return meter_from_source(spec, resolved, weights_dir, tokenizer_dir, image_size)

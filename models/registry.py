@@ -59,7 +59,7 @@ class ModelSpec:
     url: str | None = None
     # "module:function(model, path)" loading a checkpoint file; default: timm's converter + strict load.
     load_fn: str | None = None
-    # "module:function(spec, source) -> (model, transform)" for models that are not one timm module and one
+    # "module:function(spec, source, folder) -> (model, transform)" for models that are not one timm module and one
     # file (ViLT: a transformers folder and its processor). None: timm's path in models.loading.
     loader: str | None = None
     # A transformers repository on the Hugging Face hub holding the released folder.

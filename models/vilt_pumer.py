@@ -42,13 +42,15 @@ from models.registry import ModelSpec, get_spec
 from models.weights import HF_CACHE, WeightsSource, fix_instruction, resolve
 
 VILT_VQA_NAME = "vilt_b32_vqa"  # its registry entry names the hub repository and the folder looked for
-DEFAULT_REDUCE_LAYERS = (2, 5, 8)  # VQA and NLVR2; visual entailment uses (2, 4, 6, 8)
+DEFAULT_REDUCE_LAYERS = (2, 5, 8)  # VQA and NLVR2
+ENTAILMENT_REDUCE_LAYERS = (2, 4, 6, 8)  # visual entailment (SNLI-VE)
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def vilt_from_source(spec: ModelSpec, source: WeightsSource):
+def vilt_from_source(spec: ModelSpec, source: WeightsSource, folder: Path | None = None):
     """``(model in eval mode, processor)`` from what the resolver chose; the registry's ``loader`` for ViLT.
-    Random weights give the full-size architecture and no processor (for timing)."""
+    Random weights give the full-size architecture and no processor (for timing). ``folder`` (the weights
+    folder, which METER's loader needs for its tokenizer) is not needed here: the source is the whole folder."""
     from transformers import ViltForQuestionAnswering, ViltProcessor
 
     if source.is_random:
