@@ -319,7 +319,11 @@ def tokens_per_block_figure(series: dict[str, list[int]], title: str = "Tokens e
     y_title = "positions on the full path (MLP)" if structured else "tokens (CLS included)"
     figure.update_layout(title=title, xaxis_title="block (all stages, in order)" if structured else "block",
                          yaxis_title=y_title, hovermode="x unified")
-    figure.update_yaxes(type="log") if structured else figure.update_yaxes(rangemode="tozero")
+    if structured:  # tick at every count that occurs (3136, 784, 196, 137, ...), not at log decades
+        values = sorted({count for counts in series.values() for count in counts})
+        figure.update_yaxes(type="log", tickvals=values if len(values) <= 16 else None)
+    else:
+        figure.update_yaxes(rangemode="tozero")
     return figure
 
 
