@@ -9,7 +9,6 @@ from analysis.provenance import images_label, label_rows, title_line
 from analysis.token_reduction import (
     NO_REDUCTION,
     TOME,
-    UNTRAINED_ON_TINY,
     agreement_frame,
     choice_text,
     combine_runs,
