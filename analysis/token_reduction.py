@@ -1,13 +1,21 @@
-"""Token reduction side by side: DynamicViT pruning and ToMe merging on the same backbone and images.
+"""Token reduction side by side: the DynamicViT family's pruning and ToMe merging on the same images.
 
-``compare_reductions`` is the one computation behind the token-reduction page; the other functions
-turn its record into figures (plotly), images (PIL) and tables (pandas). Nothing here imports
-streamlit.
+``compare_reductions`` is the one computation behind the token-reduction page (the page runs its parts,
+``reference_run``, ``dynamicvit_run`` and ``tome_run``, separately so each is cached by its own setting);
+the other functions turn its record into figures (plotly), images (PIL) and tables (pandas). Which models
+the page offers and which method runs on each come from the registry and the method table
+(``models.methods``). Nothing here imports streamlit.
+
+Every DynamicViT family's trace is read as a ``DynamicStageTrace``: each pruning stage has its own grid and
+its maps are drawn on the image with cells of ``image size / grid`` pixels. Two kinds of trace exist:
+* nested (DeiT, LV-ViT): dropped tokens leave the sequence for good; a map shows the tokens still there.
+* structured (ConvNeXt, Swin, ``nested`` False): the feature map stays whole; a map shows the positions that
+  take the block's full (MLP) path, the others take the cheap fast path. Each stage picks its own set.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,10 +28,81 @@ from timm.models.vision_transformer import VisionTransformer
 from analysis.data.images import imagenet_label
 from analysis.provenance import with_title
 from analysis.tome_agreement import top1_agreement, top5_overlap
-from models.dynamicvit import DynamicViT, DynamicViTTrace, dynamicvit_forward, dynamicvit_from_backbone
+from models.dynamic_zoo import DynamicStageTrace, as_stage_trace
+from models.dynamicvit import DynamicViT, dynamicvit_from_backbone
+from models.methods import METHODS, Method
+from models.registry import CNN, DYNAMIC_CNN, DYNAMIC_SWIN, FAMILY_LABELS, MHSA, REGISTRY, SWIN, ModelSpec
+from models.registry import DYNAMICVIT as DYNAMICVIT_FAMILY
 from models.tome import ToMeTrace, tome_forward
 
-NO_REDUCTION, DYNAMICVIT, TOME = "no reduction", "DynamicViT pruning", "ToMe merging"
+NO_REDUCTION, TOME = "no reduction", "ToMe merging"
+KEEP_RATIO_KEY = "rho"  # the method table's main setting of every DynamicViT-family method
+TOME_METHOD = METHODS["tome"]
+# The family a token-pruning family is built on, where the registry knows it: ToMe runs on a pruning model when
+# the method table applies it to that backbone (DeiT). LV-ViT's backbone (re-scaled residuals, aux head) is no
+# registry family, so ToMe does not run on it.
+PRUNING_BACKBONES = {DYNAMICVIT_FAMILY: MHSA, DYNAMIC_CNN: CNN, DYNAMIC_SWIN: SWIN}
+
+
+def pruning_label(method: Method) -> str:
+    """The method's name in tables and charts: 'DynamicViT pruning', 'DynamicCNN pruning', ..."""
+    return f"{method.label} pruning"
+
+
+DYNAMICVIT = "DynamicViT pruning"  # DeiT's, and the label of the page's default model
+
+
+# --------------------------------------------------------------------------------------------
+# Which models, which methods (registry + method table)
+# --------------------------------------------------------------------------------------------
+def pruning_method(family: str) -> Method | None:
+    """The DynamicViT-family method (keep ratio rho) of a model family, or None."""
+    return next((m for m in METHODS.values() if family in m.families and m.main_setting.key == KEEP_RATIO_KEY),
+                None)
+
+
+def tome_applies(spec: ModelSpec) -> bool:
+    """Whether ToMe runs on the model: the method table applies it to the model's family or to its backbone's."""
+    return TOME_METHOD.applies_to(spec) or PRUNING_BACKBONES.get(spec.family) in TOME_METHOD.families
+
+
+def tome_absent_reason(spec: ModelSpec) -> str:
+    """One sentence saying why ToMe is not run on this model."""
+    families = ", ".join(FAMILY_LABELS.get(f, f) for f in sorted(TOME_METHOD.families))
+    return (f"ToMe is not shown for {spec.name}: the method table applies {TOME_METHOD.label} to {families} "
+            f"backbones only, and this model is a {spec.family_label}.")
+
+
+class ModelChoice(NamedTuple):
+    name: str                  # registry name of what is loaded
+    pruning: Method | None     # the DynamicViT-family forward to run, None: ToMe only
+    untrained_predictors: bool = False  # attach fresh score predictors to a plain ViT first
+
+
+UNTRAINED_ON_TINY = "DeiT-Tiny backbone + UNTRAINED DynamicViT predictors"
+
+
+def model_choices() -> dict[str, ModelChoice]:
+    """The token-reduction page's models, by label: DeiT-Tiny with untrained predictors, every registry model
+    with a DynamicViT-family method, then the plain models ToMe applies to (ToMe only)."""
+    choices = {UNTRAINED_ON_TINY: ModelChoice("deit_tiny_patch16_224", pruning_method(DYNAMICVIT_FAMILY), True)}
+    for name, spec in REGISTRY.items():
+        method = pruning_method(spec.family)
+        if method is not None:
+            choices[name] = ModelChoice(name, method)
+    for name, spec in REGISTRY.items():
+        if pruning_method(spec.family) is None and TOME_METHOD.applies_to(spec):
+            choices[f"{name} (ToMe only)"] = ModelChoice(name, None)
+    return choices
+
+
+def choice_text(label: str, choice: ModelChoice) -> str:
+    """How the model picker shows a choice: releases say their method and the rho they were trained for."""
+    spec = REGISTRY[choice.name]
+    if choice.pruning is None or choice.untrained_predictors:
+        return label
+    trained = f", trained at rho {spec.trained_keep_ratio:g}" if spec.trained_keep_ratio else ""
+    return f"{label} ({choice.pruning.label}{trained})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -31,90 +110,125 @@ NO_REDUCTION, DYNAMICVIT, TOME = "no reduction", "DynamicViT pruning", "ToMe mer
 # --------------------------------------------------------------------------------------------
 @dataclass
 class ReductionComparison:
-    """Logits (CPU) of the unreduced model, DynamicViT pruning and ToMe merging on one batch, with traces.
+    """Logits (CPU) of the unreduced model and of each reduction that ran on one batch, with their traces.
 
-    The DynamicViT fields are None when the model has no score predictors (a plain ViT).
+    ``unreduced_tokens`` counts, per block, what enters it without reduction: tokens with CLS for a ViT,
+    feature-map positions for a hierarchical model. The pruning fields are None when no DynamicViT-family
+    method ran (a plain ViT), the ToMe fields when ToMe does not apply to the model.
     """
 
     image_names: list[str]
-    num_tokens: int
-    depth: int
     reference_logits: torch.Tensor
-    tome_logits: torch.Tensor
-    tome_trace: ToMeTrace
-    r: int | Sequence[int] | str
+    unreduced_tokens: list[int]
+    tome_logits: torch.Tensor | None = None
+    tome_trace: ToMeTrace | None = None
+    r: int | Sequence[int] | str | None = None
     keep_ratio: float | None = None
     dynamicvit_logits: torch.Tensor | None = None
-    dynamicvit_trace: DynamicViTTrace | None = None
+    dynamicvit_trace: DynamicStageTrace | None = None
+    pruning_label: str = DYNAMICVIT
+
+    @property
+    def num_tokens(self) -> int:
+        return self.unreduced_tokens[0]
+
+    @property
+    def depth(self) -> int:
+        return len(self.unreduced_tokens)
 
     def logits_by_method(self) -> dict[str, torch.Tensor]:
         methods = {NO_REDUCTION: self.reference_logits}
         if self.dynamicvit_logits is not None:
-            methods[DYNAMICVIT] = self.dynamicvit_logits
-        methods[TOME] = self.tome_logits
+            methods[self.pruning_label] = self.dynamicvit_logits
+        if self.tome_logits is not None:
+            methods[TOME] = self.tome_logits
         return methods
 
 
-def reference_logits(model: VisionTransformer, batch: torch.Tensor) -> torch.Tensor:
-    """Logits (CPU, float) of the model without any reduction."""
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def reference_run(model: torch.nn.Module, batch: torch.Tensor, pruning: Method | None = None
+                  ) -> tuple[torch.Tensor, list[int]]:
+    """Logits (CPU, float) without any reduction and what enters each block.
+
+    With a pruning method its forward runs at its neutral setting (rho = 1, equal to ``model(x)``), whose
+    trace counts a hierarchical model's positions per block; a plain ViT runs ``model(x)``.
+    """
     with torch.inference_mode():
-        return model(batch.to(next(model.parameters()).device)).float().cpu()
+        x = batch.to(_device(model))
+        if pruning is None:
+            counts = [model.patch_embed.num_patches + model.num_prefix_tokens] * len(model.blocks)
+            return model(x).float().cpu(), counts
+        logits, trace = pruning.bind_neutral(model)(x, return_trace=True)
+    return logits.float().cpu(), list(trace.tokens_per_block)
 
 
 def tome_run(model: VisionTransformer, batch: torch.Tensor, r: int | Sequence[int] | str = 13,
              proportional_attention: bool = True) -> tuple[torch.Tensor, ToMeTrace]:
     """ToMe's logits (CPU) and merge trace on ``batch``."""
     with torch.inference_mode():
-        logits, trace = tome_forward(model, batch.to(next(model.parameters()).device), r=r,
+        logits, trace = tome_forward(model, batch.to(_device(model)), r=r,
                                      proportional_attention=proportional_attention, return_trace=True)
     return logits.float().cpu(), trace
 
 
-def dynamicvit_run(model: DynamicViT, batch: torch.Tensor, keep_ratio: float = 0.7) -> tuple[torch.Tensor, DynamicViTTrace]:
-    """DynamicViT's logits (CPU) and pruning trace on ``batch`` at ``keep_ratio``."""
+def dynamicvit_run(model: torch.nn.Module, batch: torch.Tensor, keep_ratio: float = 0.7,
+                   pruning: Method | None = None) -> tuple[torch.Tensor, DynamicStageTrace]:
+    """Logits (CPU) and per-stage trace of a DynamicViT-family forward at ``keep_ratio``.
+
+    ``pruning`` is the model's method from the table (default: DeiT's DynamicViT). ValueError for a keep ratio
+    the family's schedule cannot run (hierarchical models need rho > 0.4).
+    """
+    pruning = pruning or pruning_method(DYNAMICVIT_FAMILY)
     with torch.inference_mode():
-        logits, trace = dynamicvit_forward(model, batch.to(next(model.parameters()).device), keep_ratio,
-                                           return_trace=True)
-    return logits.float().cpu(), trace
+        logits, trace = pruning.bind(model, {KEEP_RATIO_KEY: keep_ratio})(batch.to(_device(model)),
+                                                                          return_trace=True)
+    return logits.float().cpu(), as_stage_trace(trace, tuple(batch.shape[-2:]))
 
 
-def combine_runs(model: VisionTransformer, image_names: Sequence[str], reference: torch.Tensor,
-                 tome: tuple[torch.Tensor, ToMeTrace], r: int | Sequence[int] | str,
-                 dynamicvit: tuple[torch.Tensor, DynamicViTTrace] | None = None,
-                 keep_ratio: float | None = None) -> ReductionComparison:
+def combine_runs(image_names: Sequence[str], reference: tuple[torch.Tensor, list[int]],
+                 tome: tuple[torch.Tensor, ToMeTrace] | None = None, r: int | Sequence[int] | str | None = None,
+                 dynamicvit: tuple[torch.Tensor, DynamicStageTrace] | None = None,
+                 keep_ratio: float | None = None, pruning: Method | None = None) -> ReductionComparison:
     """The comparison record from separately computed runs (so each can be cached by its own setting)."""
     return ReductionComparison(
         image_names=list(image_names),
-        num_tokens=model.patch_embed.num_patches + model.num_prefix_tokens,
-        depth=len(model.blocks),
-        reference_logits=reference,
-        tome_logits=tome[0],
-        tome_trace=tome[1],
-        r=r,
+        reference_logits=reference[0],
+        unreduced_tokens=list(reference[1]),
+        tome_logits=None if tome is None else tome[0],
+        tome_trace=None if tome is None else tome[1],
+        r=r if tome is not None else None,
         keep_ratio=keep_ratio if dynamicvit is not None else None,
         dynamicvit_logits=None if dynamicvit is None else dynamicvit[0],
         dynamicvit_trace=None if dynamicvit is None else dynamicvit[1],
+        pruning_label=pruning_label(pruning) if pruning is not None else DYNAMICVIT,
     )
 
 
 def compare_reductions(
-    model: VisionTransformer,
+    model: torch.nn.Module,
     batch: torch.Tensor,
     image_names: Sequence[str],
     keep_ratio: float = 0.7,
-    r: int | Sequence[int] | str = 13,
+    r: int | Sequence[int] | str | None = 13,
     proportional_attention: bool = True,
+    pruning: Method | None = None,
 ) -> ReductionComparison:
-    """Run the model unreduced, with DynamicViT pruning (if it is a DynamicViT) and with ToMe, on ``batch``.
+    """Run the model unreduced, with its DynamicViT-family pruning (``pruning``; default: DeiT's DynamicViT
+    when the model has score predictors) and with ToMe (unless ``r`` is None), on ``batch``.
 
     The model is only read (inference mode, no attribute set): it may be a shared cached model.
     """
-    dynamicvit = dynamicvit_run(model, batch, keep_ratio) if isinstance(model, DynamicViT) else None
-    return combine_runs(model, image_names, reference_logits(model, batch),
-                        tome_run(model, batch, r, proportional_attention), r, dynamicvit, keep_ratio)
+    if pruning is None and isinstance(model, DynamicViT):
+        pruning = pruning_method(DYNAMICVIT_FAMILY)
+    dynamicvit = dynamicvit_run(model, batch, keep_ratio, pruning) if pruning is not None else None
+    tome = tome_run(model, batch, r, proportional_attention) if r is not None else None
+    return combine_runs(image_names, reference_run(model, batch, pruning), tome, r, dynamicvit, keep_ratio, pruning)
 
 
-def dynamicvit_with_untrained_predictors(backbone: VisionTransformer, seed: int = 0) -> DynamicViT:
+def dynamicvit_with_untrained_predictors(backbone: VisionTransformer, seed: int = 0):
     """A DynamicViT on a copy of ``backbone``'s weights with freshly initialised (untrained) score predictors.
 
     The predictors are seeded for reproducibility without disturbing the global random state.
@@ -178,80 +292,148 @@ def tome_tokens_entering_blocks(trace: ToMeTrace, num_tokens: int) -> list[int]:
     return [num_tokens] + trace.tokens_per_layer[:-1]
 
 
+def is_structured(comparison: ReductionComparison) -> bool:
+    """Whether the pruning kept the feature map whole (ConvNeXt, Swin) rather than dropping tokens."""
+    return comparison.dynamicvit_trace is not None and not comparison.dynamicvit_trace.nested
+
+
 def tokens_per_block(comparison: ReductionComparison) -> dict[str, list[int]]:
-    """Tokens entering each block, CLS included, for every method in the comparison."""
-    series = {NO_REDUCTION: [comparison.num_tokens] * comparison.depth}
+    """Per block and method: tokens entering it (CLS included) or, for a structured model, the positions
+    that take its full path."""
+    series = {NO_REDUCTION: list(comparison.unreduced_tokens)}
     if comparison.dynamicvit_trace is not None:
-        series[DYNAMICVIT] = list(comparison.dynamicvit_trace.tokens_per_block)
-    series[TOME] = tome_tokens_entering_blocks(comparison.tome_trace, comparison.num_tokens)
+        series[comparison.pruning_label] = list(comparison.dynamicvit_trace.tokens_per_block)
+    if comparison.tome_trace is not None:
+        series[TOME] = tome_tokens_entering_blocks(comparison.tome_trace, comparison.num_tokens)
     return series
 
 
-def tokens_per_block_figure(series: dict[str, list[int]], title: str = "Tokens entering each block") -> go.Figure:
-    """Step chart of token counts per block, one line per method."""
+def tokens_per_block_figure(series: dict[str, list[int]], title: str = "Tokens entering each block",
+                            structured: bool = False) -> go.Figure:
+    """Step chart of token counts per block, one line per method; a structured model's positions on the full
+    path per block on a log axis (its stages differ 16-fold in size)."""
     figure = go.Figure()
     for method, counts in series.items():
         figure.add_trace(go.Scatter(x=list(range(len(counts))), y=counts, name=method, mode="lines+markers",
                                     line_shape="hv"))
-    figure.update_layout(title=title, xaxis_title="block", yaxis_title="tokens (CLS included)",
-                         yaxis_rangemode="tozero", hovermode="x unified")
+    y_title = "positions on the full path (MLP)" if structured else "tokens (CLS included)"
+    figure.update_layout(title=title, xaxis_title="block (all stages, in order)" if structured else "block",
+                         yaxis_title=y_title, hovermode="x unified")
+    if structured:  # tick at every count that occurs (3136, 784, 196, 137, ...), not at log decades
+        values = sorted({count for counts in series.values() for count in counts})
+        figure.update_yaxes(type="log", tickvals=values if len(values) <= 16 else None)
+    else:
+        figure.update_yaxes(rangemode="tozero")
     return figure
 
 
 # --------------------------------------------------------------------------------------------
-# DynamicViT maps
+# DynamicViT-family maps: each stage on its own grid, drawn to scale on the image
 # --------------------------------------------------------------------------------------------
-def fade_dropped_patches(canvas: Image.Image, keep_mask: np.ndarray, grid: tuple[int, int], fade: float = 0.8) -> Image.Image:
-    """The canvas with every dropped patch blended towards white by ``fade`` (kept patches unchanged)."""
-    patch_w, patch_h = max(1, canvas.size[0] // grid[1]), max(1, canvas.size[1] // grid[0])
-    if canvas.size != (grid[1] * patch_w, grid[0] * patch_h):
-        canvas = canvas.resize((grid[1] * patch_w, grid[0] * patch_h), Image.BICUBIC)
+def _stages(trace) -> DynamicStageTrace:
+    # DeiT's DynamicViTTrace has no image size; what is computed without drawing (frequencies, indices) does not
+    # need it, so its grid stands in (1-pixel cells).
+    return as_stage_trace(trace, getattr(trace, "image_size", None) or tuple(trace.grid_size))
+
+
+def _cell_of_pixel(pixels: int, cells: int) -> np.ndarray:
+    """The cell (row or column) each of ``pixels`` pixels falls in when ``cells`` cells span them evenly."""
+    return np.minimum(np.arange(pixels) * cells // pixels, cells - 1)
+
+
+def fade_dropped_patches(canvas: Image.Image, keep_mask: np.ndarray, grid: tuple[int, int], fade: float = 0.8,
+                         cell_borders: bool = False) -> Image.Image:
+    """The canvas with every cell not kept blended towards white by ``fade`` (kept cells unchanged).
+
+    The ``grid`` (rows, cols) spans the whole canvas, so each cell covers canvas size / grid pixels: a 14x14
+    stage map of a 224-px input has 16-px cells, a 7x7 one 32-px cells. ``cell_borders`` outlines the cells
+    faintly so the map's resolution shows.
+    """
     pixels = np.asarray(canvas.convert("RGB"), dtype=np.float32)
     height, width = pixels.shape[:2]
-    mask = np.asarray(keep_mask, dtype=bool).reshape(grid)
-    pixel_mask = np.repeat(np.repeat(mask, height // grid[0], axis=0), width // grid[1], axis=1)
-    faded = pixels.copy()
-    faded[~pixel_mask] = pixels[~pixel_mask] * (1.0 - fade) + 255.0 * fade
-    return Image.fromarray(faded.round().astype(np.uint8))
+    rows, cols = _cell_of_pixel(height, grid[0]), _cell_of_pixel(width, grid[1])
+    kept = np.asarray(keep_mask, dtype=bool).reshape(grid)[rows[:, None], cols[None, :]]
+    out = pixels.copy()
+    out[~kept] = pixels[~kept] * (1.0 - fade) + 255.0 * fade
+    if cell_borders:
+        edge = np.zeros((height, width), dtype=bool)
+        edge[1:, :] |= (rows[1:] != rows[:-1])[:, None]
+        edge[:, 1:] |= (cols[1:] != cols[:-1])[None, :]
+        out[edge] = out[edge] * 0.6 + 128.0 * 0.4
+    return Image.fromarray(out.round().astype(np.uint8))
 
 
-def dynamicvit_stage_panels(canvas: Image.Image, trace: DynamicViTTrace, image: int) -> list[tuple[str, Image.Image]]:
-    """The input and, per pruning stage, the patches still kept (dropped ones faded), with captions."""
+def dynamicvit_stage_panels(canvas: Image.Image, trace, image: int) -> list[tuple[str, Image.Image]]:
+    """The input and, per pruning stage, its map on the canvas (cells not kept faded), with captions."""
+    trace = _stages(trace)
+    what = "kept" if trace.nested else "full path"
     panels = [("input", canvas)]
-    for stage, (block, mask) in enumerate(zip(trace.pruning_locations, trace.keep_masks())):
-        kept = int(mask[image].sum())
-        panels.append((f"stage {stage + 1} (block {block}): {kept} patches",
-                       fade_dropped_patches(canvas, mask[image].numpy(), trace.grid_size)))
+    for stage, (block, mask) in enumerate(zip(trace.stage_blocks, trace.keep_masks())):
+        rows, cols = trace.stage_grids[stage]
+        panels.append((f"{block}: {int(mask[image].sum())}/{rows * cols} {what}",
+                       fade_dropped_patches(canvas, mask[image].numpy(), (rows, cols), cell_borders=True)))
     return panels
 
 
-def keep_score_figure(trace: DynamicViTTrace, image: int, title: str = "DynamicViT keep scores per stage") -> go.Figure:
-    """Heat maps of the predicted keep probability per patch at each stage (blank = dropped earlier)."""
-    stages = len(trace.keep_scores)
-    titles = [f"stage {s + 1} (block {b})" for s, b in enumerate(trace.pruning_locations)]
-    figure = make_subplots(rows=1, cols=stages, subplot_titles=titles, horizontal_spacing=0.03)
-    for stage, scores in enumerate(trace.keep_scores):
-        grid = scores[image].reshape(trace.grid_size).numpy()
-        figure.add_trace(
-            go.Heatmap(z=grid, zmin=0.0, zmax=1.0, colorscale="Viridis", showscale=stage == stages - 1,
-                       colorbar=dict(title="keep prob."), hovertemplate="row %{y}, col %{x}: %{z:.3f}<extra></extra>"),
-            row=1, col=stage + 1,
-        )
-        figure.update_yaxes(autorange="reversed", scaleanchor=f"x{stage + 1 if stage else ''}", showticklabels=False,
-                            row=1, col=stage + 1)
-        figure.update_xaxes(showticklabels=False, constrain="domain", row=1, col=stage + 1)
-    figure.update_layout(title=title, height=320, margin=dict(t=70, b=10))
+def _grid_text(trace: DynamicStageTrace, stage: int) -> str:
+    rows, cols = trace.stage_grids[stage]
+    cell_h, cell_w = trace.cell_size(stage)
+    return f"{rows}x{cols} map, {cell_h:g}x{cell_w:g}-px cells"
+
+
+def stage_maps_caption(trace: DynamicStageTrace) -> str:
+    """What the stage maps show, for the model's kind of pruning."""
+    grids = sorted({_grid_text(trace, s) for s in range(trace.num_stages)})
+    where = f"Predictors before {', '.join(trace.stage_blocks)}; {' / '.join(grids)} on the " \
+            f"{trace.image_size[0]}x{trace.image_size[1]} input."
+    if trace.nested:
+        return (f"{where} Bright cells: tokens still in the sequence after each stage; faded cells were dropped "
+                "there or earlier and never come back.")
+    return (f"{where} Nothing is dropped: the feature map stays whole (convolutions and windows need it). Bright "
+            "cells are the positions that take the full MLP path from that block on; faded cells take the cheap "
+            "fast path. Each predictor picks its own set; blocks outside the pruned stage run on every position.")
+
+
+def _pixel_heatmap(values: np.ndarray, cell: tuple[float, float], **kwargs) -> go.Heatmap:
+    """A heat map whose cells sit on the image's pixels (cell centres at (i + 0.5) * cell size)."""
+    rows, cols = values.shape
+    where = np.dstack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"))
+    return go.Heatmap(z=values, x0=cell[1] / 2, dx=cell[1], y0=cell[0] / 2, dy=cell[0], customdata=where,
+                      **kwargs)
+
+
+def _image_axes(figure: go.Figure, trace: DynamicStageTrace, columns: int) -> None:
+    height, width = trace.image_size
+    for column in range(1, columns + 1):
+        anchor = f"x{column if column > 1 else ''}"
+        figure.update_xaxes(range=[0, width], constrain="domain", showticklabels=False, row=1, col=column)
+        figure.update_yaxes(range=[height, 0], scaleanchor=anchor, showticklabels=False, row=1, col=column)
+
+
+def keep_score_figure(trace, image: int, title: str = "DynamicViT keep scores per stage") -> go.Figure:
+    """Heat maps of the predicted keep probability per position at each stage, on its own grid drawn to the
+    image's scale (blank: dropped at an earlier stage, so not scored)."""
+    trace = _stages(trace)
+    titles = [f"stage {s + 1}: {b} ({_grid_text(trace, s)})" for s, b in enumerate(trace.stage_blocks)]
+    figure = make_subplots(rows=1, cols=trace.num_stages, subplot_titles=titles, horizontal_spacing=0.03)
+    for stage, scores in enumerate(trace.score_maps()):
+        figure.add_trace(_pixel_heatmap(
+            scores[image].numpy(), trace.cell_size(stage), zmin=0.0, zmax=1.0, colorscale="Viridis",
+            showscale=stage == trace.num_stages - 1, colorbar=dict(title="keep prob."),
+            hovertemplate="row %{customdata[0]}, col %{customdata[1]}: %{z:.3f}<extra></extra>"), row=1, col=stage + 1)
+    _image_axes(figure, trace, trace.num_stages)
+    figure.update_annotations(font_size=11)
+    figure.update_layout(title=title, height=340, margin=dict(t=80, b=10))
     return figure
 
 
-def keep_frequency(trace: DynamicViTTrace, stage: int = -1) -> np.ndarray:
-    """Fraction of the batch's images in which each patch position survives ``stage``: [grid_h, grid_w]."""
-    mask = trace.keep_masks()[stage].float()
-    return mask.mean(0).reshape(trace.grid_size).numpy()
+def keep_frequency(trace, stage: int = -1) -> np.ndarray:
+    """Fraction of the batch's images in which each position is kept at ``stage``: [rows, cols] of its grid."""
+    return _stages(trace).keep_masks()[stage].float().mean(0).numpy()
 
 
 def keep_frequency_figure(frequency: np.ndarray, title: str) -> go.Figure:
-    """Heat map of how often each patch position is kept across images."""
+    """Heat map of how often each position is kept across images (one stage, in grid cells)."""
     figure = go.Figure(go.Heatmap(z=frequency, zmin=0.0, zmax=1.0, colorscale="Cividis",
                                   colorbar=dict(title="kept in"), hovertemplate="row %{y}, col %{x}: %{z:.0%}<extra></extra>"))
     figure.update_yaxes(autorange="reversed", scaleanchor="x", title="patch row")
@@ -260,13 +442,32 @@ def keep_frequency_figure(frequency: np.ndarray, title: str) -> go.Figure:
     return figure
 
 
-def kept_indices_frame(trace: DynamicViTTrace, image_names: Sequence[str]) -> pd.DataFrame:
-    """One row per image and stage: the kept patch indices (row-major over the patch grid), space-separated."""
+def keep_frequency_by_stage_figure(trace, title: str) -> go.Figure:
+    """Per stage, how often each position is kept over the batch's images, each on its grid at the image's scale."""
+    trace = _stages(trace)
+    titles = [f"stage {s + 1}: {b}, {k} kept" for s, (b, k) in enumerate(zip(trace.stage_blocks, trace.kept_counts))]
+    figure = make_subplots(rows=1, cols=trace.num_stages, subplot_titles=titles, horizontal_spacing=0.03)
+    for stage in range(trace.num_stages):
+        figure.add_trace(_pixel_heatmap(
+            keep_frequency(trace, stage), trace.cell_size(stage), zmin=0.0, zmax=1.0, colorscale="Cividis",
+            showscale=stage == trace.num_stages - 1, colorbar=dict(title="kept in"),
+            hovertemplate="row %{customdata[0]}, col %{customdata[1]}: %{z:.0%}<extra></extra>"), row=1, col=stage + 1)
+    _image_axes(figure, trace, trace.num_stages)
+    figure.update_annotations(font_size=11)
+    figure.update_layout(title=title, height=340, margin=dict(t=80, b=10))
+    return figure
+
+
+def kept_indices_frame(trace, image_names: Sequence[str]) -> pd.DataFrame:
+    """One row per image and stage: the kept positions (row-major over that stage's grid), space-separated."""
+    trace = _stages(trace)
     rows = []
-    for stage, (block, kept) in enumerate(zip(trace.pruning_locations, trace.kept_indices)):
+    for stage, (block, kept) in enumerate(zip(trace.stage_blocks, trace.kept_indices)):
+        grid_rows, grid_cols = trace.stage_grids[stage]
         for image, name in enumerate(image_names):
             indices = kept[image].tolist()
-            rows.append({"image": name, "stage": stage + 1, "before block": block, "kept": len(indices),
+            rows.append({"image": name, "stage": stage + 1, "before block": block,
+                         "grid": f"{grid_rows}x{grid_cols}", "kept": len(indices),
                          "kept_indices": " ".join(map(str, indices))})
     return pd.DataFrame(rows)
 

@@ -1,4 +1,4 @@
-"""Token reduction: which patches DynamicViT drops and which ToMe merges, side by side on the same images."""
+"""Token reduction: where the DynamicViT family prunes and where ToMe merges, side by side on the same images."""
 from __future__ import annotations
 
 import pandas as pd
@@ -7,30 +7,32 @@ import streamlit as st
 from analysis.data.images import model_view, to_batch
 from analysis.provenance import images_label, label_rows, title_line
 from analysis.token_reduction import (
-    DYNAMICVIT,
     NO_REDUCTION,
     TOME,
     agreement_frame,
+    choice_text,
     combine_runs,
     dynamicvit_run,
     dynamicvit_stage_panels,
     dynamicvit_with_untrained_predictors,
     image_strip,
-    keep_frequency,
-    keep_frequency_figure,
+    is_structured,
+    keep_frequency_by_stage_figure,
     keep_score_figure,
     kept_indices_frame,
+    model_choices,
     predictions_frame,
-    reference_logits,
+    reference_run,
+    stage_maps_caption,
     tokens_per_block,
     tokens_per_block_figure,
+    tome_absent_reason,
+    tome_applies,
     tome_merge_panels,
     tome_run,
 )
 from analysis.tome_agreement import agreement_sweep, plot_agreement, rows_to_frame
-from models.dynamicvit import DynamicViT
-from models.registry import DYNAMICVIT as DYNAMICVIT_FAMILY
-from models.registry import MHSA, list_models
+from models.registry import get_spec
 from pages._results import dataset_run_section
 from pages._ui import (
     cached_model,
@@ -50,85 +52,104 @@ from pages._ui import (
 
 MAX_IMAGES = 8
 SETTINGS_KEPT = 8  # results per setting kept in the session, so moving a slider back is instant
-UNTRAINED_ON_TINY = "DeiT-Tiny backbone + UNTRAINED DynamicViT predictors"
+DEFAULT_RHO = 0.7  # DynamicViT's setting, for predictors not trained at any
 
 
 @st.cache_resource(show_spinner="Attaching untrained DynamicViT predictors ...", max_entries=4)
-def _untrained_dynamicvit(name: str, weights: str, device: str, _backbone) -> DynamicViT:
+def _untrained_dynamicvit(name: str, weights: str, device: str, _backbone):
     # A separate cached copy: the shared backbone itself is never modified.
     return dynamicvit_with_untrained_predictors(_backbone)
-
-
-def _model_choices() -> dict[str, tuple[str, bool]]:
-    """Label -> (registry name, build untrained predictors on it)."""
-    choices = {UNTRAINED_ON_TINY: ("deit_tiny_patch16_224", True)}
-    choices.update({name: (name, False) for name in list_models(DYNAMICVIT_FAMILY)})
-    choices.update({f"{name} (ToMe only)": (name, False) for name in list_models(MHSA)})
-    return choices
 
 
 run_through_app()
 st.title("Token reduction: DynamicViT pruning and ToMe merging")
 st.markdown(
-    "**DynamicViT** learns to *drop* patch tokens before blocks 3, 6 and 9 (keep ratio rho, rho^2, rho^3). "
-    "**ToMe** *merges* the r most similar token pairs in every block, without training. Both run here on the "
-    "same backbone and images; agreement is measured against the same model without reduction."
+    "**DynamicViT** learns to *drop* patch tokens at three stages (keep ratio rho, rho^2, rho^3 for DeiT and "
+    "LV-ViT). Its ConvNeXt and Swin versions keep the feature map whole and send only the positions they keep "
+    "through the expensive MLP (rho, rho - 0.2, rho - 0.4 in their third stage). **ToMe** *merges* the r most "
+    "similar token pairs in every block of a plain ViT, without training. Agreement is measured against the "
+    "same model without reduction."
 )
 
 dataset_run_section(["keep-frequency", "tome-merge"], key="tr_run")
 
-choices = _model_choices()
+choices = model_choices()
 left, right = st.columns(2)
 with left:
-    label = st.selectbox("Model", list(choices), key="tr_model",
-                         help="Official DynamicViT releases need their weights; the DeiT-Tiny option attaches "
-                              "untrained score predictors to real DeiT-Tiny weights (its pruning is not learned).")
+    label = st.selectbox("Model", list(choices), key="tr_model", format_func=lambda c: choice_text(c, choices[c]),
+                         help="Official DynamicViT-family releases need their weights (or random weights); the "
+                              "DeiT-Tiny option attaches untrained score predictors to real DeiT-Tiny weights "
+                              "(its pruning is not learned).")
     random_weights = random_weights_toggle("tr_random")
 with right:
     images = image_picker("tr_images", multiple=True)
 
-name, attach_predictors = choices[label]
+choice = choices[label]
+name, pruning = choice.name, choice.pruning
+spec = get_spec(name)
 loaded = cached_model(name, random_weights)
 if loaded is None:
     st.stop()
 show_weights_banner(loaded)
 model = loaded.model
-if attach_predictors:
+if choice.untrained_predictors:
     model = _untrained_dynamicvit(name, loaded.weights.description, current_device(), loaded.model)
     backbone = ("the same RANDOM backbone" if loaded.weights.is_random
                 else f"the same trained backbone ({loaded.weights.description})")
     st.warning("The DynamicViT score predictors are **untrained** (random): the pruning maps below show the "
                f"mechanics, not what a trained DynamicViT keeps. ToMe and the unreduced model use {backbone}.")
-has_dynamicvit = isinstance(model, DynamicViT)
-weights = weights_text(loaded, attach_predictors)
+has_tome = tome_applies(spec)
+weights = weights_text(loaded, choice.untrained_predictors)
 weights_tag = " (RANDOM weights)" if loaded.weights.is_random else ""
-predictor_tag = " (untrained predictors)" if attach_predictors else ""
+predictor_tag = " (untrained predictors)" if choice.untrained_predictors else ""
 
 if len(images) > MAX_IMAGES:
     st.info(f"Using the first {MAX_IMAGES} of {len(images)} images.")
     images = images[:MAX_IMAGES]
 names = [image.name for image in images]
-depth = len(model.blocks)
 
+# The keep ratio starts at the one the release was trained for, and again whenever another model is picked.
+trained_rho = spec.trained_keep_ratio if not choice.untrained_predictors else None
+if st.session_state.get("tr_rho_model") != label:
+    st.session_state["tr_rho_model"] = label
+    st.session_state["tr_rho"] = trained_rho or DEFAULT_RHO
 c1, c2, c3 = st.columns(3)
-keep_ratio = c1.slider("DynamicViT keep ratio rho", 0.3, 1.0, 0.7, 0.05, key="tr_rho", disabled=not has_dynamicvit)
-r = c2.slider("ToMe r (tokens merged per block)", 0, 32, 13, key="tr_r")
-schedule = c3.radio("ToMe schedule", ["constant", "decreasing"], horizontal=True, key="tr_schedule",
-                    help="Decreasing: linear from 1.5 r at the first block to 0.5 r at the last (ToMe's schedule).")
-proportional = c3.checkbox("Proportional attention (log size bias)", value=True, key="tr_prop")
-r_spec = f"decreasing:{r}" if schedule == "decreasing" else r
+keep_ratio = c1.slider("Keep ratio rho", 0.3, 1.0, step=0.05, key="tr_rho", disabled=pruning is None,
+                       help="The share of positions the first predictor keeps; later stages follow the family's "
+                            "schedule.")
+if pruning is not None and trained_rho is not None and abs(keep_ratio - trained_rho) > 1e-6:
+    c1.info(f"{name} was trained for rho = {trained_rho:g}; at rho = {keep_ratio:.2f} its predictors run at a "
+            "keep ratio they were not trained for (expect lower accuracy than the paper's).")
+r_spec, proportional = None, True
+if has_tome:
+    r = c2.slider("ToMe r (tokens merged per block)", 0, 32, 13, key="tr_r")
+    schedule = c3.radio("ToMe schedule", ["constant", "decreasing"], horizontal=True, key="tr_schedule",
+                        help="Decreasing: linear from 1.5 r at the first block to 0.5 r at the last (ToMe's schedule).")
+    proportional = c3.checkbox("Proportional attention (log size bias)", value=True, key="tr_prop")
+    r_spec = f"decreasing:{r}" if schedule == "decreasing" else r
+else:
+    c2.caption(tome_absent_reason(spec))
 
 # Each run is stored under the settings it depends on: a slider recomputes only its own method.
 inputs = (label, loaded.weights.description, current_device(), image_set_key(images))
 batch = session_result("tr_batch", inputs, lambda: to_batch(images, loaded.transform))
-reference = session_result("tr_reference", inputs, lambda: reference_logits(model, batch), keep=2)
-tome = session_result("tr_tome", inputs + (r_spec, proportional),
-                      lambda: tome_run(model, batch, r_spec, proportional), keep=SETTINGS_KEPT)
+reference = session_result("tr_reference", inputs, lambda: reference_run(model, batch, pruning), keep=2)
+tome = None
+if has_tome:
+    tome = session_result("tr_tome", inputs + (r_spec, proportional),
+                          lambda: tome_run(model, batch, r_spec, proportional), keep=SETTINGS_KEPT)
 dynamicvit = None
-if has_dynamicvit:
-    dynamicvit = session_result("tr_dynamicvit", inputs + (keep_ratio,),
-                                lambda: dynamicvit_run(model, batch, keep_ratio), keep=SETTINGS_KEPT)
-comparison = combine_runs(model, names, reference, tome, r_spec, dynamicvit, keep_ratio)
+if pruning is not None:
+    try:
+        dynamicvit = session_result("tr_dynamicvit", inputs + (keep_ratio,),
+                                    lambda: dynamicvit_run(model, batch, keep_ratio, pruning), keep=SETTINGS_KEPT)
+    except ValueError as exc:  # a keep ratio the family's schedule cannot run
+        st.error(str(exc))
+        st.stop()
+comparison = combine_runs(names, reference, tome, r_spec, dynamicvit, keep_ratio, pruning)
+method_label = comparison.pruning_label
+method_name = pruning.label if pruning else "DynamicViT"
+structured = is_structured(comparison)
 all_images = images_label(names)
 
 
@@ -143,23 +164,30 @@ def detail_view() -> None:
     image_name = st.selectbox("Image for the detailed view", names, key="tr_image")
     chosen = names.index(image_name)
     canvas = model_view(images[chosen].image, loaded.data_config)
+    trace = comparison.dynamicvit_trace
 
     st.header("Side by side" + weights_tag)
     predictions = predictions_frame(comparison, chosen)
     per_image = agreement_frame(comparison, chosen).set_index("method")
-    panels = {NO_REDUCTION: canvas}
-    if has_dynamicvit:
-        panels[DYNAMICVIT] = dynamicvit_stage_panels(canvas, comparison.dynamicvit_trace, chosen)[-1][1]
-    panels[TOME] = tome_merge_panels(canvas, comparison.tome_trace, [depth - 1], chosen)[-1][1]
-    captions = {
-        NO_REDUCTION: f"{comparison.num_tokens} tokens in every block",
-        DYNAMICVIT: f"patches kept after the last stage (rho = {keep_ratio:.2f}){predictor_tag}",
-        TOME: f"merge groups after the last block ({comparison.tome_trace.tokens_per_layer[-1]} tokens)",
-    }
-    for column, (method, picture) in zip(st.columns(len(panels)), panels.items()):
+    if structured:
+        rows, cols = trace.stage_grids[-1]
+        unreduced = f"all {rows * cols} positions of the {rows}x{cols} map take the full path"
+    else:
+        unreduced = f"{comparison.num_tokens} tokens in every block"
+    panels = {NO_REDUCTION: (canvas, unreduced)}
+    if trace is not None:
+        last = trace.kept_counts[-1]
+        what = (f"{last} positions on the full MLP path after the last predictor" if structured
+                else f"{last} patches kept after the last stage")
+        panels[method_label] = (dynamicvit_stage_panels(canvas, trace, chosen)[-1][1],
+                                f"{what} (rho = {keep_ratio:.2f}){predictor_tag}")
+    if comparison.tome_trace is not None:
+        panels[TOME] = (tome_merge_panels(canvas, comparison.tome_trace, [comparison.depth - 1], chosen)[-1][1],
+                        f"merge groups after the last block ({comparison.tome_trace.tokens_per_layer[-1]} tokens)")
+    for column, (method, (picture, caption)) in zip(st.columns(len(panels)), panels.items()):
         with column:
             st.subheader(method)
-            st.image(picture, caption=captions[method], width="stretch")
+            st.image(picture, caption=caption, width="stretch")
             st.dataframe(predictions[predictions.method == method].drop(columns=["image", "method", "class index"]),
                          hide_index=True,
                          column_config={"probability": st.column_config.NumberColumn(format="%.3f")})
@@ -179,21 +207,25 @@ def detail_view() -> None:
     with d2:
         download_df(_labelled(overall, all_images), "agreement.csv", "Download agreement (CSV)")
 
-    st.header("DynamicViT: pruned patches per stage" + weights_tag + predictor_tag)
-    if not has_dynamicvit:
-        st.info("This model has no DynamicViT score predictors; choose a DynamicViT model or the DeiT-Tiny option.")
+    heading = "positions on the full path per stage" if structured else "pruned patches per stage"
+    st.header(f"{method_name}: {heading}{weights_tag}{predictor_tag}")
+    if trace is None:
+        st.info("This model has no DynamicViT score predictors; choose a DynamicViT-family model or the "
+                "DeiT-Tiny option.")
     else:
-        trace = comparison.dynamicvit_trace
         stage_strip = image_strip(dynamicvit_stage_panels(canvas, trace, chosen),
-                                  title=f"DynamicViT rho {keep_ratio:.2f} | " + title_line(name, weights, image_name))
-        st.image(stage_strip, caption="Dropped patches faded out", width="stretch")
+                                  title=f"{method_label} rho {keep_ratio:.2f} | " + title_line(name, weights, image_name))
+        st.image(stage_strip, caption=stage_maps_caption(trace), width="stretch")
         scores = session_result("tr_keep_scores", inputs + (keep_ratio, chosen), lambda: keep_score_figure(
-            trace, chosen, title=f"DynamicViT keep scores per stage: {image_name}" + weights_tag + predictor_tag),
-            keep=SETTINGS_KEPT)
+            trace, chosen, title=f"{method_name} keep scores per stage: {image_name}"
+                                 + weights_tag + predictor_tag), keep=SETTINGS_KEPT)
         st.plotly_chart(scores, key="tr_keep_scores")
         download_png(stage_strip, f"dynamicvit_stages_{image_name}.png", "Download stage maps (PNG)")
 
+    if comparison.tome_trace is None:
+        return
     st.header("ToMe: merged tokens per block" + weights_tag)
+    depth = comparison.depth
     follow_options("tr_layers", list(range(depth)))
     default_layers = sorted({max(0, depth * k // 4 - 1) for k in (1, 2, 3, 4)})
     layers = st.multiselect("Show merge maps after blocks", list(range(depth)), default=default_layers,
@@ -206,27 +238,22 @@ def detail_view() -> None:
 
 detail_view()
 
-if has_dynamicvit:
+if comparison.dynamicvit_trace is not None:
     trace = comparison.dynamicvit_trace
     if len(names) > 1:
-        @st.fragment
-        def keep_frequency_view() -> None:
-            stage = st.select_slider("Keep frequency after stage",
-                                     options=list(range(1, len(trace.kept_indices) + 1)),
-                                     value=len(trace.kept_indices), key="tr_freq_stage")
-            st.plotly_chart(keep_frequency_figure(
-                keep_frequency(trace, stage - 1),
-                f"How often each patch position survives stage {stage}, over {len(names)} images"
-                + weights_tag + predictor_tag), key="tr_keep_frequency")
-
-        keep_frequency_view()
+        kept_what = "takes the full path" if structured else "is kept"
+        frequency = session_result("tr_keep_frequency", inputs + (keep_ratio,), lambda: keep_frequency_by_stage_figure(
+            trace, f"How often each position {kept_what} at each stage, over {len(names)} images"
+                   + weights_tag + predictor_tag), keep=SETTINGS_KEPT)
+        st.plotly_chart(frequency, key="tr_keep_frequency")
     download_df(_labelled(kept_indices_frame(trace, names)), "dynamicvit_kept_indices.csv",
                 "Download kept indices per image and stage (CSV)")
 
 counts = tokens_per_block(comparison)
-st.plotly_chart(tokens_per_block_figure(counts, "Tokens entering each block" + weights_tag), key="tr_tokens")
-download_df(_labelled(pd.DataFrame({"block": range(depth), **counts}), all_images), "tokens_per_block.csv",
-            "Download tokens per block (CSV)")
+chart_title = ("Positions taking each block's full path" if structured else "Tokens entering each block") + weights_tag
+st.plotly_chart(tokens_per_block_figure(counts, chart_title, structured), key="tr_tokens")
+download_df(_labelled(pd.DataFrame({"block": range(comparison.depth), **counts}), all_images),
+            "tokens_per_block.csv", "Download tokens per block (CSV)")
 
 
 @st.fragment
@@ -249,4 +276,5 @@ def sweep_view() -> None:
     download_df(_labelled(rows_to_frame(rows), all_images), "tome_r_sweep.csv", "Download the r sweep (CSV)")
 
 
-sweep_view()
+if has_tome:
+    sweep_view()

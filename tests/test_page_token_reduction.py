@@ -159,7 +159,7 @@ def test_a_slider_reruns_only_its_method(random_page, monkeypatch):
     import analysis.token_reduction as token_maps
 
     calls = []
-    for fn in ("reference_logits", "tome_run", "dynamicvit_run"):
+    for fn in ("reference_run", "tome_run", "dynamicvit_run"):
         original = getattr(token_maps, fn)
         monkeypatch.setattr(token_maps, fn, lambda *a, _f=original, _n=fn, **k: calls.append(_n) or _f(*a, **k))
     app = random_page
@@ -178,3 +178,124 @@ def test_r_sweep_axis_ticks_at_round_numbers():
     axis = plot_agreement(rows).layout.xaxis
     assert axis.dtick == 2 and axis.tick0 == 0
     assert plot_agreement(rows[:4]).layout.xaxis.dtick == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The DynamicViT zoo: hierarchical models (structured sparsification of ConvNeXt / Swin), no ToMe
+# ---------------------------------------------------------------------------------------------------------
+ZOO_HEADERS = {"dynamiccnn_convnext_tiny": "DynamicCNN", "dynamicswin_tiny": "DynamicSwin"}
+
+
+def _image_captions(app) -> list[str]:
+    return [element.proto.imgs[0].caption for element in app.get("image") if element.proto.imgs]
+
+
+@pytest.fixture(params=sorted(ZOO_HEADERS))
+def zoo_page(request, tmp_path, monkeypatch, downloads):
+    """The page on a random-weights hierarchical zoo model and the two sample photos."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
+    app = AppTest.from_file(PAGE, default_timeout=240)
+    app.session_state["tr_model"] = request.param
+    app.session_state["tr_random"] = True
+    return request.param, app.run(), downloads
+
+
+def test_zoo_model_shows_stage_maps_and_keep_frequency_without_tome(zoo_page):
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    name, app, downloads = zoo_page
+    assert not app.exception, app.exception
+    assert not app.error
+    assert app.slider(key="tr_rho").value == 0.7  # the release's trained keep ratio
+    assert any(f"{name} runs with RANDOM weights" in w.value for w in app.warning)
+    headers = [h.value for h in app.header]
+    assert f"{ZOO_HEADERS[name]}: positions on the full path per stage (RANDOM weights)" in headers
+    assert not any("ToMe" in h for h in headers)
+    assert [s.value for s in app.subheader] == ["no reduction", f"{ZOO_HEADERS[name]} pruning"]
+    assert any("ToMe is not shown" in c.value for c in app.caption)
+    assert any("full MLP path" in caption for caption in _image_captions(app))
+    assert len(app.get("plotly_chart")) == 3  # keep scores, keep frequency over the 2 images, positions per block
+    names = app.selectbox(key="tr_image").options
+    assert len(names) == 2
+
+    # Stage maps: the input and three stage panels of the 224 px view, titled with model, weights and image.
+    strip = Image.open(io.BytesIO(downloads[f"dynamicvit_stages_{names[0]}.png"]))
+    assert strip.size == (4 * 224 + 3 * 6, 224 + 18 + 20)
+    kept = pd.read_csv(io.BytesIO(downloads["dynamicvit_kept_indices.csv"]))
+    assert list(kept.columns[:3]) == ["model", "weights", "image"]
+    assert (kept["model"] == name).all() and (kept["weights"] == "random").all()
+    assert set(kept["image"]) == set(names) and len(kept) == 2 * 3
+    assert list(kept.groupby("stage")["kept"].max()) == [137, 97, 58]  # rho, rho - 0.2, rho - 0.4 of 196
+    assert (kept["grid"] == "14x14").all() and kept["before block"].str.contains(r"\.2\.blocks\.").all()
+    for csv in ("top5_predictions.csv", "agreement.csv", "tokens_per_block.csv"):
+        frame = pd.read_csv(io.BytesIO(downloads[csv]))
+        assert list(frame.columns[:3]) == ["model", "weights", "image"], csv
+        assert (frame["model"] == name).all() and (frame["weights"] == "random").all(), csv
+    counts = pd.read_csv(io.BytesIO(downloads["tokens_per_block.csv"]))
+    assert counts["no reduction"].iloc[0] == 56 * 56 and counts["no reduction"].min() == 7 * 7
+    assert counts[f"{ZOO_HEADERS[name]} pruning"].min() == 49 and 58 in set(counts[f"{ZOO_HEADERS[name]} pruning"])
+    assert not [b for b in app.button if b.key == "tr_sweep"] and "tome_r_sweep.csv" not in downloads
+
+
+def test_zoo_page_says_when_rho_is_not_the_trained_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
+    app = AppTest.from_file(PAGE, default_timeout=240)
+    app.session_state["tr_model"] = "dynamiccnn_convnext_tiny"
+    app.session_state["tr_random"] = True
+    app.run()
+    assert not any("trained for rho" in i.value for i in app.info)
+    app.slider(key="tr_rho").set_value(0.4).run()  # rho - 0.4 leaves nothing in the last stage
+    assert not app.exception, app.exception
+    assert any("use rho > 0.4" in e.value for e in app.error)
+    app.slider(key="tr_rho").set_value(0.9).run()
+    assert not app.exception and not app.error
+    assert any("was trained for rho = 0.7" in i.value for i in app.info)
+    # Another model starts at its own trained keep ratio.
+    app.selectbox(key="tr_model").set_value("dynamicswin_tiny").run()
+    assert app.slider(key="tr_rho").value == 0.7 and not any("trained for rho" in i.value for i in app.info)
+
+
+def test_stage_maps_are_drawn_to_the_scale_of_their_grid():
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from analysis.token_reduction import dynamicvit_stage_panels, keep_frequency, keep_score_figure
+    from models.dynamic_zoo import DynamicStageTrace
+
+    # One 7x7 stage on a 224-px image: 32-px cells; image 0 keeps the top-left cell, image 1 the last one.
+    trace = DynamicStageTrace("test", 0.5, (224, 224), [(7, 7)], ["stages.2.blocks.1"], nested=False,
+                              kept_indices=[torch.tensor([[0], [48]])], keep_scores=[torch.rand(2, 49)],
+                              tokens_per_block=[1])
+    canvas = Image.new("RGB", (224, 224), (40, 40, 40))
+    panel = np.asarray(dynamicvit_stage_panels(canvas, trace, 0)[1][1]).astype(int)
+    assert (panel[1:31, 1:31] == 40).all()  # the kept 32-px cell, inside its faint border
+    assert (panel[1:31, 33:63] > 200).all() and (panel[200:, 200:] > 200).all()
+    assert (panel[32, 5] != panel[31, 5]).all()  # a cell border at row 32
+    heatmap = keep_score_figure(trace, 0).data[0]
+    assert heatmap.dx == heatmap.dy == 32 and heatmap.x0 == 16
+    frequency = keep_frequency(trace, 0)
+    assert frequency.shape == (7, 7) and frequency[0, 0] == frequency[6, 6] == 0.5 and frequency.sum() == 1.0
+
+
+def test_model_choices_loop_over_the_registry_and_the_method_table():
+    from analysis.token_reduction import UNTRAINED_ON_TINY, model_choices, pruning_method, tome_applies
+    from models.registry import REGISTRY
+
+    choices = model_choices()
+    assert next(iter(choices)) == UNTRAINED_ON_TINY
+    with_pruning = {c.name for c in choices.values() if c.pruning is not None and not c.untrained_predictors}
+    assert with_pruning == {n for n, s in REGISTRY.items() if pruning_method(s.family) is not None}
+    assert {"dynamicvit_deit_small_patch16_224", "dynamicvit_lvvit_s", "dynamiccnn_convnext_tiny",
+            "dynamicswin_tiny"} <= with_pruning
+    tome_only = {c.name for c in choices.values() if c.pruning is None}
+    assert "deit_tiny_patch16_224" in tome_only and "convnext_tiny" not in tome_only
+    assert all(tome_applies(REGISTRY[n]) for n in tome_only)
+    assert tome_applies(REGISTRY["dynamicvit_deit_small_patch16_224"])  # DeiT backbone
+    assert not any(tome_applies(REGISTRY[n]) for n in ("dynamicvit_lvvit_s", "dynamiccnn_convnext_tiny",
+                                                        "dynamicswin_tiny"))
