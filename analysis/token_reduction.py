@@ -31,17 +31,13 @@ from analysis.tome_agreement import top1_agreement, top5_overlap
 from models.dynamic_zoo import DynamicStageTrace, as_stage_trace
 from models.dynamicvit import DynamicViT, dynamicvit_from_backbone
 from models.methods import METHODS, Method
-from models.registry import CNN, DYNAMIC_CNN, DYNAMIC_SWIN, FAMILY_LABELS, MHSA, REGISTRY, SWIN, ModelSpec
+from models.registry import FAMILY_LABELS, REGISTRY, ModelSpec
 from models.registry import DYNAMICVIT as DYNAMICVIT_FAMILY
 from models.tome import ToMeTrace, tome_forward
 
 NO_REDUCTION, TOME = "no reduction", "ToMe merging"
 KEEP_RATIO_KEY = "rho"  # the method table's main setting of every DynamicViT-family method
 TOME_METHOD = METHODS["tome"]
-# The family a token-pruning family is built on, where the registry knows it: ToMe runs on a pruning model when
-# the method table applies it to that backbone (DeiT). LV-ViT's backbone (re-scaled residuals, aux head) is no
-# registry family, so ToMe does not run on it.
-PRUNING_BACKBONES = {DYNAMICVIT_FAMILY: MHSA, DYNAMIC_CNN: CNN, DYNAMIC_SWIN: SWIN}
 
 
 def pruning_label(method: Method) -> str:
@@ -63,7 +59,7 @@ def pruning_method(family: str) -> Method | None:
 
 def tome_applies(spec: ModelSpec) -> bool:
     """Whether ToMe runs on the model: the method table applies it to the model's family or to its backbone's."""
-    return TOME_METHOD.applies_to(spec) or PRUNING_BACKBONES.get(spec.family) in TOME_METHOD.families
+    return TOME_METHOD.applies_to(spec) or spec.backbone_family in TOME_METHOD.families
 
 
 def tome_absent_reason(spec: ModelSpec) -> str:

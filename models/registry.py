@@ -35,6 +35,9 @@ FAMILY_LABELS = {
     METER: "METER (vision-language)",
 }
 
+# The family of the plain backbone a token-pruning family is built on (LV-ViT's backbone is no registry family).
+BACKBONE_FAMILIES = {DYNAMICVIT: MHSA, DYNAMIC_CNN: CNN, DYNAMIC_SWIN: SWIN}
+
 # What a model's forward takes; the throughput harness builds inputs of this kind.
 IMAGE_INPUTS = "image"
 VQA_INPUTS = "image+question"
@@ -78,6 +81,11 @@ class ModelSpec:
         # LV-ViT has multi-head self-attention too, but its output adds an auxiliary token head that the
         # recording walk does not reproduce, so it is not offered where attention is recorded.
         return {MHSA: MHSA, DYNAMICVIT: MHSA, CGA: CGA}.get(self.family)
+
+    @property
+    def backbone_family(self) -> str | None:
+        """For a token-pruning release, the family of the backbone it prunes (DynamicViT-DeiT: MHSA)."""
+        return BACKBONE_FAMILIES.get(self.family)
 
     @property
     def family_label(self) -> str:
