@@ -345,8 +345,9 @@ def frontier_figure(points: pd.DataFrame, papers: pd.DataFrame | None = None, ti
             visible=True if (data["metric"] == ACCURACY).all() else "legendonly",
             hovertext=[f"{r.model}: {r.score:.1%} top-1, {r.img_per_s:.0f} img/s<br>{r.source} (not this machine)"
                        for r in papers.itertuples()], hoverinfo="text"))
+        low, high = np.log10(papers["img_per_s"].min() / 1.3), np.log10(papers["img_per_s"].max() * 1.3)
         fig.update_layout(xaxis2=dict(title="papers' img/s (V100, not this machine)", type="log", overlaying="x",
-                                      side="top", showgrid=False, color="grey"))
+                                      side="top", showgrid=False, color="grey", range=[low, high]))
     metrics = data["metric"].unique()
     fig.update_layout(
         title=title or "Accuracy vs throughput on this machine", height=600, margin=dict(t=110, b=10),

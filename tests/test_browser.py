@@ -5,6 +5,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -137,9 +138,49 @@ def test_throughput_downloads_keep_the_results_on_the_page(fresh_app_url, tmp_pa
         browser.close()
 
 
-PAGE_PATHS = ["token_reduction", "vision_language", "head_redundancy", "channel_importance", "throughput"]
+def test_frontier_computes_and_keeps_its_points_through_downloads(app_url, tmp_path):
+    """Issue 15: the frontier page, real DeiT-Tiny on the sample photos: chart, table and both downloads."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 2600}, accept_downloads=True)
+        page.goto(f"{app_url}/frontier")
+        page.get_by_role("heading", name="Accuracy vs throughput: what each setting buys here").wait_for(timeout=60_000)
+        _wait_until_idle(page)
+        for label, value in (("Throughput batch size", "1"), ("Interleaved timing rounds", "1")):
+            field = page.get_by_label(label)
+            field.fill(value)
+            field.press("Enter")
+            _wait_until_idle(page)
+        page.get_by_role("button", name="Compute the frontier").click()
+        page.get_by_role("button", name="Download points (CSV)").wait_for(timeout=300_000)
+        _wait_until_idle(page)
+        assert page.locator('[data-testid="stPlotlyChart"]').count() == 1
+        saved = {}
+        for name in ("Download points (CSV)", "Download points (JSON)"):
+            with page.expect_download(timeout=60_000) as download:
+                page.get_by_role("button", name=name).click()
+            saved[name] = tmp_path / download.value.suggested_filename
+            download.value.save_as(saved[name])
+            time.sleep(1)
+            _wait_until_idle(page)
+            assert page.locator('[data-testid="stPlotlyChart"]').count() == 1
+            assert page.get_by_role("button", name="Download points (CSV)").count() == 1
+        rows = saved["Download points (CSV)"].read_text().splitlines()
+        assert rows[0].startswith("model,weights,setting,") and len(rows) == 1 + 8  # unreduced, 4 r, 3 rho
+        assert "deit_tiny_patch16_224.safetensors" in rows[1] and "(untrained predictors)" in rows[-1]
+        assert '"points"' in saved["Download points (JSON)"].read_text()
+        browser.close()
+
+
+PAGE_PATHS = ["token_reduction", "vision_language", "head_redundancy", "channel_importance", "throughput",
+              "frontier"]
 # What to click before the screenshot, where a page's first view is a form rather than a result.
-SCREENSHOT_ACTIONS = {"vision_language": "Use a small random ViLT", "throughput": "Run benchmark"}
+SCREENSHOT_ACTIONS = {"vision_language": "Use a small random ViLT", "throughput": "Run benchmark",
+                      "frontier": "Compute the frontier"}
+# Pages whose README screenshot uses the shared photos and the sample images rather than the samples alone.
+SCREENSHOT_UPLOADS = {"frontier"}
 
 
 @pytest.mark.skipif(not os.environ.get("VITLAB_SCREENSHOT_DIR"), reason="set VITLAB_SCREENSHOT_DIR to screenshot every page")
@@ -157,12 +198,29 @@ def test_screenshot_every_page(app_url):
             page.goto(f"{app_url}/{path}")
             page.get_by_role("heading").first.wait_for(timeout=60_000)
             _wait_until_idle(page)
+            if path in SCREENSHOT_UPLOADS:
+                page.locator('[data-testid="stMain"] input[type="file"]').first.set_input_files(
+                    [str(f) for f in _all_photos(Path(tempfile.mkdtemp()))])
+                time.sleep(2)
+                _wait_until_idle(page)
             if path in SCREENSHOT_ACTIONS:
                 page.get_by_text(SCREENSHOT_ACTIONS[path]).first.click()
                 time.sleep(1)
                 _wait_until_idle(page)
             page.screenshot(path=str(shots / f"{path}.png"), full_page=True)
         browser.close()
+
+
+def _all_photos(folder: Path) -> list[Path]:
+    """The five shared photos and scikit-learn's two sample images as files (the samples written to ``folder``)."""
+    from analysis.data.images import sample_images
+
+    files = sorted((ROOT.parent / "shared" / "images").glob("photo_*.jpg"))
+    for sample in sample_images():
+        target = folder / f"_sample_{sample.name}.jpg"
+        sample.image.save(target)
+        files.append(target)
+    return files
 
 
 def _wait_until_idle(page, limit_s: float = 300) -> None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
 WARM_TARGET_S = 1.0
 
@@ -111,11 +111,11 @@ def bench_channel_importance(real: bool, quick: bool) -> list[dict]:
 
 def bench_vision_language(quick: bool) -> list[dict]:
     app = _page("vision_language")
-    app.session_state["vl_random"] = True
+    app.session_state["vl_random_vilt_b32_vqa"] = True
     start = time.perf_counter()
     app.run()
     first = time.perf_counter() - start
-    prune = _timed(app, lambda: app.slider(key="vl_prune").set_value(0.2))
+    prune = _timed(app, lambda: app.slider(key="vl_prune_vilt_b32_vqa").set_value(0.2))
     return [_row("Vision-language: first answer, small random ViLT", first, None, "answer, trace and timing"),
             _row("Vision-language: prune ratio slider", prune, None,
                  f"reruns PuMer and its timing; {_CPU[0]:.2f} s CPU")]
