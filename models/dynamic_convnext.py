@@ -27,7 +27,8 @@ from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
 from models.dynamic_zoo import (DynamicStageTrace, HierarchicalTrainOutput, gather_positions, imagenet_cfg,
-                                linear_counts, linear_targets, mix, scatter_positions, scores_for_trace, split_top_k)
+                                linear_counts, linear_targets, scatter_positions, scores_for_trace, split_top_k,
+                                two_stream_stage)
 from models.registry import DYNAMIC_CNN
 
 FAMILY = DYNAMIC_CNN
@@ -322,24 +323,10 @@ def convnext_train_forward(model: DynamicConvNeXt, x: torch.Tensor, tau: float =
         x = model.stages[index](x)
     stage = model.stages[PRUNED_STAGE]
     x = stage.downsample(x)
-    streams, mask, decisions = None, None, []
-    for i, block in enumerate(stage.blocks):
-        if i in model.pruning_locations:
-            current = x if streams is None else mix(streams, mask)
-            log_probs = model.score_predictor[model.pruning_locations.index(i)](current)
-            if policy_override is None:
-                keep = F.gumbel_softmax(log_probs, tau=tau, hard=hard, dim=-1)[..., 0]
-            else:
-                keep = policy_override[len(decisions)].to(log_probs.dtype).view_as(log_probs[..., 0])
-            decisions.append(keep)
-            mask = keep.view(current.shape[0], 1, *current.shape[2:])
-            if streams is None:
-                streams = (current, current)
-        if streams is None:
-            x = block(x)
-        else:
-            streams = _two_stream_block(block, streams, mask)
-    x = mix(streams, mask) if streams is not None else x
+    x, decisions = two_stream_stage(
+        stage.blocks, x, model.pruning_locations, list(model.score_predictor), _two_stream_block,
+        mask_shape=lambda current: (current.shape[0], 1, *current.shape[2:]), tau=tau, hard=hard,
+        policy_override=policy_override)
     for index in range(PRUNED_STAGE + 1, len(model.stages)):
         x = model.stages[index](x)
     x = model.norm_pre(x)

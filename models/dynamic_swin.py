@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
 from models.dynamic_zoo import (DynamicStageTrace, HierarchicalTrainOutput, gather_positions, imagenet_cfg,
-                                linear_counts, linear_targets, mix, scatter_positions, scores_for_trace, split_top_k)
+                                linear_counts, linear_targets, scatter_positions, scores_for_trace, split_top_k,
+                                two_stream_stage)
 from models.dynamicvit import ScorePredictor, _init_predictor
 from models.registry import DYNAMIC_SWIN
 
@@ -297,24 +297,10 @@ def swin_train_forward(model: DynamicSwin, x: torch.Tensor, tau: float = 1.0, ke
         x = model.layers[index](x)
     stage = model.layers[PRUNED_STAGE]
     x = stage.downsample(x)
-    streams, mask, decisions = None, None, []
-    for i, block in enumerate(stage.blocks):
-        if i in model.pruning_locations:
-            current = x if streams is None else mix(streams, mask)
-            log_probs = stage.score_predictor[model.pruning_locations.index(i)](current.flatten(1, 2))
-            if policy_override is None:
-                keep = F.gumbel_softmax(log_probs, tau=tau, hard=hard, dim=-1)[..., 0]
-            else:
-                keep = policy_override[len(decisions)].to(log_probs.dtype).view_as(log_probs[..., 0])
-            decisions.append(keep)
-            mask = keep.view(*current.shape[:3], 1)
-            if streams is None:
-                streams = (current, current)
-        if streams is None:
-            x = block(x)
-        else:
-            streams = _two_stream_block(block, streams, mask)
-    x = mix(streams, mask) if streams is not None else x
+    x, decisions = two_stream_stage(
+        stage.blocks, x, model.pruning_locations, list(stage.score_predictor), _two_stream_block,
+        mask_shape=lambda current: (*current.shape[:3], 1), tau=tau, hard=hard, policy_override=policy_override,
+        predictor_input=lambda current: current.flatten(1, 2))
     for index in range(PRUNED_STAGE + 1, len(model.layers)):
         x = model.layers[index](x)
     x = model.norm(x)

@@ -203,3 +203,33 @@ def hierarchical_loss(output: HierarchicalTrainOutput, labels: torch.Tensor, tea
     total = cls_weight * ce + ratio_weight * ratio + distill_weight * kl + distill_weight * feat_mse
     parts = {"ce": ce, "ratio": ratio, "kl": kl, "token_mse": feat_mse}
     return total, {name: value.detach() for name, value in parts.items()}
+
+
+def two_stream_stage(blocks, x: torch.Tensor, locations, predictors, two_stream_block, mask_shape,
+                     tau: float = 1.0, hard: bool = True, policy_override=None, predictor_input=lambda x: x):
+    """The pruned stage of the official hierarchical training forward (DynamicCNN, DynamicSwin).
+
+    Before each block in ``locations`` its predictor samples a (straight-through) Gumbel-softmax keep mask over
+    the whole current map (or takes ``policy_override``'s); from the first predictor on, the blocks carry two
+    streams (MLP path, fast path) that ``two_stream_block(block, streams, mask)`` updates and ``mix`` joins where
+    a map is needed. ``mask_shape(current)`` and ``predictor_input(current)`` adapt the layouts of a family.
+    Returns the stage's output map and the keep decisions per stage.
+    """
+    streams, mask, decisions = None, None, []
+    for i, block in enumerate(blocks):
+        if i in locations:
+            current = x if streams is None else mix(streams, mask)
+            log_probs = predictors[list(locations).index(i)](predictor_input(current))
+            if policy_override is None:
+                keep = F.gumbel_softmax(log_probs, tau=tau, hard=hard, dim=-1)[..., 0]
+            else:
+                keep = policy_override[len(decisions)].to(log_probs.dtype).view_as(log_probs[..., 0])
+            decisions.append(keep)
+            mask = keep.view(*mask_shape(current))
+            if streams is None:
+                streams = (current, current)
+        if streams is None:
+            x = block(x)
+        else:
+            streams = two_stream_block(block, streams, mask)
+    return (mix(streams, mask) if streams is not None else x), decisions

@@ -192,8 +192,6 @@ def download_png(image_or_bytes, filename: str, label: str = "Download PNG", key
 
 def sidebar() -> None:
     """Device choice, weights folder and checkpoint upload; rendered by app.py on every page."""
-    from models.registry import REGISTRY
-
     with st.sidebar:
         devices = available_devices()
         st.selectbox("Device", devices, key=DEVICE_KEY,

@@ -19,14 +19,13 @@ from analysis.frontier import (
     FrontierSetting,
     FrontierTask,
     default_settings,
-    evaluate,
     frontier_figure,
     pareto_front,
     paper_points,
     setting_forward,
     wilson_interval,
 )
-from analysis.data.images import imagenet_label, sample_images
+from analysis.data.images import sample_images
 from analysis.run import main
 from models.loading import load_model
 
