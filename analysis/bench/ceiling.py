@@ -19,6 +19,7 @@ from typing import Callable
 import timm
 import torch
 
+from analysis.bench.suite import format_table
 from analysis.throughput import BenchSettings, Runner, ThroughputRow, benchmark
 from models.device import default_device, hardware_info
 from models.dynamicvit import build_dynamicvit, dynamicvit_forward, dynamicvit_schedule_forward
@@ -124,10 +125,7 @@ def main(argv=None) -> int:
     hw = hardware_info()
     print(f"device={device} ({hw['gpu'] if device == 'cuda' else hw['cpu']}), threads={torch.get_num_threads()}, "
           f"random weights, interleaved rounds")
-    for f in measure(quick=args.quick, device=device):
-        verdict = "" if f["passed"] is None else ("  PASS" if f["passed"] else "  FAIL")
-        target = f"  (target {f['target']})" if f["target"] else ""
-        print(f"{f['figure']:<72} {f['value']:>7.3f} {f['unit']:<5}{target}{verdict}   {f['detail']}")
+    print(format_table(measure(quick=args.quick, device=device), details=True))
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from analysis.bench.suite import format_table
 from analysis.throughput import BenchSettings, LatencyRow, ThroughputRow, benchmark, latency
 from models.device import default_device
 
@@ -172,10 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer rounds, headline models only")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
-    for f in measure(args.quick, device=args.device):
-        verdict = "" if f["passed"] is None else ("  pass" if f["passed"] else "  FAIL")
-        target = f" (target {f['target']})" if f["target"] else ""
-        print(f"{f['figure']:<72} {f['value']:.2f}{f['unit']}{target}{verdict}  {f['detail']}")
+    print(format_table(measure(args.quick, device=args.device), details=True))
     return 0
 
 

@@ -86,13 +86,15 @@ def verdict(passed: bool | None) -> str:
     return "" if passed is None else ("pass" if passed else "FAIL")
 
 
-def format_table(figures: Sequence[dict]) -> str:
-    """The plain-text table the command prints: figure, value, target, pass/fail."""
+def format_table(figures: Sequence[dict], details: bool = False) -> str:
+    """The plain-text table the command prints: figure, value, target, pass/fail (and each figure's detail, as
+    the single-benchmark CLIs print it)."""
     width = max([len("figure")] + [len(f["figure"]) for f in figures])
     lines = [f"{'figure':<{width}}  {'value':>9}  {'target':<14}  result", "-" * (width + 35)]
     for f in figures:
-        lines.append(f"{f['figure']:<{width}}  {format_value(f['value'], f['unit']):>9}  {f['target']:<14}  "
-                     f"{verdict(f['passed'])}")
+        line = (f"{f['figure']:<{width}}  {format_value(f['value'], f['unit']):>9}  {f['target']:<14}  "
+                f"{verdict(f['passed'])}")
+        lines.append(f"{line:<{width + 35}}  {f['detail']}" if details and f["detail"] else line)
     return "\n".join(lines)
 
 
