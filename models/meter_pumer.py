@@ -22,15 +22,13 @@ command in its notes):
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.vilt_pumer import (PuMerTrace, _attention_bias, _Embedded, _split_heads, _Tracer, apply_reduction,
-                               combine_tokens, plan_reduction)
+from models.vilt_pumer import (PuMerTrace, _attention_bias, _Embedded, _Tracer, apply_reduction, combine_tokens,
+                               plan_reduction, project_and_attend)
 
 DEFAULT_REDUCE_LAYERS = (0, 1, 2, 3)  # fusion blocks; PuMer's [0, 2, 4, 6] in its text+image layer count
 DEFAULT_PRUNE_RATIO = 0.2
@@ -43,19 +41,7 @@ def _attend(attention: nn.Module, hidden: torch.Tensor, context: torch.Tensor, b
     """transformers' RobertaAttention (self-attention when ``context`` is ``hidden``, else cross-attention)
     through its submodules. Returns (output after the residual norm, probs (B, H, N, M) or None, keys
     (B, H, M, d)). Probabilities are materialised only when asked; otherwise fused attention runs."""
-    heads = attention.self
-    size = heads.attention_head_size
-    query = _split_heads(heads.query(hidden), size)
-    key = _split_heads(heads.key(context), size)
-    value = _split_heads(heads.value(context), size)
-    probs = None
-    if with_probs:
-        probs = torch.softmax(query @ key.transpose(-1, -2) / math.sqrt(size) + bias, dim=-1)
-        out = heads.dropout(probs) @ value
-    else:
-        dropout = heads.dropout.p if heads.training else 0.0
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout)
-    out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
+    out, probs, key = project_and_attend(attention.self, hidden, context, bias, with_probs)
     return attention.output(out, hidden), probs, key
 
 

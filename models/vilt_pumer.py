@@ -204,21 +204,31 @@ def _split_heads(x: torch.Tensor, head_size: int) -> torch.Tensor:
     return x.view(*x.shape[:-1], -1, head_size).transpose(1, 2)
 
 
+def project_and_attend(heads: nn.Module, hidden: torch.Tensor, context: torch.Tensor, bias: torch.Tensor,
+                       with_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """A BERT-style attention module's (query/key/value/dropout, ``attention_head_size``) scaled dot-product
+    attention of ``hidden`` over ``context`` with an additive key ``bias``. Returns (merged-head context
+    (B, N, C), probs (B, H, N, M) or None, keys (B, H, M, d)): probabilities are materialised only when asked,
+    otherwise torch's fused attention does the work."""
+    size = heads.attention_head_size
+    query = _split_heads(heads.query(hidden), size)
+    key = _split_heads(heads.key(context), size)
+    value = _split_heads(heads.value(context), size)
+    probs = None
+    if with_probs:
+        probs = torch.softmax(query @ key.transpose(-1, -2) / math.sqrt(size) + bias, dim=-1)
+        out = heads.dropout(probs) @ value
+    else:
+        dropout = heads.dropout.p if heads.training else 0.0
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout)
+    return out.transpose(1, 2).reshape(*hidden.shape[:-1], -1), probs, key
+
+
 def _attention_residual(layer: nn.Module, hidden: torch.Tensor, bias: torch.Tensor, with_probs: bool):
     """ViltLayer up to its first residual. Returns (hidden, attention probs or None, keys (B, H, N, d)).
     Probabilities are materialised only when asked; otherwise torch's fused attention does the work."""
-    self_attn = layer.attention.attention
     normed = layer.layernorm_before(hidden)
-    head = self_attn.attention_head_size
-    query, key, value = (_split_heads(proj(normed), head) for proj in (self_attn.query, self_attn.key, self_attn.value))
-    probs = None
-    if with_probs:
-        probs = torch.softmax(query @ key.transpose(-1, -2) / math.sqrt(head) + bias, dim=-1)
-        context = self_attn.dropout(probs) @ value
-    else:
-        dropout = self_attn.dropout.p if self_attn.training else 0.0
-        context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout)
-    context = context.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
+    context, probs, key = project_and_attend(layer.attention.attention, normed, normed, bias, with_probs)
     return layer.attention.output(context, normed) + hidden, probs, key
 
 
