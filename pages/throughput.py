@@ -193,6 +193,15 @@ provenance = {"weights": RANDOM, "image": SYNTHETIC_INPUT, "hardware": result["h
               "options": result["options"]}
 
 
+def _downloads(table, stem: str) -> None:
+    """The shown table as CSV and the raw rows as JSON, both with their provenance."""
+    d1, d2 = st.columns(2)
+    with d1:
+        download_df(label_rows(table, None, RANDOM, SYNTHETIC_INPUT), f"{stem}.csv")
+    with d2:
+        download_json(dict(provenance, rows=rows_to_records(result["rows"])), f"{stem}.json")
+
+
 def show_latency() -> None:
     table = latency_table(result["rows"])
     st.subheader("Batch-1 latency")
@@ -208,11 +217,7 @@ def show_latency() -> None:
             "matrix products too small to keep the cores busy, so dropping tokens saves less time, while the "
             "methods' own work (matching, top-k, gathers) and the per-call overhead stay. Compare with a "
             "throughput run at batch 8 or more.")
-    d1, d2 = st.columns(2)
-    with d1:
-        download_df(label_rows(table, None, RANDOM, SYNTHETIC_INPUT), "latency.csv")
-    with d2:
-        download_json(dict(provenance, rows=rows_to_records(result["rows"])), "latency.json")
+    _downloads(table, "latency")
 
 
 def show_throughput() -> None:
@@ -229,11 +234,7 @@ def show_throughput() -> None:
     st.caption("Throughput against published ImageNet top-1; token-reduction variants have no single published "
                "top-1 and are left out of this chart. Models run with random weights: timing does not depend on "
                "them.")
-    d1, d2 = st.columns(2)
-    with d1:
-        download_df(label_rows(table, None, RANDOM, SYNTHETIC_INPUT), "throughput.csv")
-    with d2:
-        download_json(dict(provenance, rows=rows_to_records(result["rows"])), "throughput.json")
+    _downloads(table, "throughput")
 
 
 if result["mode"] == LATENCY:
