@@ -106,30 +106,21 @@ def test_throughput_downloads_keep_the_results_on_the_page(fresh_app_url, tmp_pa
         # A fresh server's first visit straight to a page URL still runs inside app.py: sidebar and titles.
         page.get_by_text("Upload a checkpoint").wait_for(timeout=30_000)
         assert page.get_by_text("Live throughput", exact=True).count() >= 1
-        for label, value in (("Batch size", "1"), ("Timed iterations per round", "1"),
-                             ("Interleaved rounds (median counts)", "2")):
-            field = page.get_by_label(label)
-            field.fill(value)
-            field.press("Enter")
-            _wait_until_idle(page)
+        _fill_numbers(page, (("Batch size", "1"), ("Timed iterations per round", "1"),
+                             ("Interleaved rounds (median counts)", "2")))
         page.get_by_role("button", name="Run benchmark").click()
         page.get_by_role("button", name="Download CSV").wait_for(timeout=240_000)
         _wait_until_idle(page)
         charts = page.locator('[data-testid="stPlotlyChart"]')
         assert charts.count() == 2
-        saved = {}
-        for name in ("Download CSV", "Download JSON"):
-            with page.expect_download(timeout=60_000) as download:
-                page.get_by_role("button", name=name).click()
-            saved[name] = tmp_path / download.value.suggested_filename
-            download.value.save_as(saved[name])
-            time.sleep(1)
-            _wait_until_idle(page)
-            # The result is still there after each click: no return to the form.
+
+        def still_there() -> None:  # the result is still there after each click: no return to the form
             assert page.get_by_text("Pick models and press").count() == 0
             assert charts.count() == 2 and page.locator('[data-testid="stDataFrame"]').count() == 1
             assert page.get_by_role("button", name="Download CSV").count() == 1
             assert page.get_by_role("button", name="Download JSON").count() == 1
+
+        saved = _download_each(page, ("Download CSV", "Download JSON"), tmp_path, still_there)
         assert saved["Download CSV"].name == "throughput.csv" and saved["Download JSON"].name == "throughput.json"
         header = saved["Download CSV"].read_text().splitlines()[0]
         assert header.startswith("model,weights,image,")
@@ -148,25 +139,17 @@ def test_frontier_computes_and_keeps_its_points_through_downloads(app_url, tmp_p
         page.goto(f"{app_url}/frontier")
         page.get_by_role("heading", name="Accuracy vs throughput: what each setting buys here").wait_for(timeout=60_000)
         _wait_until_idle(page)
-        for label, value in (("Throughput batch size", "1"), ("Interleaved timing rounds", "1")):
-            field = page.get_by_label(label)
-            field.fill(value)
-            field.press("Enter")
-            _wait_until_idle(page)
+        _fill_numbers(page, (("Throughput batch size", "1"), ("Interleaved timing rounds", "1")))
         page.get_by_role("button", name="Compute the frontier").click()
         page.get_by_role("button", name="Download points (CSV)").wait_for(timeout=300_000)
         _wait_until_idle(page)
         assert page.locator('[data-testid="stPlotlyChart"]').count() == 1
-        saved = {}
-        for name in ("Download points (CSV)", "Download points (JSON)"):
-            with page.expect_download(timeout=60_000) as download:
-                page.get_by_role("button", name=name).click()
-            saved[name] = tmp_path / download.value.suggested_filename
-            download.value.save_as(saved[name])
-            time.sleep(1)
-            _wait_until_idle(page)
+
+        def still_there() -> None:
             assert page.locator('[data-testid="stPlotlyChart"]').count() == 1
             assert page.get_by_role("button", name="Download points (CSV)").count() == 1
+
+        saved = _download_each(page, ("Download points (CSV)", "Download points (JSON)"), tmp_path, still_there)
         rows = saved["Download points (CSV)"].read_text().splitlines()
         assert rows[0].startswith("model,weights,setting,") and len(rows) == 1 + 8  # unreduced, 4 r, 3 rho
         assert "deit_tiny_patch16_224.safetensors" in rows[1] and "(untrained predictors)" in rows[-1]
@@ -209,6 +192,30 @@ def test_screenshot_every_page(app_url):
                 _wait_until_idle(page)
             page.screenshot(path=str(shots / f"{path}.png"), full_page=True)
         browser.close()
+
+
+def _fill_numbers(page, fields) -> None:
+    """Type each (label, value) into its number input and let the page rerun."""
+    for label, value in fields:
+        field = page.get_by_label(label)
+        field.fill(value)
+        field.press("Enter")
+        _wait_until_idle(page)
+
+
+def _download_each(page, buttons, folder: Path, still_there) -> dict[str, Path]:
+    """Click each download button once, save what arrives under ``folder``, and check ``still_there()`` after
+    every click; {button label: saved file}."""
+    saved = {}
+    for name in buttons:
+        with page.expect_download(timeout=60_000) as download:
+            page.get_by_role("button", name=name).click()
+        saved[name] = folder / download.value.suggested_filename
+        download.value.save_as(saved[name])
+        time.sleep(1)
+        _wait_until_idle(page)
+        still_there()
+    return saved
 
 
 def _all_photos(folder: Path) -> list[Path]:
