@@ -149,7 +149,8 @@ def dynamic_convnext_from_backbone(convnext: ConvNeXt, pruning_locations: Sequen
 # ---------------------------------------------------------------------------------------------
 # Official checkpoints
 # ---------------------------------------------------------------------------------------------
-# (official pattern, timm replacement), applied in order to each official key; the inverse is derived below.
+# (official pattern, timm replacement), applied in order to each official key. ``_TO_OFFICIAL`` is the inverse,
+# written out (regular expressions do not invert themselves); the tests check the round trip key for key.
 OFFICIAL_RENAMES: list[tuple[str, str]] = [
     (r"^downsample_layers\.0\.", "stem."),
     (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
