@@ -129,8 +129,10 @@ def test_throughput_downloads_keep_the_results_on_the_page(fresh_app_url, tmp_pa
         browser.close()
 
 
-def test_frontier_computes_and_keeps_its_points_through_downloads(app_url, tmp_path):
-    """Issue 15: the frontier page, real DeiT-Tiny on the sample photos: chart, table and both downloads."""
+def test_frontier_computes_and_keeps_its_points_through_downloads(shared_dir, app_url, tmp_path):
+    """Issue 15: the frontier page, real DeiT-Tiny on the sample photos: chart, table and both downloads.
+
+    ``shared_dir`` first: without the real weights it skips before a server starts (it used to wait 300 s)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
