@@ -299,11 +299,14 @@ def test_two_threads_on_one_model_match_sequential_runs():
     assert not np.allclose(parallel[0], parallel[1])
 
 
-def test_benchmark_reports_a_positive_ratio():
+def test_benchmark_record_describes_what_it_timed():
+    # How much slower Taylor scoring is belongs to `python -m analysis.bench`, not to a test on a busy CPU.
     from analysis.bench.taylor_cost import time_taylor_vs_forward
 
     timing = time_taylor_vs_forward(tiny_vit(), images(2), repeats=1, name="tiny")
-    assert timing.forward_s > 0 and timing.taylor_s > 0 and timing.ratio > 1.0
+    assert (timing.model, timing.batch, timing.device) == ("tiny", 2, "cpu")
+    assert timing.forward_s > 0 and timing.taylor_s > 0
+    assert timing.ratio == pytest.approx(timing.taylor_s / timing.forward_s)
 
 
 def test_page_function_and_dataset_task_share_one_accumulator():
