@@ -25,11 +25,12 @@ from torch.utils.data import DataLoader
 
 from analysis.data.folders import (DatasetError, DistEnv, FolderImages, ResumeError, ShardSampler, ShardState,
                                    agree_on_errors, all_reduce_sums, check_resumable, close_distributed,
-                                   collate_readable, gather_lists, init_distributed, load_state, max_over_ranks,
-                                   save_state, state_path)
+                                   collate_readable, describe_table_change, file_table, gather_lists,
+                                   init_distributed, load_state, max_over_ranks, save_state, state_path,
+                                   table_fingerprint)
 from analysis.dataset_tasks import DatasetTask, TaskOptions, build_task
 from analysis.frontier import FRONTIER, FrontierTask
-from analysis.run_folders import RUN_FILE, TASKS
+from analysis.run_folders import RUN_FILE, TASKS, forget_finished_run, write_json_atomic, write_run
 from models.attention_recording import UnsupportedModelError
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.device import synchronize
@@ -78,11 +79,19 @@ def task_options(args: argparse.Namespace) -> TaskOptions:
                        frontier_settings=tuple(args.settings or ()))
 
 
-def run_settings(args: argparse.Namespace, dataset: FolderImages, weights: str) -> dict[str, Any]:
-    """Everything the result depends on (not batch size, workers or device): checked before resuming."""
+FILE_TABLE = "files.json"  # in state/: the data's file table, to name what changed when a resume is refused
+
+
+def run_settings(args: argparse.Namespace, dataset: FolderImages, weights: str,
+                 table: list[list] | None = None) -> dict[str, Any]:
+    """Everything the result depends on (not batch size, workers or device): checked before resuming.
+
+    ``data_fingerprint`` covers the sorted relative paths, sizes, modification times and labels of the files."""
     seed = {"seed": args.seed} if args.random_weights else {}
+    table = file_table(dataset) if table is None else table
     return {"task": args.task, "model": args.model, "weights": weights, **seed, "data": str(dataset.root),
-            "files": len(dataset), "limit": args.limit, "labels": args.labels,
+            "files": len(dataset), "data_fingerprint": table_fingerprint(table), "limit": args.limit,
+            "labels": args.labels,
             **TASKS[args.task].settings(task_options(args))}
 
 
@@ -136,8 +145,22 @@ def run_shard(task: DatasetTask, dataset: FolderImages, state: ShardState, args:
     return outcome
 
 
-def resume_state(task: DatasetTask, settings: dict, args: argparse.Namespace, env: DistEnv, path: Path) -> ShardState:
-    """This process's saved state when resuming (checked against the settings), else a fresh one."""
+def check_same_data(saved: dict, settings: dict, saved_table: Path, table: list[list]) -> None:
+    """Refuse (ResumeError) to resume over other data than the interrupted run saw, naming what changed."""
+    before, now = saved.get("data_fingerprint"), settings["data_fingerprint"]
+    if before is None or before == now:
+        return  # a state without a fingerprint is refused by check_resumable as another setting
+    try:
+        change = describe_table_change(json.loads(saved_table.read_text()), table)
+    except (OSError, ValueError, TypeError, IndexError):
+        change = f"fingerprint {before} -> {now}"
+    raise ResumeError(f"Cannot resume: the images under {settings['data']} changed since the interrupted run "
+                      f"({change}). Put them back as they were, or start over without --resume.")
+
+
+def resume_state(task: DatasetTask, settings: dict, args: argparse.Namespace, env: DistEnv, path: Path,
+                 table: list[list] | None = None) -> ShardState:
+    """This process's saved state when resuming (checked against the settings and the data), else a fresh one."""
     fresh = ShardState(settings, env.rank, env.world_size)
     error = None
     if args.resume and not path.is_file() and env.is_main:
@@ -145,6 +168,8 @@ def resume_state(task: DatasetTask, settings: dict, args: argparse.Namespace, en
     if args.resume and path.is_file():
         try:
             saved = load_state(path)
+            if table is not None:
+                check_same_data(saved.settings, settings, path.parent / FILE_TABLE, table)
             check_resumable(saved, settings, env)
             task.load_sums(saved.sums)
             fresh = saved
@@ -156,14 +181,6 @@ def resume_state(task: DatasetTask, settings: dict, args: argparse.Namespace, en
 
 
 # ----------------------------------------------------------------------------- results
-
-def write_run_json(out: Path, info: dict[str, Any]) -> Path:
-    target = out / RUN_FILE
-    tmp = target.with_name(RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    tmp.replace(target)
-    return target
-
 
 def run(args: argparse.Namespace, env: DistEnv) -> int:
     started = time.perf_counter()
@@ -178,10 +195,15 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     else:
         task = build_task(args.task, loaded.model, args.model, task_options(args),
                           tuple(loaded.data_config["input_size"]), loaded.weights.is_random)
-    settings = run_settings(args, dataset, loaded.weights.description)
+    table = file_table(dataset)
+    settings = run_settings(args, dataset, loaded.weights.description, table)
     path = state_path(out, env.rank)
-    state = resume_state(task, settings, args, env, path)
+    state = resume_state(task, settings, args, env, path, table)
     resumed_from = state.processed
+    if env.is_main:
+        forget_finished_run(out)  # the folder's state/ moves on: an old run.json no longer describes it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path.parent / FILE_TABLE, table, indent=None)
     load_s = time.perf_counter() - started
 
     outcome = run_shard(task, dataset, state, args, env, path)
@@ -198,7 +220,6 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     if not env.is_main:
         return 0
     record = task.result(sums)
-    files = TASKS[args.task].write(record, out)
     images_now = int(sums["now.images"].item())
     info = {
         "task": args.task, "settings": settings, "note": task.note,
@@ -214,9 +235,8 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         "timings": {"setup_s": round(load_s, 3), "loop_s": round(loop_s, 3),
                     "total_s": round(time.perf_counter() - started, 3),
                     "images_per_s": round(images_now / loop_s, 3) if loop_s > 0 else None},
-        "records": files,
     }
-    write_run_json(out, info)
+    files = write_run(out, args.task, record, info)
     print(f"{args.task}: {info['counts']['images_seen']} images ({len(corrupt)} corrupt skipped) on "
           f"{env.world_size} process(es), {info['timings']['images_per_s']} img/s; wrote {', '.join(files)} "
           f"and {RUN_FILE} to {out}", file=sys.stderr)

@@ -7,7 +7,9 @@ the same result a single process would have produced.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +117,42 @@ def collate_readable(samples: Sequence[tuple[int, torch.Tensor, int, bool]]) -> 
     labels = torch.tensor([s[2] for s in good], dtype=torch.long)
     indices = torch.tensor([s[0] for s in good], dtype=torch.long)
     return Batch(images, labels, indices, corrupt)
+
+
+# ----------------------------------------------------------------------------- what the data are (for resume)
+
+def file_table(dataset: FolderImages) -> list[list]:
+    """[relative path, size, mtime in ns, label] of every file, in the dataset's order: what a resume must find."""
+    table = []
+    for path, label in zip(dataset.files, dataset.labels):
+        stat = (dataset.root / path).stat()
+        table.append([path.as_posix(), stat.st_size, stat.st_mtime_ns, int(label)])
+    return table
+
+
+def table_fingerprint(table: Sequence[Sequence]) -> str:
+    """A short SHA-256 of a file table: equal exactly when paths, sizes, times and labels are."""
+    return hashlib.sha256(json.dumps([list(row) for row in table]).encode()).hexdigest()[:16]
+
+
+def _examples(items: Sequence[str], count: int = 3) -> str:
+    return ", ".join(items[:count]) + (", ..." if len(items) > count else "")
+
+
+def describe_table_change(saved: Sequence[Sequence], current: Sequence[Sequence]) -> str:
+    """What changed between two file tables: files gone, files new, files whose size, time or label differ."""
+    old, new = {row[0]: list(row[1:]) for row in saved}, {row[0]: list(row[1:]) for row in current}
+    parts = []
+    removed = sorted(set(old) - set(new))
+    added = sorted(set(new) - set(old))
+    changed = sorted(p for p in set(old) & set(new) if old[p] != new[p])
+    if removed:
+        parts.append(f"{len(removed)} file(s) gone or renamed ({_examples(removed)})")
+    if added:
+        parts.append(f"{len(added)} new or renamed ({_examples(added)})")
+    if changed:
+        parts.append(f"{len(changed)} with another size, modification time or label ({_examples(changed)})")
+    return "; ".join(parts) or "the same files in another order"
 
 
 # ----------------------------------------------------------------------------- sharding
