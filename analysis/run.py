@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -23,11 +24,12 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from analysis.data.folders import (DatasetError, DistEnv, FolderImages, ResumeError, ShardSampler, ShardState,
+from analysis.data.folders import (DEFAULT_TIMEOUT_S, DatasetError, DistEnv, FolderImages, RankTimeout, ResumeError,
+                                   ShardSampler, ShardState,
                                    agree_on_errors, all_reduce_sums, check_resumable, close_distributed,
                                    collate_readable, describe_table_change, file_table, gather_lists,
                                    init_distributed, load_state, max_over_ranks, save_state, state_path,
-                                   table_fingerprint)
+                                   table_fingerprint, wait_for_ranks)
 from analysis.dataset_tasks import DatasetTask, TaskOptions, build_task
 from analysis.frontier import FRONTIER, FrontierTask
 from analysis.run_folders import RUN_FILE, TASKS, forget_finished_run, write_json_atomic, write_run
@@ -48,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image folder (recursive; class sub-folders give labels)")
     p.add_argument("--out", required=True, help="output folder for the records, run.json and state/")
     p.add_argument("--batch", type=int, default=32, help="images per batch and process")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per process")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes per process (default: the cores available to it, at most 4)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds processes wait for each other under torchrun before the run stops, naming the "
+                        "missing rank (default %(default)g)")
     p.add_argument("--device", choices=["cuda", "mps", "cpu"], default=None, help="default: CUDA if present, else CPU")
     p.add_argument("--random-weights", action="store_true", help="untrained weights (figures say so)")
     p.add_argument("--seed", type=int, default=0,
@@ -105,10 +111,28 @@ class LoopOutcome:
     loop_s: float = 0.0
 
 
+def default_workers() -> int:
+    """DataLoader workers per process: the cores this process may use, shared by torchrun's local processes, <= 4."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def die_with_parent(worker_id: int) -> None:
+    """DataLoader worker start: on Linux, be killed with the main process instead of outliving it by ~5 s."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        parent = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the main process died before the request took effect
+            os._exit(1)
+
+
 def make_loader(dataset: FolderImages, sampler: ShardSampler, args: argparse.Namespace, env: DistEnv) -> DataLoader:
     return DataLoader(dataset, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
                       collate_fn=collate_readable, pin_memory=env.device.type == "cuda",
-                      persistent_workers=False)
+                      persistent_workers=False, worker_init_fn=die_with_parent if args.workers else None)
 
 
 def _progress(total: int, env: DistEnv, disabled: bool):
@@ -214,6 +238,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         return 0
 
     progress = {"now.images": outcome.images_now, "now.resumed": resumed_from}
+    wait_for_ranks(env, "the final all-reduce of the sums")
     sums = all_reduce_sums({**task.sums, **{k: torch.tensor(float(v)) for k, v in progress.items()}}, env)
     corrupt = sorted(gather_lists(state.corrupt, env))
     loop_s = max_over_ranks(outcome.loop_s, env)
@@ -252,9 +277,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch < 1 or args.state_every < 1:
         print("error: --batch and --state-every must be at least 1.", file=sys.stderr)
         return 2
-    env = init_distributed(args.device)
+    if args.timeout <= 0 or (args.workers is not None and args.workers < 0):
+        print("error: --timeout must be positive and --workers at least 0.", file=sys.stderr)
+        return 2
+    if args.workers is None:
+        args.workers = default_workers()
+    env = init_distributed(args.device, args.timeout)
     try:
         return run(args, env)
+    except RankTimeout as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (DatasetError, ResumeError, WeightsNotFoundError, CheckpointError, UnsupportedModelError,
             ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
