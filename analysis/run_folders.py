@@ -3,8 +3,8 @@ refused, and reading it back (its run.json and the task's records) for the pages
 The task table lives here, below the CLI.
 
 Writing: an old run.json is removed first, then every record file is written under a staging folder inside the
---out folder, fsynced and renamed into place, and run.json is written last (temporary name, fsync, rename) with each record's
-size and SHA-256. Reading: a folder whose records do not match its run.json is "unfinished", never drawn.
+--out folder, fsynced and renamed into place, and run.json is written last (temporary name, fsync, rename) with
+each record's size and SHA-256. Reading: a folder whose records do not match its run.json is "unfinished", never drawn.
 """
 from __future__ import annotations
 

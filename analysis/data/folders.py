@@ -151,17 +151,11 @@ def _examples(items: Sequence[str], count: int = 3) -> str:
 def describe_table_change(saved: Sequence[Sequence], current: Sequence[Sequence]) -> str:
     """What changed between two file tables: files gone, files new, files whose size, time or label differ."""
     old, new = {row[0]: list(row[1:]) for row in saved}, {row[0]: list(row[1:]) for row in current}
-    parts = []
-    removed = sorted(set(old) - set(new))
-    added = sorted(set(new) - set(old))
     changed = sorted(p for p in set(old) & set(new) if old[p] != new[p])
-    if removed:
-        parts.append(f"{len(removed)} file(s) gone or renamed ({_examples(removed)})")
-    if added:
-        parts.append(f"{len(added)} new or renamed ({_examples(added)})")
-    if changed:
-        parts.append(f"{len(changed)} with another size, modification time or label ({_examples(changed)})")
-    return "; ".join(parts) or "the same files in another order"
+    kinds = ((sorted(set(old) - set(new)), "file(s) gone or renamed"), (sorted(set(new) - set(old)), "new or renamed"),
+             (changed, "with another size, modification time or label"))
+    return "; ".join(f"{len(paths)} {what} ({_examples(paths)})" for paths, what in kinds if paths) or \
+        "the same files in another order"
 
 
 # ----------------------------------------------------------------------------- sharding
