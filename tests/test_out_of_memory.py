@@ -108,3 +108,21 @@ def test_available_memory_follows_the_address_space_limit():
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["available"] <= found["limit"] - found["used"] + 16 * 2**20
     assert found["limit"] - found["used"] < available_bytes()  # the limit, not the machine's memory, counted
+
+
+def test_the_throughput_page_answers_an_out_of_memory_with_a_sentence(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    import analysis.throughput
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 99857989632 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(analysis.throughput, "benchmark", out_of_memory)
+    at = AppTest.from_file(str(ROOT / "pages" / "throughput.py"), default_timeout=240).run()
+    at.multiselect(key="tp_models").set_value(["efficientvit_m0"]).run()
+    at.number_input(key="tp_batch").set_value(2)
+    at.button(key="tp_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any(e.value.startswith("Out of memory at batch 2 on ") for e in at.error), [e.value for e in at.error]
