@@ -173,7 +173,7 @@ def check_same_data(saved: dict, settings: dict, saved_table: Path, table: list[
     """Refuse (ResumeError) to resume over other data than the interrupted run saw, naming what changed."""
     before, now = saved.get("data_fingerprint"), settings["data_fingerprint"]
     if before is None or before == now:
-        return  # a state without a fingerprint is refused by check_resumable as another setting
+        return  # a state saved before fingerprints existed: only the number of files is compared
     try:
         change = describe_table_change(json.loads(saved_table.read_text()), table)
     except (OSError, ValueError, TypeError, IndexError):
@@ -194,7 +194,9 @@ def resume_state(task: DatasetTask, settings: dict, args: argparse.Namespace, en
             saved = load_state(path)
             if table is not None:
                 check_same_data(saved.settings, settings, path.parent / FILE_TABLE, table)
-            check_resumable(saved, settings, env)
+            older = "data_fingerprint" not in saved.settings  # saved by a version without data fingerprints
+            check_resumable(saved, {k: v for k, v in settings.items() if not (older and k == "data_fingerprint")},
+                            env)
             task.load_sums(saved.sums)
             fresh = saved
         except (ResumeError, ValueError, RuntimeError, KeyError) as exc:

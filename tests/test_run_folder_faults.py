@@ -399,3 +399,17 @@ def test_rho_on_a_plain_deit_says_how_to_attach_untrained_predictors(images, tmp
     assert "rho=0.7:untrained" in message and "deit_tiny_patch16_224" in message, message
     assert cli("frontier", images, tmp_path / "run", "--settings", "rho=0.7:untrained") == 0
     assert load_run(tmp_path / "run", "frontier").record["setting_key"].tolist() == ["rho=0.7:untrained"]
+
+
+def test_a_folder_of_an_older_version_is_refused_until_resume_rewrites_it(finished, tmp_path, images):
+    """No checksums in run.json, no data fingerprint in the state: --resume (reading no image) brings both."""
+    out = copy_run(finished["taylor"], tmp_path / "run")
+    _edit_json(lambda info: (info.pop("checksums"), info["settings"].pop("data_fingerprint")))(out)
+    state_file = out / "state" / "rank0.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["settings"].pop("data_fingerprint")
+    torch.save(state, state_file)
+    assert "records no checksums" in refusal(out) and "--resume" in refusal(out)
+    assert cli("taylor", images, out, "--resume") == 0
+    assert refusal(out) is None and records(out, "taylor") == records(finished["taylor"], "taylor")
+    assert load_run(out).info["counts"]["images_this_invocation"] == 0
