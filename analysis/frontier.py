@@ -120,6 +120,10 @@ def setting_forward(model: nn.Module, model_name: str, setting: FrontierSetting)
     if setting.untrained_predictors:
         return METHODS[setting.method].bind(_untrained_dynamicvit(model), {METHODS[setting.method].main_setting.key:
                                                                            setting.value})
+    method = METHODS[setting.method]
+    if method in settings_methods(model_name) and not method.applies_to(get_spec(model_name)):
+        raise ValueError(f"{setting.text()} needs a {method.label} model, and {model_name} is a plain backbone: write "
+                         f"{setting.text()}:untrained to attach untrained (seeded) score predictors to it.")
     return forward_for(model, model_name, parse_variant(setting.variant(model_name)))
 
 
@@ -217,8 +221,10 @@ class FrontierTask(DatasetTask):
                               sums["agree"].cpu().numpy())
 
     @staticmethod
-    def write(record: FrontierRecord, out: Path) -> list[str]:
-        record.to_frame().to_csv(out / "frontier.csv", index=False)
+    def write(record: FrontierRecord | pd.DataFrame, out: Path) -> list[str]:
+        """The record's points (or the points ``load`` read back) as frontier.csv."""
+        frame = record if isinstance(record, pd.DataFrame) else record.to_frame()
+        frame.to_csv(out / "frontier.csv", index=False)
         return list(FrontierTask.files)
 
     @staticmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -23,13 +24,15 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from analysis.data.folders import (DatasetError, DistEnv, FolderImages, ResumeError, ShardSampler, ShardState,
+from analysis.data.folders import (DEFAULT_TIMEOUT_S, DatasetError, DistEnv, FolderImages, RankTimeout, ResumeError,
+                                   ShardSampler, ShardState,
                                    agree_on_errors, all_reduce_sums, check_resumable, close_distributed,
-                                   collate_readable, gather_lists, init_distributed, load_state, max_over_ranks,
-                                   save_state, state_path)
+                                   collate_readable, describe_table_change, file_table, gather_lists,
+                                   init_distributed, load_state, max_over_ranks, save_state, state_path,
+                                   table_fingerprint, wait_for_ranks)
 from analysis.dataset_tasks import DatasetTask, TaskOptions, build_task
 from analysis.frontier import FRONTIER, FrontierTask
-from analysis.run_folders import RUN_FILE, TASKS
+from analysis.run_folders import RUN_FILE, TASKS, forget_finished_run, write_json_atomic, write_run
 from models.attention_recording import UnsupportedModelError
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.device import synchronize
@@ -47,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image folder (recursive; class sub-folders give labels)")
     p.add_argument("--out", required=True, help="output folder for the records, run.json and state/")
     p.add_argument("--batch", type=int, default=32, help="images per batch and process")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per process")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes per process (default: the cores available to it, at most 4)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds processes wait for each other under torchrun before the run stops, naming the "
+                        "missing rank (default %(default)g)")
     p.add_argument("--device", choices=["cuda", "mps", "cpu"], default=None, help="default: CUDA if present, else CPU")
     p.add_argument("--random-weights", action="store_true", help="untrained weights (figures say so)")
     p.add_argument("--seed", type=int, default=0,
@@ -78,11 +85,19 @@ def task_options(args: argparse.Namespace) -> TaskOptions:
                        frontier_settings=tuple(args.settings or ()))
 
 
-def run_settings(args: argparse.Namespace, dataset: FolderImages, weights: str) -> dict[str, Any]:
-    """Everything the result depends on (not batch size, workers or device): checked before resuming."""
+FILE_TABLE = "files.json"  # in state/: the data's file table, to name what changed when a resume is refused
+
+
+def run_settings(args: argparse.Namespace, dataset: FolderImages, weights: str,
+                 table: list[list] | None = None) -> dict[str, Any]:
+    """Everything the result depends on (not batch size, workers or device): checked before resuming.
+
+    ``data_fingerprint`` covers the sorted relative paths, sizes, modification times and labels of the files."""
     seed = {"seed": args.seed} if args.random_weights else {}
+    table = file_table(dataset) if table is None else table
     return {"task": args.task, "model": args.model, "weights": weights, **seed, "data": str(dataset.root),
-            "files": len(dataset), "limit": args.limit, "labels": args.labels,
+            "files": len(dataset), "data_fingerprint": table_fingerprint(table), "limit": args.limit,
+            "labels": args.labels,
             **TASKS[args.task].settings(task_options(args))}
 
 
@@ -96,10 +111,28 @@ class LoopOutcome:
     loop_s: float = 0.0
 
 
+def default_workers() -> int:
+    """DataLoader workers per process: the cores this process may use, shared by torchrun's local processes, <= 4."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def die_with_parent(worker_id: int) -> None:
+    """DataLoader worker start: on Linux, be killed with the main process instead of outliving it by ~5 s."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        parent = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the main process died before the request took effect
+            os._exit(1)
+
+
 def make_loader(dataset: FolderImages, sampler: ShardSampler, args: argparse.Namespace, env: DistEnv) -> DataLoader:
     return DataLoader(dataset, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
                       collate_fn=collate_readable, pin_memory=env.device.type == "cuda",
-                      persistent_workers=False)
+                      persistent_workers=False, worker_init_fn=die_with_parent if args.workers else None)
 
 
 def _progress(total: int, env: DistEnv, disabled: bool):
@@ -136,8 +169,22 @@ def run_shard(task: DatasetTask, dataset: FolderImages, state: ShardState, args:
     return outcome
 
 
-def resume_state(task: DatasetTask, settings: dict, args: argparse.Namespace, env: DistEnv, path: Path) -> ShardState:
-    """This process's saved state when resuming (checked against the settings), else a fresh one."""
+def check_same_data(saved: dict, settings: dict, saved_table: Path, table: list[list]) -> None:
+    """Refuse (ResumeError) to resume over other data than the interrupted run saw, naming what changed."""
+    before, now = saved.get("data_fingerprint"), settings["data_fingerprint"]
+    if before is None or before == now:
+        return  # a state saved before fingerprints existed: only the number of files is compared
+    try:
+        change = describe_table_change(json.loads(saved_table.read_text()), table)
+    except (OSError, ValueError, TypeError, IndexError):
+        change = f"fingerprint {before} -> {now}"
+    raise ResumeError(f"Cannot resume: the images under {settings['data']} changed since the interrupted run "
+                      f"({change}). Put them back as they were, or start over without --resume.")
+
+
+def resume_state(task: DatasetTask, settings: dict, args: argparse.Namespace, env: DistEnv, path: Path,
+                 table: list[list] | None = None) -> ShardState:
+    """This process's saved state when resuming (checked against the settings and the data), else a fresh one."""
     fresh = ShardState(settings, env.rank, env.world_size)
     error = None
     if args.resume and not path.is_file() and env.is_main:
@@ -145,7 +192,11 @@ def resume_state(task: DatasetTask, settings: dict, args: argparse.Namespace, en
     if args.resume and path.is_file():
         try:
             saved = load_state(path)
-            check_resumable(saved, settings, env)
+            if table is not None:
+                check_same_data(saved.settings, settings, path.parent / FILE_TABLE, table)
+            older = "data_fingerprint" not in saved.settings  # saved by a version without data fingerprints
+            check_resumable(saved, {k: v for k, v in settings.items() if not (older and k == "data_fingerprint")},
+                            env)
             task.load_sums(saved.sums)
             fresh = saved
         except (ResumeError, ValueError, RuntimeError, KeyError) as exc:
@@ -156,14 +207,6 @@ def resume_state(task: DatasetTask, settings: dict, args: argparse.Namespace, en
 
 
 # ----------------------------------------------------------------------------- results
-
-def write_run_json(out: Path, info: dict[str, Any]) -> Path:
-    target = out / RUN_FILE
-    tmp = target.with_name(RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    tmp.replace(target)
-    return target
-
 
 def run(args: argparse.Namespace, env: DistEnv) -> int:
     started = time.perf_counter()
@@ -178,10 +221,15 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     else:
         task = build_task(args.task, loaded.model, args.model, task_options(args),
                           tuple(loaded.data_config["input_size"]), loaded.weights.is_random)
-    settings = run_settings(args, dataset, loaded.weights.description)
+    table = file_table(dataset)
+    settings = run_settings(args, dataset, loaded.weights.description, table)
     path = state_path(out, env.rank)
-    state = resume_state(task, settings, args, env, path)
+    state = resume_state(task, settings, args, env, path, table)
     resumed_from = state.processed
+    if env.is_main:
+        forget_finished_run(out)  # the folder's state/ moves on: an old run.json no longer describes it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path.parent / FILE_TABLE, table, indent=None)
     load_s = time.perf_counter() - started
 
     outcome = run_shard(task, dataset, state, args, env, path)
@@ -192,13 +240,13 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         return 0
 
     progress = {"now.images": outcome.images_now, "now.resumed": resumed_from}
+    wait_for_ranks(env, "the final all-reduce of the sums")
     sums = all_reduce_sums({**task.sums, **{k: torch.tensor(float(v)) for k, v in progress.items()}}, env)
     corrupt = sorted(gather_lists(state.corrupt, env))
     loop_s = max_over_ranks(outcome.loop_s, env)
     if not env.is_main:
         return 0
     record = task.result(sums)
-    files = TASKS[args.task].write(record, out)
     images_now = int(sums["now.images"].item())
     info = {
         "task": args.task, "settings": settings, "note": task.note,
@@ -214,9 +262,8 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
         "timings": {"setup_s": round(load_s, 3), "loop_s": round(loop_s, 3),
                     "total_s": round(time.perf_counter() - started, 3),
                     "images_per_s": round(images_now / loop_s, 3) if loop_s > 0 else None},
-        "records": files,
     }
-    write_run_json(out, info)
+    files = write_run(out, args.task, record, info)
     print(f"{args.task}: {info['counts']['images_seen']} images ({len(corrupt)} corrupt skipped) on "
           f"{env.world_size} process(es), {info['timings']['images_per_s']} img/s; wrote {', '.join(files)} "
           f"and {RUN_FILE} to {out}", file=sys.stderr)
@@ -232,9 +279,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch < 1 or args.state_every < 1:
         print("error: --batch and --state-every must be at least 1.", file=sys.stderr)
         return 2
-    env = init_distributed(args.device)
+    if args.timeout <= 0 or (args.workers is not None and args.workers < 0):
+        print("error: --timeout must be positive and --workers at least 0.", file=sys.stderr)
+        return 2
+    if args.workers is None:
+        args.workers = default_workers()
+    env = init_distributed(args.device, args.timeout)
     try:
         return run(args, env)
+    except RankTimeout as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (DatasetError, ResumeError, WeightsNotFoundError, CheckpointError, UnsupportedModelError,
             ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from analysis.memory import batches_that_fit
 from models.device import autocast, default_device, hardware_info, synchronize
 from models.loading import LoadedModel, load_model
 from models.registry import IMAGE_INPUTS, VQA_INPUTS
@@ -136,8 +137,13 @@ def _time_iters(runner: Runner, inputs: Any, iters: int, settings: BenchSettings
     return time.perf_counter() - start
 
 
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """CUDA's and the CPU allocator's out-of-memory errors alike (DefaultCPUAllocator: can't allocate memory)."""
+    return (isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+            or any(text in str(exc).lower() for text in OUT_OF_MEMORY_MESSAGES))
 
 
 def benchmark(runners: Sequence[Runner], settings: BenchSettings, baseline: str | None = None,
@@ -222,10 +228,13 @@ def sweep(runners: Sequence[Runner], settings: BenchSettings, batches: Sequence[
           on_measure: Callable[[str, int, int, float], None] | None = None) -> tuple[list[ThroughputRow], list[str]]:
     """Benchmark at each batch size; on out-of-memory, retry at half the batch and stop going larger.
 
-    Returns the rows and notes saying what was backed off.
+    On a CPU, batches whose estimated activations exceed the available memory are left out first
+    (``analysis.memory.batches_that_fit``). Returns the rows and notes saying what was left out or backed off.
     """
     rows: list[ThroughputRow] = []
     notes: list[str] = []
+    if torch.device(settings.device).type == "cpu":
+        batches, notes = batches_that_fit(runners, batches)
     largest_done = 0
     for batch in sorted(batches):
         current, step = batch, []
@@ -457,7 +466,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for note in notes:
                 print(f"note: {note}")
         else:
-            rows = benchmark(runners, settings, baseline=args.baseline, progress=report)
+            try:
+                rows = benchmark(runners, settings, baseline=args.baseline, progress=report)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory becomes a sentence; the rest propagates
+                if not is_out_of_memory(exc):
+                    raise
+                print(f"error: out of memory at batch {settings.batch} on {device}: use a smaller --batch, or "
+                      f"--batches for a sweep that backs off.", file=sys.stderr)
+                return 2
         print(format_table(rows))
     for line in speedup_lines(rows):
         print(line)

@@ -14,7 +14,9 @@ from typing import Any, Callable, Hashable, Sequence
 
 import streamlit as st
 
-from analysis.data.images import ACCEPTED_TYPES, ImageError, NamedImage, load_image, sample_images
+from analysis.data.images import (ACCEPTED_TYPES, UPLOAD_MAX_SIDE, ImageError, NamedImage, load_image,
+                                  sample_images)
+from analysis.memory import release_freed_memory
 from analysis.provenance import weights_label
 from models.checkpoints import CheckpointError, WeightsNotFoundError, read_state_dict
 from models.device import available_devices
@@ -149,9 +151,10 @@ def image_picker(key: str, multiple: bool = True, label: str = "Upload images") 
     images: list[NamedImage] = []
     for f in files:
         try:
-            images.append(load_image(f.getvalue(), name=f.name))
+            images.append(load_image(f.getvalue(), name=f.name, max_side=UPLOAD_MAX_SIDE))
         except ImageError as exc:
             st.error(str(exc))
+    release_freed_memory()  # the full-size decode is gone: hand its memory back
     if images:
         return images
     samples = sample_images()

@@ -8,8 +8,8 @@ import streamlit as st
 import torch
 
 from analysis.provenance import RANDOM, label_rows
-from analysis.throughput import (PRECISIONS, BenchSettings, ModelOptions, benchmark, latency, make_runner,
-                                 rows_to_records, sweep)
+from analysis.throughput import (PRECISIONS, BenchSettings, ModelOptions, benchmark, is_out_of_memory, latency,
+                                 make_runner, rows_to_records, sweep)
 from analysis.throughput_figures import accuracy_figure, latency_figure, latency_table, live_figure, results_table
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.methods import METHODS, Method, Setting
@@ -166,6 +166,12 @@ def run_benchmark() -> dict:
                                 f"round{'s' if int(rounds) != 1 else ''}) on {device}", state="complete")
     except (KeyError, ValueError, WeightsNotFoundError, CheckpointError) as exc:
         st.error(str(exc.args[0] if exc.args else exc))
+        st.stop()
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        st.error(f"Out of memory at batch {settings.batch} on {device}: choose a smaller batch, or a batch sweep "
+                 f"(it backs off and keeps what it measured).")
         st.stop()
     finally:
         torch.set_num_threads(previous_threads)

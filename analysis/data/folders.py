@@ -7,8 +7,12 @@ the same result a single process would have produced.
 """
 from __future__ import annotations
 
+import datetime
+import hashlib
 import itertools
+import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -29,6 +33,13 @@ class DatasetError(ValueError):
 
 class ResumeError(RuntimeError):
     """A saved shard state that does not belong to this run (other settings or world size)."""
+
+
+class RankTimeout(RuntimeError):
+    """A process did not reach a meeting point of the run within --timeout (frozen, killed or far slower)."""
+
+
+DEFAULT_TIMEOUT_S = 600.0  # how long processes wait for each other at a meeting point (torch's default: 30 min)
 
 
 # ----------------------------------------------------------------------------- the folder dataset
@@ -117,6 +128,36 @@ def collate_readable(samples: Sequence[tuple[int, torch.Tensor, int, bool]]) -> 
     return Batch(images, labels, indices, corrupt)
 
 
+# ----------------------------------------------------------------------------- what the data are (for resume)
+
+def file_table(dataset: FolderImages) -> list[list]:
+    """[relative path, size, mtime in ns, label] of every file, in the dataset's order: what a resume must find."""
+    table = []
+    for path, label in zip(dataset.files, dataset.labels):
+        stat = (dataset.root / path).stat()
+        table.append([path.as_posix(), stat.st_size, stat.st_mtime_ns, int(label)])
+    return table
+
+
+def table_fingerprint(table: Sequence[Sequence]) -> str:
+    """A short SHA-256 of a file table: equal exactly when paths, sizes, times and labels are."""
+    return hashlib.sha256(json.dumps([list(row) for row in table]).encode()).hexdigest()[:16]
+
+
+def _examples(items: Sequence[str], count: int = 3) -> str:
+    return ", ".join(items[:count]) + (", ..." if len(items) > count else "")
+
+
+def describe_table_change(saved: Sequence[Sequence], current: Sequence[Sequence]) -> str:
+    """What changed between two file tables: files gone, files new, files whose size, time or label differ."""
+    old, new = {row[0]: list(row[1:]) for row in saved}, {row[0]: list(row[1:]) for row in current}
+    changed = sorted(p for p in set(old) & set(new) if old[p] != new[p])
+    kinds = ((sorted(set(old) - set(new)), "file(s) gone or renamed"), (sorted(set(new) - set(old)), "new or renamed"),
+             (changed, "with another size, modification time or label"))
+    return "; ".join(f"{len(paths)} {what} ({_examples(paths)})" for paths, what in kinds if paths) or \
+        "the same files in another order"
+
+
 # ----------------------------------------------------------------------------- sharding
 
 class ShardSampler(DistributedSampler):
@@ -155,6 +196,8 @@ class DistEnv:
     local_rank: int
     device: torch.device
     owns_group: bool = False  # True when init_distributed created the process group (and should destroy it)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    barrier_group: Any = field(default=None, compare=False)  # gloo group for monitored barriers (None: the default)
 
     @property
     def distributed(self) -> bool:
@@ -180,11 +223,12 @@ def pick_device(requested: str | None, local_rank: int) -> torch.device:
     return torch.device(kind)
 
 
-def init_distributed(requested_device: str | None = None) -> DistEnv:
+def init_distributed(requested_device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group (NCCL on CUDA, gloo otherwise).
 
     Without those variables this is a one-process run and no group is created. A group that already
     exists (e.g. ``main`` called several times in one torchrun process) is reused, not re-created.
+    Collectives give up after ``timeout_s``; ``wait_for_ranks`` names the process that did not come.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -195,9 +239,29 @@ def init_distributed(requested_device: str | None = None) -> DistEnv:
     owns = False
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=timeout_s))
         owns = True
-    return DistEnv(rank, world_size, local_rank, device, owns)
+    barriers = None
+    if world_size > 1 and dist.get_backend() != "gloo":  # monitored barriers exist only in gloo
+        barriers = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return DistEnv(rank, world_size, local_rank, device, owns, timeout_s, barriers)
+
+
+def wait_for_ranks(env: DistEnv, point: str) -> None:
+    """Meet every process at ``point`` within ``env.timeout_s``; RankTimeout naming the ones missing otherwise."""
+    if not env.distributed:
+        return
+    try:
+        dist.monitored_barrier(group=env.barrier_group, timeout=datetime.timedelta(seconds=env.timeout_s),
+                               wait_all_ranks=True)
+    except RuntimeError as exc:
+        found = re.search(r"Ranks? ([\d, ]+?) failed to pass monitoredBarrier", str(exc))
+        ranks = found.group(1) if found else "0" if env.rank != 0 else "another"
+        who = f"{'ranks' if ',' in ranks else 'rank'} {ranks}"
+        raise RankTimeout(f"{who} did not reach {point} within --timeout {env.timeout_s:g} s (frozen, killed or "
+                          f"much slower), so rank {env.rank} stops too; raise --timeout if the processes are only "
+                          f"slow.") from exc
 
 
 def close_distributed(env: DistEnv) -> None:
@@ -243,6 +307,7 @@ def gather_lists(items: list, env: DistEnv) -> list:
 
 def agree_on_errors(message: str | None, env: DistEnv) -> None:
     """Raise on every process if any one of them failed (else the others would wait in a collective forever)."""
+    wait_for_ranks(env, "the settings check")
     messages = [m for m in gather_lists([message], env) if m]
     if messages:
         raise ResumeError(messages[0] if len(set(messages)) == 1 else " | ".join(sorted(set(messages))))

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 90_000_000
+UPLOAD_MAX_SIDE = 2048  # uploads are shrunk to this longer side: more than any page shows or model sees
 ACCEPTED_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 
 
@@ -40,8 +41,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(source: bytes | str | Path, name: str | None = None, max_pixels: int = MAX_PIXELS) -> NamedImage:
-    """Decode an image from bytes or a path: first frame, EXIF orientation applied, RGB. Raises ImageError."""
+def load_image(source: bytes | str | Path, name: str | None = None, max_pixels: int = MAX_PIXELS,
+               max_side: int | None = None) -> NamedImage:
+    """Decode an image from bytes or a path: first frame, EXIF orientation applied, RGB. Raises ImageError.
+
+    With ``max_side`` the image is shrunk (aspect kept) to at most that many pixels on its longer side; a JPEG is
+    then decoded at a reduced scale already, so a huge upload never lies in memory at full size."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         name = name or path.name
@@ -64,8 +69,12 @@ def load_image(source: bytes | str | Path, name: str | None = None, max_pixels: 
             raise ImageError(f"{name}: {width}x{height} is {width * height / 1e6:.0f} megapixels; "
                              f"images over {max_pixels / 1e6:.0f} megapixels are refused. Downscale it first.")
         img.seek(0)
+        if max_side is not None:
+            img.draft(img.mode, (max_side, max_side))  # JPEG: the smallest 1/2^k scale that is still large enough
         img.load()
         img = ImageOps.exif_transpose(img)
+        if max_side is not None and max(img.size) > max_side:
+            img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         return NamedImage(name, _to_rgb(img))
     except ImageError:
         raise
