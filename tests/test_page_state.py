@@ -228,3 +228,20 @@ def test_pickled_objects_are_refused_without_torchs_advice(tmp_path):
         read_state_dict(path)
     message = str(caught.value)
     assert message.startswith("with_args.pth holds a Python object (PIL.") and "weights_only=False" not in message
+
+
+def test_a_frontier_of_other_images_says_so(app):
+    at = _visit(app, "pages/frontier.py")
+    at.multiselect(key="fr_models").set_value(["efficientvit_m0"]).run()
+    at.multiselect(key="fr_random").set_value(["efficientvit_m0"]).run()
+    at.number_input(key="fr_batch").set_value(1).run()
+    at.number_input(key="fr_rounds").set_value(1).run()
+    next(b for b in at.button if b.label == "Compute the frontier").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.get("plotly_chart") and not any("other images" in w.value for w in at.warning)
+
+    at.file_uploader(key="fr_images").set_value(UPLOADS).run()
+    assert at.get("plotly_chart")  # the last frontier stays, and says what it belongs to
+    assert any(w.value.startswith("This frontier was computed on other images (2 images: china, flower)") for w in at.warning)
+    _away_and_back(at, "pages/frontier.py")
+    assert any("computed on other images" in w.value for w in at.warning)
