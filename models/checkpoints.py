@@ -30,7 +30,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist.")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"Checkpoint {path} is empty.")
+        raise CheckpointError(f"{path.name} is empty: it is not a checkpoint.")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -197,6 +197,8 @@ def test_a_file_that_is_no_checkpoint_gets_one_sentence(home):
     assert not home.exception, [e.value for e in home.exception]
     assert [e.value for e in home.sidebar.error] == ["x.pth is not a PyTorch or safetensors checkpoint."]
     assert home.table[0].value.loc["deit_tiny_patch16_224", "weights"] == "missing"
+    home.sidebar.file_uploader(key="vitlab_upload_ckpt").set_value(("empty.pth", b"", "application/octet-stream")).run()
+    assert [e.value for e in home.sidebar.error] == ["empty.pth is empty: it is not a checkpoint."]  # no temp path
 
 
 def test_replacing_or_removing_the_upload_updates_home_and_the_pages(home):
