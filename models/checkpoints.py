@@ -1,6 +1,7 @@
 """Reading checkpoint files safely and loading them strictly, with messages a person can act on."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -29,7 +30,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist.")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"Checkpoint {path} is empty.")
+        raise CheckpointError(f"{path.name} is empty: it is not a checkpoint.")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -38,11 +39,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any decoder error becomes one clear message
-        raise CheckpointError(
-            f"Could not read {path.name} as a safetensors or torch checkpoint "
-            f"(only tensors are accepted, weights_only=True): {type(exc).__name__}: {exc}"
-        ) from exc
+        raise CheckpointError(_unreadable(path.name, exc)) from exc
     return unwrap_state_dict(obj, source=path.name)
+
+
+def _unreadable(name: str, exc: Exception) -> str:
+    """One sentence on why a file could not be read. Never torch's own text: it advises ``weights_only=False``,
+    which runs whatever code a pickle holds."""
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if refused:
+        return (f"{name} holds a Python object ({refused.group(1)}) besides tensors; only tensors are read from a "
+                "checkpoint (weights_only=True), so it is refused.")
+    return f"{name} is not a PyTorch or safetensors checkpoint."
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:

@@ -8,14 +8,15 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.run_folders import RunFolderError, RunResult, load_run
+from pages._ui import kept
 
 __all__ = ["RunResult", "load_run", "result_folder_input"]
 
 
 def result_folder_input(task: str, key: str) -> RunResult | None:
     """A text input for the --out folder of a ``task`` run; the loaded run, or None (empty, or error shown)."""
-    folder = st.text_input(
-        "Folder of a dataset run (the --out of `python -m analysis.run`)", key=key,
+    folder = kept(
+        st.text_input, "Folder of a dataset run (the --out of `python -m analysis.run`)", key=key, default="",
         placeholder="/path/to/run", help=f"Made by `python -m analysis.run {task} --model ... --data ... --out FOLDER` "
                                          "(or under torchrun); it holds run.json and the result files.")
     if not folder or not folder.strip():
@@ -34,7 +35,7 @@ def result_folder_input(task: str, key: str) -> RunResult | None:
 def dataset_run_section(tasks: list[str], key: str) -> None:
     """An expander that draws a finished dataset-scale run of one of ``tasks`` with the page's own charts."""
     with st.expander("Dataset-scale results from the command line (`python -m analysis.run`)"):
-        task = st.radio("Task", tasks, horizontal=True, key=f"{key}-task") if len(tasks) > 1 else tasks[0]
+        task = kept(st.radio, "Task", key=f"{key}-task", options=tasks, horizontal=True) if len(tasks) > 1 else tasks[0]
         result = result_folder_input(task, key=f"{key}-folder")
         if result is None:
             st.caption(f"Run `python -m analysis.run {task} --model NAME --data FOLDER --out DIR` (or under "

@@ -68,14 +68,52 @@ def progress_bar(text: str = "") -> Callable[[float, str], None]:
     return lambda fraction, message="": bar.progress(min(max(float(fraction), 0.0), 1.0), text=message or text)
 
 
-def follow_options(key: str, options: Sequence) -> None:
-    """Drop a widget's stored choice when it is no longer among ``options`` (e.g. after a new upload),
-    so the widget shows its default instead of a stale value."""
-    if key in st.session_state:
-        value = st.session_state[key]
-        values = value if isinstance(value, list) else [value]
-        if any(v not in options for v in values):
-            del st.session_state[key]
+KEPT_KEY = "vitlab_kept"  # widget key -> the value it last had: what the user chose survives other pages
+UPLOADS_KEY = "vitlab_uploads"  # image uploader key -> [(file name, bytes)] of the readable files last uploaded
+_INDEXED = {"selectbox": "index", "radio": "index", "multiselect": "default"}
+
+
+def kept(widget: Callable, label: str, *args, key: str, default: Any = None, options: Sequence | None = None,
+         **kwargs) -> Any:
+    """``widget(label, *args, key=key, ...)`` whose value survives navigation and is always what it shows.
+
+    Streamlit forgets a widget's value when its page is not rendered. The value is kept here under ``key`` in
+    this session's own dict and passed back as the widget's value (index, default), so a widget that the browser
+    mounts again, after another page or at any time, is drawn at exactly the value the page computes with. A
+    stored choice that is no longer among ``options`` (a new upload, another model) falls back to ``default``
+    (else the first option), and the browser is told so. ``widget`` is any of ``st``'s (or a column's)
+    slider, number_input, checkbox, toggle, text_input, selectbox, radio or multiselect.
+    """
+    store = st.session_state.setdefault(KEPT_KEY, {})
+    value = st.session_state[key] if key in st.session_state else store.get(key, default)
+    kind = getattr(widget, "__name__", "")
+    if options is not None:
+        options = list(options)
+        if kind == "multiselect":
+            fixed = [v for v in (value or []) if v in options]
+        else:
+            fixed = value if value in options else (default if default in options else (options[:1] or [None])[0])
+        if fixed != value and key in st.session_state:
+            st.session_state[key] = fixed  # tells the browser too: a deleted key would leave it showing the old one
+        value = fixed
+        if kind in _INDEXED:
+            kwargs[_INDEXED[kind]] = value if kind == "multiselect" else (options.index(value) if options else None)
+        result = widget(label, options, *args, key=key, **kwargs)
+    else:
+        low, high = (args + (None, None))[:2] if kind in ("slider", "number_input") else (None, None)
+        if low is not None and high is not None and value is not None and not low <= value <= high:
+            value = default
+            if key in st.session_state:
+                st.session_state[key] = value
+        result = widget(label, *args, value=value, key=key, **kwargs)
+    store[key] = result
+    return result
+
+
+def set_kept(key: str, value: Any) -> None:
+    """Set a kept widget's value before it is drawn (e.g. a model's trained setting when the model changes)."""
+    st.session_state.setdefault(KEPT_KEY, {})[key] = value
+    st.session_state[key] = value
 
 
 def image_set_key(images: Sequence[NamedImage]) -> str:
@@ -117,16 +155,15 @@ def cached_model(name: str, random_weights: bool = False) -> LoadedModel | None:
 
 
 def random_weights_toggle(key: str, default: bool = False) -> bool:
-    return st.checkbox("Use random weights (no pretrained file)", value=default, key=key,
-                       help="Untrained weights show the mechanics and the speed, not what a trained model sees.")
+    return kept(st.checkbox, "Use random weights (no pretrained file)", key=key, default=default,
+                help="Untrained weights show the mechanics and the speed, not what a trained model sees.")
 
 
 def random_models_picker(models: Sequence[str], key: str) -> set[str]:
     """Per-model choice of random weights: only the ticked models run untrained, the others need their file."""
-    follow_options(key, models)
-    picked = st.multiselect("Run these with random weights (untrained)", list(models), default=[], key=key,
-                            help="Each model not ticked loads its pretrained weights, so a real model and an "
-                                 "untrained one can be compared side by side; every chart names its weights.")
+    picked = kept(st.multiselect, "Run these with random weights (untrained)", key=key, default=[], options=models,
+                  help="Each model not ticked loads its pretrained weights, so a real model and an "
+                       "untrained one can be compared side by side; every chart names its weights.")
     return set(picked)
 
 
@@ -144,16 +181,35 @@ def show_weights_banner(loaded: LoadedModel) -> None:
 
 
 def image_picker(key: str, multiple: bool = True, label: str = "Upload images") -> list[NamedImage]:
-    """Uploaded images if any, else the bundled sample photos. Unreadable uploads are reported and skipped."""
+    """Uploaded images if any, else the bundled sample photos. Unreadable uploads are reported and skipped.
+
+    The readable uploads are kept in the session: a file uploader cannot be filled again after the user was on
+    another page, so there it says which uploads are still used and offers a button to clear them.
+    """
+    stored = st.session_state.setdefault(UPLOADS_KEY, {})
+    mounted = key in st.session_state  # False on a page's first run after another page: the widget starts empty
     uploads = st.file_uploader(label, type=list(ACCEPTED_TYPES), accept_multiple_files=multiple, key=key,
                                help="JPEG, PNG, WebP, BMP, TIFF or GIF (first frame); up to about 90 megapixels.")
     files = uploads if isinstance(uploads, list) else ([uploads] if uploads else [])
     images: list[NamedImage] = []
+    readable: list[tuple[str, bytes]] = []
     for f in files:
         try:
             images.append(load_image(f.getvalue(), name=f.name, max_side=UPLOAD_MAX_SIDE))
+            readable.append((f.name, f.getvalue()))
         except ImageError as exc:
             st.error(str(exc))
+    if files:
+        stored[key] = readable
+    elif mounted:  # the user removed the files from the uploader
+        stored.pop(key, None)
+    elif stored.get(key):
+        images = [load_image(data, name=name, max_side=UPLOAD_MAX_SIDE) for name, data in stored[key]]
+        noun = "image" if len(images) == 1 else "images"
+        st.caption(f"Using your {len(images)} uploaded {noun}: " + ", ".join(im.name for im in images))
+        if st.button("Clear the uploads", key=f"{key}_clear", help="Go back to the bundled sample photos."):
+            stored.pop(key)
+            st.rerun()
     release_freed_memory()  # the full-size decode is gone: hand its memory back
     if images:
         return images
@@ -243,27 +299,31 @@ def upload_checkpoint() -> None:
 
     upload = st.file_uploader("Checkpoint (.safetensors, .pth)", type=["safetensors", "pth", "pt", "bin"],
                               key=UPLOAD_FILE_KEY)
+    # What the pages load for each model is exactly what this widget holds now: removing or replacing the file
+    # drops the old mapping (the cached model is keyed by the file, so a stale path would keep the old weights).
+    used = user_weight_files()
     if upload is None:
+        used.clear()
+        st.session_state.pop(UPLOAD_SEEN_KEY, None)
         st.caption("The model it belongs to is recognised from the shapes of its tensors.")
         return
     path = _save_upload(upload)
     matches, mismatches, error = _inspect_checkpoint(str(path))
     if error:
+        used.clear()
         st.error(error)
         return
     options = matches + sorted(n for n in REGISTRY if n not in matches)
     if st.session_state.get(UPLOAD_SEEN_KEY) != str(path):  # a new file: preselect what it fits
         st.session_state[UPLOAD_SEEN_KEY] = str(path)
-        st.session_state[UPLOAD_MODEL_KEY] = options[0]
-    follow_options(UPLOAD_MODEL_KEY, options)
-    target = st.selectbox("For model", options, key=UPLOAD_MODEL_KEY,
-                          format_func=lambda n: f"{n} (fits)" if n in matches else n)
+        set_kept(UPLOAD_MODEL_KEY, options[0])
+    target = kept(st.selectbox, "For model", key=UPLOAD_MODEL_KEY, options=options,
+                  format_func=lambda n: f"{n} (fits)" if n in matches else n)
+    used.clear()
     if target in matches:
-        user_weight_files()[target] = str(path)
+        used[target] = str(path)
         st.success(f"{upload.name} is used for {target}.")
         return
-    if user_weight_files().get(target) == str(path):
-        del user_weight_files()[target]
     fits = f" It fits {', '.join(matches)}." if matches else " It fits no model of the registry."
     st.error(f"{upload.name} does not fit {target}: {mismatches.get(target, '')}{fits}")
 

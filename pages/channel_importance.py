@@ -30,6 +30,7 @@ from pages._ui import (
     current_device,
     download_df,
     image_picker,
+    kept,
     progress_bar,
     random_weights_toggle,
     run_through_app,
@@ -61,28 +62,28 @@ dataset_run_section(["taylor"], key="ci_run")
 
 left, right = st.columns(2)
 with left:
-    name = st.selectbox("Model", models_with_attention(MHSA, CGA), key="ci_model")
+    name = kept(st.selectbox, "Model", key="ci_model", options=models_with_attention(MHSA, CGA))
     random_weights = random_weights_toggle("ci_random")
-    source = st.radio("Images", ["Sample photos / upload", "Folder with class sub-folders"], key="ci_source",
-                      horizontal=True)
+    source = kept(st.radio, "Images", key="ci_source", options=["Sample photos / upload",
+                                                                "Folder with class sub-folders"], horizontal=True)
 with right:
     folder_labels = source == "Folder with class sub-folders"
     if folder_labels:
-        folder = st.text_input("Folder path", key="ci_folder",
-                               help="<folder>/<class>/<image>; a class sub-folder is named by ImageNet index "
-                                    "(207), WordNet id (n02099601) or class name (golden retriever).")
-        limit = st.slider("Images to use at most", 1, 256, 32, key="ci_limit")
+        folder = kept(st.text_input, "Folder path", key="ci_folder", default="",
+                      help="<folder>/<class>/<image>; a class sub-folder is named by ImageNet index "
+                           "(207), WordNet id (n02099601) or class name (golden retriever).")
+        limit = kept(st.slider, "Images to use at most", 1, 256, key="ci_limit", default=32)
         label_modes = [FOLDER, SELF]
     else:
         images = image_picker("ci_images", multiple=True)
         label_modes = [SELF, CLASS]
     # One widget per input source, so that a folder starts with its own labels selected.
-    label_mode = st.radio("Loss target (cross-entropy against)", label_modes,
-                          key="ci_labels_folder" if folder_labels else "ci_labels_images")
+    label_mode = kept(st.radio, "Loss target (cross-entropy against)", options=label_modes,
+                      key="ci_labels_folder" if folder_labels else "ci_labels_images")
     picked_class = None
     if label_mode == CLASS:
-        picked_class = st.selectbox("ImageNet class", range(1000), index=207, key="ci_class",
-                                    format_func=lambda i: f"{i}: {imagenet_label(i)}")
+        picked_class = kept(st.selectbox, "ImageNet class", key="ci_class", options=range(1000), default=207,
+                            format_func=lambda i: f"{i}: {imagenet_label(i)}")
 
 loaded = cached_model(name, random_weights)
 if loaded is None:
@@ -145,9 +146,10 @@ def _labelled(frame):
 
 
 c1, c2 = st.columns(2)
-keep_fraction = c1.slider("Global budget: fraction of channels kept", 0.05, 0.95, 0.5, 0.05, key="ci_budget")
-normalize = c2.selectbox("Normalisation before the global ranking", NORMALIZATIONS, key="ci_norm",
-                         format_func=lambda n: f"{n}: {NORMALIZATION_HELP[n]}")
+keep_fraction = kept(c1.slider, "Global budget: fraction of channels kept", 0.05, 0.95, key="ci_budget", default=0.5,
+                     step=0.05)
+normalize = kept(c2.selectbox, "Normalisation before the global ranking", key="ci_norm", options=NORMALIZATIONS,
+                 format_func=lambda n: f"{n}: {NORMALIZATION_HELP[n]}")
 
 target_text = {"self": "the model's own top-1", "labels": "the given labels"}[loss_target]
 st.header(f"Which components keep their width {note}".strip())

@@ -20,11 +20,12 @@ from analysis.frontier import (
     settings_methods,
 )
 from analysis.data.images import to_batch
+from analysis.provenance import images_label
 from analysis.throughput import BenchSettings
 from models.methods import METHODS
 from models.registry import REGISTRY, VILT, get_spec
 from pages._results import result_folder_input
-from pages._ui import (cached_model, current_device, download_df, download_json, image_picker, image_set_key,
+from pages._ui import (cached_model, current_device, download_df, download_json, image_picker, image_set_key, kept,
                        latest_result, progress_bar, random_models_picker, run_through_app, session_result)
 
 RESULT_SLOT = "frontier"
@@ -49,31 +50,32 @@ st.markdown(
 
 left, right = st.columns(2)
 with left:
-    models = st.multiselect("Backbones", _backbones(), default=["deit_tiny_patch16_224"], key="fr_models")
+    models = kept(st.multiselect, "Backbones", key="fr_models", options=_backbones(), default=["deit_tiny_patch16_224"])
     random_ok = random_models_picker(models, key="fr_random")
     chosen: dict[str, list] = {}
     methods = {m.key: m for name in models for m in settings_methods(name)}
     for key, method in methods.items():
         offered = list(method.main_setting.choices)
-        chosen[key] = st.multiselect(f"{method.label}: {method.main_setting.label}", offered,
-                                     default=[v for v in DEFAULT_VALUES.get(key, offered[:3]) if v in offered],
-                                     key=f"fr_values_{key}")
-    decreasing = st.checkbox("Also ToMe's decreasing schedule at the same r", value=False, key="fr_decreasing",
-                             disabled="tome" not in methods)
+        chosen[key] = kept(st.multiselect, f"{method.label}: {method.main_setting.label}", key=f"fr_values_{key}",
+                           options=offered, default=[v for v in DEFAULT_VALUES.get(key, offered[:3]) if v in offered])
+    decreasing = kept(st.checkbox, "Also ToMe's decreasing schedule at the same r", key="fr_decreasing", default=False,
+                      disabled="tome" not in methods)
 with right:
-    source = st.radio("Images", ["Sample photos / upload", "Folder on this machine"], horizontal=True, key="fr_source")
+    source = kept(st.radio, "Images", key="fr_source", options=["Sample photos / upload", "Folder on this machine"],
+                  horizontal=True)
     if source == "Folder on this machine":
-        folder = st.text_input("Folder path", key="fr_folder",
-                               help="Streamed recursively. Class sub-folders (ImageNet index, WordNet id or name) "
-                                    "give labels; otherwise agreement with the unreduced model is shown.")
-        labelled = st.checkbox("The sub-folders are ImageNet classes (top-1 accuracy)", value=True, key="fr_labelled")
-        limit = st.number_input("Images at most", 1, 100_000, 200, key="fr_limit")
+        folder = kept(st.text_input, "Folder path", key="fr_folder", default="",
+                      help="Streamed recursively. Class sub-folders (ImageNet index, WordNet id or name) "
+                           "give labels; otherwise agreement with the unreduced model is shown.")
+        labelled = kept(st.checkbox, "The sub-folders are ImageNet classes (top-1 accuracy)", key="fr_labelled",
+                        default=True)
+        limit = kept(st.number_input, "Images at most", 1, 100_000, key="fr_limit", default=200)
         uploads = None
     else:
         uploads = image_picker("fr_images", multiple=True)
         folder, labelled, limit = "", False, None
-    bench_batch = st.number_input("Throughput batch size", 1, 512, 8, key="fr_batch")
-    rounds = st.number_input("Interleaved timing rounds", 1, 20, 3, key="fr_rounds")
+    bench_batch = kept(st.number_input, "Throughput batch size", 1, 512, key="fr_batch", default=8)
+    rounds = kept(st.number_input, "Interleaved timing rounds", 1, 20, key="fr_rounds", default=3)
 
 
 
@@ -99,6 +101,11 @@ with st.expander("Dataset-scale results from the command line (`python -m analys
             session_result(RESULT_SLOT, ("run", str(run.folder), time.monotonic()),
                            lambda: {"points": join_points(run.record, speed), "skipped": [],
                                     "device": current_device(), "batch": int(bench_batch)})
+
+
+def _images_now() -> str:
+    """What the chosen images are, as a frontier result records them: the folder, or the images' digest."""
+    return folder if uploads is None else image_set_key(uploads)
 
 
 def _settings_for(name: str) -> list[FrontierSetting]:
@@ -156,11 +163,12 @@ if st.button("Compute the frontier", type="primary", disabled=not models):
     if not accuracy_parts:
         st.stop()
     points = join_points(pd.concat(accuracy_parts, ignore_index=True), pd.concat(speed_parts, ignore_index=True))
-    images_used = folder if source == "Folder on this machine" else image_set_key(uploads)
+    images_used = _images_now()
     # A press of Compute always stores anew (timings differ run to run): the clock makes the key unique.
     session_result(RESULT_SLOT, ("live", tuple(models), images_used, time.monotonic()),
                    lambda: {"points": points, "skipped": skipped, "device": current_device(),
-                            "batch": int(bench_batch), "images": images_used})
+                            "batch": int(bench_batch), "images": images_used,
+                            "image_names": folder if uploads is None else images_label([u.name for u in uploads])})
 
 # The last computed frontier stays until the next Compute, whatever else reruns the page.
 latest = latest_result(RESULT_SLOT)
@@ -170,6 +178,9 @@ if not result:
     st.stop()
 
 points: pd.DataFrame = result["points"]
+if "images" in result and result["images"] != _images_now():
+    st.warning(f"This frontier was computed on other images ({result.get('image_names', '?')}), not on the ones chosen "
+               "now: press **Compute the frontier** to compute it on these.")
 if result["skipped"]:
     st.warning("Left out for missing weights: " + ", ".join(result["skipped"])
                + ". Tick them under *May run with random weights* to include them untrained.")

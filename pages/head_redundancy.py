@@ -26,9 +26,9 @@ from pages._ui import (
     current_device,
     download_df,
     download_png,
-    follow_options,
     image_picker,
     image_set_key,
+    kept,
     progress_bar,
     random_models_picker,
     run_through_app,
@@ -62,10 +62,10 @@ dataset_run_section(["head-similarity"], key="hr_run")
 names = models_with_attention(MHSA, CGA)
 left, right = st.columns(2)
 with left:
-    chosen = st.multiselect("Models", names, default=[n for n in ("deit_tiny_patch16_224", "efficientvit_m0")
-                                                      if n in names], key="hr_models")
+    chosen = kept(st.multiselect, "Models", key="hr_models", options=names,
+                  default=[n for n in ("deit_tiny_patch16_224", "efficientvit_m0") if n in names])
     random_models = random_models_picker(chosen, "hr_random_models")
-    max_images = st.number_input("Images used (at most)", 1, MAX_IMAGES, 8, key="hr_max_images")
+    max_images = kept(st.number_input, "Images used (at most)", 1, MAX_IMAGES, key="hr_max_images", default=8)
 with right:
     images = image_picker("hr_images", multiple=True)[: int(max_images)]
 
@@ -107,7 +107,7 @@ for result in results:
     for note in untrained_notes(result):
         st.info(note)
 
-metric = METRICS[st.radio("Similarity of", list(METRICS), horizontal=True, key="hr_metric")]
+metric = METRICS[kept(st.radio, "Similarity of", key="hr_metric", options=METRICS, horizontal=True)]
 
 st.header("Redundancy vs depth")
 st.plotly_chart(redundancy_vs_depth(results, metric), key="hr_depth")
@@ -117,8 +117,7 @@ st.caption("Weights: " + "; ".join(f"**{n}**: {w}" for n, w in weights_of.items(
 @st.fragment
 def block_similarity_view() -> None:
     st.header("Head-to-head similarity per block")
-    follow_options("hr_heatmap_model", list(by_name))
-    shown = st.selectbox("Model", list(by_name), key="hr_heatmap_model")
+    shown = kept(st.selectbox, "Model", key="hr_heatmap_model", options=by_name)
     st.caption(f"{shown}: weights {weights_of[shown]}")
     st.plotly_chart(similarity_heatmaps(by_name[shown], metric), key="hr_heatmaps")
     if all(embedding_noise_axes(by_name[shown])):
@@ -146,21 +145,19 @@ def overlay_view() -> None:
     loaded_by_name = {m.name: m for m in loaded}
     c1, c2, c3 = st.columns(3)
     with c1:
-        follow_options("hr_overlay_model", list(loaded_by_name))
-        overlay_model = st.selectbox("Model", list(loaded_by_name), key="hr_overlay_model")
+        overlay_model = kept(st.selectbox, "Model", key="hr_overlay_model", options=loaded_by_name)
         picked = loaded_by_name[overlay_model]
         result = by_name[overlay_model]
-        follow_options("hr_block", list(range(len(result.blocks))))
-        block = st.slider("Block", 0, len(result.blocks) - 1, len(result.blocks) - 1, key="hr_block")
+        block = kept(st.slider, "Block", 0, len(result.blocks) - 1, key="hr_block", default=len(result.blocks) - 1)
     with c2:
-        follow_options("hr_image", image_names)
-        image_name = st.selectbox("Image", image_names, key="hr_image")
+        image_name = kept(st.selectbox, "Image", key="hr_image", options=image_names)
         cls_label = "CLS token" if result.kind == MHSA else "mean attention received (no CLS token)"
-        use_query = st.radio("Query", [cls_label, "a patch"], key="hr_query_mode") == "a patch"
+        use_query = kept(st.radio, "Query", key="hr_query_mode", options=[cls_label, "a patch"]) == "a patch"
     with c3:
-        row = st.number_input("Patch row", 0, QUERY_GRID - 1, QUERY_GRID // 2, key="hr_row", disabled=not use_query)
-        col = st.number_input("Patch column", 0, QUERY_GRID - 1, QUERY_GRID // 2, key="hr_col",
-                              disabled=not use_query)
+        row = kept(st.number_input, "Patch row", 0, QUERY_GRID - 1, key="hr_row", default=QUERY_GRID // 2,
+                   disabled=not use_query)
+        col = kept(st.number_input, "Patch column", 0, QUERY_GRID - 1, key="hr_col", default=QUERY_GRID // 2,
+                   disabled=not use_query)
 
     image = images[image_names.index(image_name)]
     query_yx = ((row + 0.5) / QUERY_GRID, (col + 0.5) / QUERY_GRID) if use_query else None

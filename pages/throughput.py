@@ -15,8 +15,8 @@ from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.methods import METHODS, Method, Setting
 from models.registry import REGISTRY, ModelSpec
 from models.variants import parse_variant
-from pages._ui import (cached_model, current_device, download_df, download_json, follow_options, latest_result,
-                       progress_bar, run_through_app, session_result)
+from pages._ui import (cached_model, current_device, download_df, download_json, kept, latest_result, progress_bar,
+                       run_through_app, session_result)
 
 SYNTHETIC_INPUT = "synthetic input (random tensor)"
 TRAINED = "trained"  # a setting option: each release at the value it was trained for
@@ -45,9 +45,9 @@ def method_variants(models: list[str]) -> list[str]:
         trained_values = ", ".join(map(str, sorted(set(trained.values()))))
         trained_text = f"each release's trained {setting.symbol} ({trained_values})"
         widget_key = f"tp_{label}_{key}"
-        follow_options(widget_key, options)
-        picked = st.multiselect(
-            f"{label}: {setting.label}", options, default=[TRAINED] if trained else [], key=widget_key,
+        picked = kept(
+            st.multiselect, f"{label}: {setting.label}", key=widget_key, options=options,
+            default=[TRAINED] if trained else [],
             format_func=lambda v, text=trained_text: text if v == TRAINED else str(v),
             help=f"{'; '.join(dict.fromkeys(m.reference for m in methods))}. Applied to "
                  f"{', '.join(dict.fromkeys(m for m, _ in targets))}.")
@@ -60,8 +60,8 @@ def method_variants(models: list[str]) -> list[str]:
                 f"{method.reference}: " + ", ".join(f"{k.removesuffix('_ratio').replace('_', ' ')} {v}"
                                                     for k, v in method.paper_arguments.items())
                 for _, method in flagged))
-            if st.checkbox(f"{label} at the paper's setting", value=True, key=f"tp_{label}_paper",
-                           help=paper_text):
+            if kept(st.checkbox, f"{label} at the paper's setting", key=f"tp_{label}_paper", default=True,
+                    help=paper_text):
                 variants += [f"{m}@{method.paper_flag}" for m, method in flagged]
     return variants
 
@@ -77,39 +77,41 @@ st.markdown(
 device = current_device()
 col_models, col_settings = st.columns([3, 2])
 with col_models:
-    models = st.multiselect("Models", list(REGISTRY), key="tp_models",
-                            default=["deit_tiny_patch16_224", "efficientvit_m0", "mobilenetv3_large_100"])
+    models = kept(st.multiselect, "Models", key="tp_models", options=REGISTRY,
+                  default=["deit_tiny_patch16_224", "efficientvit_m0", "mobilenetv3_large_100"])
     reduced = method_variants(models)
-    extra = st.text_input("More variants (space separated, NAME@key=value)", "", key="tp_extra",
-                          help="e.g. deit_small_patch16_224@tome=decreasing:13  dynamicvit_deit_256_patch16_224@rho=0.6")
+    extra = kept(st.text_input, "More variants (space separated, NAME@key=value)", key="tp_extra", default="",
+                 help="e.g. deit_small_patch16_224@tome=decreasing:13  dynamicvit_deit_256_patch16_224@rho=0.6")
 variants = list(dict.fromkeys(list(models) + reduced + extra.split()))
 with col_models:
-    follow_options("tp_baseline", variants)
-    baseline = st.selectbox("Baseline for speed-ups", variants or ["(none)"], key="tp_baseline")
+    baseline = kept(st.selectbox, "Baseline for speed-ups", key="tp_baseline", options=variants or ["(none)"])
 
 with col_settings:
     toggle_latency, toggle_sweep = st.columns(2)
-    latency_mode = toggle_latency.toggle("Batch-1 latency", value=False, key="tp_latency",
+    latency_mode = kept(toggle_latency.toggle, "Batch-1 latency", key="tp_latency", default=False,
                                          help="One image per call: ms per image, median and p90 over the rounds.")
-    sweep_mode = toggle_sweep.toggle("Batch sweep", value=False, key="tp_sweep", disabled=latency_mode)
+    sweep_mode = kept(toggle_sweep.toggle, "Batch sweep", key="tp_sweep", default=False, disabled=latency_mode)
     if latency_mode:
         sweep_mode, batches = False, [1]
         st.caption("Batch 1. The p90 is that of single calls with 1 timed iteration per round; it needs many rounds "
                    "(the CLI's `--latency` runs 20).")
     elif sweep_mode:
-        batches = st.multiselect("Batch sizes", [1, 2, 4, 8, 16, 32, 64, 128, 256, 512], default=[1, 8, 32])
+        batches = kept(st.multiselect, "Batch sizes", key="tp_batches", options=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
+                       default=[1, 8, 32])
     else:
-        batches = [st.number_input("Batch size", 1, 1024, 8, key="tp_batch")]
+        batches = [kept(st.number_input, "Batch size", 1, 1024, key="tp_batch", default=8)]
     on_gpu = device != "cpu"
-    precision = st.selectbox("Precision", list(PRECISIONS) if on_gpu else ["fp32"],
-                             help="fp16/bf16 autocast on GPU; CPU runs fp32.")
-    iters = st.number_input("Timed iterations per round", 1, 1000, 5, key="tp_iters")
-    rounds = st.number_input("Interleaved rounds (median counts)", 1, 50, 3, key="tp_rounds")
-    channels_last = st.checkbox("channels_last", value=False, key="tp_channels_last")
-    fuse_bn = st.checkbox("Fuse BatchNorm into convolutions (EfficientViT, MobileNetV3)", value=False)
-    compile_model = st.checkbox("torch.compile (slow first run)", value=False)
-    threads = st.number_input("CPU threads", 1, max(1, torch.get_num_threads() * 4), torch.get_num_threads(),
-                              help="Process-wide: other sessions share it while this runs.")
+    precision = kept(st.selectbox, "Precision", key="tp_precision", options=list(PRECISIONS) if on_gpu else ["fp32"],
+                     help="fp16/bf16 autocast on GPU; CPU runs fp32.")
+    iters = kept(st.number_input, "Timed iterations per round", 1, 1000, key="tp_iters", default=5)
+    rounds = kept(st.number_input, "Interleaved rounds (median counts)", 1, 50, key="tp_rounds", default=3)
+    channels_last = kept(st.checkbox, "channels_last", key="tp_channels_last", default=False)
+    fuse_bn = kept(st.checkbox, "Fuse BatchNorm into convolutions (EfficientViT, MobileNetV3)", key="tp_fuse_bn",
+                   default=False)
+    compile_model = kept(st.checkbox, "torch.compile (slow first run)", key="tp_compile", default=False)
+    threads = kept(st.number_input, "CPU threads", 1, max(1, torch.get_num_threads() * 4), key="tp_threads",
+                   default=torch.get_num_threads(),
+                   help="Process-wide: other sessions share it while this runs.")
 
 hardware = torch.cuda.get_device_name() if device.startswith("cuda") else device
 options = ModelOptions(channels_last=channels_last, fuse_bn=fuse_bn, compile=compile_model)

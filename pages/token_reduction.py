@@ -39,13 +39,14 @@ from pages._ui import (
     current_device,
     download_df,
     download_png,
-    follow_options,
     image_picker,
     image_set_key,
+    kept,
     progress_bar,
     random_weights_toggle,
     run_through_app,
     session_result,
+    set_kept,
     show_weights_banner,
     weights_text,
 )
@@ -76,10 +77,11 @@ dataset_run_section(["keep-frequency", "tome-merge"], key="tr_run")
 choices = model_choices()
 left, right = st.columns(2)
 with left:
-    label = st.selectbox("Model", list(choices), key="tr_model", format_func=lambda c: choice_text(c, choices[c]),
-                         help="Official DynamicViT-family releases need their weights (or random weights); the "
-                              "DeiT-Tiny option attaches untrained score predictors to real DeiT-Tiny weights "
-                              "(its pruning is not learned).")
+    label = kept(st.selectbox, "Model", key="tr_model", options=choices,
+                 format_func=lambda c: choice_text(c, choices[c]),
+                 help="Official DynamicViT-family releases need their weights (or random weights); the "
+                      "DeiT-Tiny option attaches untrained score predictors to real DeiT-Tiny weights "
+                      "(its pruning is not learned).")
     random_weights = random_weights_toggle("tr_random")
 with right:
     images = image_picker("tr_images", multiple=True)
@@ -112,20 +114,22 @@ names = [image.name for image in images]
 trained_rho = spec.trained_keep_ratio if not choice.untrained_predictors else None
 if st.session_state.get("tr_rho_model") != label:
     st.session_state["tr_rho_model"] = label
-    st.session_state["tr_rho"] = trained_rho or DEFAULT_RHO
+    set_kept("tr_rho", trained_rho or DEFAULT_RHO)
 c1, c2, c3 = st.columns(3)
-keep_ratio = c1.slider("Keep ratio rho", 0.3, 1.0, step=0.05, key="tr_rho", disabled=pruning is None,
-                       help="The share of positions the first predictor keeps; later stages follow the family's "
-                            "schedule.")
+keep_ratio = kept(c1.slider, "Keep ratio rho", 0.3, 1.0, key="tr_rho", default=trained_rho or DEFAULT_RHO,
+                  step=0.05, disabled=pruning is None,
+                  help="The share of positions the first predictor keeps; later stages follow the family's "
+                       "schedule.")
 if pruning is not None and trained_rho is not None and abs(keep_ratio - trained_rho) > 1e-6:
     c1.info(f"{name} was trained for rho = {trained_rho:g}; at rho = {keep_ratio:.2f} its predictors run at a "
             "keep ratio they were not trained for (expect lower accuracy than the paper's).")
 r_spec, proportional = None, True
 if has_tome:
-    r = c2.slider("ToMe r (tokens merged per block)", 0, 32, 13, key="tr_r")
-    schedule = c3.radio("ToMe schedule", ["constant", "decreasing"], horizontal=True, key="tr_schedule",
-                        help="Decreasing: linear from 1.5 r at the first block to 0.5 r at the last (ToMe's schedule).")
-    proportional = c3.checkbox("Proportional attention (log size bias)", value=True, key="tr_prop")
+    r = kept(c2.slider, "ToMe r (tokens merged per block)", 0, 32, key="tr_r", default=13)
+    schedule = kept(c3.radio, "ToMe schedule", key="tr_schedule", options=["constant", "decreasing"],
+                    horizontal=True,
+                    help="Decreasing: linear from 1.5 r at the first block to 0.5 r at the last (ToMe's schedule).")
+    proportional = kept(c3.checkbox, "Proportional attention (log size bias)", key="tr_prop", default=True)
     r_spec = f"decreasing:{r}" if schedule == "decreasing" else r
 else:
     c2.caption(tome_absent_reason(spec))
@@ -160,8 +164,7 @@ def _labelled(frame: pd.DataFrame, image=None) -> pd.DataFrame:
 @st.fragment
 def detail_view() -> None:
     """The chosen image's panels: picking another image or other blocks reruns only this part."""
-    follow_options("tr_image", names)
-    image_name = st.selectbox("Image for the detailed view", names, key="tr_image")
+    image_name = kept(st.selectbox, "Image for the detailed view", key="tr_image", options=names)
     chosen = names.index(image_name)
     canvas = model_view(images[chosen].image, loaded.data_config)
     trace = comparison.dynamicvit_trace
@@ -226,10 +229,9 @@ def detail_view() -> None:
         return
     st.header("ToMe: merged tokens per block" + weights_tag)
     depth = comparison.depth
-    follow_options("tr_layers", list(range(depth)))
     default_layers = sorted({max(0, depth * k // 4 - 1) for k in (1, 2, 3, 4)})
-    layers = st.multiselect("Show merge maps after blocks", list(range(depth)), default=default_layers,
-                            key="tr_layers")
+    layers = kept(st.multiselect, "Show merge maps after blocks", key="tr_layers", options=range(depth),
+                  default=default_layers)
     merge_strip = image_strip(tome_merge_panels(canvas, comparison.tome_trace, sorted(layers), chosen),
                               title=f"ToMe r {r_spec} | " + title_line(name, weights, image_name))
     st.image(merge_strip, caption="Each group of merged patches in its mean colour", width="stretch")
@@ -260,7 +262,7 @@ download_df(_labelled(pd.DataFrame({"block": range(comparison.depth), **counts})
 def sweep_view() -> None:
     """The r sweep reruns alone; its result stays until the images, model or settings change."""
     st.header("ToMe: agreement with the unreduced model as r grows" + weights_tag)
-    r_max = st.slider("Largest r in the sweep", 2, 32, 16, key="tr_rmax")
+    r_max = kept(st.slider, "Largest r in the sweep", 2, 32, key="tr_rmax", default=16)
     sweep_key = inputs + (proportional, r_max)
     if st.button("Run the r sweep on these images", key="tr_sweep"):
         show = progress_bar("Sweeping r ...")

@@ -8,7 +8,7 @@ from analysis.vision_language import (PuMerSettings, answer_question, answers_fr
                                       merge_overlay, numbered_answers, pruned_overlay, pumer_models, records_to_json,
                                       steps_frame, text_groups_html, token_counts_figure, tokens)
 from models.checkpoints import CheckpointError, WeightsNotFoundError
-from pages._ui import (current_device, download_df, download_json, download_png, image_picker, image_set_key,
+from pages._ui import (current_device, download_df, download_json, download_png, image_picker, image_set_key, kept,
                        run_through_app, session_result, user_weight_files, weights_folder)
 
 MODELS = {entry.name: entry for entry in pumer_models()}
@@ -31,16 +31,6 @@ def _cached_model(name: str, random_weights: bool, folder: str, user_file: str |
     return model.to(device), processor, model_name, weights, None
 
 
-def _kept(key: str, default):
-    """The value a per-model widget had when last drawn (Streamlit forgets widgets a run does not draw, e.g.
-    after switching to the other model), else ``default``; use with ``on_change=_keep, args=(key,)``."""
-    return st.session_state.get(f"{key}_kept", default)
-
-
-def _keep(key: str) -> None:
-    st.session_state[f"{key}_kept"] = st.session_state[key]
-
-
 run_through_app()
 st.title("Vision-language: PuMer on ViLT and METER")
 st.markdown(
@@ -51,14 +41,13 @@ st.markdown(
     "fine-tuning with PuMer; here it runs off the shelf on the released fine-tuned models."
 )
 
-name = st.radio("Model", list(MODELS), key="vl_model", horizontal=True,
-                format_func=lambda n: f"{MODELS[n].label} ({n})")
+name = kept(st.radio, "Model", key="vl_model", options=MODELS, horizontal=True,
+           format_func=lambda n: f"{MODELS[n].label} ({n})")
 entry = MODELS[name]
 st.markdown(entry.view.summary)
 random_key = f"vl_random_{name}"
-random_weights = st.checkbox(f"Use a small random {entry.label} (no pretrained weights)", _kept(random_key, False),
-                             key=random_key, on_change=_keep, args=(random_key,),
-                             help=f"A {entry.view.tiny_description} with random weights: it shows the mechanics only.")
+random_weights = kept(st.checkbox, f"Use a small random {entry.label} (no pretrained weights)", key=random_key,
+                      default=False, help=f"A {entry.view.tiny_description} with random weights: it shows the mechanics only.")
 model, processor, model_name, weights, missing = _cached_model(
     name, random_weights, weights_folder(), user_weight_files().get(name), current_device())
 if missing:
@@ -89,18 +78,16 @@ with left:
     picked = image_picker("vl_image", multiple=False, label="Upload an image")[0]
     st.image(picked.image, caption=picked.name, width=360)
 with right:
-    question = st.text_input("Question", value="What animal is in the picture?", key="vl_question")
+    question = kept(st.text_input, "Question", key="vl_question", default="What animal is in the picture?")
     keys = {part: f"vl_{part}_{name}" for part in ("layers", "prune", "image_merge", "text_merge", "proportional")}
-    kept = {part: dict(key=key, on_change=_keep, args=(key,)) for part, key in keys.items()}
-    preset = st.radio(f"Reduce {word}s", list(presets), list(presets).index(_kept(keys["layers"], next(iter(presets)))),
-                      **kept["layers"])
-    prune = st.slider("Image prune ratio", 0.0, 0.5, _kept(keys["prune"], paper.prune_ratio), 0.05, **kept["prune"])
-    image_merge = st.slider("Image merge ratio", 0.0, 0.5, _kept(keys["image_merge"], paper.image_merge_ratio), 0.05,
-                            **kept["image_merge"])
-    text_merge = st.slider("Text merge ratio", 0.0, 0.5, _kept(keys["text_merge"], paper.text_merge_ratio), 0.05,
-                           **kept["text_merge"])
-    proportional = st.checkbox("Proportional attention (add log token size; PuMer's code does not)",
-                               _kept(keys["proportional"], False), **kept["proportional"])
+    preset = kept(st.radio, f"Reduce {word}s", key=keys["layers"], options=presets)
+    prune = kept(st.slider, "Image prune ratio", 0.0, 0.5, key=keys["prune"], default=paper.prune_ratio, step=0.05)
+    image_merge = kept(st.slider, "Image merge ratio", 0.0, 0.5, key=keys["image_merge"],
+                       default=paper.image_merge_ratio, step=0.05)
+    text_merge = kept(st.slider, "Text merge ratio", 0.0, 0.5, key=keys["text_merge"], default=paper.text_merge_ratio,
+                      step=0.05)
+    proportional = kept(st.checkbox, "Proportional attention (add log token size; PuMer's code does not)",
+                        key=keys["proportional"], default=False)
     st.caption(f"Paper setting for {entry.label} (PuMer, ACL 2023): {word}s "
                f"{', '.join(map(str, paper.reduce_layers))}; prune {paper.prune_ratio:g}, image merge "
                f"{paper.image_merge_ratio:g}, text merge {paper.text_merge_ratio:g}.")

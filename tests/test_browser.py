@@ -244,3 +244,168 @@ def _wait_until_idle(page, limit_s: float = 300) -> None:
         elif time.time() - quiet_since > 3:
             return
         time.sleep(0.5)
+
+
+# Issue 20: what a user uploaded, set and computed is still there after another page, in a real browser.
+def _photo_files(folder: Path) -> list[Path]:
+    from PIL import Image
+
+    files = []
+    for name, colour in (("first.png", (200, 30, 30)), ("second.png", (30, 30, 200))):
+        Image.new("RGB", (96, 64), colour).save(folder / name)
+        files.append(folder / name)
+    return files
+
+
+def _open(p, url: str, path: str, heading: str):
+    page = _browser(p).new_page(viewport={"width": 1400, "height": 2400})
+    page.goto(f"{url}/{path}")
+    page.get_by_role("heading", name=heading).wait_for(timeout=60_000)
+    _wait_until_idle(page)
+    return page
+
+
+def _upload(page, files) -> None:
+    page.locator('[data-testid="stMain"] input[type="file"]').first.set_input_files([str(f) for f in files])
+    time.sleep(1)
+    _wait_until_idle(page)
+
+
+def _slider_text(page, label: str) -> str:
+    """The value a slider shows on its thumb."""
+    slider = page.locator('[data-testid="stSlider"]').filter(has_text=label)
+    return slider.locator('[data-testid="stSliderThumbValue"]').inner_text().strip()
+
+
+def _away_and_back(page, link: str, heading: str) -> None:
+    """Home and back through the sidebar's links: one browser session, as a user navigates."""
+    nav = page.locator('[data-testid="stSidebarNav"] a')
+    nav.filter(has_text="Home").click()
+    page.get_by_role("heading", name="ViT Efficiency Lab").wait_for(timeout=60_000)
+    _wait_until_idle(page)
+    nav.filter(has_text=link).click()
+    page.get_by_role("heading", name=heading).wait_for(timeout=60_000)
+    _wait_until_idle(page)
+
+
+def test_token_reduction_keeps_uploads_settings_and_results_in_a_real_browser(shared_dir, app_url, tmp_path):
+    """The image choice names the upload (chromium showed 'china'), and after Home and back the uploads, the
+    keep ratio and the schedule are the ones the results were computed for."""
+    from playwright.sync_api import sync_playwright
+
+    heading = "Token reduction: DynamicViT pruning and ToMe merging"
+    with sync_playwright() as p:
+        page = _open(p, app_url, "token_reduction", heading)
+        _upload(page, _photo_files(tmp_path))
+        image = page.get_by_label("Image for the detailed view")
+        assert image.input_value() == "first.png"
+        page.get_by_role("slider", name="Keep ratio rho").press("ArrowLeft")  # 0.70 -> 0.65
+        _wait_until_idle(page)
+        page.get_by_text("decreasing", exact=True).click()
+        _wait_until_idle(page)
+        page.get_by_text("(rho = 0.65)").first.wait_for(timeout=30_000)
+
+        _away_and_back(page, "Token reduction", heading)
+        assert page.get_by_text("Using your 2 uploaded images: first.png, second.png").count() == 1
+        assert image.input_value() == "first.png"
+        assert _slider_text(page, "Keep ratio rho") == "0.65"
+        assert page.get_by_text("(rho = 0.65)").count() >= 1  # the result shown is the one for the shown value
+        assert page.get_by_role("radio", name="decreasing").is_checked()
+        page.screenshot(path=str(tmp_path / "token_reduction_back.png"), full_page=True)
+
+
+def _pick(page, label: str, option: str) -> None:
+    """Choose ``option`` (the start of its text) in the selectbox labelled ``label``."""
+    field = page.get_by_label(label, exact=True)
+    opener = page.locator('[data-testid="stSelectbox"]').filter(has=field).get_by_role("button", name="Open")
+    choice = page.get_by_role("option", name=option).first
+    for _ in range(3):  # a rerun that ends just after the click closes the list: open it again
+        opener.click()
+        try:
+            choice.wait_for(timeout=10_000)
+            break
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError
+            _wait_until_idle(page)
+    choice.click()
+    _wait_until_idle(page)
+
+
+def test_head_redundancy_keeps_uploads_and_choices_in_a_real_browser(shared_dir, app_url, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    heading = "Head redundancy: multi-head vs cascaded group attention"
+    with sync_playwright() as p:
+        page = _open(p, app_url, "head_redundancy", heading)
+        _upload(page, _photo_files(tmp_path))
+        assert page.get_by_label("Image", exact=True).input_value() == "first.png"
+        _pick(page, "Image", "second.png")
+        page.get_by_text("head outputs (linear CKA)", exact=True).click()
+        _wait_until_idle(page)
+
+        _away_and_back(page, "Head redundancy", heading)
+        assert page.get_by_text("Using your 2 uploaded images: first.png, second.png").count() == 1
+        assert page.get_by_label("Image", exact=True).input_value() == "second.png"
+        assert page.get_by_role("radio", name="head outputs (linear CKA)").is_checked()
+        assert page.locator('[data-testid="stPlotlyChart"]').count() >= 2  # the analysis is shown again
+
+
+def test_channel_importance_keeps_budget_and_normalisation_in_a_real_browser(shared_dir, app_url):
+    from playwright.sync_api import sync_playwright
+
+    heading = "Channel importance (first-order Taylor)"
+    with sync_playwright() as p:
+        page = _open(p, app_url, "channel_importance", heading)
+        page.get_by_role("slider", name="Global budget: fraction of channels kept").press("ArrowRight")  # 0.55
+        _wait_until_idle(page)
+        _pick(page, "Normalisation before the global ranking", "layer:")
+
+        _away_and_back(page, "Channel importance", heading)
+        assert _slider_text(page, "Global budget: fraction of channels kept") == "0.55"
+        assert page.get_by_label("Normalisation before the global ranking").input_value().startswith("layer:")
+        assert page.get_by_text("With 55% of all channels kept").count() == 1  # computed at the shown budget
+
+
+def test_vision_language_keeps_model_question_and_answers_in_a_real_browser(app_url):
+    from playwright.sync_api import sync_playwright
+
+    heading = "Vision-language: PuMer on ViLT and METER"
+    with sync_playwright() as p:
+        page = _open(p, app_url, "vision_language", heading)
+        page.get_by_text("Use a small random ViLT").first.click()
+        _wait_until_idle(page)
+        question = page.get_by_label("Question")
+        question.fill("What colour is the sky?")
+        question.press("Enter")
+        _wait_until_idle(page)
+
+        _away_and_back(page, "Vision-language", heading)
+        assert page.get_by_role("checkbox", name="Use a small random ViLT").is_checked()
+        assert page.get_by_label("Question").input_value() == "What colour is the sky?"
+        assert page.locator('[data-testid="stDataFrame"]').count() >= 2  # answers and records
+
+
+def test_throughput_and_frontier_keep_settings_uploads_and_results_in_a_real_browser(app_url, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        page = _open(p, app_url, "throughput", "Live throughput")
+        settings = (("Batch size", "1"), ("Timed iterations per round", "1"), ("Interleaved rounds (median counts)", "2"))
+        _fill_numbers(page, settings)
+        page.get_by_role("button", name="Run benchmark").click()
+        page.get_by_role("button", name="Download CSV").wait_for(timeout=240_000)
+        _wait_until_idle(page)
+        _away_and_back(page, "Live throughput", "Live throughput")
+        assert [page.get_by_label(label).input_value() for label, _ in settings] == ["1", "1", "2"]
+        assert page.get_by_role("button", name="Download CSV").count() == 1
+        assert page.get_by_text("the settings above have changed since").count() == 0  # results match the form
+
+        frontier = "Accuracy vs throughput: what each setting buys here"
+        page.locator('[data-testid="stSidebarNav"] a').filter(has_text="Accuracy vs throughput").click()
+        page.get_by_role("heading", name=frontier).wait_for(timeout=60_000)
+        _wait_until_idle(page)
+        _fill_numbers(page, (("Throughput batch size", "1"), ("Interleaved timing rounds", "1")))
+        _upload(page, _photo_files(tmp_path))
+        _away_and_back(page, "Accuracy vs throughput", frontier)
+        assert page.get_by_label("Throughput batch size").input_value() == "1"
+        assert page.get_by_label("Interleaved timing rounds").input_value() == "1"
+        assert page.get_by_text("Using your 2 uploaded images: first.png, second.png").count() == 1
