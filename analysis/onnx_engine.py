@@ -54,6 +54,16 @@ class _Forward(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
+def _model_of(forward: Callable) -> nn.Module:
+    """The module a runner's forward runs: the model itself, or the first argument bound to a method's forward."""
+    if isinstance(forward, nn.Module):
+        return forward
+    model = getattr(forward, "args", (None,))[0]
+    if not isinstance(model, nn.Module):
+        raise OnnxEngineError("this forward has no model to export.")
+    return model
+
+
 def _weights_digest(model: nn.Module) -> str:
     digest = hashlib.sha1()
     for name, tensor in model.state_dict().items():
@@ -135,7 +145,8 @@ def onnx_runner(text: str, loaded, batch: int, device: str = "cpu", eager=None):
     images = eager.make_inputs(batch)
     if not isinstance(images, torch.Tensor):
         raise OnnxEngineError(f"{text}: only image models run in ONNX Runtime here.")
-    path = export(eager.forward, loaded.model, images, onnx_path(eager.name, loaded.model, batch), eager.name)
+    model = _model_of(eager.forward)
+    path = export(eager.forward, model, images, onnx_path(eager.name, model, batch), eager.name)
     sess = session(path, device)
     diff = check_equal(sess, eager.forward, images, eager.name)
     input_name = sess.get_inputs()[0].name
@@ -151,6 +162,12 @@ def onnx_runner(text: str, loaded, batch: int, device: str = "cpu", eager=None):
     runner.max_abs_diff = diff
     runner.onnx_file = str(path)
     return runner
+
+
+def onnx_runners(eager_runners, batch: int, device: str = "cpu") -> list:
+    """An ONNX Runtime runner for each eager runner (same model, variant, weights and options), to time
+    interleaved with them."""
+    return [onnx_runner(eager.name, None, batch, device, eager=eager) for eager in eager_runners]
 
 
 # ------------------------------------------------------------------------------ profiling
