@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from models.device import autocast, synchronize
-from models.scopes import COMPONENTS, MATCHING, PREFIX, component_hooks, open_scopes, scope
+from models.scopes import ATTENTION, COMPONENTS, FFN, MATCHING, PREFIX, component_hooks, open_scopes, scope
 
 COMPUTE, DATA, ELEMENTWISE, NORM, SOFTMAX, BOOKKEEPING, OTHER = (
     "compute", "data movement", "element-wise", "normalisation", "softmax", "token-reduction bookkeeping", "other")
@@ -95,12 +95,24 @@ def op_class(op: str) -> str:
     return OTHER
 
 
-def _component(scopes: Sequence[str]) -> tuple[str, bool]:
-    """(component, inside a matching scope) of the innermost component scope."""
+def _component(scopes: Sequence[str]) -> tuple[str, bool, str]:
+    """(component, inside a matching scope, block) of the innermost component scope. Scopes opened by module
+    hooks carry the module's path (``attention/blocks.3.attn``), from which the block is read."""
     for name in reversed(scopes):
         if name != FORWARD_SCOPE:
-            return name.split("/", 1)[0], name == MATCHING or any(s == MATCHING for s in scopes)
-    return REST, False
+            component, _, detail = name.partition("/")
+            block = "" if name == MATCHING else block_of(detail)
+            return component, any(s == MATCHING for s in scopes), block
+    return REST, False, ""
+
+
+def block_of(path: str) -> str:
+    """The block a module path lies in: ``stages.0.blocks.1.mixer.m`` -> ``stages.0.blocks.1``."""
+    parts = path.split(".")
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] in ("blocks", "layers", "transformer") and parts[i + 1].isdigit():
+            return ".".join(parts[: i + 2])
+    return ""
 
 
 # ------------------------------------------------------------------------------------ records
@@ -116,6 +128,7 @@ class OpRow:
     flops: float = 0.0
     bytes: float = 0.0
     shapes: list = field(default_factory=list)  # distinct input shapes seen (first few)
+    block: str = ""  # the block (module path) for components marked by module hooks
 
 
 @dataclass
@@ -195,15 +208,16 @@ def _event_time_us(event, cuda: bool) -> float:
     return float(event.self_cpu_time_total)
 
 
-def attribute_events(events, cuda: bool = False) -> tuple[dict[tuple[str, str, str], list], float, float]:
-    """Self time of every CPU-side event inside ``vitlab::forward`` -> {(op, class, component): [us, calls]}.
+def attribute_events(events, cuda: bool = False) -> tuple[dict[tuple[str, str, str, str], list], float, float]:
+    """Self time of every CPU-side event inside ``vitlab::forward`` -> {(op, class, component, block): [us, calls,
+    input shapes]}.
 
     An operator's class is that of the outermost aten operator it runs in (``aten::linear`` and the ``addmm``
     under it are compute; the ``copy_`` under a ``reshape`` is data movement); its component that of the
     innermost component scope; inside a matching scope every operator is bookkeeping. A scope's own self time
     (Python between operators) is ``other``. Returns the groups, the forward's total and the attributed sum (us).
     """
-    groups: dict[tuple[str, str, str], list] = defaultdict(lambda: [0.0, 0, []])
+    groups: dict[tuple[str, str, str, str], list] = defaultdict(lambda: [0.0, 0, []])
     forward_total = attributed = 0.0
     for event in events:
         if getattr(event, "device_type", None) is not None and "CPU" not in str(event.device_type):
@@ -220,7 +234,7 @@ def attribute_events(events, cuda: bool = False) -> tuple[dict[tuple[str, str, s
         chain.reverse()  # outermost first
         if event.name == PREFIX + FORWARD_SCOPE:
             forward_total += float(event.cpu_time_total if not cuda else event.device_time_total)
-        component, matching = _component(chain)
+        component, matching, block = _component(chain)
         if event.name.startswith(PREFIX):
             op, kind = OVERHEAD_OP, OTHER
         else:
@@ -230,7 +244,7 @@ def attribute_events(events, cuda: bool = False) -> tuple[dict[tuple[str, str, s
                 op = f"{op} > {base_name(event.name)}"
         us = _event_time_us(event, cuda)
         attributed += us
-        group = groups[(op, kind, component)]
+        group = groups[(op, kind, component, block)]
         group[0] += us
         if event.name == (outer_op or event.name):
             group[1] += 1
@@ -257,7 +271,7 @@ class _CostMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         packet = func._overloadpacket
-        component, matching = _component(open_scopes())
+        component, matching, _ = _component(open_scopes())
         # Like the profiler's attribution: a composite operator's class (linear, matmul, reshape) holds for the
         # operators it decomposes into, which are the ones the FLOP formulas know.
         kind = BOOKKEEPING if matching else (self.outer or op_class(str(packet)))
@@ -312,7 +326,7 @@ def profile_runner(name: str, forward: Callable[[Any], Any], inputs: Any, *, dev
             forward(inputs)
 
     plain, profiled = [], []
-    groups: dict[tuple[str, str, str], list] = defaultdict(lambda: [0.0, 0, []])
+    groups: dict[tuple[str, str, str, str], list] = defaultdict(lambda: [0.0, 0, []])
     attributed_total, scope_total, trace = 0.0, 0.0, None
     # The hooks stay on for the plain forwards too: they are the same forward, so profiled/plain is the
     # profiler's own cost (a scope costs about a microsecond when no profiler listens).
@@ -346,10 +360,10 @@ def profile_runner(name: str, forward: Callable[[Any], Any], inputs: Any, *, dev
         costs = count_costs(forward, inputs)
     rows = []
     spread = _spread_costs(groups, costs)
-    for (op, kind, component), (us, calls, shapes) in groups.items():
-        flops, moved = spread.get((op, kind, component), (0.0, 0.0))
+    for (op, kind, component, block), (us, calls, shapes) in groups.items():
+        flops, moved = spread.get((op, kind, component, block), (0.0, 0.0))
         rows.append(OpRow(model=name, op=op, op_class=kind, component=component, ms=us / 1000 / iters,
-                          calls=calls / iters, flops=flops, bytes=moved, shapes=shapes))
+                          calls=calls / iters, flops=flops, bytes=moved, shapes=shapes, block=block))
     rows.sort(key=lambda r: -r.ms)
     return Breakdown(model=name, batch=batch or _batch_of(inputs), device=device, precision=precision,
                      engine="eager", weights=weights, ops=rows, profiled_ms=profiled, plain_ms=plain,
@@ -357,20 +371,20 @@ def profile_runner(name: str, forward: Callable[[Any], Any], inputs: Any, *, dev
                      trace=trace)
 
 
-def _spread_costs(groups: dict, costs: dict[tuple[str, str], list[float]]) -> dict[tuple[str, str, str], tuple]:
+def _spread_costs(groups: dict, costs: dict[tuple[str, str], list[float]]) -> dict[tuple[str, str, str, str], tuple]:
     """Share each (class, component)'s FLOPs and bytes among its operators in proportion to their time (the
     dispatch-level counter does not see the profiler's operator names, only the same class and component)."""
     time_of: dict[tuple[str, str], float] = defaultdict(float)
-    for (op, kind, component), (us, _, _) in groups.items():
+    for (op, kind, component, _), (us, _, _) in groups.items():
         if op != OVERHEAD_OP:
             time_of[(kind, component)] += us
     out = {}
-    for (op, kind, component), (us, _, _) in groups.items():
+    for (op, kind, component, block), (us, _, _) in groups.items():
         total = time_of.get((kind, component), 0.0)
         if op == OVERHEAD_OP or total <= 0:
             continue
         flops, moved = costs.get((kind, component), (0.0, 0.0))
-        out[(op, kind, component)] = (flops * us / total, moved * us / total)
+        out[(op, kind, component, block)] = (flops * us / total, moved * us / total)
     return out
 
 
@@ -455,6 +469,21 @@ def reduction_savings(reduced: Breakdown, base: Breakdown) -> list[dict]:
             for c in COMPONENT_ORDER if c in a or c in r]
 
 
+def block_shares(b: Breakdown) -> list[dict]:
+    """Per block: ms per forward of its attention and its FFN, each split into compute and memory-bound time
+    (EfficientViT: MHSA is more memory-bound than FFN). Only blocks whose modules ran under hooks have a name."""
+    out: dict[str, dict] = {}
+    for row in b.ops:
+        if not row.block or row.component not in (ATTENTION, FFN):
+            continue
+        entry = out.setdefault(row.block, {"model": b.model, "batch": b.batch, "block": row.block})
+        part = "compute" if row.op_class == COMPUTE else "memory-bound" if row.op_class in MEMORY_CLASSES else "other"
+        key = f"{row.component} {part}"
+        entry[key] = entry.get(key, 0.0) + row.ms
+    natural = lambda name: [int(p) if p.isdigit() else p for p in name.split(".")]  # noqa: E731
+    return [out[k] for k in sorted(out, key=natural)]
+
+
 def baseline_of(text: str) -> str | None:
     """The unreduced model a token-reduction variant is compared with (the same registry model, no settings)."""
     name, _, settings = text.partition("@")
@@ -518,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["eager", "onnxruntime"], default="eager")
     p.add_argument("--iters", type=int, default=5, help="profiled forwards (each interleaved with a plain one)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, help="CPU threads for torch (and ONNX Runtime)")
     p.add_argument("--no-roofline", action="store_true", help="skip measuring the machine's limits")
     p.add_argument("--out", help="folder for ops.csv, breakdown.json and one Chrome trace per model")
     return p
@@ -527,6 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from models.checkpoints import CheckpointError, WeightsNotFoundError
 
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     roof = None
     if not args.no_roofline:
         from analysis.roofline import machine_roofline

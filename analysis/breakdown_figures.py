@@ -69,6 +69,25 @@ def savings_figure(savings: Sequence[dict]) -> go.Figure:
     return fig
 
 
+BLOCK_PARTS = {"attention compute": "#4c78a8", "attention memory-bound": "#9ecae9",
+               "FFN compute": "#e45756", "FFN memory-bound": "#ff9d98"}
+
+
+def block_figure(b: Breakdown) -> go.Figure:
+    """Per block: attention and FFN time, each split into compute and memory-bound operators."""
+    from analysis.breakdown import block_shares
+
+    blocks = block_shares(b)
+    fig = go.Figure()
+    names = [row["block"] for row in blocks]
+    for part, colour in BLOCK_PARTS.items():
+        fig.add_bar(x=names, y=[row.get(part, 0.0) for row in blocks], name=part, marker_color=colour,
+                    hovertemplate="%{x}<br>" + part + ": %{y:.2f} ms<extra></extra>")
+    fig.update_layout(barmode="stack", yaxis_title="ms per forward", xaxis_title="block",
+                      title=f"Attention vs FFN per block: {_label(b)}")
+    return fig
+
+
 def roofline_figure(results: Sequence[Breakdown], roof: Roofline) -> go.Figure:
     """Achieved GFLOP/s against arithmetic intensity per operator class and model, under this machine's roofs."""
     pts = [p for b in results for p in points(b, roof) if p["flops"] > 0 and p["bytes"] > 0]
@@ -113,4 +132,4 @@ def summary_table(results: Sequence[Breakdown], roof: Roofline | None = None) ->
     return pd.DataFrame(rows)
 
 
-__all__ = ["share_figure", "component_table", "savings_figure", "roofline_figure", "summary_table", "share_table"]
+__all__ = ["block_figure", "share_figure", "component_table", "savings_figure", "roofline_figure", "summary_table", "share_table"]

@@ -6,8 +6,9 @@ as the profiler. The explicit forwards (``models.vit_forward``, ``tome``, ``dyna
 scopes where they run a component themselves; for timm's own modules ``component_hooks`` opens them from
 module hooks on a *private copy* of a model (hooks on a cached, shared model would be a mutation).
 
-A scope name is ``component`` or ``component/detail``; the detail ``matching`` marks token-reduction
-bookkeeping (ToMe's and PuMer's bipartite matching), whose operators count as such whatever they are.
+A scope name is ``component`` or ``component/detail``: module hooks put the module's path there
+(``attention/blocks.3.attn``); the detail ``matching`` marks token-reduction bookkeeping (ToMe's and PuMer's
+bipartite matching), whose operators count as such whatever they are.
 """
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ def component_hooks(model: nn.Module) -> Iterator[int]:
         if component is None or any(path.startswith(p + ".") for p in marked):
             continue
         marked.append(path)
-        handles.append(module.register_forward_pre_hook(enter(component)))
+        handles.append(module.register_forward_pre_hook(enter(f"{component}/{path}")))
         handles.append(module.register_forward_hook(leave, always_call=True))
     try:
         yield len(marked)

@@ -7,7 +7,8 @@ import streamlit as st
 import torch
 
 from analysis.breakdown import baseline_of, ops_table, profile_model, reduction_savings, to_json
-from analysis.breakdown_figures import component_table, roofline_figure, savings_figure, share_figure, summary_table
+from analysis.breakdown_figures import (block_figure, component_table, roofline_figure, savings_figure, share_figure,
+                                       summary_table)
 from analysis.onnx_engine import ENGINES, OnnxEngineError
 from analysis.provenance import RANDOM
 from analysis.roofline import machine_roofline
@@ -118,6 +119,14 @@ components = component_table(results)
 st.dataframe(components, hide_index=True, column_config={
     "share": st.column_config.NumberColumn(format="%.2f"),
     "memory_bound": st.column_config.NumberColumn("memory-bound part", format="%.2f")})
+
+with_blocks = [b for b in results if any(r.block for r in b.ops)]
+if with_blocks:
+    names = [f"{b.model} b{b.batch}" for b in with_blocks]
+    shown_block = st.selectbox("Attention vs FFN per block of", names, key="bd_block_model")
+    st.plotly_chart(block_figure(with_blocks[names.index(shown_block)]), key="bd_blocks")
+    st.caption("Memory-bound: data movement, element-wise, normalisation, softmax and bookkeeping operators. "
+               "Blocks are named by module path; ToMe's attention runs outside timm's module and has no block.")
 
 by_key = {(b.model, b.batch): b for b in results}
 savings = [s for b in results if (base := baseline_of(b.model)) and (base, b.batch) in by_key

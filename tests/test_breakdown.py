@@ -53,7 +53,8 @@ def test_vit_components_and_classes_appear_where_expected(deit, deit_profile):
     by = {(r.op, r.component): r for r in b.ops if " > " not in r.op}  # the outermost operators
     assert ("linear", ATTENTION) in by and ("linear", FFN) in by
     assert by[("scaled_dot_product_attention", ATTENTION)].op_class == B.COMPUTE
-    assert by[("scaled_dot_product_attention", ATTENTION)].calls == 12  # one per block
+    sdpa_calls = sum(r.calls for r in b.ops if r.op == "scaled_dot_product_attention" and r.component == ATTENTION)
+    assert sdpa_calls == 12  # one per block
     assert by[("gelu", FFN)].op_class == B.ELEMENTWISE
     assert by[("layer_norm", B.REST)].op_class == B.NORM  # the pre-norms sit between the components
     # FLOPs of the compute class equal torch.utils.flop_counter's count of the whole forward.
@@ -141,7 +142,8 @@ def test_cli_prints_shares_and_writes_tables(tmp_path, capsys):
 
 def test_onnx_runtime_output_is_checked_and_a_broken_export_refused(tmp_path, monkeypatch):
     onnx = pytest.importorskip("onnx")
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # noqa: F401 - onnx.helper is used below
+    import onnx.helper
 
     from analysis.onnx_engine import OnnxMismatchError, check_equal, onnx_runner, session
 
@@ -151,14 +153,25 @@ def test_onnx_runtime_output_is_checked_and_a_broken_export_refused(tmp_path, mo
     assert runner.max_abs_diff <= 1e-4 and runner.name.endswith("[onnxruntime]")
     logits = runner.forward(runner.make_inputs(2))[0]
     assert logits.shape == (2, 1000)
-    # A deliberately broken export: the classifier's weights changed in the file.
+    # A deliberately broken export: the graph adds 0.001 to the logits after the classifier.
     graph = onnx.load(runner.onnx_file)
-    initializer = max(graph.graph.initializer, key=lambda t: int(np.prod(t.dims)))
-    broken = numpy_helper.to_array(initializer) + 0.5
-    initializer.CopyFrom(numpy_helper.from_array(broken, initializer.name))
+    output = graph.graph.output[0].name
+    for node in graph.graph.node:
+        node.output[:] = [o + "_raw" if o == output else o for o in node.output]
+    graph.graph.initializer.append(numpy_helper.from_array(np.array(1e-3, dtype=np.float32), "offset"))
+    graph.graph.node.append(onnx.helper.make_node("Add", [output + "_raw", "offset"], [output]))
     path = tmp_path / "broken.onnx"
     onnx.save(graph, str(path))
     eager = loaded.model
     images = torch.randn(2, 3, 224, 224)
     with pytest.raises(OnnxMismatchError, match="differs from eager PyTorch"):
         check_equal(session(path), eager, images, "efficientvit_m0 (broken)")
+
+
+def test_attention_and_ffn_are_split_per_block(deit_profile):
+    blocks = B.block_shares(deit_profile)
+    assert [b["block"] for b in blocks] == [f"blocks.{i}" for i in range(12)]
+    assert all(b["attention compute"] > 0 and b["FFN compute"] > 0 for b in blocks)
+    assert B.block_of("stages.0.blocks.1.mixer.m") == "stages.0.blocks.1"
+    assert B.block_of("layers.2.blocks.5.attn") == "layers.2.blocks.5"
+    assert B.block_of("head") == ""

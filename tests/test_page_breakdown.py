@@ -35,7 +35,7 @@ def test_page_profiles_shows_figures_and_keeps_results(small_roofline):
     components = at.dataframe[1].value
     assert {"attention", "FFN", "token reduction"} <= set(components["component"])
     charts = at.get("plotly_chart")
-    assert len(charts) == 4  # classes, components, savings, roofline
+    assert len(charts) == 5  # classes, components, blocks, savings, roofline
     labels = {b.label for b in at.get("download_button")}
     assert {"Per-operator table (CSV)", "Per-operator table (JSON)",
             "Raw trace (Chrome JSON, opens in Perfetto)"} <= labels
