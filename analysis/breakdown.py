@@ -428,8 +428,6 @@ def profile_model(text: str, *, batch: int = 8, device: str = "cpu", precision: 
     variant = parse_variant(text)
     loaded = loaded or load_model(variant.model, device=device, random_weights=random_weights)
     if engine == "onnxruntime":
-        from analysis.onnx_engine import profile_onnx
-
         return profile_onnx(text, loaded, batch=batch, device=device, iters=iters, warmup=warmup, progress=progress)
     if engine != "eager":
         raise ValueError(f"Unknown engine {engine!r}: use eager or onnxruntime.")
@@ -516,6 +514,106 @@ def to_json(results: Sequence[Breakdown], roof=None) -> dict:
     return {"hardware": hardware_info(), "roofline": None if roof is None else asdict(roof),
             "models": [dict(b.summary(), shares=b.shares(), components=b.shares("component"),
                             ops=[asdict(r) for r in b.ops]) for b in results]}
+
+
+# ------------------------------------------------------------------ ONNX Runtime as the engine
+_ORT_CLASSES = {
+    "compute": {"MatMul", "Gemm", "Conv", "FusedConv", "FusedMatMul", "MatMulNBits", "QLinearConv", "ConvTranspose",
+                "Attention", "MultiHeadAttention", "NhwcConv", "FusedGemm", "QuickGelu_FusedMatMul"},
+    "data movement": {"Reshape", "Transpose", "Concat", "Gather", "GatherElements", "GatherND", "Slice", "Split",
+                      "Squeeze", "Unsqueeze", "Expand", "Flatten", "Pad", "Tile", "ScatterND", "ScatterElements",
+                      "Identity", "Cast", "Shape", "ConstantOfShape", "Range", "ReorderInput", "ReorderOutput",
+                      "DepthToSpace", "SpaceToDepth", "Trilu"},
+    "element-wise": {"Add", "Sub", "Mul", "Div", "Relu", "Gelu", "FastGelu", "BiasGelu", "HardSwish", "HardSigmoid",
+                     "Sigmoid", "Erf", "Tanh", "Exp", "Sqrt", "Pow", "Clip", "Where", "Neg", "Equal", "Less",
+                     "Greater", "Not", "And", "Max", "Min", "QuickGelu", "Silu", "Mish", "Abs", "Log", "Reciprocal"},
+    "normalisation": {"LayerNormalization", "SkipLayerNormalization", "BatchNormalization", "SimplifiedLayerNormalization",
+                      "GroupNorm", "InstanceNormalization", "SkipSimplifiedLayerNormalization"},
+    "softmax": {"Softmax", "LogSoftmax"},
+    "token-reduction bookkeeping": {"TopK", "ArgMax", "ArgMin", "CumSum", "NonZero"},
+}
+
+
+def ort_op_class(op_type: str) -> str:
+    for kind, members in _ORT_CLASSES.items():
+        if op_type in members:
+            return kind
+    return "other"
+
+
+def ort_component(node_name: str) -> str:
+    """The component of an exported node from the module path in its name (``/blocks.0/attn/qkv/MatMul``)."""
+    from models.scopes import EMBEDDING, HEAD
+
+    parts = [p.split(".")[0] for p in node_name.replace("::", "/").split("/") if p]
+    lowered = [p.lower() for p in parts]
+    if any(p in ("patch_embed", "stem", "conv_stem") for p in lowered[:3]):
+        return EMBEDDING
+    if any(p in ("attn", "mixer", "attention", "transformer_attn") for p in lowered):
+        return ATTENTION
+    if any(p in ("mlp", "ffn", "ffn0", "ffn1") for p in lowered):
+        return FFN
+    if any(p in ("head", "fc_norm", "conv_head", "classifier", "final_conv") for p in lowered[:3]):
+        return HEAD
+    return REST
+
+
+def profile_onnx(text: str, loaded, *, batch: int, device: str = "cpu", iters: int = 5, warmup: int = 2,
+                 progress: Callable[[float, str], None] | None = None):
+    """``analysis.breakdown.Breakdown`` of the exported graph in ONNX Runtime: its own per-node profile (kernel
+    time per node) by operator class and component, interleaved with unprofiled runs of the same session."""
+    from analysis.onnx_engine import onnx_runner, session
+    from analysis.throughput import make_runner
+
+    runner = onnx_runner(make_runner(text, device=device, loaded=loaded), batch, device)
+    images = runner.make_inputs(batch)
+    path = Path(runner.onnx_file)
+    plain_sess = session(path, device)
+    prof_sess = session(path, device, profile=True)
+    feed_name = plain_sess.get_inputs()[0].name
+    for _ in range(warmup):
+        plain_sess.run(None, {feed_name: images})
+        prof_sess.run(None, {feed_name: images})
+    plain, profiled = [], []
+    for i in range(iters):
+        for sess, times in ((plain_sess, plain), (prof_sess, profiled)):
+            start = time.perf_counter()
+            sess.run(None, {feed_name: images})
+            times.append(1000 * (time.perf_counter() - start))
+        if progress:
+            progress((i + 1) / iters, f"{runner.name}: run {i + 1}/{iters}")
+    trace_file = prof_sess.end_profiling()
+    events = json.loads(Path(trace_file).read_text())
+    Path(trace_file).unlink(missing_ok=True)
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    timed_runs = runs[-iters:]
+    start_us = timed_runs[0]["ts"] if timed_runs else 0
+    groups: dict[tuple, list] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < start_us:
+            continue
+        op_type = e.get("args", {}).get("op_name", "")
+        node = e["name"][: -len("_kernel_time")]
+        g = groups[(op_type, ort_op_class(op_type), ort_component(node))]
+        g[0] += e["dur"]
+        g[1] += 1
+    rows = [OpRow(model=runner.name, op=op, op_class=kind, component=component, ms=us / 1000 / iters,
+                  calls=calls / iters) for (op, kind, component), (us, calls) in groups.items()]
+    rows.sort(key=lambda r: -r.ms)
+    attributed = sum(r.ms for r in rows)
+    run_ms = statistics.mean(r["dur"] / 1000 for r in timed_runs) if timed_runs else attributed
+    return Breakdown(model=runner.name, batch=batch, device=device, precision="fp32", engine="onnxruntime",
+                     weights=runner.weights, ops=rows, profiled_ms=profiled, plain_ms=plain,
+                     attributed_ms=attributed, forward_scope_ms=run_ms,
+                     note=f"ONNX Runtime {_ort_version()}, max |ORT - eager| = {runner.max_abs_diff:.1e}; node "
+                          "times exclude the session's own work between nodes",
+                     trace=json.dumps(events))
+
+
+def _ort_version() -> str:
+    import onnxruntime as ort
+
+    return ort.__version__
 
 
 # --------------------------------------------------------------------------------------- CLI

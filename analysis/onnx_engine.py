@@ -2,22 +2,19 @@
 
 ``onnx_runner`` exports the forward (``torch.onnx.export``; the file is cached per model, variant, batch and
 weights), refuses to time it unless ONNX Runtime's output equals eager PyTorch's within ``ATOL`` on the same
-input, and returns a ``analysis.throughput.Runner`` that the throughput harness interleaves with the eager runs.
-``profile_onnx`` attributes ONNX Runtime's own per-node profile to the operator classes and components of
-``analysis.breakdown``.
+input, and returns a copy of the eager ``analysis.throughput.Runner`` that the throughput harness interleaves with the eager runs.
+``analysis.breakdown.profile_onnx`` attributes ONNX Runtime's own per-node profile to its operator classes and
+components.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import os
-import statistics
 import tempfile
-import time
 import warnings
-from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -136,15 +133,12 @@ def check_equal(sess, forward: Callable, inputs: torch.Tensor, label: str, atol:
     return diff
 
 
-def onnx_runner(text: str, loaded, batch: int, device: str = "cpu", eager=None):
-    """A throughput Runner running ``text`` (``NAME[@settings]``) in ONNX Runtime at ``batch`` only, checked
-    against the eager forward first. ``eager``: the eager Runner (its FLOPs are reused)."""
-    from analysis.throughput import Runner, make_runner
-
-    eager = eager or make_runner(text, device=device, loaded=loaded)
+def onnx_runner(eager, batch: int, device: str = "cpu"):
+    """The eager ``analysis.throughput.Runner`` run in ONNX Runtime at ``batch`` only (the same model, variant,
+    weights and options), checked against the eager forward first; its FLOPs are the eager runner's."""
     images = eager.make_inputs(batch)
     if not isinstance(images, torch.Tensor):
-        raise OnnxEngineError(f"{text}: only image models run in ONNX Runtime here.")
+        raise OnnxEngineError(f"{eager.name}: only image models run in ONNX Runtime here.")
     model = _model_of(eager.forward)
     path = export(eager.forward, model, images, onnx_path(eager.name, model, batch), eager.name)
     sess = session(path, device)
@@ -156,9 +150,8 @@ def onnx_runner(text: str, loaded, batch: int, device: str = "cpu", eager=None):
             raise OnnxEngineError(f"{eager.name}: exported for batch {batch}, asked for {n}.")
         return images.cpu().numpy()
 
-    runner = Runner(name=eager.name + ENGINE_SUFFIX, forward=lambda x: sess.run(None, {input_name: x}),
-                    make_inputs=make_inputs, params=eager.params, weights=eager.weights,
-                    flops_per_image=eager.flops_per_image)
+    runner = dataclasses.replace(eager, name=eager.name + ENGINE_SUFFIX, make_inputs=make_inputs,
+                                 forward=lambda x: sess.run(None, {input_name: x}))
     runner.max_abs_diff = diff
     runner.onnx_file = str(path)
     return runner
@@ -167,104 +160,6 @@ def onnx_runner(text: str, loaded, batch: int, device: str = "cpu", eager=None):
 def onnx_runners(eager_runners, batch: int, device: str = "cpu") -> list:
     """An ONNX Runtime runner for each eager runner (same model, variant, weights and options), to time
     interleaved with them."""
-    return [onnx_runner(eager.name, None, batch, device, eager=eager) for eager in eager_runners]
+    return [onnx_runner(eager, batch, device) for eager in eager_runners]
 
 
-# ------------------------------------------------------------------------------ profiling
-_ORT_CLASSES = {
-    "compute": {"MatMul", "Gemm", "Conv", "FusedConv", "FusedMatMul", "MatMulNBits", "QLinearConv", "ConvTranspose",
-                "Attention", "MultiHeadAttention", "NhwcConv", "FusedGemm", "QuickGelu_FusedMatMul"},
-    "data movement": {"Reshape", "Transpose", "Concat", "Gather", "GatherElements", "GatherND", "Slice", "Split",
-                      "Squeeze", "Unsqueeze", "Expand", "Flatten", "Pad", "Tile", "ScatterND", "ScatterElements",
-                      "Identity", "Cast", "Shape", "ConstantOfShape", "Range", "ReorderInput", "ReorderOutput",
-                      "DepthToSpace", "SpaceToDepth", "Trilu"},
-    "element-wise": {"Add", "Sub", "Mul", "Div", "Relu", "Gelu", "FastGelu", "BiasGelu", "HardSwish", "HardSigmoid",
-                     "Sigmoid", "Erf", "Tanh", "Exp", "Sqrt", "Pow", "Clip", "Where", "Neg", "Equal", "Less",
-                     "Greater", "Not", "And", "Max", "Min", "QuickGelu", "Silu", "Mish", "Abs", "Log", "Reciprocal"},
-    "normalisation": {"LayerNormalization", "SkipLayerNormalization", "BatchNormalization", "SimplifiedLayerNormalization",
-                      "GroupNorm", "InstanceNormalization", "SkipSimplifiedLayerNormalization"},
-    "softmax": {"Softmax", "LogSoftmax"},
-    "token-reduction bookkeeping": {"TopK", "ArgMax", "ArgMin", "CumSum", "NonZero"},
-}
-
-
-def ort_op_class(op_type: str) -> str:
-    for kind, members in _ORT_CLASSES.items():
-        if op_type in members:
-            return kind
-    return "other"
-
-
-def ort_component(node_name: str) -> str:
-    """The component of an exported node from the module path in its name (``/blocks.0/attn/qkv/MatMul``)."""
-    from analysis.breakdown import REST
-    from models.scopes import ATTENTION, EMBEDDING, FFN, HEAD
-
-    parts = [p.split(".")[0] for p in node_name.replace("::", "/").split("/") if p]
-    lowered = [p.lower() for p in parts]
-    if any(p in ("patch_embed", "stem", "conv_stem") for p in lowered[:3]):
-        return EMBEDDING
-    if any(p in ("attn", "mixer", "attention", "transformer_attn") for p in lowered):
-        return ATTENTION
-    if any(p in ("mlp", "ffn", "ffn0", "ffn1") for p in lowered):
-        return FFN
-    if any(p in ("head", "fc_norm", "conv_head", "classifier", "final_conv") for p in lowered[:3]):
-        return HEAD
-    return REST
-
-
-def profile_onnx(text: str, loaded, *, batch: int, device: str = "cpu", iters: int = 5, warmup: int = 2,
-                 progress: Callable[[float, str], None] | None = None):
-    """``analysis.breakdown.Breakdown`` of the exported graph in ONNX Runtime: its own per-node profile (kernel
-    time per node) by operator class and component, interleaved with unprofiled runs of the same session."""
-    from analysis.breakdown import Breakdown, OpRow
-
-    runner = onnx_runner(text, loaded, batch, device)
-    images = runner.make_inputs(batch)
-    path = Path(runner.onnx_file)
-    plain_sess = session(path, device)
-    prof_sess = session(path, device, profile=True)
-    feed_name = plain_sess.get_inputs()[0].name
-    for _ in range(warmup):
-        plain_sess.run(None, {feed_name: images})
-        prof_sess.run(None, {feed_name: images})
-    plain, profiled = [], []
-    for i in range(iters):
-        for sess, times in ((plain_sess, plain), (prof_sess, profiled)):
-            start = time.perf_counter()
-            sess.run(None, {feed_name: images})
-            times.append(1000 * (time.perf_counter() - start))
-        if progress:
-            progress((i + 1) / iters, f"{runner.name}: run {i + 1}/{iters}")
-    trace_file = prof_sess.end_profiling()
-    events = json.loads(Path(trace_file).read_text())
-    Path(trace_file).unlink(missing_ok=True)
-    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
-    timed_runs = runs[-iters:]
-    start_us = timed_runs[0]["ts"] if timed_runs else 0
-    groups: dict[tuple, list] = defaultdict(lambda: [0.0, 0])
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < start_us:
-            continue
-        op_type = e.get("args", {}).get("op_name", "")
-        node = e["name"][: -len("_kernel_time")]
-        g = groups[(op_type, ort_op_class(op_type), ort_component(node))]
-        g[0] += e["dur"]
-        g[1] += 1
-    rows = [OpRow(model=runner.name, op=op, op_class=kind, component=component, ms=us / 1000 / iters,
-                  calls=calls / iters) for (op, kind, component), (us, calls) in groups.items()]
-    rows.sort(key=lambda r: -r.ms)
-    attributed = sum(r.ms for r in rows)
-    run_ms = statistics.mean(r["dur"] / 1000 for r in timed_runs) if timed_runs else attributed
-    return Breakdown(model=runner.name, batch=batch, device=device, precision="fp32", engine="onnxruntime",
-                     weights=runner.weights, ops=rows, profiled_ms=profiled, plain_ms=plain,
-                     attributed_ms=attributed, forward_scope_ms=run_ms,
-                     note=f"ONNX Runtime {_ort_version()}, max |ORT - eager| = {runner.max_abs_diff:.1e}; node "
-                          "times exclude the session's own work between nodes",
-                     trace=json.dumps(events))
-
-
-def _ort_version() -> str:
-    import onnxruntime as ort
-
-    return ort.__version__

@@ -148,8 +148,10 @@ def test_onnx_runtime_output_is_checked_and_a_broken_export_refused(tmp_path, mo
     from analysis.onnx_engine import OnnxMismatchError, check_equal, onnx_runner, session
 
     monkeypatch.setenv("VITLAB_ONNX_CACHE", str(tmp_path))
+    from analysis.throughput import make_runner
+
     loaded = load_model("efficientvit_m0", random_weights=True)
-    runner = onnx_runner("efficientvit_m0", loaded, batch=2)
+    runner = onnx_runner(make_runner("efficientvit_m0", loaded=loaded), batch=2)
     assert runner.max_abs_diff <= 1e-4 and runner.name.endswith("[onnxruntime]")
     logits = runner.forward(runner.make_inputs(2))[0]
     assert logits.shape == (2, 1000)
@@ -175,3 +177,25 @@ def test_attention_and_ffn_are_split_per_block(deit_profile):
     assert B.block_of("stages.0.blocks.1.mixer.m") == "stages.0.blocks.1"
     assert B.block_of("layers.2.blocks.5.attn") == "layers.2.blocks.5"
     assert B.block_of("head") == ""
+
+
+def test_onnx_runtime_profile_and_throughput_engine(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnxruntime")
+    from analysis import throughput
+
+    monkeypatch.setenv("VITLAB_ONNX_CACHE", str(tmp_path))
+    loaded = load_model("efficientvit_m0", random_weights=True)
+    b = B.profile_model("efficientvit_m0", batch=1, iters=1, warmup=1, loaded=loaded, engine="onnxruntime")
+    assert b.engine == "onnxruntime" and b.model.endswith("[onnxruntime]")
+    assert B.COMPUTE in b.shares() and sum(b.shares().values()) == pytest.approx(1.0)
+    assert {ATTENTION, FFN} <= set(b.shares("component"))  # from the module paths in the exported node names
+    assert "max |ORT - eager|" in b.note
+    assert B.ort_op_class("MatMul") == B.COMPUTE and B.ort_op_class("Softmax") == B.SOFTMAX
+    assert B.ort_component("/stages.0/blocks.0/mixer/m/attn/MatMul") == ATTENTION
+    code = throughput.main(["--models", "efficientvit_m0", "--baseline", "efficientvit_m0", "--batch", "1",
+                            "--rounds", "1", "--iters", "1", "--warmup", "1", "--random-weights",
+                            "--engine", "onnxruntime"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "efficientvit_m0 [onnxruntime]" in out
+    assert "speedup efficientvit_m0 [onnxruntime] vs efficientvit_m0:" in out
