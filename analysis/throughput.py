@@ -446,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.latency or args.batches:
                 parser.error("--engine onnxruntime exports at one batch: use --batch, not --latency or --batches")
+            for r in runners:  # the exported graph runs the same FLOPs; torch's counter cannot see inside ORT
+                r.flops_per_image = count_flops(r)
             runners += onnx_runners(runners, settings.batch, device)
     except (KeyError, ValueError, WeightsNotFoundError, CheckpointError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
