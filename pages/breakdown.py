@@ -35,7 +35,15 @@ st.markdown(
 device = current_device()
 image_models = [n for n, s in REGISTRY.items() if s.inputs == IMAGE_INPUTS]
 left, right = st.columns([3, 2])
+
+
+def _paper_models() -> None:
+    st.session_state["bd_models"] = list(PAPER_MODELS)
+
+
 with left:
+    st.button("The paper's models (DeiT-T, Swin-T, EfficientViT-M0..M5, MobileNetV3-Large, MobileViT-XXS)",
+              on_click=_paper_models, key="bd_paper")
     models = st.multiselect("Models", image_models, default=["deit_tiny_patch16_224", "efficientvit_m0"],
                             key="bd_models", help="The paper's comparison: " + ", ".join(PAPER_MODELS))
     extra = st.text_input("Token-reduction variants (space separated, NAME@key=value)", "", key="bd_variants",

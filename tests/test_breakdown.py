@@ -199,3 +199,14 @@ def test_onnx_runtime_profile_and_throughput_engine(tmp_path, monkeypatch, capsy
     out = capsys.readouterr().out
     assert "efficientvit_m0 [onnxruntime]" in out
     assert "speedup efficientvit_m0 [onnxruntime] vs efficientvit_m0:" in out
+
+
+def test_dynamicvit_predictors_are_token_reduction_machinery():
+    loaded = load_model("dynamicvit_deit_256_patch16_224", random_weights=True)
+    reduced = B.profile_model("dynamicvit_deit_256_patch16_224@rho=0.7", batch=1, iters=1, warmup=1, loaded=loaded)
+    rows = [r for r in reduced.ops if r.component == REDUCTION]
+    assert any(r.op.startswith("linear") for r in rows)  # the predictors' MLPs
+    assert any(r.op_class == B.BOOKKEEPING and r.op.startswith("topk") for r in rows)
+    # Blocks after a pruning location run on fewer tokens: their attention sees 1 + 137 tokens from block 3 on.
+    sdpa_tokens = {s[0][2] for r in reduced.ops if r.op == "scaled_dot_product_attention" for s in r.shapes}
+    assert {197, 138, 97, 68} <= sdpa_tokens
