@@ -113,8 +113,8 @@ def roofline_figure(results: Sequence[Breakdown], roof: Roofline) -> go.Figure:
             hovertemplate="%{text}<br>" + kind + "<br>%{x:.2f} FLOP/byte, %{y:.2f} GFLOP/s<br>%{customdata:.2f} ms"
                           "<extra></extra>")
     fig.update_layout(
-        xaxis=dict(type="log", title="arithmetic intensity (FLOPs per byte of tensors read and written)"),
-        yaxis=dict(type="log", title="achieved GFLOP/s"),
+        xaxis=dict(type="log", dtick=1, title="arithmetic intensity (FLOPs per byte of tensors read and written)"),
+        yaxis=dict(type="log", dtick=1, title="achieved GFLOP/s"),
         title=f"Roofline of this machine ({roof.hardware}, {roof.threads} threads, {roof.dtype}): "
               f"{roof.peak_gflops:.0f} GFLOP/s, {roof.bandwidth_gbs:.1f} GB/s")
     return fig
