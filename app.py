@@ -15,6 +15,7 @@ PAGES = [
     st.Page("pages/channel_importance.py", title="Channel importance", icon=":material/tune:"),
     st.Page("pages/throughput.py", title="Live throughput", icon=":material/speed:"),
     st.Page("pages/frontier.py", title="Accuracy vs throughput", icon=":material/scatter_plot:"),
+    st.Page("pages/breakdown.py", title="Where the time goes", icon=":material/donut_small:"),
 ]
 
 st.session_state[APP_RUN_KEY] = True

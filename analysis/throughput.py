@@ -424,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse-bn", action="store_true", help="fold BatchNorm into convolutions (EfficientViT, MobileNetV3)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument("--random-weights", action="store_true", help="use untrained weights (fine for timing)")
+    p.add_argument("--engine", choices=["eager", "onnxruntime"], default="eager",
+                   help="onnxruntime: also time each model exported to ONNX, interleaved with its eager runs "
+                        "(refused unless ONNX Runtime equals eager within 1e-4)")
     p.add_argument("--out", help="write results to .csv or .json")
     return p
 
@@ -447,6 +450,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = ModelOptions(channels_last=args.channels_last, fuse_bn=args.fuse_bn, compile=args.compile)
         runners = [make_runner(name, device=device, random_weights=args.random_weights, options=options)
                    for name in args.models]
+        if args.engine == "onnxruntime":
+            from analysis.onnx_engine import onnx_runners
+
+            if args.latency or args.batches:
+                parser.error("--engine onnxruntime exports at one batch: use --batch, not --latency or --batches")
+            for r in runners:  # the exported graph runs the same FLOPs; torch's counter cannot see inside ORT
+                r.flops_per_image = count_flops(r)
+            runners += onnx_runners(runners, settings.batch, device)
     except (KeyError, ValueError, WeightsNotFoundError, CheckpointError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
@@ -477,6 +488,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_table(rows))
     for line in speedup_lines(rows):
         print(line)
+    if args.engine == "onnxruntime" and args.baseline:
+        from analysis.onnx_engine import ENGINE_SUFFIX
+
+        engine_rows = [dataclasses.replace(r) for r in rows if r.model.endswith(ENGINE_SUFFIX)]
+        add_speedups(engine_rows, args.baseline + ENGINE_SUFFIX, {r.model: r.rounds for r in engine_rows})
+        for line in speedup_lines(engine_rows):
+            print(line)
     if args.out:
         write_results(rows, args.out, settings)
         print(f"wrote {args.out}")

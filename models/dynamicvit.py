@@ -22,6 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
+from models.scopes import REDUCTION, scope
 from models.vit_forward import (  # noqa: F401 - POLICY_EPS and policy_softmax are part of this module's API
     POLICY_EPS, attention_residual, classify, embed_tokens, gather_tokens, mlp_residual, policy_softmax,
 )
@@ -224,11 +225,13 @@ class DynamicViTTrace:
         return masks
 
 
+@scope(REDUCTION)
 def select_top_patches(keep_score: torch.Tensor, k: int) -> torch.Tensor:
     """Positions (into the current patch tokens) of the k highest keep scores per image, in ascending order."""
     return keep_score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
 
 
+@scope(REDUCTION)
 def keep_logits(predictor: ScorePredictor, tokens: torch.Tensor) -> torch.Tensor:
     """Inference scoring: (B, 1 + N, C) tokens, CLS first -> (B, N) keep-minus-drop logits of the patch tokens.
 

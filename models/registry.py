@@ -130,6 +130,9 @@ for _i, (_top1, _img_s) in enumerate([(63.2, 27644), (68.4, 20093), (70.8, 18218
 
 register(ModelSpec("mobilenetv3_large_100", CNN, "mobilenetv3_large_100", "ra_in1k", top1=75.2,
                    paper_img_s=7560.0, reference="EfficientViT (CVPR 2023) Table 2, V100"))
+# MobileViT: convolutions with transformer blocks inside (EfficientViT's ONNX comparison: M2 vs MobileViT-XXS).
+register(ModelSpec("mobilevit_xxs", CNN, "mobilevit_xxs", "cvnets_in1k", top1=69.0,
+                   reference="MobileViT (ICLR 2022); EfficientViT (CVPR 2023) Table 2"))
 
 
 # The plain backbones of DynamicCNN and DynamicSwin (timm, ImageNet-1k weights); top-1 from their papers.

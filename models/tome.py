@@ -23,6 +23,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 from models.merging import bipartite_match
+from models.scopes import MATCHING, REDUCTION, scope
 from models.vit_forward import (
     attention, attention_residual, classify, embed_tokens, gather_tokens, is_plain_block, mlp_residual,
 )
@@ -111,6 +112,7 @@ class Matching:
     num_b: int
 
 
+@scope(MATCHING)
 def bipartite_matching(metric: torch.Tensor, r: int, protect_first: bool = True) -> Matching:
     """Match A = even tokens to B = odd tokens by cosine similarity of ``metric`` [B, N, D] and pick the r best pairs.
 
@@ -123,6 +125,7 @@ def bipartite_matching(metric: torch.Tensor, r: int, protect_first: bool = True)
                     num_a=match.order.shape[1], num_b=metric.shape[1] - match.order.shape[1])
 
 
+@scope(REDUCTION)
 def merge_tokens(
     x: torch.Tensor, sizes: torch.Tensor, matching: Matching
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,6 +39,7 @@ from torch import nn
 from models.checkpoints import CheckpointError
 from models.merging import bipartite_match, merge_mask
 from models.registry import ModelSpec, get_spec
+from models.scopes import ATTENTION, MATCHING, REDUCTION, scope
 from models.weights import HF_CACHE, WeightsSource, fix_instruction, resolve
 
 VILT_VQA_NAME = "vilt_b32_vqa"  # its registry entry names the hub repository and the folder looked for
@@ -204,6 +205,7 @@ def _split_heads(x: torch.Tensor, head_size: int) -> torch.Tensor:
     return x.view(*x.shape[:-1], -1, head_size).transpose(1, 2)
 
 
+@scope(ATTENTION)
 def project_and_attend(heads: nn.Module, hidden: torch.Tensor, context: torch.Tensor, bias: torch.Tensor,
                        with_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """A BERT-style attention module's (query/key/value/dropout, ``attention_head_size``) scaled dot-product
@@ -302,6 +304,7 @@ class _Reduction:
     image_count: int
 
 
+@scope(MATCHING)
 def plan_reduction(metric: torch.Tensor, valid: torch.Tensor, probs: torch.Tensor | None, text_len: int,
                    prune_ratio: float, image_merge_ratio: float, text_merge_ratio: float) -> _Reduction:
     """Decide one PuMer step: prune image patches by text attention, then merge image patches and text
@@ -327,6 +330,7 @@ def plan_reduction(metric: torch.Tensor, valid: torch.Tensor, probs: torch.Tenso
                       scores, int(text_counts.max()) + 1, int(image_counts.max()) + 1)
 
 
+@scope(REDUCTION)
 def apply_reduction(hidden: torch.Tensor, sizes: torch.Tensor, text_len: int, plan: _Reduction):
     """Carry out a planned step on the hidden states. Returns (hidden, sizes, valid, new text length)."""
     text = combine_tokens(hidden[:, :text_len], sizes[:, :text_len], plan.text_destination, plan.text_count)

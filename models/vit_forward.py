@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from models.scopes import ATTENTION, scope
+
 POLICY_EPS = 1e-6  # DynamicViT's masked-softmax epsilon
 
 
@@ -70,6 +72,7 @@ def policy_softmax(logits: torch.Tensor, policy: torch.Tensor, eps: float = POLI
     return ((weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)).to(logits.dtype)
 
 
+@scope(ATTENTION)
 def attention(attn: Attention, x: torch.Tensor, *, key_bias: torch.Tensor | None = None,
               policy: torch.Tensor | None = None, record: bool = False) -> AttentionResult:
     """timm's ``Attention`` forward on ``x`` [B, N, C] from its own submodules, with three options.

@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
+from analysis.onnx_engine import ENGINES, onnx_runners
 from analysis.provenance import RANDOM, label_rows
 from analysis.throughput import (PRECISIONS, BenchSettings, ModelOptions, benchmark, is_out_of_memory, latency,
                                  make_runner, rows_to_records, sweep)
@@ -103,6 +104,10 @@ with col_settings:
     on_gpu = device != "cpu"
     precision = kept(st.selectbox, "Precision", key="tp_precision", options=list(PRECISIONS) if on_gpu else ["fp32"],
                      help="fp16/bf16 autocast on GPU; CPU runs fp32.")
+    engine = kept(st.selectbox, "Engine", key="tp_engine", options=ENGINES, default=ENGINES[0],
+                  disabled=latency_mode or sweep_mode,
+                  help="onnxruntime: each model also runs exported to ONNX (refused unless its output equals "
+                       "eager PyTorch's within 1e-4), interleaved with the eager runs; one batch size.")
     iters = kept(st.number_input, "Timed iterations per round", 1, 1000, key="tp_iters", default=5)
     rounds = kept(st.number_input, "Interleaved rounds (median counts)", 1, 50, key="tp_rounds", default=3)
     channels_last = kept(st.checkbox, "channels_last", key="tp_channels_last", default=False)
@@ -118,7 +123,7 @@ options = ModelOptions(channels_last=channels_last, fuse_bn=fuse_bn, compile=com
 settings = BenchSettings(batch=int(batches[0]), iters=int(iters), rounds=int(rounds),
                          warmup=max(2, int(iters) // 2), device=device, precision=precision)
 mode = LATENCY if latency_mode else THROUGHPUT
-request = (mode, tuple(variants), baseline, tuple(int(b) for b in batches), sweep_mode, repr(settings), repr(options))
+request = (mode, engine, tuple(variants), baseline, tuple(int(b) for b in batches), sweep_mode, repr(settings), repr(options))
 run = st.button("Run benchmark", type="primary", disabled=not variants, key="tp_run")
 
 
@@ -147,6 +152,9 @@ def run_benchmark() -> dict:
                 if loaded is None:
                     st.stop()
                 runners.append(make_runner(text, device=device, loaded=loaded, options=options))
+            if engine == "onnxruntime" and not (latency_mode or sweep_mode):
+                status.update(label="Exporting to ONNX and checking ONNX Runtime against eager ...")
+                runners += onnx_runners(runners, settings.batch, device)
 
             def progress(fraction: float, message: str) -> None:
                 status.update(label=f"Timing {message}")

@@ -409,3 +409,57 @@ def test_throughput_and_frontier_keep_settings_uploads_and_results_in_a_real_bro
         assert page.get_by_label("Throughput batch size").input_value() == "1"
         assert page.get_by_label("Interleaved timing rounds").input_value() == "1"
         assert page.get_by_text("Using your 2 uploaded images: first.png, second.png").count() == 1
+
+
+@pytest.fixture
+def breakdown_app_url(tmp_path_factory):
+    """A server whose roofline is already cached (small sizes), so the page does not measure the machine first."""
+    from analysis import roofline
+
+    cache = tmp_path_factory.mktemp("roof") / "roof.json"
+    previous = os.environ.get(roofline.CACHE_ENV)
+    os.environ[roofline.CACHE_ENV] = str(cache)
+    roofline.machine_roofline("cpu", matmul_sizes=(512,), copy_mib=32)
+    try:
+        with _running_app() as url:
+            yield url
+    finally:
+        if previous is None:
+            os.environ.pop(roofline.CACHE_ENV, None)
+        else:
+            os.environ[roofline.CACHE_ENV] = previous
+
+
+def test_breakdown_page_profiles_and_keeps_results_through_downloads(breakdown_app_url, tmp_path):
+    """Issue 21: "Where the time goes" profiles DeiT-Tiny and EfficientViT-M0; the table and the raw trace
+    download and the charts stay."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 3600}, accept_downloads=True)
+        page.goto(f"{breakdown_app_url}/breakdown")
+        page.get_by_role("heading", name="Where the time goes").wait_for(timeout=60_000)
+        _wait_until_idle(page)
+        _fill_numbers(page, (("Profiled forwards (each next to a plain one)", "1"),))
+        page.get_by_role("button", name="Profile").click()
+        page.get_by_role("button", name="Per-operator table (CSV)").wait_for(timeout=240_000)
+        _wait_until_idle(page)
+        charts = page.locator('[data-testid="stPlotlyChart"]')
+        assert charts.count() == 4  # operator classes, components, attention vs FFN per block, roofline
+
+        def still_there() -> None:
+            assert page.get_by_text("press **Profile**").count() == 0
+            assert charts.count() == 4 and page.locator('[data-testid="stDataFrame"]').count() == 2
+
+        saved = _download_each(page, ("Per-operator table (CSV)", "Raw trace (Chrome JSON, opens in Perfetto)"),
+                               tmp_path, still_there)
+        header = saved["Per-operator table (CSV)"].read_text().splitlines()[0]
+        assert header.startswith("model,op,op_class,component,ms,calls,flops,bytes")
+        import json
+        trace = json.loads(saved["Raw trace (Chrome JSON, opens in Perfetto)"].read_text())
+        assert any(e.get("name", "").startswith("vitlab::attention") for e in trace["traceEvents"])
+        shots = os.environ.get("VITLAB_SCREENSHOT_DIR")
+        page.screenshot(path=str(Path(shots) / "breakdown.png" if shots else tmp_path / "breakdown.png"),
+                        full_page=True)
+        browser.close()

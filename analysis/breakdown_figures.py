@@ -1,0 +1,135 @@
+"""Figures of ``analysis.breakdown`` records: stacked runtime shares, component savings, the roofline."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from analysis.breakdown import COMPONENT_ORDER, OP_CLASSES, Breakdown, share_table
+from analysis.roofline import Roofline, points
+
+CLASS_COLOURS = {"compute": "#4c78a8", "data movement": "#f58518", "element-wise": "#e45756",
+                 "normalisation": "#72b7b2", "softmax": "#eeca3b", "token-reduction bookkeeping": "#b279a2",
+                 "other": "#bab0ac"}
+
+
+def _label(b: Breakdown) -> str:
+    engine = "" if b.engine == "eager" else f" ({b.engine})"
+    return f"{b.model}{engine} b{b.batch}"
+
+
+def share_figure(results: Sequence[Breakdown], by: str = "op_class", title: str | None = None) -> go.Figure:
+    """Stacked bars: the share of each model's forward time per operator class (or component)."""
+    order = OP_CLASSES if by == "op_class" else COMPONENT_ORDER
+    fig = go.Figure()
+    labels = [_label(b) for b in results]
+    shares = [b.shares(by) for b in results]
+    for key in order:
+        values = [s.get(key, 0.0) for s in shares]
+        if not any(values):
+            continue
+        fig.add_bar(x=labels, y=values, name=key, marker_color=CLASS_COLOURS.get(key),
+                    hovertemplate="%{x}<br>" + key + ": %{y:.1%}<extra></extra>")
+    fig.update_layout(barmode="stack", yaxis_tickformat=".0%", yaxis_title="share of forward time",
+                      title=title or ("Runtime share per operator class" if by == "op_class"
+                                      else "Runtime share per component"), legend_title=by.replace("_", " "))
+    return fig
+
+
+def component_table(results: Sequence[Breakdown]) -> pd.DataFrame:
+    """ms per forward per component and model, with each component's memory-bound share (time outside compute)."""
+    rows = []
+    for b in results:
+        for g in b.groups(("component",)):
+            memory = sum(r.ms for r in b.ops if r.component == g["component"] and r.op_class not in ("compute", "other"))
+            rows.append(dict(model=b.model, batch=b.batch, engine=b.engine, component=g["component"],
+                             ms=g["ms"], share=g["ms"] / max(b.attributed_ms, 1e-12),
+                             memory_bound=memory / g["ms"] if g["ms"] else 0.0, gflops=g["flops"] / 1e9))
+    return pd.DataFrame(rows)
+
+
+def savings_figure(savings: Sequence[dict]) -> go.Figure:
+    """Per token-reduction variant and batch: ms saved per component against its unreduced model (negative: its
+    own machinery, which is pure cost)."""
+    frame = pd.DataFrame(savings)
+    fig = go.Figure()
+    if frame.empty:
+        return fig
+    frame["label"] = frame["variant"] + " b" + frame["batch"].astype(str)
+    for component in COMPONENT_ORDER:
+        part = frame[frame["component"] == component]
+        if part.empty:
+            continue
+        fig.add_bar(x=part["label"], y=part["saved_ms"], name=component,
+                    hovertemplate="%{x}<br>" + component + ": %{y:.2f} ms saved<extra></extra>")
+    fig.update_layout(barmode="relative", yaxis_title="ms saved per forward vs unreduced",
+                      title="Where token reduction saves time, and what its machinery costs")
+    return fig
+
+
+BLOCK_PARTS = {"attention compute": "#4c78a8", "attention memory-bound": "#9ecae9",
+               "FFN compute": "#e45756", "FFN memory-bound": "#ff9d98"}
+
+
+def block_figure(b: Breakdown) -> go.Figure:
+    """Per block: attention and FFN time, each split into compute and memory-bound operators."""
+    from analysis.breakdown import block_shares
+
+    blocks = block_shares(b)
+    fig = go.Figure()
+    names = [row["block"] for row in blocks]
+    for part, colour in BLOCK_PARTS.items():
+        fig.add_bar(x=names, y=[row.get(part, 0.0) for row in blocks], name=part, marker_color=colour,
+                    hovertemplate="%{x}<br>" + part + ": %{y:.2f} ms<extra></extra>")
+    fig.update_layout(barmode="stack", yaxis_title="ms per forward", xaxis_title="block",
+                      title=f"Attention vs FFN per block: {_label(b)}")
+    return fig
+
+
+def roofline_figure(results: Sequence[Breakdown], roof: Roofline) -> go.Figure:
+    """Achieved GFLOP/s against arithmetic intensity per operator class and model, under this machine's roofs."""
+    pts = [p for b in results for p in points(b, roof) if p["flops"] > 0 and p["bytes"] > 0]
+    fig = go.Figure()
+    lo = min([p["intensity"] for p in pts] + [roof.ridge / 100]) / 2
+    hi = max([p["intensity"] for p in pts] + [roof.ridge * 10]) * 2
+    x = np.geomspace(lo, hi, 200)
+    fig.add_scatter(x=x, y=np.minimum(roof.peak_gflops, roof.bandwidth_gbs * x), mode="lines", name="roof",
+                    line=dict(color="black"), hoverinfo="skip")
+    fig.add_vline(x=roof.ridge, line_dash="dot", annotation_text=f"ridge {roof.ridge:.1f} FLOP/B")
+    symbols = ["circle", "square", "diamond", "triangle-up", "x", "star", "cross", "pentagon"]
+    models = list(dict.fromkeys(_label(b) for b in results))
+    for kind in OP_CLASSES:
+        part = [p for p in pts if p["op_class"] == kind]
+        if not part:
+            continue
+        labels = [f"{p['model']} b{p['batch']}" for p in part]
+        fig.add_scatter(
+            x=[p["intensity"] for p in part], y=[p["gflops_per_s"] for p in part], mode="markers", name=kind,
+            marker=dict(color=CLASS_COLOURS.get(kind), size=11,
+                        symbol=[symbols[models.index(m) % len(symbols)] if m in models else "circle" for m in labels]),
+            text=labels, customdata=[p["ms"] for p in part],
+            hovertemplate="%{text}<br>" + kind + "<br>%{x:.2f} FLOP/byte, %{y:.2f} GFLOP/s<br>%{customdata:.2f} ms"
+                          "<extra></extra>")
+    fig.update_layout(
+        xaxis=dict(type="log", dtick=1, title="arithmetic intensity (FLOPs per byte of tensors read and written)"),
+        yaxis=dict(type="log", dtick=1, title="achieved GFLOP/s"),
+        title=f"Roofline of this machine ({roof.hardware}, {roof.threads} threads, {roof.dtype}): "
+              f"{roof.peak_gflops:.0f} GFLOP/s, {roof.bandwidth_gbs:.1f} GB/s")
+    return fig
+
+
+def summary_table(results: Sequence[Breakdown], roof: Roofline | None = None) -> pd.DataFrame:
+    from analysis.roofline import below_roof_share
+
+    rows = []
+    for b in results:
+        row = b.summary()
+        if roof is not None:
+            row["below_bandwidth_roof"] = below_roof_share(b, roof)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+__all__ = ["block_figure", "share_figure", "component_table", "savings_figure", "roofline_figure", "summary_table", "share_table"]

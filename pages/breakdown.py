@@ -1,0 +1,169 @@
+"""Where the time goes: runtime per operator class and component, against this machine's roofline."""
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+import torch
+
+from analysis.breakdown import baseline_of, ops_table, profile_model, reduction_savings, to_json
+from analysis.breakdown_figures import (block_figure, component_table, roofline_figure, savings_figure, share_figure,
+                                       summary_table)
+from analysis.onnx_engine import ENGINES, OnnxEngineError
+from analysis.provenance import RANDOM
+from analysis.roofline import machine_roofline
+from models.checkpoints import CheckpointError, WeightsNotFoundError
+from models.registry import IMAGE_INPUTS, REGISTRY
+from models.variants import parse_variant
+from pages._ui import (cached_model, current_device, download_df, download_json, latest_result, progress_bar,
+                       run_through_app, session_result)
+
+PAPER_MODELS = ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", *[f"efficientvit_m{i}" for i in range(6)],
+                "mobilenetv3_large_100", "mobilevit_xxs"]
+
+run_through_app()
+st.title("Where the time goes")
+st.markdown(
+    "EfficientViT's first finding: vision transformers lose much of their time in **memory-bound operators** "
+    "(reshapes and copies, element-wise functions, normalisation, the softmax of attention) rather than in their "
+    "FLOPs. Here each model's forward is profiled with `torch.profiler` on **this machine**: every operator's "
+    "own time goes to an operator class and to a component (patch embedding, attention, FFN, token-reduction "
+    "machinery, head), and each class is placed on this machine's roofline. Timing does not depend on the "
+    "weight values, so models run with random weights."
+)
+
+device = current_device()
+image_models = [n for n, s in REGISTRY.items() if s.inputs == IMAGE_INPUTS]
+left, right = st.columns([3, 2])
+
+
+def _paper_models() -> None:
+    st.session_state["bd_models"] = list(PAPER_MODELS)
+
+
+with left:
+    st.button("The paper's models (DeiT-T, Swin-T, EfficientViT-M0..M5, MobileNetV3-Large, MobileViT-XXS)",
+              on_click=_paper_models, key="bd_paper")
+    models = st.multiselect("Models", image_models, default=["deit_tiny_patch16_224", "efficientvit_m0"],
+                            key="bd_models", help="The paper's comparison: " + ", ".join(PAPER_MODELS))
+    extra = st.text_input("Token-reduction variants (space separated, NAME@key=value)", "", key="bd_variants",
+                          help="e.g. deit_small_patch16_224@tome=13  dynamicvit_deit_256_patch16_224@rho=0.7; each "
+                               "is compared with its unreduced model, which is profiled too.")
+with right:
+    batches = st.multiselect("Batch sizes", [1, 2, 4, 8, 16, 32, 64], default=[8], key="bd_batches",
+                             help="Batch 1 and the throughput batch show why token reduction gains less at batch 1.")
+    precision = st.selectbox("Precision", ["fp32", "fp16", "bf16"] if device != "cpu" else ["fp32"], key="bd_precision")
+    engine = st.selectbox("Engine", ENGINES, key="bd_engine",
+                          help="onnxruntime: the model exported to ONNX (checked against eager within 1e-4) and "
+                               "profiled by ONNX Runtime's own per-node profiler.")
+    iters = st.number_input("Profiled forwards (each next to a plain one)", 1, 50, 3, key="bd_iters")
+
+variants = list(dict.fromkeys(models + extra.split()))
+for text in list(variants):
+    base = baseline_of(text)
+    if base and base not in variants:
+        variants.insert(variants.index(text), base)
+request = (tuple(variants), tuple(sorted(int(b) for b in batches)), precision, engine, int(iters), device)
+run = st.button("Profile", type="primary", disabled=not variants or not batches, key="bd_run")
+
+
+def run_profiles() -> dict:
+    with st.status("Profiling ...", expanded=True) as status:
+        show = progress_bar()
+        status.update(label=f"Measuring this machine's limits on {device} (once, then cached) ...")
+        roof = machine_roofline(device, precision)
+        results, steps = [], len(variants) * len(batches)
+        for index, (text, batch) in enumerate((t, b) for b in sorted(batches) for t in variants):
+            loaded = cached_model(parse_variant(text).model, random_weights=True)
+            if loaded is None:
+                st.stop()
+
+            def progress(fraction: float, message: str, index=index) -> None:
+                status.update(label=f"Profiling {message} (batch {batch})")
+                show((index + fraction) / steps, message)
+
+            results.append(profile_model(text, batch=int(batch), device=device, precision=precision,
+                                         iters=int(iters), warmup=1, loaded=loaded, engine=engine,
+                                         progress=progress))
+        status.update(label=f"Done: {len(results)} profiles on {device}", state="complete")
+    return {"results": results, "roof": roof, "request": request}
+
+
+if run:
+    try:
+        session_result("breakdown", time.time_ns(), run_profiles)
+    except (KeyError, ValueError, OnnxEngineError, WeightsNotFoundError, CheckpointError) as exc:
+        st.error(str(exc.args[0] if exc.args else exc))
+        st.stop()
+stored = latest_result("breakdown")
+if stored is None:
+    st.info("Pick models and batch sizes and press **Profile**.")
+    st.stop()
+result = stored[1]
+results, roof = result["results"], result["roof"]
+if result["request"] != request:
+    st.caption("Results of the last run; the settings above have changed since: press **Profile** to measure them.")
+
+hardware = roof.hardware
+st.caption(f"{results[0].device} ({hardware}, {torch.get_num_threads()} threads), {results[0].precision}, "
+           f"engine {results[0].engine}; weights: {RANDOM}; input: random images. Shares are of the time the profiler "
+           "attributes to operators; Python between operators counts as *other*.")
+st.plotly_chart(share_figure(results), key="bd_classes")
+st.plotly_chart(share_figure(results, by="component"), key="bd_components")
+
+st.subheader("Per model")
+summary = summary_table(results, roof)
+st.dataframe(summary, hide_index=True, column_config={
+    "memory_bound_share": st.column_config.NumberColumn("memory-bound share", format="%.2f"),
+    "below_bandwidth_roof": st.column_config.NumberColumn("time below bandwidth roof", format="%.2f"),
+    "profiler_overhead": st.column_config.NumberColumn("profiled / plain", format="%.2f"),
+    "attributed_vs_plain": st.column_config.NumberColumn("attributed / plain", format="%.2f")})
+st.caption("Memory-bound share: time in data movement, element-wise, normalisation, softmax and bookkeeping "
+           "operators. Below the bandwidth roof: time in operator groups whose FLOPs per byte are under this "
+           "machine's ridge point. Profiled / plain: the profiler's own cost on the forward.")
+
+st.subheader("Components")
+components = component_table(results)
+st.dataframe(components, hide_index=True, column_config={
+    "share": st.column_config.NumberColumn(format="%.2f"),
+    "memory_bound": st.column_config.NumberColumn("memory-bound part", format="%.2f")})
+
+with_blocks = [b for b in results if any(r.block for r in b.ops)]
+if with_blocks:
+    names = [f"{b.model} b{b.batch}" for b in with_blocks]
+    shown_block = st.selectbox("Attention vs FFN per block of", names, key="bd_block_model")
+    st.plotly_chart(block_figure(with_blocks[names.index(shown_block)]), key="bd_blocks")
+    st.caption("Memory-bound: data movement, element-wise, normalisation, softmax and bookkeeping operators. "
+               "Blocks are named by module path; ToMe's attention runs outside timm's module and has no block.")
+
+by_key = {(b.model, b.batch): b for b in results}
+savings = [s for b in results if (base := baseline_of(b.model)) and (base, b.batch) in by_key
+           for s in reduction_savings(b, by_key[(base, b.batch)])]
+if savings:
+    st.subheader("Token reduction: saved and spent")
+    st.plotly_chart(savings_figure(savings), key="bd_savings")
+    st.caption("Positive: time the variant saves in that component; negative: time it spends more, such as its "
+               "own machinery (predictors, matching, gathers). Compare batch 1 with the throughput batch.")
+
+st.subheader("Roofline")
+st.plotly_chart(roofline_figure(results, roof), key="bd_roofline")
+st.caption(f"Limits measured once on this machine and cached: dense {roof.matmul_sizes} square matmul "
+           f"{roof.peak_gflops:.1f} GFLOP/s, {roof.copy_mib} MiB copy {roof.bandwidth_gbs:.1f} GB/s. Bytes are "
+           "the operators' tensors read and written (views move nothing); element-wise, norm and softmax count "
+           "one or five operations per output element. Data movement does no FLOPs and is not drawn.")
+
+st.subheader("Downloads")
+d1, d2, d3 = st.columns(3)
+with d1:
+    download_df(lambda: ops_table(results), "breakdown_ops.csv", label="Per-operator table (CSV)")
+with d2:
+    download_json(to_json(results, roof), "breakdown.json", label="Per-operator table (JSON)")
+with d3:
+    traced = [b for b in results if b.trace]
+    if traced:
+        names = [f"{b.model} b{b.batch}" for b in traced]
+        pick = st.selectbox("Trace of", names, key="bd_trace_pick")
+        chosen = traced[names.index(pick)]
+        st.download_button("Raw trace (Chrome JSON, opens in Perfetto)", chosen.trace.encode(),
+                           file_name=f"trace_{pick.replace(' ', '_').replace('@', '_')}.json",
+                           mime="application/json", key="bd_trace", on_click="ignore")

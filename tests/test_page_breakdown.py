@@ -1,0 +1,74 @@
+"""AppTest: the "Where the time goes" page profiles tiny models, shows shares, savings and the roofline, and keeps
+its results across reruns."""
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "breakdown.py")
+
+
+@pytest.fixture()
+def small_roofline(tmp_path, monkeypatch):
+    # A cached roofline so the page does not spend its time measuring this machine.
+    from analysis import roofline
+
+    monkeypatch.setenv(roofline.CACHE_ENV, str(tmp_path / "roof.json"))
+    roofline.machine_roofline("cpu", matmul_sizes=(128,), copy_mib=4)
+
+
+def test_page_profiles_shows_figures_and_keeps_results(small_roofline):
+    at = AppTest.from_file(PAGE, default_timeout=300).run()
+    assert not at.exception
+    assert at.info and "Profile" in at.info[0].value  # nothing computed yet
+    at.multiselect(key="bd_models").set_value(["efficientvit_m0"]).run()
+    at.text_input(key="bd_variants").set_value("deit_tiny_patch16_224@tome=8").run()
+    at.multiselect(key="bd_batches").set_value([1]).run()
+    at.number_input(key="bd_iters").set_value(1)
+    at.button(key="bd_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.status[0].label == "Done: 3 profiles on cpu"  # M0, DeiT-T (added as ToMe's baseline), DeiT-T + ToMe
+    summary = at.dataframe[0].value.set_index("model")
+    assert set(summary.index) == {"efficientvit_m0", "deit_tiny_patch16_224", "deit_tiny_patch16_224@tome=8"}
+    assert summary["memory_bound_share"].between(0, 1).all()
+    assert summary["below_bandwidth_roof"].between(0, 1).all()
+    components = at.dataframe[1].value
+    assert {"attention", "FFN", "token reduction"} <= set(components["component"])
+    charts = at.get("plotly_chart")
+    assert len(charts) == 5  # classes, components, blocks, savings, roofline
+    labels = {b.label for b in at.get("download_button")}
+    assert {"Per-operator table (CSV)", "Per-operator table (JSON)",
+            "Raw trace (Chrome JSON, opens in Perfetto)"} <= labels
+
+    # Another widget reruns the page: the results stay, marked as those of the last run.
+    at.number_input(key="bd_iters").set_value(2).run()
+    assert not at.exception
+    assert at.dataframe[0].value.shape[0] == 3
+    assert any("settings above have changed" in c.value for c in at.caption)
+
+
+def test_unknown_variant_gets_one_sentence(small_roofline):
+    at = AppTest.from_file(PAGE, default_timeout=120).run()
+    at.multiselect(key="bd_models").set_value([]).run()
+    at.text_input(key="bd_variants").set_value("deit_tiny_patch16_224@rho=0.7").run()
+    at.multiselect(key="bd_batches").set_value([1]).run()
+    at.button(key="bd_run").click().run()
+    assert not at.exception
+    assert at.error and "DynamicViT" in at.error[0].value
+
+
+def test_throughput_page_times_onnx_runtime_beside_eager(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("VITLAB_ONNX_CACHE", str(tmp_path))
+    page = str(Path(PAGE).with_name("throughput.py"))
+    at = AppTest.from_file(page, default_timeout=300).run()
+    at.multiselect(key="tp_models").set_value(["efficientvit_m0"]).run()
+    at.selectbox(key="tp_engine").set_value("onnxruntime")
+    at.number_input(key="tp_batch").set_value(1)
+    at.number_input(key="tp_iters").set_value(1)
+    at.number_input(key="tp_rounds").set_value(1)
+    at.button(key="tp_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = at.dataframe[0].value.set_index("model")
+    assert set(table.index) == {"efficientvit_m0", "efficientvit_m0 [onnxruntime]"}
+    assert (table["img_per_s"] > 0).all()
