@@ -174,6 +174,14 @@ def test_official_checkpoint_loads_strictly_and_computes_like_clip(official_file
     assert logits.shape == (2, LABELS) and torch.isfinite(logits).all()
 
 
+def test_a_full_lightning_training_checkpoint_loads(tmp_path, training_checkpoint):
+    """METER's Lightning checkpoints carry optimizer states, schedulers, callbacks and hyper_parameters."""
+    path = training_checkpoint(tmp_path / METER_VQA_FILE, nn.Linear(2, 2), "lightning",
+                               state_dict=_official_state_dict())
+    model = load_meter_checkpoint(path, image_size=GRID * PATCH)
+    torch.testing.assert_close(model.vqa_classifier[3].weight, _official_state_dict()["vqa_classifier.3.weight"])
+
+
 def test_position_embedding_is_resized_like_meter(official_file):
     model = load_meter_checkpoint(official_file, image_size=6 * PATCH)
     table = model.vit_model.embeddings.position_embedding.weight
