@@ -197,57 +197,50 @@ def meter():
     return tiny_meter(seed=1)
 
 
-SETTINGS = [  # reduce layers, prune, image merge, text merge
-    ((2, 5, 8), 0.1, 0.3, 0.2),  # PuMer's ViLT VQA setting
-    ((1, 2, 3, 4, 5, 6), 0.2, 0.2, 0.2),
-    ((0, 1), 0.3, 0.5, 0.5),
-]
-METER_SETTINGS = [((0, 1, 2), 0.2, 0.2, 0.2), ((0, 2), 0.3, 0.5, 0.3), ((1,), 0.1, 0.3, 0.5)]
-CORRECTIONS = [dict(), dict(protect_image_cls=True), dict(size_weighted=True)]
+SETTINGS = {  # reduce layers, prune, image merge, text merge
+    "vilt": [((2, 5, 8), 0.1, 0.3, 0.2),  # PuMer's ViLT VQA setting
+             ((1, 2, 3, 4, 5, 6), 0.2, 0.2, 0.2), ((0, 1), 0.3, 0.5, 0.5)],
+    "meter": [((0, 1, 2), 0.2, 0.2, 0.2), ((0, 2), 0.3, 0.5, 0.3), ((1,), 0.1, 0.3, 0.5)],
+}
+QUESTIONS = ["what is the color of the dog?", "how many people are sitting on the grass?"]
+CASES = [(family, question, setting) for family in SETTINGS for question in QUESTIONS for setting in SETTINGS[family]]
+CORRECTIONS = {"official": {}, "protect_cls": dict(protect_image_cls=True), "size_weighted": dict(size_weighted=True)}
+# PuMer's code on every case; each correction on the first question's cases
+RUNS = [pytest.param(case, corrections, id=f"{case[0]}-{name}-{'-'.join(map(str, case[2][0]))}-{case[1][:8]}")
+        for case in CASES for name, corrections in CORRECTIONS.items() if not corrections or case[1] == QUESTIONS[0]]
+REFERENCES = {"vilt": (vilt_reference, pumer_forward), "meter": (meter_reference, meter_pumer_forward)}
 
 
-@pytest.mark.parametrize("corrections", CORRECTIONS, ids=["official", "protect_cls", "size_weighted"])
-@pytest.mark.parametrize("layers, prune, image_merge, text_merge", SETTINGS)
-@pytest.mark.parametrize("question", ["what is the color of the dog?", "how many cats are there in this picture?"])
-def test_vilt_decides_as_pumers_code(vilt, photo, question, layers, prune, image_merge, text_merge, corrections):
-    model, processor = vilt
+def _run(request, family, question, photo, setting, with_reference=True, **corrections):
+    """(logits, trace) of the forward under test and (logits, steps) of the reference (or None), same inputs."""
+    model, processor = request.getfixturevalue(family)
+    reference, forward = REFERENCES[family]
+    layers, prune, image_merge, text_merge = setting
     inputs = processor(images=photo, text=question, return_tensors="pt")
     with torch.inference_mode():
-        expected, steps = vilt_reference(model, inputs, layers, prune, image_merge, text_merge, **corrections)
-        logits, trace = pumer_forward(model, inputs, layers, prune, image_merge, text_merge, return_trace=True,
-                                      **corrections)
+        expected = None
+        if with_reference:
+            expected = reference(model, inputs, layers, prune, image_merge, text_merge, **corrections)
+        got = forward(model, inputs, reduce_layers=layers, prune_ratio=prune, image_merge_ratio=image_merge,
+                      text_merge_ratio=text_merge, return_trace=True, **corrections)
+    return got, expected
+
+
+@pytest.mark.parametrize("case, corrections", RUNS)
+def test_decides_as_pumers_code(request, photo, case, corrections):
+    family, question, setting = case
+    (logits, trace), (expected, steps) = _run(request, family, question, photo, setting, **corrections)
     _check(logits, trace, expected, steps)
 
 
-@pytest.mark.parametrize("corrections", CORRECTIONS, ids=["official", "protect_cls", "size_weighted"])
-@pytest.mark.parametrize("layers, prune, image_merge, text_merge", METER_SETTINGS)
-@pytest.mark.parametrize("question", ["what color is the dog?", "how many people are sitting on the grass?"])
-def test_meter_decides_as_pumers_code(meter, photo, question, layers, prune, image_merge, text_merge, corrections):
-    model, processor = meter
-    inputs = processor(images=photo, text=question, return_tensors="pt")
-    with torch.inference_mode():
-        expected, steps = meter_reference(model, inputs, layers, prune, image_merge, text_merge, **corrections)
-        logits, trace = meter_pumer_forward(model, inputs, prune, image_merge, text_merge, layers,
-                                            return_trace=True, **corrections)
-    _check(logits, trace, expected, steps)
-
-
-def test_the_official_image_cls_moves_and_can_be_pruned(vilt, meter, photo):
+def test_the_official_image_cls_moves_and_can_be_pruned(request, photo):
     """The behaviour the ``protect_image_cls`` correction removes is real on these models: across questions and
     settings the image CLS leaves position 0 or is pruned at least once (and never with the correction)."""
     moved = {False: 0, True: 0}
-    for (model, processor), forward, settings in ((vilt, pumer_forward, SETTINGS), (meter, None, METER_SETTINGS)):
-        for question in ("what is the color of the dog?", "how many cats are there?", "is it red?"):
-            inputs = processor(images=photo, text=question, return_tensors="pt")
-            for layers, prune, image_merge, text_merge in settings:
-                for protect in (False, True):
-                    with torch.inference_mode():
-                        if forward is None:
-                            _, trace = meter_pumer_forward(model, inputs, prune, image_merge, text_merge, layers,
-                                                           return_trace=True, protect_image_cls=protect)
-                        else:
-                            _, trace = forward(model, inputs, layers, prune, image_merge, text_merge,
-                                               return_trace=True, protect_image_cls=protect)
-                    for step in trace.steps:
-                        moved[protect] += int(step.image_cls[0] != trace.text_counts[0, step.layer + 1])
+    for family, question, setting in CASES:
+        for protect in (False, True):
+            (_, trace), _ = _run(request, family, question, photo, setting, with_reference=False,
+                                 protect_image_cls=protect)
+            moved[protect] += sum(int(step.image_cls[0] != trace.text_counts[0, step.layer + 1])
+                                  for step in trace.steps)
     assert moved[False] > 0 and moved[True] == 0
