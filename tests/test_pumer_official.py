@@ -244,3 +244,21 @@ def test_the_official_image_cls_moves_and_can_be_pruned(request, photo):
             moved[protect] += sum(int(step.image_cls[0] != trace.text_counts[0, step.layer + 1])
                                   for step in trace.steps)
     assert moved[False] > 0 and moved[True] == 0
+
+
+def test_corrections_are_named_settings_of_the_method_records():
+    """Each correction is a variant key with a one-line help; METER's unreduced baseline runs METER's order."""
+    from models.methods import METHODS, method_of
+    from models.registry import get_spec
+    from models.variants import parse_variant
+
+    variant = parse_variant("meter_clip16_288_vqa@pumer,cls,wavg=true,context=block_input")
+    method = method_of(variant.settings, get_spec("meter_clip16_288_vqa"))
+    assert method.key == "pumer-meter" and method.arguments(variant.settings) == dict(
+        prune_ratio=0.2, image_merge_ratio=0.2, text_merge_ratio=0.2, protect_image_cls=True, size_weighted=True,
+        image_context="block_input")
+    assert method.neutral_arguments["image_context"] == "block_input"
+    for key in ("pumer", "pumer-meter"):
+        corrections = [s for s in METHODS[key].settings if s.help]
+        assert {s.key for s in corrections} >= {"cls", "wavg"} and all("\n" not in s.help for s in corrections)
+        assert all(s.default is False or s.default == "text_output" for s in corrections)  # PuMer's code by default
