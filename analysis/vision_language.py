@@ -23,12 +23,14 @@ from PIL import Image
 from analysis.data.images import denormalize
 from analysis.throughput import BenchSettings, Runner, benchmark
 from models.methods import METHODS, Method, methods_for
-from models.registry import FAMILY_LABELS, METER, REGISTRY, VILT, ModelSpec
+from models.registry import FAMILY_LABELS, METER, METER_SIZE_NOTES, REGISTRY, VILT, ModelSpec
 from models.vilt_pumer import ENTAILMENT_REDUCE_LAYERS, PuMerTrace, pumer_forward
 
 PUMER = "PuMer"  # the label of PuMer's records in the method table
 _SETTING_ARGUMENTS = ("reduce_layers", "prune_ratio", "image_merge_ratio", "text_merge_ratio",
-                      "proportional_attention")
+                      "proportional_attention", "protect_image_cls", "size_weighted", "image_context")
+# Settings of the PuMer records that change one of PuMer's code's choices (see each Setting's help line).
+CORRECTION_ARGUMENTS = ("protect_image_cls", "size_weighted", "image_context")
 
 
 def forward_defaults(forward: Callable) -> dict[str, Any]:
@@ -51,8 +53,11 @@ class PuMerSettings:
     image_merge_ratio: float = _VILT_DEFAULTS["image_merge_ratio"]
     text_merge_ratio: float = _VILT_DEFAULTS["text_merge_ratio"]
     proportional_attention: bool = _VILT_DEFAULTS["proportional_attention"]
-    timing_iters: int = 3
-    timing_rounds: int = 3
+    protect_image_cls: bool = _VILT_DEFAULTS["protect_image_cls"]
+    size_weighted: bool = _VILT_DEFAULTS["size_weighted"]
+    image_context: str | None = None  # METER only: "text_output" (PuMer's code) or "block_input" (METER's)
+    timing_iters: int = 2
+    timing_rounds: int = 5
 
     @classmethod
     def paper(cls, method: Method | str, **overrides) -> "PuMerSettings":
@@ -63,9 +68,11 @@ class PuMerSettings:
         return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
     def forward_kwargs(self) -> dict:
-        return dict(reduce_layers=tuple(self.reduce_layers), prune_ratio=self.prune_ratio,
-                    image_merge_ratio=self.image_merge_ratio, text_merge_ratio=self.text_merge_ratio,
-                    proportional_attention=self.proportional_attention)
+        kwargs = dict(reduce_layers=tuple(self.reduce_layers), prune_ratio=self.prune_ratio,
+                      image_merge_ratio=self.image_merge_ratio, text_merge_ratio=self.text_merge_ratio,
+                      proportional_attention=self.proportional_attention, protect_image_cls=self.protect_image_cls,
+                      size_weighted=self.size_weighted)
+        return kwargs if self.image_context is None else {**kwargs, "image_context": self.image_context}
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,13 @@ class PuMerSpeed:
     pumer_peak_mib: float | None
     memory_saving: float | None  # 1 - pumer / full peak memory; None off CUDA
     memory_note: str
+    round_speedups: tuple[float, ...] = ()  # the ratio of each interleaved round; ``speedup`` is their median
+    warmup: int = 0  # untimed forwards of each side before the rounds
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        """The lowest and highest per-round speed-up (both ``speedup`` with a single round)."""
+        return (min(self.round_speedups), max(self.round_speedups)) if self.round_speedups else (self.speedup,) * 2
 
 
 @dataclass
@@ -103,6 +117,8 @@ class PuMerResult:
     settings: PuMerSettings = field(default_factory=PuMerSettings)
     model_label: str = "ViLT"  # names the two answer columns: ViLT / ViLT+PuMer
     layer_word: str = "layer"  # what a trace column counts: an encoder layer (ViLT), a fusion block (METER)
+    corrections: list["CorrectionEffect"] = field(default_factory=list)  # each correction flipped, same question
+    input_shape: tuple[int, int] = (0, 0)  # (height, width) in pixels of what the model saw
 
     @property
     def full_name(self) -> str:
@@ -156,7 +172,7 @@ FAMILY_VIEWS: dict[str, FamilyView] = {
         missing="The ViLT-VQA weights are", load="models.vilt_pumer:load_vilt", tiny="models.vilt_pumer:tiny_vilt",
         tiny_description="small 10-layer ViLT", fetch=_fetch_vilt),
     METER: FamilyView(
-        label="METER", description="METER-CLIP16-RoBERTa fine-tuned on VQAv2 (288 px)", layer_word="fusion block",
+        label="METER", description="METER-CLIP16-RoBERTa fine-tuned on VQAv2", layer_word="fusion block",
         depth_attribute="fusion_layers", paper_preset="VQA",
         presets=(("All", (0, 1, 2, 3, 4, 5)), ("Alternate", (0, 2, 4))),
         summary="METER encodes the question with **RoBERTa** and the image with **CLIP ViT-B/16**, then fuses "
@@ -210,9 +226,24 @@ class PuMerModel:
         """How many layers (fusion blocks) ``model`` has: the reduce layers it can use."""
         return int(getattr(model.config, self.view.depth_attribute))
 
-    def load(self, random_weights: bool, folder: str | None = None, user_file: str | None = None):
+    @property
+    def image_sizes(self) -> tuple[int, ...]:
+        """The input sizes the entry offers, its default first (METER: 576, 384, 288); empty: one size."""
+        return self.spec.input_sizes
+
+    def size_label(self, size: int) -> str:
+        note = METER_SIZE_NOTES.get(size) if self.spec.family == METER else None
+        return f"{size} px" + (f" ({note})" if note else "")
+
+    def sized_name(self, size: int | None) -> str:
+        """The provenance name: the registry name, with the input size where the entry offers several."""
+        return f"{self.name} at {size or self.spec.input_size} px" if self.image_sizes else self.name
+
+    def load(self, random_weights: bool, folder: str | None = None, user_file: str | None = None,
+             image_size: int | None = None):
         """``(model, processor, provenance name, weights label)``: the small random model when asked, else the
-        released weights through the one resolver. Raises WeightsNotFoundError or CheckpointError."""
+        released weights through the one resolver, at ``image_size`` where the entry offers sizes. Raises
+        WeightsNotFoundError or CheckpointError."""
         if random_weights:
             model, processor = _import(self.view.tiny)(0)
             return model, processor, self.tiny_name, self.tiny_weights
@@ -221,8 +252,9 @@ class PuMerModel:
 
         base = Path(folder).expanduser() if folder else None
         source = resolve(self.spec, user_file=user_file, folder=base)
-        model, processor = _import(self.view.load)(source=user_file, weights_dir=base)
-        return model, processor, self.name, weights_label(source)
+        sized = {"image_size": image_size or self.spec.input_size} if self.image_sizes else {}
+        model, processor = _import(self.view.load)(source=user_file, weights_dir=base, **sized)
+        return model, processor, self.sized_name(image_size), weights_label(source)
 
     def missing_message(self, folder: str | None = None) -> str:
         """Two sentences: what is missing, what to put where."""
@@ -281,7 +313,10 @@ def benchmark_pumer(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], 
         Runner(full_name, lambda x: forward(model, x, **method.neutral_arguments), lambda b: batch_of(inputs, b)),
         Runner(pumer_name, lambda x: forward(model, x, **reduce), lambda b: batch_of(inputs, b)),
     ]
-    bench = BenchSettings(batch=batch, iters=iters, rounds=rounds, warmup=1, device=device, precision=precision)
+    # Warmed (a cold first round once read 1.83x where the next read 0.65x), then interleaved rounds; the
+    # speed-up is the median of the per-round ratios and the page shows their spread.
+    bench = BenchSettings(batch=batch, iters=iters, rounds=rounds, warmup=max(2, iters), device=device,
+                          precision=precision)
     full, pumer = benchmark(runners, bench, baseline=full_name)
     memory_saving = None
     if full.peak_mem_mib and pumer.peak_mem_mib is not None:
@@ -294,6 +329,7 @@ def benchmark_pumer(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], 
         full_peak_mib=full.peak_mem_mib, pumer_peak_mib=pumer.peak_mem_mib, memory_saving=memory_saving,
         memory_note=("peak of torch.cuda.max_memory_allocated (weights included)" if memory_saving is not None
                      else f"n/a on {device}: peak memory is measured on CUDA only"),
+        round_speedups=tuple(p / f for p, f in zip(pumer.rounds, full.rounds)), warmup=bench.warmup,
     )
 
 
@@ -313,6 +349,66 @@ def display_tokens(tokenizer, ids: torch.Tensor) -> list[str]:
     return shown
 
 
+@dataclass(frozen=True)
+class CorrectionEffect:
+    """What flipping one correction setting changes for one question (the rest of the settings kept)."""
+
+    argument: str  # the forward argument, e.g. "protect_image_cls"
+    label: str
+    help: str  # the method record's one-line explanation
+    value: Any  # the setting's value in this run
+    answers: list[tuple[str, float]]  # top-5 with it
+    max_logit_change: float  # largest |logit| change against the run without the flip
+    image_cls: list[str]  # per reduce step, where the image CLS is after it (``image_cls_fates``)
+    image_tokens_out: int  # image tokens leaving the last layer
+    cells_kept_differently: int  # grid cells held by some token at the end in one run and pruned in the other
+
+
+def image_cls_fates(trace: PuMerTrace, sample: int = 0) -> list[str]:
+    """Per reduce step, where the image CLS is after it: 'first' (its own token at the front of the image
+    tokens), 'position k', 'merged at k' (its token holds patches too) or 'pruned'."""
+    fates = []
+    for step in trace.steps:
+        position = int(step.image_cls[sample])
+        first = int(trace.text_counts[sample, step.layer + 1])
+        if position < 0:
+            fates.append("pruned")
+        elif (step.image_groups[sample] == position).any():
+            fates.append(f"merged at {position - first}")
+        else:
+            fates.append("first" if position == first else f"position {position - first}")
+    return fates
+
+
+def _kept_cells(trace: PuMerTrace, sample: int = 0) -> set[int]:
+    if not trace.steps:
+        return set(range(trace.grid_shape[0] * trace.grid_shape[1]))
+    return set(np.flatnonzero(trace.steps[-1].image_groups[sample] >= 0).tolist())
+
+
+def correction_effects(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], settings: PuMerSettings,
+                       method: Method, logits: torch.Tensor, trace: PuMerTrace) -> list[CorrectionEffect]:
+    """Each correction setting of ``method`` flipped on its own (a switch toggled, a choice changed to the other
+    value), on the same inputs; ``logits`` / ``trace`` are the run with ``settings`` as they are."""
+    forward, labels = method.forward_function(), model.config.id2label
+    effects = []
+    for setting in (s for s in method.settings if s.argument in CORRECTION_ARGUMENTS):
+        current = getattr(settings, setting.argument)
+        if current is None:
+            continue
+        value = (not current) if isinstance(current, bool) else next(c for c in setting.choices if c != current)
+        flipped = PuMerSettings(**{**asdict(settings), setting.argument: value})
+        with torch.inference_mode():
+            other_logits, other = forward(model, inputs, **flipped.forward_kwargs(), return_trace=True)
+        effects.append(CorrectionEffect(
+            argument=setting.argument, label=setting.label, help=setting.help, value=value,
+            answers=top_answers(other_logits[0], labels),
+            max_logit_change=float((other_logits[0] - logits[0]).abs().max()),
+            image_cls=image_cls_fates(other), image_tokens_out=int(other.image_counts[0, -1]),
+            cells_kept_differently=len(_kept_cells(other) ^ _kept_cells(trace))))
+    return effects
+
+
 def answer_question(model: torch.nn.Module, processor, image: Image.Image, question: str,
                     settings: PuMerSettings | None = None, method: Method | str = "pumer") -> PuMerResult:
     """Answer ``question`` about ``image`` with the full model and with PuMer, trace the reduction and time both
@@ -328,6 +424,7 @@ def answer_question(model: torch.nn.Module, processor, image: Image.Image, quest
     with torch.inference_mode():
         full_logits = forward(model, inputs, **method.neutral_arguments)
         pumer_logits, trace = forward(model, inputs, **settings.forward_kwargs(), return_trace=True)
+    corrections = correction_effects(model, inputs, settings, method, pumer_logits, trace)
     speed = benchmark_pumer(model, inputs, settings.timing_iters, str(device), settings, settings.timing_rounds,
                             method=method)
     image_processor = processor.image_processor
@@ -341,7 +438,8 @@ def answer_question(model: torch.nn.Module, processor, image: Image.Image, quest
         full_answers=top_answers(full_logits[0], labels), pumer_answers=top_answers(pumer_logits[0], labels),
         trace=trace, speed=speed, settings=settings,
         model_label=view.label if view else FAMILY_LABELS.get(next(iter(method.families)), "model"),
-        layer_word=view.layer_word if view else "layer",
+        layer_word=view.layer_word if view else "layer", corrections=corrections,
+        input_shape=tuple(int(v) for v in inputs["pixel_values"].shape[-2:]),
     )
 
 
@@ -393,6 +491,25 @@ def answers_frame(result: PuMerResult):
                          for i, ((fa, fs), (pa, ps)) in enumerate(zip(result.full_answers, result.pumer_answers))])
 
 
+def corrections_frame(result: PuMerResult):
+    """The run as set and each correction flipped: top answer, logit change, where the image CLS went at each
+    reduce step, image tokens out, grid cells kept differently."""
+    import pandas as pd
+
+    def row(what, value, answers, change, fates, tokens_out, cells):
+        answer, score = answers[0]
+        return {"run": what, "value": str(value), "top answer": answer, "score": round(score, 4),
+                "max |logit change|": round(change, 4),
+                f"image CLS after each reduce {result.layer_word}": ", ".join(fates) or "-",
+                "image tokens out": tokens_out, "cells kept differently": cells}
+
+    rows = [row("as set", "", result.pumer_answers, 0.0, image_cls_fates(result.trace),
+                int(result.trace.image_counts[0, -1]), 0)]
+    rows += [row(e.label, e.value, e.answers, e.max_logit_change, e.image_cls, e.image_tokens_out,
+                 e.cells_kept_differently) for e in result.corrections]
+    return pd.DataFrame(rows)
+
+
 def _finite_or_none(values: np.ndarray) -> list:
     return [None if not math.isfinite(v) else round(float(v), 6) for v in values]
 
@@ -402,9 +519,12 @@ def records_to_json(result: PuMerResult, sample: int = 0) -> dict:
     trace, column = result.trace, _column(result.layer_word)
     return {
         "question": result.question, "text_tokens": result.text_tokens, "layers_are": result.layer_word + "s",
+        "input_pixels": list(result.input_shape),
         "settings": asdict(result.settings), "grid_shape": list(trace.grid_shape), "patch_size": result.patch_size,
         "answers": {"full": result.full_answers, "pumer": result.pumer_answers},
         "speed": asdict(result.speed),
+        "corrections": [asdict(e) for e in result.corrections],
+        "image_cls": image_cls_fates(trace, sample),
         "tokens_per_layer": counts_frame(trace, sample, result.layer_word).to_dict(orient="records"),
         "reduce_steps": [{
             column: s.layer,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import argparse
 from pathlib import Path
 from typing import Mapping
 
@@ -20,12 +21,19 @@ class WeightsNotFoundError(FileNotFoundError):
     tried: list[str] = []
 
 
+# The only non-tensor types a checkpoint may carry besides plain containers and numbers: training scripts store
+# their command line (DynamicViT's and DeiT's ``main.py`` save ``args``, an ``argparse.Namespace``). Everything
+# else that is not a tensor, a number, a string or a container is refused by ``weights_only=True``.
+SAFE_CHECKPOINT_TYPES = (argparse.Namespace,)
+
 # Official releases wrap the state dict under one of these keys ({'model': ...} for DeiT and DynamicViT).
 _WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors file, or a torch checkpoint with ``weights_only=True`` (never a bare pickle)."""
+    """Read a .safetensors file, or a torch checkpoint with ``weights_only=True`` (never a bare pickle), allowing
+    exactly ``SAFE_CHECKPOINT_TYPES`` so that full training checkpoints (model, optimizer, scheduler, scaler,
+    epoch, ``args``; Lightning's state_dict, optimizer_states, hyper_parameters, ...) load."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist.")
@@ -37,7 +45,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             obj = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_TYPES)):
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any decoder error becomes one clear message
         raise CheckpointError(_unreadable(path.name, exc)) from exc
     return unwrap_state_dict(obj, source=path.name)

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import weights as W
 from .checkpoints import CheckpointError, WeightsNotFoundError, _first, load_strict, read_state_dict
-from .registry import ModelSpec, get_spec
+from .registry import ModelSpec, get_spec, sized
 
 CACHE_DIR = Path.home() / ".cache" / "vitlab"
 
@@ -121,9 +121,10 @@ def _timm_model_and_transform(spec: ModelSpec, source: W.WeightsSource) -> tuple
 
 def load_model(name: str, device: str = "cpu", user_file: str | Path | None = None,
                random_weights: bool = False, allow_network: bool = True,
-               weights_folder: str | Path | None = None) -> LoadedModel:
-    """Resolve, build, load and move a registry model; eval mode. Raises WeightsNotFoundError/CheckpointError."""
-    spec = get_spec(name)
+               weights_folder: str | Path | None = None, input_size: int | None = None) -> LoadedModel:
+    """Resolve, build, load and move a registry model; eval mode. Raises WeightsNotFoundError/CheckpointError.
+    ``input_size``: one of the entry's ``input_sizes`` (METER: 576, 384, 288 px); None: its default."""
+    spec = sized(get_spec(name), input_size)
     folder = Path(weights_folder).expanduser() if weights_folder else None
     source = W.resolve(spec, user_file=user_file, random_weights=random_weights, allow_network=allow_network,
                        folder=folder)

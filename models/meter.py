@@ -47,7 +47,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class MeterConfig:
     """Sizes of the three parts. Defaults: the released METER-CLIP16-RoBERTa VQA model."""
 
-    image_size: int = 288
+    image_size: int = 576  # the VQAv2 checkpoint's fine-tuned size (288 in its name is the pre-training size)
     patch_size: int = 16
     vision_width: int = 768
     vision_layers: int = 11  # CLIP ViT-B/16 has 12 blocks; METER builds layers - 1 of them
@@ -283,7 +283,7 @@ def resize_position_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([pos[:1], patches.to(pos.dtype)], dim=0)
 
 
-def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], image_size: int = 288,
+def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], image_size: int = 576,
                            id2label: Mapping[int, str] | None = None) -> MeterConfig:
     """The sizes of an official METER checkpoint (official names), read from its tensors."""
     def count(prefix: str, suffix: str) -> int:
@@ -327,7 +327,7 @@ def load_official_file(model: MeterForQuestionAnswering, path: str | Path) -> No
     load_official_state_dict(model, read_state_dict(path), source=Path(path).name)
 
 
-def load_meter_checkpoint(path: str | Path, image_size: int = 288, id2label: Mapping[int, str] | None = None,
+def load_meter_checkpoint(path: str | Path, image_size: int = 576, id2label: Mapping[int, str] | None = None,
                           config: MeterConfig | None = None) -> MeterForQuestionAnswering:
     """Build METER from an official ``.ckpt`` (``{'state_dict': ...}``, read with weights_only=True), sizes
     taken from the file unless ``config`` is given, and load it strictly. Eval mode."""
@@ -344,7 +344,7 @@ class MeterProcessor:
     (questions padded and truncated to ``max_text_len``). Calling it returns input_ids, attention_mask,
     pixel_values and an all-ones pixel_mask (METER sees the whole crop), like ViltProcessor."""
 
-    def __init__(self, tokenizer, image_size: int = 288, max_text_len: int = 50):
+    def __init__(self, tokenizer, image_size: int = 576, max_text_len: int = 50):
         from transformers import CLIPImageProcessor
 
         self.tokenizer = tokenizer
@@ -413,10 +413,10 @@ def tiny_meter(seed: int = 0):
     return model, MeterProcessor(tokenizer, config.image_size, config.max_text_len)
 
 
-def meter_random() -> nn.Module:
-    """METER-CLIP16-RoBERTa for VQA at 288 px with random weights: the released model's shape and cost, for
-    timing without the weights."""
-    return MeterForQuestionAnswering(MeterConfig()).eval()
+def meter_random(image_size: int = 576) -> nn.Module:
+    """METER-CLIP16-RoBERTa for VQA at ``image_size`` px with random weights: the released model's shape and
+    cost, for timing without the weights."""
+    return MeterForQuestionAnswering(MeterConfig(image_size=image_size)).eval()
 
 
 # ----------------------------------------------------------------------------------------------- resolving
@@ -487,11 +487,13 @@ def vqa_labels(weights_dir=None, num_labels: int = 3129) -> tuple[dict[int, str]
 
 
 def meter_from_source(spec: ModelSpec, source: WeightsSource, weights_dir: str | Path | None = None,
-                      tokenizer_dir: str | Path | None = None, image_size: int = 288):
-    """``(model in eval mode, MeterProcessor)`` from what the resolver chose; the registry's ``loader`` for METER.
-    Random weights give the full-size architecture and no processor (for timing)."""
+                      tokenizer_dir: str | Path | None = None, image_size: int | None = None):
+    """``(model in eval mode, MeterProcessor)`` from what the resolver chose; the registry's ``loader`` for METER,
+    at ``image_size`` (default: the entry's ``input_size``, 576). Random weights give the full-size architecture
+    and no processor (for timing)."""
+    image_size = image_size or spec.input_size
     if source.is_random:
-        return meter_random(), None
+        return meter_random(image_size), None
     path = checkpoint_path(spec, source)
     tokenizer = load_roberta_tokenizer(tokenizer_dir, weights_dir)
     state_dict = read_state_dict(path)
@@ -504,13 +506,14 @@ def meter_from_source(spec: ModelSpec, source: WeightsSource, weights_dir: str |
 
 
 def load_meter(source: str | Path | None = None, weights_dir: str | Path | None = None,
-               tokenizer_dir: str | Path | None = None, image_size: int = 288):
+               tokenizer_dir: str | Path | None = None, image_size: int | None = None):
     """METER-CLIP16-RoBERTa fine-tuned on VQAv2 and its processor, through the one resolver: ``source`` (the
     .ckpt, or a folder holding it), ``<weights dir>/meter_clip16_288_roberta_vqa.ckpt``, the official GitHub
     release (downloaded once; there is no Hugging Face copy). The RoBERTa tokenizer comes from ``tokenizer_dir``,
     ``<weights dir>/roberta-base``, the HF cache or hub (``load_roberta_tokenizer``); answer names from
     ``vqa_labels``. The position embedding is resized to ``image_size`` (METER evaluates VQA at 576; 288 is the
-    name's size). Raises WeightsNotFoundError saying what was tried and what to put where."""
+    name's size; 384 is PuMer's benchmark size). Raises WeightsNotFoundError saying what was tried and what to put
+    where."""
     spec = get_spec(METER_VQA_NAME)
     if source is not None and Path(source).expanduser().is_dir():
         source = Path(source).expanduser() / f"{spec.weight_file_stem}.ckpt"

@@ -4,21 +4,22 @@ An explicit forward over ``models.meter.MeterForQuestionAnswering``'s own submod
 returns ``model(**inputs)``. Settings are call arguments; the model is never modified. The decisions reuse
 ``models.vilt_pumer`` (scores, pruning, bipartite matching, size-weighted merging, the trace).
 
-Where and how (checked against csarron/PuMer, ``modules_meter.py`` / ``modeling_meter.py`` and the METER-VQA
-command in its notes):
+Where and how (PuMer's code: csarron/PuMer ``meter/modules_meter.py`` ``BertCrossLayer`` and
+``meter/modeling_meter.py``; the decisions themselves are ``models.vilt_pumer.plan_reduction``'s):
 - A reduce step runs inside the *text* co-attention layer of a fusion block, after its cross-attention and
-  before its MLP. Image tokens (the block's image input) are ranked by the text-to-image cross-attention (mean
-  over heads, summed over real text tokens) and the lowest ``round(prune_ratio * image tokens)`` are pruned; the
-  rest merge among themselves by the keys of that cross-attention (mean over heads); the text tokens merge by
-  the keys of the text self-attention. The text MLP and the block's image layer then see the reduced streams.
+  before its MLP. Image tokens (the block's image input, CLS included) are ranked by the text-to-image
+  cross-attention (mean over heads, summed over the text) and the best ``n - round(prune_ratio * n)`` are kept in
+  score order; they merge among themselves by the keys of that cross-attention (mean over heads), the text by the
+  keys of its self-attention, as in ``models.vilt_pumer``.
 - PuMer's METER-VQA setting: ``reduce_layers=[0,2,4,6]`` with prune, image merge and text merge ratios 0.2.
   Its layer counter steps by 2 per fusion block (one text and one image layer), so these are fusion blocks
   0, 1, 2 and 3 of 6: ``DEFAULT_REDUCE_LAYERS`` here counts fusion blocks.
-- Differences from PuMer's code, each to stay faithful to the released METER weights (PuMer fine-tuned its
-  own): the image layer attends to the text stream's *input* of the block, as METER does (PuMer's code passes
-  the text layer's output), merged into the same groups as the text; both CLS tokens are protected (PuMer's
-  top-k over METER's image tokens may drop the image CLS that the image pooler reads); counts and merges are
-  per sample over real tokens, so padding never takes part (as in ``models.vilt_pumer``).
+- PuMer's code runs the image layer of *every* fusion block after the text layer, over its output
+  (``image_context="text_output"``, the default). METER itself, and the released METER weights, run both layers
+  of a block on the block's inputs: ``image_context="block_input"`` (then, in a reduce block, the text input
+  merged into the same groups) is that order, and with every ratio 0 it equals ``model(**inputs)``.
+- Corrections as in ``models.vilt_pumer``: ``protect_image_cls`` (the image pooler then always reads the image
+  CLS; in PuMer's code it reads whichever token ranked first) and ``size_weighted``.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ DEFAULT_REDUCE_LAYERS = (0, 1, 2, 3)  # fusion blocks; PuMer's [0, 2, 4, 6] in i
 DEFAULT_PRUNE_RATIO = 0.2
 DEFAULT_IMAGE_MERGE_RATIO = 0.2
 DEFAULT_TEXT_MERGE_RATIO = 0.2
+IMAGE_CONTEXTS = ("text_output", "block_input")  # PuMer's code, METER's own order
 
 
 def _attend(attention: nn.Module, hidden: torch.Tensor, context: torch.Tensor, bias: torch.Tensor,
@@ -57,11 +59,16 @@ def meter_pumer_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor],
                         image_merge_ratio: float = DEFAULT_IMAGE_MERGE_RATIO,
                         text_merge_ratio: float = DEFAULT_TEXT_MERGE_RATIO,
                         reduce_layers: Sequence[int] = DEFAULT_REDUCE_LAYERS, return_trace: bool = False,
-                        proportional_attention: bool = False):
-    """METER's VQA forward with PuMer in the fusion blocks ``reduce_layers`` (0-based). ``inputs``: a
-    MeterProcessor output (input_ids, attention_mask, pixel_values). With all ratios 0 it equals
-    ``model(**inputs)``. Returns the logits (B, num_labels), or ``(logits, PuMerTrace)`` when ``return_trace``:
-    the trace's column ``i`` counts the tokens entering fusion block ``i``, the last what leaves the fusion."""
+                        proportional_attention: bool = False, image_context: str = "text_output",
+                        protect_image_cls: bool = False, size_weighted: bool = False):
+    """METER's VQA forward with PuMer in the fusion blocks ``reduce_layers`` (0-based), deciding as PuMer's code
+    does. ``inputs``: a MeterProcessor output (input_ids, attention_mask, pixel_values). ``image_context``: what
+    each image layer attends to, ``"text_output"`` (PuMer's code) or ``"block_input"`` (METER's order; with all
+    ratios 0 it then equals ``model(**inputs)``). Returns the logits (B, num_labels), or
+    ``(logits, PuMerTrace)`` when ``return_trace``: the trace's column ``i`` counts the tokens entering fusion
+    block ``i``, the last what leaves the fusion."""
+    if image_context not in IMAGE_CONTEXTS:
+        raise ValueError(f"image_context must be one of {IMAGE_CONTEXTS}, not {image_context!r}")
     input_ids = inputs["input_ids"]
     attention_mask = inputs.get("attention_mask")
     if attention_mask is None:
@@ -94,25 +101,28 @@ def meter_pumer_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor],
         attended, _, text_keys = _attend(text_layer.attention, x, x, text_bias, with_probs=False)
         crossed, probs, image_keys = _attend(text_layer.crossattention, attended, y, image_bias,
                                              with_probs=reduce_here and prune_ratio > 0)
-        text_context, context_bias = x, text_bias  # what the image layer attends to: the block's text input
+        text_input = x  # METER's order: the image layer attends to the block's text input
         if reduce_here:
             plan = plan_reduction(torch.cat([text_keys.mean(dim=1), image_keys.mean(dim=1)], dim=1),
                                   torch.cat([text_valid, image_valid], dim=1),
                                   None if probs is None else _as_joint_probs(probs, text_len), text_len,
-                                  prune_ratio, image_merge_ratio, text_merge_ratio)
-            text_context = combine_tokens(x, text_sizes, plan.text_destination, plan.text_count)[0]
+                                  prune_ratio, image_merge_ratio, text_merge_ratio, protect_image_cls)
+            if image_context == "block_input":
+                text_input = combine_tokens(x, text_sizes, plan.text_destination, plan.text_count,
+                                            size_weighted)[0]
             hidden, sizes, valid, text_len = apply_reduction(
-                torch.cat([crossed, y], dim=1), torch.cat([text_sizes, image_sizes], dim=1), x.shape[1], plan)
+                torch.cat([crossed, y], dim=1), torch.cat([text_sizes, image_sizes], dim=1), x.shape[1], plan,
+                size_weighted)
             crossed, y = hidden[:, :text_len], hidden[:, text_len:]
             text_sizes, image_sizes = sizes[:, :text_len], sizes[:, text_len:]
             text_valid, image_valid = valid[:, :text_len], valid[:, text_len:]
             text_bias, image_bias = biases()
-            context_bias = text_bias
             if tracer is not None:
                 tracer.step(index, plan, valid, text_len)
         x = text_layer.output(text_layer.intermediate(crossed), crossed)
         attended, _, _ = _attend(image_layer.attention, y, y, image_bias, with_probs=False)
-        crossed, _, _ = _attend(image_layer.crossattention, attended, text_context, context_bias, with_probs=False)
+        text_context = x if image_context == "text_output" else text_input
+        crossed, _, _ = _attend(image_layer.crossattention, attended, text_context, text_bias, with_probs=False)
         y = image_layer.output(image_layer.intermediate(crossed), crossed)
     logits = model.classify(x, y)
     if tracer is None:
@@ -120,8 +130,10 @@ def meter_pumer_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor],
     tracer.count(len(pairs), torch.cat([text_valid, image_valid], 1), text_len)
     return logits, tracer.finish(dict(reduce_layers=list(reduce_layers), prune_ratio=prune_ratio,
                                       image_merge_ratio=image_merge_ratio, text_merge_ratio=text_merge_ratio,
-                                      proportional_attention=proportional_attention))
+                                      proportional_attention=proportional_attention,
+                                      image_context=image_context, protect_image_cls=protect_image_cls,
+                                      size_weighted=size_weighted))
 
 
 __all__ = ["DEFAULT_REDUCE_LAYERS", "DEFAULT_PRUNE_RATIO", "DEFAULT_IMAGE_MERGE_RATIO",
-           "DEFAULT_TEXT_MERGE_RATIO", "PuMerTrace", "meter_pumer_forward"]
+           "DEFAULT_TEXT_MERGE_RATIO", "IMAGE_CONTEXTS", "PuMerTrace", "meter_pumer_forward"]

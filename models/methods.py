@@ -15,6 +15,11 @@ from typing import Any, Callable
 from .registry import DYNAMIC_CNN, DYNAMIC_LVVIT, DYNAMIC_SWIN, DYNAMICVIT, METER, MHSA, VILT, ModelSpec
 
 
+def _flag(value: Any) -> bool:
+    """A switch in a variant name: ``NAME@cls`` or ``NAME@cls=true`` / ``=1`` / ``=yes`` is on."""
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
 def _r_spec(value: Any) -> int | str:
     """ToMe's r: an int per block, or a schedule string such as ``decreasing:13``."""
     return value if isinstance(value, int) else str(value)
@@ -29,6 +34,7 @@ class Setting:
     choices: tuple = ()  # what pages offer
     default: Any = None
     symbol: str = ""  # how papers write it (r, rho); defaults to the key
+    help: str = ""  # one line: what the setting changes (for corrections of an official choice: which and why)
 
     def __post_init__(self) -> None:
         if not self.symbol:
@@ -93,6 +99,20 @@ _RHO = (Setting("rho", "keep_ratio", "keep ratio rho", float, (0.5, 0.6, 0.7, 0.
 _PUMER_SETTINGS = (Setting("prune", "prune_ratio", "image prune ratio", float, (0.1, 0.2, 0.3), 0.1),
                    Setting("image_merge", "image_merge_ratio", "image merge ratio", float, (0.1, 0.2, 0.3), 0.3),
                    Setting("text_merge", "text_merge_ratio", "text merge ratio", float, (0.1, 0.2, 0.3), 0.2))
+# PuMer's code decides by default (models.vilt_pumer); these switch on corrections of its choices, one each.
+_PUMER_CORRECTIONS = (
+    Setting("cls", "protect_image_cls", "protect the image CLS", _flag, (False, True), False,
+            help="Correction: PuMer's code ranks the image CLS with the patches, so it can move or be pruned (and "
+                 "METER's image pooler then reads the best-scored patch); on, it is never pruned or merged and "
+                 "stays first."),
+    Setting("wavg", "size_weighted", "size-weighted merges", _flag, (False, True), False,
+            help="Correction: PuMer's code averages each merge with equal weights, whatever a token already "
+                 "holds; on, merges are weighted by token size (ToMe)."),
+)
+_METER_ORDER = Setting(
+    "context", "image_context", "METER image layer attends to", str, ("text_output", "block_input"), "text_output",
+    help="PuMer's code runs METER's image layer over the text layer's output in every fusion block "
+         "(text_output); block_input is METER's own order, the one the released weights were trained with.")
 _PUMER_NEUTRAL = dict(prune_ratio=0.0, image_merge_ratio=0.0, text_merge_ratio=0.0)
 
 METHODS: dict[str, Method] = {m.key: m for m in [
@@ -109,15 +129,18 @@ METHODS: dict[str, Method] = {m.key: m for m in [
            reference="Dynamic Spatial Sparsification (T-PAMI 2023), ConvNeXt", neutral_arguments={"keep_ratio": 1.0}),
     Method("dynamicswin", "DynamicSwin", frozenset({DYNAMIC_SWIN}), "models.dynamic_swin:swin_forward", _RHO,
            reference="Dynamic Spatial Sparsification (T-PAMI 2023), Swin", neutral_arguments={"keep_ratio": 1.0}),
-    Method("pumer", "PuMer", frozenset({VILT}), "models.vilt_pumer:pumer_forward", _PUMER_SETTINGS,
+    Method("pumer", "PuMer", frozenset({VILT}), "models.vilt_pumer:pumer_forward",
+           _PUMER_SETTINGS + _PUMER_CORRECTIONS,
            reference="PuMer (ACL 2023), ViLT: layers 2, 5, 8", paper_flag="pumer",
            paper_arguments=dict(prune_ratio=0.1, image_merge_ratio=0.3, text_merge_ratio=0.2),
            neutral_arguments=_PUMER_NEUTRAL, plain_for=frozenset({VILT})),
     # PuMer's METER-VQA setting: fusion blocks 0-3, prune 0.2, image and text merge 0.2 (csarron/PuMer).
-    Method("pumer-meter", "PuMer", frozenset({METER}), "models.meter_pumer:meter_pumer_forward", _PUMER_SETTINGS,
+    # Unreduced, it runs METER's own order, so the baseline is the released model.
+    Method("pumer-meter", "PuMer", frozenset({METER}), "models.meter_pumer:meter_pumer_forward",
+           _PUMER_SETTINGS + _PUMER_CORRECTIONS + (_METER_ORDER,),
            reference="PuMer (ACL 2023), METER: fusion blocks 0-3", paper_flag="pumer",
            paper_arguments=dict(prune_ratio=0.2, image_merge_ratio=0.2, text_merge_ratio=0.2),
-           neutral_arguments=_PUMER_NEUTRAL, plain_for=frozenset({METER})),
+           neutral_arguments=dict(_PUMER_NEUTRAL, image_context="block_input"), plain_for=frozenset({METER})),
 ]}
 
 

@@ -5,7 +5,7 @@ Token-reduction methods are not models: ``models.methods`` says which method app
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Families: which token-reduction methods apply (models.methods) and how a model is built and fed.
 # MHSA and CGA double as the attention kinds that the recording forwards and the analyses dispatch on.
@@ -72,6 +72,8 @@ class ModelSpec:
     weights_layout: str = FILE
     inputs: str = IMAGE_INPUTS
     input_size: int = 224
+    # Other input sizes a user may pick (the first is ``input_size``, the default); ``sized`` makes the entry at one.
+    input_sizes: tuple[int, ...] = ()
     # The keep ratio a released token-pruning model was trained for (pages and CLIs default to it).
     trained_keep_ratio: float | None = None
 
@@ -199,6 +201,12 @@ register(ModelSpec("vilt_b32_vqa", VILT, reference="ViLT (ICML 2021), VQAv2 fine
                    hf_repo="dandelin/vilt-b32-finetuned-vqa", weights_layout=FOLDER, inputs=VQA_INPUTS,
                    input_size=384))
 
+# METER's VQAv2 checkpoint was fine-tuned and evaluated at 576 px (METER's README and config.py, PuMer's checkpoint
+# conversion); 288 in its name is the pre-training size; PuMer's own fine-tuning and benchmarks used 384.
+METER_IMAGE_SIZES = (576, 384, 288)
+METER_SIZE_NOTES = {576: "the checkpoint's fine-tuned size", 384: "PuMer's own fine-tuning and benchmarks",
+                    288: "METER's pre-training size"}
+
 # METER is assembled from transformers parts; models.meter reads the official Lightning .ckpt (GitHub release)
 # and the roberta-base tokenizer files.
 register(ModelSpec("meter_clip16_288_vqa", METER,
@@ -206,7 +214,17 @@ register(ModelSpec("meter_clip16_288_vqa", METER,
                    factory="models.meter:meter_random", load_fn="models.meter:load_official_file",
                    loader="models.meter:meter_from_source", file_stem="meter_clip16_288_roberta_vqa",
                    url="https://github.com/zdou0830/METER/releases/download/checkpoint/meter_clip16_288_roberta_vqa.ckpt",
-                   inputs=VQA_INPUTS, input_size=288))
+                   inputs=VQA_INPUTS, input_size=576, input_sizes=METER_IMAGE_SIZES))
+
+
+def sized(spec: ModelSpec, size: int | None) -> ModelSpec:
+    """``spec`` at input ``size`` (one of its ``input_sizes``); None or its own size: ``spec`` itself."""
+    if size is None or size == spec.input_size:
+        return spec
+    if size not in spec.input_sizes:
+        offered = ", ".join(map(str, spec.input_sizes or (spec.input_size,)))
+        raise ValueError(f"{spec.name} runs at {offered} px, not {size} px.")
+    return replace(spec, input_size=size)
 
 
 def get_spec(name: str) -> ModelSpec:

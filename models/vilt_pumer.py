@@ -8,17 +8,23 @@ PuMer (Cao et al., ACL 2023) reduces tokens inside a few encoder layers, between
 ``pumer_forward`` walks ``model.vilt``'s own submodules, so with every ratio at 0 it returns the logits of
 ``model(**inputs)``. Every setting is an argument; the model is never modified.
 
-Choices (checked against the authors' code, csarron/PuMer, sim_method=mean_head, merge_style=tome):
-- ``image_len`` counts the image CLS token, as PuMer does: ``prune_r = round(prune_ratio * image_len)`` and
+Decisions are PuMer's code's (csarron/PuMer ``vilt/vit_vilt.py`` ``Block.forward`` and ``reducer.py``, with
+sim_method=mean_head, merge_style=tome), by default:
+- ``image_len`` counts the image CLS token: ``prune_r = round(prune_ratio * image_len)`` and
   ``merge_r = round(image_merge_ratio * image_len)`` use the image count entering the layer, so ratios compound.
-  Counts are per sample, of real tokens, so padded pixels of a mixed-size batch change nothing.
-- Both CLS tokens are protected: the text CLS feeds the pooler; the image CLS is never pruned or merged.
-- The text merge count is per sample, ``round(text_merge_ratio * real_text_len)``, from the real (unpadded)
-  length: a padded question then gives the same answer as an unpadded one. Padding never takes part in scores
-  or merges and is dropped at each reduce layer; a batch keeps one tensor shape by padding the shorter samples.
-- PuMer's code averages merged tokens with equal weights and adds no size bias to attention. Here merged tokens
-  are size-weighted averages (ToMe); proportional attention (log size added to the logits) is an argument,
-  off by default as in PuMer.
+- Every image token, the CLS included, is scored by the text-to-image attention (mean over heads, summed over
+  the text); the best ``image_len - prune_r`` are kept *in score order*, so the image CLS can move or be pruned.
+- ToMe then merges the kept image tokens in that order: alternate A/B, A's first token (the best-scored one) is
+  protected, ``min(merge_r, (kept - 1) // 2)`` merges, result ``[unmerged A, B]``; the text merges the same
+  way with its CLS as the protected first token, ``round(text_merge_ratio * text_len)`` merges.
+- A merge is the plain mean of the tokens merged in that step (PuMer's code starts every step from size 1).
+Corrections, off by default: ``protect_image_cls`` (the image CLS always ranks first: never pruned or merged,
+stays at position 0) and ``size_weighted`` (ToMe's size-weighted average). ``proportional_attention`` (log size
+added to the logits) is off, as in PuMer.
+Remaining deliberate differences: counts, scores and merges are per sample over real tokens (PuMer's code sums
+scores over padded text rows too and merges padding with a fractional mask), so a padded question gives the
+unpadded answer; attention is the model's softmax (PuMer's code adds 1e-6 / N to it); with a prune ratio of 0
+(or one rounding to 0) PuMer's ViLT code skips the merges of that layer too, here they still run.
 - Image patches: transformers' ``visual_embed`` keeps every patch when ``config.max_image_length`` is -1 (the
   released ViLT-VQA config) but shuffles their order with ``torch.multinomial``; with a positive
   ``max_image_length`` smaller than the patch count it keeps a random subset even in eval. This forward sorts
@@ -135,9 +141,10 @@ class ReduceStep:
     pruned_cells: list[np.ndarray]  # per sample: grid cells whose token was pruned here
     image_groups: np.ndarray  # (B, cells) position of the token holding the cell after this layer; -1: gone
     text_groups: np.ndarray  # (B, text_len) position of the token holding each input text token; -1: padding
-    image_pruned: np.ndarray  # (B,) image tokens pruned here
+    image_pruned: np.ndarray  # (B,) image tokens pruned here (the image CLS's token included, when pruned)
     image_merged: np.ndarray  # (B,) image tokens merged away here
     text_merged: np.ndarray  # (B,) text tokens merged away here
+    image_cls: np.ndarray  # (B,) position of the token holding the image CLS after this layer; -1: pruned
 
 
 @dataclass
@@ -236,108 +243,108 @@ def _attention_residual(layer: nn.Module, hidden: torch.Tensor, bias: torch.Tens
 
 # ----------------------------------------------------------------------------------------------- reduction
 def text_to_image_scores(probs: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
-    """PuMer's pruning score of each image patch token (image CLS excluded): attention from the text to it,
-    mean over heads, summed over the real text tokens. probs: (B, H, N, N) with text first. Returns (B, P)."""
+    """PuMer's pruning score of each image token, the image CLS included (PuMer ranks it with the patches):
+    attention from the text to it, mean over heads, summed over the real text tokens. probs: (B, H, N, N) with
+    text first. Returns (B, image tokens)."""
     text_len = text_valid.shape[1]
-    cross = probs.mean(dim=1)[:, :text_len, text_len + 1:]
+    cross = probs.mean(dim=1)[:, :text_len, text_len:]
     return (cross * text_valid[..., None].to(cross.dtype)).sum(dim=1)
 
 
-def prune_lowest(scores: torch.Tensor, valid: torch.Tensor, prune_r: torch.Tensor) -> torch.Tensor:
-    """Mask (B, P) of the patch tokens pruned: the ``prune_r[b]`` valid tokens with the lowest scores
-    (at least one valid token stays). Padding patches are not counted: they are dropped anyway."""
-    ranked = scores.masked_fill(~valid, math.inf)
-    rank = ranked.argsort(dim=1).argsort(dim=1)
-    limit = torch.minimum(prune_r, (valid.sum(dim=1) - 1).clamp_min(0))
-    return (rank < limit[:, None]) & valid
+def tome_destinations(metric: torch.Tensor, valid: torch.Tensor, r: torch.Tensor):
+    """PuMer's ToMe step (``bipartite_soft_matching`` with a class token) within one modality, per sample.
 
-
-def _compact(kept: torch.Tensor) -> torch.Tensor:
-    """A permutation (B, P) that puts each sample's kept tokens first, in their order, and the rest after."""
-    positions = torch.arange(kept.shape[1], device=kept.device).expand_as(kept)
-    return torch.where(kept, positions, positions + kept.shape[1]).argsort(dim=1)
-
-
-def bipartite_destinations(metric: torch.Tensor, valid: torch.Tensor, r: torch.Tensor):
-    """ToMe's bipartite matching (``models.merging``) within one modality, with a merge count per sample.
-
-    The ``r[b]`` best A -> B pairs merge; invalid tokens never match and are dropped.
-    Returns (destination (B, M): new index of each token's group, -1 when dropped; new counts (B,))."""
-    match = bipartite_match(metric, valid)
+    Tokens alternate into A (even positions) and B (odd); the first token is A's and never merges; the ``r[b]``
+    A tokens with the most similar B partner (cosine of ``metric``) merge into it, at most as many as can. The
+    result is ordered as PuMer's: the unmerged A tokens in their order, then every B token. Invalid tokens never
+    match and are dropped. Returns (destination (B, M): new index of each token's group, -1 when dropped; new
+    counts (B,))."""
+    if metric.shape[1] < 2:
+        destination = valid.long().cumsum(dim=1) - 1
+        return destination.masked_fill(~valid, -1), valid.sum(dim=1)
+    match = bipartite_match(metric, valid, protect_first=True)
     merged_a = merge_mask(match, r.to(valid.device))
-    survives = valid.clone()
-    survives[:, 0::2] &= ~merged_a
-    new_index = survives.long().cumsum(dim=1) - 1
-    destination = new_index.masked_fill(~survives, -1)
-    if valid.shape[1] > 1:
-        partner = new_index[:, 1::2].gather(1, match.partner)
-        destination[:, 0::2] = torch.where(merged_a, partner, destination[:, 0::2])
-    return destination, survives.sum(dim=1)
+    a_stays, b_valid = valid[:, 0::2] & ~merged_a, valid[:, 1::2]
+    unmerged = a_stays.sum(dim=1)
+    b_destination = (unmerged[:, None] + b_valid.long().cumsum(dim=1) - 1).masked_fill(~b_valid, -1)
+    a_destination = (a_stays.long().cumsum(dim=1) - 1).masked_fill(~a_stays, -1)
+    a_destination = torch.where(merged_a, b_destination.gather(1, match.partner), a_destination)
+    destination = torch.empty_like(valid, dtype=torch.long)
+    destination[:, 0::2], destination[:, 1::2] = a_destination, b_destination
+    return destination, unmerged + b_valid.sum(dim=1)
 
 
-def combine_tokens(states: torch.Tensor, sizes: torch.Tensor, destination: torch.Tensor, new_len: int):
-    """Gather tokens into their groups by size-weighted average (ToMe). ``destination`` -1 drops a token.
-    Empty slots (for samples with fewer groups) are zero padding of size 1. Returns (states, sizes, valid)."""
+def combine_tokens(states: torch.Tensor, sizes: torch.Tensor, destination: torch.Tensor, new_len: int,
+                   size_weighted: bool = True):
+    """Gather tokens into their groups by average, size-weighted (ToMe) or with equal weights (PuMer's code
+    starts every merge from size 1). ``destination`` -1 drops a token. Empty slots (for samples with fewer
+    groups) are zero padding of size 1. Returns (states, sizes (the summed sizes of each group), valid)."""
     batch, _, channels = states.shape
     slot = destination.masked_fill(destination < 0, new_len)  # one spare slot collects dropped tokens
+    weights = sizes if size_weighted else torch.ones_like(sizes)
     total = states.new_zeros(batch, new_len + 1, channels).scatter_add_(
-        1, slot[..., None].expand(-1, -1, channels), states * sizes[..., None])
+        1, slot[..., None].expand(-1, -1, channels), states * weights[..., None])
+    weight = weights.new_zeros(batch, new_len + 1).scatter_add_(1, slot, weights)[:, :new_len]
     new_sizes = sizes.new_zeros(batch, new_len + 1).scatter_add_(1, slot, sizes)[:, :new_len]
     valid = new_sizes > 0
-    new_sizes = new_sizes.masked_fill(~valid, 1.0)
-    return total[:, :new_len] / new_sizes[..., None], new_sizes, valid
-
-
-def _with_protected_first(destination: torch.Tensor) -> torch.Tensor:
-    """Destinations of [CLS, rest...] given those of rest: CLS keeps slot 0, the rest shift by one."""
-    shifted = torch.where(destination >= 0, destination + 1, destination)
-    return torch.cat([torch.zeros_like(shifted[:, :1]), shifted], dim=1)
+    return (total[:, :new_len] / weight.masked_fill(~valid, 1.0)[..., None], new_sizes.masked_fill(~valid, 1.0),
+            valid)
 
 
 @dataclass
 class _Reduction:
     text_destination: torch.Tensor  # (B, T) over the text segment
-    image_destination: torch.Tensor  # (B, 1 + P) over the image segment
-    pruned: torch.Tensor  # (B, P) bool: patch token pruned
-    scores: torch.Tensor | None  # (B, P)
+    image_destination: torch.Tensor  # (B, I) over the image segment (its CLS first)
+    pruned: torch.Tensor  # (B, I) bool: image token pruned
+    scores: torch.Tensor | None  # (B, I)
     text_count: int
     image_count: int
 
 
 @scope(MATCHING)
 def plan_reduction(metric: torch.Tensor, valid: torch.Tensor, probs: torch.Tensor | None, text_len: int,
-                   prune_ratio: float, image_merge_ratio: float, text_merge_ratio: float) -> _Reduction:
-    """Decide one PuMer step: prune image patches by text attention, then merge image patches and text
-    tokens, each modality on its own. metric: keys averaged over heads (B, N, d)."""
+                   prune_ratio: float, image_merge_ratio: float, text_merge_ratio: float,
+                   protect_image_cls: bool = False) -> _Reduction:
+    """Decide one PuMer step as PuMer's code does (csarron/PuMer, ``vit_vilt.Block`` / ``BertCrossLayer``):
+    rank the image tokens, CLS included, by text attention and keep the best ``image_len - prune_r`` in score
+    order; ToMe-merge them in that order (the best-scored token is A's protected first one); ToMe-merge the text
+    (its CLS protected); neither modality mixes with the other. With ``protect_image_cls`` the image CLS ranks
+    first whatever its score: never pruned, never merged, still at position 0. metric: keys averaged over heads
+    (B, N, d)."""
     text_valid, image_valid = valid[:, :text_len], valid[:, text_len:]
-    patch_valid = image_valid[:, 1:]
     image_len = image_valid.sum(dim=1).double()  # per sample, counting the image CLS as PuMer does
-    scores = None
-    pruned = torch.zeros_like(patch_valid)
+    positions = torch.arange(image_valid.shape[1], device=valid.device).expand_as(image_valid)
+    order, kept, scores = positions, image_valid, None
     if prune_ratio > 0:
         scores = text_to_image_scores(probs, text_valid)
-        pruned = prune_lowest(scores, patch_valid, torch.round(prune_ratio * image_len).long())
-    order = _compact(patch_valid & ~pruned)
-    kept_metric = metric[:, text_len + 1:].gather(1, order[..., None].expand(-1, -1, metric.shape[-1]))
-    kept_valid = (patch_valid & ~pruned).gather(1, order)
+        ranking = scores.masked_fill(~image_valid, -math.inf)
+        if protect_image_cls:
+            ranking[:, 0] = math.inf
+        order = ranking.argsort(dim=1, descending=True, stable=True)
+        keep = (image_len - torch.round(prune_ratio * image_len)).clamp_min(1).long()
+        kept = (positions < keep[:, None]) & image_valid.gather(1, order)  # in score order
+    image_metric = metric[:, text_len:].gather(1, order[..., None].expand(-1, -1, metric.shape[-1]))
     image_r = torch.round(image_merge_ratio * image_len).long()
-    kept_destination, image_counts = bipartite_destinations(kept_metric, kept_valid, image_r)
-    patch_destination = torch.empty_like(kept_destination).scatter_(1, order, kept_destination)
+    ordered_destination, image_counts = tome_destinations(image_metric, kept, image_r)
+    image_destination = torch.empty_like(ordered_destination).scatter_(1, order, ordered_destination)
+    pruned = torch.zeros_like(kept).scatter_(1, order, kept) ^ image_valid
 
     text_r = torch.round(text_merge_ratio * text_valid.sum(dim=1).double()).long()  # per sample, real length
-    text_destination, text_counts = bipartite_destinations(metric[:, 1:text_len], text_valid[:, 1:], text_r)
-    return _Reduction(_with_protected_first(text_destination), _with_protected_first(patch_destination), pruned,
-                      scores, int(text_counts.max()) + 1, int(image_counts.max()) + 1)
+    text_destination, text_counts = tome_destinations(metric[:, :text_len], text_valid, text_r)
+    return _Reduction(text_destination, image_destination, pruned, scores,
+                      int(text_counts.max()), int(image_counts.max()))
 
 
 @scope(REDUCTION)
-def apply_reduction(hidden: torch.Tensor, sizes: torch.Tensor, text_len: int, plan: _Reduction):
+def apply_reduction(hidden: torch.Tensor, sizes: torch.Tensor, text_len: int, plan: _Reduction,
+                    size_weighted: bool = False):
     """Carry out a planned step on the hidden states. Returns (hidden, sizes, valid, new text length)."""
-    text = combine_tokens(hidden[:, :text_len], sizes[:, :text_len], plan.text_destination, plan.text_count)
-    image = combine_tokens(hidden[:, text_len:], sizes[:, text_len:], plan.image_destination, plan.image_count)
+    text = combine_tokens(hidden[:, :text_len], sizes[:, :text_len], plan.text_destination, plan.text_count,
+                          size_weighted)
+    image = combine_tokens(hidden[:, text_len:], sizes[:, text_len:], plan.image_destination, plan.image_count,
+                           size_weighted)
     return (torch.cat([text[0], image[0]], 1), torch.cat([text[1], image[1]], 1),
             torch.cat([text[2], image[2]], 1), plan.text_count)
-
 
 # ----------------------------------------------------------------------------------------------- tracing
 def _follow(owner: torch.Tensor, destination: torch.Tensor) -> torch.Tensor:
@@ -361,6 +368,7 @@ class _Tracer:
             1, target, positions)[:, :cells]
         self.text_owner = torch.arange(embedded.text_len, device=text_valid.device).expand(batch, -1).masked_fill(
             ~text_valid, -1)
+        self.cls_owner = torch.zeros(batch, 1, dtype=torch.long, device=patch_valid.device)  # image CLS: position 0
         self.text_lengths = text_valid.sum(dim=1)
         self.text_counts = torch.zeros(batch, num_layers + 1, dtype=torch.long)
         self.image_counts = torch.zeros(batch, num_layers + 1, dtype=torch.long)
@@ -372,13 +380,14 @@ class _Tracer:
 
     def step(self, layer: int, plan: _Reduction, valid: torch.Tensor, new_text_len: int) -> None:
         """Record one reduce step; ``valid`` and ``new_text_len`` describe the sequence after it."""
-        holder = self.image_owner - 1  # patch-token index of the token holding each cell (-1 CLS/none)
+        holder = self.image_owner  # image-segment position of the token holding each cell (-1: none)
         present = holder >= 0
         scores = torch.full(holder.shape, math.nan)
         if plan.scores is not None:
             scores = plan.scores.gather(1, holder.clamp_min(0)).masked_fill(~present, math.nan).float().cpu()
         pruned = plan.pruned.gather(1, holder.clamp_min(0)) & present
         self.image_owner = _follow(self.image_owner, plan.image_destination)
+        self.cls_owner = _follow(self.cls_owner, plan.image_destination)
         self.text_owner = _follow(self.text_owner, plan.text_destination)
         image_positions = (self.image_owner + new_text_len).masked_fill(self.image_owner < 0, -1)
         pruned_count = plan.pruned.sum(dim=1).cpu()
@@ -395,6 +404,7 @@ class _Tracer:
             image_pruned=pruned_count.numpy(),
             image_merged=(image_before - pruned_count - image_after).numpy(),
             text_merged=(text_before - text_after).numpy(),
+            image_cls=(self.cls_owner[:, 0] + new_text_len).masked_fill(self.cls_owner[:, 0] < 0, -1).cpu().numpy(),
         ))
 
     def finish(self, settings: dict) -> PuMerTrace:
@@ -406,10 +416,13 @@ class _Tracer:
 def pumer_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor],
                   reduce_layers: Sequence[int] = DEFAULT_REDUCE_LAYERS, prune_ratio: float = 0.1,
                   image_merge_ratio: float = 0.3, text_merge_ratio: float = 0.2,
-                  proportional_attention: bool = False, return_trace: bool = False):
+                  proportional_attention: bool = False, return_trace: bool = False,
+                  protect_image_cls: bool = False, size_weighted: bool = False):
     """ViltForQuestionAnswering's forward with PuMer token reduction in ``reduce_layers`` (0-based), between
-    each such layer's attention and its MLP. ``inputs`` is a ViltProcessor output (input_ids, attention_mask,
-    token_type_ids, pixel_values, pixel_mask). With all ratios 0 it equals ``model(**inputs).logits``.
+    each such layer's attention and its MLP, deciding as PuMer's code does. ``inputs`` is a ViltProcessor output
+    (input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask). With all ratios 0 it equals
+    ``model(**inputs).logits``. Corrections (off by default, i.e. PuMer's code): ``protect_image_cls`` never
+    prunes or merges the image CLS and keeps it first; ``size_weighted`` averages merges by token size (ToMe).
     Returns the logits (B, num_labels), or ``(logits, PuMerTrace)`` when ``return_trace``."""
     vilt = model.vilt
     embedded = embed_inputs(vilt, inputs)
@@ -426,8 +439,8 @@ def pumer_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor],
         hidden, probs, keys = _attention_residual(layer, hidden, bias, with_probs=reduce_here and prune_ratio > 0)
         if reduce_here:
             plan = plan_reduction(keys.mean(dim=1), valid, probs, text_len,
-                                  prune_ratio, image_merge_ratio, text_merge_ratio)
-            hidden, sizes, valid, text_len = apply_reduction(hidden, sizes, text_len, plan)
+                                  prune_ratio, image_merge_ratio, text_merge_ratio, protect_image_cls)
+            hidden, sizes, valid, text_len = apply_reduction(hidden, sizes, text_len, plan, size_weighted)
             bias = _attention_bias(valid, sizes if proportional_attention else None, hidden.dtype)
             if tracer is not None:
                 tracer.step(index, plan, valid, text_len)
@@ -438,4 +451,5 @@ def pumer_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor],
     tracer.count(len(layers), valid, text_len)
     return logits, tracer.finish(dict(reduce_layers=list(reduce_layers), prune_ratio=prune_ratio,
                                       image_merge_ratio=image_merge_ratio, text_merge_ratio=text_merge_ratio,
-                                      proportional_attention=proportional_attention))
+                                      proportional_attention=proportional_attention,
+                                      protect_image_cls=protect_image_cls, size_weighted=size_weighted))

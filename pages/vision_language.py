@@ -4,9 +4,10 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.provenance import label_rows, title_line, with_title
-from analysis.vision_language import (PuMerSettings, answer_question, answers_frame, counts_frame, for_display,
-                                      merge_overlay, numbered_answers, pruned_overlay, pumer_models, records_to_json,
-                                      steps_frame, text_groups_html, token_counts_figure, tokens)
+from analysis.vision_language import (CORRECTION_ARGUMENTS, PuMerSettings, answer_question, answers_frame,
+                                      corrections_frame, counts_frame, for_display, merge_overlay, numbered_answers,
+                                      pruned_overlay, pumer_models, records_to_json, steps_frame, text_groups_html,
+                                      token_counts_figure, tokens)
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from pages._ui import (current_device, download_df, download_json, download_png, image_picker, image_set_key, kept,
                        run_through_app, session_result, user_weight_files, weights_folder)
@@ -15,14 +16,16 @@ MODELS = {entry.name: entry for entry in pumer_models()}
 
 
 @st.cache_resource(show_spinner="Looking for the model ...", max_entries=4)
-def _cached_model(name: str, random_weights: bool, folder: str, user_file: str | None, device: str):
+def _cached_model(name: str, random_weights: bool, folder: str, user_file: str | None, device: str,
+                  image_size: int | None = None):
     """(model, processor, provenance name, weights label, None), or (None, ..., (what was tried, unreadable))
     when the weights are missing or cannot be read.
 
     A failed resolution is cached like a model (once per process, for every session): the hub is not asked
     again on every visit or rerun; the Retry button clears it."""
     try:
-        model, processor, model_name, weights = MODELS[name].load(random_weights, folder or None, user_file)
+        model, processor, model_name, weights = MODELS[name].load(random_weights, folder or None, user_file,
+                                                                  image_size)
     except WeightsNotFoundError as exc:
         tried = f"Tried: {'; '.join(exc.tried)}. " if exc.tried else ""
         return None, None, None, None, (tried + str(exc), False)
@@ -37,8 +40,9 @@ st.markdown(
     "PuMer (ACL 2023) speeds up a vision-language model inside a few layers: it **prunes** the image patches the "
     "question attends to least, then **merges** similar image tokens and similar text tokens (ToMe matching), "
     "never mixing the two modalities. Ratios apply to the tokens entering each reduce layer, so they compound. "
-    "Both CLS tokens are protected. The paper reports 1.7-2x throughput with < 1 % accuracy drop after "
-    "fine-tuning with PuMer; here it runs off the shelf on the released fine-tuned models."
+    "Every decision is the one PuMer's code makes (csarron/PuMer); where that code looks wrong, a correction "
+    "below switches it off and the page shows what it changes. The paper reports 1.7-2x throughput with < 1 % "
+    "accuracy drop after fine-tuning with PuMer; here it runs off the shelf on the released fine-tuned models."
 )
 
 name = kept(st.radio, "Model", key="vl_model", options=MODELS, horizontal=True,
@@ -48,8 +52,14 @@ st.markdown(entry.view.summary)
 random_key = f"vl_random_{name}"
 random_weights = kept(st.checkbox, f"Use a small random {entry.label} (no pretrained weights)", key=random_key,
                       default=False, help=f"A {entry.view.tiny_description} with random weights: it shows the mechanics only.")
+image_size = None
+if entry.image_sizes and not random_weights:
+    image_size = kept(st.selectbox, "Image size", key=f"vl_size_{name}", options=entry.image_sizes,
+                      default=entry.image_sizes[0], format_func=entry.size_label,
+                      help="The square crop the model sees. The VQAv2 checkpoint was fine-tuned at 576 px; "
+                           "smaller is faster and less faithful.")
 model, processor, model_name, weights, missing = _cached_model(
-    name, random_weights, weights_folder(), user_weight_files().get(name), current_device())
+    name, random_weights, weights_folder(), user_weight_files().get(name), current_device(), image_size)
 if missing:
     details, unreadable = missing
     first = details.splitlines()[0]
@@ -66,7 +76,8 @@ if random_weights:
                "scores and merges below are meaningless; they only show the mechanics. Timings of a model this "
                f"small say nothing about {entry.view.description}.")
 else:
-    st.caption(f"{entry.view.description}: {weights}, on {current_device()}.")
+    size = f" at {entry.size_label(image_size)}" if image_size else ""
+    st.caption(f"{entry.view.description}{size}: {weights}, on {current_device()}.")
     if numbered_answers(model):
         st.info("No answer list was found, so answers are shown by index ('answer #i'); the weights folder's "
                 "ViLT-VQA config or a meter_vqa_labels.json gives them names.")
@@ -88,6 +99,17 @@ with right:
                       step=0.05)
     proportional = kept(st.checkbox, "Proportional attention (add log token size; PuMer's code does not)",
                         key=keys["proportional"], default=False)
+    corrections = {}
+    with st.expander("Corrections of PuMer's code (off: the paper's code)"):
+        for setting in (s for s in entry.method.settings if s.argument in CORRECTION_ARGUMENTS):
+            key = f"vl_{setting.key}_{name}"
+            if isinstance(setting.default, bool):
+                corrections[setting.argument] = kept(st.checkbox, setting.label, key=key, default=setting.default,
+                                                     help=setting.help)
+            else:
+                corrections[setting.argument] = kept(st.radio, setting.label, key=key, options=setting.choices,
+                                                     default=setting.default, help=setting.help, horizontal=True)
+            st.caption(setting.help)
     st.caption(f"Paper setting for {entry.label} (PuMer, ACL 2023): {word}s "
                f"{', '.join(map(str, paper.reduce_layers))}; prune {paper.prune_ratio:g}, image merge "
                f"{paper.image_merge_ratio:g}, text merge {paper.text_merge_ratio:g}.")
@@ -102,8 +124,9 @@ if not question.strip():
     st.stop()
 
 settings = PuMerSettings(reduce_layers=presets[preset], prune_ratio=prune, image_merge_ratio=image_merge,
-                         text_merge_ratio=text_merge, proportional_attention=proportional)
-run_key = (name, image_set_key([picked]), question, settings, random_weights, weights, current_device())
+                         text_merge_ratio=text_merge, proportional_attention=proportional, **corrections)
+run_key = (name, image_set_key([picked]), question, settings, random_weights, weights, current_device(), model_name)
+file_stem = model_name.replace(" ", "_")  # names the downloads; METER's includes its input size
 
 
 def _answer():
@@ -134,7 +157,9 @@ def _gflops(value: float) -> str:
 st.subheader("Answers")
 st.dataframe(answers_frame(result), hide_index=True)
 cols = st.columns(4)
-cols[0].metric("Speed-up (this question, batch 1)", f"{speed.speedup:.2f}x")
+low, high = speed.spread
+cols[0].metric("Speed-up (this question, batch 1)", f"{speed.speedup:.2f}x",
+               help=f"Median of {speed.rounds} interleaved rounds; rounds ranged {low:.2f}x to {high:.2f}x.")
 cols[1].metric(f"ms per batch, {result.full_name} / {result.pumer_name}", f"{speed.full_ms:.0f} / {speed.pumer_ms:.0f}")
 if speed.full_gflops and speed.pumer_gflops is not None:
     change = 100 * (speed.pumer_gflops / speed.full_gflops - 1)
@@ -143,8 +168,11 @@ if speed.full_gflops and speed.pumer_gflops is not None:
 else:
     cols[2].metric("GFLOPs with PuMer", "n/a")
 cols[3].metric("Peak memory saving", "n/a" if speed.memory_saving is None else f"{100 * speed.memory_saving:.1f} %")
-st.caption(f"Median of {speed.rounds} interleaved rounds of {speed.iters} forwards on {speed.device}; "
-           f"memory: {speed.memory_note}.")
+st.caption(f"Speed-up: median of {speed.rounds} interleaved rounds of {speed.iters} forwards each on "
+           f"{speed.device} after {speed.warmup} warm-up forwards per side; the rounds ranged {low:.2f}x to "
+           f"{high:.2f}x (a wide range: a busy machine, time it again). Input {result.input_shape[0]}x"
+           f"{result.input_shape[1]} px; memory: {speed.memory_note}.")
+
 
 st.subheader(f"Tokens per {word}")
 st.plotly_chart(token_counts_figure(result.trace, title, layer_word=word), key="vl_counts")
@@ -169,22 +197,30 @@ for index, (tab, step) in enumerate(zip(tabs, result.trace.steps)):
         d1, d2 = st.columns(2)
         with d1:
             download_png(_titled(pruned_image, f"PuMer {word} {step.layer}: pruned"),
-                         f"pumer_{model_name}_{word.replace(' ', '_')}{step.layer}_pruned.png",
+                         f"pumer_{file_stem}_{word.replace(' ', '_')}{step.layer}_pruned.png",
                          "Download pruned map (PNG)")
         with d2:
             download_png(_titled(merged_image, f"PuMer {word} {step.layer}: merged"),
-                         f"pumer_{model_name}_{word.replace(' ', '_')}{step.layer}_merged.png",
+                         f"pumer_{file_stem}_{word.replace(' ', '_')}{step.layer}_merged.png",
                          "Download merge map (PNG)")
 
 st.subheader("Records")
 st.dataframe(steps_frame(result.trace, layer_word=word), hide_index=True)
 d1, d2, d3 = st.columns(3)
 with d1:
-    download_json({**provenance, **records_to_json(result)}, f"pumer_{model_name}_records.json",
+    download_json({**provenance, **records_to_json(result)}, f"pumer_{file_stem}_records.json",
                   "Download all records (JSON)")
 with d2:
-    download_df(_labelled(steps_frame(result.trace, layer_word=word)), f"pumer_{model_name}_reduce_steps.csv",
+    download_df(_labelled(steps_frame(result.trace, layer_word=word)), f"pumer_{file_stem}_reduce_steps.csv",
                 "Download reduce steps (CSV)")
 with d3:
     download_df(_labelled(counts_frame(result.trace, layer_word=word)),
-                f"pumer_{model_name}_tokens_per_{word.replace(' ', '_')}.csv", f"Download tokens per {word} (CSV)")
+                f"pumer_{file_stem}_tokens_per_{word.replace(' ', '_')}.csv", f"Download tokens per {word} (CSV)")
+
+st.subheader("What the corrections change")
+st.caption("Your settings as PuMer's code runs them, then each correction flipped on its own, same image and "
+           "question: the answer, how far the logits move, where the image CLS is after each reduce "
+           f"{word}, and how many grid cells end up kept in one run and pruned in the other.")
+st.dataframe(corrections_frame(result), hide_index=True)
+download_df(_labelled(corrections_frame(result)), f"pumer_{file_stem}_corrections.csv",
+            "Download correction effects (CSV)")

@@ -92,3 +92,47 @@ def downloads(monkeypatch):
     monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record)
     monkeypatch.setattr(MediaFileManager, "add_deferred", record_deferred)
     return files
+
+
+@pytest.fixture(scope="session")
+def training_checkpoint():
+    """``save(path, model, layout)`` writes ``model`` in a full official *training* layout, with real optimizer,
+    scheduler and scaler states: ``"deit"`` is DeiT's / DynamicViT's ``main.py`` (``model``, ``optimizer``,
+    ``lr_scheduler``, ``epoch``, ``scaler``, ``args`` as an ``argparse.Namespace``); ``"lightning"`` is a
+    PyTorch Lightning checkpoint as METER's training writes it (``state_dict``, ``optimizer_states``,
+    ``lr_schedulers``, ``callbacks``, ``hyper_parameters``, ``epoch``, ``global_step``). ``state_dict`` replaces
+    the model's own (for files in an official key layout)."""
+    import argparse
+
+    def save(path, model, layout, state_dict=None):
+        params = [p.detach().clone().requires_grad_(True) for p in model.parameters()][:4]  # model untouched
+        optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.05)
+        sum(p.sum() for p in params).backward()
+        optimizer.step()  # the optimizer state holds exp_avg / exp_avg_sq tensors, as a real run's does
+        optimizer.zero_grad(set_to_none=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        weights = dict(state_dict if state_dict is not None else model.state_dict())
+        if layout == "deit":
+            args = argparse.Namespace(model="deit_small_patch16_224", base_rate=0.7, lr=5e-4, epochs=30,
+                                      batch_size=96, data_path="/data/imagenet", output_dir="logs/dynamicvit",
+                                      distill=True, drop_path=0.1, resume="")
+            checkpoint = {"model": weights, "optimizer": optimizer.state_dict(),
+                          "lr_scheduler": scheduler.state_dict(), "epoch": 29,
+                          "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                     "growth_interval": 2000, "_growth_tracker": 17},
+                          "args": args}
+        elif layout == "lightning":
+            checkpoint = {"epoch": 9, "global_step": 12345, "pytorch-lightning_version": "1.3.2",
+                          "state_dict": weights, "callbacks": {"ModelCheckpoint": {"best_model_score": 0.77}},
+                          "optimizer_states": [optimizer.state_dict()],
+                          "lr_schedulers": [scheduler.state_dict()], "native_amp_scaling_state": {"scale": 1024.0},
+                          "hparams_name": "config",
+                          "hyper_parameters": {"config": {"exp_name": "finetune_vqa", "image_size": 576,
+                                                          "max_text_len": 50, "learning_rate": 5e-6,
+                                                          "loss_names": {"vqa": 1, "itm": 0}}}}
+        else:
+            raise ValueError(layout)
+        torch.save(checkpoint, path)
+        return path
+
+    return save

@@ -214,6 +214,35 @@ def test_lvvit_checkpoint_round_trip_and_wrong_width(lvvit, tmp_path):
         dlv.load_official_lvvit(wider, path)
 
 
+@pytest.mark.parametrize("which", ["lvvit", "convnext", "swin"])
+def test_full_training_checkpoints_of_the_zoo_load(which, lvvit, convnext_pair, swin_pair, tmp_path,
+                                                    training_checkpoint):
+    """The zoo's training script saves model, optimizer, lr_scheduler, epoch, scaler and args (a Namespace)."""
+    path = tmp_path / f"{which}_checkpoint.pth"
+    if which == "lvvit":
+        training_checkpoint(path, lvvit, "deit")
+        fresh = dlv.DynamicLVViT(embed_dim=64, depth=4, num_heads=2, pruning_locations=(1, 2, 3), img_size=64,
+                                 num_classes=10, stem_chans=8)
+        dlv.load_official_lvvit(fresh, path)
+        expected = lvvit.state_dict()
+    elif which == "convnext":
+        model = convnext_pair[1]
+        training_checkpoint(path, model, "deit", state_dict=dcnn.official_state_dict(model))
+        fresh = dcnn.dynamic_convnext_from_backbone(
+            ConvNeXt(depths=(1, 1, 5, 1), dims=(16, 24, 32, 48), num_classes=10), pruning_locations=(1, 2, 3))
+        dcnn.load_official_convnext(fresh, path)
+        expected = model.state_dict()
+    else:
+        model = swin_pair[1]
+        training_checkpoint(path, model, "deit", state_dict=dswin.official_state_dict(model))
+        fresh = dswin.dynamic_swin_from_backbone(
+            SwinTransformer(img_size=224, patch_size=4, window_size=7, embed_dim=8, depths=(1, 1, 5, 1),
+                            num_heads=(1, 1, 2, 2), num_classes=10), pruning_locations=(1, 2, 3))
+        dswin.load_official_swin(fresh, path)
+        expected = model.state_dict()
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in expected.items())
+
+
 def test_convnext_official_file_loads_strictly_and_wrong_depth_is_refused(convnext_pair, tmp_path):
     _, model = convnext_pair
     official = dcnn.official_state_dict(model)

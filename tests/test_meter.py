@@ -174,6 +174,14 @@ def test_official_checkpoint_loads_strictly_and_computes_like_clip(official_file
     assert logits.shape == (2, LABELS) and torch.isfinite(logits).all()
 
 
+def test_a_full_lightning_training_checkpoint_loads(tmp_path, training_checkpoint):
+    """METER's Lightning checkpoints carry optimizer states, schedulers, callbacks and hyper_parameters."""
+    path = training_checkpoint(tmp_path / METER_VQA_FILE, nn.Linear(2, 2), "lightning",
+                               state_dict=_official_state_dict())
+    model = load_meter_checkpoint(path, image_size=GRID * PATCH)
+    torch.testing.assert_close(model.vqa_classifier[3].weight, _official_state_dict()["vqa_classifier.3.weight"])
+
+
 def test_position_embedding_is_resized_like_meter(official_file):
     model = load_meter_checkpoint(official_file, image_size=6 * PATCH)
     table = model.vit_model.embeddings.position_embedding.weight
@@ -232,7 +240,10 @@ def test_nothing_reduced_equals_the_model(meter, photos):
     assert inputs["attention_mask"].float().mean() < 1  # the shorter question is padded
     with torch.inference_mode():
         expected = model(**inputs)
-        got = meter_pumer_forward(model, inputs, **NO_REDUCTION, reduce_layers=(0, 1, 2))
+        got = meter_pumer_forward(model, inputs, **NO_REDUCTION, reduce_layers=(0, 1, 2), image_context="block_input")
+        pumer_order = meter_pumer_forward(model, inputs, **NO_REDUCTION, reduce_layers=(0, 1, 2))
+    # PuMer's code runs each image layer over the text layer's output: not METER's order, even unreduced
+    assert not torch.allclose(pumer_order, expected, atol=1e-3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
@@ -350,7 +361,22 @@ def test_registry_entry_builds_and_loads_official_files(official_file):
     model = MeterForQuestionAnswering(config_from_state_dict(official, image_size=GRID * PATCH))
     load_official_file(model, official_file)
     torch.testing.assert_close(model.token_type_embeddings.weight, official["token_type_embeddings.weight"])
-    assert MeterConfig().grid == 18
+    # The VQAv2 checkpoint's fine-tuned size is the default; 384 (PuMer's benchmarks) and 288 are offered
+    assert MeterConfig().grid == 36 and spec.input_size == 576 and spec.input_sizes == (576, 384, 288)
+
+
+def test_a_size_is_a_setting_of_the_entry(tmp_path, monkeypatch):
+    """load_model builds METER at the size asked (random weights: the full architecture), only at offered sizes."""
+    from models.loading import load_model
+    from models.registry import get_spec, sized
+
+    spec = get_spec("meter_clip16_288_vqa")
+    assert sized(spec, 384).input_size == 384 and sized(spec, None) is spec
+    with pytest.raises(ValueError, match="576, 384, 288 px, not 500 px"):
+        sized(spec, 500)
+    loaded = load_model("meter_clip16_288_vqa", random_weights=True, input_size=288)
+    assert loaded.model.config.image_size == 288 and loaded.data_config["input_size"] == (3, 288, 288)
+    assert loaded.model.vit_model.embeddings.position_embedding.weight.shape[0] == 18 * 18 + 1
 
 
 def test_tokenizer_missing_offline_names_the_folder(tmp_path, monkeypatch):

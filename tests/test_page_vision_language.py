@@ -125,8 +125,12 @@ def test_random_vilt_shows_answers_layers_and_labelled_downloads(offline_without
     assert app.metric[3].value.endswith("%") if torch.cuda.is_available() else app.metric[3].value == "n/a"
     steps = app.dataframe[1].value
     assert list(steps["layer"]) == [2, 5, 8] and (steps["image_pruned"] > 0).all()
-    assert len(app.get("download_button")) == 2 * 3 + 3
+    assert len(app.get("download_button")) == 2 * 3 + 4
     assert not any(" 1 image tokens" in c.value or "1 text tokens" in c.value for c in app.caption)
+    corrections = app.dataframe[-1].value  # PuMer's code as set, then each correction flipped
+    assert list(corrections["run"]) == ["as set", "protect the image CLS", "size-weighted merges"]
+    assert corrections["image CLS after each reduce layer"].iloc[1] == "first, first, first"
+    assert any("ranged" in c.value and "warm-up" in c.value for c in app.caption)  # the spread of the rounds
 
     records = json.loads(downloads["pumer_vilt_tiny_random_records.json"])
     assert records["model"] == "vilt_tiny_random" and records["weights"].startswith("random")
@@ -162,7 +166,9 @@ def test_random_meter_shows_fusion_blocks_and_survives_reruns(offline_without_we
     assert [t.label for t in app.tabs] == ["Fusion block 0", "Fusion block 1", "Fusion block 2"]
     steps = app.dataframe[1].value
     assert list(steps["fusion_block"]) == [0, 1, 2] and (steps["image_pruned"] > 0).all()
-    assert len(app.get("download_button")) == 2 * 3 + 3
+    assert len(app.get("download_button")) == 2 * 3 + 4
+    assert list(app.dataframe[-1].value["run"]) == ["as set", "protect the image CLS", "size-weighted merges",
+                                                    "METER image layer attends to"]
     panels = [h.proto.body for h in app.get("html")]
     assert len(panels) == 3 and "&lt;s&gt;" in panels[0] and "\u0120" not in "".join(panels)
     chart = app.get("plotly_chart")[0].proto.spec

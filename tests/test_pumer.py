@@ -100,23 +100,27 @@ def test_counts_compound_per_layer(vilt, photo, layers, ratios):
     assert [s.layer for s in trace.steps] == list(layers)
 
 
-def test_merges_stay_within_their_modality(vilt, photo):
+@pytest.mark.parametrize("protect_image_cls", [False, True])
+def test_merges_stay_within_their_modality(vilt, photo, protect_image_cls):
     model, processor = vilt
     inputs = _inputs(processor, photo, QUESTION)
     with torch.inference_mode():
-        _, trace = pumer_forward(model, inputs, (2, 5, 8), 0.1, 0.3, 0.2, return_trace=True)
+        _, trace = pumer_forward(model, inputs, (2, 5, 8), 0.1, 0.3, 0.2, return_trace=True,
+                                 protect_image_cls=protect_image_cls)
     for step in trace.steps:
         text_after = trace.text_counts[0, step.layer + 1]
         image_after = trace.image_counts[0, step.layer + 1]
         text_ids = set(step.text_groups[0][step.text_groups[0] >= 0].tolist())
         image_ids = set(step.image_groups[0][step.image_groups[0] >= 0].tolist())
         assert text_ids.isdisjoint(image_ids)
-        assert max(text_ids) < text_after <= min(image_ids)
+        assert max(text_ids) < text_after <= min(image_ids | {int(step.image_cls[0])} - {-1})
         assert len(text_ids) == text_after  # every text token group is made of input text tokens only
-        assert len(image_ids) == image_after - 1  # ... and every image token (but the CLS) of patches only
+        cls_alone = step.image_cls[0] >= 0 and step.image_cls[0] not in image_ids
+        assert len(image_ids) == image_after - cls_alone  # ... and every image token of patches (or the CLS)
         assert step.text_groups[0][0] == 0  # text CLS stays alone at the front
         assert (step.text_groups[0] == 0).sum() == 1
-        assert text_after not in image_ids  # the image CLS holds no patch: never merged, never pruned
+        if protect_image_cls:  # the correction: the image CLS holds no patch, first image token, never pruned
+            assert step.image_cls[0] == text_after and cls_alone
     merged_text = trace.steps[-1].text_groups[0]
     assert len(set(merged_text.tolist())) < len(merged_text)  # merging did happen
 

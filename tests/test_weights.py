@@ -125,6 +125,29 @@ def test_pickled_objects_are_refused(tmp_path):
         read_state_dict(path)
 
 
+def test_a_full_dynamicvit_training_checkpoint_loads(tmp_path, training_checkpoint):
+    """DeiT's / DynamicViT's main.py saves args (an argparse.Namespace) next to the weights: allowed, and nothing
+    else is (the test above)."""
+    from models.dynamicvit import build_dynamicvit, load_official_checkpoint
+
+    model = build_dynamicvit("dynamicvit_deit_256_patch16_224", depth=4, embed_dim=64, num_heads=2,
+                             pruning_locations=(1, 2, 3)).eval()
+    path = training_checkpoint(tmp_path / "checkpoint.pth", model, "deit")
+    fresh = build_dynamicvit("dynamicvit_deit_256_patch16_224", depth=4, embed_dim=64, num_heads=2,
+                             pruning_locations=(1, 2, 3))
+    load_official_checkpoint(fresh, path)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_namespace_does_not_let_other_objects_through(tmp_path):
+    import argparse
+
+    path = tmp_path / "evil_training.pth"
+    torch.save({"model": _tiny_state(), "args": argparse.Namespace(lr=1e-3), "extra": ArbitraryObject()}, path)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        read_state_dict(path)
+
+
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"\x00" * 64])
 def test_empty_and_garbage_files_are_refused(tmp_path, content):
     for suffix in (".pth", ".safetensors"):
