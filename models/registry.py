@@ -42,6 +42,10 @@ BACKBONE_FAMILIES = {DYNAMICVIT: MHSA, DYNAMIC_CNN: CNN, DYNAMIC_SWIN: SWIN}
 IMAGE_INPUTS = "image"
 VQA_INPUTS = "image+question"
 
+# What a model does: the pages offer a model only where its task fits (the frontier ranks image classifiers).
+IMAGE_CLASSIFICATION = "image classification"
+VISUAL_QUESTION_ANSWERING = "visual question answering"
+
 # How released weights are stored: one checkpoint file, or a transformers save_pretrained folder.
 FILE, FOLDER = "file", "folder"
 
@@ -71,6 +75,7 @@ class ModelSpec:
     file_stem: str | None = None
     weights_layout: str = FILE
     inputs: str = IMAGE_INPUTS
+    task: str = IMAGE_CLASSIFICATION
     input_size: int = 224
     # The keep ratio a released token-pruning model was trained for (pages and CLIs default to it).
     trained_keep_ratio: float | None = None
@@ -194,7 +199,7 @@ for _name, _family, _factory, _loader, _arch, _rho, _file, _top1 in [
 register(ModelSpec("vilt_b32_vqa", VILT, reference="ViLT (ICML 2021), VQAv2 fine-tuned; PuMer (ACL 2023)",
                    factory="models.vilt_pumer:vilt_b32_random", loader="models.vilt_pumer:vilt_from_source",
                    hf_repo="dandelin/vilt-b32-finetuned-vqa", weights_layout=FOLDER, inputs=VQA_INPUTS,
-                   input_size=384))
+                   task=VISUAL_QUESTION_ANSWERING, input_size=384))
 
 # METER is assembled from transformers parts; models.meter reads the official Lightning .ckpt (GitHub release)
 # and the roberta-base tokenizer files.
@@ -203,7 +208,7 @@ register(ModelSpec("meter_clip16_288_vqa", METER,
                    factory="models.meter:meter_random", load_fn="models.meter:load_official_file",
                    loader="models.meter:meter_from_source", file_stem="meter_clip16_288_roberta_vqa",
                    url="https://github.com/zdou0830/METER/releases/download/checkpoint/meter_clip16_288_roberta_vqa.ckpt",
-                   inputs=VQA_INPUTS, input_size=288))
+                   inputs=VQA_INPUTS, task=VISUAL_QUESTION_ANSWERING, input_size=288))
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -214,8 +219,9 @@ def get_spec(name: str) -> ModelSpec:
         raise KeyError(f"Unknown model {name!r}. Known models: {known}") from None
 
 
-def list_models(family: str | None = None) -> list[str]:
-    return [n for n, s in REGISTRY.items() if family is None or s.family == family]
+def list_models(family: str | None = None, task: str | None = None) -> list[str]:
+    return [n for n, s in REGISTRY.items()
+            if (family is None or s.family == family) and (task is None or s.task == task)]
 
 
 def models_with_attention(*kinds: str) -> list[str]:
