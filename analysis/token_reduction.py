@@ -15,7 +15,7 @@ its maps are drawn on the image with cells of ``image size / grid`` pixels. Two 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from timm.models.vision_transformer import VisionTransformer
 
 from analysis.data.images import imagenet_label
-from analysis.provenance import with_title
+from analysis.provenance import UNTRAINED_PREDICTORS, label_rows, with_title
 from analysis.tome_agreement import top1_agreement, top5_overlap
 from models.dynamic_zoo import DynamicStageTrace, as_stage_trace
 from models.dynamicvit import DynamicViT, dynamicvit_from_backbone
@@ -123,6 +123,8 @@ class ReductionComparison:
     dynamicvit_logits: torch.Tensor | None = None
     dynamicvit_trace: DynamicStageTrace | None = None
     pruning_label: str = DYNAMICVIT
+    proportional_attention: bool = True  # ToMe's log-size bias (only meaningful when ToMe ran)
+    untrained_predictors: bool = False  # DynamicViT's score predictors freshly initialised on a plain backbone
 
     @property
     def num_tokens(self) -> int:
@@ -187,7 +189,8 @@ def dynamicvit_run(model: torch.nn.Module, batch: torch.Tensor, keep_ratio: floa
 def combine_runs(image_names: Sequence[str], reference: tuple[torch.Tensor, list[int]],
                  tome: tuple[torch.Tensor, ToMeTrace] | None = None, r: int | Sequence[int] | str | None = None,
                  dynamicvit: tuple[torch.Tensor, DynamicStageTrace] | None = None,
-                 keep_ratio: float | None = None, pruning: Method | None = None) -> ReductionComparison:
+                 keep_ratio: float | None = None, pruning: Method | None = None, proportional_attention: bool = True,
+                 untrained_predictors: bool = False) -> ReductionComparison:
     """The comparison record from separately computed runs (so each can be cached by its own setting)."""
     return ReductionComparison(
         image_names=list(image_names),
@@ -200,6 +203,8 @@ def combine_runs(image_names: Sequence[str], reference: tuple[torch.Tensor, list
         dynamicvit_logits=None if dynamicvit is None else dynamicvit[0],
         dynamicvit_trace=None if dynamicvit is None else dynamicvit[1],
         pruning_label=pruning_label(pruning) if pruning is not None else DYNAMICVIT,
+        proportional_attention=proportional_attention,
+        untrained_predictors=untrained_predictors and dynamicvit is not None,
     )
 
 
@@ -221,7 +226,8 @@ def compare_reductions(
         pruning = pruning_method(DYNAMICVIT_FAMILY)
     dynamicvit = dynamicvit_run(model, batch, keep_ratio, pruning) if pruning is not None else None
     tome = tome_run(model, batch, r, proportional_attention) if r is not None else None
-    return combine_runs(image_names, reference_run(model, batch, pruning), tome, r, dynamicvit, keep_ratio, pruning)
+    return combine_runs(image_names, reference_run(model, batch, pruning), tome, r, dynamicvit, keep_ratio, pruning,
+                        proportional_attention)
 
 
 def dynamicvit_with_untrained_predictors(backbone: VisionTransformer, seed: int = 0):
@@ -278,6 +284,55 @@ def predictions_frame(comparison: ReductionComparison, image: int | None = None)
     frames = [top5_frame(logits, i).assign(method=method, image=comparison.image_names[i])
               for i in images for method, logits in comparison.logits_by_method().items()]
     return pd.concat(frames, ignore_index=True)[["image", "method", "rank", "class", "class index", "probability"]]
+
+
+# --------------------------------------------------------------------------------------------
+# What produced a result: every export of the comparison names it
+# --------------------------------------------------------------------------------------------
+def reduction_settings(comparison: ReductionComparison) -> dict[str, Any]:
+    """Every setting behind ``comparison``, as export columns; a method that did not run leaves its columns
+    empty (None)."""
+    pruned, merged = comparison.dynamicvit_trace is not None, comparison.tome_trace is not None
+    return {"rho": comparison.keep_ratio if pruned else None,
+            "predictors": ("untrained" if comparison.untrained_predictors else "trained") if pruned else None,
+            "tome_r": str(comparison.r) if merged else None,
+            "tome_proportional_attention": comparison.proportional_attention if merged else None}
+
+
+def tome_setting_text(r, proportional_attention: bool) -> str:
+    schedule = "decreasing schedule" if str(r).startswith("decreasing") else "constant schedule"
+    r_text = str(r).removeprefix("decreasing:")
+    return f"r={r_text} ({schedule}), proportional attention {'on' if proportional_attention else 'off'}"
+
+
+def method_setting(comparison: ReductionComparison, method: str) -> str:
+    """One method's setting in words: 'rho=0.7, untrained predictors', 'r=13 (constant schedule), ...'."""
+    if method == comparison.pruning_label and comparison.keep_ratio is not None:
+        return f"rho={comparison.keep_ratio:g}" + (f", {UNTRAINED_PREDICTORS}" if comparison.untrained_predictors
+                                                   else "")
+    if method == TOME and comparison.r is not None:
+        return tome_setting_text(comparison.r, comparison.proportional_attention)
+    return "none"
+
+
+def method_weights(comparison: ReductionComparison, method: str, weights: str) -> str:
+    """The weights behind one method's row: the backbone's, plus the untrained predictors only on DynamicViT's."""
+    if method == comparison.pruning_label and comparison.untrained_predictors:
+        return f"{weights} + {UNTRAINED_PREDICTORS}"
+    return weights
+
+
+def export_frame(frame: pd.DataFrame, comparison: ReductionComparison, model: str, weights: str,
+                 image: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """``frame`` as the page exports it: model, weights, image(s) and every setting on each row. A frame with a
+    ``method`` column also gets each row's own setting and weights (``weights`` is the backbone's: only
+    DynamicViT's rows name its untrained predictors)."""
+    settings = reduction_settings(comparison)
+    if "method" in frame.columns:
+        methods = frame["method"].tolist()
+        settings = {"setting": [method_setting(comparison, m) for m in methods], **settings}
+        weights = [method_weights(comparison, m, weights) for m in methods]
+    return label_rows(frame, model, weights, image, settings)
 
 
 # --------------------------------------------------------------------------------------------

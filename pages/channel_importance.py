@@ -140,8 +140,9 @@ weights = weights_text(loaded)
 image_names = images_label([im.name for im in images])
 
 
-def _labelled(frame):
-    return label_rows(frame, name, weights, image_names)
+def _labelled(frame, **settings):
+    """Model, weights, images, the loss target and the given settings (normalisation, budget) on every row."""
+    return label_rows(frame, name, weights, image_names, {"loss_target": loss_text, **settings})
 
 
 c1, c2 = st.columns(2)
@@ -150,6 +151,9 @@ normalize = c2.selectbox("Normalisation before the global ranking", NORMALIZATIO
                          format_func=lambda n: f"{n}: {NORMALIZATION_HELP[n]}")
 
 target_text = {"self": "the model's own top-1", "labels": "the given labels"}[loss_target]
+if picked_class is not None:
+    target_text = f"class {picked_class} ({imagenet_label(picked_class)})"
+loss_text = f"cross-entropy against {target_text}"
 st.header(f"Which components keep their width {note}".strip())
 st.caption(f"{len(taylor)} channels scored on {taylor.num_images} image{'s' if taylor.num_images != 1 else ''}, "
            f"loss: cross-entropy against {target_text}; weights: {weights}.")
@@ -159,7 +163,8 @@ if reason:
     st.warning(reason)
     st.dataframe(summary[["component", "channels", "mean_score"]], hide_index=True)
     st.header("Downloads")
-    download_df(_labelled(combined_table(taylor, activation, normalize)), f"channel_importance_{name}.csv",
+    download_df(_labelled(combined_table(taylor, activation, normalize), normalisation=normalize),
+                f"channel_importance_{name}.csv",
                 "Download every channel's scores (CSV)")
     st.stop()
 st.dataframe(summary, hide_index=True)
@@ -182,6 +187,8 @@ st.dataframe(rank_agreement(taylor, activation), hide_index=True)
 
 st.header("Downloads")
 suffix = "_random" if loaded.weights.is_random else ""
-download_df(_labelled(combined_table(taylor, activation, normalize)), f"channel_importance_{name}{suffix}.csv",
+download_df(_labelled(combined_table(taylor, activation, normalize), normalisation=normalize),
+            f"channel_importance_{name}{suffix}.csv",
             "Download every channel's scores (CSV)")
-download_df(_labelled(budget), f"fraction_kept_{name}{suffix}.csv", "Download fraction kept per block (CSV)")
+download_df(_labelled(budget, normalisation=normalize, budget_fraction_kept=keep_fraction),
+            f"fraction_kept_{name}{suffix}.csv", "Download fraction kept per block (CSV)")

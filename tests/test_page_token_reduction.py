@@ -111,31 +111,60 @@ def random_page(tmp_path, monkeypatch):
     return app.run()
 
 
-def test_every_export_names_model_weights_and_image(random_page, downloads):
+def test_every_export_names_model_weights_images_and_settings(random_page, downloads, monkeypatch):
+    """Issue 20: rho and r in every CSV, ToMe's exports without DynamicViT's predictors, no '.jpg.png' names."""
     import io
 
     import pandas as pd
 
+    import analysis.token_reduction as token_maps
+
+    titles = []
+    original = token_maps.with_title
+    monkeypatch.setattr(token_maps, "with_title", lambda picture, title: titles.append(title) or original(picture,
+                                                                                                            title))
     app = random_page
-    assert not app.exception, app.exception
-    names = app.selectbox(key="tr_image").options
+    app.file_uploader(key="tr_images").set_value([("first.jpg", _png((200, 30, 30)), "image/png"),
+                                                  ("second.png", _png((30, 200, 30)), "image/png")])
+    app.slider(key="tr_rho").set_value(0.6)
+    app.slider(key="tr_r").set_value(4).run()
     app.button(key="tr_sweep").click()
     app.slider(key="tr_rmax").set_value(2).run()
     assert not app.exception, app.exception
-    weights = "random + untrained DynamicViT predictors"
+    names = ["first.jpg", "second.png"]
+    backbone, pruned = "random", "random + untrained DynamicViT predictors"
     for csv in ("top5_predictions.csv", "agreement.csv", "tome_r_sweep.csv", "tokens_per_block.csv",
                 "dynamicvit_kept_indices.csv"):
         frame = pd.read_csv(io.BytesIO(downloads[csv]))
         assert list(frame.columns[:3]) == ["model", "weights", "image"], csv
-        assert (frame["model"] == "deit_tiny_patch16_224").all() and (frame["weights"] == weights).all(), csv
+        assert (frame["model"] == "deit_tiny_patch16_224").all(), csv
+        if csv != "tome_r_sweep.csv":  # the sweep's rows each have their own r
+            assert (frame["rho"] == 0.6).all() and (frame["predictors"] == "untrained").all(), csv
+            assert (frame["tome_r"].astype(str) == "4").all(), csv
+            assert frame["tome_proportional_attention"].all(), csv
+    sweep = pd.read_csv(io.BytesIO(downloads["tome_r_sweep.csv"]))
+    assert (sweep["weights"] == backbone).all() and b"DynamicViT" not in downloads["tome_r_sweep.csv"]
+    assert sweep["tome_proportional_attention"].all()
+    assert (pd.read_csv(io.BytesIO(downloads["dynamicvit_kept_indices.csv"]))["weights"] == pruned).all()
+    for csv in ("agreement.csv", "top5_predictions.csv"):
+        frame = pd.read_csv(io.BytesIO(downloads[csv]))
+        by_method = frame.drop_duplicates("method").set_index("method")
+        assert by_method.loc["ToMe merging", "weights"] == backbone, csv
+        assert by_method.loc["no reduction", "weights"] == backbone, csv
+        assert by_method.loc["DynamicViT pruning", "weights"] == pruned, csv
+        assert by_method.loc["ToMe merging", "setting"].startswith("r=4 "), csv
+        assert by_method.loc["DynamicViT pruning", "setting"].startswith("rho=0.6"), csv
     top5 = pd.read_csv(io.BytesIO(downloads["top5_predictions.csv"]))
     assert set(top5["image"]) == set(names) and len(top5) == len(names) * 3 * 5
-    assert set(pd.read_csv(io.BytesIO(downloads["dynamicvit_kept_indices.csv"]))["image"]) == set(names)
-    # PNGs carry the same in a title line: the strip is taller than its panels by that line.
-    from PIL import Image
 
-    stages = Image.open(io.BytesIO(downloads[f"dynamicvit_stages_{names[0]}.png"]))
-    assert stages.size[1] == 224 + 18 + 20
+    pngs = [n for n in downloads if n.endswith(".png")]
+    assert "dynamicvit_stages_deit_tiny_patch16_224_rho0.6_first.png" in pngs
+    assert "tome_merge_maps_deit_tiny_patch16_224_r4_first.png" in pngs
+    assert not [n for n in pngs if n.count(".") > 2 or ".jpg" in n or ".png." in n]
+    tome_title = next(t for t in titles if t.startswith("ToMe"))
+    assert "DynamicViT" not in tome_title and "r=4" in tome_title and "first.jpg" in tome_title
+    stage_title = next(t for t in titles if t.startswith("DynamicViT"))
+    assert "rho 0.6" in stage_title and pruned in stage_title
 
 
 def test_selection_follows_the_current_image_set(random_page):
@@ -223,8 +252,8 @@ def test_zoo_model_shows_stage_maps_and_keep_frequency_without_tome(zoo_page):
     assert len(names) == 2
 
     # Stage maps: the input and three stage panels of the 224 px view, titled with model, weights and image.
-    strip = Image.open(io.BytesIO(downloads[f"dynamicvit_stages_{names[0]}.png"]))
-    assert strip.size == (4 * 224 + 3 * 6, 224 + 18 + 20)
+    strip = Image.open(io.BytesIO(downloads[f"dynamicvit_stages_{name}_rho0.7_{names[0]}.png"]))
+    assert strip.size[0] == 4 * 224 + 3 * 6 and 224 + 18 + 14 < strip.size[1] < 224 + 18 + 40  # one title line
     kept = pd.read_csv(io.BytesIO(downloads["dynamicvit_kept_indices.csv"]))
     assert list(kept.columns[:3]) == ["model", "weights", "image"]
     assert (kept["model"] == name).all() and (kept["weights"] == "random").all()
