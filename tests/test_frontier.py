@@ -261,4 +261,4 @@ def test_papers_points_have_their_own_labelled_panel_shown_by_default():
     assert figure.layout.xaxis2.overlaying is None
     ticks = list(figure.layout.xaxis2.ticktext)
     assert ticks and all(t.rstrip("k").replace(".", "").isdigit() for t in ticks)  # 300, 1k, 20k: no garbling
-    assert len(set(papers.textposition)) > 1  # neighbours' labels alternate sides
+    assert len(set(papers.textposition)) > 1  # labels point inwards, from both sides
