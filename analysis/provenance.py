@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import PurePath
 from typing import Any, Mapping, Sequence
 
@@ -67,6 +68,13 @@ def title_line(model: str, weights: str, image: str | None = None,
                settings: Mapping[str, Any] | None = None) -> str:
     parts = ([settings_text(settings)] if settings else []) + [model, f"weights: {weights}"]
     return " | ".join(parts + ([f"image: {image}"] if image else []))
+
+
+def figure_title(text: str, width: int = 80) -> tuple[str, int]:
+    """A plotly title broken into lines of at most ``width`` characters ('<br>'), and the top margin in pixels
+    that shows all of them (plotly cuts a long one-line title off at the figure's edge)."""
+    lines = textwrap.wrap(text, width, break_on_hyphens=False) or [""]
+    return "<br>".join(lines), 50 + 22 * len(lines)
 
 
 def file_name(*parts: str, suffix: str = ".png") -> str:

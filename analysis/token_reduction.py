@@ -28,7 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 from analysis.data.images import imagenet_label
 from analysis.provenance import UNTRAINED_PREDICTORS, label_rows, with_title
 from analysis.tome_agreement import top1_agreement, top5_overlap
-from models.dynamic_zoo import DynamicStageTrace, as_stage_trace
+from models.dynamic_zoo import DynamicStageTrace, as_stage_trace, linear_targets
 from models.dynamicvit import DynamicViT, dynamicvit_from_backbone
 from models.methods import METHODS, Method
 from models.registry import FAMILY_LABELS, REGISTRY, ModelSpec
@@ -442,7 +442,26 @@ def stage_maps_caption(trace: DynamicStageTrace) -> str:
                 "there or earlier and never come back.")
     return (f"{where} Nothing is dropped: the feature map stays whole (convolutions and windows need it). Bright "
             "cells are the positions that take the full MLP path from that block on; faded cells take the cheap "
-            "fast path. Each predictor picks its own set; blocks outside the pruned stage run on every position.")
+            "fast path. Each predictor picks its own set; blocks outside the pruned stage run on every position."
+            + "".join(f" {note}" for note in truncation_notes(trace)))
+
+
+def truncation_notes(trace: DynamicStageTrace) -> list[str]:
+    """Where a structured stage keeps one position fewer than N x ratio: the official code truncates
+    int(N * (rho - 0.2 s)) in floating point, and 0.7 - 0.2 is 0.49999999999999994 (196 -> 97, not 98)."""
+    if trace.nested or trace.keep_ratio >= 1.0:
+        return []
+    notes = []
+    for stage, (count, ratio) in enumerate(zip(trace.kept_counts, linear_targets(trace.keep_ratio,
+                                                                                   trace.num_stages))):
+        rows, cols = trace.stage_grids[stage]
+        expected = int(round(rows * cols * round(ratio, 9), 6))  # what N x ratio gives on paper
+        if count != expected:
+            notes.append(f"Stage {stage + 1} keeps {count} of {rows * cols}, not {expected}: as in the official "
+                         f"code, int({rows * cols} x ({trace.keep_ratio:g} - {0.2 * stage:g})) is computed in "
+                         f"floating point, where {trace.keep_ratio:g} - {0.2 * stage:g} = {ratio!r}, so "
+                         f"{rows * cols} x {ratio!r} = {rows * cols * ratio!r} truncates to {count}.")
+    return notes
 
 
 def _pixel_heatmap(values: np.ndarray, cell: tuple[float, float], **kwargs) -> go.Heatmap:
@@ -461,17 +480,44 @@ def _image_axes(figure: go.Figure, trace: DynamicStageTrace, columns: int) -> No
         figure.update_yaxes(range=[height, 0], scaleanchor=anchor, showticklabels=False, row=1, col=column)
 
 
+def keep_score_range(trace, image: int) -> tuple[float, float]:
+    """The lowest and highest keep score of one image over every stage (dropped positions left out)."""
+    values = np.concatenate([scores[image].numpy().ravel() for scores in _stages(trace).score_maps()])
+    values = values[np.isfinite(values)]
+    return (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+
+
+NARROW_SCORES = 0.05  # keep scores spanning less than this carry no confidence (untrained predictors: all ~0.5)
+
+
+def keep_score_note(trace, image: int) -> str | None:
+    """Why the heat maps' colour scale is stretched, when the scores span almost nothing (None otherwise)."""
+    low, high = keep_score_range(trace, image)
+    if high - low >= NARROW_SCORES:
+        return None
+    return (f"Keep scores span only {low:.5f} to {high:.5f}. Untrained predictors score every patch near 0.5 "
+            "(their freshly initialised last layer gives both classes, keep and drop, almost the same "
+            "probability), so the colours are stretched to that range: they show the tiny differences that still "
+            "decide which patches are kept, not any confidence.")
+
+
 def keep_score_figure(trace, image: int, title: str = "DynamicViT keep scores per stage") -> go.Figure:
     """Heat maps of the predicted keep probability per position at each stage, on its own grid drawn to the
-    image's scale (blank: dropped at an earlier stage, so not scored)."""
+    image's scale (blank: dropped at an earlier stage, so not scored). The colour scale spans the image's own
+    scores (untrained predictors give 0.4999-0.5001: on a 0-1 scale a flat square; see ``keep_score_note``)."""
     trace = _stages(trace)
+    low, high = keep_score_range(trace, image)
+    if high <= low:
+        low, high = low - 1e-6, high + 1e-6
+    digits = max(2, int(np.ceil(-np.log10(high - low))) + 1)
     titles = [f"stage {s + 1}: {b} ({_grid_text(trace, s)})" for s, b in enumerate(trace.stage_blocks)]
     figure = make_subplots(rows=1, cols=trace.num_stages, subplot_titles=titles, horizontal_spacing=0.03)
     for stage, scores in enumerate(trace.score_maps()):
         figure.add_trace(_pixel_heatmap(
-            scores[image].numpy(), trace.cell_size(stage), zmin=0.0, zmax=1.0, colorscale="Viridis",
-            showscale=stage == trace.num_stages - 1, colorbar=dict(title="keep prob."),
-            hovertemplate="row %{customdata[0]}, col %{customdata[1]}: %{z:.3f}<extra></extra>"), row=1, col=stage + 1)
+            scores[image].numpy(), trace.cell_size(stage), zmin=low, zmax=high, colorscale="Viridis",
+            showscale=stage == trace.num_stages - 1, colorbar=dict(title="keep prob.", tickformat=f".{digits}f"),
+            hovertemplate=f"row %{{customdata[0]}}, col %{{customdata[1]}}: %{{z:.{digits + 1}f}}<extra></extra>"),
+            row=1, col=stage + 1)
     _image_axes(figure, trace, trace.num_stages)
     figure.update_annotations(font_size=11)
     figure.update_layout(title=title, height=340, margin=dict(t=80, b=10))

@@ -17,6 +17,9 @@ from analysis.channel_importance import (
     head_importance_figure,
     labelled_folder,
     no_ranking_reason,
+    QK_SAME_NOTE,
+    p_value_text,
+    qk_scores_identical,
     rank_agreement,
     split_batches,
     taylor_importance,
@@ -152,7 +155,7 @@ normalize = c2.selectbox("Normalisation before the global ranking", NORMALIZATIO
 
 target_text = {"self": "the model's own top-1", "labels": "the given labels"}[loss_target]
 if picked_class is not None:
-    target_text = f"class {picked_class} ({imagenet_label(picked_class)})"
+    target_text = f"the given labels (class {picked_class}, {imagenet_label(picked_class)}, for every image)"
 loss_text = f"cross-entropy against {target_text}"
 st.header(f"Which components keep their width {note}".strip())
 st.caption(f"{len(taylor)} channels scored on {taylor.num_images} image{'s' if taylor.num_images != 1 else ''}, "
@@ -173,6 +176,8 @@ st.markdown(f"With {keep_fraction:.0%} of all channels kept: "
             + ", ".join(f"**{c}** keeps {kept[c]:.0%}" for c in kept.index) + ".")
 budget = budget_keep_fraction(taylor, keep_fraction, normalize)
 st.plotly_chart(fraction_kept_figure(budget, keep_fraction, name, note), key="ci_fig_kept")
+if qk_scores_identical(taylor):
+    st.caption(QK_SAME_NOTE)
 st.plotly_chart(component_importance_figure(taylor, normalize, note), key="ci_fig_components")
 
 st.header(f"Per head {note}".strip())
@@ -183,7 +188,8 @@ st.markdown("captum's `LayerGradientXActivation` on the same layers, summed over
             "For a Linear layer both scores are equal by construction; they differ for the embedding "
             "(cls/position parameters) and for conv + BatchNorm layers.")
 st.plotly_chart(taylor_vs_activation_figure(taylor, activation, normalize, note), key="ci_fig_scatter")
-st.dataframe(rank_agreement(taylor, activation), hide_index=True)
+st.dataframe(rank_agreement(taylor, activation).assign(p_value=lambda f: f["p_value"].map(p_value_text)),
+             hide_index=True)
 
 st.header("Downloads")
 suffix = "_random" if loaded.weights.is_random else ""

@@ -20,6 +20,7 @@ from analysis.token_reduction import (
     is_structured,
     keep_frequency_by_stage_figure,
     keep_score_figure,
+    keep_score_note,
     kept_indices_frame,
     model_choices,
     predictions_frame,
@@ -226,6 +227,9 @@ def detail_view() -> None:
             trace, chosen, title=f"{method_name} keep scores per stage: {image_name}"
                                  + weights_tag + predictor_tag), keep=SETTINGS_KEPT)
         st.plotly_chart(scores, key="tr_keep_scores")
+        narrow = keep_score_note(trace, chosen)
+        if narrow:
+            st.caption(narrow)
         download_png(stage_strip, file_name("dynamicvit_stages", name, f"rho{keep_ratio:g}", image_name),
                      "Download stage maps (PNG)")
 

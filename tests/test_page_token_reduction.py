@@ -328,3 +328,68 @@ def test_model_choices_loop_over_the_registry_and_the_method_table():
     assert tome_applies(REGISTRY["dynamicvit_deit_small_patch16_224"])  # DeiT backbone
     assert not any(tome_applies(REGISTRY[n]) for n in ("dynamicvit_lvvit_s", "dynamiccnn_convnext_tiny",
                                                         "dynamicswin_tiny"))
+
+
+def test_untrained_keep_scores_are_scaled_to_their_range_and_explained():
+    """Issue 20: untrained predictors' scores (0.49995-0.50012) drawn on a 0-1 scale were flat squares."""
+    import torch
+
+    from analysis.token_reduction import keep_score_figure, keep_score_note
+    from models.dynamic_zoo import DynamicStageTrace
+
+    def trace(scores):
+        return DynamicStageTrace("test", 0.7, (224, 224), [(14, 14)], ["blocks.3"], nested=True,
+                                 kept_indices=[torch.arange(137).expand(1, 137)], keep_scores=[scores],
+                                 tokens_per_block=[197])
+
+    flat = trace(0.49995 + 0.00017 * torch.rand(1, 196, generator=torch.Generator().manual_seed(0)))
+    heatmap = keep_score_figure(flat, 0).data[0]
+    assert 0.49994 < heatmap.zmin < 0.49997 and 0.5001 < heatmap.zmax < 0.50013
+    assert heatmap.colorbar.tickformat not in (None, ".2f")  # ticks that tell 0.49995 from 0.50010
+    note = keep_score_note(flat, 0)
+    assert note and "near 0.5" in note and "Untrained" in note
+    trained = trace(torch.linspace(0.02, 0.98, 196).view(1, 196))
+    assert keep_score_note(trained, 0) is None
+    assert keep_score_figure(trained, 0).data[0].zmin == pytest.approx(0.02)
+
+
+def test_dynamiccnn_caption_explains_97_of_196():
+    """Issue 20: DynamicCNN keeps 97 of 196 at its second stage where a user computes 98."""
+    import torch
+
+    from analysis.token_reduction import stage_maps_caption
+    from models.dynamic_zoo import DynamicStageTrace, linear_counts
+
+    counts = linear_counts(196, 0.7)
+    assert counts == [137, 97, 58]
+    trace = DynamicStageTrace("DynamicCNN", 0.7, (224, 224), [(14, 14)] * 3, ["b1", "b2", "b3"], nested=False,
+                              kept_indices=[torch.arange(c).expand(1, c) for c in counts],
+                              keep_scores=[torch.rand(1, 196)] * 3, tokens_per_block=[1])
+    caption = stage_maps_caption(trace)
+    assert "keeps 97 of 196, not 98" in caption and "0.49999999999999994" in caption
+    assert "Stage 1 keeps" not in caption and "Stage 3 keeps" not in caption  # 137 and 58 are what N x ratio gives
+
+
+def test_r_sweep_leaves_no_progress_bar(random_page):
+    app = random_page
+    app.button(key="tr_sweep").click()
+    app.slider(key="tr_rmax").set_value(2).run()
+    assert not app.exception, app.exception
+    assert "Download the r sweep (CSV)" in [b.proto.label for b in app.get("download_button")]
+    assert not app.get("progress")
+
+
+def test_r_sweep_title_fits_and_token_ticks_are_whole_numbers():
+    """Issue 20: the sweep's title was cut off and its right axis read 203.3, 162.6."""
+    from analysis.tome_agreement import AgreementRow, plot_agreement
+
+    rows = [AgreementRow(r, 1.0, 1.0, 197 - 11 * r, 1.0) for r in range(0, 17)]
+    title = ("ToMe agreement: deit_tiny_patch16_224, local file /home/someone/weights/deit_tiny_patch16_224."
+             "safetensors, 5 images: photo_1.jpg, photo_2.jpg, photo_3.jpg, photo_4.jpg, photo_5.jpg")
+    figure = plot_agreement(rows, title)
+    lines = figure.layout.title.text.split("<br>")
+    assert len(lines) > 1 and all(len(line) <= 90 for line in lines)
+    assert " ".join(lines).replace("  ", " ") == title
+    assert figure.layout.margin.t >= 40 + 20 * len(lines)
+    tokens = figure.layout.yaxis2
+    assert tokens.tickformat == "d" and float(tokens.dtick).is_integer() and tokens.tickmode == "linear"
