@@ -224,7 +224,7 @@ def detail_view() -> None:
                                                                           {"rho": keep_ratio}))
         st.image(stage_strip, caption=stage_maps_caption(trace), width="stretch")
         scores = session_result("tr_keep_scores", inputs + (keep_ratio, chosen), lambda: keep_score_figure(
-            trace, chosen, title=f"{method_name} keep scores per stage: {image_name}"
+            trace, chosen, title=f"{method_name} keep scores per stage, rho {keep_ratio:.2f}: {image_name}"
                                  + weights_tag + predictor_tag), keep=SETTINGS_KEPT)
         st.plotly_chart(scores, key="tr_keep_scores")
         narrow = keep_score_note(trace, chosen)
@@ -256,8 +256,8 @@ if comparison.dynamicvit_trace is not None:
     if len(names) > 1:
         kept_what = "takes the full path" if structured else "is kept"
         frequency = session_result("tr_keep_frequency", inputs + (keep_ratio,), lambda: keep_frequency_by_stage_figure(
-            trace, f"How often each position {kept_what} at each stage, over {len(names)} images"
-                   + weights_tag + predictor_tag), keep=SETTINGS_KEPT)
+            trace, f"How often each position {kept_what} at each stage, rho {keep_ratio:.2f}, over {len(names)} "
+                   "images" + weights_tag + predictor_tag), keep=SETTINGS_KEPT)
         st.plotly_chart(frequency, key="tr_keep_frequency")
     download_df(_labelled(kept_indices_frame(trace, names), frame_weights=weights), "dynamicvit_kept_indices.csv",
                 "Download kept indices per image and stage (CSV)")

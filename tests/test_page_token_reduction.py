@@ -165,6 +165,8 @@ def test_every_export_names_model_weights_images_and_settings(random_page, downl
     assert "DynamicViT" not in tome_title and "r=4" in tome_title and "first.jpg" in tome_title
     stage_title = next(t for t in titles if t.startswith("DynamicViT"))
     assert "rho 0.6" in stage_title and pruned in stage_title
+    charts = " ".join(c.proto.spec for c in app.get("plotly_chart"))  # a chart's own PNG download has its title
+    assert "keep scores per stage, rho 0.60" in charts and "at each stage, rho 0.60" in charts
 
 
 def test_selection_follows_the_current_image_set(random_page):
