@@ -310,9 +310,14 @@ PAPERS_PANEL = "The papers: ImageNet top-1 on a V100"
 
 
 def log_ticks(low: float, high: float) -> tuple[list[float], list[str]]:
-    """Readable ticks for a log axis from ``low`` to ``high``: 1, 2, 5 per decade, written 300, 1k, 20k."""
-    values = [m * 10.0 ** e for e in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
-              for m in (1, 2, 5) if low <= m * 10.0 ** e <= high]
+    """Readable ticks for a log axis from ``low`` to ``high``: 1, 2, 5 per decade (finer on a short range),
+    written 0.5, 300, 1k, 20k (plotly's own on a short log range read '2 3 4 5 6 7 8 9 1 2')."""
+    for mantissas in ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 7), tuple(range(1, 10))):
+        values = [float(f"{m * 10.0 ** e:.6g}")
+                  for e in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
+                  for m in mantissas if low <= m * 10.0 ** e <= high]
+        if len(values) >= 3:
+            break
     texts = [f"{v / 1000:g}k" if v >= 1000 else f"{v:g}" for v in values]
     return values, texts
 
@@ -354,11 +359,15 @@ def frontier_figure(points: pd.DataFrame, papers: pd.DataFrame | None = None, ti
         fig.add_trace(go.Scatter(x=front[x_col], y=front["score"], mode="lines", name="Pareto frontier (measured)",
                                  line=dict(color="black", dash="dot", width=2), hoverinfo="skip"))
     fig.update_layout(
-        title=title or "Accuracy vs throughput on this machine", height=600, margin=dict(t=110, b=10),
+        title=title or "Accuracy vs throughput on this machine", height=640, margin=dict(t=110, b=120),
         xaxis=dict(title="img/s on this machine" if has_speed else "setting (no throughput measured yet)",
                    type="log" if has_speed else "linear"),
         yaxis=dict(title=" / ".join(metrics), tickformat=".0%"),
-        legend=dict(orientation="h", yanchor="top", y=-0.12))
+        legend=dict(orientation="h", yanchor="top", y=-0.2))
+    if has_speed:
+        low, high = data[x_col].min() / 1.3, data[x_col].max() * 1.3
+        values, texts = log_ticks(low, high)
+        fig.update_layout(xaxis=dict(range=[np.log10(low), np.log10(high)], tickvals=values, ticktext=texts))
     if with_papers:
         # Their own panel: another metric (ImageNet top-1, not agreement) on other hardware (V100, not this machine).
         # Labels point inwards, so that none runs off the panel.

@@ -262,3 +262,15 @@ def test_papers_points_have_their_own_labelled_panel_shown_by_default():
     ticks = list(figure.layout.xaxis2.ticktext)
     assert ticks and all(t.rstrip("k").replace(".", "").isdigit() for t in ticks)  # 300, 1k, 20k: no garbling
     assert len(set(papers.textposition)) > 1  # labels point inwards, from both sides
+
+
+def test_measured_axis_ticks_are_distinct_round_numbers():
+    """A short log range (0.3-3 img/s on a busy CPU) read '2 3 4 5 6 7 8 9 1 2 3' with plotly's own ticks."""
+    rows = [{"model": DEIT, "weights": "w", "setting": f"s{i}", "setting_key": f"k{i}", "method": m, "value": v,
+             "metric": AGREEMENT, "hits": 1, "images": 2, "score": 0.5, "ci_low": 0.1, "ci_high": 0.9,
+             "agreement": 0.5, "img_per_s": x, "gflops": 2.0}
+            for i, (m, v, x) in enumerate([("unreduced", None, 0.31), ("tome", 8, 1.1), ("tome", 16, 2.9)])]
+    axis = frontier_figure(pd.DataFrame(rows), paper_points()).layout.xaxis
+    texts = list(axis.ticktext)
+    assert len(texts) >= 3 and len(set(texts)) == len(texts)
+    assert [float(t) for t in texts] == sorted(float(t) for t in texts) == list(axis.tickvals)
