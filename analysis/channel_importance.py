@@ -586,6 +586,38 @@ def no_ranking_reason(scores: TaylorScores) -> str | None:
             "(which component keeps its width) is stated.")
 
 
+QK_SAME_NOTE = (
+    "Q and K score the same, channel by channel, and that follows from the maths, not from these images: a "
+    "channel's Taylor score |Σ w·∂L/∂w| over the weights that make it equals |Σ q_j·∂L/∂q_j| over the tokens, and "
+    "with attention logits S = q·kᵀ·scale, both Σ_t q_j(t)·∂L/∂q_j(t) and Σ_t k_j(t)·∂L/∂k_j(t) equal "
+    "scale·Σ over query-key pairs of ∂L/∂S·q_j·k_j. Their lines below lie on each other (K dashed).")
+
+
+def qk_scores_identical(scores: TaylorScores, tolerance: float = 1e-4) -> bool:
+    """Whether every Q channel scores what the K channel of the same block, head and index scores (to
+    ``tolerance`` of the largest of them): the identity behind ``QK_SAME_NOTE``."""
+    frame = scores.to_dataframe("none")
+    keys = ["block", "head", "channel"]
+    q = frame[frame["component"] == "q"].set_index(keys)["score"]
+    k = frame[frame["component"] == "k"].set_index(keys)["score"]
+    if q.empty or len(q) != len(k):
+        return False
+    q, k = q.sort_index(), k.sort_index()
+    if not q.index.equals(k.index):
+        return False
+    scale = max(float(np.abs(q).max()), float(np.abs(k).max()))
+    return bool(scale > 0 and (np.abs(q.to_numpy() - k.to_numpy()) <= tolerance * scale).all())
+
+
+def p_value_text(p: float) -> str:
+    """A p-value as people write it: '0.032', '4.1e-05', '< 1e-300'; never 0.0000000000000009."""
+    if np.isnan(p):
+        return "n/a"
+    if p < 1e-300:
+        return "< 1e-300"
+    return f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}"
+
+
 def rank_agreement(a: TaylorScores, b: TaylorScores) -> pd.DataFrame:
     """Spearman rank correlation of two score sets, per component and over all channels (``'all'``)."""
     from scipy.stats import spearmanr
@@ -674,6 +706,9 @@ def fraction_kept_figure(budget: pd.DataFrame, keep_fraction: float, model: str 
                   title=_title(f"{model}: channels kept with a global {keep_fraction:.0%} budget", note))
     fig.add_hline(y=keep_fraction, line_dash="dot", line_color="gray")
     fig.update_yaxes(range=[-0.02, 1.02])
+    # Q and K keep (nearly) the same fractions (QK_SAME_NOTE): Q wide underneath, K dashed on top, both visible.
+    fig.update_traces(selector={"name": "q"}, line_width=6, opacity=0.6)
+    fig.update_traces(selector={"name": "k"}, line_dash="dash", marker_symbol="x")
     return fig
 
 

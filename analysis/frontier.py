@@ -312,10 +312,33 @@ def _method_name(row: pd.Series) -> str:
     return f"{row['model']} · {method}"
 
 
+PAPERS_PANEL = "The papers: ImageNet top-1 on a V100"
+
+
+def log_ticks(low: float, high: float) -> tuple[list[float], list[str]]:
+    """Readable ticks for a log axis from ``low`` to ``high``: 1, 2, 5 per decade (finer on a short range),
+    written 0.5, 300, 1k, 20k (plotly's own on a short log range read '2 3 4 5 6 7 8 9 1 2')."""
+    for mantissas in ((1, 2, 5), (1, 1.5, 2, 3, 4, 5, 7), tuple(range(1, 10))):
+        values = [float(f"{m * 10.0 ** e:.6g}")
+                  for e in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
+                  for m in mantissas if low <= m * 10.0 ** e <= high]
+        if len(values) >= 3:
+            break
+    texts = [f"{v / 1000:g}k" if v >= 1000 else f"{v:g}" for v in values]
+    return values, texts
+
+
 def frontier_figure(points: pd.DataFrame, papers: pd.DataFrame | None = None, title: str = "") -> go.Figure:
     """Accuracy (or agreement) against img/s: one colour per backbone and method, lines through each method's
-    settings, Wilson intervals, the Pareto frontier, and the papers' points as hollow markers (their hardware)."""
-    fig = go.Figure()
+    settings, Wilson intervals and the Pareto frontier; the papers' points, when given, on a panel of their own
+    (ImageNet top-1 against V100 img/s: another metric on other hardware, never on the measured axes)."""
+    from plotly.subplots import make_subplots
+
+    with_papers = papers is not None and not papers.empty
+    metrics = points["metric"].unique() if not points.empty else []
+    measured = "Measured here: your images, this machine"
+    fig = (make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.1,
+                         subplot_titles=(measured, PAPERS_PANEL)) if with_papers else go.Figure())
     if points.empty:
         return fig
     data = points.copy()
@@ -341,26 +364,34 @@ def frontier_figure(points: pd.DataFrame, papers: pd.DataFrame | None = None, ti
         front = pareto_front(data, x_col, "score")
         fig.add_trace(go.Scatter(x=front[x_col], y=front["score"], mode="lines", name="Pareto frontier (measured)",
                                  line=dict(color="black", dash="dot", width=2), hoverinfo="skip"))
-    if papers is not None and not papers.empty and has_speed:
-        # Their own axis: V100 img/s and local CPU img/s differ by orders of magnitude and are not comparable.
-        fig.add_trace(go.Scatter(
-            x=papers["img_per_s"], y=papers["score"], mode="markers+text", xaxis="x2",
-            name="papers: ImageNet top-1 vs V100 img/s (top axis)", text=papers["model"], textposition="top center",
-            textfont=dict(size=10, color="grey"), marker=dict(symbol="circle-open", size=11, line=dict(width=2),
-                                                              color="grey"),
-            visible=True if (data["metric"] == ACCURACY).all() else "legendonly",
-            hovertext=[f"{r.model}: {r.score:.1%} top-1, {r.img_per_s:.0f} img/s<br>{r.source} (not this machine)"
-                       for r in papers.itertuples()], hoverinfo="text"))
-        low, high = np.log10(papers["img_per_s"].min() / 1.3), np.log10(papers["img_per_s"].max() * 1.3)
-        fig.update_layout(xaxis2=dict(title="papers' img/s (V100, not this machine)", type="log", overlaying="x",
-                                      side="top", showgrid=False, color="grey", range=[low, high]))
-    metrics = data["metric"].unique()
     fig.update_layout(
-        title=title or "Accuracy vs throughput on this machine", height=600, margin=dict(t=110, b=10),
+        title=title or "Accuracy vs throughput on this machine", height=640, margin=dict(t=110, b=120),
         xaxis=dict(title="img/s on this machine" if has_speed else "setting (no throughput measured yet)",
                    type="log" if has_speed else "linear"),
         yaxis=dict(title=" / ".join(metrics), tickformat=".0%"),
-        legend=dict(orientation="v"))
+        legend=dict(orientation="h", yanchor="top", y=-0.2))
+    if has_speed:
+        low, high = data[x_col].min() / 1.3, data[x_col].max() * 1.3
+        values, texts = log_ticks(low, high)
+        fig.update_layout(xaxis=dict(range=[np.log10(low), np.log10(high)], tickvals=values, ticktext=texts))
+    if with_papers:
+        # Their own panel: another metric (ImageNet top-1, not agreement) on other hardware (V100, not this machine).
+        # Labels point inwards, so that none runs off the panel.
+        low, high = papers["img_per_s"].min() / 1.6, papers["img_per_s"].max() * 1.6
+        middle = np.sqrt(low * high)
+        fig.add_trace(go.Scatter(
+            x=papers["img_per_s"], y=papers["score"], mode="markers+text", xaxis="x2", yaxis="y2",
+            name="papers: ImageNet top-1 vs V100 img/s (right panel)", text=papers["model"],
+            textposition=["middle left" if x > middle else "middle right" for x in papers["img_per_s"]],
+            textfont=dict(size=10, color="grey"),
+            marker=dict(symbol="circle-open", size=11, line=dict(width=2), color="grey"), visible=True,
+            hovertext=[f"{r.model}: {r.score:.1%} top-1, {r.img_per_s:.0f} img/s<br>{r.source} (not this machine)"
+                       for r in papers.itertuples()], hoverinfo="text"))
+        values, texts = log_ticks(low, high)
+        fig.update_layout(
+            xaxis2=dict(title="papers' img/s (V100, not this machine)", type="log",
+                        range=[np.log10(low), np.log10(high)], tickvals=values, ticktext=texts),
+            yaxis2=dict(title="ImageNet top-1 (papers)", tickformat=".0%"))
     return fig
 
 

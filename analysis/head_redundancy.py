@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 from torch import nn
 
@@ -371,6 +372,10 @@ def similarity_heatmaps(result: RedundancyResult, metric: str = ATTENTION, colum
     return fig
 
 
+METRIC_WORDS = {ATTENTION: "max cosine of attention maps to another head",
+                FEATURE: "max linear CKA of head outputs to another head"}
+
+
 def redundancy_vs_depth(results: Sequence[RedundancyResult], metric: str = ATTENTION) -> go.Figure:
     """Mean head redundancy per block against relative depth; MHSA models left, cascaded group attention right."""
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=(
@@ -390,7 +395,7 @@ def redundancy_vs_depth(results: Sequence[RedundancyResult], metric: str = ATTEN
             hovertemplate="block %{customdata[0]} (stage %{customdata[1]})<br>mean %{y:.3f}<extra>%{fullData.name}</extra>",
         ), row=1, col=2 if is_cga else 1)
     fig.update_xaxes(title_text="relative depth (0 = first block, 1 = last)", range=[-0.05, 1.05])
-    fig.update_yaxes(title_text=f"head redundancy ({metric}): max cosine to another head", row=1, col=1)
+    fig.update_yaxes(title_text=f"head redundancy: {METRIC_WORDS[metric]}", row=1, col=1)
     fig.update_layout(title="Head redundancy vs depth (mean over heads; bars span min-max)", height=450)
     return fig
 
@@ -430,15 +435,16 @@ def head_embedding_figure(result: RedundancyResult, weights: str = "") -> go.Fig
     embedding = np.where(noise, 0.0, result.embedding) if len(result.embedding) else result.embedding
     fig = go.Figure()
     offset = 0
-    for b in result.blocks:
+    # One colour per block from its depth (a scalar colour with a colorscale falls back to plotly's ten-colour
+    # cycle, which gave blocks 0 and 10 one colour); head names in the hover only, where they cannot overlap.
+    colours = sample_colorscale("Plasma", [0.9 * b.relative_depth for b in result.blocks])
+    for b, colour in zip(result.blocks, colours):
         xy = embedding[offset: offset + b.num_heads]
         offset += b.num_heads
         fig.add_trace(go.Scatter(
-            x=xy[:, 0], y=xy[:, 1], mode="markers+text", name=f"block {b.block}",
-            text=[f"b{b.block}h{h}" for h in range(b.num_heads)], textposition="top center",
-            textfont=dict(size=9, color="#555"),
-            marker=dict(size=9, color=b.relative_depth, colorscale="Plasma", cmin=0, cmax=1,
-                        line=dict(width=0.5, color="white")),
+            x=xy[:, 0], y=xy[:, 1], mode="markers", name=f"block {b.block}",
+            text=[f"b{b.block}h{h}" for h in range(b.num_heads)],
+            marker=dict(size=9, color=colour, line=dict(width=0.5, color="white")),
             customdata=b.attention_redundancy,
             hovertemplate="block %{text}<br>redundancy %{customdata:.3f}<extra></extra>",
         ))

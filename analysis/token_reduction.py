@@ -15,7 +15,7 @@ its maps are drawn on the image with cells of ``image size / grid`` pixels. Two 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,9 +26,9 @@ from PIL import Image, ImageDraw
 from timm.models.vision_transformer import VisionTransformer
 
 from analysis.data.images import imagenet_label
-from analysis.provenance import with_title
+from analysis.provenance import UNTRAINED_PREDICTORS, label_rows, with_title
 from analysis.tome_agreement import top1_agreement, top5_overlap
-from models.dynamic_zoo import DynamicStageTrace, as_stage_trace
+from models.dynamic_zoo import DynamicStageTrace, as_stage_trace, linear_targets
 from models.dynamicvit import DynamicViT, dynamicvit_from_backbone
 from models.methods import METHODS, Method
 from models.registry import FAMILY_LABELS, REGISTRY, ModelSpec
@@ -123,6 +123,8 @@ class ReductionComparison:
     dynamicvit_logits: torch.Tensor | None = None
     dynamicvit_trace: DynamicStageTrace | None = None
     pruning_label: str = DYNAMICVIT
+    proportional_attention: bool = True  # ToMe's log-size bias (only meaningful when ToMe ran)
+    untrained_predictors: bool = False  # DynamicViT's score predictors freshly initialised on a plain backbone
 
     @property
     def num_tokens(self) -> int:
@@ -187,7 +189,8 @@ def dynamicvit_run(model: torch.nn.Module, batch: torch.Tensor, keep_ratio: floa
 def combine_runs(image_names: Sequence[str], reference: tuple[torch.Tensor, list[int]],
                  tome: tuple[torch.Tensor, ToMeTrace] | None = None, r: int | Sequence[int] | str | None = None,
                  dynamicvit: tuple[torch.Tensor, DynamicStageTrace] | None = None,
-                 keep_ratio: float | None = None, pruning: Method | None = None) -> ReductionComparison:
+                 keep_ratio: float | None = None, pruning: Method | None = None, proportional_attention: bool = True,
+                 untrained_predictors: bool = False) -> ReductionComparison:
     """The comparison record from separately computed runs (so each can be cached by its own setting)."""
     return ReductionComparison(
         image_names=list(image_names),
@@ -200,6 +203,8 @@ def combine_runs(image_names: Sequence[str], reference: tuple[torch.Tensor, list
         dynamicvit_logits=None if dynamicvit is None else dynamicvit[0],
         dynamicvit_trace=None if dynamicvit is None else dynamicvit[1],
         pruning_label=pruning_label(pruning) if pruning is not None else DYNAMICVIT,
+        proportional_attention=proportional_attention,
+        untrained_predictors=untrained_predictors and dynamicvit is not None,
     )
 
 
@@ -221,7 +226,8 @@ def compare_reductions(
         pruning = pruning_method(DYNAMICVIT_FAMILY)
     dynamicvit = dynamicvit_run(model, batch, keep_ratio, pruning) if pruning is not None else None
     tome = tome_run(model, batch, r, proportional_attention) if r is not None else None
-    return combine_runs(image_names, reference_run(model, batch, pruning), tome, r, dynamicvit, keep_ratio, pruning)
+    return combine_runs(image_names, reference_run(model, batch, pruning), tome, r, dynamicvit, keep_ratio, pruning,
+                        proportional_attention)
 
 
 def dynamicvit_with_untrained_predictors(backbone: VisionTransformer, seed: int = 0):
@@ -278,6 +284,55 @@ def predictions_frame(comparison: ReductionComparison, image: int | None = None)
     frames = [top5_frame(logits, i).assign(method=method, image=comparison.image_names[i])
               for i in images for method, logits in comparison.logits_by_method().items()]
     return pd.concat(frames, ignore_index=True)[["image", "method", "rank", "class", "class index", "probability"]]
+
+
+# --------------------------------------------------------------------------------------------
+# What produced a result: every export of the comparison names it
+# --------------------------------------------------------------------------------------------
+def reduction_settings(comparison: ReductionComparison) -> dict[str, Any]:
+    """Every setting behind ``comparison``, as export columns; a method that did not run leaves its columns
+    empty (None)."""
+    pruned, merged = comparison.dynamicvit_trace is not None, comparison.tome_trace is not None
+    return {"rho": comparison.keep_ratio if pruned else None,
+            "predictors": ("untrained" if comparison.untrained_predictors else "trained") if pruned else None,
+            "tome_r": str(comparison.r) if merged else None,
+            "tome_proportional_attention": comparison.proportional_attention if merged else None}
+
+
+def tome_setting_text(r, proportional_attention: bool) -> str:
+    schedule = "decreasing schedule" if str(r).startswith("decreasing") else "constant schedule"
+    r_text = str(r).removeprefix("decreasing:")
+    return f"r={r_text} ({schedule}), proportional attention {'on' if proportional_attention else 'off'}"
+
+
+def method_setting(comparison: ReductionComparison, method: str) -> str:
+    """One method's setting in words: 'rho=0.7, untrained predictors', 'r=13 (constant schedule), ...'."""
+    if method == comparison.pruning_label and comparison.keep_ratio is not None:
+        return f"rho={comparison.keep_ratio:g}" + (f", {UNTRAINED_PREDICTORS}" if comparison.untrained_predictors
+                                                   else "")
+    if method == TOME and comparison.r is not None:
+        return tome_setting_text(comparison.r, comparison.proportional_attention)
+    return "none"
+
+
+def method_weights(comparison: ReductionComparison, method: str, weights: str) -> str:
+    """The weights behind one method's row: the backbone's, plus the untrained predictors only on DynamicViT's."""
+    if method == comparison.pruning_label and comparison.untrained_predictors:
+        return f"{weights} + {UNTRAINED_PREDICTORS}"
+    return weights
+
+
+def export_frame(frame: pd.DataFrame, comparison: ReductionComparison, model: str, weights: str,
+                 image: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """``frame`` as the page exports it: model, weights, image(s) and every setting on each row. A frame with a
+    ``method`` column also gets each row's own setting and weights (``weights`` is the backbone's: only
+    DynamicViT's rows name its untrained predictors)."""
+    settings = reduction_settings(comparison)
+    if "method" in frame.columns:
+        methods = frame["method"].tolist()
+        settings = {"setting": [method_setting(comparison, m) for m in methods], **settings}
+        weights = [method_weights(comparison, m, weights) for m in methods]
+    return label_rows(frame, model, weights, image, settings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,7 +442,26 @@ def stage_maps_caption(trace: DynamicStageTrace) -> str:
                 "there or earlier and never come back.")
     return (f"{where} Nothing is dropped: the feature map stays whole (convolutions and windows need it). Bright "
             "cells are the positions that take the full MLP path from that block on; faded cells take the cheap "
-            "fast path. Each predictor picks its own set; blocks outside the pruned stage run on every position.")
+            "fast path. Each predictor picks its own set; blocks outside the pruned stage run on every position."
+            + "".join(f" {note}" for note in truncation_notes(trace)))
+
+
+def truncation_notes(trace: DynamicStageTrace) -> list[str]:
+    """Where a structured stage keeps one position fewer than N x ratio: the official code truncates
+    int(N * (rho - 0.2 s)) in floating point, and 0.7 - 0.2 is 0.49999999999999994 (196 -> 97, not 98)."""
+    if trace.nested or trace.keep_ratio >= 1.0:
+        return []
+    notes = []
+    for stage, (count, ratio) in enumerate(zip(trace.kept_counts, linear_targets(trace.keep_ratio,
+                                                                                   trace.num_stages))):
+        rows, cols = trace.stage_grids[stage]
+        expected = int(round(rows * cols * round(ratio, 9), 6))  # what N x ratio gives on paper
+        if count != expected:
+            notes.append(f"Stage {stage + 1} keeps {count} of {rows * cols}, not {expected}: as in the official "
+                         f"code, int({rows * cols} x ({trace.keep_ratio:g} - {0.2 * stage:g})) is computed in "
+                         f"floating point, where {trace.keep_ratio:g} - {0.2 * stage:g} = {ratio!r}, so "
+                         f"{rows * cols} x {ratio!r} = {rows * cols * ratio!r} truncates to {count}.")
+    return notes
 
 
 def _pixel_heatmap(values: np.ndarray, cell: tuple[float, float], **kwargs) -> go.Heatmap:
@@ -406,17 +480,44 @@ def _image_axes(figure: go.Figure, trace: DynamicStageTrace, columns: int) -> No
         figure.update_yaxes(range=[height, 0], scaleanchor=anchor, showticklabels=False, row=1, col=column)
 
 
+def keep_score_range(trace, image: int) -> tuple[float, float]:
+    """The lowest and highest keep score of one image over every stage (dropped positions left out)."""
+    values = np.concatenate([scores[image].numpy().ravel() for scores in _stages(trace).score_maps()])
+    values = values[np.isfinite(values)]
+    return (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+
+
+NARROW_SCORES = 0.05  # keep scores spanning less than this carry no confidence (untrained predictors: all ~0.5)
+
+
+def keep_score_note(trace, image: int) -> str | None:
+    """Why the heat maps' colour scale is stretched, when the scores span almost nothing (None otherwise)."""
+    low, high = keep_score_range(trace, image)
+    if high - low >= NARROW_SCORES:
+        return None
+    return (f"Keep scores span only {low:.5f} to {high:.5f}. Untrained predictors score every patch near 0.5 "
+            "(their freshly initialised last layer gives both classes, keep and drop, almost the same "
+            "probability), so the colours are stretched to that range: they show the tiny differences that still "
+            "decide which patches are kept, not any confidence.")
+
+
 def keep_score_figure(trace, image: int, title: str = "DynamicViT keep scores per stage") -> go.Figure:
     """Heat maps of the predicted keep probability per position at each stage, on its own grid drawn to the
-    image's scale (blank: dropped at an earlier stage, so not scored)."""
+    image's scale (blank: dropped at an earlier stage, so not scored). The colour scale spans the image's own
+    scores (untrained predictors give 0.4999-0.5001: on a 0-1 scale a flat square; see ``keep_score_note``)."""
     trace = _stages(trace)
+    low, high = keep_score_range(trace, image)
+    if high <= low:
+        low, high = low - 1e-6, high + 1e-6
+    digits = max(2, int(np.ceil(-np.log10(high - low))) + 1)
     titles = [f"stage {s + 1}: {b} ({_grid_text(trace, s)})" for s, b in enumerate(trace.stage_blocks)]
     figure = make_subplots(rows=1, cols=trace.num_stages, subplot_titles=titles, horizontal_spacing=0.03)
     for stage, scores in enumerate(trace.score_maps()):
         figure.add_trace(_pixel_heatmap(
-            scores[image].numpy(), trace.cell_size(stage), zmin=0.0, zmax=1.0, colorscale="Viridis",
-            showscale=stage == trace.num_stages - 1, colorbar=dict(title="keep prob."),
-            hovertemplate="row %{customdata[0]}, col %{customdata[1]}: %{z:.3f}<extra></extra>"), row=1, col=stage + 1)
+            scores[image].numpy(), trace.cell_size(stage), zmin=low, zmax=high, colorscale="Viridis",
+            showscale=stage == trace.num_stages - 1, colorbar=dict(title="keep prob.", tickformat=f".{digits}f"),
+            hovertemplate=f"row %{{customdata[0]}}, col %{{customdata[1]}}: %{{z:.{digits + 1}f}}<extra></extra>"),
+            row=1, col=stage + 1)
     _image_axes(figure, trace, trace.num_stages)
     figure.update_annotations(font_size=11)
     figure.update_layout(title=title, height=340, margin=dict(t=80, b=10))

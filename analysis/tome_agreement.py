@@ -22,6 +22,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from analysis.data.images import load_folder, sample_images, to_batch
+from analysis.provenance import figure_title
 from analysis.throughput import measure_flops
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.loading import load_model
@@ -119,11 +120,16 @@ def plot_agreement(rows: Sequence[AgreementRow], title: str = "ToMe: agreement w
         ),
         secondary_y=True,
     )
-    figure.update_layout(title=title, legend=dict(orientation="h", y=-0.2), hovermode="x unified")
+    text, top = figure_title(title)
+    figure.update_layout(title=text, margin=dict(t=top), legend=dict(orientation="h", y=-0.2),
+                         hovermode="x unified")
     step = max(1, _round_step(max(frame.r.max() - frame.r.min(), 1) / 8))
     figure.update_xaxes(title_text="r (tokens merged per block)", tick0=0, dtick=step)
-    figure.update_yaxes(title_text="agreement", range=[0, 1.02], secondary_y=False)
-    figure.update_yaxes(title_text="tokens", rangemode="tozero", secondary_y=True)
+    figure.update_yaxes(title_text="agreement", range=[0, 1.02], dtick=0.2, secondary_y=False)
+    # Token counts are whole numbers: ticks at round steps (plotly's own aligned to the left axis gave 203.3).
+    most = int(frame.tokens_after_last_layer.max())
+    figure.update_yaxes(title_text="tokens", range=[0, most * 1.02], tickmode="linear", tick0=0,
+                        dtick=max(1, _round_step(most / 5)), tickformat="d", showgrid=False, secondary_y=True)
     return figure
 
 

@@ -42,6 +42,10 @@ BACKBONE_FAMILIES = {DYNAMICVIT: MHSA, DYNAMIC_CNN: CNN, DYNAMIC_SWIN: SWIN}
 IMAGE_INPUTS = "image"
 VQA_INPUTS = "image+question"
 
+# What a model does: the pages offer a model only where its task fits (the frontier ranks image classifiers).
+IMAGE_CLASSIFICATION = "image classification"
+VISUAL_QUESTION_ANSWERING = "visual question answering"
+
 # How released weights are stored: one checkpoint file, or a transformers save_pretrained folder.
 FILE, FOLDER = "file", "folder"
 
@@ -71,6 +75,7 @@ class ModelSpec:
     file_stem: str | None = None
     weights_layout: str = FILE
     inputs: str = IMAGE_INPUTS
+    task: str = IMAGE_CLASSIFICATION
     input_size: int = 224
     # Other input sizes a user may pick (the first is ``input_size``, the default); ``sized`` makes the entry at one.
     input_sizes: tuple[int, ...] = ()
@@ -199,7 +204,7 @@ for _name, _family, _factory, _loader, _arch, _rho, _file, _top1 in [
 register(ModelSpec("vilt_b32_vqa", VILT, reference="ViLT (ICML 2021), VQAv2 fine-tuned; PuMer (ACL 2023)",
                    factory="models.vilt_pumer:vilt_b32_random", loader="models.vilt_pumer:vilt_from_source",
                    hf_repo="dandelin/vilt-b32-finetuned-vqa", weights_layout=FOLDER, inputs=VQA_INPUTS,
-                   input_size=384))
+                   task=VISUAL_QUESTION_ANSWERING, input_size=384))
 
 # METER's VQAv2 checkpoint was fine-tuned and evaluated at 576 px (METER's README and config.py, PuMer's checkpoint
 # conversion); 288 in its name is the pre-training size; PuMer's own fine-tuning and benchmarks used 384.
@@ -214,7 +219,7 @@ register(ModelSpec("meter_clip16_288_vqa", METER,
                    factory="models.meter:meter_random", load_fn="models.meter:load_official_file",
                    loader="models.meter:meter_from_source", file_stem="meter_clip16_288_roberta_vqa",
                    url="https://github.com/zdou0830/METER/releases/download/checkpoint/meter_clip16_288_roberta_vqa.ckpt",
-                   inputs=VQA_INPUTS, input_size=576, input_sizes=METER_IMAGE_SIZES))
+                   inputs=VQA_INPUTS, task=VISUAL_QUESTION_ANSWERING, input_size=576, input_sizes=METER_IMAGE_SIZES))
 
 
 def sized(spec: ModelSpec, size: int | None) -> ModelSpec:
@@ -235,8 +240,9 @@ def get_spec(name: str) -> ModelSpec:
         raise KeyError(f"Unknown model {name!r}. Known models: {known}") from None
 
 
-def list_models(family: str | None = None) -> list[str]:
-    return [n for n, s in REGISTRY.items() if family is None or s.family == family]
+def list_models(family: str | None = None, task: str | None = None) -> list[str]:
+    return [n for n, s in REGISTRY.items()
+            if (family is None or s.family == family) and (task is None or s.task == task)]
 
 
 def models_with_attention(*kinds: str) -> list[str]:

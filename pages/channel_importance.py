@@ -17,6 +17,9 @@ from analysis.channel_importance import (
     head_importance_figure,
     labelled_folder,
     no_ranking_reason,
+    QK_SAME_NOTE,
+    p_value_text,
+    qk_scores_identical,
     rank_agreement,
     split_batches,
     taylor_importance,
@@ -141,8 +144,9 @@ weights = weights_text(loaded)
 image_names = images_label([im.name for im in images])
 
 
-def _labelled(frame):
-    return label_rows(frame, name, weights, image_names)
+def _labelled(frame, **settings):
+    """Model, weights, images, the loss target and the given settings (normalisation, budget) on every row."""
+    return label_rows(frame, name, weights, image_names, {"loss_target": loss_text, **settings})
 
 
 c1, c2 = st.columns(2)
@@ -152,6 +156,9 @@ normalize = kept(c2.selectbox, "Normalisation before the global ranking", key="c
                  format_func=lambda n: f"{n}: {NORMALIZATION_HELP[n]}")
 
 target_text = {"self": "the model's own top-1", "labels": "the given labels"}[loss_target]
+if picked_class is not None:
+    target_text = f"the given labels (class {picked_class}, {imagenet_label(picked_class)}, for every image)"
+loss_text = f"cross-entropy against {target_text}"
 st.header(f"Which components keep their width {note}".strip())
 st.caption(f"{len(taylor)} channels scored on {taylor.num_images} image{'s' if taylor.num_images != 1 else ''}, "
            f"loss: cross-entropy against {target_text}; weights: {weights}.")
@@ -161,7 +168,8 @@ if reason:
     st.warning(reason)
     st.dataframe(summary[["component", "channels", "mean_score"]], hide_index=True)
     st.header("Downloads")
-    download_df(_labelled(combined_table(taylor, activation, normalize)), f"channel_importance_{name}.csv",
+    download_df(_labelled(combined_table(taylor, activation, normalize), normalisation=normalize),
+                f"channel_importance_{name}.csv",
                 "Download every channel's scores (CSV)")
     st.stop()
 st.dataframe(summary, hide_index=True)
@@ -170,6 +178,8 @@ st.markdown(f"With {keep_fraction:.0%} of all channels kept: "
             + ", ".join(f"**{c}** keeps {kept[c]:.0%}" for c in kept.index) + ".")
 budget = budget_keep_fraction(taylor, keep_fraction, normalize)
 st.plotly_chart(fraction_kept_figure(budget, keep_fraction, name, note), key="ci_fig_kept")
+if qk_scores_identical(taylor):
+    st.caption(QK_SAME_NOTE)
 st.plotly_chart(component_importance_figure(taylor, normalize, note), key="ci_fig_components")
 
 st.header(f"Per head {note}".strip())
@@ -180,10 +190,13 @@ st.markdown("captum's `LayerGradientXActivation` on the same layers, summed over
             "For a Linear layer both scores are equal by construction; they differ for the embedding "
             "(cls/position parameters) and for conv + BatchNorm layers.")
 st.plotly_chart(taylor_vs_activation_figure(taylor, activation, normalize, note), key="ci_fig_scatter")
-st.dataframe(rank_agreement(taylor, activation), hide_index=True)
+st.dataframe(rank_agreement(taylor, activation).assign(p_value=lambda f: f["p_value"].map(p_value_text)),
+             hide_index=True)
 
 st.header("Downloads")
 suffix = "_random" if loaded.weights.is_random else ""
-download_df(_labelled(combined_table(taylor, activation, normalize)), f"channel_importance_{name}{suffix}.csv",
+download_df(_labelled(combined_table(taylor, activation, normalize), normalisation=normalize),
+            f"channel_importance_{name}{suffix}.csv",
             "Download every channel's scores (CSV)")
-download_df(_labelled(budget), f"fraction_kept_{name}{suffix}.csv", "Download fraction kept per block (CSV)")
+download_df(_labelled(budget, normalisation=normalize, budget_fraction_kept=keep_fraction),
+            f"fraction_kept_{name}{suffix}.csv", "Download fraction kept per block (CSV)")

@@ -20,10 +20,10 @@ from analysis.frontier import (
     settings_methods,
 )
 from analysis.data.images import to_batch
-from analysis.provenance import images_label
+from analysis.provenance import images_label, label_rows
 from analysis.throughput import BenchSettings
 from models.methods import METHODS
-from models.registry import REGISTRY, VILT, get_spec
+from models.registry import IMAGE_CLASSIFICATION, get_spec, list_models
 from pages._results import result_folder_input
 from pages._ui import (cached_model, current_device, download_df, download_json, image_picker, image_set_key, kept,
                        latest_result, progress_bar, random_models_picker, run_through_app, session_result)
@@ -34,7 +34,8 @@ DEFAULT_VALUES = {"tome": [4, 8, 13, 16], "dynamicvit": [0.5, 0.7, 0.9]}
 
 
 def _backbones() -> list[str]:
-    return [n for n, s in REGISTRY.items() if s.family not in (VILT,)]
+    """Image classifiers only (the registry's task): top-1 and agreement mean nothing for a VQA model."""
+    return list_models(task=IMAGE_CLASSIFICATION)
 
 
 run_through_app()
@@ -132,11 +133,12 @@ def _batches(loaded):
     return iter(chunks), len(chunks)
 
 
+failure = None  # why the last press of Compute gave no points: said as an error, the previous frontier stays
 if st.button("Compute the frontier", type="primary", disabled=not models):
     if source == "Folder on this machine" and not folder.strip():
         st.error("Enter a folder path, or switch to the sample photos.")
         st.stop()
-    accuracy_parts, speed_parts, skipped = [], [], []
+    accuracy_parts, speed_parts, skipped, failed = [], [], [], {}
     bench = _bench_settings()
     with st.status("Computing ...", expanded=True) as status:
         report = progress_bar()
@@ -152,30 +154,46 @@ if st.button("Compute the frontier", type="primary", disabled=not models):
                 batches, total = _batches(loaded)
                 record = evaluate(loaded, batches, settings, lambda f, msg: report(base + share * 0.5 * f, msg), total)
             except (DatasetError, ValueError) as exc:
-                st.error(str(exc))
-                st.stop()
+                failed[name] = str(exc)
+                continue
             accuracy_parts.append(record.to_frame())
             status.update(label=f"{name}: timing {len(settings)} settings, interleaved")
             speed_parts.append(measure_throughput(
                 loaded, settings, bench, lambda f, msg: report(base + share * (0.5 + 0.5 * f), msg)))
-        status.update(label=f"Done: {sum(len(p) for p in accuracy_parts)} points from {len(accuracy_parts)} backbone(s)",
-                      state="complete")
+        left_out = skipped + list(failed)
+        if accuracy_parts:
+            status.update(label=f"Done: {sum(len(p) for p in accuracy_parts)} points from {len(accuracy_parts)} "
+                                f"backbone(s)" + (f"; left out: {', '.join(left_out)}" if left_out else ""),
+                          state="complete", expanded=False)
+        else:
+            status.update(label="No points: no backbone could run", state="error", expanded=True)
+    for name, message in failed.items():
+        st.error(f"{name}: {message}")
     if not accuracy_parts:
-        st.stop()
-    points = join_points(pd.concat(accuracy_parts, ignore_index=True), pd.concat(speed_parts, ignore_index=True))
-    images_used = _images_now()
-    # A press of Compute always stores anew (timings differ run to run): the clock makes the key unique.
-    session_result(RESULT_SLOT, ("live", tuple(models), images_used, time.monotonic()),
-                   lambda: {"points": points, "skipped": skipped, "device": current_device(),
-                            "batch": int(bench_batch), "images": images_used,
-                            "image_names": folder if uploads is None else images_label([u.name for u in uploads])})
+        failure = ("No points were computed: " + ", ".join(left_out) + " could not run"
+                   + (" (missing weights: provide the file, or tick it under *Run these with random weights*)."
+                      if skipped else "."))
+        st.error(failure)
+    else:
+        points = join_points(pd.concat(accuracy_parts, ignore_index=True), pd.concat(speed_parts, ignore_index=True))
+        images_used = _images_now()
+        image_names = folder if uploads is None else images_label([u.name for u in uploads])
+        points = label_rows(points, None, points["weights"].tolist(), image_names)
+        # A press of Compute always stores anew (timings differ run to run): the clock makes the key unique.
+        session_result(RESULT_SLOT, ("live", tuple(models), images_used, time.monotonic()),
+                       lambda: {"points": points, "skipped": skipped, "device": current_device(),
+                                "batch": int(bench_batch), "images": images_used, "image_names": image_names})
 
 # The last computed frontier stays until the next Compute, whatever else reruns the page.
 latest = latest_result(RESULT_SLOT)
 result = latest[1] if latest else None
 if not result:
-    st.info("Pick backbones and settings, then press **Compute the frontier**. Each backbone shows its progress.")
+    if failure is None:
+        st.info("Pick backbones and settings, then press **Compute the frontier**. Each backbone shows its progress.")
     st.stop()
+if failure is not None:
+    st.warning("Shown below: the previous frontier (" + ", ".join(sorted(result["points"]["model"].unique()))
+               + f"; images: {result.get('image_names', result.get('images', ''))}), not a result of this press.")
 
 points: pd.DataFrame = result["points"]
 if "images" in result and result["images"] != _images_now():
@@ -183,7 +201,7 @@ if "images" in result and result["images"] != _images_now():
                "now: press **Compute the frontier** to compute it on these.")
 if result["skipped"]:
     st.warning("Left out for missing weights: " + ", ".join(result["skipped"])
-               + ". Tick them under *May run with random weights* to include them untrained.")
+               + ". Tick them under *Run these with random weights* to include them untrained.")
 random_models = sorted(points.loc[points["weights"].str.contains("RANDOM", na=False), "model"].unique())
 if random_models:
     st.warning("RANDOM weights (untrained) for: " + ", ".join(random_models) + ". Their points show cost, not accuracy.")
@@ -192,8 +210,9 @@ if points["setting"].str.contains("untrained predictors").any():
                "so its accuracy is a lower bound of what the trained model gets.")
 paper = paper_points()
 st.plotly_chart(frontier_figure(points, paper, f"On {result['device']}, batch {result['batch']}"), key="fr_chart")
-st.caption("Hollow grey markers: the papers' own ImageNet top-1 and V100 img/s, for orientation only (not this "
-           "machine, not your images). Dotted: the measured Pareto frontier.")
+st.caption("Left: measured here, on your images. Dotted: the measured Pareto frontier. Right, hollow grey markers: "
+           "the papers' own ImageNet top-1 against V100 img/s, for orientation only (another metric, on other "
+           "hardware: not this machine, not your images).")
 shown = points[["model", "weights", "setting", "metric", "score", "ci_low", "ci_high", "images", "img_per_s",
                 "ms_per_batch", "gflops"]]
 st.dataframe(shown, hide_index=True,
@@ -202,6 +221,7 @@ d1, d2 = st.columns(2)
 with d1:
     download_df(points, "frontier.csv", "Download points (CSV)")
 with d2:
-    download_json({"device": result["device"], "batch": result["batch"], "images": result.get("images", ""),
+    download_json({"device": result["device"], "batch": result["batch"], "images": result.get("image_names", ""),
+                   "images_digest": result.get("images", ""),
                    "points": json_records(points),
                    "methods": {k: METHODS[k].reference for k in METHODS}}, "frontier.json", "Download points (JSON)")

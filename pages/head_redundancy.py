@@ -17,7 +17,7 @@ from analysis.head_redundancy import (
     to_dataframe,
     untrained_notes,
 )
-from analysis.provenance import images_label, label_rows, title_line, with_title
+from analysis.provenance import file_name, images_label, label_rows, title_line, with_title
 from models.attention_recording import UnsupportedModelError
 from models.registry import CGA, MHSA, models_with_attention
 from pages._results import dataset_run_section
@@ -172,7 +172,8 @@ def overlay_view() -> None:
     st.image(sheet, caption=f"{result.label}, block {block}: per-head attention of {query} "
                             f"(each map scaled to its own maximum); redundancy per head: "
                             + ", ".join(f"{r:.2f}" for r in redundancy))
-    download_png(sheet, f"attention_{overlay_model}_block{block}_{image_name}.png", "Download attention maps (PNG)")
+    download_png(sheet, file_name("attention", overlay_model, f"block{block}", image_name),
+                 "Download attention maps (PNG)")
 
 
 overlay_view()

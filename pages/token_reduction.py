@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.data.images import model_view, to_batch
-from analysis.provenance import images_label, label_rows, title_line
+from analysis.provenance import file_name, images_label, label_rows, title_line
 from analysis.token_reduction import (
     NO_REDUCTION,
     TOME,
@@ -15,10 +15,12 @@ from analysis.token_reduction import (
     dynamicvit_run,
     dynamicvit_stage_panels,
     dynamicvit_with_untrained_predictors,
+    export_frame,
     image_strip,
     is_structured,
     keep_frequency_by_stage_figure,
     keep_score_figure,
+    keep_score_note,
     kept_indices_frame,
     model_choices,
     predictions_frame,
@@ -30,6 +32,7 @@ from analysis.token_reduction import (
     tome_applies,
     tome_merge_panels,
     tome_run,
+    tome_setting_text,
 )
 from analysis.tome_agreement import agreement_sweep, plot_agreement, rows_to_frame
 from models.registry import get_spec
@@ -101,7 +104,8 @@ if choice.untrained_predictors:
     st.warning("The DynamicViT score predictors are **untrained** (random): the pruning maps below show the "
                f"mechanics, not what a trained DynamicViT keeps. ToMe and the unreduced model use {backbone}.")
 has_tome = tome_applies(spec)
-weights = weights_text(loaded, choice.untrained_predictors)
+weights = weights_text(loaded, choice.untrained_predictors)  # DynamicViT's: names untrained predictors
+backbone_weights = weights_text(loaded)  # ToMe's and the unreduced model's
 weights_tag = " (RANDOM weights)" if loaded.weights.is_random else ""
 predictor_tag = " (untrained predictors)" if choice.untrained_predictors else ""
 
@@ -150,15 +154,17 @@ if pruning is not None:
     except ValueError as exc:  # a keep ratio the family's schedule cannot run
         st.error(str(exc))
         st.stop()
-comparison = combine_runs(names, reference, tome, r_spec, dynamicvit, keep_ratio, pruning)
+comparison = combine_runs(names, reference, tome, r_spec, dynamicvit, keep_ratio, pruning, proportional,
+                          choice.untrained_predictors)
 method_label = comparison.pruning_label
 method_name = pruning.label if pruning else "DynamicViT"
 structured = is_structured(comparison)
 all_images = images_label(names)
 
 
-def _labelled(frame: pd.DataFrame, image=None) -> pd.DataFrame:
-    return label_rows(frame, name, weights, image)
+def _labelled(frame: pd.DataFrame, image=None, frame_weights: str = backbone_weights) -> pd.DataFrame:
+    """Model, weights, images and every setting (rho, predictors, ToMe r, proportional attention) on each row."""
+    return export_frame(frame, comparison, name, frame_weights, image)
 
 
 @st.fragment
@@ -217,13 +223,18 @@ def detail_view() -> None:
                 "DeiT-Tiny option.")
     else:
         stage_strip = image_strip(dynamicvit_stage_panels(canvas, trace, chosen),
-                                  title=f"{method_label} rho {keep_ratio:.2f} | " + title_line(name, weights, image_name))
+                                  title=f"{method_label} | " + title_line(name, weights, image_name,
+                                                                          {"rho": keep_ratio}))
         st.image(stage_strip, caption=stage_maps_caption(trace), width="stretch")
         scores = session_result("tr_keep_scores", inputs + (keep_ratio, chosen), lambda: keep_score_figure(
-            trace, chosen, title=f"{method_name} keep scores per stage: {image_name}"
+            trace, chosen, title=f"{method_name} keep scores per stage, rho {keep_ratio:.2f}: {image_name}"
                                  + weights_tag + predictor_tag), keep=SETTINGS_KEPT)
         st.plotly_chart(scores, key="tr_keep_scores")
-        download_png(stage_strip, f"dynamicvit_stages_{image_name}.png", "Download stage maps (PNG)")
+        narrow = keep_score_note(trace, chosen)
+        if narrow:
+            st.caption(narrow)
+        download_png(stage_strip, file_name("dynamicvit_stages", name, f"rho{keep_ratio:g}", image_name),
+                     "Download stage maps (PNG)")
 
     if comparison.tome_trace is None:
         return
@@ -233,9 +244,11 @@ def detail_view() -> None:
     layers = kept(st.multiselect, "Show merge maps after blocks", key="tr_layers", options=range(depth),
                   default=default_layers)
     merge_strip = image_strip(tome_merge_panels(canvas, comparison.tome_trace, sorted(layers), chosen),
-                              title=f"ToMe r {r_spec} | " + title_line(name, weights, image_name))
+                              title="ToMe " + tome_setting_text(r_spec, proportional) + " | "
+                                    + title_line(name, backbone_weights, image_name))
     st.image(merge_strip, caption="Each group of merged patches in its mean colour", width="stretch")
-    download_png(merge_strip, f"tome_merge_maps_{image_name}.png", "Download merge maps (PNG)")
+    download_png(merge_strip, file_name("tome_merge_maps", name, f"r{r_spec}", image_name),
+                 "Download merge maps (PNG)")
 
 
 detail_view()
@@ -245,10 +258,10 @@ if comparison.dynamicvit_trace is not None:
     if len(names) > 1:
         kept_what = "takes the full path" if structured else "is kept"
         frequency = session_result("tr_keep_frequency", inputs + (keep_ratio,), lambda: keep_frequency_by_stage_figure(
-            trace, f"How often each position {kept_what} at each stage, over {len(names)} images"
-                   + weights_tag + predictor_tag), keep=SETTINGS_KEPT)
+            trace, f"How often each position {kept_what} at each stage, rho {keep_ratio:.2f}, over {len(names)} "
+                   "images" + weights_tag + predictor_tag), keep=SETTINGS_KEPT)
         st.plotly_chart(frequency, key="tr_keep_frequency")
-    download_df(_labelled(kept_indices_frame(trace, names)), "dynamicvit_kept_indices.csv",
+    download_df(_labelled(kept_indices_frame(trace, names), frame_weights=weights), "dynamicvit_kept_indices.csv",
                 "Download kept indices per image and stage (CSV)")
 
 counts = tokens_per_block(comparison)
@@ -265,17 +278,23 @@ def sweep_view() -> None:
     r_max = kept(st.slider, "Largest r in the sweep", 2, 32, key="tr_rmax", default=16)
     sweep_key = inputs + (proportional, r_max)
     if st.button("Run the r sweep on these images", key="tr_sweep"):
-        show = progress_bar("Sweeping r ...")
+        slot = st.empty()  # the progress bar goes when the sweep is done
+        with slot:
+            show = progress_bar("Sweeping r ...")
         session_result("tr_sweep", sweep_key, lambda: agreement_sweep(
             model, batch.to(next(model.parameters()).device), range(0, r_max + 1),
             proportional_attention=proportional, progress=show))
+        slot.empty()
     rows = session_result("tr_sweep", sweep_key)
     if rows is None:
         st.caption("Runs ToMe once per r (constant schedule) and compares with the unreduced model; "
                    "GFLOPs per image are counted with torch's FlopCounterMode.")
         return
-    st.plotly_chart(plot_agreement(rows, f"ToMe agreement: {name}, {weights}, {all_images}"), key="tr_sweep_chart")
-    download_df(_labelled(rows_to_frame(rows), all_images), "tome_r_sweep.csv", "Download the r sweep (CSV)")
+    st.plotly_chart(plot_agreement(rows, f"ToMe agreement: {name}, {backbone_weights}, {all_images}"),
+                    key="tr_sweep_chart")
+    download_df(label_rows(rows_to_frame(rows), name, backbone_weights, all_images,
+                           {"tome_schedule": "constant", "tome_proportional_attention": proportional}),
+                "tome_r_sweep.csv", "Download the r sweep (CSV)")
 
 
 if has_tome:

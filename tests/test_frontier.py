@@ -29,6 +29,8 @@ from analysis.data.images import sample_images
 from analysis.run import main
 from models.loading import load_model
 
+from models.registry import IMAGE_CLASSIFICATION, list_models
+
 ROOT = Path(__file__).resolve().parents[1]
 DEIT = "deit_tiny_patch16_224"
 SETTINGS = ["unreduced", "tome=0", "tome=8", "tome=decreasing:13", "rho=0.7:untrained"]
@@ -202,3 +204,73 @@ def test_page_computes_points_that_survive_a_download(real_weights_folder):
     at.number_input(key="fr_rounds").set_value(2).run()  # any other widget: a rerun
     assert len(at.dataframe[-1].value) == 3 and at.get("plotly_chart")
     assert {b.label for b in at.get("download_button")} >= {"Download points (CSV)", "Download points (JSON)"}
+
+
+def test_page_offers_only_image_classifiers():
+    """METER and ViLT answer questions: the frontier's top-1 means nothing for them (issue 20)."""
+    at = AppTest.from_file(PAGE, default_timeout=120)
+    at.run()
+    offered = list(at.multiselect(key="fr_models").options)
+    assert offered == list_models(task=IMAGE_CLASSIFICATION)
+    assert "meter_clip16_288_vqa" not in offered and "vilt_b32_vqa" not in offered
+    assert "deit_tiny_patch16_224" in offered and "efficientvit_m0" in offered
+
+
+def _compute(at: AppTest) -> AppTest:
+    return next(b for b in at.button if b.label == "Compute the frontier").click().run()
+
+
+def test_a_failed_compute_is_an_error_and_keeps_the_previous_frontier(tmp_path, monkeypatch, downloads):
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))  # no weights anywhere: a load fails at once
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    at = AppTest.from_file(PAGE, default_timeout=300)
+    at.run()
+    at.multiselect(key="fr_values_tome").set_value([])
+    at.multiselect(key="fr_values_dynamicvit").set_value([])
+    at.multiselect(key="fr_random").set_value([DEIT])
+    at.number_input(key="fr_rounds").set_value(1)
+    at.number_input(key="fr_batch").set_value(1)
+    _compute(at)
+    assert not at.exception, [e.value for e in at.exception]
+    first = at.dataframe[-1].value
+    assert list(first["setting"]) == ["unreduced"]
+    assert set(pd.read_csv(__import__("io").BytesIO(downloads["frontier.csv"]))["image"]) == {
+        "2 images: china, flower"}  # frontier.csv names its images on every row
+
+    at.multiselect(key="fr_random").set_value([])  # now DeiT-Tiny needs its file, which is not there
+    _compute(at)
+    assert not at.exception, [e.value for e in at.exception]
+    assert not any(s.label.startswith("Done") for s in at.status), [s.label for s in at.status]
+    assert [s.state for s in at.status] == ["error"]
+    assert any("No points were computed" in e.value for e in at.error)
+    assert any("previous frontier" in w.value for w in at.warning)
+    assert at.dataframe[-1].value.equals(first)  # still on screen
+
+
+def test_papers_points_have_their_own_labelled_panel_shown_by_default():
+    rows = [{"model": DEIT, "weights": "w", "setting": "unreduced", "setting_key": "unreduced", "method": "unreduced",
+             "value": None, "metric": AGREEMENT, "hits": 5, "images": 5, "score": 1.0, "ci_low": 0.6, "ci_high": 1.0,
+             "agreement": 1.0, "img_per_s": 40.0, "gflops": 2.5}]
+    figure = frontier_figure(pd.DataFrame(rows), paper_points())
+    papers = next(t for t in figure.data if t.name.startswith("papers"))
+    assert papers.visible is True  # not hidden behind a legend click
+    assert (papers.xaxis, papers.yaxis) == ("x2", "y2")
+    assert "ImageNet top-1" in figure.layout.yaxis2.title.text
+    assert "agreement" in figure.layout.yaxis.title.text and "ImageNet" not in figure.layout.yaxis.title.text
+    assert figure.layout.xaxis2.domain[0] > figure.layout.xaxis.domain[1]  # side by side, not overlaid
+    assert figure.layout.xaxis2.overlaying is None
+    ticks = list(figure.layout.xaxis2.ticktext)
+    assert ticks and all(t.rstrip("k").replace(".", "").isdigit() for t in ticks)  # 300, 1k, 20k: no garbling
+    assert len(set(papers.textposition)) > 1  # labels point inwards, from both sides
+
+
+def test_measured_axis_ticks_are_distinct_round_numbers():
+    """A short log range (0.3-3 img/s on a busy CPU) read '2 3 4 5 6 7 8 9 1 2 3' with plotly's own ticks."""
+    rows = [{"model": DEIT, "weights": "w", "setting": f"s{i}", "setting_key": f"k{i}", "method": m, "value": v,
+             "metric": AGREEMENT, "hits": 1, "images": 2, "score": 0.5, "ci_low": 0.1, "ci_high": 0.9,
+             "agreement": 0.5, "img_per_s": x, "gflops": 2.0}
+            for i, (m, v, x) in enumerate([("unreduced", None, 0.31), ("tome", 8, 1.1), ("tome", 16, 2.9)])]
+    axis = frontier_figure(pd.DataFrame(rows), paper_points()).layout.xaxis
+    texts = list(axis.ticktext)
+    assert len(texts) >= 3 and len(set(texts)) == len(texts)
+    assert [float(t) for t in texts] == sorted(float(t) for t in texts) == list(axis.tickvals)

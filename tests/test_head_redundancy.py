@@ -267,3 +267,28 @@ def test_page_analysis_and_dataset_task_share_one_accumulator():
         for field in ("attention_similarity", "feature_similarity", "offset_profile"):
             np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-5, atol=1e-7)
             np.testing.assert_allclose(getattr(a, field), getattr(c, field), rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def tiny_twelve_blocks():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=12, num_heads=3,
+                              embed_dim=24).eval()
+    return hr.analyze_model(model, torch.randn(2, 3, 32, 32), "tiny", random_weights=True)
+
+
+def test_cka_redundancy_axis_says_cka_not_cosine(tiny_twelve_blocks):
+    """Issue 20: in CKA mode the y-axis still said 'max cosine'."""
+    cka = hr.redundancy_vs_depth([tiny_twelve_blocks], hr.FEATURE).layout.yaxis.title.text
+    assert "CKA" in cka and "cosine" not in cka
+    cosine = hr.redundancy_vs_depth([tiny_twelve_blocks], hr.ATTENTION).layout.yaxis.title.text
+    assert "cosine" in cosine and "CKA" not in cosine
+
+
+def test_mds_gives_every_block_its_own_colour_and_no_overlapping_labels(tiny_twelve_blocks):
+    """Issue 20: blocks 0/10 and 1/11 shared a colour (plotly's ten-colour cycle); 36 text labels overlapped."""
+    figure = hr.head_embedding_figure(tiny_twelve_blocks)
+    colours = [trace.marker.color for trace in figure.data]
+    assert len(colours) == 12 and all(isinstance(c, str) for c in colours)
+    assert len(set(colours)) == 12
+    assert all("text" not in trace.mode for trace in figure.data)  # names in the hover, not on the chart

@@ -90,3 +90,24 @@ def test_random_efficientvit_on_a_labelled_folder(tmp_path, weights_folder):
     app.run()
     assert not app.exception, app.exception
     assert any("not an ImageNet class" in e.value for e in app.error)
+
+
+def test_fraction_kept_export_names_budget_normalisation_and_loss_target(tmp_path, weights_folder, downloads):
+    """Issue 20: the fraction-kept CSV said nothing of the budget, normalisation and loss that produced it."""
+    import io
+
+    import pandas as pd
+
+    weights_folder(tmp_path)
+    app = AppTest.from_file(PAGE, default_timeout=180)
+    app.session_state["ci_random"] = True
+    app.run()
+    app.slider(key="ci_budget").set_value(0.3)
+    app.selectbox(key="ci_norm").set_value("layer").run()
+    assert not app.exception, app.exception
+    kept = pd.read_csv(io.BytesIO(downloads["fraction_kept_deit_tiny_patch16_224_random.csv"]))
+    assert list(kept.columns[:3]) == ["model", "weights", "image"]
+    assert (kept["budget_fraction_kept"] == 0.3).all() and (kept["normalisation"] == "layer").all()
+    assert (kept["loss_target"] == "cross-entropy against the model's own top-1").all()
+    scores = pd.read_csv(io.BytesIO(downloads["channel_importance_deit_tiny_patch16_224_random.csv"]))
+    assert (scores["normalisation"] == "layer").all() and scores["loss_target"].str.startswith("cross-entropy").all()

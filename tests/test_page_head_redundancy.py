@@ -111,3 +111,24 @@ def test_models_are_offered_by_attention_kind(monkeypatch, tmp_path):
     assert not {"mobilenetv3_large_100", "swin_tiny_patch4_window7_224", "vilt_b32_vqa"} & set(offered)
 
     assert "dynamicvit_lvvit_s" not in offered  # its auxiliary token head is not walked by the recording
+
+
+def test_attention_png_is_named_after_the_image_without_its_extension(monkeypatch, tmp_path, downloads):
+    """Issue 20: 'attention_..._photo.jpg.png'; and the PNG's title must hold the image's name in full."""
+    import io
+
+    from PIL import Image
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
+    photo = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(photo, format="JPEG")
+    app = AppTest.from_file(PAGE, default_timeout=180)
+    app.session_state["hr_models"] = ["deit_tiny_patch16_224"]
+    app.session_state["hr_random_models"] = ["deit_tiny_patch16_224"]
+    app.run()
+    app.file_uploader(key="hr_images").set_value([("red square.jpg", photo.getvalue(), "image/jpeg")]).run()
+    assert not app.exception, app.exception
+    pngs = [n for n in downloads if n.endswith(".png")]
+    assert "attention_deit_tiny_patch16_224_block11_red_square.png" in pngs
+    assert not [n for n in pngs if ".jpg" in n], pngs

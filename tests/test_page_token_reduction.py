@@ -111,31 +111,62 @@ def random_page(tmp_path, monkeypatch):
     return app.run()
 
 
-def test_every_export_names_model_weights_and_image(random_page, downloads):
+def test_every_export_names_model_weights_images_and_settings(random_page, downloads, monkeypatch):
+    """Issue 20: rho and r in every CSV, ToMe's exports without DynamicViT's predictors, no '.jpg.png' names."""
     import io
 
     import pandas as pd
 
+    import analysis.token_reduction as token_maps
+
+    titles = []
+    original = token_maps.with_title
+    monkeypatch.setattr(token_maps, "with_title", lambda picture, title: titles.append(title) or original(picture,
+                                                                                                            title))
     app = random_page
-    assert not app.exception, app.exception
-    names = app.selectbox(key="tr_image").options
+    app.file_uploader(key="tr_images").set_value([("first.jpg", _png((200, 30, 30)), "image/png"),
+                                                  ("second.png", _png((30, 200, 30)), "image/png")])
+    app.slider(key="tr_rho").set_value(0.6)
+    app.slider(key="tr_r").set_value(4).run()
     app.button(key="tr_sweep").click()
     app.slider(key="tr_rmax").set_value(2).run()
     assert not app.exception, app.exception
-    weights = "random + untrained DynamicViT predictors"
+    names = ["first.jpg", "second.png"]
+    backbone, pruned = "random", "random + untrained DynamicViT predictors"
     for csv in ("top5_predictions.csv", "agreement.csv", "tome_r_sweep.csv", "tokens_per_block.csv",
                 "dynamicvit_kept_indices.csv"):
         frame = pd.read_csv(io.BytesIO(downloads[csv]))
         assert list(frame.columns[:3]) == ["model", "weights", "image"], csv
-        assert (frame["model"] == "deit_tiny_patch16_224").all() and (frame["weights"] == weights).all(), csv
+        assert (frame["model"] == "deit_tiny_patch16_224").all(), csv
+        if csv != "tome_r_sweep.csv":  # the sweep's rows each have their own r
+            assert (frame["rho"] == 0.6).all() and (frame["predictors"] == "untrained").all(), csv
+            assert (frame["tome_r"].astype(str) == "4").all(), csv
+            assert frame["tome_proportional_attention"].all(), csv
+    sweep = pd.read_csv(io.BytesIO(downloads["tome_r_sweep.csv"]))
+    assert (sweep["weights"] == backbone).all() and b"DynamicViT" not in downloads["tome_r_sweep.csv"]
+    assert sweep["tome_proportional_attention"].all()
+    assert (pd.read_csv(io.BytesIO(downloads["dynamicvit_kept_indices.csv"]))["weights"] == pruned).all()
+    for csv in ("agreement.csv", "top5_predictions.csv"):
+        frame = pd.read_csv(io.BytesIO(downloads[csv]))
+        by_method = frame.drop_duplicates("method").set_index("method")
+        assert by_method.loc["ToMe merging", "weights"] == backbone, csv
+        assert by_method.loc["no reduction", "weights"] == backbone, csv
+        assert by_method.loc["DynamicViT pruning", "weights"] == pruned, csv
+        assert by_method.loc["ToMe merging", "setting"].startswith("r=4 "), csv
+        assert by_method.loc["DynamicViT pruning", "setting"].startswith("rho=0.6"), csv
     top5 = pd.read_csv(io.BytesIO(downloads["top5_predictions.csv"]))
     assert set(top5["image"]) == set(names) and len(top5) == len(names) * 3 * 5
-    assert set(pd.read_csv(io.BytesIO(downloads["dynamicvit_kept_indices.csv"]))["image"]) == set(names)
-    # PNGs carry the same in a title line: the strip is taller than its panels by that line.
-    from PIL import Image
 
-    stages = Image.open(io.BytesIO(downloads[f"dynamicvit_stages_{names[0]}.png"]))
-    assert stages.size[1] == 224 + 18 + 20
+    pngs = [n for n in downloads if n.endswith(".png")]
+    assert "dynamicvit_stages_deit_tiny_patch16_224_rho0.6_first.png" in pngs
+    assert "tome_merge_maps_deit_tiny_patch16_224_r4_first.png" in pngs
+    assert not [n for n in pngs if n.count(".") > 2 or ".jpg" in n or ".png." in n]
+    tome_title = next(t for t in titles if t.startswith("ToMe"))
+    assert "DynamicViT" not in tome_title and "r=4" in tome_title and "first.jpg" in tome_title
+    stage_title = next(t for t in titles if t.startswith("DynamicViT"))
+    assert "rho 0.6" in stage_title and pruned in stage_title
+    charts = " ".join(c.proto.spec for c in app.get("plotly_chart"))  # a chart's own PNG download has its title
+    assert "keep scores per stage, rho 0.60" in charts and "at each stage, rho 0.60" in charts
 
 
 def test_selection_follows_the_current_image_set(random_page):
@@ -223,8 +254,8 @@ def test_zoo_model_shows_stage_maps_and_keep_frequency_without_tome(zoo_page):
     assert len(names) == 2
 
     # Stage maps: the input and three stage panels of the 224 px view, titled with model, weights and image.
-    strip = Image.open(io.BytesIO(downloads[f"dynamicvit_stages_{names[0]}.png"]))
-    assert strip.size == (4 * 224 + 3 * 6, 224 + 18 + 20)
+    strip = Image.open(io.BytesIO(downloads[f"dynamicvit_stages_{name}_rho0.7_{names[0]}.png"]))
+    assert strip.size[0] == 4 * 224 + 3 * 6 and 224 + 18 + 14 < strip.size[1] < 224 + 18 + 40  # one title line
     kept = pd.read_csv(io.BytesIO(downloads["dynamicvit_kept_indices.csv"]))
     assert list(kept.columns[:3]) == ["model", "weights", "image"]
     assert (kept["model"] == name).all() and (kept["weights"] == "random").all()
@@ -299,3 +330,68 @@ def test_model_choices_loop_over_the_registry_and_the_method_table():
     assert tome_applies(REGISTRY["dynamicvit_deit_small_patch16_224"])  # DeiT backbone
     assert not any(tome_applies(REGISTRY[n]) for n in ("dynamicvit_lvvit_s", "dynamiccnn_convnext_tiny",
                                                         "dynamicswin_tiny"))
+
+
+def test_untrained_keep_scores_are_scaled_to_their_range_and_explained():
+    """Issue 20: untrained predictors' scores (0.49995-0.50012) drawn on a 0-1 scale were flat squares."""
+    import torch
+
+    from analysis.token_reduction import keep_score_figure, keep_score_note
+    from models.dynamic_zoo import DynamicStageTrace
+
+    def trace(scores):
+        return DynamicStageTrace("test", 0.7, (224, 224), [(14, 14)], ["blocks.3"], nested=True,
+                                 kept_indices=[torch.arange(137).expand(1, 137)], keep_scores=[scores],
+                                 tokens_per_block=[197])
+
+    flat = trace(0.49995 + 0.00017 * torch.rand(1, 196, generator=torch.Generator().manual_seed(0)))
+    heatmap = keep_score_figure(flat, 0).data[0]
+    assert 0.49994 < heatmap.zmin < 0.49997 and 0.5001 < heatmap.zmax < 0.50013
+    assert heatmap.colorbar.tickformat not in (None, ".2f")  # ticks that tell 0.49995 from 0.50010
+    note = keep_score_note(flat, 0)
+    assert note and "near 0.5" in note and "Untrained" in note
+    trained = trace(torch.linspace(0.02, 0.98, 196).view(1, 196))
+    assert keep_score_note(trained, 0) is None
+    assert keep_score_figure(trained, 0).data[0].zmin == pytest.approx(0.02)
+
+
+def test_dynamiccnn_caption_explains_97_of_196():
+    """Issue 20: DynamicCNN keeps 97 of 196 at its second stage where a user computes 98."""
+    import torch
+
+    from analysis.token_reduction import stage_maps_caption
+    from models.dynamic_zoo import DynamicStageTrace, linear_counts
+
+    counts = linear_counts(196, 0.7)
+    assert counts == [137, 97, 58]
+    trace = DynamicStageTrace("DynamicCNN", 0.7, (224, 224), [(14, 14)] * 3, ["b1", "b2", "b3"], nested=False,
+                              kept_indices=[torch.arange(c).expand(1, c) for c in counts],
+                              keep_scores=[torch.rand(1, 196)] * 3, tokens_per_block=[1])
+    caption = stage_maps_caption(trace)
+    assert "keeps 97 of 196, not 98" in caption and "0.49999999999999994" in caption
+    assert "Stage 1 keeps" not in caption and "Stage 3 keeps" not in caption  # 137 and 58 are what N x ratio gives
+
+
+def test_r_sweep_leaves_no_progress_bar(random_page):
+    app = random_page
+    app.button(key="tr_sweep").click()
+    app.slider(key="tr_rmax").set_value(2).run()
+    assert not app.exception, app.exception
+    assert "Download the r sweep (CSV)" in [b.proto.label for b in app.get("download_button")]
+    assert not app.get("progress")
+
+
+def test_r_sweep_title_fits_and_token_ticks_are_whole_numbers():
+    """Issue 20: the sweep's title was cut off and its right axis read 203.3, 162.6."""
+    from analysis.tome_agreement import AgreementRow, plot_agreement
+
+    rows = [AgreementRow(r, 1.0, 1.0, 197 - 11 * r, 1.0) for r in range(0, 17)]
+    title = ("ToMe agreement: deit_tiny_patch16_224, local file /home/someone/weights/deit_tiny_patch16_224."
+             "safetensors, 5 images: photo_1.jpg, photo_2.jpg, photo_3.jpg, photo_4.jpg, photo_5.jpg")
+    figure = plot_agreement(rows, title)
+    lines = figure.layout.title.text.split("<br>")
+    assert len(lines) > 1 and all(len(line) <= 90 for line in lines)
+    assert " ".join(lines).replace("  ", " ") == title
+    assert figure.layout.margin.t >= 40 + 20 * len(lines)
+    tokens = figure.layout.yaxis2
+    assert tokens.tickformat == "d" and float(tokens.dtick).is_integer() and tokens.tickmode == "linear"

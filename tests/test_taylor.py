@@ -321,3 +321,28 @@ def test_page_function_and_dataset_task_share_one_accumulator():
     dataset = task.result(task.sums)
     assert dataset.num_images == page.num_images == 4
     np.testing.assert_allclose(dataset.score, page.score, rtol=1e-4, atol=1e-6 * page.score.max())
+
+
+def test_q_and_k_score_the_same_and_both_lines_stay_visible():
+    """Issue 20: Q and K Taylor scores are identical (it follows from S = q k^T) and q's line hid under k's."""
+    from analysis.channel_importance import QK_SAME_NOTE, qk_scores_identical
+
+    model, batches = tiny_vit(), [(images(3), None)]
+    taylor = taylor_importance(model, batches)
+    assert qk_scores_identical(taylor)
+    assert "follows from the maths" in QK_SAME_NOTE
+    changed = taylor_importance(model, batches)
+    changed.score[np.flatnonzero(changed.component == "k")[0]] *= 2  # one K channel off: no longer the same
+    assert not qk_scores_identical(changed)
+    lines = {t.name: t for t in fraction_kept_figure(budget_keep_fraction(taylor, 0.5), 0.5).data}
+    assert lines["k"].line.dash == "dash" and lines["q"].line.dash in (None, "solid")
+    assert lines["q"].line.width > 2 * (lines["k"].line.width or 2)  # q drawn wide underneath, k on top
+
+
+def test_p_values_are_written_as_people_write_them():
+    """Issue 20: a p-value was printed as 0.0000000000000009."""
+    from analysis.channel_importance import p_value_text
+
+    assert p_value_text(9e-16) == "9.0e-16"
+    assert p_value_text(0.0321) == "0.032" and p_value_text(0.0) == "< 1e-300"
+    assert p_value_text(float("nan")) == "n/a"
