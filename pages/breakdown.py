@@ -15,8 +15,8 @@ from analysis.roofline import machine_roofline
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.registry import IMAGE_INPUTS, REGISTRY
 from models.variants import parse_variant
-from pages._ui import (cached_model, current_device, download_df, download_json, latest_result, progress_bar,
-                       run_through_app, session_result)
+from pages._ui import (cached_model, current_device, download_df, download_json, kept, latest_result, progress_bar,
+                       run_through_app, session_result, set_kept)
 
 PAPER_MODELS = ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", *[f"efficientvit_m{i}" for i in range(6)],
                 "mobilenetv3_large_100", "mobilevit_xxs"]
@@ -38,25 +38,27 @@ left, right = st.columns([3, 2])
 
 
 def _paper_models() -> None:
-    st.session_state["bd_models"] = list(PAPER_MODELS)
+    set_kept("bd_models", list(PAPER_MODELS))
 
 
 with left:
     st.button("The paper's models (DeiT-T, Swin-T, EfficientViT-M0..M5, MobileNetV3-Large, MobileViT-XXS)",
               on_click=_paper_models, key="bd_paper")
-    models = st.multiselect("Models", image_models, default=["deit_tiny_patch16_224", "efficientvit_m0"],
-                            key="bd_models", help="The paper's comparison: " + ", ".join(PAPER_MODELS))
-    extra = st.text_input("Token-reduction variants (space separated, NAME@key=value)", "", key="bd_variants",
-                          help="e.g. deit_small_patch16_224@tome=13  dynamicvit_deit_256_patch16_224@rho=0.7; each "
-                               "is compared with its unreduced model, which is profiled too.")
+    models = kept(st.multiselect, "Models", key="bd_models", options=image_models,
+                  default=["deit_tiny_patch16_224", "efficientvit_m0"],
+                  help="The paper's comparison: " + ", ".join(PAPER_MODELS))
+    extra = kept(st.text_input, "Token-reduction variants (space separated, NAME@key=value)", key="bd_variants",
+                 default="", help="e.g. deit_small_patch16_224@tome=13  dynamicvit_deit_256_patch16_224@rho=0.7; each "
+                                   "is compared with its unreduced model, which is profiled too.")
 with right:
-    batches = st.multiselect("Batch sizes", [1, 2, 4, 8, 16, 32, 64], default=[8], key="bd_batches",
-                             help="Batch 1 and the throughput batch show why token reduction gains less at batch 1.")
-    precision = st.selectbox("Precision", ["fp32", "fp16", "bf16"] if device != "cpu" else ["fp32"], key="bd_precision")
-    engine = st.selectbox("Engine", ENGINES, key="bd_engine",
-                          help="onnxruntime: the model exported to ONNX (checked against eager within 1e-4) and "
-                               "profiled by ONNX Runtime's own per-node profiler.")
-    iters = st.number_input("Profiled forwards (each next to a plain one)", 1, 50, 3, key="bd_iters")
+    batches = kept(st.multiselect, "Batch sizes", key="bd_batches", options=[1, 2, 4, 8, 16, 32, 64], default=[8],
+                   help="Batch 1 and the throughput batch show why token reduction gains less at batch 1.")
+    precision = kept(st.selectbox, "Precision", key="bd_precision",
+                     options=["fp32", "fp16", "bf16"] if device != "cpu" else ["fp32"])
+    engine = kept(st.selectbox, "Engine", key="bd_engine", options=ENGINES,
+                  help="onnxruntime: the model exported to ONNX (checked against eager within 1e-4) and "
+                       "profiled by ONNX Runtime's own per-node profiler.")
+    iters = kept(st.number_input, "Profiled forwards (each next to a plain one)", 1, 50, key="bd_iters", default=3)
 
 variants = list(dict.fromkeys(models + extra.split()))
 for text in list(variants):
@@ -131,7 +133,7 @@ st.dataframe(components, hide_index=True, column_config={
 with_blocks = [b for b in results if any(r.block for r in b.ops)]
 if with_blocks:
     names = [f"{b.model} b{b.batch}" for b in with_blocks]
-    shown_block = st.selectbox("Attention vs FFN per block of", names, key="bd_block_model")
+    shown_block = kept(st.selectbox, "Attention vs FFN per block of", key="bd_block_model", options=names)
     st.plotly_chart(block_figure(with_blocks[names.index(shown_block)]), key="bd_blocks")
     st.caption("Memory-bound: data movement, element-wise, normalisation, softmax and bookkeeping operators. "
                "Blocks are named by module path; ToMe's attention runs outside timm's module and has no block.")
@@ -162,7 +164,7 @@ with d3:
     traced = [b for b in results if b.trace]
     if traced:
         names = [f"{b.model} b{b.batch}" for b in traced]
-        pick = st.selectbox("Trace of", names, key="bd_trace_pick")
+        pick = kept(st.selectbox, "Trace of", key="bd_trace_pick", options=names)
         chosen = traced[names.index(pick)]
         st.download_button("Raw trace (Chrome JSON, opens in Perfetto)", chosen.trace.encode(),
                            file_name=f"trace_{pick.replace(' ', '_').replace('@', '_')}.json",

@@ -109,6 +109,9 @@ SETTINGS = {
     "pages/frontier.py": [("multiselect", "fr_models", ["efficientvit_m0"]),
                           ("multiselect", "fr_random", ["efficientvit_m0"]), ("number_input", "fr_batch", 1),
                           ("number_input", "fr_rounds", 1)],
+    "pages/breakdown.py": [("multiselect", "bd_models", ["efficientvit_m0"]), ("multiselect", "bd_batches", [1, 16]),
+                           ("text_input", "bd_variants", "deit_tiny_patch16_224@tome=4"),
+                           ("number_input", "bd_iters", 2)],
 }
 
 
