@@ -374,14 +374,14 @@ def test_vision_language_keeps_model_question_and_answers_in_a_real_browser(app_
         page = _open(p, app_url, "vision_language", heading)
         page.get_by_text("Use a small random ViLT").first.click()
         _wait_until_idle(page)
-        question = page.get_by_label("Question")
+        question = page.get_by_label("Question", exact=True)
         question.fill("What colour is the sky?")
         question.press("Enter")
         _wait_until_idle(page)
 
         _away_and_back(page, "Vision-language", heading)
         assert page.get_by_role("checkbox", name="Use a small random ViLT").is_checked()
-        assert page.get_by_label("Question").input_value() == "What colour is the sky?"
+        assert page.get_by_label("Question", exact=True).input_value() == "What colour is the sky?"
         assert page.locator('[data-testid="stDataFrame"]').count() >= 2  # answers and records
 
 
