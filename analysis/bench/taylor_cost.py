@@ -25,6 +25,7 @@ from analysis.timing_env import control_allocator
 MODELS = ("deit_small_patch16_224", "efficientvit_m0")
 TARGET = 3.5
 MIN_SAMPLE_S = 0.25  # each timed sample of a forward lasts at least this long
+MAX_CALLS = 20  # ... up to this many calls per sample
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def time_taylor_vs_forward(model: nn.Module, x: torch.Tensor, repeats: int = 3, 
 
     for _ in range(2):  # warm-up: allocator at its steady state, kernels, lazy caches
         forward(), taylor()
-    calls = max(1, math.ceil(MIN_SAMPLE_S / time_call(forward, device)))
+    calls = min(MAX_CALLS, max(1, math.ceil(MIN_SAMPLE_S / time_call(forward, device))))
 
     def repeated(fn):
         return lambda: [fn() for _ in range(calls)]
