@@ -202,3 +202,15 @@ def test_page_computes_points_that_survive_a_download(real_weights_folder):
     at.number_input(key="fr_rounds").set_value(2).run()  # any other widget: a rerun
     assert len(at.dataframe[-1].value) == 3 and at.get("plotly_chart")
     assert {b.label for b in at.get("download_button")} >= {"Download points (CSV)", "Download points (JSON)"}
+
+
+def test_frontier_timing_carries_its_spread_and_environment():
+    from analysis.frontier import measure_throughput
+    from analysis.throughput import BenchSettings
+
+    loaded = load_model(DEIT, random_weights=True)
+    settings = [FrontierSetting.parse(t) for t in ["unreduced", "tome=4"]]
+    speed = measure_throughput(loaded, settings, BenchSettings(batch=1, iters=1, rounds=2, warmup=1))
+    assert (speed["img_per_s_q1"] <= speed["img_per_s"]).all() and (speed["img_per_s"] <= speed["img_per_s_q3"]).all()
+    assert speed["env_allocator"].nunique() == 1 and speed["env_batch"].tolist() == ["1", "1"]
+    assert {"env_hardware", "env_intra_op_threads", "env_torch", "env_engine"} <= set(speed.columns)
