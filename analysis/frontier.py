@@ -282,13 +282,16 @@ def setting_runners(loaded: LoadedModel, settings: Sequence[FrontierSetting]) ->
 
 def measure_throughput(loaded: LoadedModel, settings: Sequence[FrontierSetting], bench: BenchSettings,
                        progress: Callable[[float, str], None] | None = None) -> pd.DataFrame:
-    """img/s (median of interleaved rounds), ms per batch and GFLOPs per image of each setting."""
+    """img/s (median of interleaved rounds, with its interquartile range), ms per batch and GFLOPs per image of
+    each setting, and the timing environment (``env_*`` columns)."""
     runners = setting_runners(loaded, settings)
     rows = benchmark(runners, bench, progress=progress)
     return pd.DataFrame({"model": loaded.name, "setting_key": [s.text() for s in settings],
                          "img_per_s": [r.img_per_s for r in rows], "ms_per_batch": [r.ms_per_batch for r in rows],
+                         "img_per_s_q1": [r.img_per_s_q1 for r in rows], "img_per_s_q3": [r.img_per_s_q3 for r in rows],
                          "batch": bench.batch, "device": bench.device,
-                         "gflops": [r.gflops for r in rows]})
+                         "gflops": [r.gflops for r in rows],
+                         **{f"env_{k}": v for k, v in rows[0].environment.items()}})
 
 
 def join_points(accuracy: pd.DataFrame, speed: pd.DataFrame) -> pd.DataFrame:

@@ -2,7 +2,11 @@
 
 Every page that shows speed and the CLI use ``benchmark``. A speed-up is the ratio of two runners'
 throughputs measured in interleaved rounds in the same process, so that drift in clock speed or
-background load hits both alike.
+background load hits both alike. img/s is the median round and the speed-up the ratio of those medians, so
+the two agree by construction; each comes with its interquartile range over the rounds (the speed-up's over
+the per-round ratios), and ``spread_warnings`` says in words when a spread is too large to trust a ratio.
+Every timing runs with the memory allocator in one fixed state (``analysis.timing_env.control_allocator``)
+and every row carries the environment it was measured in.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from analysis.memory import batches_that_fit
+from analysis.timing_env import control_allocator, environment_line, timing_environment, warm_until_steady
 from models.device import autocast, default_device, hardware_info, synchronize
 from models.loading import LoadedModel, load_model
 from models.registry import IMAGE_INPUTS, VQA_INPUTS
@@ -37,6 +42,7 @@ class Runner:
     params: int = 0
     weights: str = ""
     flops_per_image: float | None = None  # filled by count_flops
+    engine: str = "eager"  # eager | torch.compile
 
 
 @dataclass
@@ -62,9 +68,14 @@ class ThroughputRow:
     peak_mem_mib: float | None
     weights: str
     rounds: list[float] = field(default_factory=list)  # img/s of each interleaved round
-    speedup: float | None = None
+    speedup: float | None = None  # img_per_s / the baseline's img_per_s (both the median round)
     baseline: str | None = None
     note: str = ""
+    img_per_s_q1: float | None = None  # interquartile range of the rounds' img/s
+    img_per_s_q3: float | None = None
+    speedup_q1: float | None = None  # interquartile range of the per-round ratios to the baseline
+    speedup_q3: float | None = None
+    environment: dict = field(default_factory=dict)  # analysis.timing_env.timing_environment
 
 
 @dataclass
@@ -79,8 +90,11 @@ class LatencyRow:
     gflops: float | None
     weights: str
     rounds_ms: list[float] = field(default_factory=list)  # ms per image of each interleaved round
-    speedup: float | None = None  # median over rounds of baseline ms / this ms
+    speedup: float | None = None  # baseline median ms / this median ms
     baseline: str | None = None
+    speedup_q1: float | None = None  # interquartile range of the per-round ratios
+    speedup_q3: float | None = None
+    environment: dict = field(default_factory=dict)
 
 
 def measure_flops(run: Callable[[], Any]) -> tuple[Any, float]:
@@ -151,11 +165,16 @@ def benchmark(runners: Sequence[Runner], settings: BenchSettings, baseline: str 
               on_measure: Callable[[str, int, int, float], None] | None = None) -> list[ThroughputRow]:
     """Time every runner in interleaved rounds; img/s is the median over rounds. Raises on out-of-memory.
 
+    The allocator is put into its controlled state first; the warm-up (at least one call, on CPU continued
+    until a call faults no fresh pages in) brings it, the kernels and the caches to their steady state, so no
+    cold first call is ever timed.
+
     ``progress(fraction, message)`` follows each timed round, like every analysis's progress callback.
     ``on_measure(model, batch, round, img_per_s)`` sees each round as it finishes (for live charts).
     """
     if baseline is not None and baseline not in {r.name for r in runners}:
         raise ValueError(f"baseline {baseline!r} is not among the models {[r.name for r in runners]}")
+    control_allocator()
     inputs = {r.name: r.make_inputs(settings.batch) for r in runners}
     peak: dict[str, float | None] = {}
     is_cuda = torch.device(settings.device).type == "cuda"
@@ -164,7 +183,9 @@ def benchmark(runners: Sequence[Runner], settings: BenchSettings, baseline: str 
             r.flops_per_image = count_flops(r)
         if is_cuda:
             torch.cuda.reset_peak_memory_stats()
-        _time_iters(r, inputs[r.name], settings.warmup, settings)
+        _time_iters(r, inputs[r.name], max(1, settings.warmup), settings)
+        if not is_cuda:  # until a forward runs without faulting in fresh pages (the allocator's steady state)
+            warm_until_steady(lambda r=r: _time_iters(r, inputs[r.name], 1, settings))
         peak[r.name] = torch.cuda.max_memory_allocated() / 2**20 if is_cuda else None
     per_round: dict[str, list[float]] = {r.name: [] for r in runners}
     steps, done = settings.rounds * len(runners), 0
@@ -180,26 +201,76 @@ def benchmark(runners: Sequence[Runner], settings: BenchSettings, baseline: str 
     rows = []
     for r in runners:
         img_s = statistics.median(per_round[r.name])
+        q1, q3 = quartiles(per_round[r.name])
         rows.append(ThroughputRow(
             model=r.name, batch=settings.batch, device=settings.device, precision=settings.precision,
             img_per_s=img_s, ms_per_batch=1000.0 * settings.batch / img_s, params_m=r.params / 1e6,
             gflops=None if r.flops_per_image is None else r.flops_per_image / 1e9,
-            peak_mem_mib=peak[r.name], weights=r.weights, rounds=per_round[r.name]))
+            peak_mem_mib=peak[r.name], weights=r.weights, rounds=per_round[r.name], img_per_s_q1=q1,
+            img_per_s_q3=q3, environment=timing_environment(settings.device, settings.precision, settings.batch,
+                                                             r.engine)))
     if baseline is not None:
         add_speedups(rows, baseline, per_round)
     return rows
 
 
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """First and third quartile (inclusive method; one value is its own range)."""
+    values = list(values)
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (float("nan"), float("nan"))
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
 def add_speedups(rows: list[ThroughputRow], baseline: str, per_round: dict[str, list[float]] | None = None) -> None:
-    """Speed-up against the baseline: the median over rounds of the per-round ratio, the runs being interleaved."""
+    """Speed-up against the baseline: the ratio of the two img/s shown (median rounds), so table and speed-up
+    agree by construction; its spread is the interquartile range of the per-round ratios of the interleaved
+    runs (where rounds pair up)."""
     base = next(r for r in rows if r.model == baseline)
     for row in rows:
+        row.speedup = row.img_per_s / base.img_per_s
+        row.baseline = baseline
         paired = per_round is not None and len(per_round.get(row.model, [])) == len(per_round.get(baseline, []))
         if paired:
-            row.speedup = statistics.median(a / b for a, b in zip(per_round[row.model], per_round[baseline]))
-        else:
-            row.speedup = row.img_per_s / base.img_per_s
-        row.baseline = baseline
+            row.speedup_q1, row.speedup_q3 = quartiles(
+                [a / b for a, b in zip(per_round[row.model], per_round[baseline])])
+
+
+TRUST_SPREAD = 0.10  # an interquartile range wider than this fraction of its median is too wide to trust a ratio
+AGREEMENT = 0.05  # median of per-round ratios vs ratio of medians
+
+
+def spread_warnings(rows: Sequence[ThroughputRow | LatencyRow], limit: float = TRUST_SPREAD) -> list[str]:
+    """One sentence per row whose rounds (or per-round speed-up ratios) spread too widely to trust a ratio:
+    how wide, and what to do about it."""
+    advice = ("Run more rounds, use fewer threads (1-2 on a shared machine), or time on a quieter machine.")
+    out = []
+    for row in rows:
+        rounds = row.rounds if isinstance(row, ThroughputRow) else [1000.0 / ms for ms in row.rounds_ms]
+        if len(rounds) < 2:
+            continue
+        q1, q3 = quartiles(rounds)
+        median = statistics.median(rounds)
+        problems = []
+        if (q3 - q1) / median > limit:
+            problems.append(f"its rounds range from {min(rounds):.1f} to {max(rounds):.1f} img/s, an interquartile "
+                            f"range of {(q3 - q1) / median:.0%} of the median")
+        if row.speedup is not None and row.speedup_q1 is not None and row.model != row.baseline:
+            width = (row.speedup_q3 - row.speedup_q1) / row.speedup
+            if width > limit:
+                problems.append(f"its per-round speed-ups span {row.speedup_q1:.2f}x-{row.speedup_q3:.2f}x "
+                                f"(interquartile range {width:.0%} of the speed-up)")
+            middle = (row.speedup_q1 + row.speedup_q3) / 2
+            if abs(middle - row.speedup) / row.speedup > AGREEMENT:
+                problems.append(f"the middle of its per-round ratios ({middle:.2f}x) and the ratio of medians "
+                                f"({row.speedup:.2f}x) differ by more than {AGREEMENT:.0%}")
+        if problems:
+            subject = f"its speed-up of {row.speedup:.2f}x" if row.speedup is not None and row.model != row.baseline \
+                else "its img/s"
+            out.append(f"{row.model}: " + "; ".join(problems) + f" (more than {limit:.0%} is too wide to trust "
+                       f"{subject}). {advice}")
+    return out
 
 
 def latency(runners: Sequence[Runner], settings: BenchSettings, baseline: str | None = None,
@@ -219,7 +290,8 @@ def latency(runners: Sequence[Runner], settings: BenchSettings, baseline: str | 
         out.append(LatencyRow(
             model=row.model, device=row.device, precision=row.precision, median_ms=statistics.median(ms),
             p90_ms=float(np.percentile(ms, 90)), params_m=row.params_m, gflops=row.gflops, weights=row.weights,
-            rounds_ms=ms, speedup=row.speedup, baseline=row.baseline))
+            rounds_ms=ms, speedup=row.speedup, baseline=row.baseline, speedup_q1=row.speedup_q1,
+            speedup_q3=row.speedup_q3, environment=row.environment))
     return out
 
 
@@ -355,7 +427,8 @@ def make_runner(text: str, device: str = "cpu", random_weights: bool = False,
     loaded = prepared(loaded or load_model(variant.model, device=device, random_weights=random_weights), options)
     forward = forward_for(loaded.model, loaded.name, variant)
     return Runner(name=variant.label, forward=forward, make_inputs=INPUT_BUILDERS[loaded.spec.inputs](loaded),
-                  params=loaded.num_params, weights=loaded.weights.description)
+                  params=loaded.num_params, weights=loaded.weights.description,
+                  engine="torch.compile" if options.compile else "eager")
 
 
 def rows_to_records(rows: Sequence[ThroughputRow | LatencyRow]) -> list[dict]:
@@ -363,18 +436,24 @@ def rows_to_records(rows: Sequence[ThroughputRow | LatencyRow]) -> list[dict]:
 
 
 def rows_to_dataframe(rows: Sequence[ThroughputRow | LatencyRow]):
+    """One row per record, the rounds left out and the environment spread into ``env_*`` columns."""
     import pandas as pd
 
-    df = pd.DataFrame(rows_to_records(rows))
+    records = rows_to_records(rows)
+    for record in records:
+        record.update({f"env_{k}": v for k, v in record.pop("environment", {}).items()})
+    df = pd.DataFrame(records)
     return df.drop(columns=[c for c in ("rounds", "rounds_ms") if c in df])
 
 
 def format_table(rows: Sequence[ThroughputRow]) -> str:
-    header = f"{'model':<48} {'batch':>5} {'img/s':>10} {'ms/batch':>10} {'params(M)':>10} {'GFLOPs':>8}"
+    header = (f"{'model':<48} {'batch':>5} {'img/s':>10} {'IQR img/s':>15} {'ms/batch':>10} {'params(M)':>10} "
+              f"{'GFLOPs':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         gflops = "n/a" if r.gflops is None else f"{r.gflops:.2f}"
-        lines.append(f"{r.model:<48} {r.batch:>5} {r.img_per_s:>10.1f} {r.ms_per_batch:>10.1f} "
+        iqr = f"{r.img_per_s_q1:.1f}-{r.img_per_s_q3:.1f}" if r.img_per_s_q1 is not None else ""
+        lines.append(f"{r.model:<48} {r.batch:>5} {r.img_per_s:>10.1f} {iqr:>15} {r.ms_per_batch:>10.1f} "
                      f"{r.params_m:>10.2f} {gflops:>8}")
     return "\n".join(lines)
 
@@ -388,16 +467,24 @@ def format_latency_table(rows: Sequence[LatencyRow]) -> str:
     return "\n".join(lines)
 
 
+def speedup_text(row: ThroughputRow | LatencyRow) -> str:
+    """'1.57x (IQR 1.52-1.61x over rounds)' or '1.57x'."""
+    if row.speedup_q1 is None:
+        return f"{row.speedup:.2f}x"
+    return f"{row.speedup:.2f}x (IQR {row.speedup_q1:.2f}-{row.speedup_q3:.2f}x over rounds)"
+
+
 def speedup_lines(rows: Sequence[ThroughputRow | LatencyRow]) -> list[str]:
     at = " at batch 1" if rows and isinstance(rows[0], LatencyRow) else ""
-    return [f"speedup {r.model} vs {r.baseline}{at}: {r.speedup:.2f}x" for r in rows
+    return [f"speedup {r.model} vs {r.baseline}{at}: {speedup_text(r)}" for r in rows
             if r.baseline is not None and r.model != r.baseline and r.speedup is not None]
 
 
 def write_results(rows: Sequence[ThroughputRow | LatencyRow], path: str | Path, settings: BenchSettings) -> None:
     path = Path(path)
     if path.suffix == ".json":
-        payload = {"settings": asdict(settings), "hardware": hardware_info(), "rows": rows_to_records(rows)}
+        payload = {"settings": asdict(settings), "hardware": hardware_info(),
+                   "environment": rows[0].environment if rows else {}, "rows": rows_to_records(rows)}
         path.write_text(json.dumps(payload, indent=2))
     else:
         rows_to_dataframe(rows).to_csv(path, index=False)
@@ -433,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from models.checkpoints import CheckpointError, WeightsNotFoundError
+    control_allocator()  # before any model or tensor is allocated
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.latency and args.batches:
@@ -461,9 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyError, ValueError, WeightsNotFoundError, CheckpointError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
-    hw = hardware_info()
-    print(f"device={device} ({hw['gpu'] if device == 'cuda' else hw['cpu']}), threads={torch.get_num_threads()}, "
-          f"precision={args.precision}, rounds={rounds}x{iters} iters, interleaved")
+    engine = "torch.compile" if args.compile else "eager"
+    print(f"device={device}: {environment_line(timing_environment(device, args.precision, settings.batch, engine))}; "
+          f"rounds={rounds}x{iters} iters, interleaved")
 
     def report(fraction: float, message: str) -> None:
         print(f"  [{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
@@ -486,6 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"--batches for a sweep that backs off.", file=sys.stderr)
                 return 2
         print(format_table(rows))
+    for warning in spread_warnings(rows):
+        print(f"warning: {warning}")
     for line in speedup_lines(rows):
         print(line)
     if args.engine == "onnxruntime" and args.baseline:

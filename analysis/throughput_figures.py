@@ -92,10 +92,12 @@ def results_table(rows: Sequence[ThroughputRow], hardware: str = "cpu") -> pd.Da
               for m, b in zip(df["model"], df["baseline"])]
     df["claimed speed-up"] = [claim_text(c, where, hardware) for c, _, where in claims]
     df["claim source"] = [f"{source}, {where}" if source else "" for _, source, where in claims]
-    first = ["model", "batch", "img_per_s", "ms_per_batch", "speedup", "baseline", "claimed speed-up", "claim source",
+    first = ["model", "batch", "img_per_s", "img_per_s_q1", "img_per_s_q3", "speedup", "speedup_q1", "speedup_q3",
+             "ms_per_batch", "baseline", "claimed speed-up", "claim source",
              "gflops", "params_m", "peak_mem_mib", "published top-1", "paper img/s (V100)", "paper source"]
     return df[first + [c for c in df.columns if c not in first]].round(
-        {"img_per_s": 1, "ms_per_batch": 1, "speedup": 2, "gflops": 2, "params_m": 2, "peak_mem_mib": 0})
+        {"img_per_s": 1, "img_per_s_q1": 1, "img_per_s_q3": 1, "ms_per_batch": 1, "speedup": 2, "speedup_q1": 2,
+         "speedup_q3": 2, "gflops": 2, "params_m": 2, "peak_mem_mib": 0})
 
 
 def live_figure(measurements: pd.DataFrame) -> go.Figure:
@@ -137,9 +139,9 @@ def latency_table(rows: Sequence[LatencyRow]) -> pd.DataFrame:
     df = rows_to_dataframe(rows)
     if df.empty:
         return df
-    first = ["model", "median_ms", "p90_ms", "speedup", "baseline", "gflops", "params_m"]
+    first = ["model", "median_ms", "p90_ms", "speedup", "speedup_q1", "speedup_q3", "baseline", "gflops", "params_m"]
     return df[first + [c for c in df.columns if c not in first]].round(
-        {"median_ms": 2, "p90_ms": 2, "speedup": 2, "gflops": 2, "params_m": 2})
+        {"median_ms": 2, "p90_ms": 2, "speedup": 2, "speedup_q1": 2, "speedup_q3": 2, "gflops": 2, "params_m": 2})
 
 
 def latency_figure(rounds: pd.DataFrame) -> go.Figure:

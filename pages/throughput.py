@@ -10,7 +10,8 @@ import torch
 from analysis.onnx_engine import ENGINES, onnx_runners
 from analysis.provenance import RANDOM, label_rows
 from analysis.throughput import (PRECISIONS, BenchSettings, ModelOptions, benchmark, is_out_of_memory, latency,
-                                 make_runner, rows_to_records, sweep)
+                                 make_runner, rows_to_records, spread_warnings, sweep)
+from analysis.timing_env import environment_line
 from analysis.throughput_figures import accuracy_figure, latency_figure, latency_table, live_figure, results_table
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.methods import METHODS, Method, Setting
@@ -205,8 +206,13 @@ for note in result["notes"]:
     st.warning(note)
 rounds_text = (f"{shown['rounds']} interleaved round{'s' if shown['rounds'] != 1 else ''} x {shown['iters']} "
                f"iteration{'s' if shown['iters'] != 1 else ''}")
+environment = result["rows"][0].environment if result["rows"] else {}
 provenance = {"weights": RANDOM, "image": SYNTHETIC_INPUT, "hardware": result["hardware"], "settings": shown,
-              "options": result["options"]}
+              "options": result["options"], "environment": environment}
+if environment:
+    st.markdown(f"**Measured on** {environment_line(environment)}.")
+for warning in spread_warnings(result["rows"]):
+    st.warning(warning)
 
 
 def _downloads(table, stem: str) -> None:
@@ -218,16 +224,21 @@ def _downloads(table, stem: str) -> None:
         download_json(dict(provenance, rows=rows_to_records(result["rows"])), f"{stem}.json")
 
 
+SPREAD_COLUMNS = {"speedup_q1": st.column_config.NumberColumn("speed-up Q1 (per-round ratios)", format="%.2fx"),
+                  "speedup_q3": st.column_config.NumberColumn("speed-up Q3 (per-round ratios)", format="%.2fx")}
+
+
 def show_latency() -> None:
     table = latency_table(result["rows"])
     st.subheader("Batch-1 latency")
-    st.caption(f"{shown['device']} ({result['hardware']}), {shown['precision']}, batch 1, {rounds_text}; "
-               "median and p90 of the rounds' ms per image; speed-up = median of per-round ratios against the "
-               "baseline. Models run with random weights: timing does not depend on them.")
+    st.caption(f"{shown['device']}, {shown['precision']}, batch 1, {rounds_text}; median and p90 of the rounds' "
+               "ms per image; speed-up = the baseline's median ms / this median ms, with the interquartile range "
+               "of the per-round ratios. Models run with random weights: timing does not depend on them.")
     st.dataframe(table, hide_index=True, column_config={
         "median_ms": st.column_config.NumberColumn("median ms", format="%.2f"),
         "p90_ms": st.column_config.NumberColumn("p90 ms", format="%.2f"),
-        "speedup": st.column_config.NumberColumn("batch-1 speed-up", format="%.2fx")})
+        "speedup": st.column_config.NumberColumn("batch-1 speed-up (ratio of medians)", format="%.2fx"),
+        **SPREAD_COLUMNS})
     st.plotly_chart(latency_figure(pd.DataFrame(result["measurements"])), key="tp_latency_chart")
     st.info("Token reduction often gains less at batch 1 on CPU than at larger batches: one image leaves the "
             "matrix products too small to keep the cores busy, so dropping tokens saves less time, while the "
@@ -239,12 +250,16 @@ def show_latency() -> None:
 def show_throughput() -> None:
     table = results_table(result["rows"], hardware=result["hardware"])
     st.subheader("Results")
-    st.caption(f"{shown['device']} ({result['hardware']}), {shown['precision']}, {rounds_text}; "
-               "speed-up = median of per-round ratios against the baseline. "
+    st.caption(f"{shown['device']}, {shown['precision']}, {rounds_text}; img/s = the median round; "
+               "speed-up = img/s / the baseline's img/s (the same medians), with the interquartile range of the "
+               "per-round ratios. "
                "GFLOPs count 2 per multiply-add (papers' 'FLOPs' are half). A paper's claim is compared only on "
                "the hardware it was measured on; otherwise it is marked not comparable.")
-    st.dataframe(table, hide_index=True,
-                 column_config={"speedup": st.column_config.NumberColumn("speed-up", format="%.2fx")})
+    st.dataframe(table, hide_index=True, column_config={
+        "img_per_s": st.column_config.NumberColumn("img/s (median round)", format="%.1f"),
+        "speedup": st.column_config.NumberColumn("speed-up (ratio of median img/s)", format="%.2fx"),
+        "img_per_s_q1": st.column_config.NumberColumn("img/s Q1", format="%.1f"),
+        "img_per_s_q3": st.column_config.NumberColumn("img/s Q3", format="%.1f"), **SPREAD_COLUMNS})
     st.plotly_chart(live_figure(pd.DataFrame(result["measurements"])), key="tp_rounds_chart")
     st.plotly_chart(accuracy_figure(table), key="tp_accuracy_chart")
     st.caption("Throughput against published ImageNet top-1; token-reduction variants have no single published "

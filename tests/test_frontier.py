@@ -274,3 +274,15 @@ def test_measured_axis_ticks_are_distinct_round_numbers():
     texts = list(axis.ticktext)
     assert len(texts) >= 3 and len(set(texts)) == len(texts)
     assert [float(t) for t in texts] == sorted(float(t) for t in texts) == list(axis.tickvals)
+
+
+def test_frontier_timing_carries_its_spread_and_environment():
+    from analysis.frontier import measure_throughput
+    from analysis.throughput import BenchSettings
+
+    loaded = load_model(DEIT, random_weights=True)
+    settings = [FrontierSetting.parse(t) for t in ["unreduced", "tome=4"]]
+    speed = measure_throughput(loaded, settings, BenchSettings(batch=1, iters=1, rounds=2, warmup=1))
+    assert (speed["img_per_s_q1"] <= speed["img_per_s"]).all() and (speed["img_per_s"] <= speed["img_per_s_q3"]).all()
+    assert speed["env_allocator"].nunique() == 1 and speed["env_batch"].tolist() == ["1", "1"]
+    assert {"env_hardware", "env_intra_op_threads", "env_torch", "env_engine"} <= set(speed.columns)

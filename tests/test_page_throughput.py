@@ -5,6 +5,7 @@ from pathlib import Path
 from streamlit.testing.v1 import AppTest
 
 from analysis.throughput_figures import claim_text, same_hardware
+from models.device import cpu_name
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "throughput.py")
 
@@ -115,7 +116,7 @@ def test_latency_mode_shows_median_p90_and_batch1_speedup_and_keeps_them(downloa
     assert not at.exception, [e.value for e in at.exception]
     assert [s.value for s in at.subheader] == ["Batch-1 latency"]
     table = at.dataframe[0].value.set_index("model")
-    assert list(table.columns[:4]) == ["median_ms", "p90_ms", "speedup", "baseline"]
+    assert list(table.columns[:6]) == ["median_ms", "p90_ms", "speedup", "speedup_q1", "speedup_q3", "baseline"]
     assert (table["median_ms"] > 0).all() and (table["p90_ms"] >= table["median_ms"]).all()
     assert table.loc["mobilenetv3_large_100", "speedup"] == 1.0 and table["speedup"].notna().all()
     assert len(at.get("plotly_chart")) == 1
@@ -125,6 +126,13 @@ def test_latency_mode_shows_median_p90_and_batch1_speedup_and_keeps_them(downloa
     saved = json.loads(downloads["latency.json"])
     assert saved["weights"] == "random" and saved["settings"]["batch"] == 1
     assert [len(r["rounds_ms"]) for r in saved["rows"]] == [2, 2]
+    # the environment: above the results, in the JSON and on every CSV row
+    shown = " ".join(m.value for m in at.markdown if m.value.startswith("**Measured on**"))
+    assert cpu_name() in shown and "allocator:" in shown and "(cpu)" not in shown
+    assert saved["environment"]["allocator"] == saved["rows"][0]["environment"]["allocator"]
+    header = downloads["latency.csv"].decode().splitlines()[0].split(",")
+    assert {"env_allocator", "env_hardware", "env_intra_op_threads", "env_inter_op_threads", "env_torch",
+            "env_timm", "env_precision", "env_engine", "env_batch"} <= set(header)
 
     at.get("download_button")[0].click().run()
     assert not at.exception

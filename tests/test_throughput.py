@@ -38,8 +38,9 @@ def test_timing_waits_for_the_device(monkeypatch):
     calls = []
     monkeypatch.setattr(T, "synchronize", lambda device: calls.append(device))
     T.benchmark([_sleep_runner("a", 0.0)], T.BenchSettings(batch=1, iters=1, rounds=2, warmup=1))
-    # warm-up and every round read the clock after a sync, before and after the loop
-    assert len(calls) == 2 * (1 + 2)
+    # warm-up, one call that finds the allocator steady, and every round read the clock after a sync, before
+    # and after the loop
+    assert len(calls) == 2 * (1 + 1 + 2)
 
 
 def _oom_above(limit: int):
@@ -187,3 +188,41 @@ def test_cli_latency_prints_ms_and_batch_one_speedup(capsys, tmp_path):
 def test_cli_latency_refuses_a_batch_sweep():
     with pytest.raises(SystemExit):
         T.main(["--models", "deit_tiny_patch16_224", "--latency", "--batches", "1", "2"])
+
+
+def test_img_per_s_and_speedup_agree_by_construction_and_carry_spread_and_environment():
+    settings = T.BenchSettings(batch=2, iters=2, rounds=4, warmup=1)
+    rows = T.benchmark([_sleep_runner("slow", 0.01), _sleep_runner("fast", 0.005)], settings, baseline="slow")
+    slow, fast = rows
+    assert fast.speedup == pytest.approx(fast.img_per_s / slow.img_per_s, rel=1e-12)
+    assert fast.img_per_s_q1 <= fast.img_per_s <= fast.img_per_s_q3
+    ratios = sorted(a / b for a, b in zip(fast.rounds, slow.rounds))
+    assert ratios[0] <= fast.speedup_q1 <= fast.speedup_q3 <= ratios[-1]
+    assert fast.environment["allocator"] and fast.environment["batch"] == "2"
+    frame = T.rows_to_dataframe(rows)
+    assert {"env_allocator", "env_hardware", "img_per_s_q1", "speedup_q3"} <= set(frame.columns)
+    assert "environment" not in frame.columns and "rounds" not in frame.columns
+
+
+def _row(name, rounds, baseline=None, speedup=None, q=(None, None)):
+    import statistics
+
+    return T.ThroughputRow(model=name, batch=8, device="cpu", precision="fp32", img_per_s=statistics.median(rounds),
+                           ms_per_batch=1.0, params_m=1.0, gflops=None, peak_mem_mib=None, weights="random",
+                           rounds=list(rounds), speedup=speedup, baseline=baseline, speedup_q1=q[0], speedup_q3=q[1])
+
+
+def test_spread_warnings_say_how_wide_and_what_to_do():
+    steady = _row("base", [46.0, 46.2, 46.5, 46.1], baseline="base", speedup=1.0, q=(1.0, 1.0))
+    noisy = _row("tome", [6.0, 11.1, 40.0, 63.0], baseline="base", speedup=11.1 / 46.2, q=(0.5, 1.3))
+    assert T.spread_warnings([steady]) == []
+    (warning,) = T.spread_warnings([steady, noisy])
+    assert warning.startswith("tome: its rounds range from 6.0 to 63.0 img/s")
+    assert "per-round speed-ups span 0.50x-1.30x" in warning and "more than 10 %" not in warning
+    assert "more than 10%" in warning and "more rounds" in warning and "fewer threads" in warning
+    assert "quieter machine" in warning
+
+
+def test_quartiles_of_one_round_are_that_round():
+    assert T.quartiles([5.0]) == (5.0, 5.0)
+    assert T.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0)

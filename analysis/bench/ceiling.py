@@ -36,7 +36,7 @@ BATCHES = (16, 1)
 def _settings(batch: int, quick: bool, device: str) -> BenchSettings:
     """Enough iterations per round that one round of a batch-1 runner is not a single noisy forward."""
     iters = (2 if quick else 3) if batch > 1 else (5 if quick else 10)
-    rounds = 3 if quick else (7 if batch > 1 else 9)
+    rounds = 3 if quick else (7 if batch > 1 else 15)
     return BenchSettings(batch=batch, iters=iters, rounds=rounds, warmup=1 if quick else 2, device=device)
 
 

@@ -1,0 +1,171 @@
+"""Order independence: the same models timed alone, in two orders, in fresh and in "used" processes.
+
+    python -m analysis.bench.order [--quick] [--rounds N]
+
+A check that the timing harness cannot fool: EfficientViT-M5 and MobileNetV3-Large (BatchNorm fused, batch 16,
+the speed-ups benchmark's pair) are timed in separate worker processes: each alone, both in either order,
+and both again in a process that first ran the DeiT-S group (DeiT-S, DynamicViT rho 0.7, ToMe r = 13 at
+batch 16, what the full benchmark runs before them). Every model's img/s must stay within 10 % across the
+runs (max - min over the median) and M5's speed-up within 5 %. Every worker puts its allocator into the
+harness's controlled state (``analysis.timing_env.control_allocator``), as every timing of the app does.
+
+A worker is ``python -m analysis.bench.order --worker SPEC`` (SPEC is JSON); it prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+BASELINE, OTHER = "mobilenetv3_large_100", "efficientvit_m5"
+LABELS = {BASELINE: "MobileNetV3-Large", OTHER: "EfficientViT-M5"}
+USED_PRELUDE = ("deit_small_patch16_224", "dynamicvit_deit_small_patch16_224@rho=0.7",
+                "deit_small_patch16_224@tome=13")
+IMG_S_TARGET, SPEEDUP_TARGET = 0.10, 0.05
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def settings_for(quick: bool, rounds: int | None = None) -> dict:
+    """Batch 16 like the speed-ups benchmark; more rounds than it, since a round-to-round spread is the point."""
+    return {"batch": 16, "iters": 2 if quick else 3, "rounds": rounds or (5 if quick else 9), "warmup": 2}
+
+
+# ----------------------------------------------------------------------------------------------- worker side
+def run_prelude(batch: int, forwards: int = 2) -> None:
+    """What the full benchmark does before the MobileNetV3 group: the DeiT-S group's models at batch 16."""
+    import torch
+
+    from analysis.throughput import make_runner
+
+    runners = [make_runner(name, random_weights=True) for name in USED_PRELUDE]
+    with torch.inference_mode():
+        for runner in runners:
+            x = runner.make_inputs(batch)
+            for _ in range(forwards):
+                runner.forward(x)
+    del runners
+
+
+def faults_per_forward(runner, batch: int, forwards: int = 3) -> float:
+    """Minor page faults per forward, after the timing (the allocator's steady state)."""
+    import torch
+
+    from analysis.timing_env import minor_faults
+
+    x = runner.make_inputs(batch)
+    with torch.inference_mode():
+        runner.forward(x)
+        before = minor_faults()
+        for _ in range(forwards):
+            runner.forward(x)
+    return (minor_faults() - before) / forwards
+
+
+def worker(spec: dict) -> dict:
+    """Time ``spec['models']`` (interleaved, after the prelude when ``spec['used']``) in this process."""
+    from analysis.timing_env import control_allocator
+
+    allocator = control_allocator()  # before anything large is allocated
+    import torch
+
+    from analysis.throughput import BenchSettings, ModelOptions, benchmark, make_runner
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    if spec.get("used"):
+        run_prelude(spec["batch"])
+    torch.manual_seed(0)
+    runners = [make_runner(name, random_weights=True, options=ModelOptions(fuse_bn=True)) for name in spec["models"]]
+    settings = BenchSettings(batch=spec["batch"], iters=spec["iters"], rounds=spec["rounds"], warmup=spec["warmup"])
+    baseline = BASELINE if BASELINE in spec["models"] and len(spec["models"]) > 1 else None
+    rows = benchmark(runners, settings, baseline=baseline)
+    faults = {r.name: faults_per_forward(r, spec["batch"]) for r in runners}
+    return {"allocator": allocator, "environment": rows[0].environment,
+            "rows": [{"model": r.model, "img_per_s": r.img_per_s, "rounds": r.rounds, "speedup": r.speedup,
+                      "faults_per_forward": faults[r.model]} for r in rows]}
+
+
+# ----------------------------------------------------------------------------------------------- parent side
+def run_worker(spec: dict, env: dict[str, str] | None = None, timeout: float = 900) -> dict:
+    """Run ``worker(spec)`` in a fresh Python process (with environment ``env``, default: this one's)."""
+    done = subprocess.run([sys.executable, "-m", "analysis.bench.order", "--worker", json.dumps(spec)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {spec} failed ({done.returncode}): {done.stderr.strip()[-800:]}")
+    return json.loads(lines[-1])
+
+
+RUNS = (  # (label, models in order, used)
+    ("fresh, MobileNetV3 alone", (BASELINE,), False),
+    ("fresh, M5 alone", (OTHER,), False),
+    ("fresh, MobileNetV3 then M5", (BASELINE, OTHER), False),
+    ("fresh, M5 then MobileNetV3", (OTHER, BASELINE), False),
+    ("used, MobileNetV3 then M5", (BASELINE, OTHER), True),
+    ("used, M5 then MobileNetV3", (OTHER, BASELINE), True),
+)
+
+
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median: how far apart the same figure came out across runs."""
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def order_figures(results: dict[str, dict]) -> list[dict]:
+    """Per model the img/s spread over every run, and M5's speed-up spread over the paired runs."""
+    img_s: dict[str, dict[str, float]] = {BASELINE: {}, OTHER: {}}
+    speedups: dict[str, float] = {}
+    for label, result in results.items():
+        for row in result["rows"]:
+            img_s[row["model"]][label] = row["img_per_s"]
+            if row["model"] == OTHER and row["speedup"] is not None:
+                speedups[label] = row["speedup"]
+    allocator = next(iter(results.values()))["allocator"]
+    figures = []
+    for model, values in img_s.items():
+        s = spread(list(values.values()))
+        figures.append({"figure": f"order independence: {LABELS[model]} img/s across {len(values)} runs",
+                        "value": 100 * s, "unit": "%", "target": f"<= {IMG_S_TARGET:.0%}",
+                        "passed": s <= IMG_S_TARGET,
+                        "detail": "; ".join(f"{k} {v:.1f}" for k, v in values.items()) + f"; allocator: {allocator}"})
+    s = spread(list(speedups.values()))
+    figures.append({"figure": f"order independence: {LABELS[OTHER]} vs {LABELS[BASELINE]} speed-up across "
+                              f"{len(speedups)} runs", "value": 100 * s, "unit": "%",
+                    "target": f"<= {SPEEDUP_TARGET:.0%}", "passed": s <= SPEEDUP_TARGET,
+                    "detail": "; ".join(f"{k} {v:.2f}x" for k, v in speedups.items())
+                              + "; BN fused, batch 16, each run a fresh process"})
+    return figures
+
+
+def measure(quick: bool = False, progress: Callable[[float, str], None] | None = None,
+            rounds: int | None = None) -> list[dict]:
+    settings = settings_for(quick, rounds)
+    results = {}
+    for i, (label, models, used) in enumerate(RUNS):
+        if progress:
+            progress(i / len(RUNS), f"worker {i + 1}/{len(RUNS)}: {label}")
+        results[label] = run_worker(dict(settings, models=list(models), used=used))
+    return order_figures(results)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from analysis.bench.suite import format_table
+
+    p = argparse.ArgumentParser(prog="python -m analysis.bench.order", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer rounds")
+    p.add_argument("--rounds", type=int, help="interleaved rounds per worker")
+    p.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    print(format_table(measure(args.quick, rounds=args.rounds), details=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
