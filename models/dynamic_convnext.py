@@ -26,9 +26,9 @@ from timm.models.convnext import ConvNeXt
 from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
-from models.dynamic_zoo import (DynamicStageTrace, HierarchicalTrainOutput, gather_positions, imagenet_cfg,
-                                linear_counts, linear_targets, scatter_positions, scores_for_trace, split_top_k,
-                                two_stream_stage)
+from models.dynamic_zoo import (HierarchicalLayout, HierarchicalTrainOutput, adopt_backbone, checked_locations,
+                                gather_positions, hierarchical_forward, imagenet_cfg, linear_targets,
+                                official_locations, scatter_positions, stage_size_hint, two_stream_stage)
 from models.registry import DYNAMIC_CNN
 
 FAMILY = DYNAMIC_CNN
@@ -101,10 +101,8 @@ class DynamicConvNeXt(ConvNeXt):
     def __init__(self, *, pruning_locations: Sequence[int] = (1, 2, 3), ls_init_value: float = 1e-6,
                  **convnext_kwargs) -> None:
         super().__init__(ls_init_value=ls_init_value, **convnext_kwargs)
-        locations = tuple(int(i) for i in pruning_locations)
         blocks = self.stages[PRUNED_STAGE].blocks
-        if list(locations) != sorted(set(locations)) or not all(0 <= i < len(blocks) for i in locations):
-            raise ValueError(f"pruning_locations must be increasing block indices in [0, {len(blocks)}), got {locations}.")
+        locations = checked_locations(pruning_locations, len(blocks))
         self.pruning_locations = locations
         dim = self.stages[PRUNED_STAGE].blocks[0].conv_dw.in_channels
         for block in list(blocks)[locations[0]:]:
@@ -136,14 +134,7 @@ def dynamic_convnext_from_backbone(convnext: ConvNeXt, pruning_locations: Sequen
     dims = tuple(s.blocks[0].conv_dw.in_channels for s in stages)
     model = DynamicConvNeXt(depths=depths, dims=dims, num_classes=convnext.num_classes,
                             pruning_locations=pruning_locations)
-    result = model.load_state_dict(convnext.state_dict(), strict=False)
-    missing = [k for k in result.missing_keys if "fast_path" not in k and not k.startswith("score_predictor.")]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{type(convnext).__name__} does not fit DynamicCNN: missing {missing[:5]}, "
-                              f"unexpected {result.unexpected_keys[:5]}.")
-    model.pretrained_cfg = dict(getattr(convnext, "pretrained_cfg", {}) or {})
-    first = next(convnext.parameters())
-    return model.to(device=first.device, dtype=first.dtype).train(convnext.training)
+    return adopt_backbone(model, convnext, ("fast_path", "score_predictor."), "DynamicCNN")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,16 +186,9 @@ def _looks_official(state_dict: Mapping[str, torch.Tensor]) -> bool:
 
 
 def _size_hint(model: DynamicConvNeXt, state_dict: Mapping[str, torch.Tensor]) -> str:
-    stem = state_dict.get("stem.0.weight")
-    depth = 1 + max((int(m.group(1)) for k in state_dict
-                     if (m := re.match(rf"stages\.{PRUNED_STAGE}\.blocks\.(\d+)\.", k))), default=-1)
     ours = (model.stem[0].out_channels, len(model.stages[PRUNED_STAGE].blocks))
-    theirs = (None if stem is None else int(stem.shape[0]), depth)
-    if theirs == ours or None in theirs:
-        return ""
-    named = next((n for n, a in CONVNEXT_ARCHS.items() if (a.dims[0], a.depths[2]) == theirs), "an unknown size")
-    return (f" The checkpoint is a ConvNeXt with width {theirs[0]} and {theirs[1]} third-stage blocks ({named}); "
-            f"this model has width {ours[0]} and {ours[1]}: pick the model that matches the file.")
+    known = {name: (arch.dims[0], arch.depths[PRUNED_STAGE]) for name, arch in CONVNEXT_ARCHS.items()}
+    return stage_size_hint(state_dict, "stem.0.weight", f"stages.{PRUNED_STAGE}.blocks", ours, known, "ConvNeXt")
 
 
 def load_official_convnext(model: DynamicConvNeXt, path_or_state_dict: str | Path | Mapping) -> DynamicConvNeXt:
@@ -247,40 +231,21 @@ def structured_block(block: nn.Module, x: torch.Tensor, kept: torch.Tensor, rest
     return block.shortcut(x) + block.drop_path(update)
 
 
+LAYOUT = HierarchicalLayout(
+    family=FAMILY, stages="stages", pruned_stage=PRUNED_STAGE,
+    embed=lambda model, x: model.stem(x),
+    grid=lambda x: (x.shape[-2], x.shape[-1]),  # (B, C, H, W)
+    predictor_input=lambda x: x,
+    structured_block=structured_block,
+    head=lambda model, x: model.forward_head(model.norm_pre(x)))
+
+
 def convnext_forward(model: DynamicConvNeXt, x: torch.Tensor, keep_ratio: float = 0.7, return_trace: bool = False):
     """Structured pruned inference (see the module docstring). keep_ratio=1 reproduces ``model(x)``.
 
     Returns logits, or (logits, DynamicStageTrace) with ``return_trace``.
     """
-    image_size = tuple(x.shape[-2:])
-    tokens_per_block: list[int] = []
-    x = model.stem(x)
-    for index in range(PRUNED_STAGE):
-        x = model.stages[index](x)
-        tokens_per_block += [x.shape[-2] * x.shape[-1]] * len(model.stages[index].blocks)
-    stage = model.stages[PRUNED_STAGE]
-    x = stage.downsample(x)
-    grid = (int(x.shape[-2]), int(x.shape[-1]))
-    counts = linear_counts(grid[0] * grid[1], keep_ratio, len(model.pruning_locations))
-    trace = DynamicStageTrace(FAMILY, keep_ratio, image_size, [grid] * len(counts),
-                              [f"stages.{PRUNED_STAGE}.blocks.{i}" for i in model.pruning_locations], nested=False)
-    kept = rest = None
-    for i, block in enumerate(stage.blocks):
-        if i in model.pruning_locations:
-            s = model.pruning_locations.index(i)
-            keep_logprob = model.score_predictor[s](x)[..., 0]
-            kept, rest = split_top_k(keep_logprob, counts[s])
-            if return_trace:
-                trace.keep_scores.append(scores_for_trace(keep_logprob))
-                trace.kept_indices.append(kept.cpu())
-        x = block(x) if kept is None else structured_block(block, x, kept, rest)
-        tokens_per_block.append(grid[0] * grid[1] if kept is None else kept.shape[1])
-    for index in range(PRUNED_STAGE + 1, len(model.stages)):
-        x = model.stages[index](x)
-        tokens_per_block += [x.shape[-2] * x.shape[-1]] * len(model.stages[index].blocks)
-    trace.tokens_per_block = tokens_per_block
-    logits = model.forward_head(model.norm_pre(x))
-    return (logits, trace) if return_trace else logits
+    return hierarchical_forward(LAYOUT, model, x, keep_ratio, return_trace)
 
 
 forward = convnext_forward
@@ -338,8 +303,4 @@ def convnext_train_forward(model: DynamicConvNeXt, x: torch.Tensor, tau: float =
 
 def official_pruning_locations(stage_depth: int) -> tuple[int, ...]:
     """The official predictor positions for a third stage of ``stage_depth`` blocks (T: 9, S/B: 27)."""
-    table = {9: (1, 2, 3), 27: (3, 6, 9)}
-    if stage_depth not in table:
-        raise ValueError(f"DynamicCNN's official schedule covers ConvNeXt third stages of {sorted(table)} blocks, "
-                         f"not {stage_depth}.")
-    return table[stage_depth]
+    return official_locations(CONVNEXT_ARCHS, PRUNED_STAGE, stage_depth, "DynamicCNN", "ConvNeXt")
