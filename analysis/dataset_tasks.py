@@ -29,6 +29,7 @@ from models.dynamicvit import dynamicvit_forward
 from models.methods import methods_for
 from models.registry import get_spec
 from models.tome import check_supported, merge_schedule, tome_forward
+from models.vit_forward import token_count
 
 KEEP_FREQUENCY, TOME_MERGE, HEAD_SIMILARITY, TAYLOR = "keep-frequency", "tome-merge", "head-similarity", "taylor"
 
@@ -268,8 +269,7 @@ class ToMeMergeTask(DatasetTask):
         super().__init__(model_name, note)
         self.model, self.r, self.proportional_attention = model, str(r), proportional_attention
         depth, patches = len(model.blocks), model.patch_embed.num_patches
-        self.schedule = tuple(merge_schedule(self.r, depth, patches + model.num_prefix_tokens,
-                                             model.num_prefix_tokens))
+        self.schedule = tuple(merge_schedule(self.r, depth, token_count(model), model.num_prefix_tokens))
         device = _device_of(model)
         self.sums = {"images": _zeros(device=device), "size_hist": _zeros(depth, patches + 1, device=device),
                      "merged": _zeros(depth, patches, device=device),
@@ -297,7 +297,7 @@ class ToMeMergeTask(DatasetTask):
         _add(self.sums, "images", images.shape[0])
 
     def result(self, sums: dict[str, torch.Tensor]) -> ToMeMergeRecord:
-        tokens, after = [], self.model.patch_embed.num_patches + self.model.num_prefix_tokens
+        tokens, after = [], token_count(self.model)
         for merged in self.schedule:
             after -= merged
             tokens.append(after)

@@ -25,6 +25,11 @@ def embed_tokens(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
 
 
+def token_count(model: VisionTransformer) -> int:
+    """Tokens entering the first block: the patches plus the prefix (class, distillation, register) tokens."""
+    return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
 def classify(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
     """Tokens after the last block -> logits (final norm, pooling, head)."""
     return model.forward_head(model.norm(tokens))
