@@ -27,9 +27,10 @@ from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
 from models.dynamic_zoo import (HierarchicalLayout, HierarchicalTrainOutput, adopt_backbone, checked_locations,
-                                gather_positions, hierarchical_forward, imagenet_cfg, linear_targets,
+                                hierarchical_forward, imagenet_cfg, linear_targets,
                                 official_locations, scatter_positions, stage_size_hint, two_stream_stage)
 from models.registry import DYNAMIC_CNN
+from models.vit_forward import gather_tokens
 
 FAMILY = DYNAMIC_CNN
 PRUNED_STAGE = 2  # the official code prunes the third stage only
@@ -224,9 +225,9 @@ def structured_block(block: nn.Module, x: torch.Tensor, kept: torch.Tensor, rest
     """One third-stage block: depthwise conv on the full (B, C, H, W) map, MLP on ``kept``, fast path on ``rest``."""
     batch, channels, height, width = x.shape
     mixed = block.conv_dw(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-    parts = [(kept, _ffn(block, gather_positions(mixed, kept)))]
+    parts = [(kept, _ffn(block, gather_tokens(mixed, kept)))]
     if rest.shape[1]:
-        parts.append((rest, _fast(block, gather_positions(mixed, rest))))
+        parts.append((rest, _fast(block, gather_tokens(mixed, rest))))
     update = scatter_positions(mixed, parts).view(batch, height, width, channels).permute(0, 3, 1, 2)
     return block.shortcut(x) + block.drop_path(update)
 

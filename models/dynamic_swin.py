@@ -27,10 +27,11 @@ from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
 from models.dynamic_zoo import (HierarchicalLayout, HierarchicalTrainOutput, adopt_backbone, checked_locations,
-                                gather_positions, hierarchical_forward, imagenet_cfg, linear_targets,
+                                hierarchical_forward, imagenet_cfg, linear_targets,
                                 official_locations, scatter_positions, stage_size_hint, two_stream_stage)
 from models.dynamicvit import ScorePredictor, _init_predictor
 from models.registry import DYNAMIC_SWIN
+from models.vit_forward import gather_tokens
 
 FAMILY = DYNAMIC_SWIN
 PRUNED_STAGE = 2
@@ -201,9 +202,9 @@ def structured_block(block: nn.Module, x: torch.Tensor, kept: torch.Tensor, rest
     batch, height, width, channels = x.shape
     x = x + block.drop_path1(block._attn(block.norm1(x)))
     tokens = x.reshape(batch, height * width, channels)
-    parts = [(kept, block.mlp(block.norm2(gather_positions(tokens, kept))))]
+    parts = [(kept, block.mlp(block.norm2(gather_tokens(tokens, kept))))]
     if rest.shape[1]:
-        parts.append((rest, block.fastmlp(gather_positions(tokens, rest))))
+        parts.append((rest, block.fastmlp(gather_tokens(tokens, rest))))
     tokens = tokens + block.drop_path2(scatter_positions(tokens, parts))
     return tokens.reshape(batch, height, width, channels)
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.checkpoints import CheckpointError
-from models.dynamicvit import distillation_kl, keep_ratio_loss
+from models.dynamicvit import check_keep_ratio, distillation_kl, keep_ratio_loss
 
 
 @dataclass
@@ -102,17 +102,6 @@ def as_stage_trace(trace, image_size: tuple[int, int]) -> DynamicStageTrace:
 # ---------------------------------------------------------------------------------------------
 # Keep schedules
 # ---------------------------------------------------------------------------------------------
-def _check_ratio(keep_ratio: float) -> None:
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
-
-
-def geometric_counts(num_tokens: int, keep_ratio: float, num_stages: int) -> list[int]:
-    """DeiT/LV-ViT schedule: int(N * rho**s), s = 1 .. stages (196, 0.7 -> 137, 96, 67)."""
-    _check_ratio(keep_ratio)
-    return [max(1, int(num_tokens * keep_ratio ** (s + 1))) for s in range(num_stages)]
-
-
 def linear_counts(num_tokens: int, keep_ratio: float, num_stages: int = 3) -> list[int]:
     """ConvNeXt/Swin schedule of the official code: int(N * (rho - 0.2 s)), s = 0 .. stages-1.
 
@@ -120,7 +109,7 @@ def linear_counts(num_tokens: int, keep_ratio: float, num_stages: int = 3) -> li
     rho = 1 is the unpruned reference point: all positions are kept at every stage (the linear schedule would
     still drop 20 % and 40 % in the later stages).
     """
-    _check_ratio(keep_ratio)
+    check_keep_ratio(keep_ratio)
     if keep_ratio == 1.0:
         return [num_tokens] * num_stages
     counts = [int(num_tokens * (keep_ratio - 0.2 * s)) if s else int(num_tokens * keep_ratio)
@@ -144,13 +133,6 @@ def _flat_rows(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """(B, k) per-image positions -> (B * k,) rows of the (B * N, C) flattened tensor."""
     offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * num_tokens
     return (index + offsets).reshape(-1)
-
-
-def gather_positions(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) and (B, k) -> (B, k, C); row copies (index_select), faster on CPU than an expanded gather."""
-    batch, num_tokens, channels = tokens.shape
-    rows = _flat_rows(index, num_tokens)
-    return tokens.reshape(batch * num_tokens, channels).index_select(0, rows).view(batch, -1, channels)
 
 
 def scatter_positions(like: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -286,7 +268,7 @@ class HierarchicalTrainOutput(NamedTuple):
 
 def linear_targets(keep_ratio: float, num_stages: int = 3) -> list[float]:
     """The official SPARSE_RATIO targets [rho, rho - 0.2, rho - 0.4] (float arithmetic as the official code)."""
-    _check_ratio(keep_ratio)
+    check_keep_ratio(keep_ratio)
     return [keep_ratio - 0.2 * s if s else keep_ratio for s in range(num_stages)]
 
 

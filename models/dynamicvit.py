@@ -194,10 +194,15 @@ def load_official_checkpoint(model: DynamicViT, path_or_state_dict: str | Path |
 # ---------------------------------------------------------------------------------------------
 # Inference forward: keep the top-k patches at each stage
 # ---------------------------------------------------------------------------------------------
-def keep_counts(num_patches: int, keep_ratio: float, num_stages: int) -> list[int]:
-    """Patches kept after each stage: int(N * rho**s), the official convention (196, 0.7 -> 137, 96, 67)."""
+def check_keep_ratio(keep_ratio: float) -> None:
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
+
+
+def keep_counts(num_patches: int, keep_ratio: float, num_stages: int) -> list[int]:
+    """Patches kept after each stage: int(N * rho**s), s = 1 .. stages, the official convention of DeiT and
+    LV-ViT (196, 0.7 -> 137, 96, 67)."""
+    check_keep_ratio(keep_ratio)
     return [max(1, int(num_patches * keep_ratio ** (s + 1))) for s in range(num_stages)]
 
 
