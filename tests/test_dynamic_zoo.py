@@ -472,7 +472,7 @@ def test_builders_match_timm_backbones():
 # ------------------------------------------------------------------------------------------------
 def test_registry_entries_point_at_the_zoo():
     from models import registry
-    from models.loading import _import
+    from models.registry import import_target as _import
 
     families = {registry.DYNAMIC_LVVIT: dlv, registry.DYNAMIC_CNN: dcnn, registry.DYNAMIC_SWIN: dswin}
     names = [n for f in families for n in registry.list_models(f)]
