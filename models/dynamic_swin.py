@@ -31,7 +31,7 @@ from models.dynamic_zoo import (HierarchicalLayout, HierarchicalTrainOutput, ado
                                 official_locations, scatter_positions, stage_size_hint, two_stream_stage)
 from models.dynamicvit import ScorePredictor, _init_predictor
 from models.registry import DYNAMIC_SWIN
-from models.vit_forward import gather_tokens
+from models.vit_forward import gather_tokens, window_attention
 
 FAMILY = DYNAMIC_SWIN
 PRUNED_STAGE = 2
@@ -200,7 +200,7 @@ def load_official_swin(model: DynamicSwin, path_or_state_dict: str | Path | Mapp
 def structured_block(block: nn.Module, x: torch.Tensor, kept: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
     """One third-stage block on a (B, H, W, C) map: window attention on all of it, MLP on ``kept``, fast MLP on ``rest``."""
     batch, height, width, channels = x.shape
-    x = x + block.drop_path1(block._attn(block.norm1(x)))
+    x = x + block.drop_path1(window_attention(block, block.norm1(x)))
     tokens = x.reshape(batch, height * width, channels)
     parts = [(kept, block.mlp(block.norm2(gather_tokens(tokens, kept))))]
     if rest.shape[1]:
@@ -241,7 +241,7 @@ def _two_stream_block(block: nn.Module, streams: tuple[torch.Tensor, torch.Tenso
     """
     first, second = streams
     x = first * mask + second * (1 - mask)
-    x = x + block.drop_path1(block._attn(block.norm1(x)))
+    x = x + block.drop_path1(window_attention(block, block.norm1(x)))
     first_in = x * mask + first * (1 - mask)
     second_in = x * (1 - mask) + second * mask
     return (x + block.drop_path2(block.mlp(block.norm2(first_in))),
