@@ -62,10 +62,14 @@ def combine_tokens(states: torch.Tensor, sizes: torch.Tensor, destination: torch
     batch, _, channels = states.shape
     slot = destination.masked_fill(destination < 0, new_len)  # one spare slot collects dropped tokens
     weights = sizes if size_weighted else torch.ones_like(sizes)
-    total = states.new_zeros(batch, new_len + 1, channels).scatter_add_(
-        1, slot[..., None].expand(-1, -1, channels), states * weights[..., None])
-    weight = weights.new_zeros(batch, new_len + 1).scatter_add_(1, slot, weights)[:, :new_len]
+    # Row-wise accumulation over the flattened batch (index_add_): on CPU much faster than a scatter_add whose
+    # index is expanded over the channels.
+    rows = (slot + torch.arange(batch, device=slot.device)[:, None] * (new_len + 1)).reshape(-1)
+    total = states.new_zeros(batch * (new_len + 1), channels).index_add_(
+        0, rows, (states * weights[..., None]).reshape(-1, channels)).view(batch, new_len + 1, channels)
     new_sizes = sizes.new_zeros(batch, new_len + 1).scatter_add_(1, slot, sizes)[:, :new_len]
+    weight = (new_sizes if size_weighted  # the same sum: skip the second scatter
+              else weights.new_zeros(batch, new_len + 1).scatter_add_(1, slot, weights)[:, :new_len])
     valid = new_sizes > 0
     return (total[:, :new_len] / weight.masked_fill(~valid, 1.0)[..., None], new_sizes.masked_fill(~valid, 1.0),
             valid)
