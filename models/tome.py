@@ -113,8 +113,9 @@ class Matching:
 
 
 @scope(MATCHING)
-def bipartite_matching(metric: torch.Tensor, r: int, protect_first: bool = True) -> Matching:
-    """Match A = even tokens to B = odd tokens by cosine similarity of ``metric`` [B, N, D] and pick the r best pairs.
+def pick_merges(metric: torch.Tensor, r: int, protect_first: bool = True) -> Matching:
+    """ToMe's choice for one block: ``merging.bipartite_match`` (A = even tokens, B = odd, cosine similarity of
+    ``metric`` [B, N, D]), then the r best pairs, the same r for every image.
 
     With ``protect_first`` the first token (the class token, always in A) is never chosen.
     """
@@ -243,7 +244,7 @@ def tome_forward(
         x, attended = attention_residual(block, x, key_bias=size_bias(sizes, proportional_attention))
         if merge_count > 0:
             current_sizes = sizes if sizes is not None else x.new_ones(batch, x.shape[1], 1)
-            matching = bipartite_matching(attended.keys.mean(dim=1), merge_count, protect_first=prefix > 0)
+            matching = pick_merges(attended.keys.mean(dim=1), merge_count, protect_first=prefix > 0)
             x, sizes = merge_tokens(x, current_sizes, matching)
             if location is not None:
                 location = token_destinations(matching).gather(1, location)
