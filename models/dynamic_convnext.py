@@ -27,8 +27,8 @@ from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
 from models.dynamic_zoo import (HierarchicalLayout, HierarchicalTrainOutput, adopt_backbone, checked_locations,
-                                hierarchical_forward, imagenet_cfg, linear_targets,
-                                official_locations, scatter_positions, stage_size_hint, two_stream_stage)
+                                hierarchical_forward, hierarchical_train_stages, imagenet_cfg, linear_targets,
+                                official_locations, scatter_positions, stage_size_hint)
 from models.registry import DYNAMIC_CNN
 from models.vit_forward import gather_tokens
 
@@ -285,17 +285,9 @@ def convnext_train_forward(model: DynamicConvNeXt, x: torch.Tensor, tau: float =
     current mask where a map is needed. ``keep_ratio`` only sets the targets returned for the loss;
     ``policy_override`` (one (B, H*W) 0/1 tensor per stage) replaces the samples, e.g. to test the masking.
     """
-    x = model.stem(x)
-    for index in range(PRUNED_STAGE):
-        x = model.stages[index](x)
-    stage = model.stages[PRUNED_STAGE]
-    x = stage.downsample(x)
-    x, decisions = two_stream_stage(
-        stage.blocks, x, model.pruning_locations, list(model.score_predictor), _two_stream_block,
-        mask_shape=lambda current: (current.shape[0], 1, *current.shape[2:]), tau=tau, hard=hard,
-        policy_override=policy_override)
-    for index in range(PRUNED_STAGE + 1, len(model.stages)):
-        x = model.stages[index](x)
+    x, decisions = hierarchical_train_stages(
+        LAYOUT, model, x, _two_stream_block, mask_shape=lambda current: (current.shape[0], 1, *current.shape[2:]),
+        tau=tau, hard=hard, policy_override=policy_override)
     x = model.norm_pre(x)
     featmap = model.head.norm(x).flatten(2).transpose(1, 2)
     return HierarchicalTrainOutput(model.forward_head(x), featmap, decisions,

@@ -27,8 +27,8 @@ from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
 from models.dynamic_zoo import (HierarchicalLayout, HierarchicalTrainOutput, adopt_backbone, checked_locations,
-                                hierarchical_forward, imagenet_cfg, linear_targets,
-                                official_locations, scatter_positions, stage_size_hint, two_stream_stage)
+                                hierarchical_forward, hierarchical_train_stages, imagenet_cfg, linear_targets,
+                                official_locations, scatter_positions, stage_size_hint)
 from models.dynamicvit import ScorePredictor, _init_predictor
 from models.registry import DYNAMIC_SWIN
 from models.vit_forward import gather_tokens, window_attention
@@ -258,17 +258,9 @@ def swin_train_forward(model: DynamicSwin, x: torch.Tensor, tau: float = 1.0, ke
                        hard: bool = True, policy_override: Sequence[torch.Tensor] | None = None):
     """The official DynamicSwin training forward (``AdaSwinTransformer`` in training mode); see
     ``models.dynamic_convnext.convnext_train_forward``. ``keep_ratio`` only sets the loss targets."""
-    x = model.patch_embed(x)
-    for index in range(PRUNED_STAGE):
-        x = model.layers[index](x)
-    stage = model.layers[PRUNED_STAGE]
-    x = stage.downsample(x)
-    x, decisions = two_stream_stage(
-        stage.blocks, x, model.pruning_locations, list(stage.score_predictor), _two_stream_block,
-        mask_shape=lambda current: (*current.shape[:3], 1), tau=tau, hard=hard, policy_override=policy_override,
-        predictor_input=lambda current: current.flatten(1, 2))
-    for index in range(PRUNED_STAGE + 1, len(model.layers)):
-        x = model.layers[index](x)
+    x, decisions = hierarchical_train_stages(
+        LAYOUT, model, x, _two_stream_block, mask_shape=lambda current: (*current.shape[:3], 1),
+        tau=tau, hard=hard, policy_override=policy_override)
     x = model.norm(x)
     return HierarchicalTrainOutput(model.forward_head(x), x.flatten(1, 2), decisions,
                                    linear_targets(keep_ratio, len(model.pruning_locations)))

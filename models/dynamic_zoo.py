@@ -323,3 +323,22 @@ def two_stream_stage(blocks, x: torch.Tensor, locations, predictors, two_stream_
         else:
             streams = two_stream_block(block, streams, mask)
     return (mix(streams, mask) if streams is not None else x), decisions
+
+
+def hierarchical_train_stages(layout: HierarchicalLayout, model: nn.Module, x: torch.Tensor, two_stream_block,
+                              mask_shape, **options) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The official training forward of a hierarchical family up to its last map (before the final norm): the
+    stages around the pruned one as they are, the pruned one through :func:`two_stream_stage` (``options``:
+    tau, hard, policy_override). Returns (last map, keep decisions per stage)."""
+    stages = getattr(model, layout.stages)
+    x = layout.embed(model, x)
+    for index in range(layout.pruned_stage):
+        x = stages[index](x)
+    stage = stages[layout.pruned_stage]
+    x = stage.downsample(x)
+    x, decisions = two_stream_stage(stage.blocks, x, model.pruning_locations, list(model.score_predictor),
+                                    two_stream_block, mask_shape=mask_shape, predictor_input=layout.predictor_input,
+                                    **options)
+    for index in range(layout.pruned_stage + 1, len(stages)):
+        x = stages[index](x)
+    return x, decisions
