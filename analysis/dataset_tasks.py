@@ -8,9 +8,9 @@ saves that record as NPZ/CSV, ``load`` reads it back, ``figures`` draws it with 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, get_args, get_origin, get_type_hints
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,7 @@ from models.dynamicvit import dynamicvit_forward
 from models.methods import methods_for
 from models.registry import get_spec
 from models.tome import check_supported, merge_schedule, tome_forward
+from models.vit_forward import token_count
 
 KEEP_FREQUENCY, TOME_MERGE, HEAD_SIMILARITY, TAYLOR = "keep-frequency", "tome-merge", "head-similarity", "taylor"
 
@@ -92,6 +93,29 @@ def _add(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor | float) 
     if value.shape != sums[name].shape:
         raise ValueError(f"{name}: adding shape {tuple(value.shape)} to a sum of shape {tuple(sums[name].shape)}.")
     sums[name] += value
+
+
+def _save_record(path: Path, record, **extra: Any) -> None:
+    """A flat record dataclass as NPZ: each field under its name (tuples as arrays), plus ``extra`` arrays."""
+    values = {f.name: getattr(record, f.name) for f in fields(record)}
+    np.savez(path, **{name: np.array(v) if isinstance(v, tuple) else v for name, v in values.items()}, **extra)
+
+
+def _read_value(value: np.ndarray, kind):
+    """One NPZ entry as the type its record field declares (str, int, float, tuple of those, or ndarray)."""
+    if kind in (str, int, float, bool):
+        return kind(value)
+    if get_origin(kind) is tuple:
+        element = get_args(kind)[0]
+        return tuple(element(v) for v in value)
+    return value
+
+
+def _load_record(path: Path, record_type):
+    """The record ``_save_record`` wrote (extra arrays are ignored)."""
+    hints = get_type_hints(record_type)
+    with np.load(path, allow_pickle=False) as z:
+        return record_type(**{f.name: _read_value(z[f.name], hints[f.name]) for f in fields(record_type)})
 
 
 def _label(model: str, note: str) -> str:
@@ -188,21 +212,13 @@ class KeepFrequencyTask(DatasetTask):
 
     @staticmethod
     def write(record: KeepFrequencyRecord, out: Path) -> list[str]:
-        np.savez(out / "keep_frequency.npz", model=record.model, note=record.note, keep_ratio=record.keep_ratio,
-                 grid_size=np.array(record.grid_size), stage_blocks=np.array(record.stage_blocks),
-                 kept_tokens=np.array(record.kept_tokens), images=record.images, kept_count=record.kept_count,
-                 keep_score_sum=record.keep_score_sum, scored_count=record.scored_count,
-                 frequency=record.kept_count / max(record.images, 1))
+        _save_record(out / "keep_frequency.npz", record, frequency=record.kept_count / max(record.images, 1))
         record.summary().to_csv(out / "keep_frequency.csv", index=False)
         return list(KeepFrequencyTask.files)
 
     @staticmethod
     def load(folder: Path, run: dict) -> KeepFrequencyRecord:
-        with np.load(folder / "keep_frequency.npz", allow_pickle=False) as z:
-            return KeepFrequencyRecord(
-                str(z["model"]), str(z["note"]), float(z["keep_ratio"]), tuple(int(v) for v in z["grid_size"]),
-                tuple(str(v) for v in z["stage_blocks"]), tuple(int(v) for v in z["kept_tokens"]),
-                int(z["images"]), z["kept_count"], z["keep_score_sum"], z["scored_count"])
+        return _load_record(folder / "keep_frequency.npz", KeepFrequencyRecord)
 
     @staticmethod
     def figures(record: KeepFrequencyRecord) -> dict[str, go.Figure]:
@@ -268,8 +284,7 @@ class ToMeMergeTask(DatasetTask):
         super().__init__(model_name, note)
         self.model, self.r, self.proportional_attention = model, str(r), proportional_attention
         depth, patches = len(model.blocks), model.patch_embed.num_patches
-        self.schedule = tuple(merge_schedule(self.r, depth, patches + model.num_prefix_tokens,
-                                             model.num_prefix_tokens))
+        self.schedule = tuple(merge_schedule(self.r, depth, token_count(model), model.num_prefix_tokens))
         device = _device_of(model)
         self.sums = {"images": _zeros(device=device), "size_hist": _zeros(depth, patches + 1, device=device),
                      "merged": _zeros(depth, patches, device=device),
@@ -297,7 +312,7 @@ class ToMeMergeTask(DatasetTask):
         _add(self.sums, "images", images.shape[0])
 
     def result(self, sums: dict[str, torch.Tensor]) -> ToMeMergeRecord:
-        tokens, after = [], self.model.patch_embed.num_patches + self.model.num_prefix_tokens
+        tokens, after = [], token_count(self.model)
         for merged in self.schedule:
             after -= merged
             tokens.append(after)
@@ -308,20 +323,13 @@ class ToMeMergeTask(DatasetTask):
 
     @staticmethod
     def write(record: ToMeMergeRecord, out: Path) -> list[str]:
-        np.savez(out / "tome_merge.npz", model=record.model, note=record.note, r=record.r,
-                 schedule=np.array(record.schedule), tokens_per_layer=np.array(record.tokens_per_layer),
-                 grid_size=np.array(record.grid_size), images=record.images, size_hist=record.size_hist,
-                 merged_count=record.merged_count, group_size_sum=record.group_size_sum)
+        _save_record(out / "tome_merge.npz", record)
         record.summary().to_csv(out / "tome_merge.csv", index=False)
         return list(ToMeMergeTask.files)
 
     @staticmethod
     def load(folder: Path, run: dict) -> ToMeMergeRecord:
-        with np.load(folder / "tome_merge.npz", allow_pickle=False) as z:
-            return ToMeMergeRecord(
-                str(z["model"]), str(z["note"]), str(z["r"]), tuple(int(v) for v in z["schedule"]),
-                tuple(int(v) for v in z["tokens_per_layer"]), tuple(int(v) for v in z["grid_size"]),
-                int(z["images"]), z["size_hist"], z["merged_count"], z["group_size_sum"])
+        return _load_record(folder / "tome_merge.npz", ToMeMergeRecord)
 
     @staticmethod
     def figures(record: ToMeMergeRecord) -> dict[str, go.Figure]:

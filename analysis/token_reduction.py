@@ -34,6 +34,7 @@ from models.methods import METHODS, Method
 from models.registry import FAMILY_LABELS, REGISTRY, ModelSpec
 from models.registry import DYNAMICVIT as DYNAMICVIT_FAMILY
 from models.tome import ToMeTrace, tome_forward
+from models.vit_forward import token_count
 
 NO_REDUCTION, TOME = "no reduction", "ToMe merging"
 KEEP_RATIO_KEY = "rho"  # the method table's main setting of every DynamicViT-family method
@@ -157,7 +158,7 @@ def reference_run(model: torch.nn.Module, batch: torch.Tensor, pruning: Method |
     with torch.inference_mode():
         x = batch.to(_device(model))
         if pruning is None:
-            counts = [model.patch_embed.num_patches + model.num_prefix_tokens] * len(model.blocks)
+            counts = [token_count(model)] * len(model.blocks)
             return model(x).float().cpu(), counts
         logits, trace = pruning.bind_neutral(model)(x, return_trace=True)
     return logits.float().cpu(), list(trace.tokens_per_block)

@@ -27,6 +27,7 @@ from analysis.throughput import measure_flops
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.loading import load_model
 from models.tome import merge_schedule, tome_forward
+from models.vit_forward import token_count
 
 
 
@@ -73,7 +74,7 @@ def agreement_sweep(
     """
     r_values = list(r_values)
     images = batch.shape[0]
-    num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    num_tokens = token_count(model)
     rows = []
     with torch.inference_mode():
         reference, _ = count_gflops(lambda: model(batch))

@@ -8,7 +8,6 @@ is the table ``FAMILY_VIEWS``."""
 from __future__ import annotations
 
 import html
-import importlib
 import inspect
 import math
 import os
@@ -23,7 +22,7 @@ from PIL import Image
 from analysis.data.images import denormalize
 from analysis.throughput import BenchSettings, Runner, benchmark
 from models.methods import METHODS, Method, methods_for
-from models.registry import FAMILY_LABELS, METER, METER_SIZE_NOTES, REGISTRY, VILT, ModelSpec
+from models.registry import FAMILY_LABELS, METER, METER_SIZE_NOTES, REGISTRY, VILT, ModelSpec, import_target
 from models.vilt_pumer import ENTAILMENT_REDUCE_LAYERS, PuMerTrace, pumer_forward
 
 PUMER = "PuMer"  # the label of PuMer's records in the method table
@@ -184,11 +183,6 @@ FAMILY_VIEWS: dict[str, FamilyView] = {
 }
 
 
-def _import(target: str) -> Callable:
-    module_name, function_name = target.split(":")
-    return getattr(importlib.import_module(module_name), function_name)
-
-
 @dataclass(frozen=True)
 class PuMerModel:
     """A registry model PuMer applies to, its PuMer record and its family's view."""
@@ -245,7 +239,7 @@ class PuMerModel:
         released weights through the one resolver, at ``image_size`` where the entry offers sizes. Raises
         WeightsNotFoundError or CheckpointError."""
         if random_weights:
-            model, processor = _import(self.view.tiny)(0)
+            model, processor = import_target(self.view.tiny)(0)
             return model, processor, self.tiny_name, self.tiny_weights
         from analysis.provenance import weights_label
         from models.weights import resolve
@@ -253,7 +247,7 @@ class PuMerModel:
         base = Path(folder).expanduser() if folder else None
         source = resolve(self.spec, user_file=user_file, folder=base)
         sized = {"image_size": image_size or self.spec.input_size} if self.image_sizes else {}
-        model, processor = _import(self.view.load)(source=user_file, weights_dir=base, **sized)
+        model, processor = import_target(self.view.load)(source=user_file, weights_dir=base, **sized)
         return model, processor, self.sized_name(image_size), weights_label(source)
 
     def missing_message(self, folder: str | None = None) -> str:

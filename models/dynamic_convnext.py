@@ -26,10 +26,11 @@ from timm.models.convnext import ConvNeXt
 from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
-from models.dynamic_zoo import (DynamicStageTrace, HierarchicalTrainOutput, gather_positions, imagenet_cfg,
-                                linear_counts, linear_targets, scatter_positions, scores_for_trace, split_top_k,
-                                two_stream_stage)
+from models.dynamic_zoo import (HierarchicalLayout, HierarchicalTrainOutput, adopt_backbone, checked_locations,
+                                hierarchical_forward, hierarchical_train_stages, imagenet_cfg, linear_targets,
+                                official_locations, scatter_positions, stage_size_hint)
 from models.registry import DYNAMIC_CNN
+from models.vit_forward import gather_tokens
 
 FAMILY = DYNAMIC_CNN
 PRUNED_STAGE = 2  # the official code prunes the third stage only
@@ -101,10 +102,8 @@ class DynamicConvNeXt(ConvNeXt):
     def __init__(self, *, pruning_locations: Sequence[int] = (1, 2, 3), ls_init_value: float = 1e-6,
                  **convnext_kwargs) -> None:
         super().__init__(ls_init_value=ls_init_value, **convnext_kwargs)
-        locations = tuple(int(i) for i in pruning_locations)
         blocks = self.stages[PRUNED_STAGE].blocks
-        if list(locations) != sorted(set(locations)) or not all(0 <= i < len(blocks) for i in locations):
-            raise ValueError(f"pruning_locations must be increasing block indices in [0, {len(blocks)}), got {locations}.")
+        locations = checked_locations(pruning_locations, len(blocks))
         self.pruning_locations = locations
         dim = self.stages[PRUNED_STAGE].blocks[0].conv_dw.in_channels
         for block in list(blocks)[locations[0]:]:
@@ -136,14 +135,7 @@ def dynamic_convnext_from_backbone(convnext: ConvNeXt, pruning_locations: Sequen
     dims = tuple(s.blocks[0].conv_dw.in_channels for s in stages)
     model = DynamicConvNeXt(depths=depths, dims=dims, num_classes=convnext.num_classes,
                             pruning_locations=pruning_locations)
-    result = model.load_state_dict(convnext.state_dict(), strict=False)
-    missing = [k for k in result.missing_keys if "fast_path" not in k and not k.startswith("score_predictor.")]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{type(convnext).__name__} does not fit DynamicCNN: missing {missing[:5]}, "
-                              f"unexpected {result.unexpected_keys[:5]}.")
-    model.pretrained_cfg = dict(getattr(convnext, "pretrained_cfg", {}) or {})
-    first = next(convnext.parameters())
-    return model.to(device=first.device, dtype=first.dtype).train(convnext.training)
+    return adopt_backbone(model, convnext, ("fast_path", "score_predictor."), "DynamicCNN")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,16 +187,9 @@ def _looks_official(state_dict: Mapping[str, torch.Tensor]) -> bool:
 
 
 def _size_hint(model: DynamicConvNeXt, state_dict: Mapping[str, torch.Tensor]) -> str:
-    stem = state_dict.get("stem.0.weight")
-    depth = 1 + max((int(m.group(1)) for k in state_dict
-                     if (m := re.match(rf"stages\.{PRUNED_STAGE}\.blocks\.(\d+)\.", k))), default=-1)
     ours = (model.stem[0].out_channels, len(model.stages[PRUNED_STAGE].blocks))
-    theirs = (None if stem is None else int(stem.shape[0]), depth)
-    if theirs == ours or None in theirs:
-        return ""
-    named = next((n for n, a in CONVNEXT_ARCHS.items() if (a.dims[0], a.depths[2]) == theirs), "an unknown size")
-    return (f" The checkpoint is a ConvNeXt with width {theirs[0]} and {theirs[1]} third-stage blocks ({named}); "
-            f"this model has width {ours[0]} and {ours[1]}: pick the model that matches the file.")
+    known = {name: (arch.dims[0], arch.depths[PRUNED_STAGE]) for name, arch in CONVNEXT_ARCHS.items()}
+    return stage_size_hint(state_dict, "stem.0.weight", f"stages.{PRUNED_STAGE}.blocks", ours, known, "ConvNeXt")
 
 
 def load_official_convnext(model: DynamicConvNeXt, path_or_state_dict: str | Path | Mapping) -> DynamicConvNeXt:
@@ -240,11 +225,20 @@ def structured_block(block: nn.Module, x: torch.Tensor, kept: torch.Tensor, rest
     """One third-stage block: depthwise conv on the full (B, C, H, W) map, MLP on ``kept``, fast path on ``rest``."""
     batch, channels, height, width = x.shape
     mixed = block.conv_dw(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-    parts = [(kept, _ffn(block, gather_positions(mixed, kept)))]
+    parts = [(kept, _ffn(block, gather_tokens(mixed, kept)))]
     if rest.shape[1]:
-        parts.append((rest, _fast(block, gather_positions(mixed, rest))))
+        parts.append((rest, _fast(block, gather_tokens(mixed, rest))))
     update = scatter_positions(mixed, parts).view(batch, height, width, channels).permute(0, 3, 1, 2)
     return block.shortcut(x) + block.drop_path(update)
+
+
+LAYOUT = HierarchicalLayout(
+    family=FAMILY, stages="stages", pruned_stage=PRUNED_STAGE,
+    embed=lambda model, x: model.stem(x),
+    grid=lambda x: (x.shape[-2], x.shape[-1]),  # (B, C, H, W)
+    predictor_input=lambda x: x,
+    structured_block=structured_block,
+    head=lambda model, x: model.forward_head(model.norm_pre(x)))
 
 
 def convnext_forward(model: DynamicConvNeXt, x: torch.Tensor, keep_ratio: float = 0.7, return_trace: bool = False):
@@ -252,35 +246,7 @@ def convnext_forward(model: DynamicConvNeXt, x: torch.Tensor, keep_ratio: float 
 
     Returns logits, or (logits, DynamicStageTrace) with ``return_trace``.
     """
-    image_size = tuple(x.shape[-2:])
-    tokens_per_block: list[int] = []
-    x = model.stem(x)
-    for index in range(PRUNED_STAGE):
-        x = model.stages[index](x)
-        tokens_per_block += [x.shape[-2] * x.shape[-1]] * len(model.stages[index].blocks)
-    stage = model.stages[PRUNED_STAGE]
-    x = stage.downsample(x)
-    grid = (int(x.shape[-2]), int(x.shape[-1]))
-    counts = linear_counts(grid[0] * grid[1], keep_ratio, len(model.pruning_locations))
-    trace = DynamicStageTrace(FAMILY, keep_ratio, image_size, [grid] * len(counts),
-                              [f"stages.{PRUNED_STAGE}.blocks.{i}" for i in model.pruning_locations], nested=False)
-    kept = rest = None
-    for i, block in enumerate(stage.blocks):
-        if i in model.pruning_locations:
-            s = model.pruning_locations.index(i)
-            keep_logprob = model.score_predictor[s](x)[..., 0]
-            kept, rest = split_top_k(keep_logprob, counts[s])
-            if return_trace:
-                trace.keep_scores.append(scores_for_trace(keep_logprob))
-                trace.kept_indices.append(kept.cpu())
-        x = block(x) if kept is None else structured_block(block, x, kept, rest)
-        tokens_per_block.append(grid[0] * grid[1] if kept is None else kept.shape[1])
-    for index in range(PRUNED_STAGE + 1, len(model.stages)):
-        x = model.stages[index](x)
-        tokens_per_block += [x.shape[-2] * x.shape[-1]] * len(model.stages[index].blocks)
-    trace.tokens_per_block = tokens_per_block
-    logits = model.forward_head(model.norm_pre(x))
-    return (logits, trace) if return_trace else logits
+    return hierarchical_forward(LAYOUT, model, x, keep_ratio, return_trace)
 
 
 forward = convnext_forward
@@ -319,17 +285,9 @@ def convnext_train_forward(model: DynamicConvNeXt, x: torch.Tensor, tau: float =
     current mask where a map is needed. ``keep_ratio`` only sets the targets returned for the loss;
     ``policy_override`` (one (B, H*W) 0/1 tensor per stage) replaces the samples, e.g. to test the masking.
     """
-    x = model.stem(x)
-    for index in range(PRUNED_STAGE):
-        x = model.stages[index](x)
-    stage = model.stages[PRUNED_STAGE]
-    x = stage.downsample(x)
-    x, decisions = two_stream_stage(
-        stage.blocks, x, model.pruning_locations, list(model.score_predictor), _two_stream_block,
-        mask_shape=lambda current: (current.shape[0], 1, *current.shape[2:]), tau=tau, hard=hard,
-        policy_override=policy_override)
-    for index in range(PRUNED_STAGE + 1, len(model.stages)):
-        x = model.stages[index](x)
+    x, decisions = hierarchical_train_stages(
+        LAYOUT, model, x, _two_stream_block, mask_shape=lambda current: (current.shape[0], 1, *current.shape[2:]),
+        tau=tau, hard=hard, policy_override=policy_override)
     x = model.norm_pre(x)
     featmap = model.head.norm(x).flatten(2).transpose(1, 2)
     return HierarchicalTrainOutput(model.forward_head(x), featmap, decisions,
@@ -338,8 +296,4 @@ def convnext_train_forward(model: DynamicConvNeXt, x: torch.Tensor, tau: float =
 
 def official_pruning_locations(stage_depth: int) -> tuple[int, ...]:
     """The official predictor positions for a third stage of ``stage_depth`` blocks (T: 9, S/B: 27)."""
-    table = {9: (1, 2, 3), 27: (3, 6, 9)}
-    if stage_depth not in table:
-        raise ValueError(f"DynamicCNN's official schedule covers ConvNeXt third stages of {sorted(table)} blocks, "
-                         f"not {stage_depth}.")
-    return table[stage_depth]
+    return official_locations(CONVNEXT_ARCHS, PRUNED_STAGE, stage_depth, "DynamicCNN", "ConvNeXt")

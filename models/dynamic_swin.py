@@ -26,11 +26,12 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
-from models.dynamic_zoo import (DynamicStageTrace, HierarchicalTrainOutput, gather_positions, imagenet_cfg,
-                                linear_counts, linear_targets, scatter_positions, scores_for_trace, split_top_k,
-                                two_stream_stage)
+from models.dynamic_zoo import (HierarchicalLayout, HierarchicalTrainOutput, adopt_backbone, checked_locations,
+                                hierarchical_forward, hierarchical_train_stages, imagenet_cfg, linear_targets,
+                                official_locations, scatter_positions, stage_size_hint)
 from models.dynamicvit import ScorePredictor, _init_predictor
 from models.registry import DYNAMIC_SWIN
+from models.vit_forward import gather_tokens, window_attention
 
 FAMILY = DYNAMIC_SWIN
 PRUNED_STAGE = 2
@@ -69,10 +70,7 @@ class DynamicSwin(SwinTransformer):
     def __init__(self, *, pruning_locations: Sequence[int] = (1, 2, 3), **swin_kwargs) -> None:
         super().__init__(**swin_kwargs)
         stage = self.layers[PRUNED_STAGE]
-        locations = tuple(int(i) for i in pruning_locations)
-        if list(locations) != sorted(set(locations)) or not all(0 <= i < len(stage.blocks) for i in locations):
-            raise ValueError(f"pruning_locations must be increasing block indices in [0, {len(stage.blocks)}), "
-                             f"got {locations}.")
+        locations = checked_locations(pruning_locations, len(stage.blocks))
         self.pruning_locations = locations
         dim = stage.blocks[0].norm1.normalized_shape[0]
         for block in list(stage.blocks)[locations[0]:]:
@@ -110,14 +108,7 @@ def dynamic_swin_from_backbone(swin: SwinTransformer, pruning_locations: Sequenc
         window_size=max(first_block.attn.window_size), embed_dim=swin.embed_dim,
         depths=tuple(len(b) for b in blocks), num_heads=tuple(b[0].attn.num_heads for b in blocks),
         mlp_ratio=first_block.mlp_ratio, num_classes=swin.num_classes, pruning_locations=pruning_locations)
-    result = model.load_state_dict(swin.state_dict(), strict=False)
-    missing = [k for k in result.missing_keys if "fastmlp" not in k and "score_predictor" not in k]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{type(swin).__name__} does not fit DynamicSwin: missing {missing[:5]}, "
-                              f"unexpected {result.unexpected_keys[:5]}.")
-    model.pretrained_cfg = dict(getattr(swin, "pretrained_cfg", {}) or {})
-    first = next(swin.parameters())
-    return model.to(device=first.device, dtype=first.dtype).train(swin.training)
+    return adopt_backbone(model, swin, ("fastmlp", "score_predictor"), "DynamicSwin")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,16 +166,10 @@ def _check_buffers(model: DynamicSwin, state_dict: dict[str, torch.Tensor], sour
 
 
 def _size_hint(model: DynamicSwin, state_dict: Mapping[str, torch.Tensor]) -> str:
-    embed = state_dict.get("patch_embed.proj.weight")
-    depth = 1 + max((int(m.group(1)) for k in state_dict
-                     if (m := re.match(rf"layers\.{PRUNED_STAGE}\.blocks\.(\d+)\.", k))), default=-1)
     ours = (model.embed_dim, len(model.layers[PRUNED_STAGE].blocks))
-    theirs = (None if embed is None else int(embed.shape[0]), depth)
-    if theirs == ours or None in theirs:
-        return ""
-    named = next((n for n, a in SWIN_ARCHS.items() if (a.embed_dim, a.depths[2]) == theirs), "an unknown size")
-    return (f" The checkpoint is a Swin with width {theirs[0]} and {theirs[1]} third-stage blocks ({named}); "
-            f"this model has width {ours[0]} and {ours[1]}: pick the model that matches the file.")
+    known = {name: (arch.embed_dim, arch.depths[PRUNED_STAGE]) for name, arch in SWIN_ARCHS.items()}
+    return stage_size_hint(state_dict, "patch_embed.proj.weight", f"layers.{PRUNED_STAGE}.blocks", ours, known,
+                           "Swin")
 
 
 def load_official_swin(model: DynamicSwin, path_or_state_dict: str | Path | Mapping) -> DynamicSwin:
@@ -215,13 +200,22 @@ def load_official_swin(model: DynamicSwin, path_or_state_dict: str | Path | Mapp
 def structured_block(block: nn.Module, x: torch.Tensor, kept: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
     """One third-stage block on a (B, H, W, C) map: window attention on all of it, MLP on ``kept``, fast MLP on ``rest``."""
     batch, height, width, channels = x.shape
-    x = x + block.drop_path1(block._attn(block.norm1(x)))
+    x = x + block.drop_path1(window_attention(block, block.norm1(x)))
     tokens = x.reshape(batch, height * width, channels)
-    parts = [(kept, block.mlp(block.norm2(gather_positions(tokens, kept))))]
+    parts = [(kept, block.mlp(block.norm2(gather_tokens(tokens, kept))))]
     if rest.shape[1]:
-        parts.append((rest, block.fastmlp(gather_positions(tokens, rest))))
+        parts.append((rest, block.fastmlp(gather_tokens(tokens, rest))))
     tokens = tokens + block.drop_path2(scatter_positions(tokens, parts))
     return tokens.reshape(batch, height, width, channels)
+
+
+LAYOUT = HierarchicalLayout(
+    family=FAMILY, stages="layers", pruned_stage=PRUNED_STAGE,
+    embed=lambda model, x: model.patch_embed(x),  # (B, H, W, C)
+    grid=lambda x: (x.shape[1], x.shape[2]),
+    predictor_input=lambda x: x.flatten(1, 2),
+    structured_block=structured_block,
+    head=lambda model, x: model.forward_head(model.norm(x)))
 
 
 def swin_forward(model: DynamicSwin, x: torch.Tensor, keep_ratio: float = 0.7, return_trace: bool = False):
@@ -229,35 +223,7 @@ def swin_forward(model: DynamicSwin, x: torch.Tensor, keep_ratio: float = 0.7, r
 
     Returns logits, or (logits, DynamicStageTrace) with ``return_trace``.
     """
-    image_size = tuple(x.shape[-2:])
-    tokens_per_block: list[int] = []
-    x = model.patch_embed(x)  # (B, H, W, C)
-    for index in range(PRUNED_STAGE):
-        x = model.layers[index](x)
-        tokens_per_block += [x.shape[1] * x.shape[2]] * len(model.layers[index].blocks)
-    stage = model.layers[PRUNED_STAGE]
-    x = stage.downsample(x)
-    grid = (int(x.shape[1]), int(x.shape[2]))
-    counts = linear_counts(grid[0] * grid[1], keep_ratio, len(model.pruning_locations))
-    trace = DynamicStageTrace(FAMILY, keep_ratio, image_size, [grid] * len(counts),
-                              [f"layers.{PRUNED_STAGE}.blocks.{i}" for i in model.pruning_locations], nested=False)
-    kept = rest = None
-    for i, block in enumerate(stage.blocks):
-        if i in model.pruning_locations:
-            s = model.pruning_locations.index(i)
-            keep_logprob = stage.score_predictor[s](x.flatten(1, 2))[..., 0]
-            kept, rest = split_top_k(keep_logprob, counts[s])
-            if return_trace:
-                trace.keep_scores.append(scores_for_trace(keep_logprob))
-                trace.kept_indices.append(kept.cpu())
-        x = block(x) if kept is None else structured_block(block, x, kept, rest)
-        tokens_per_block.append(grid[0] * grid[1] if kept is None else kept.shape[1])
-    for index in range(PRUNED_STAGE + 1, len(model.layers)):
-        x = model.layers[index](x)
-        tokens_per_block += [x.shape[1] * x.shape[2]] * len(model.layers[index].blocks)
-    trace.tokens_per_block = tokens_per_block
-    logits = model.forward_head(model.norm(x))
-    return (logits, trace) if return_trace else logits
+    return hierarchical_forward(LAYOUT, model, x, keep_ratio, return_trace)
 
 
 forward = swin_forward
@@ -275,7 +241,7 @@ def _two_stream_block(block: nn.Module, streams: tuple[torch.Tensor, torch.Tenso
     """
     first, second = streams
     x = first * mask + second * (1 - mask)
-    x = x + block.drop_path1(block._attn(block.norm1(x)))
+    x = x + block.drop_path1(window_attention(block, block.norm1(x)))
     first_in = x * mask + first * (1 - mask)
     second_in = x * (1 - mask) + second * mask
     return (x + block.drop_path2(block.mlp(block.norm2(first_in))),
@@ -292,17 +258,9 @@ def swin_train_forward(model: DynamicSwin, x: torch.Tensor, tau: float = 1.0, ke
                        hard: bool = True, policy_override: Sequence[torch.Tensor] | None = None):
     """The official DynamicSwin training forward (``AdaSwinTransformer`` in training mode); see
     ``models.dynamic_convnext.convnext_train_forward``. ``keep_ratio`` only sets the loss targets."""
-    x = model.patch_embed(x)
-    for index in range(PRUNED_STAGE):
-        x = model.layers[index](x)
-    stage = model.layers[PRUNED_STAGE]
-    x = stage.downsample(x)
-    x, decisions = two_stream_stage(
-        stage.blocks, x, model.pruning_locations, list(stage.score_predictor), _two_stream_block,
-        mask_shape=lambda current: (*current.shape[:3], 1), tau=tau, hard=hard, policy_override=policy_override,
-        predictor_input=lambda current: current.flatten(1, 2))
-    for index in range(PRUNED_STAGE + 1, len(model.layers)):
-        x = model.layers[index](x)
+    x, decisions = hierarchical_train_stages(
+        LAYOUT, model, x, _two_stream_block, mask_shape=lambda current: (*current.shape[:3], 1),
+        tau=tau, hard=hard, policy_override=policy_override)
     x = model.norm(x)
     return HierarchicalTrainOutput(model.forward_head(x), x.flatten(1, 2), decisions,
                                    linear_targets(keep_ratio, len(model.pruning_locations)))
@@ -310,8 +268,4 @@ def swin_train_forward(model: DynamicSwin, x: torch.Tensor, tau: float = 1.0, ke
 
 def official_pruning_locations(stage_depth: int) -> tuple[int, ...]:
     """The official predictor positions for a third stage of ``stage_depth`` blocks (T: 6, S/B: 18)."""
-    table = {6: (1, 2, 3), 18: (2, 4, 6)}
-    if stage_depth not in table:
-        raise ValueError(f"DynamicSwin's official schedule covers Swin third stages of {sorted(table)} blocks, "
-                         f"not {stage_depth}.")
-    return table[stage_depth]
+    return official_locations(SWIN_ARCHS, PRUNED_STAGE, stage_depth, "DynamicSwin", "Swin")

@@ -16,13 +16,17 @@ How the hierarchical (T-PAMI) forward differs from the DeiT one (``models.dynami
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from models.dynamicvit import distillation_kl, keep_ratio_loss
+from models.checkpoints import CheckpointError
+from models.dynamicvit import check_keep_ratio, distillation_kl, keep_ratio_loss
 
 
 @dataclass
@@ -98,17 +102,6 @@ def as_stage_trace(trace, image_size: tuple[int, int]) -> DynamicStageTrace:
 # ---------------------------------------------------------------------------------------------
 # Keep schedules
 # ---------------------------------------------------------------------------------------------
-def _check_ratio(keep_ratio: float) -> None:
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
-
-
-def geometric_counts(num_tokens: int, keep_ratio: float, num_stages: int) -> list[int]:
-    """DeiT/LV-ViT schedule: int(N * rho**s), s = 1 .. stages (196, 0.7 -> 137, 96, 67)."""
-    _check_ratio(keep_ratio)
-    return [max(1, int(num_tokens * keep_ratio ** (s + 1))) for s in range(num_stages)]
-
-
 def linear_counts(num_tokens: int, keep_ratio: float, num_stages: int = 3) -> list[int]:
     """ConvNeXt/Swin schedule of the official code: int(N * (rho - 0.2 s)), s = 0 .. stages-1.
 
@@ -116,7 +109,7 @@ def linear_counts(num_tokens: int, keep_ratio: float, num_stages: int = 3) -> li
     rho = 1 is the unpruned reference point: all positions are kept at every stage (the linear schedule would
     still drop 20 % and 40 % in the later stages).
     """
-    _check_ratio(keep_ratio)
+    check_keep_ratio(keep_ratio)
     if keep_ratio == 1.0:
         return [num_tokens] * num_stages
     counts = [int(num_tokens * (keep_ratio - 0.2 * s)) if s else int(num_tokens * keep_ratio)
@@ -142,13 +135,6 @@ def _flat_rows(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return (index + offsets).reshape(-1)
 
 
-def gather_positions(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) and (B, k) -> (B, k, C); row copies (index_select), faster on CPU than an expanded gather."""
-    batch, num_tokens, channels = tokens.shape
-    rows = _flat_rows(index, num_tokens)
-    return tokens.reshape(batch * num_tokens, channels).index_select(0, rows).view(batch, -1, channels)
-
-
 def scatter_positions(like: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """A (B, N, C) tensor holding each (index (B, k), values (B, k, C)) part at its positions.
 
@@ -165,6 +151,110 @@ def scores_for_trace(keep_logprob: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Hierarchical families (DynamicCNN, DynamicSwin): what their models, loaders and forwards share
+# ---------------------------------------------------------------------------------------------
+def checked_locations(pruning_locations: Sequence[int], stage_depth: int) -> tuple[int, ...]:
+    """The pruning locations as a tuple of increasing block indices inside a stage of ``stage_depth`` blocks."""
+    locations = tuple(int(i) for i in pruning_locations)
+    if list(locations) != sorted(set(locations)) or not all(0 <= i < stage_depth for i in locations):
+        raise ValueError(f"pruning_locations must be increasing block indices in [0, {stage_depth}), got {locations}.")
+    return locations
+
+
+def official_locations(archs: Mapping[str, NamedTuple], pruned_stage: int, stage_depth: int, family: str,
+                       backbone: str) -> tuple[int, ...]:
+    """The official predictor positions for a pruned stage of ``stage_depth`` blocks, read off the releases
+    in ``archs`` (each with ``depths`` and ``pruning_locations``)."""
+    table = {arch.depths[pruned_stage]: arch.pruning_locations for arch in archs.values()}
+    if stage_depth not in table:
+        raise ValueError(f"{family}'s official schedule covers {backbone} third stages of {sorted(table)} blocks, "
+                         f"not {stage_depth}.")
+    return table[stage_depth]
+
+
+def adopt_backbone(model: nn.Module, backbone: nn.Module, added: Sequence[str], family: str) -> nn.Module:
+    """``model`` (a fresh dynamic model) holding a copy of ``backbone``'s weights, on its device, dtype and mode.
+
+    Keys containing one of ``added`` (the predictors and fast paths) may be missing from the backbone; any
+    other missing or unexpected key means the backbone does not fit and raises CheckpointError."""
+    result = model.load_state_dict(backbone.state_dict(), strict=False)
+    missing = [k for k in result.missing_keys if not any(part in k for part in added)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{type(backbone).__name__} does not fit {family}: missing {missing[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]}.")
+    model.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
+    first = next(backbone.parameters())
+    return model.to(device=first.device, dtype=first.dtype).train(backbone.training)
+
+
+def stage_size_hint(state_dict: Mapping[str, torch.Tensor], width_key: str, stage_blocks: str,
+                    ours: tuple[int, int], known: Mapping[str, tuple[int, int]], backbone: str) -> str:
+    """A sentence naming the checkpoint's size (width of ``width_key``, number of blocks under ``stage_blocks``,
+    e.g. ``stages.2.blocks``) when it differs from ``ours``; ``known`` maps release names to their sizes."""
+    weight = state_dict.get(width_key)
+    pattern = re.escape(stage_blocks) + r"\.(\d+)\."
+    depth = 1 + max((int(m.group(1)) for k in state_dict if (m := re.match(pattern, k))), default=-1)
+    theirs = (None if weight is None else int(weight.shape[0]), depth)
+    if theirs == ours or None in theirs:
+        return ""
+    named = next((name for name, size in known.items() if size == theirs), "an unknown size")
+    return (f" The checkpoint is a {backbone} with width {theirs[0]} and {theirs[1]} third-stage blocks ({named}); "
+            f"this model has width {ours[0]} and {ours[1]}: pick the model that matches the file.")
+
+
+class HierarchicalLayout(NamedTuple):
+    """How one hierarchical family lays out its model, for :func:`hierarchical_forward`."""
+
+    family: str
+    stages: str                                  # attribute holding the stages ("stages", "layers")
+    pruned_stage: int
+    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor]        # (model, image) -> first map
+    grid: Callable[[torch.Tensor], tuple[int, int]]                # map -> (rows, cols)
+    predictor_input: Callable[[torch.Tensor], torch.Tensor]        # map -> what the predictor takes
+    structured_block: Callable[..., torch.Tensor]                  # (block, map, kept, rest) -> map
+    head: Callable[[nn.Module, torch.Tensor], torch.Tensor]         # (model, last map) -> logits
+
+
+def hierarchical_forward(layout: HierarchicalLayout, model: nn.Module, x: torch.Tensor, keep_ratio: float = 0.7,
+                         return_trace: bool = False):
+    """Structured pruned inference of a hierarchical family (see the module docstring); keep_ratio=1 reproduces
+    ``model(x)``. Before each block at ``model.pruning_locations`` of the pruned stage, its predictor
+    (``model.score_predictor``) scores the whole map and keeps the top-k of the official linear schedule; from
+    there on ``layout.structured_block`` runs each block. Returns logits, or (logits, DynamicStageTrace)."""
+    image_size = tuple(x.shape[-2:])
+    stages = getattr(model, layout.stages)
+    tokens_per_block: list[int] = []
+    x = layout.embed(model, x)
+    for index in range(layout.pruned_stage):
+        x = stages[index](x)
+        tokens_per_block += [math.prod(layout.grid(x))] * len(stages[index].blocks)
+    stage = stages[layout.pruned_stage]
+    x = stage.downsample(x)
+    grid = tuple(int(n) for n in layout.grid(x))
+    counts = linear_counts(grid[0] * grid[1], keep_ratio, len(model.pruning_locations))
+    trace = DynamicStageTrace(layout.family, keep_ratio, image_size, [grid] * len(counts),
+                              [f"{layout.stages}.{layout.pruned_stage}.blocks.{i}" for i in model.pruning_locations],
+                              nested=False)
+    kept = rest = None
+    for i, block in enumerate(stage.blocks):
+        if i in model.pruning_locations:
+            s = model.pruning_locations.index(i)
+            keep_logprob = model.score_predictor[s](layout.predictor_input(x))[..., 0]
+            kept, rest = split_top_k(keep_logprob, counts[s])
+            if return_trace:
+                trace.keep_scores.append(scores_for_trace(keep_logprob))
+                trace.kept_indices.append(kept.cpu())
+        x = block(x) if kept is None else layout.structured_block(block, x, kept, rest)
+        tokens_per_block.append(grid[0] * grid[1] if kept is None else kept.shape[1])
+    for index in range(layout.pruned_stage + 1, len(stages)):
+        x = stages[index](x)
+        tokens_per_block += [math.prod(layout.grid(x))] * len(stages[index].blocks)
+    trace.tokens_per_block = tokens_per_block
+    logits = layout.head(model, x)
+    return (logits, trace) if return_trace else logits
+
+
+# ---------------------------------------------------------------------------------------------
 # Training (hierarchical models): the official two-stream form and loss
 # ---------------------------------------------------------------------------------------------
 class HierarchicalTrainOutput(NamedTuple):
@@ -178,7 +268,7 @@ class HierarchicalTrainOutput(NamedTuple):
 
 def linear_targets(keep_ratio: float, num_stages: int = 3) -> list[float]:
     """The official SPARSE_RATIO targets [rho, rho - 0.2, rho - 0.4] (float arithmetic as the official code)."""
-    _check_ratio(keep_ratio)
+    check_keep_ratio(keep_ratio)
     return [keep_ratio - 0.2 * s if s else keep_ratio for s in range(num_stages)]
 
 
@@ -233,3 +323,22 @@ def two_stream_stage(blocks, x: torch.Tensor, locations, predictors, two_stream_
         else:
             streams = two_stream_block(block, streams, mask)
     return (mix(streams, mask) if streams is not None else x), decisions
+
+
+def hierarchical_train_stages(layout: HierarchicalLayout, model: nn.Module, x: torch.Tensor, two_stream_block,
+                              mask_shape, **options) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The official training forward of a hierarchical family up to its last map (before the final norm): the
+    stages around the pruned one as they are, the pruned one through :func:`two_stream_stage` (``options``:
+    tau, hard, policy_override). Returns (last map, keep decisions per stage)."""
+    stages = getattr(model, layout.stages)
+    x = layout.embed(model, x)
+    for index in range(layout.pruned_stage):
+        x = stages[index](x)
+    stage = stages[layout.pruned_stage]
+    x = stage.downsample(x)
+    x, decisions = two_stream_stage(stage.blocks, x, model.pruning_locations, list(model.score_predictor),
+                                    two_stream_block, mask_shape=mask_shape, predictor_input=layout.predictor_input,
+                                    **options)
+    for index in range(layout.pruned_stage + 1, len(stages)):
+        x = stages[index](x)
+    return x, decisions

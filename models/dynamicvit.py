@@ -24,7 +24,7 @@ from torch import nn
 from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
 from models.scopes import REDUCTION, scope
 from models.vit_forward import (  # noqa: F401 - POLICY_EPS and policy_softmax are part of this module's API
-    POLICY_EPS, attention_residual, classify, embed_tokens, gather_tokens, mlp_residual, policy_softmax,
+    POLICY_EPS, attention_residual, classify, embed_tokens, gather_tokens, mlp_residual, policy_softmax, vit_config,
 )
 
 DEFAULT_PRUNING_LOCATIONS = (3, 6, 9)
@@ -128,26 +128,10 @@ def build_dynamicvit(arch: str, pruning_locations: Sequence[int] = DEFAULT_PRUNI
     return DynamicViT(pruning_locations=pruning_locations, **kwargs)
 
 
-def _vit_config(vit: VisionTransformer) -> dict:
-    """The constructor arguments that rebuild ``vit``'s architecture (weights are copied separately)."""
-    block = vit.blocks[0]
-    attn = block.attn
-    return dict(
-        img_size=vit.patch_embed.img_size, patch_size=vit.patch_embed.patch_size,
-        in_chans=vit.patch_embed.proj.in_channels, num_classes=vit.num_classes,
-        embed_dim=vit.embed_dim, depth=len(vit.blocks), num_heads=attn.num_heads,
-        mlp_ratio=block.mlp.fc1.out_features / vit.embed_dim, qkv_bias=attn.qkv.bias is not None,
-        qk_norm=not isinstance(attn.q_norm, nn.Identity),
-        init_values=block.ls1.gamma.detach().abs().mean().item() if hasattr(block.ls1, "gamma") else None,
-        pre_norm=not isinstance(vit.norm_pre, nn.Identity), no_embed_class=vit.no_embed_class,
-        global_pool=vit.global_pool,
-    )
-
-
 def dynamicvit_from_backbone(vit: VisionTransformer,
                              pruning_locations: Sequence[int] = DEFAULT_PRUNING_LOCATIONS) -> DynamicViT:
     """A DynamicViT holding a copy of ``vit``'s weights and freshly initialised predictors (``vit`` is untouched)."""
-    model = DynamicViT(pruning_locations=pruning_locations, **_vit_config(vit))
+    model = DynamicViT(pruning_locations=pruning_locations, **vit_config(vit))
     result = model.load_state_dict(vit.state_dict(), strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("score_predictor.")]
     if missing or result.unexpected_keys:
@@ -194,10 +178,15 @@ def load_official_checkpoint(model: DynamicViT, path_or_state_dict: str | Path |
 # ---------------------------------------------------------------------------------------------
 # Inference forward: keep the top-k patches at each stage
 # ---------------------------------------------------------------------------------------------
-def keep_counts(num_patches: int, keep_ratio: float, num_stages: int) -> list[int]:
-    """Patches kept after each stage: int(N * rho**s), the official convention (196, 0.7 -> 137, 96, 67)."""
+def check_keep_ratio(keep_ratio: float) -> None:
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
+
+
+def keep_counts(num_patches: int, keep_ratio: float, num_stages: int) -> list[int]:
+    """Patches kept after each stage: int(N * rho**s), s = 1 .. stages, the official convention of DeiT and
+    LV-ViT (196, 0.7 -> 137, 96, 67)."""
+    check_keep_ratio(keep_ratio)
     return [max(1, int(num_patches * keep_ratio ** (s + 1))) for s in range(num_stages)]
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import weights as W
 from .checkpoints import CheckpointError, WeightsNotFoundError, _first, load_strict, read_state_dict
-from .registry import ModelSpec, get_spec, sized
+from .registry import ModelSpec, get_spec, import_target, sized
 
 CACHE_DIR = Path.home() / ".cache" / "vitlab"
 
@@ -31,14 +31,9 @@ class LoadedModel:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def _import(target: str) -> Callable:
-    module_name, func_name = target.split(":")
-    return getattr(importlib.import_module(module_name), func_name)
-
-
 def build_random(spec: ModelSpec) -> nn.Module:
     if spec.factory:
-        return _import(spec.factory)(**spec.factory_kwargs)
+        return import_target(spec.factory)(**spec.factory_kwargs)
     import timm
 
     return timm.create_model(spec.timm_id, pretrained=False)
@@ -58,7 +53,7 @@ def _timm_filter(model: nn.Module, state_dict: dict) -> dict:
 
 def load_file_into(model: nn.Module, path: str | Path, spec: ModelSpec | None = None) -> None:
     if spec is not None and spec.load_fn:
-        _import(spec.load_fn)(model, path)
+        import_target(spec.load_fn)(model, path)
         return
     state_dict = read_state_dict(path)
     load_strict(model, _timm_filter(model, state_dict), source=Path(path).name)
@@ -130,7 +125,7 @@ def load_model(name: str, device: str = "cpu", user_file: str | Path | None = No
                        folder=folder)
     if spec.loader:
         # Not one timm module and one file (ViLT: a transformers folder and its processor, the "transform").
-        model, transform = _import(spec.loader)(spec, source, folder)
+        model, transform = import_target(spec.loader)(spec, source, folder)
         cfg = {"input_size": (3, spec.input_size, spec.input_size)}
     else:
         model, transform, cfg = _timm_model_and_transform(spec, source)

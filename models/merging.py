@@ -1,4 +1,5 @@
-"""Bipartite soft matching (ToMe, Bolya et al. 2023), shared by ToMe on ViT and PuMer's merging in ViLT.
+"""Bipartite soft matching (ToMe, Bolya et al. 2023) and the merge by average, shared by ToMe on ViT and
+PuMer's merging in ViLT and METER.
 
 Tokens alternate into set A (even positions) and set B (odd positions); each A token picks the B token whose
 metric is most similar (cosine); the A tokens with the most similar picks merge into them. Written from the
@@ -51,3 +52,24 @@ def merge_mask(match: BipartiteMatch, r: int | torch.Tensor) -> torch.Tensor:
         1, match.order, torch.arange(num_a, device=match.order.device).expand(batch, -1))
     allowed = torch.minimum(torch.as_tensor(r, device=rank.device), torch.isfinite(match.best).sum(dim=1))
     return rank < allowed.reshape(-1, 1)
+
+
+def combine_tokens(states: torch.Tensor, sizes: torch.Tensor, destination: torch.Tensor, new_len: int,
+                   size_weighted: bool = True):
+    """Gather tokens into their groups by average, size-weighted (ToMe) or with equal weights (PuMer's code
+    starts every merge from size 1). ``destination`` -1 drops a token. Empty slots (for samples with fewer
+    groups) are zero padding of size 1. Returns (states, sizes (the summed sizes of each group), valid)."""
+    batch, _, channels = states.shape
+    slot = destination.masked_fill(destination < 0, new_len)  # one spare slot collects dropped tokens
+    weights = sizes if size_weighted else torch.ones_like(sizes)
+    # Row-wise accumulation over the flattened batch (index_add_): on CPU much faster than a scatter_add whose
+    # index is expanded over the channels.
+    rows = (slot + torch.arange(batch, device=slot.device)[:, None] * (new_len + 1)).reshape(-1)
+    total = states.new_zeros(batch * (new_len + 1), channels).index_add_(
+        0, rows, (states * weights[..., None]).reshape(-1, channels)).view(batch, new_len + 1, channels)
+    new_sizes = sizes.new_zeros(batch, new_len + 1).scatter_add_(1, slot, sizes)[:, :new_len]
+    weight = (new_sizes if size_weighted  # the same sum: skip the second scatter
+              else weights.new_zeros(batch, new_len + 1).scatter_add_(1, slot, weights)[:, :new_len])
+    valid = new_sizes > 0
+    return (total[:, :new_len] / weight.masked_fill(~valid, 1.0)[..., None], new_sizes.masked_fill(~valid, 1.0),
+            valid)

@@ -8,11 +8,10 @@ CLI loop over ``METHODS``; a new method is one record here plus its forward modu
 from __future__ import annotations
 
 import functools
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .registry import DYNAMIC_CNN, DYNAMIC_LVVIT, DYNAMIC_SWIN, DYNAMICVIT, METER, MHSA, VILT, ModelSpec
+from .registry import DYNAMIC_CNN, DYNAMIC_LVVIT, DYNAMIC_SWIN, DYNAMICVIT, METER, MHSA, VILT, ModelSpec, import_target
 
 
 def _flag(value: Any) -> bool:
@@ -79,8 +78,7 @@ class Method:
         return arguments
 
     def forward_function(self) -> Callable:
-        module_name, function_name = self.forward.split(":")
-        return getattr(importlib.import_module(module_name), function_name)
+        return import_target(self.forward)
 
     def bind(self, model, settings: dict[str, Any]) -> Callable:
         """The forward over ``model`` at the variant ``settings``, as a function of the inputs."""

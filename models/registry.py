@@ -5,6 +5,7 @@ Token-reduction methods are not models: ``models.methods`` says which method app
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field, replace
 
 # Families: which token-reduction methods apply (models.methods) and how a model is built and fed.
@@ -116,6 +117,12 @@ _EVIT_REF = "EfficientViT (CVPR 2023) model zoo, V100"
 _DEIT_REF = "DeiT (ICML 2021) Table 1, V100"
 
 REGISTRY: dict[str, ModelSpec] = {}
+
+
+def import_target(target: str):
+    """The function a ``"module:function"`` string names (the form of factories, loaders and forwards here)."""
+    module_name, function_name = target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 def register(spec: ModelSpec) -> ModelSpec:

@@ -22,10 +22,10 @@ import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
-from models.merging import bipartite_match
+from models.merging import bipartite_match, combine_tokens
 from models.scopes import MATCHING, REDUCTION, scope
 from models.vit_forward import (
-    attention, attention_residual, classify, embed_tokens, gather_tokens, is_plain_block, mlp_residual,
+    attention, attention_residual, classify, embed_tokens, is_plain_block, mlp_residual,
 )
 
 # A merge count: one r for every layer, an explicit per-layer list, or a string spec
@@ -113,8 +113,9 @@ class Matching:
 
 
 @scope(MATCHING)
-def bipartite_matching(metric: torch.Tensor, r: int, protect_first: bool = True) -> Matching:
-    """Match A = even tokens to B = odd tokens by cosine similarity of ``metric`` [B, N, D] and pick the r best pairs.
+def pick_merges(metric: torch.Tensor, r: int, protect_first: bool = True) -> Matching:
+    """ToMe's choice for one block: ``merging.bipartite_match`` (A = even tokens, B = odd, cosine similarity of
+    ``metric`` [B, N, D]), then the r best pairs, the same r for every image.
 
     With ``protect_first`` the first token (the class token, always in A) is never chosen.
     """
@@ -134,16 +135,9 @@ def merge_tokens(
     ``sizes`` [B, N, 1] counts the original patches in each token. Returns the merged tokens
     [B, N - r, C], ordered as (unmerged A tokens, B tokens), and their sizes [B, N - r, 1].
     """
-    weighted = x * sizes
-    a_weighted, b_weighted = weighted[:, 0::2], weighted[:, 1::2]
-    a_sizes, b_sizes = sizes[:, 0::2], sizes[:, 1::2]
-    b_sum = b_weighted.scatter_add(
-        1, matching.into_b.unsqueeze(-1).expand(-1, -1, x.shape[-1]), gather_tokens(a_weighted, matching.merged_a)
-    )
-    b_size = b_sizes.scatter_add(1, matching.into_b.unsqueeze(-1), gather_tokens(a_sizes, matching.merged_a))
-    new_sizes = torch.cat([gather_tokens(a_sizes, matching.kept_a), b_size], dim=1)
-    new_x = torch.cat([gather_tokens(a_weighted, matching.kept_a), b_sum], dim=1) / new_sizes
-    return new_x, new_sizes
+    new_len = matching.kept_a.shape[1] + matching.num_b
+    merged, new_sizes, _ = combine_tokens(x, sizes[..., 0], token_destinations(matching), new_len)
+    return merged, new_sizes[..., None]
 
 
 def token_destinations(matching: Matching) -> torch.Tensor:
@@ -250,7 +244,7 @@ def tome_forward(
         x, attended = attention_residual(block, x, key_bias=size_bias(sizes, proportional_attention))
         if merge_count > 0:
             current_sizes = sizes if sizes is not None else x.new_ones(batch, x.shape[1], 1)
-            matching = bipartite_matching(attended.keys.mean(dim=1), merge_count, protect_first=prefix > 0)
+            matching = pick_merges(attended.keys.mean(dim=1), merge_count, protect_first=prefix > 0)
             x, sizes = merge_tokens(x, current_sizes, matching)
             if location is not None:
                 location = token_destinations(matching).gather(1, location)

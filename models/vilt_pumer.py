@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.checkpoints import CheckpointError
-from models.merging import bipartite_match, merge_mask
+from models.merging import bipartite_match, combine_tokens, merge_mask
 from models.registry import ModelSpec, get_spec
 from models.scopes import ATTENTION, MATCHING, REDUCTION, scope
 from models.weights import HF_CACHE, WeightsSource, fix_instruction, resolve
@@ -272,23 +272,6 @@ def tome_destinations(metric: torch.Tensor, valid: torch.Tensor, r: torch.Tensor
     destination = torch.empty_like(valid, dtype=torch.long)
     destination[:, 0::2], destination[:, 1::2] = a_destination, b_destination
     return destination, unmerged + b_valid.sum(dim=1)
-
-
-def combine_tokens(states: torch.Tensor, sizes: torch.Tensor, destination: torch.Tensor, new_len: int,
-                   size_weighted: bool = True):
-    """Gather tokens into their groups by average, size-weighted (ToMe) or with equal weights (PuMer's code
-    starts every merge from size 1). ``destination`` -1 drops a token. Empty slots (for samples with fewer
-    groups) are zero padding of size 1. Returns (states, sizes (the summed sizes of each group), valid)."""
-    batch, _, channels = states.shape
-    slot = destination.masked_fill(destination < 0, new_len)  # one spare slot collects dropped tokens
-    weights = sizes if size_weighted else torch.ones_like(sizes)
-    total = states.new_zeros(batch, new_len + 1, channels).scatter_add_(
-        1, slot[..., None].expand(-1, -1, channels), states * weights[..., None])
-    weight = weights.new_zeros(batch, new_len + 1).scatter_add_(1, slot, weights)[:, :new_len]
-    new_sizes = sizes.new_zeros(batch, new_len + 1).scatter_add_(1, slot, sizes)[:, :new_len]
-    valid = new_sizes > 0
-    return (total[:, :new_len] / weight.masked_fill(~valid, 1.0)[..., None], new_sizes.masked_fill(~valid, 1.0),
-            valid)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
 
 from models.scopes import ATTENTION, scope
 
@@ -23,6 +24,27 @@ POLICY_EPS = 1e-6  # DynamicViT's masked-softmax epsilon
 def embed_tokens(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """Images [B, 3, H, W] -> tokens entering the first block (patch embedding, prefix tokens, position embedding)."""
     return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+
+def vit_config(vit: VisionTransformer) -> dict:
+    """The constructor arguments that rebuild ``vit``'s architecture (weights are copied separately)."""
+    block = vit.blocks[0]
+    attn = block.attn
+    return dict(
+        img_size=vit.patch_embed.img_size, patch_size=vit.patch_embed.patch_size,
+        in_chans=vit.patch_embed.proj.in_channels, num_classes=vit.num_classes,
+        embed_dim=vit.embed_dim, depth=len(vit.blocks), num_heads=attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / vit.embed_dim, qkv_bias=attn.qkv.bias is not None,
+        qk_norm=not isinstance(attn.q_norm, nn.Identity),
+        init_values=block.ls1.gamma.detach().abs().mean().item() if hasattr(block.ls1, "gamma") else None,
+        pre_norm=not isinstance(vit.norm_pre, nn.Identity), no_embed_class=vit.no_embed_class,
+        global_pool=vit.global_pool,
+    )
+
+
+def token_count(model: VisionTransformer) -> int:
+    """Tokens entering the first block: the patches plus the prefix (class, distillation, register) tokens."""
+    return model.patch_embed.num_patches + model.num_prefix_tokens
 
 
 def classify(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
@@ -112,3 +134,9 @@ def attention_residual(block: Block, x: torch.Tensor, **options) -> tuple[torch.
 def mlp_residual(block: Block, x: torch.Tensor) -> torch.Tensor:
     """The second half of timm's ``Block``: ``x + drop_path(ls(mlp(norm2(x))))``."""
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def window_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A timm Swin block's (shifted) window attention on its (B, H, W, C) input, residual not added: timm's
+    private ``SwinTransformerBlock._attn``, called here so that no other module reaches into timm's blocks."""
+    return block._attn(x)

@@ -16,7 +16,8 @@ from models import dynamic_convnext as dcnn
 from models import dynamic_lvvit as dlv
 from models import dynamic_swin as dswin
 from models.checkpoints import CheckpointError
-from models.dynamic_zoo import DynamicStageTrace, geometric_counts, linear_counts
+from models.dynamic_zoo import DynamicStageTrace, linear_counts
+from models.dynamicvit import keep_counts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,8 +337,8 @@ def test_swin_rho_one_equals_timm(swin_pair, images):
 
 
 def test_official_keep_schedules():
-    assert geometric_counts(196, 0.7, 3) == [137, 96, 67]
-    assert geometric_counts(196, 0.5, 3) == [98, 49, 24]
+    assert keep_counts(196, 0.7, 3) == [137, 96, 67]
+    assert keep_counts(196, 0.5, 3) == [98, 49, 24]
     # SPARSE_RATIO = [rho, rho - 0.2, rho - 0.4] in the official main.py, float arithmetic included
     assert linear_counts(196, 0.7) == [137, 97, 58] == [int(196 * r) for r in (0.7, 0.7 - 0.2, 0.7 - 0.4)]
     assert linear_counts(196, 0.9) == [176, 137, 98]
@@ -376,7 +377,7 @@ def test_lvvit_kept_counts(lvvit):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         _, trace = dlv.lvvit_forward(lvvit, x, keep_ratio=0.7, return_trace=True)
-    assert trace.kept_counts == geometric_counts(16, 0.7, 3) == [11, 7, 5]
+    assert trace.kept_counts == keep_counts(16, 0.7, 3) == [11, 7, 5]
     assert trace.nested and trace.stage_grids == [(4, 4)] * 3 and trace.cell_size(2) == (16.0, 16.0)
     assert trace.tokens_per_block == [17, 12, 8, 6]
     _check_top_k(trace)
@@ -471,7 +472,7 @@ def test_builders_match_timm_backbones():
 # ------------------------------------------------------------------------------------------------
 def test_registry_entries_point_at_the_zoo():
     from models import registry
-    from models.loading import _import
+    from models.registry import import_target as _import
 
     families = {registry.DYNAMIC_LVVIT: dlv, registry.DYNAMIC_CNN: dcnn, registry.DYNAMIC_SWIN: dswin}
     names = [n for f in families for n in registry.list_models(f)]

@@ -80,7 +80,7 @@ def test_missing_meter_weights_are_explained(offline_without_weights):
     assert "small random METER" in message
     assert _two_sentences(message) and "Tried" not in message
     assert app.expander[-1].label == "What was tried" and "Tried:" in app.expander[-1].markdown[0].value
-    assert app.button(key="vl_retry") is not None
+    assert app.button(key="vl_retry").label == "Retry"
     assert app.checkbox(key=f"vl_random_{METER}").value is False
     assert not app.dataframe
 

@@ -2,11 +2,14 @@ import pytest
 import torch
 
 from models.loading import build_random, load_model
-from models.registry import CGA, CNN, MHSA, REGISTRY, get_spec, list_models
+from models.registry import (CGA, CNN, DYNAMIC_CNN, DYNAMIC_LVVIT, DYNAMIC_SWIN, DYNAMICVIT, METER, MHSA, REGISTRY,
+                             VILT, get_spec, list_models)
 
 REQUIRED = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
             *[f"efficientvit_m{i}" for i in range(6)], "mobilenetv3_large_100"]
 TINY = {"deit_tiny_patch16_224", "efficientvit_m0", "mobilenetv3_large_100"}
+FACTORY_CLASSES = {DYNAMICVIT: "DynamicViT", DYNAMIC_LVVIT: "DynamicLVViT", DYNAMIC_CNN: "DynamicConvNeXt",
+                   DYNAMIC_SWIN: "DynamicSwin", VILT: "ViltForQuestionAnswering", METER: "MeterForQuestionAnswering"}
 
 
 def test_required_entries_with_family_and_pretrained_tag():
@@ -24,8 +27,14 @@ def test_unknown_name_lists_the_known_ones():
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_entry_builds_with_random_weights(name):
-    model = build_random(get_spec(name))
-    assert sum(p.numel() for p in model.parameters()) > 0
+    spec = get_spec(name)
+    model = build_random(spec)
+    params = list(model.parameters())
+    assert params and all(torch.isfinite(p).all() for p in params), name
+    if spec.timm_id:  # timm's own architecture, under the name the weights resolver looks up
+        assert model.pretrained_cfg["architecture"] == spec.timm_id
+    else:  # the entry's factory builds its family's class
+        assert type(model).__name__ == FACTORY_CLASSES[spec.family], (name, type(model).__name__)
     if name in TINY:
         loaded = load_model(name, random_weights=True)
         assert loaded.weights.is_random and "RANDOM" in loaded.weights.description

@@ -14,10 +14,10 @@ from analysis.tome_agreement import agreement_sweep, plot_agreement, top5_overla
 from models.tome import (
     Matching,
     attention_with_size_bias,
-    bipartite_matching,
     merge_groups,
     merge_schedule,
     merge_tokens,
+    pick_merges,
     size_bias,
     token_destinations,
     tome_forward,
@@ -153,14 +153,14 @@ def known_metric() -> torch.Tensor:
 
 
 def test_matching_picks_the_identical_pair_and_protects_cls():
-    matching = bipartite_matching(known_metric(), r=1, protect_first=True)
+    matching = pick_merges(known_metric(), r=1, protect_first=True)
     # A = tokens 0, 2, 4, 6 ; B = tokens 1, 3, 5. Token 4 is A[2], token 5 is B[2].
     assert matching.merged_a.tolist() == [[2]]
     assert matching.into_b.tolist() == [[2]]
     assert matching.kept_a.tolist() == [[0, 1, 3]]
-    unprotected = bipartite_matching(known_metric(), r=1, protect_first=False)
+    unprotected = pick_merges(known_metric(), r=1, protect_first=False)
     assert unprotected.merged_a.tolist() in ([[0]], [[2]])  # CLS's perfect match is allowed now
-    assert bipartite_matching(known_metric(), r=2, protect_first=True).merged_a[0, :1].tolist() == [2]
+    assert pick_merges(known_metric(), r=2, protect_first=True).merged_a[0, :1].tolist() == [2]
 
 
 def test_merged_token_is_size_weighted_mean():
@@ -185,7 +185,7 @@ def test_merge_preserves_size_weighted_total():
     """Merging is an average: the size-weighted sum of tokens does not change."""
     x = torch.randn(2, 65, 16)
     sizes = torch.randint(1, 5, (2, 65, 1)).float()
-    merged, new_sizes = merge_tokens(x, sizes, bipartite_matching(torch.randn(2, 65, 8), r=20))
+    merged, new_sizes = merge_tokens(x, sizes, pick_merges(torch.randn(2, 65, 8), r=20))
     torch.testing.assert_close((merged * new_sizes).sum(1), (x * sizes).sum(1), atol=1e-4, rtol=1e-5)
     assert new_sizes.sum().item() == sizes.sum().item()
 

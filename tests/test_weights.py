@@ -84,7 +84,10 @@ def test_data_parallel_prefix_is_stripped(tmp_path):
     state = {f"module.{k}": v for k, v in _tiny_state().items()}
     path = tmp_path / "m.pth"
     torch.save(state, path)
-    load_model("efficientvit_m0", user_file=path)
+    loaded = load_model("efficientvit_m0", user_file=path)
+    assert loaded.weights.kind == LOCAL
+    key = "patch_embed.conv1.conv.weight"
+    torch.testing.assert_close(loaded.model.state_dict()[key], state[f"module.{key}"])
 
 
 def test_weights_folder_finds_name_dot_safetensors(tmp_path, monkeypatch):
