@@ -98,11 +98,7 @@ def test_throughput_downloads_keep_the_results_on_the_page(fresh_app_url, tmp_pa
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = _browser(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 2400}, accept_downloads=True)
-        page.goto(f"{fresh_app_url}/throughput")
-        page.get_by_role("heading", name="Live throughput").wait_for(timeout=60_000)
-        _wait_until_idle(page)
+        page = _open(p, fresh_app_url, "throughput", "Live throughput", downloads=True)
         # A fresh server's first visit straight to a page URL still runs inside app.py: sidebar and titles.
         page.get_by_text("Upload a checkpoint").wait_for(timeout=30_000)
         assert page.get_by_text("Live throughput", exact=True).count() >= 1
@@ -126,7 +122,6 @@ def test_throughput_downloads_keep_the_results_on_the_page(fresh_app_url, tmp_pa
         assert header.startswith("model,weights,image,")
         assert '"weights": "random"' in saved["Download JSON"].read_text()
         page.screenshot(path=str(tmp_path / "throughput_after_downloads.png"), full_page=True)
-        browser.close()
 
 
 def test_frontier_computes_and_keeps_its_points_through_downloads(shared_dir, app_url, tmp_path):
@@ -258,8 +253,9 @@ def _photo_files(folder: Path) -> list[Path]:
     return files
 
 
-def _open(p, url: str, path: str, heading: str):
-    page = _browser(p).new_page(viewport={"width": 1400, "height": 2400})
+def _open(p, url: str, path: str, heading: str, height: int = 2400, downloads: bool = False):
+    """A new browser on ``url/path``, once its ``heading`` is there and the page has finished running."""
+    page = _browser(p).new_page(viewport={"width": 1400, "height": height}, accept_downloads=downloads)
     page.goto(f"{url}/{path}")
     page.get_by_role("heading", name=heading).wait_for(timeout=60_000)
     _wait_until_idle(page)
@@ -437,11 +433,7 @@ def test_breakdown_page_profiles_and_keeps_results_through_downloads(breakdown_a
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = _browser(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 3600}, accept_downloads=True)
-        page.goto(f"{breakdown_app_url}/breakdown")
-        page.get_by_role("heading", name="Where the time goes").wait_for(timeout=60_000)
-        _wait_until_idle(page)
+        page = _open(p, breakdown_app_url, "breakdown", "Where the time goes", height=3600, downloads=True)
         _fill_numbers(page, (("Profiled forwards (each next to a plain one)", "1"),))
         page.get_by_role("button", name="Profile").click()
         page.get_by_role("button", name="Per-operator table (CSV)").wait_for(timeout=240_000)
@@ -463,4 +455,3 @@ def test_breakdown_page_profiles_and_keeps_results_through_downloads(breakdown_a
         shots = os.environ.get("VITLAB_SCREENSHOT_DIR")
         page.screenshot(path=str(Path(shots) / "breakdown.png" if shots else tmp_path / "breakdown.png"),
                         full_page=True)
-        browser.close()

@@ -55,20 +55,3 @@ def test_unknown_variant_gets_one_sentence(small_roofline):
     at.button(key="bd_run").click().run()
     assert not at.exception
     assert at.error and "DynamicViT" in at.error[0].value
-
-
-def test_throughput_page_times_onnx_runtime_beside_eager(tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
-    monkeypatch.setenv("VITLAB_ONNX_CACHE", str(tmp_path))
-    page = str(Path(PAGE).with_name("throughput.py"))
-    at = AppTest.from_file(page, default_timeout=300).run()
-    at.multiselect(key="tp_models").set_value(["efficientvit_m0"]).run()
-    at.selectbox(key="tp_engine").set_value("onnxruntime")
-    at.number_input(key="tp_batch").set_value(1)
-    at.number_input(key="tp_iters").set_value(1)
-    at.number_input(key="tp_rounds").set_value(1)
-    at.button(key="tp_run").click().run()
-    assert not at.exception, [e.value for e in at.exception]
-    table = at.dataframe[0].value.set_index("model")
-    assert set(table.index) == {"efficientvit_m0", "efficientvit_m0 [onnxruntime]"}
-    assert (table["img_per_s"] > 0).all()

@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from analysis.throughput_figures import claim_text, same_hardware
@@ -80,11 +81,7 @@ def test_method_table_gives_the_variant_widgets_and_the_variants_run():
     assert set(at.selectbox(key="tp_baseline").options) == expected
 
     at.selectbox(key="tp_baseline").set_value("deit_tiny_patch16_224")
-    at.number_input(key="tp_batch").set_value(1)
-    at.number_input(key="tp_iters").set_value(1)
-    at.number_input(key="tp_rounds").set_value(1)
-    at.button(key="tp_run").click().run()
-    assert not at.exception, [e.value for e in at.exception]
+    _run_once(at)
     table = at.dataframe[0].value.set_index("model")
     assert set(table.index) == expected and (table["img_per_s"] > 0).all()
 
@@ -138,3 +135,24 @@ def test_latency_mode_shows_median_p90_and_batch1_speedup_and_keeps_them(downloa
     assert not at.exception
     assert at.dataframe[0].value.set_index("model")["median_ms"].equals(table["median_ms"])
     assert [b.label for b in at.get("download_button")] == ["Download CSV", "Download JSON"]
+
+
+def _run_once(at: AppTest) -> AppTest:
+    """Press Run benchmark with the smallest run (batch 1, one iteration, one round)."""
+    for key in ("tp_batch", "tp_iters", "tp_rounds"):
+        at.number_input(key=key).set_value(1)
+    at.button(key="tp_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_throughput_page_times_onnx_runtime_beside_eager(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("VITLAB_ONNX_CACHE", str(tmp_path))
+    at = AppTest.from_file(PAGE, default_timeout=300).run()
+    at.multiselect(key="tp_models").set_value(["efficientvit_m0"]).run()
+    at.selectbox(key="tp_engine").set_value("onnxruntime")
+    _run_once(at)
+    table = at.dataframe[0].value.set_index("model")
+    assert set(table.index) == {"efficientvit_m0", "efficientvit_m0 [onnxruntime]"}
+    assert (table["img_per_s"] > 0).all()
