@@ -24,10 +24,9 @@ from torch import nn
 from analysis.data.folders import NO_LABEL
 from analysis.dataset_tasks import DatasetTask, TaskOptions, _add, _device_of, _zeros
 from analysis.throughput import BenchSettings, Runner, benchmark, image_inputs
-from analysis.token_reduction import dynamicvit_with_untrained_predictors
 from models.loading import LoadedModel
 from models.methods import METHODS, Method, methods_for
-from models.registry import DYNAMICVIT, MHSA, REGISTRY, get_spec
+from models.registry import REGISTRY, get_spec
 from models.variants import forward_for, parse_variant
 
 FRONTIER = "frontier"
@@ -42,7 +41,8 @@ class FrontierSetting:
 
     method: str  # UNREDUCED or a key of models.methods.METHODS
     value: Any = None
-    # DynamicViT on a plain DeiT: freshly initialised score predictors on the backbone's weights (not learned).
+    # A method whose trained parts the backbone lacks (DynamicViT on a plain DeiT): freshly initialised score
+    # predictors on the backbone's weights (not learned).
     untrained_predictors: bool = False
 
     @property
@@ -87,41 +87,49 @@ def _number(text: str) -> Any:
 
 
 def settings_methods(model_name: str) -> list[Method]:
-    """Methods that give points for a backbone: its own, and DynamicViT with untrained predictors on a DeiT."""
+    """Methods that give points for a backbone: those of its family, and those that run on it with untrained parts
+    attached (the method table's ``attachable_to``: DynamicViT's predictors on a DeiT)."""
     spec = get_spec(model_name)
-    found = methods_for(spec)
-    if spec.family == MHSA:
-        found.append(METHODS["dynamicvit"])
-    return found
+    return methods_for(spec) + [m for m in METHODS.values() if m.needs_attachment(spec)]
 
 
-def default_settings(model_name: str) -> list[FrontierSetting]:
-    """The unreduced model plus each applicable method at every value it offers, up to ToMe's r = 16."""
+def setting_points(model_name: str, values: dict[str, Sequence[Any]] | None = None,
+                   schedules: Sequence[str] = ()) -> list[FrontierSetting]:
+    """The unreduced model plus each of its methods at ``values[method.key]`` (default: the main setting's
+    ``picks``), each value also in every other form named in ``schedules`` that the setting has (ToMe's
+    decreasing schedule). A method that needs untrained parts attached says so in its points."""
     spec = get_spec(model_name)
     points = [FrontierSetting(UNREDUCED)]
     for method in settings_methods(model_name):
-        untrained = method.key == "dynamicvit" and spec.family != DYNAMICVIT
-        values = [v for v in method.main_setting.choices if not (method.key == "tome" and v > 16)]
-        points += [FrontierSetting(method.key, v, untrained) for v in values]
+        setting = method.main_setting
+        untrained = method.needs_attachment(spec)
+        for value in (values or {}).get(method.key, setting.picks or setting.choices[:3]):
+            points.append(FrontierSetting(method.key, value, untrained))
+            points += [FrontierSetting(method.key, setting.scheduled(value, form), untrained)
+                       for form in setting.schedules[1:] if form in schedules]
     return points
+
+
+def default_settings(model_name: str) -> list[FrontierSetting]:
+    """The unreduced model plus each applicable method at its default picks (the CLI's points)."""
+    return setting_points(model_name)
 
 
 # ----------------------------------------------------------------------------- forwards for the settings
 
 @functools.lru_cache(maxsize=8)
-def _untrained_dynamicvit(backbone: nn.Module) -> nn.Module:
-    return dynamicvit_with_untrained_predictors(backbone, seed=0)
+def _with_untrained_parts(method_key: str, backbone: nn.Module) -> nn.Module:
+    return METHODS[method_key].with_untrained_parts(backbone, seed=0)
 
 
 def setting_forward(model: nn.Module, model_name: str, setting: FrontierSetting) -> Callable[[torch.Tensor], Any]:
-    """The forward of ``setting`` on ``model``, which is never changed (DynamicViT on a DeiT gets its own copy)."""
+    """The forward of ``setting`` on ``model``, which is never changed (untrained parts go on a copy)."""
     if setting.method == UNREDUCED:
         return model
-    if setting.untrained_predictors:
-        return METHODS[setting.method].bind(_untrained_dynamicvit(model), {METHODS[setting.method].main_setting.key:
-                                                                           setting.value})
     method = METHODS[setting.method]
-    if method in settings_methods(model_name) and not method.applies_to(get_spec(model_name)):
+    if setting.untrained_predictors:
+        return method.bind(_with_untrained_parts(method.key, model), {method.main_setting.key: setting.value})
+    if method.needs_attachment(get_spec(model_name)):
         raise ValueError(f"{setting.text()} needs a {method.label} model, and {model_name} is a plain backbone: write "
                          f"{setting.text()}:untrained to attach untrained (seeded) score predictors to it.")
     return forward_for(model, model_name, parse_variant(setting.variant(model_name)))

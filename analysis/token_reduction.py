@@ -1,10 +1,11 @@
-"""Token reduction side by side: the DynamicViT family's pruning and ToMe merging on the same images.
+"""Token reduction side by side: every method of the method table that runs on a model, on the same images.
 
 ``compare_reductions`` is the one computation behind the token-reduction page (the page runs its parts,
-``reference_run``, ``dynamicvit_run`` and ``tome_run``, separately so each is cached by its own setting);
-the other functions turn its record into figures (plotly), images (PIL) and tables (pandas). Which models
-the page offers and which method runs on each come from the registry and the method table
-(``models.methods``). Nothing here imports streamlit.
+``reference_run`` and one ``method_run`` per method, separately so each is cached by its own settings); the other
+functions turn its record into figures (plotly), images (PIL) and tables (pandas). Which models the page offers and
+which methods run on each come from the registry and the method table (``models.methods``): nothing here names a
+method. Each method's figures are found by the type of its trace (``FIGURES`` at the end of this module): a new
+method is its forward, its record in the table and its figures here. Nothing here imports streamlit.
 
 Every DynamicViT family's trace is read as a ``DynamicStageTrace``: each pruning stage has its own grid and
 its maps are drawn on the image with cells of ``image size / grid`` pixels. Two kinds of trace exist:
@@ -14,8 +15,8 @@ its maps are drawn on the image with cells of ``image size / grid`` pixels. Two 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,106 +27,127 @@ from PIL import Image, ImageDraw
 from timm.models.vision_transformer import VisionTransformer
 
 from analysis.data.images import imagenet_label
-from analysis.provenance import UNTRAINED_PREDICTORS, label_rows, with_title
-from analysis.tome_agreement import top1_agreement, top5_overlap
+from analysis.provenance import UNTRAINED_PREDICTORS, file_name, label_rows, title_line, with_title
+from analysis.tome_agreement import count_gflops, top1_agreement, top5_overlap
 from models.dynamic_zoo import DynamicStageTrace, as_stage_trace, linear_targets
-from models.dynamicvit import DynamicViT, dynamicvit_from_backbone
-from models.methods import METHODS, Method
-from models.registry import FAMILY_LABELS, REGISTRY, ModelSpec
-from models.registry import DYNAMICVIT as DYNAMICVIT_FAMILY
-from models.tome import ToMeTrace, tome_forward
+from models.dynamicvit import DynamicViTTrace, dynamicvit_from_backbone
+from models.evit import EViTTrace
+from models.methods import METHODS, Method, Setting
+from models.registry import FAMILY_LABELS, REGISTRY, ModelSpec, get_spec
+from models.tome import ToMeTrace
 from models.vit_forward import token_count
 
-NO_REDUCTION, TOME = "no reduction", "ToMe merging"
-KEEP_RATIO_KEY = "rho"  # the method table's main setting of every DynamicViT-family method
-TOME_METHOD = METHODS["tome"]
-
-
-def pruning_label(method: Method) -> str:
-    """The method's name in tables and charts: 'DynamicViT pruning', 'DynamicCNN pruning', ..."""
-    return f"{method.label} pruning"
-
-
-DYNAMICVIT = "DynamicViT pruning"  # DeiT's, and the label of the page's default model
+NO_REDUCTION = "no reduction"
 
 
 # --------------------------------------------------------------------------------------------
 # Which models, which methods (registry + method table)
 # --------------------------------------------------------------------------------------------
-def pruning_method(family: str) -> Method | None:
-    """The DynamicViT-family method (keep ratio rho) of a model family, or None."""
-    return next((m for m in METHODS.values() if family in m.families and m.main_setting.key == KEEP_RATIO_KEY),
-                None)
+def methods_running_on(spec: ModelSpec) -> list[Method]:
+    """The table's methods that run on the model as released: its family's first, then its backbone's."""
+    return sorted((m for m in METHODS.values() if m.runs_on(spec)), key=lambda m: not m.applies_to(spec))
 
 
-def tome_applies(spec: ModelSpec) -> bool:
-    """Whether ToMe runs on the model: the method table applies it to the model's family or to its backbone's."""
-    return TOME_METHOD.applies_to(spec) or spec.backbone_family in TOME_METHOD.families
-
-
-def tome_absent_reason(spec: ModelSpec) -> str:
-    """One sentence saying why ToMe is not run on this model."""
-    families = ", ".join(FAMILY_LABELS.get(f, f) for f in sorted(TOME_METHOD.families))
-    return (f"ToMe is not shown for {spec.name}: the method table applies {TOME_METHOD.label} to {families} "
-            f"backbones only, and this model is a {spec.family_label}.")
+def absent_methods_note(spec: ModelSpec, shown: Sequence[Method]) -> str | None:
+    """One sentence naming the image methods of the table not shown for this model, and why (None: all shown)."""
+    missing = [m for m in METHODS.values() if m not in shown and not m.plain_for and m.label not in
+               {s.label for s in shown}]
+    if not missing:
+        return None
+    parts = [f"{m.label} applies to {', '.join(FAMILY_LABELS.get(f, f) for f in sorted(m.families))}" for m in missing]
+    return (f"Not shown for {spec.name} ({spec.family_label}): " + "; ".join(parts) + ".")
 
 
 class ModelChoice(NamedTuple):
-    name: str                  # registry name of what is loaded
-    pruning: Method | None     # the DynamicViT-family forward to run, None: ToMe only
-    untrained_predictors: bool = False  # attach fresh score predictors to a plain ViT first
+    name: str                     # registry (or timm) name of what is loaded
+    attached: Method | None = None  # a method whose untrained parts (score predictors) are attached first
+
+    @property
+    def untrained_predictors(self) -> bool:
+        return self.attached is not None
+
+    def methods(self) -> list[Method]:
+        """The methods run on this choice: the attached one first, then every method that runs on the model."""
+        return ([self.attached] if self.attached else []) + methods_running_on(get_spec(self.name))
 
 
-UNTRAINED_ON_TINY = "DeiT-Tiny backbone + UNTRAINED DynamicViT predictors"
+def untrained_choice_label(name: str, method: Method) -> str:
+    return f"{name} + UNTRAINED {method.label} predictors"
 
 
-def model_choices() -> dict[str, ModelChoice]:
-    """The token-reduction page's models, by label: DeiT-Tiny with untrained predictors, every registry model
-    with a DynamicViT-family method, then the plain models ToMe applies to (ToMe only)."""
-    choices = {UNTRAINED_ON_TINY: ModelChoice("deit_tiny_patch16_224", pruning_method(DYNAMICVIT_FAMILY), True)}
-    for name, spec in REGISTRY.items():
-        method = pruning_method(spec.family)
-        if method is not None:
-            choices[name] = ModelChoice(name, method)
-    for name, spec in REGISTRY.items():
-        if pruning_method(spec.family) is None and TOME_METHOD.applies_to(spec):
-            choices[f"{name} (ToMe only)"] = ModelChoice(name, None)
+def model_choices(extra: Sequence[str] = ()) -> dict[str, ModelChoice]:
+    """The token-reduction page's models, by label: each plain backbone with a method's untrained parts attached,
+    then every model (registry, then ``extra`` names) on which at least one method runs."""
+    names = list(REGISTRY) + [n for n in extra if n not in REGISTRY]
+    choices: dict[str, ModelChoice] = {}
+    for name in names:
+        spec = get_spec(name)
+        for method in METHODS.values():
+            if method.needs_attachment(spec):
+                choices[untrained_choice_label(name, method)] = ModelChoice(name, method)
+    for name in names:
+        if methods_running_on(get_spec(name)):
+            choices[name] = ModelChoice(name)
     return choices
 
 
+UNTRAINED_ON_TINY = next(iter(model_choices()))  # the page's default: real DeiT-Tiny with untrained predictors
+
+
 def choice_text(label: str, choice: ModelChoice) -> str:
-    """How the model picker shows a choice: releases say their method and the rho they were trained for."""
-    spec = REGISTRY[choice.name]
-    if choice.pruning is None or choice.untrained_predictors:
+    """How the model picker shows a choice: its methods, a release's with the value it was trained for."""
+    if choice.untrained_predictors:
         return label
-    trained = f", trained at rho {spec.trained_keep_ratio:g}" if spec.trained_keep_ratio else ""
-    return f"{label} ({choice.pruning.label}{trained})"
+    spec = get_spec(choice.name)
+    parts = []
+    for method in choice.methods():
+        trained = method.trained_value(spec)
+        parts.append(method.label + (f", trained at {method.main_setting.symbol} {trained:g}" if trained else ""))
+    return f"{label} ({'; '.join(dict.fromkeys(parts))})"
 
 
 # --------------------------------------------------------------------------------------------
 # The computation
 # --------------------------------------------------------------------------------------------
 @dataclass
+class MethodRun:
+    """One method's logits (CPU) and trace on a batch, at its settings (keys of the method table's settings)."""
+
+    method: Method
+    settings: dict[str, Any]
+    logits: torch.Tensor
+    trace: Any
+    untrained_predictors: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    @property
+    def figures(self) -> "MethodFigures":
+        return figures_for(self.trace)
+
+    @property
+    def main_value(self) -> Any:
+        return self.settings.get(self.method.main_setting.key)
+
+    def setting_text(self) -> str:
+        text = self.method.describe(self.settings)
+        return text + (f", {UNTRAINED_PREDICTORS}" if self.untrained_predictors else "")
+
+
+@dataclass
 class ReductionComparison:
-    """Logits (CPU) of the unreduced model and of each reduction that ran on one batch, with their traces.
+    """Logits (CPU) of the unreduced model and of each method that ran on one batch, keyed by method key.
 
     ``unreduced_tokens`` counts, per block, what enters it without reduction: tokens with CLS for a ViT,
-    feature-map positions for a hierarchical model. The pruning fields are None when no DynamicViT-family
-    method ran (a plain ViT), the ToMe fields when ToMe does not apply to the model.
+    feature-map positions for a hierarchical model.
     """
 
     image_names: list[str]
     reference_logits: torch.Tensor
     unreduced_tokens: list[int]
-    tome_logits: torch.Tensor | None = None
-    tome_trace: ToMeTrace | None = None
-    r: int | Sequence[int] | str | None = None
-    keep_ratio: float | None = None
-    dynamicvit_logits: torch.Tensor | None = None
-    dynamicvit_trace: DynamicStageTrace | None = None
-    pruning_label: str = DYNAMICVIT
-    proportional_attention: bool = True  # ToMe's log-size bias (only meaningful when ToMe ran)
-    untrained_predictors: bool = False  # DynamicViT's score predictors freshly initialised on a plain backbone
+    runs: dict[str, MethodRun] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -135,107 +157,80 @@ class ReductionComparison:
     def depth(self) -> int:
         return len(self.unreduced_tokens)
 
+    @property
+    def structured(self) -> bool:
+        """Whether a method kept the feature map whole (ConvNeXt, Swin) rather than dropping tokens."""
+        return any(run.figures.structured(run.trace) for run in self.runs.values())
+
+    def run_named(self, name: str) -> MethodRun | None:
+        return next((run for run in self.runs.values() if run.name == name), None)
+
     def logits_by_method(self) -> dict[str, torch.Tensor]:
-        methods = {NO_REDUCTION: self.reference_logits}
-        if self.dynamicvit_logits is not None:
-            methods[self.pruning_label] = self.dynamicvit_logits
-        if self.tome_logits is not None:
-            methods[TOME] = self.tome_logits
-        return methods
+        return {NO_REDUCTION: self.reference_logits, **{run.name: run.logits for run in self.runs.values()}}
 
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def reference_run(model: torch.nn.Module, batch: torch.Tensor, pruning: Method | None = None
+def reference_run(model: torch.nn.Module, batch: torch.Tensor, methods: Sequence[Method] = ()
                   ) -> tuple[torch.Tensor, list[int]]:
     """Logits (CPU, float) without any reduction and what enters each block.
 
-    With a pruning method its forward runs at its neutral setting (rho = 1, equal to ``model(x)``), whose
-    trace counts a hierarchical model's positions per block; a plain ViT runs ``model(x)``.
+    A ViT runs ``model(x)`` and counts its tokens; another model (ConvNeXt, Swin) runs its own method's forward at
+    the neutral setting (equal to ``model(x)``), whose trace counts its positions per block.
     """
     with torch.inference_mode():
         x = batch.to(_device(model))
-        if pruning is None:
+        if isinstance(model, VisionTransformer) or not methods:
             counts = [token_count(model)] * len(model.blocks)
             return model(x).float().cpu(), counts
-        logits, trace = pruning.bind_neutral(model)(x, return_trace=True)
-    return logits.float().cpu(), list(trace.tokens_per_block)
+        logits, trace = methods[0].bind_neutral(model)(x, return_trace=True)
+    trace = prepared_trace(trace, tuple(batch.shape[-2:]))
+    return logits.float().cpu(), figures_for(trace).tokens_per_block(trace, [])
 
 
-def tome_run(model: VisionTransformer, batch: torch.Tensor, r: int | Sequence[int] | str = 13,
-             proportional_attention: bool = True) -> tuple[torch.Tensor, ToMeTrace]:
-    """ToMe's logits (CPU) and merge trace on ``batch``."""
+def method_run(model: torch.nn.Module, batch: torch.Tensor, method: Method, settings: dict[str, Any]
+               ) -> tuple[torch.Tensor, Any]:
+    """Logits (CPU) and trace of ``method`` at ``settings`` on ``batch``. ValueError for settings the model's
+    schedule cannot run (hierarchical models need rho > 0.4) or a model the method does not apply to."""
     with torch.inference_mode():
-        logits, trace = tome_forward(model, batch.to(_device(model)), r=r,
-                                     proportional_attention=proportional_attention, return_trace=True)
-    return logits.float().cpu(), trace
-
-
-def dynamicvit_run(model: torch.nn.Module, batch: torch.Tensor, keep_ratio: float = 0.7,
-                   pruning: Method | None = None) -> tuple[torch.Tensor, DynamicStageTrace]:
-    """Logits (CPU) and per-stage trace of a DynamicViT-family forward at ``keep_ratio``.
-
-    ``pruning`` is the model's method from the table (default: DeiT's DynamicViT). ValueError for a keep ratio
-    the family's schedule cannot run (hierarchical models need rho > 0.4).
-    """
-    pruning = pruning or pruning_method(DYNAMICVIT_FAMILY)
-    with torch.inference_mode():
-        logits, trace = pruning.bind(model, {KEEP_RATIO_KEY: keep_ratio})(batch.to(_device(model)),
-                                                                          return_trace=True)
-    return logits.float().cpu(), as_stage_trace(trace, tuple(batch.shape[-2:]))
+        logits, trace = method.bind(model, settings)(batch.to(_device(model)), return_trace=True)
+    return logits.float().cpu(), prepared_trace(trace, tuple(batch.shape[-2:]))
 
 
 def combine_runs(image_names: Sequence[str], reference: tuple[torch.Tensor, list[int]],
-                 tome: tuple[torch.Tensor, ToMeTrace] | None = None, r: int | Sequence[int] | str | None = None,
-                 dynamicvit: tuple[torch.Tensor, DynamicStageTrace] | None = None,
-                 keep_ratio: float | None = None, pruning: Method | None = None, proportional_attention: bool = True,
-                 untrained_predictors: bool = False) -> ReductionComparison:
-    """The comparison record from separately computed runs (so each can be cached by its own setting)."""
+                 runs: Sequence[tuple[Method, dict[str, Any], tuple[torch.Tensor, Any]]] = (),
+                 untrained_predictors: Method | None = None) -> ReductionComparison:
+    """The comparison record from separately computed runs (so each can be cached by its own settings)."""
     return ReductionComparison(
-        image_names=list(image_names),
-        reference_logits=reference[0],
-        unreduced_tokens=list(reference[1]),
-        tome_logits=None if tome is None else tome[0],
-        tome_trace=None if tome is None else tome[1],
-        r=r if tome is not None else None,
-        keep_ratio=keep_ratio if dynamicvit is not None else None,
-        dynamicvit_logits=None if dynamicvit is None else dynamicvit[0],
-        dynamicvit_trace=None if dynamicvit is None else dynamicvit[1],
-        pruning_label=pruning_label(pruning) if pruning is not None else DYNAMICVIT,
-        proportional_attention=proportional_attention,
-        untrained_predictors=untrained_predictors and dynamicvit is not None,
-    )
+        image_names=list(image_names), reference_logits=reference[0], unreduced_tokens=list(reference[1]),
+        runs={method.key: MethodRun(method, dict(settings), result[0], result[1], method is untrained_predictors)
+              for method, settings, result in runs})
 
 
-def compare_reductions(
-    model: torch.nn.Module,
-    batch: torch.Tensor,
-    image_names: Sequence[str],
-    keep_ratio: float = 0.7,
-    r: int | Sequence[int] | str | None = 13,
-    proportional_attention: bool = True,
-    pruning: Method | None = None,
-) -> ReductionComparison:
-    """Run the model unreduced, with its DynamicViT-family pruning (``pruning``; default: DeiT's DynamicViT
-    when the model has score predictors) and with ToMe (unless ``r`` is None), on ``batch``.
+def compare_reductions(model: torch.nn.Module, batch: torch.Tensor, image_names: Sequence[str],
+                       methods: Sequence[Method], settings: dict[str, dict[str, Any]] | None = None,
+                       untrained_predictors: Method | None = None) -> ReductionComparison:
+    """Run the model unreduced and with each of ``methods`` at ``settings[method.key]`` (default: the table's
+    defaults) on ``batch``; ``untrained_predictors`` names the method whose parts were attached untrained.
 
     The model is only read (inference mode, no attribute set): it may be a shared cached model.
     """
-    if pruning is None and isinstance(model, DynamicViT):
-        pruning = pruning_method(DYNAMICVIT_FAMILY)
-    dynamicvit = dynamicvit_run(model, batch, keep_ratio, pruning) if pruning is not None else None
-    tome = tome_run(model, batch, r, proportional_attention) if r is not None else None
-    return combine_runs(image_names, reference_run(model, batch, pruning), tome, r, dynamicvit, keep_ratio, pruning,
-                        proportional_attention)
+    settings = settings or {}
+    runs = [(m, settings.get(m.key, m.defaults()), method_run(model, batch, m, settings.get(m.key, m.defaults())))
+            for m in methods]
+    return combine_runs(image_names, reference_run(model, batch, methods), runs, untrained_predictors)
+
+
+def with_untrained_parts(method: Method, backbone: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A copy of ``backbone`` with ``method``'s untrained parts (score predictors) attached, seeded."""
+    return method.with_untrained_parts(backbone, seed)
 
 
 def dynamicvit_with_untrained_predictors(backbone: VisionTransformer, seed: int = 0):
-    """A DynamicViT on a copy of ``backbone``'s weights with freshly initialised (untrained) score predictors.
-
-    The predictors are seeded for reproducibility without disturbing the global random state.
-    """
+    """A DynamicViT on a copy of ``backbone``'s weights with freshly initialised (untrained) score predictors,
+    seeded without disturbing the global random state (the keep-frequency task's pruner)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return dynamicvit_from_backbone(backbone).eval()
@@ -290,44 +285,41 @@ def predictions_frame(comparison: ReductionComparison, image: int | None = None)
 # --------------------------------------------------------------------------------------------
 # What produced a result: every export of the comparison names it
 # --------------------------------------------------------------------------------------------
-def reduction_settings(comparison: ReductionComparison) -> dict[str, Any]:
-    """Every setting behind ``comparison``, as export columns; a method that did not run leaves its columns
-    empty (None)."""
-    pruned, merged = comparison.dynamicvit_trace is not None, comparison.tome_trace is not None
-    return {"rho": comparison.keep_ratio if pruned else None,
-            "predictors": ("untrained" if comparison.untrained_predictors else "trained") if pruned else None,
-            "tome_r": str(comparison.r) if merged else None,
-            "tome_proportional_attention": comparison.proportional_attention if merged else None}
+PREDICTORS_COLUMN = "predictors"
 
 
-def tome_setting_text(r, proportional_attention: bool) -> str:
-    schedule = "decreasing schedule" if str(r).startswith("decreasing") else "constant schedule"
-    r_text = str(r).removeprefix("decreasing:")
-    return f"r={r_text} ({schedule}), proportional attention {'on' if proportional_attention else 'off'}"
+def reduction_settings(comparison: ReductionComparison, methods: Sequence[Method] = ()) -> dict[str, Any]:
+    """Every setting behind ``comparison``, as export columns (``Setting.column``): each method that ran gives its
+    values; one of ``methods`` that did not run leaves its columns empty (None)."""
+    columns: dict[str, Any] = {}
+    for method in list(methods) + [run.method for run in comparison.runs.values()]:
+        run = comparison.runs.get(method.key)
+        for setting in method.settings:
+            value = None if run is None else run.settings.get(setting.key)
+            columns[setting.column] = None if value is None else (str(value) if setting.schedules else value)
+        if method.attach is not None:
+            columns[PREDICTORS_COLUMN] = (None if run is None else
+                                          "untrained" if run.untrained_predictors else "trained")
+    return columns
 
 
-def method_setting(comparison: ReductionComparison, method: str) -> str:
-    """One method's setting in words: 'rho=0.7, untrained predictors', 'r=13 (constant schedule), ...'."""
-    if method == comparison.pruning_label and comparison.keep_ratio is not None:
-        return f"rho={comparison.keep_ratio:g}" + (f", {UNTRAINED_PREDICTORS}" if comparison.untrained_predictors
-                                                   else "")
-    if method == TOME and comparison.r is not None:
-        return tome_setting_text(comparison.r, comparison.proportional_attention)
-    return "none"
+def method_setting(comparison: ReductionComparison, method_name: str) -> str:
+    """One method's settings in words: 'rho=0.7, untrained predictors', 'r=13 (constant schedule), ...'."""
+    run = comparison.run_named(method_name)
+    return "none" if run is None else run.setting_text()
 
 
-def method_weights(comparison: ReductionComparison, method: str, weights: str) -> str:
-    """The weights behind one method's row: the backbone's, plus the untrained predictors only on DynamicViT's."""
-    if method == comparison.pruning_label and comparison.untrained_predictors:
-        return f"{weights} + {UNTRAINED_PREDICTORS}"
-    return weights
+def method_weights(comparison: ReductionComparison, method_name: str, weights: str) -> str:
+    """The weights behind one method's row: the backbone's, plus untrained predictors where they were attached."""
+    run = comparison.run_named(method_name)
+    return f"{weights} + {UNTRAINED_PREDICTORS}" if run is not None and run.untrained_predictors else weights
 
 
 def export_frame(frame: pd.DataFrame, comparison: ReductionComparison, model: str, weights: str,
                  image: str | Sequence[str] | None = None) -> pd.DataFrame:
     """``frame`` as the page exports it: model, weights, image(s) and every setting on each row. A frame with a
-    ``method`` column also gets each row's own setting and weights (``weights`` is the backbone's: only
-    DynamicViT's rows name its untrained predictors)."""
+    ``method`` column also gets each row's own setting and weights (``weights`` is the backbone's: only the rows of
+    a method with attached untrained predictors name them)."""
     settings = reduction_settings(comparison)
     if "method" in frame.columns:
         methods = frame["method"].tolist()
@@ -336,28 +328,60 @@ def export_frame(frame: pd.DataFrame, comparison: ReductionComparison, model: st
     return label_rows(frame, model, weights, image, settings)
 
 
+def run_title(run: MethodRun, model: str, weights: str, image: str) -> str:
+    """A picture's title line: the method and its settings, then model, weights and image."""
+    return f"{run.name} {run.setting_text()} | " + title_line(model, weights, image)
+
+
 # --------------------------------------------------------------------------------------------
 # Tokens per block
 # --------------------------------------------------------------------------------------------
-def tome_tokens_entering_blocks(trace: ToMeTrace, num_tokens: int) -> list[int]:
-    """Tokens entering each block's attention under ToMe (merging happens inside the block)."""
-    return [num_tokens] + trace.tokens_per_layer[:-1]
-
-
-def is_structured(comparison: ReductionComparison) -> bool:
-    """Whether the pruning kept the feature map whole (ConvNeXt, Swin) rather than dropping tokens."""
-    return comparison.dynamicvit_trace is not None and not comparison.dynamicvit_trace.nested
-
-
 def tokens_per_block(comparison: ReductionComparison) -> dict[str, list[int]]:
     """Per block and method: tokens entering it (CLS included) or, for a structured model, the positions
     that take its full path."""
     series = {NO_REDUCTION: list(comparison.unreduced_tokens)}
-    if comparison.dynamicvit_trace is not None:
-        series[comparison.pruning_label] = list(comparison.dynamicvit_trace.tokens_per_block)
-    if comparison.tome_trace is not None:
-        series[TOME] = tome_tokens_entering_blocks(comparison.tome_trace, comparison.num_tokens)
+    for run in comparison.runs.values():
+        series[run.name] = run.figures.tokens_per_block(run.trace, comparison.unreduced_tokens)
     return series
+
+
+def is_structured(comparison: ReductionComparison) -> bool:
+    return comparison.structured
+
+
+# --------------------------------------------------------------------------------------------
+# Agreement as the main setting changes (any method)
+# --------------------------------------------------------------------------------------------
+def sweep_values(setting: Setting, largest: Any = None) -> list[Any]:
+    """The values a sweep of ``setting`` runs: whole numbers from 0 to ``largest``; otherwise its choices and the
+    value that reduces nothing (1.0), from least to most reduction."""
+    if all(isinstance(c, int) for c in setting.choices):
+        return list(range(0, int(largest if largest is not None else max(setting.choices)) + 1))
+    return sorted(set(setting.choices) | {1.0}, reverse=True)
+
+
+def setting_sweep(model: torch.nn.Module, batch: torch.Tensor, method: Method, settings: dict[str, Any],
+                  values: Sequence[Any], unreduced_tokens: Sequence[int],
+                  progress: Callable[[float, str], None] | None = None) -> pd.DataFrame:
+    """For each value of the method's main setting (its other settings as in ``settings``): top-1 agreement and
+    top-5 overlap with the unreduced model, tokens entering the last block, GFLOPs per image. The model is only
+    read. Column ``value`` holds the main setting; ``unreduced_tokens`` is the comparison's."""
+    main = method.main_setting
+    batch = batch.to(_device(model))
+    rows = []
+    with torch.inference_mode():
+        reference, _ = count_gflops(lambda: model(batch))
+        for done, value in enumerate(values, start=1):
+            run = method.bind(model, {**settings, main.key: value})
+            (logits, trace), gflops = count_gflops(lambda: run(batch, return_trace=True))
+            trace = prepared_trace(trace, tuple(batch.shape[-2:]))
+            counts = figures_for(trace).tokens_per_block(trace, list(unreduced_tokens))
+            rows.append({"value": value, "top1_agreement": top1_agreement(reference, logits),
+                         "top5_overlap_mean": top5_overlap(reference, logits), "tokens_last_block": counts[-1],
+                         "gflops_per_image": gflops / batch.shape[0]})
+            if progress is not None:
+                progress(done / len(values), f"{main.symbol} = {value} ({done}/{len(values)})")
+    return pd.DataFrame(rows)
 
 
 def tokens_per_block_figure(series: dict[str, list[int]], title: str = "Tokens entering each block",
@@ -377,7 +401,6 @@ def tokens_per_block_figure(series: dict[str, list[int]], title: str = "Tokens e
     else:
         figure.update_yaxes(rangemode="tozero")
     return figure
-
 
 # --------------------------------------------------------------------------------------------
 # DynamicViT-family maps: each stage on its own grid, drawn to scale on the image
@@ -648,3 +671,248 @@ def tome_merge_map_image(
     edge[:-1, :] |= vertical
     painted[edge] = border_color
     return Image.fromarray(np.clip(painted.round(), 0, 255).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------------------------
+# EViT maps: the patches still a token of their own after each stage, and the class token's attention
+# --------------------------------------------------------------------------------------------
+def evit_stage_panels(canvas: Image.Image, trace: EViTTrace, image: int) -> list[tuple[str, Image.Image]]:
+    """The input and, per stage, the patches still a token of their own (the others faded: fused or dropped)."""
+    panels = [("input", canvas)]
+    for block, own in zip(trace.prune_blocks, trace.own_token):
+        what = "fused" if trace.fuse else "dropped"
+        panels.append((f"block {block}: {int(own[image].sum())} kept, {int((~own[image]).sum())} {what}",
+                       fade_dropped_patches(canvas, own[image], trace.grid_size, cell_borders=True)))
+    return panels
+
+
+def evit_attention_figure(trace: EViTTrace, image: int, title: str) -> go.Figure:
+    """Per stage, the class token's attention (mean over heads) to each patch's token, on the patch grid (log
+    colour scale: a few patches take most of it). Blank: dropped earlier (without fusion)."""
+    titles = [f"block {b}: {k} kept" for b, k in zip(trace.prune_blocks, trace.kept_counts)]
+    figure = make_subplots(rows=1, cols=len(trace.attention), subplot_titles=titles, horizontal_spacing=0.03)
+    for stage, attention in enumerate(trace.attention):
+        values = np.log10(np.clip(attention[image].reshape(trace.grid_size), 1e-6, None))
+        figure.add_trace(go.Heatmap(z=values, colorscale="Viridis", showscale=stage == len(trace.attention) - 1,
+                                    colorbar=dict(title="log10 attn"),
+                                    hovertemplate="row %{y}, col %{x}: 10^%{z:.2f}<extra></extra>"),
+                         row=1, col=stage + 1)
+        figure.update_yaxes(autorange="reversed", scaleanchor=f"x{stage + 1 if stage else ''}", showticklabels=False,
+                            row=1, col=stage + 1)
+        figure.update_xaxes(showticklabels=False, row=1, col=stage + 1)
+    figure.update_annotations(font_size=11)
+    figure.update_layout(title=title, height=340, margin=dict(t=80, b=10))
+    return figure
+
+
+def evit_kept_frame(trace: EViTTrace, image_names: Sequence[str]) -> pd.DataFrame:
+    """One row per image and stage: the patches still a token of their own (row-major indices), space-separated."""
+    rows = []
+    for stage, (block, own) in enumerate(zip(trace.prune_blocks, trace.own_token)):
+        for image, name in enumerate(image_names):
+            indices = np.flatnonzero(own[image])
+            rows.append({"image": name, "stage": stage + 1, "block": block, "kept": len(indices),
+                         "fused": trace.fuse and len(indices) < own.shape[1], "kept_indices": " ".join(map(str, indices))})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Each method's figures, found by its trace's type: what the page draws for a run
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Picture:
+    """An image overlay the page shows and offers as a PNG."""
+    image: Image.Image
+    caption: str
+    file: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Chart:
+    figure: go.Figure
+    key: str
+
+
+@dataclass(frozen=True)
+class Note:
+    text: str
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table the page offers as a CSV, every row labelled with model, weights (the run's) and settings."""
+    frame: pd.DataFrame
+    file: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A multiselect a method's detail view needs (ToMe: after which blocks to draw merge maps)."""
+    name: str
+    label: str
+    options: list
+    default: list
+
+
+@dataclass(frozen=True)
+class View:
+    """Where a run's pictures come from: the chosen image (index and name, its canvas at the model's input size),
+    the model, the weights of the run (untrained predictors named), the tags its headings carry, the picked
+    values of its ``Choice``s."""
+    canvas: Image.Image
+    image: int
+    image_name: str
+    model: str
+    weights: str
+    tag: str = ""
+    picked: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodFigures:
+    """What a trace type draws. ``summary`` is its side-by-side picture and caption; ``detail`` its section for the
+    chosen image; ``over_images`` what it draws over the whole batch."""
+    tokens_per_block: Callable[[Any, list[int]], list[int]]
+    summary: Callable[[MethodRun, View], tuple[Image.Image, str]]
+    heading: Callable[[MethodRun], str]
+    detail: Callable[[MethodRun, View], list]
+    over_images: Callable[[MethodRun, Sequence[str], str], list] = lambda run, names, tag: []
+    choices: Callable[[MethodRun, int], list[Choice]] = lambda run, depth: []
+    structured: Callable[[Any], bool] = lambda trace: False
+
+
+def _value_text(run: MethodRun) -> str:
+    value = run.main_value
+    return f"{run.method.main_setting.symbol} = {value:.2f}" if isinstance(value, float) else \
+        run.method.main_setting.describe(value)
+
+
+def _pruning_summary(run: MethodRun, view: View) -> tuple[Image.Image, str]:
+    trace, last = run.trace, run.trace.kept_counts[-1]
+    what = (f"{last} positions on the full MLP path after the last predictor" if not trace.nested
+            else f"{last} patches kept after the last stage")
+    untrained = " (untrained predictors)" if run.untrained_predictors else ""
+    return dynamicvit_stage_panels(view.canvas, trace, view.image)[-1][1], f"{what} ({_value_text(run)}){untrained}"
+
+
+def _pruning_detail(run: MethodRun, view: View) -> list:
+    trace, value = run.trace, run.main_value
+    symbol = run.method.main_setting.symbol
+    strip = image_strip(dynamicvit_stage_panels(view.canvas, trace, view.image),
+                        title=run_title(run, view.model, view.weights, view.image_name))
+    items: list = [Picture(strip, stage_maps_caption(trace),
+                           file_name("dynamicvit_stages", view.model, f"{symbol}{value:g}", view.image_name),
+                           "Download stage maps (PNG)"),
+                   Chart(keep_score_figure(trace, view.image, title=f"{run.method.label} keep scores per stage, "
+                                           f"{symbol} {value:.2f}: {view.image_name}{view.tag}"), "keep_scores")]
+    narrow = keep_score_note(trace, view.image)
+    return items + ([Note(narrow)] if narrow else [])
+
+
+def _pruning_over_images(run: MethodRun, names: Sequence[str], tag: str) -> list:
+    trace, symbol = run.trace, run.method.main_setting.symbol
+    items: list = []
+    if len(names) > 1:
+        kept_what = "takes the full path" if not trace.nested else "is kept"
+        items.append(Chart(keep_frequency_by_stage_figure(
+            trace, f"How often each position {kept_what} at each stage, {symbol} {run.main_value:.2f}, over "
+                   f"{len(names)} images{tag}"), "keep_frequency"))
+    items.append(Table(kept_indices_frame(trace, names), "dynamicvit_kept_indices.csv",
+                       "Download kept indices per image and stage (CSV)"))
+    return items
+
+
+def _tome_summary(run: MethodRun, view: View) -> tuple[Image.Image, str]:
+    trace = run.trace
+    last = len(trace.tokens_per_layer) - 1
+    return (tome_merge_panels(view.canvas, trace, [last], view.image)[-1][1],
+            f"merge groups after the last block ({trace.tokens_per_layer[-1]} tokens)")
+
+
+def _tome_choices(run: MethodRun, depth: int) -> list[Choice]:
+    return [Choice("layers", "Show merge maps after blocks", list(range(depth)),
+                   sorted({max(0, depth * k // 4 - 1) for k in (1, 2, 3, 4)}))]
+
+
+def _tome_detail(run: MethodRun, view: View) -> list:
+    layers = sorted(view.picked.get("layers", []))
+    strip = image_strip(tome_merge_panels(view.canvas, run.trace, layers, view.image),
+                        title=run_title(run, view.model, view.weights, view.image_name))
+    r_text = str(run.main_value)
+    return [Picture(strip, "Each group of merged patches in its mean colour",
+                    file_name("tome_merge_maps", view.model, f"r{r_text}", view.image_name),
+                    "Download merge maps (PNG)")]
+
+
+def _evit_summary(run: MethodRun, view: View) -> tuple[Image.Image, str]:
+    trace = run.trace
+    own = trace.own_token[-1][view.image] if trace.own_token else np.ones(np.prod(trace.grid_size), dtype=bool)
+    rest = "fused into one token" if trace.fuse else "dropped"
+    return (fade_dropped_patches(view.canvas, own, trace.grid_size),
+            f"{int(own.sum())} patches still tokens of their own after the last stage, {int((~own).sum())} {rest} "
+            f"({_value_text(run)})")
+
+
+def _evit_detail(run: MethodRun, view: View) -> list:
+    trace = run.trace
+    if not trace.own_token:
+        return [Note(f"At {_value_text(run)} EViT keeps every token.")]
+    strip = image_strip(evit_stage_panels(view.canvas, trace, view.image),
+                        title=run_title(run, view.model, view.weights, view.image_name))
+    rest = ("fused into one extra token, their sum weighted by that attention" if trace.fuse else "dropped")
+    caption = (f"In blocks {', '.join(map(str, trace.prune_blocks))} (0-based) the patches the class token attends "
+               f"to most stay (bright); the others (faded) are {rest}. No predictor is trained: the ranking is the "
+               "pretrained model's own attention.")
+    return [Picture(strip, caption, file_name("evit_stages", view.model, f"keep{run.main_value:g}", view.image_name),
+                    "Download EViT stage maps (PNG)"),
+            Chart(evit_attention_figure(trace, view.image, f"EViT: the class token's attention per stage, keep rate "
+                                        f"{run.main_value:.2f}: {view.image_name}{view.tag}"), "evit_attention")]
+
+
+def _evit_over_images(run: MethodRun, names: Sequence[str], tag: str) -> list:
+    trace = run.trace
+    items: list = []
+    if len(names) > 1 and trace.own_token:
+        frequency = trace.own_token[-1].reshape(-1, *trace.grid_size).mean(0)
+        items.append(Chart(keep_frequency_figure(frequency, f"How often each patch is still its own token after the "
+                                                 f"last EViT stage, over {len(names)} images{tag}"), "evit_frequency"))
+    if trace.own_token:
+        items.append(Table(evit_kept_frame(trace, names), "evit_kept_indices.csv",
+                           "Download EViT's kept patches per image and stage (CSV)"))
+    return items
+
+
+def _stage_heading(run: MethodRun) -> str:
+    what = "pruned patches per stage" if run.trace.nested else "positions on the full path per stage"
+    return f"{run.method.label}: {what}"
+
+
+FIGURES: dict[type, MethodFigures] = {
+    DynamicStageTrace: MethodFigures(
+        tokens_per_block=lambda trace, unreduced: list(trace.tokens_per_block), summary=_pruning_summary,
+        heading=_stage_heading, detail=_pruning_detail, over_images=_pruning_over_images,
+        structured=lambda trace: not trace.nested),
+    ToMeTrace: MethodFigures(
+        tokens_per_block=lambda trace, unreduced: [unreduced[0]] + trace.tokens_per_layer[:-1],  # merged in-block
+        summary=_tome_summary, heading=lambda run: f"{run.method.label}: merged tokens per block",
+        detail=_tome_detail, choices=_tome_choices),
+    EViTTrace: MethodFigures(
+        tokens_per_block=lambda trace, unreduced: list(trace.tokens_per_block), summary=_evit_summary,
+        heading=lambda run: f"{run.method.label}: kept and fused patches per stage", detail=_evit_detail,
+        over_images=_evit_over_images),
+}
+
+
+def prepared_trace(trace: Any, image_size: tuple[int, int]) -> Any:
+    """A forward's trace as its figures read it: DeiT's DynamicViT trace becomes a ``DynamicStageTrace``."""
+    return as_stage_trace(trace, image_size) if isinstance(trace, DynamicViTTrace) else trace
+
+
+def figures_for(trace: Any) -> MethodFigures:
+    try:
+        return FIGURES[type(trace)]
+    except KeyError:
+        raise TypeError(f"No figures for a {type(trace).__name__}: add them to analysis.token_reduction.FIGURES.") \
+            from None

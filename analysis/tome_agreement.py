@@ -108,27 +108,31 @@ def _round_step(raw: float) -> int:
     return next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
 
 
-def plot_agreement(rows: Sequence[AgreementRow], title: str = "ToMe: agreement with the unreduced model") -> go.Figure:
-    """Top-1 agreement and top-5 overlap against r, with tokens left after the last block on a second axis."""
-    frame = rows_to_frame(rows)
+def plot_agreement(rows: Sequence[AgreementRow] | pd.DataFrame,
+                   title: str = "ToMe: agreement with the unreduced model", x: str = "r",
+                   x_title: str = "r (tokens merged per block)", tokens: str = "tokens_after_last_layer",
+                   tokens_name: str = "tokens after last block") -> go.Figure:
+    """Top-1 agreement and top-5 overlap against the swept setting (``x``: ToMe's r for ``AgreementRow``s; any
+    column of a frame), with the tokens left on a second axis."""
+    frame = rows if isinstance(rows, pd.DataFrame) else rows_to_frame(rows)
     figure = make_subplots(specs=[[{"secondary_y": True}]])
-    figure.add_trace(go.Scatter(x=frame.r, y=frame.top1_agreement, name="top-1 agreement", mode="lines+markers"))
-    figure.add_trace(go.Scatter(x=frame.r, y=frame.top5_overlap_mean, name="top-5 overlap", mode="lines+markers"))
+    figure.add_trace(go.Scatter(x=frame[x], y=frame.top1_agreement, name="top-1 agreement", mode="lines+markers"))
+    figure.add_trace(go.Scatter(x=frame[x], y=frame.top5_overlap_mean, name="top-5 overlap", mode="lines+markers"))
     figure.add_trace(
-        go.Scatter(
-            x=frame.r, y=frame.tokens_after_last_layer, name="tokens after last block",
-            mode="lines", line=dict(dash="dot", color="gray"),
-        ),
+        go.Scatter(x=frame[x], y=frame[tokens], name=tokens_name, mode="lines", line=dict(dash="dot", color="gray")),
         secondary_y=True,
     )
     text, top = figure_title(title)
     figure.update_layout(title=text, margin=dict(t=top), legend=dict(orientation="h", y=-0.2),
                          hovermode="x unified")
-    step = max(1, _round_step(max(frame.r.max() - frame.r.min(), 1) / 8))
-    figure.update_xaxes(title_text="r (tokens merged per block)", tick0=0, dtick=step)
+    if pd.api.types.is_integer_dtype(frame[x]):
+        step = max(1, _round_step(max(frame[x].max() - frame[x].min(), 1) / 8))
+        figure.update_xaxes(title_text=x_title, tick0=0, dtick=step)
+    else:  # a keep ratio: the most reduction on the right
+        figure.update_xaxes(title_text=x_title, autorange="reversed")
     figure.update_yaxes(title_text="agreement", range=[0, 1.02], dtick=0.2, secondary_y=False)
     # Token counts are whole numbers: ticks at round steps (plotly's own aligned to the left axis gave 203.3).
-    most = int(frame.tokens_after_last_layer.max())
+    most = int(frame[tokens].max())
     figure.update_yaxes(title_text="tokens", range=[0, most * 1.02], tickmode="linear", tick0=0,
                         dtick=max(1, _round_step(most / 5)), tickformat="d", showgrid=False, secondary_y=True)
     return figure

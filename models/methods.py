@@ -34,10 +34,35 @@ class Setting:
     default: Any = None
     symbol: str = ""  # how papers write it (r, rho); defaults to the key
     help: str = ""  # one line: what the setting changes (for corrections of an official choice: which and why)
+    column: str = ""  # its column in exported tables; defaults to the key
+    span: tuple = ()  # (lowest, highest, step) a page's slider offers; empty: the choices
+    picks: tuple = ()  # the values a page picks by default among several (the frontier's points); empty: 3 choices
+    # Other forms of a value, written FORM:VALUE ("decreasing:13" for ToMe's decreasing schedule); the first is the
+    # default form's name, which is written as the bare value.
+    schedules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.symbol:
             object.__setattr__(self, "symbol", self.key)
+        if not self.column:
+            object.__setattr__(self, "column", self.key)
+
+    @property
+    def is_switch(self) -> bool:
+        return set(self.choices) == {False, True}
+
+    def scheduled(self, value: Any, schedule: str) -> Any:
+        """``value`` in the form ``schedule`` (the first form: the bare value)."""
+        return value if not self.schedules or schedule == self.schedules[0] else f"{schedule}:{value}"
+
+    def describe(self, value: Any) -> str:
+        """The setting at ``value`` in words: 'rho=0.7', 'r=13 (decreasing schedule)', 'proportional attention on'."""
+        if self.is_switch:
+            return f"{self.label} {'on' if _flag(value) else 'off'}"
+        form, _, bare = str(value).rpartition(":")
+        if self.schedules:
+            return f"{self.symbol}={bare} ({form or self.schedules[0]} schedule)"
+        return f"{self.symbol}={value:g}" if isinstance(value, float) else f"{self.symbol}={value}"
 
 
 @dataclass(frozen=True)
@@ -56,10 +81,51 @@ class Method:
     # Families whose unreduced runs also go through this forward at its neutral arguments, so that a speed-up
     # against them measures the token reduction alone (ViLT: the explicit encoder walk).
     plain_for: frozenset[str] = frozenset()
+    action: str = "pruning"  # what it does to tokens, in its name on pages: "DynamicViT pruning", "ToMe merging"
+    # Families whose plain models can run it once untrained parts (DynamicViT's score predictors) are attached:
+    # "module:function(backbone) -> model" builds a seeded copy with them; the backbone itself is not changed.
+    attachable_to: frozenset[str] = frozenset()
+    attach: str | None = None
 
     @property
     def main_setting(self) -> Setting:
         return self.settings[0]
+
+    @property
+    def name(self) -> str:
+        """How pages and tables name it: 'DynamicViT pruning', 'ToMe merging'."""
+        return f"{self.label} {self.action}"
+
+    def runs_on(self, spec: ModelSpec) -> bool:
+        """Whether it runs on the model as released: on its family, or on the backbone a pruning release is built on
+        (ToMe on DynamicViT's DeiT)."""
+        return self.applies_to(spec) or spec.backbone_family in self.families
+
+    def needs_attachment(self, spec: ModelSpec) -> bool:
+        """Whether it runs on the model only with untrained parts attached (DynamicViT on a plain DeiT)."""
+        return not self.runs_on(spec) and spec.family in self.attachable_to
+
+    def with_untrained_parts(self, backbone, seed: int = 0):
+        """A copy of ``backbone`` with this method's untrained parts attached, seeded (the global random state is not
+        disturbed)."""
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return import_target(self.attach)(backbone).eval()
+
+    def trained_value(self, spec: ModelSpec) -> Any:
+        """The main setting's value a release was trained for (``ModelSpec.trained_<argument>``), or None."""
+        return getattr(spec, f"trained_{self.main_setting.argument}", None)
+
+    def describe(self, settings: dict[str, Any]) -> str:
+        """Every setting of a run in words: 'r=13 (constant schedule), proportional attention on'."""
+        by_key = {s.key: s for s in self.settings}
+        return ", ".join(by_key[k].describe(v) for k, v in settings.items() if k in by_key) or "none"
+
+    def defaults(self) -> dict[str, Any]:
+        """Every setting at its default value, by key."""
+        return {s.key: s.default for s in self.settings}
 
     @property
     def keys(self) -> set[str]:
@@ -93,7 +159,9 @@ class Method:
         return f"{model_name}@{self.main_setting.key}={value}"
 
 
-_RHO = (Setting("rho", "keep_ratio", "keep ratio rho", float, (0.5, 0.6, 0.7, 0.8, 0.9), 0.7),)
+_RHO = (Setting("rho", "keep_ratio", "keep ratio rho", float, (0.5, 0.6, 0.7, 0.8, 0.9), 0.7, span=(0.3, 1.0, 0.05),
+               picks=(0.5, 0.7, 0.9), help="The share of positions the first predictor keeps; later stages follow "
+                                            "the family's schedule."),)
 _PUMER_SETTINGS = (Setting("prune", "prune_ratio", "image prune ratio", float, (0.1, 0.2, 0.3), 0.1),
                    Setting("image_merge", "image_merge_ratio", "image merge ratio", float, (0.1, 0.2, 0.3), 0.3),
                    Setting("text_merge", "text_merge_ratio", "text merge ratio", float, (0.1, 0.2, 0.3), 0.2))
@@ -115,11 +183,26 @@ _PUMER_NEUTRAL = dict(prune_ratio=0.0, image_merge_ratio=0.0, text_merge_ratio=0
 
 METHODS: dict[str, Method] = {m.key: m for m in [
     Method("tome", "ToMe", frozenset({MHSA}), "models.tome:tome_forward",
-           (Setting("tome", "r", "tokens merged per block (r)", _r_spec, tuple(range(1, 25)), 13, "r"),
-            Setting("prop_attn", "proportional_attention", "proportional attention", bool, (True, False), True)),
-           reference="ToMe (ICLR 2023)", neutral_arguments={"r": 0}),
+           (Setting("tome", "r", "tokens merged per block (r)", _r_spec, tuple(range(1, 25)), 13, "r",
+                    column="tome_r", span=(0, 32, 1), picks=(4, 8, 13, 16), schedules=("constant", "decreasing"),
+                    help="Decreasing: linear from 1.5 r at the first block to 0.5 r at the last (ToMe's schedule)."),
+            Setting("prop_attn", "proportional_attention", "proportional attention", _flag, (True, False), True,
+                    column="tome_proportional_attention", help="Adds log(size) to the attention logits, so that a "
+                                                               "merged token counts as often as the patches it holds.")),
+           reference="ToMe (ICLR 2023)", neutral_arguments={"r": 0}, action="merging"),
     Method("dynamicvit", "DynamicViT", frozenset({DYNAMICVIT}), "models.dynamicvit:dynamicvit_forward", _RHO,
-           reference="DynamicViT (NeurIPS 2021)", neutral_arguments={"keep_ratio": 1.0}),
+           reference="DynamicViT (NeurIPS 2021)", neutral_arguments={"keep_ratio": 1.0},
+           attachable_to=frozenset({MHSA}), attach="models.dynamicvit:dynamicvit_from_backbone"),
+    # EViT keeps the patches the class token attends to most and fuses the rest into one token; no trained part.
+    Method("evit", "EViT", frozenset({MHSA}), "models.evit:evit_forward",
+           (Setting("evit", "keep_rate", "keep rate", float, (0.5, 0.6, 0.7, 0.8, 0.9), 0.7, "keep_rate",
+                    column="evit_keep_rate", span=(0.3, 1.0, 0.05), picks=(0.5, 0.7, 0.9),
+                    help="The share of the patch tokens kept at each of blocks 4, 7 and 10 (1-based, as in the "
+                         "paper), ranked by the class token's attention averaged over heads."),
+            Setting("fuse", "fuse", "fuse the inattentive tokens", _flag, (True, False), True, column="evit_fuse",
+                    help="On (the paper): the tokens not kept become one token, their sum weighted by the class "
+                         "token's attention; off: they are dropped.")),
+           reference="EViT (ICLR 2022)", neutral_arguments={"keep_rate": 1.0}, action="pruning + fusion"),
     Method("dynamicvit-lvvit", "DynamicViT", frozenset({DYNAMIC_LVVIT}), "models.dynamic_lvvit:lvvit_forward", _RHO,
            reference="DynamicViT (NeurIPS 2021), LV-ViT", neutral_arguments={"keep_ratio": 1.0}),
     # Structured sparsification (T-PAMI extension): the feature map stays whole; only kept positions run the MLP.

@@ -7,11 +7,11 @@ never changed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from .methods import method_of, plain_method
+from .methods import METHODS, Method, Setting, method_of, plain_method
 from .registry import get_spec
 
 
@@ -64,3 +64,78 @@ def forward_for(model: nn.Module, model_name: str, variant: Variant) -> Callable
                          f"not {model_name} (family {spec.family}).")
     return method.bind(model, variant.settings)
 
+
+
+# ------------------------------------------------------------------ which variants a page offers for some models
+TRAINED = "trained"  # a value option: each release at the value it was trained for
+
+
+@dataclass(frozen=True)
+class VariantGroup:
+    """Methods of the table sharing a label and main setting (DynamicViT on DeiT and LV-ViT, PuMer on ViLT and
+    METER) with the picked models each applies to: one value picker and, where a method has one, one paper-setting
+    switch on a page."""
+
+    label: str
+    setting: Setting
+    targets: tuple[tuple[str, Method], ...]  # (model, method)
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}_{self.setting.key}"
+
+    @property
+    def trained(self) -> dict[str, Any]:
+        """Each target release's trained value of the setting."""
+        return {m: v for m, method in self.targets if (v := method.trained_value(get_spec(m))) is not None}
+
+    @property
+    def options(self) -> list:
+        return ([TRAINED] if self.trained else []) + list(self.setting.choices)
+
+    @property
+    def default(self) -> list:
+        return [TRAINED] if self.trained else []
+
+    def option_text(self, value: Any) -> str:
+        if value != TRAINED:
+            return str(value)
+        values = ", ".join(map(str, sorted(set(self.trained.values()))))
+        return f"each release's trained {self.setting.symbol} ({values})"
+
+    @property
+    def help(self) -> str:
+        return (f"{'; '.join(dict.fromkeys(m.reference for _, m in self.targets))}. Applied to "
+                f"{', '.join(dict.fromkeys(m for m, _ in self.targets))}.")
+
+    @property
+    def paper_targets(self) -> list[tuple[str, Method]]:
+        return [(m, method) for m, method in self.targets if method.paper_flag]
+
+    @property
+    def paper_text(self) -> str:
+        return "; ".join(dict.fromkeys(
+            f"{method.reference}: " + ", ".join(f"{k.removesuffix('_ratio').replace('_', ' ')} {v}"
+                                                for k, v in method.paper_arguments.items())
+            for _, method in self.paper_targets))
+
+    def variants(self, picked: Sequence[Any], paper: bool = False) -> list[str]:
+        """The variant names for the picked values (``TRAINED``: each release's own) and the paper's setting."""
+        names = []
+        for model, method in self.targets:
+            values = [self.trained.get(model) if v == TRAINED else v for v in picked]
+            names += [method.variant(model, v) for v in dict.fromkeys(values) if v is not None]
+        if paper:
+            names += [f"{m}@{method.paper_flag}" for m, method in self.paper_targets]
+        return names
+
+
+def variant_groups(models: Sequence[str]) -> list[VariantGroup]:
+    """The method table's groups for ``models``, in table order: every method that applies to one of them."""
+    groups: dict[tuple[str, str], list[tuple[str, Method]]] = {}
+    for method in METHODS.values():
+        for model in models:
+            if method.applies_to(get_spec(model)):
+                groups.setdefault((method.label, method.main_setting.key), []).append((model, method))
+    return [VariantGroup(label, targets[0][1].main_setting, tuple(targets))
+            for (label, _), targets in groups.items()]

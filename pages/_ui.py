@@ -343,3 +343,30 @@ def run_through_app() -> None:
 
 
 APP_RUN_KEY = "vitlab_app_ran"
+
+
+def setting_widgets(method, key: str, container=st, main_default: Any = None, disabled: bool = False) -> dict:
+    """One widget per setting of a method (``models.methods.Setting``), built from the setting alone: a checkbox
+    for a switch, a slider over its span, a radio over its schedules, a select box over its choices. Keys are
+    ``{key}_{symbol}``; returns the settings by key, as the method's forward takes them (``Method.arguments``)."""
+    values = {}
+    for index, setting in enumerate(method.settings):
+        widget_key = f"{key}_{setting.symbol}"
+        default = main_default if index == 0 and main_default is not None else setting.default
+        label = f"{method.label}: {setting.label}"
+        if setting.is_switch:
+            value = kept(container.checkbox, label, key=widget_key, default=bool(default), help=setting.help or None,
+                         disabled=disabled)
+        elif setting.span:
+            low, high, step = setting.span
+            value = kept(container.slider, label, low, high, key=widget_key, default=default, step=step,
+                         help=setting.help or None, disabled=disabled)
+        else:
+            value = kept(container.selectbox, label, key=widget_key, options=setting.choices, default=default,
+                         help=setting.help or None, disabled=disabled)
+        if setting.schedules:
+            form = kept(container.radio, f"{method.label} schedule", key=f"{widget_key}_schedule",
+                        options=setting.schedules, horizontal=True, help=setting.help or None, disabled=disabled)
+            value = setting.scheduled(value, form)
+        values[setting.key] = value
+    return values

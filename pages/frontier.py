@@ -9,7 +9,6 @@ import torch
 
 from analysis.data.folders import NO_LABEL, DatasetError, FolderImages, collate_readable
 from analysis.frontier import (
-    UNREDUCED,
     FrontierSetting,
     evaluate,
     frontier_figure,
@@ -17,20 +16,20 @@ from analysis.frontier import (
     json_records,
     measure_throughput,
     paper_points,
+    setting_points,
     settings_methods,
 )
 from analysis.data.images import to_batch
 from analysis.provenance import images_label, label_rows
 from analysis.throughput import BenchSettings
 from models.methods import METHODS
-from models.registry import IMAGE_CLASSIFICATION, get_spec, list_models
+from models.registry import IMAGE_CLASSIFICATION, list_models
 from pages._results import result_folder_input
 from pages._ui import (cached_model, current_device, download_df, download_json, image_picker, image_set_key, kept,
                        latest_result, progress_bar, random_models_picker, run_through_app, session_result)
 
 RESULT_SLOT = "frontier"
 BATCH = 8
-DEFAULT_VALUES = {"tome": [4, 8, 13, 16], "dynamicvit": [0.5, 0.7, 0.9]}
 
 
 def _backbones() -> list[str]:
@@ -54,13 +53,18 @@ with left:
     models = kept(st.multiselect, "Backbones", key="fr_models", options=_backbones(), default=["deit_tiny_patch16_224"])
     random_ok = random_models_picker(models, key="fr_random")
     chosen: dict[str, list] = {}
+    schedules: list[str] = []
     methods = {m.key: m for name in models for m in settings_methods(name)}
     for key, method in methods.items():
-        offered = list(method.main_setting.choices)
-        chosen[key] = kept(st.multiselect, f"{method.label}: {method.main_setting.label}", key=f"fr_values_{key}",
-                           options=offered, default=[v for v in DEFAULT_VALUES.get(key, offered[:3]) if v in offered])
-    decreasing = kept(st.checkbox, "Also ToMe's decreasing schedule at the same r", key="fr_decreasing", default=False,
-                      disabled="tome" not in methods)
+        setting = method.main_setting
+        offered = list(setting.choices)
+        chosen[key] = kept(st.multiselect, f"{method.label}: {setting.label}", key=f"fr_values_{key}",
+                           options=offered, default=[v for v in setting.picks or offered[:3] if v in offered],
+                           help=setting.help or None)
+        for form in setting.schedules[1:]:
+            if kept(st.checkbox, f"Also {method.label}'s {form} schedule at the same {setting.symbol}",
+                    key=f"fr_{key}_{form}", default=False):
+                schedules.append(form)
 with right:
     source = kept(st.radio, "Images", key="fr_source", options=["Sample photos / upload", "Folder on this machine"],
                   horizontal=True)
@@ -110,15 +114,7 @@ def _images_now() -> str:
 
 
 def _settings_for(name: str) -> list[FrontierSetting]:
-    spec = get_spec(name)
-    points = [FrontierSetting(UNREDUCED)]
-    for method in settings_methods(name):
-        untrained = method.key == "dynamicvit" and not method.applies_to(spec)
-        for value in chosen.get(method.key, []):
-            points.append(FrontierSetting(method.key, value, untrained))
-            if method.key == "tome" and decreasing:
-                points.append(FrontierSetting(method.key, f"decreasing:{value}"))
-    return points
+    return setting_points(name, chosen, schedules)
 
 
 def _batches(loaded):
@@ -205,9 +201,11 @@ if result["skipped"]:
 random_models = sorted(points.loc[points["weights"].str.contains("RANDOM", na=False), "model"].unique())
 if random_models:
     st.warning("RANDOM weights (untrained) for: " + ", ".join(random_models) + ". Their points show cost, not accuracy.")
-if points["setting"].str.contains("untrained predictors").any():
-    st.caption("DynamicViT on a plain DeiT uses untrained score predictors: its keep decisions are not learned, "
-               "so its accuracy is a lower bound of what the trained model gets.")
+untrained = sorted({METHODS[m].label for m in points.loc[points["setting"].str.contains("untrained predictors"),
+                                                             "method"]})
+if untrained:
+    st.caption(f"{', '.join(untrained)} on a plain backbone uses untrained score predictors: its keep decisions are "
+               "not learned, so its accuracy is a lower bound of what the trained model gets.")
 paper = paper_points()
 st.plotly_chart(frontier_figure(points, paper, f"On {result['device']}, batch {result['batch']}"), key="fr_chart")
 st.caption("Left: measured here, on your images. Dotted: the measured Pareto frontier. Right, hollow grey markers: "

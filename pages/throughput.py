@@ -14,57 +14,25 @@ from analysis.throughput import (PRECISIONS, BenchSettings, ModelOptions, benchm
 from analysis.timing_env import environment_line
 from analysis.throughput_figures import accuracy_figure, latency_figure, latency_table, live_figure, results_table
 from models.checkpoints import CheckpointError, WeightsNotFoundError
-from models.methods import METHODS, Method, Setting
-from models.registry import REGISTRY, ModelSpec
-from models.variants import parse_variant
+from models.registry import REGISTRY
+from models.variants import parse_variant, variant_groups
 from pages._ui import (cached_model, current_device, download_df, download_json, kept, latest_result, progress_bar,
                        run_through_app, session_result)
 
 SYNTHETIC_INPUT = "synthetic input (random tensor)"
-TRAINED = "trained"  # a setting option: each release at the value it was trained for
 THROUGHPUT, LATENCY = "throughput", "latency"
 
 
-def _trained_value(spec: ModelSpec, setting: Setting):
-    # A release trained for one value of a setting declares it as ModelSpec.trained_<argument> (trained_keep_ratio).
-    return getattr(spec, f"trained_{setting.argument}", None)
-
-
 def method_variants(models: list[str]) -> list[str]:
-    """One multiselect per method (of the method table) that applies to a picked model, and a checkbox for a
-    method's paper setting; returns the variant names they ask for. Methods sharing a label and main setting
-    (DynamicViT on DeiT and LV-ViT, PuMer on ViLT and METER) share their widgets."""
-    groups: dict[tuple[str, str], list[Method]] = {}
-    for method in METHODS.values():
-        if any(method.applies_to(REGISTRY[m]) for m in models):
-            groups.setdefault((method.label, method.main_setting.key), []).append(method)
+    """One multiselect per group of the method table's methods that apply to a picked model, and a checkbox for a
+    group's paper setting; returns the variant names they ask for."""
     variants: list[str] = []
-    for (label, key), methods in groups.items():
-        setting = methods[0].main_setting
-        targets = [(m, method) for method in methods for m in models if method.applies_to(REGISTRY[m])]
-        trained = {m: v for m, _ in targets if (v := _trained_value(REGISTRY[m], setting)) is not None}
-        options = ([TRAINED] if trained else []) + list(setting.choices)
-        trained_values = ", ".join(map(str, sorted(set(trained.values()))))
-        trained_text = f"each release's trained {setting.symbol} ({trained_values})"
-        widget_key = f"tp_{label}_{key}"
-        picked = kept(
-            st.multiselect, f"{label}: {setting.label}", key=widget_key, options=options,
-            default=[TRAINED] if trained else [],
-            format_func=lambda v, text=trained_text: text if v == TRAINED else str(v),
-            help=f"{'; '.join(dict.fromkeys(m.reference for m in methods))}. Applied to "
-                 f"{', '.join(dict.fromkeys(m for m, _ in targets))}.")
-        for model, method in targets:
-            values = [trained.get(model) if v == TRAINED else v for v in picked]
-            variants += [method.variant(model, v) for v in dict.fromkeys(values) if v is not None]
-        flagged = [(m, method) for m, method in targets if method.paper_flag]
-        if flagged:
-            paper_text = "; ".join(dict.fromkeys(
-                f"{method.reference}: " + ", ".join(f"{k.removesuffix('_ratio').replace('_', ' ')} {v}"
-                                                    for k, v in method.paper_arguments.items())
-                for _, method in flagged))
-            if kept(st.checkbox, f"{label} at the paper's setting", key=f"tp_{label}_paper", default=True,
-                    help=paper_text):
-                variants += [f"{m}@{method.paper_flag}" for m, method in flagged]
+    for group in variant_groups(models):
+        picked = kept(st.multiselect, f"{group.label}: {group.setting.label}", key=f"tp_{group.key}",
+                      options=group.options, default=group.default, format_func=group.option_text, help=group.help)
+        paper = bool(group.paper_targets) and kept(st.checkbox, f"{group.label} at the paper's setting",
+                                                  key=f"tp_{group.label}_paper", default=True, help=group.paper_text)
+        variants += group.variants(picked, paper)
     return variants
 
 

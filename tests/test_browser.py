@@ -290,13 +290,13 @@ def test_token_reduction_keeps_uploads_settings_and_results_in_a_real_browser(sh
     keep ratio and the schedule are the ones the results were computed for."""
     from playwright.sync_api import sync_playwright
 
-    heading = "Token reduction: DynamicViT pruning and ToMe merging"
+    heading = "Token reduction: pruning, merging and fusing tokens"
     with sync_playwright() as p:
         page = _open(p, app_url, "token_reduction", heading)
         _upload(page, _photo_files(tmp_path))
         image = page.get_by_label("Image for the detailed view")
         assert image.input_value() == "first.png"
-        page.get_by_role("slider", name="Keep ratio rho").press("ArrowLeft")  # 0.70 -> 0.65
+        page.get_by_role("slider", name="DynamicViT: keep ratio rho").press("ArrowLeft")  # 0.70 -> 0.65
         _wait_until_idle(page)
         page.get_by_text("decreasing", exact=True).click()
         _wait_until_idle(page)
@@ -305,7 +305,7 @@ def test_token_reduction_keeps_uploads_settings_and_results_in_a_real_browser(sh
         _away_and_back(page, "Token reduction", heading)
         assert page.get_by_text("Using your 2 uploaded images: first.png, second.png").count() == 1
         assert image.input_value() == "first.png"
-        assert _slider_text(page, "Keep ratio rho") == "0.65"
+        assert _slider_text(page, "DynamicViT: keep ratio rho") == "0.65"
         assert page.get_by_text("(rho = 0.65)").count() >= 1  # the result shown is the one for the shown value
         assert page.get_by_role("radio", name="decreasing").is_checked()
         page.screenshot(path=str(tmp_path / "token_reduction_back.png"), full_page=True)

@@ -164,7 +164,7 @@ def test_one_forward_of_the_unreduced_model_serves_neutral_settings(monkeypatch)
 
 def test_default_settings_cover_every_applicable_method():
     deit = default_settings(DEIT)
-    assert {s.method for s in deit} == {"unreduced", "tome", "dynamicvit"}
+    assert {s.method for s in deit} == {"unreduced", "tome", "dynamicvit", "evit"}
     assert all(s.untrained_predictors for s in deit if s.method == "dynamicvit")
     assert max(s.value for s in deit if s.method == "tome") == 16
     assert {s.method for s in default_settings("efficientvit_m0")} == {"unreduced"}
@@ -194,15 +194,17 @@ def test_page_computes_points_that_survive_a_download(real_weights_folder):
     assert not at.exception, [e.value for e in at.exception]
     at.multiselect(key="fr_values_tome").set_value([8])
     at.multiselect(key="fr_values_dynamicvit").set_value([0.7])
+    at.multiselect(key="fr_values_evit").set_value([0.7])
     at.number_input(key="fr_rounds").set_value(1)
     at.number_input(key="fr_batch").set_value(1)
     next(b for b in at.button if b.label == "Compute the frontier").click().run()
     assert not at.exception, [e.value for e in at.exception]
     table = at.dataframe[-1].value
-    assert set(table["setting"]) == {"unreduced", "ToMe r=8", "DynamicViT rho=0.7 (untrained predictors)"}
+    assert set(table["setting"]) == {"unreduced", "ToMe r=8", "DynamicViT rho=0.7 (untrained predictors)",
+                                     "EViT keep_rate=0.7"}
     assert (table["img_per_s"] > 0).all() and table["metric"].str.startswith("top-1 agreement").all()
     at.number_input(key="fr_rounds").set_value(2).run()  # any other widget: a rerun
-    assert len(at.dataframe[-1].value) == 3 and at.get("plotly_chart")
+    assert len(at.dataframe[-1].value) == 4 and at.get("plotly_chart")
     assert {b.label for b in at.get("download_button")} >= {"Download points (CSV)", "Download points (JSON)"}
 
 
@@ -227,6 +229,7 @@ def test_a_failed_compute_is_an_error_and_keeps_the_previous_frontier(tmp_path, 
     at.run()
     at.multiselect(key="fr_values_tome").set_value([])
     at.multiselect(key="fr_values_dynamicvit").set_value([])
+    at.multiselect(key="fr_values_evit").set_value([])
     at.multiselect(key="fr_random").set_value([DEIT])
     at.number_input(key="fr_rounds").set_value(1)
     at.number_input(key="fr_batch").set_value(1)

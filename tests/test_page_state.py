@@ -59,7 +59,7 @@ def test_token_reduction_keeps_uploads_settings_and_results_after_another_page(a
     at.file_uploader(key="tr_images").set_value(UPLOADS).run()
     at.slider(key="tr_rho").set_value(0.5).run()
     at.slider(key="tr_r").set_value(8).run()
-    at.radio(key="tr_schedule").set_value("decreasing").run()
+    at.radio(key="tr_r_schedule").set_value("decreasing").run()
     at.selectbox(key="tr_image").set_value("second.png").run()
     assert not at.exception, [e.value for e in at.exception]
     computed = _last_key(at, "tr_dynamicvit")
@@ -67,7 +67,7 @@ def test_token_reduction_keeps_uploads_settings_and_results_after_another_page(a
     _away_and_back(at, TOKENS)
     assert at.checkbox(key="tr_random").value is True
     assert at.slider(key="tr_rho").value == 0.5 and at.slider(key="tr_r").value == 8
-    assert at.radio(key="tr_schedule").value == "decreasing"
+    assert at.radio(key="tr_r_schedule").value == "decreasing"
     picker = at.selectbox(key="tr_image")
     assert picker.options == ["first.png", "second.png"] and picker.value == "second.png"
     assert any(c.value == "Using your 2 uploaded images: first.png, second.png" for c in at.caption)

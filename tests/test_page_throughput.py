@@ -70,7 +70,8 @@ def test_method_table_gives_the_variant_widgets_and_the_variants_run():
     assert not at.exception, [e.value for e in at.exception]
     widgets = {w.label: w for w in at.multiselect}
     assert set(widgets) == {"Models", "ToMe: tokens merged per block (r)", "DynamicViT: keep ratio rho",
-                            "PuMer: image prune ratio"}
+                            "EViT: keep rate", "PuMer: image prune ratio"}
+    assert widgets["EViT: keep rate"].value == []  # EViT has no release: nothing picked until asked
     rho = widgets["DynamicViT: keep ratio rho"]
     assert rho.value == ["trained"] and rho.format_func("trained") == "each release's trained rho (0.7)"
     assert widgets["ToMe: tokens merged per block (r)"].value == []

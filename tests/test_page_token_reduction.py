@@ -20,16 +20,17 @@ def test_page_on_real_deit_tiny_shows_both_methods_and_sweep(real_weights_folder
     app = AppTest.from_file(PAGE, default_timeout=180).run()
     assert not app.exception, app.exception
     assert not app.error
-    assert app.selectbox(key="tr_model").value.startswith("DeiT-Tiny backbone + UNTRAINED")
+    assert app.selectbox(key="tr_model").value == "deit_tiny_patch16_224 + UNTRAINED DynamicViT predictors"
     assert any("untrained" in w.value for w in app.warning)
     headers = [h.value for h in app.header]
     assert headers[0] == "Side by side"  # real weights: no RANDOM tag
     assert any(h.startswith("DynamicViT") for h in headers) and any(h.startswith("ToMe") for h in headers)
+    assert any(h.startswith("EViT") for h in headers)
     subheaders = [s.value for s in app.subheader]
-    assert subheaders == ["no reduction", "DynamicViT pruning", "ToMe merging"]
+    assert subheaders == ["no reduction", "DynamicViT pruning", "ToMe merging", "EViT pruning + fusion"]
 
-    overall = app.dataframe[3].value
-    assert list(overall["method"]) == ["no reduction", "DynamicViT pruning", "ToMe merging"]
+    overall = app.dataframe[4].value
+    assert list(overall["method"]) == ["no reduction", "DynamicViT pruning", "ToMe merging", "EViT pruning + fusion"]
     assert overall.loc[0, "top-1 agreement"] == 1.0
     top5 = app.dataframe[0].value
     assert list(top5["rank"]) == [1, 2, 3, 4, 5]
@@ -39,7 +40,7 @@ def test_page_on_real_deit_tiny_shows_both_methods_and_sweep(real_weights_folder
     assert "Download merge maps (PNG)" in labels
 
     app.slider(key="tr_rmax").set_value(3)
-    app.button(key="tr_sweep").click().run()
+    app.button(key="tr_sweep_r").click().run()
     assert not app.exception, app.exception
     assert "Download the r sweep (CSV)" in [b.proto.label for b in app.get("download_button")]
 
@@ -75,20 +76,23 @@ def test_fade_keeps_kept_patches_and_whitens_dropped_ones():
 def test_comparison_on_small_random_dynamicvit():
     import torch
 
-    from analysis.token_reduction import (
-        DYNAMICVIT, TOME, agreement_frame, compare_reductions, kept_indices_frame, tokens_per_block,
-    )
+    from analysis.token_reduction import agreement_frame, compare_reductions, kept_indices_frame, tokens_per_block
     from models.dynamicvit import DynamicViT
+    from models.methods import METHODS
 
     torch.manual_seed(0)
     model = DynamicViT(img_size=64, patch_size=8, embed_dim=48, depth=12, num_heads=3, num_classes=10).eval()
-    comparison = compare_reductions(model, torch.randn(2, 3, 64, 64), ["a", "b"], keep_ratio=0.5, r=4)
+    comparison = compare_reductions(model, torch.randn(2, 3, 64, 64), ["a", "b"],
+                                    [METHODS["dynamicvit"], METHODS["tome"], METHODS["evit"]],
+                                    {"dynamicvit": {"rho": 0.5}, "tome": {"tome": 4, "prop_attn": True}})
     counts = tokens_per_block(comparison)
-    assert counts[TOME][:3] == [65, 61, 57]
-    assert counts[DYNAMICVIT][3] == 1 + 32 and counts[DYNAMICVIT][-1] == 1 + 8
+    assert counts["ToMe merging"][:3] == [65, 61, 57]
+    assert counts["DynamicViT pruning"][3] == 1 + 32 and counts["DynamicViT pruning"][-1] == 1 + 8
+    # EViT at its default keep rate 0.7 inside blocks 3, 6, 9: CLS, ceil(0.7 n) kept and one fused token after each
+    assert counts["EViT pruning + fusion"] == [65] * 4 + [1 + 45 + 1] * 3 + [1 + 33 + 1] * 3 + [1 + 24 + 1] * 2
     frame = agreement_frame(comparison)
     assert frame["top-1 agreement"].between(0, 1).all() and frame.loc[0, "top-1 agreement"] == 1.0
-    kept = kept_indices_frame(comparison.dynamicvit_trace, ["a", "b"])
+    kept = kept_indices_frame(comparison.runs["dynamicvit"].trace, ["a", "b"])
     assert len(kept) == 6 and kept.loc[0, "kept"] == 32
 
 
@@ -128,7 +132,7 @@ def test_every_export_names_model_weights_images_and_settings(random_page, downl
                                                   ("second.png", _png((30, 200, 30)), "image/png")])
     app.slider(key="tr_rho").set_value(0.6)
     app.slider(key="tr_r").set_value(4).run()
-    app.button(key="tr_sweep").click()
+    app.button(key="tr_sweep_r").click()
     app.slider(key="tr_rmax").set_value(2).run()
     assert not app.exception, app.exception
     names = ["first.jpg", "second.png"]
@@ -155,7 +159,7 @@ def test_every_export_names_model_weights_images_and_settings(random_page, downl
         assert by_method.loc["ToMe merging", "setting"].startswith("r=4 "), csv
         assert by_method.loc["DynamicViT pruning", "setting"].startswith("rho=0.6"), csv
     top5 = pd.read_csv(io.BytesIO(downloads["top5_predictions.csv"]))
-    assert set(top5["image"]) == set(names) and len(top5) == len(names) * 3 * 5
+    assert set(top5["image"]) == set(names) and len(top5) == len(names) * 4 * 5  # unreduced + 3 methods
 
     pngs = [n for n in downloads if n.endswith(".png")]
     assert "dynamicvit_stages_deit_tiny_patch16_224_rho0.6_first.png" in pngs
@@ -164,7 +168,7 @@ def test_every_export_names_model_weights_images_and_settings(random_page, downl
     tome_title = next(t for t in titles if t.startswith("ToMe"))
     assert "DynamicViT" not in tome_title and "r=4" in tome_title and "first.jpg" in tome_title
     stage_title = next(t for t in titles if t.startswith("DynamicViT"))
-    assert "rho 0.6" in stage_title and pruned in stage_title
+    assert "rho=0.6" in stage_title and pruned in stage_title
     charts = " ".join(c.proto.spec for c in app.get("plotly_chart"))  # a chart's own PNG download has its title
     assert "keep scores per stage, rho 0.60" in charts and "at each stage, rho 0.60" in charts
 
@@ -190,16 +194,20 @@ def test_a_slider_reruns_only_its_method(random_page, monkeypatch):
     import analysis.token_reduction as token_maps
 
     calls = []
-    for fn in ("reference_run", "tome_run", "dynamicvit_run"):
-        original = getattr(token_maps, fn)
-        monkeypatch.setattr(token_maps, fn, lambda *a, _f=original, _n=fn, **k: calls.append(_n) or _f(*a, **k))
+    original_reference, original_run = token_maps.reference_run, token_maps.method_run
+    monkeypatch.setattr(token_maps, "reference_run", lambda *a, **k: calls.append("reference") or
+                        original_reference(*a, **k))
+    monkeypatch.setattr(token_maps, "method_run", lambda model, batch, method, settings: calls.append(method.key) or
+                        original_run(model, batch, method, settings))
     app = random_page
     app.slider(key="tr_rho").set_value(0.5).run()
-    assert calls == ["dynamicvit_run"]
+    assert calls == ["dynamicvit"]
     app.slider(key="tr_r").set_value(4).run()
-    assert calls == ["dynamicvit_run", "tome_run"]
+    assert calls == ["dynamicvit", "tome"]
     app.slider(key="tr_rho").set_value(0.7).run()  # back to a setting already computed: nothing runs
-    assert calls == ["dynamicvit_run", "tome_run"]
+    assert calls == ["dynamicvit", "tome"]
+    app.slider(key="tr_keep_rate").set_value(0.5).run()
+    assert calls == ["dynamicvit", "tome", "evit"]
 
 
 def test_r_sweep_axis_ticks_at_round_numbers():
@@ -247,7 +255,7 @@ def test_zoo_model_shows_stage_maps_and_keep_frequency_without_tome(zoo_page):
     assert f"{ZOO_HEADERS[name]}: positions on the full path per stage (RANDOM weights)" in headers
     assert not any("ToMe" in h for h in headers)
     assert [s.value for s in app.subheader] == ["no reduction", f"{ZOO_HEADERS[name]} pruning"]
-    assert any("ToMe is not shown" in c.value for c in app.caption)
+    assert any(c.value.startswith(f"Not shown for {name}") and "ToMe applies to" in c.value for c in app.caption)
     assert any("full MLP path" in caption for caption in _image_captions(app))
     assert len(app.get("plotly_chart")) == 3  # keep scores, keep frequency over the 2 images, positions per block
     names = app.selectbox(key="tr_image").options
@@ -269,7 +277,7 @@ def test_zoo_model_shows_stage_maps_and_keep_frequency_without_tome(zoo_page):
     counts = pd.read_csv(io.BytesIO(downloads["tokens_per_block.csv"]))
     assert counts["no reduction"].iloc[0] == 56 * 56 and counts["no reduction"].min() == 7 * 7
     assert counts[f"{ZOO_HEADERS[name]} pruning"].min() == 49 and 58 in set(counts[f"{ZOO_HEADERS[name]} pruning"])
-    assert not [b for b in app.button if b.key == "tr_sweep"] and "tome_r_sweep.csv" not in downloads
+    assert not [b for b in app.button if b.key == "tr_sweep_r"] and "tome_r_sweep.csv" not in downloads
 
 
 def test_zoo_page_says_when_rho_is_not_the_trained_one(tmp_path, monkeypatch):
@@ -315,21 +323,24 @@ def test_stage_maps_are_drawn_to_the_scale_of_their_grid():
 
 
 def test_model_choices_loop_over_the_registry_and_the_method_table():
-    from analysis.token_reduction import UNTRAINED_ON_TINY, model_choices, pruning_method, tome_applies
+    from analysis.token_reduction import UNTRAINED_ON_TINY, methods_running_on, model_choices
+    from models.methods import METHODS
     from models.registry import REGISTRY
 
     choices = model_choices()
-    assert next(iter(choices)) == UNTRAINED_ON_TINY
-    with_pruning = {c.name for c in choices.values() if c.pruning is not None and not c.untrained_predictors}
-    assert with_pruning == {n for n, s in REGISTRY.items() if pruning_method(s.family) is not None}
+    assert next(iter(choices)) == UNTRAINED_ON_TINY == "deit_tiny_patch16_224 + UNTRAINED DynamicViT predictors"
+    attached = {c.name for c in choices.values() if c.untrained_predictors}
+    assert attached == {n for n, s in REGISTRY.items() if any(m.needs_attachment(s) for m in METHODS.values())}
+    plain = {c.name for c in choices.values() if not c.untrained_predictors}
+    assert plain == {n for n, s in REGISTRY.items() if methods_running_on(s)}
     assert {"dynamicvit_deit_small_patch16_224", "dynamicvit_lvvit_s", "dynamiccnn_convnext_tiny",
-            "dynamicswin_tiny"} <= with_pruning
-    tome_only = {c.name for c in choices.values() if c.pruning is None}
-    assert "deit_tiny_patch16_224" in tome_only and "convnext_tiny" not in tome_only
-    assert all(tome_applies(REGISTRY[n]) for n in tome_only)
-    assert tome_applies(REGISTRY["dynamicvit_deit_small_patch16_224"])  # DeiT backbone
-    assert not any(tome_applies(REGISTRY[n]) for n in ("dynamicvit_lvvit_s", "dynamiccnn_convnext_tiny",
-                                                        "dynamicswin_tiny"))
+            "dynamicswin_tiny", "deit_tiny_patch16_224"} <= plain and "convnext_tiny" not in plain
+    labels = lambda name: [m.label for m in choices[name].methods()]  # noqa: E731
+    assert labels("deit_tiny_patch16_224") == ["ToMe", "EViT"]
+    assert labels(UNTRAINED_ON_TINY) == ["DynamicViT", "ToMe", "EViT"]
+    assert labels("dynamicvit_deit_small_patch16_224") == ["DynamicViT", "ToMe", "EViT"]  # its DeiT backbone too
+    for name in ("dynamicvit_lvvit_s", "dynamiccnn_convnext_tiny", "dynamicswin_tiny"):
+        assert len(labels(name)) == 1 and labels(name)[0].startswith("Dynamic"), name
 
 
 def test_untrained_keep_scores_are_scaled_to_their_range_and_explained():
@@ -374,7 +385,7 @@ def test_dynamiccnn_caption_explains_97_of_196():
 
 def test_r_sweep_leaves_no_progress_bar(random_page):
     app = random_page
-    app.button(key="tr_sweep").click()
+    app.button(key="tr_sweep_r").click()
     app.slider(key="tr_rmax").set_value(2).run()
     assert not app.exception, app.exception
     assert "Download the r sweep (CSV)" in [b.proto.label for b in app.get("download_button")]

@@ -51,7 +51,7 @@ def test_every_method_forward_exists_and_applies_to_some_model():
         assert callable(method.forward_function()), method.key
         assert any(method.applies_to(spec) for spec in REGISTRY.values()), method.key
         assert method.main_setting.default in method.main_setting.choices
-    assert [m.key for m in methods_for(get_spec("deit_small_patch16_224"))] == ["tome"]
+    assert [m.key for m in methods_for(get_spec("deit_small_patch16_224"))] == ["tome", "evit"]
     assert methods_for(get_spec("efficientvit_m0")) == []
 
 
