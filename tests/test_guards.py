@@ -41,9 +41,8 @@ def _root_name(node: ast.expr) -> str | None:
 
 
 def _string_arg(call: ast.Call, index: int) -> str | None:
-    if len(call.args) > index and isinstance(call.args[index], ast.Constant) and isinstance(call.args[index].value, str):
-        return call.args[index].value
-    return None
+    arg = call.args[index] if len(call.args) > index else None
+    return arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else None
 
 
 # ------------------------------------------------------------------------------------ 1. timm internals
