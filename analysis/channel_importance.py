@@ -33,6 +33,7 @@ Choices (documented once, here):
 from __future__ import annotations
 
 import copy
+import hashlib
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal, Sequence
@@ -759,7 +760,15 @@ def labelled_folder(folder, limit: int | None = None):
     return images, labels, messages
 
 
-def split_batches(x: torch.Tensor, labels: torch.Tensor | None, batch_size: int) -> list[tuple]:
-    """(x, y) chunks of at most ``batch_size`` images, y None when there are no labels."""
-    return [(x[i:i + batch_size], None if labels is None else labels[i:i + batch_size])
-            for i in range(0, len(x), batch_size)]
+def split_batches(x: torch.Tensor, labels: Sequence[int] | torch.Tensor | None, batch_size: int) -> list[tuple]:
+    """(x, y) chunks of at most ``batch_size`` images, y a tensor of class indices, None when there are no labels."""
+    y = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+    return [(x[i:i + batch_size], None if y is None else y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def inputs_digest(x: torch.Tensor, labels: Sequence[int] | None = None) -> str:
+    """A SHA-256 of the images' pixels and the labels: what a cached score is keyed by."""
+    digest = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes())
+    if labels is not None:
+        digest.update(repr([int(label) for label in labels]).encode())
+    return digest.hexdigest()

@@ -41,6 +41,23 @@ def autocast(device: str | torch.device, enabled: bool = True, dtype: torch.dtyp
     return torch.autocast(device_type=kind, dtype=dtype or torch.float16)
 
 
+def device_hardware(device: str) -> str:
+    """What a result says it ran on: the GPU's name on CUDA, else the device itself ('cpu', 'mps')."""
+    return torch.cuda.get_device_name() if torch.device(device).type == "cuda" else device
+
+
+def cpu_threads() -> int:
+    """Threads torch uses for intra-op parallelism in this process."""
+    return torch.get_num_threads()
+
+
+def set_cpu_threads(threads: int) -> int:
+    """Set torch's intra-op threads (process-wide) and return the previous count, to set back afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    return previous
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:

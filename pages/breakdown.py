@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 
 import streamlit as st
-import torch
 
 from analysis.breakdown import baseline_of, ops_table, profile_model, reduction_savings, to_json
 from analysis.breakdown_figures import (block_figure, component_table, roofline_figure, savings_figure, share_figure,
@@ -107,7 +106,7 @@ if result["request"] != request:
     st.caption("Results of the last run; the settings above have changed since: press **Profile** to measure them.")
 
 hardware = roof.hardware
-st.caption(f"{results[0].device} ({hardware}, {torch.get_num_threads()} threads), {results[0].precision}, "
+st.caption(f"{results[0].device} ({hardware}, {roof.threads} threads), {results[0].precision}, "
            f"engine {results[0].engine}; weights: {RANDOM}; input: random images. Shares are of the time the profiler "
            "attributes to operators; Python between operators counts as *other*.")
 st.plotly_chart(share_figure(results), key="bd_classes")

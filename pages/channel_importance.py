@@ -1,10 +1,7 @@
 """Channel importance: first-order Taylor scores per Q/K/V head, projection, FFN hidden and embedding channel."""
 from __future__ import annotations
 
-import hashlib
-
 import streamlit as st
-import torch
 
 from analysis.data.images import imagenet_label, to_batch
 from analysis.channel_importance import (
@@ -15,6 +12,7 @@ from analysis.channel_importance import (
     component_importance_figure,
     fraction_kept_figure,
     head_importance_figure,
+    inputs_digest,
     labelled_folder,
     no_ranking_reason,
     QK_SAME_NOTE,
@@ -113,13 +111,13 @@ if folder_labels:
         st.error(f"No readable images inside class sub-folders of {folder}.")
         st.stop()
     if label_mode == FOLDER:
-        labels = torch.tensor(folder_label_list)
+        labels = folder_label_list
 elif picked_class is not None:
-    labels = torch.full((len(images),), picked_class)
+    labels = [picked_class] * len(images)
 
 batch = to_batch(images, loaded.transform)
 loss_target = "self" if labels is None else "labels"
-digest = hashlib.sha256(batch.numpy().tobytes() + (b"" if labels is None else labels.numpy().tobytes())).hexdigest()
+digest = inputs_digest(batch, labels)
 key = (name, loaded.weights.description, current_device(), loss_target, digest)
 
 

@@ -5,9 +5,8 @@ import time
 
 import pandas as pd
 import streamlit as st
-import torch
 
-from analysis.data.folders import NO_LABEL, DatasetError, FolderImages, collate_readable
+from analysis.data.folders import DatasetError, folder_batches, image_batches
 from analysis.frontier import (
     FrontierSetting,
     evaluate,
@@ -19,7 +18,6 @@ from analysis.frontier import (
     setting_points,
     settings_methods,
 )
-from analysis.data.images import to_batch
 from analysis.provenance import images_label, label_rows
 from analysis.throughput import BenchSettings
 from models.methods import METHODS
@@ -120,13 +118,8 @@ def _settings_for(name: str) -> list[FrontierSetting]:
 def _batches(loaded):
     """(images, labels) batches with the model's own preprocessing, and how many there are."""
     if source == "Folder on this machine":
-        dataset = FolderImages.from_folder(folder, loaded.transform, int(limit), "folder" if labelled else "self")
-        loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, collate_fn=collate_readable)
-        return ((b.images, b.labels) for b in loader if len(b.indices)), len(loader)
-    batch = to_batch(uploads, loaded.transform)
-    labels = torch.full((batch.shape[0],), NO_LABEL)
-    chunks = [(batch[i:i + BATCH], labels[i:i + BATCH]) for i in range(0, batch.shape[0], BATCH)]
-    return iter(chunks), len(chunks)
+        return folder_batches(folder, loaded.transform, BATCH, int(limit), "folder" if labelled else "self")
+    return image_batches(uploads, loaded.transform, BATCH)
 
 
 failure = None  # why the last press of Compute gave no points: said as an error, the previous frontier stays

@@ -5,7 +5,6 @@ import time
 
 import pandas as pd
 import streamlit as st
-import torch
 
 from analysis.onnx_engine import ENGINES, onnx_runners
 from analysis.provenance import RANDOM, label_rows
@@ -14,6 +13,7 @@ from analysis.throughput import (PRECISIONS, BenchSettings, ModelOptions, benchm
 from analysis.timing_env import environment_line
 from analysis.throughput_figures import accuracy_figure, latency_figure, latency_table, live_figure, results_table
 from models.checkpoints import CheckpointError, WeightsNotFoundError
+from models.device import cpu_threads, device_hardware, set_cpu_threads
 from models.registry import REGISTRY
 from models.variants import parse_variant, variant_groups
 from pages._ui import (cached_model, current_device, download_df, download_json, kept, latest_result, progress_bar,
@@ -83,11 +83,11 @@ with col_settings:
     fuse_bn = kept(st.checkbox, "Fuse BatchNorm into convolutions (EfficientViT, MobileNetV3)", key="tp_fuse_bn",
                    default=False)
     compile_model = kept(st.checkbox, "torch.compile (slow first run)", key="tp_compile", default=False)
-    threads = kept(st.number_input, "CPU threads", 1, max(1, torch.get_num_threads() * 4), key="tp_threads",
-                   default=torch.get_num_threads(),
+    threads = kept(st.number_input, "CPU threads", 1, max(1, cpu_threads() * 4), key="tp_threads",
+                   default=cpu_threads(),
                    help="Process-wide: other sessions share it while this runs.")
 
-hardware = torch.cuda.get_device_name() if device.startswith("cuda") else device
+hardware = device_hardware(device)
 options = ModelOptions(channels_last=channels_last, fuse_bn=fuse_bn, compile=compile_model)
 settings = BenchSettings(batch=int(batches[0]), iters=int(iters), rounds=int(rounds),
                          warmup=max(2, int(iters) // 2), device=device, precision=precision)
@@ -108,8 +108,7 @@ def run_benchmark() -> dict:
         live_chart.plotly_chart(latency_figure(frame) if latency_mode else live_figure(frame),
                                 key=f"live-{len(measurements)}")
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
+    previous_threads = set_cpu_threads(int(threads))
     try:
         with st.status("Benchmarking ...", expanded=True) as status:
             show = progress_bar()
@@ -153,7 +152,7 @@ def run_benchmark() -> dict:
                  f"(it backs off and keeps what it measured).")
         st.stop()
     finally:
-        torch.set_num_threads(previous_threads)
+        set_cpu_threads(previous_threads)
     live_chart.empty()
     return {"mode": mode, "rows": rows, "notes": notes, "measurements": measurements, "hardware": hardware,
             "settings": vars(settings), "options": vars(options), "request": request}

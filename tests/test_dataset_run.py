@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from analysis.data.folders import FolderImages, ShardSampler, collate_readable
+from analysis.data.folders import (NO_LABEL, FolderImages, ShardSampler, collate_readable, folder_batches,
+                                   image_batches)
 from analysis.run import main
 from analysis.run_folders import RunFolderError, load_run
 
@@ -167,6 +168,24 @@ def test_folder_dataset_flags_corrupt_files_and_collate_drops_them(image_folder)
     batch = collate_readable([dataset[i] for i in range(2, 6)])
     assert batch.images.shape == (3, 3, 32, 32)
     assert batch.indices.tolist() == [2, 4, 5] and batch.corrupt == [3] and batch.num_samples == 4
+
+
+def test_folder_and_image_batches_as_the_frontier_page_takes_them(image_folder):
+    import torchvision.transforms as T
+
+    from analysis.data.images import sample_images
+
+    transform = T.Compose([T.Resize((32, 32)), T.ToTensor()])
+    batches, count = folder_batches(image_folder, transform, 4, label_mode="folder")
+    batches = list(batches)
+    assert count == 3 and [len(x) for x, _ in batches] == [3, 4, 1]  # the 4th file is the corrupt one
+    assert {int(y) for _, labels in batches for y in labels} == {97, 360}
+    assert len(list(folder_batches(image_folder, transform, 4, limit=2)[0])[0][0]) == 2
+    batches, count = image_batches(sample_images() * 3, transform, 4)
+    batches = list(batches)
+    assert count == 2 and [x.shape[0] for x, _ in batches] == [4, 2]
+    assert torch.equal(batches[0][0][1], transform(sample_images()[1].image))
+    assert all((labels == NO_LABEL).all() for _, labels in batches)
 
 
 # ----------------------------------------------------------------------------- torchrun == one process

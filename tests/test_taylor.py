@@ -284,6 +284,18 @@ def test_class_folders_map_to_imagenet_indices(tmp_path):
     assert any("loose.png" in m for m in messages)
     chunks = split_batches(torch.zeros(5, 3, 4, 4), torch.arange(5), 2)
     assert [len(x) for x, _ in chunks] == [2, 2, 1] and chunks[2][1].tolist() == [4]
+    chunks = split_batches(torch.zeros(3, 3, 4, 4), [207, 1, 5], 2)  # the page passes the labels as a list
+    assert chunks[0][1].dtype == torch.long and chunks[0][1].tolist() == [207, 1] and chunks[1][1].tolist() == [5]
+    assert split_batches(torch.zeros(3, 3, 4, 4), None, 2)[1][1] is None
+
+
+def test_inputs_digest_changes_with_pixels_and_labels():
+    from analysis.channel_importance import inputs_digest
+
+    x = torch.rand(2, 3, 4, 4)
+    digests = {inputs_digest(x), inputs_digest(x, [1, 2]), inputs_digest(x, [2, 1]), inputs_digest(x + 1, [1, 2])}
+    assert len(digests) == 4
+    assert inputs_digest(x.clone(), [1, 2]) == inputs_digest(x, torch.tensor([1, 2]))
 
 
 def test_two_threads_on_one_model_match_sequential_runs():

@@ -79,3 +79,17 @@ def test_environment_names_the_cpu_threads_allocator_and_settings():
     assert env["clocks"].startswith("governor ")
     line = E.environment_line(env)
     assert cpu_name() in line and "allocator: " in line and "batch 16" in line
+
+
+def test_cpu_threads_are_set_and_given_back():
+    """The throughput page sets the thread count for one run through these, and sets it back after."""
+    from models.device import cpu_threads, device_hardware, set_cpu_threads
+
+    before = cpu_threads()
+    previous = set_cpu_threads(before + 1)
+    try:
+        assert previous == before and cpu_threads() == before + 1
+    finally:
+        assert set_cpu_threads(previous) == before + 1
+    assert cpu_threads() == before
+    assert device_hardware("cpu") == "cpu" and device_hardware("mps") == "mps"

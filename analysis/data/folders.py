@@ -15,13 +15,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from analysis.data.images import ACCEPTED_TYPES, ImageError, class_folder, folder_class_labels, load_image
+from analysis.data.images import (ACCEPTED_TYPES, ImageError, NamedImage, class_folder, folder_class_labels, load_image,
+                                  to_batch)
 
 NO_LABEL = -1
 LABEL_MODES = ("self", "folder")
@@ -126,6 +127,24 @@ def collate_readable(samples: Sequence[tuple[int, torch.Tensor, int, bool]]) -> 
     labels = torch.tensor([s[2] for s in good], dtype=torch.long)
     indices = torch.tensor([s[0] for s in good], dtype=torch.long)
     return Batch(images, labels, indices, corrupt)
+
+
+def folder_batches(folder: str | Path, transform: Callable, batch_size: int, limit: int | None = None,
+                   label_mode: str = "self") -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int]:
+    """(images, labels) batches of a folder's readable images, preprocessed by ``transform``, and how many
+    loader batches there are (a batch whose images are all unreadable is skipped)."""
+    dataset = FolderImages.from_folder(folder, transform, limit, label_mode)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_readable)
+    return ((b.images, b.labels) for b in loader if len(b.indices)), len(loader)
+
+
+def image_batches(images: Sequence[NamedImage], transform: Callable,
+                  batch_size: int) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int]:
+    """(images, labels) batches of given images, without labels (NO_LABEL), and how many there are."""
+    batch = to_batch(images, transform)
+    labels = torch.full((batch.shape[0],), NO_LABEL)
+    chunks = [(batch[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, batch.shape[0], batch_size)]
+    return iter(chunks), len(chunks)
 
 
 # ----------------------------------------------------------------------------- what the data are (for resume)

@@ -1,0 +1,200 @@
+"""Guards that keep two layering rules true (issue #24, item 4), read from the syntax tree of every module.
+
+1. timm's internals are read in one place, ``models/vit_forward.py`` (the walk): a call to ``.qkv(...)``,
+   any ``_pos_embed`` and any ``._attn`` anywhere else fails. Every other module calls the walk's named
+   functions (``embed_tokens``, ``attention``, ``window_attention``), so a timm release that renames
+   them breaks one module, which ``tests/test_vit_forward.py`` checks against ``model(x)``.
+2. Pages compute no tensors: a module under ``pages/`` (and ``app.py``) that imports torch, calls
+   ``torch.*`` or ``F.*``, calls ``.backward(`` or enters ``no_grad`` / ``inference_mode`` fails. The
+   computation belongs in the page's analysis module, where it is importable and tested without Streamlit.
+
+Each checker is a function of source text, and a test feeds it code that breaks the rule, so neither guard
+passes because it looks at nothing.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("models", "analysis", "pages")
+WALK = "models/vit_forward.py"  # README "Layout": the only code reading timm's ViT internals (Swin's too)
+TIMM_PRIVATE = ("_pos_embed", "_attn")  # VisionTransformer._pos_embed, SwinTransformerBlock._attn
+TORCH_ROOTS = {"torch", "F"}  # F: the usual alias of torch.nn.functional, named even where not imported
+GRAD_MODES = {"no_grad", "inference_mode", "enable_grad", "set_grad_enabled"}
+
+
+def _sources(*packages: str, app: bool = False) -> dict[str, str]:
+    files = sorted(p for package in packages for p in (ROOT / package).rglob("*.py"))
+    if app:
+        files.append(ROOT / "app.py")
+    return {p.relative_to(ROOT).as_posix(): p.read_text() for p in files}
+
+
+def _root_name(node: ast.expr) -> str | None:
+    """``torch`` for ``torch.nn.functional.softmax``; None where the chain does not start at a name."""
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _string_arg(call: ast.Call, index: int) -> str | None:
+    arg = call.args[index] if len(call.args) > index else None
+    return arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else None
+
+
+# ------------------------------------------------------------------------------------ 1. timm internals
+def timm_internal_reads(source: str, filename: str = "<source>") -> list[tuple[int, str]]:
+    """(line, what) for each read of timm's ViT internals: ``.qkv(...)`` (also ``.qkv.forward(...)``),
+    ``_pos_embed`` / ``_attn`` as an attribute, a name, an imported name, a method defined under that name
+    (an override), or a string given to getattr/hasattr/setattr."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Attribute) and func.attr == "qkv":
+                found.append((node.lineno, ".qkv(...)"))
+            elif (isinstance(func, ast.Attribute) and func.attr in ("forward", "__call__")
+                  and isinstance(func.value, ast.Attribute) and func.value.attr == "qkv"):
+                found.append((node.lineno, f".qkv.{func.attr}(...)"))
+            elif isinstance(func, ast.Name) and func.id in ("getattr", "hasattr", "setattr"):
+                if _string_arg(node, 1) in TIMM_PRIVATE:
+                    found.append((node.lineno, f"{func.id}(..., {_string_arg(node, 1)!r})"))
+        elif isinstance(node, ast.Attribute) and node.attr in TIMM_PRIVATE:
+            found.append((node.lineno, f".{node.attr}"))
+        elif isinstance(node, ast.Name) and node.id in TIMM_PRIVATE:
+            found.append((node.lineno, node.id))
+        elif isinstance(node, ast.alias) and node.name.rpartition(".")[2] in TIMM_PRIVATE:
+            found.append((node.lineno, f"import {node.name}"))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in TIMM_PRIVATE:
+            found.append((node.lineno, f"def {node.name}"))
+    return sorted(set(found))
+
+
+def test_only_the_walk_reads_timm_internals():
+    offenders = {path: hits for path, source in _sources(*PACKAGES, app=True).items() if path != WALK
+                 for hits in [timm_internal_reads(source, path)] if hits}
+    assert not offenders, (f"timm's internals read outside {WALK}; add a named function there and call it: "
+                           f"{offenders}")
+
+
+def test_the_walk_reads_what_the_guard_looks_for():
+    """The walk module exists and reads exactly these internals, so the names guarded are the ones in use."""
+    hits = {what for _, what in timm_internal_reads((ROOT / WALK).read_text(), WALK)}
+    assert {".qkv(...)", "._pos_embed", "._attn"} <= hits
+
+
+def test_the_guarded_names_are_timm_internals():
+    """The installed timm still has them: a rename would leave the guard looking for names nobody can use."""
+    from timm.layers import Attention
+    from timm.models.swin_transformer import SwinTransformerBlock
+    from timm.models.vision_transformer import VisionTransformer
+
+    assert callable(getattr(VisionTransformer, "_pos_embed", None))
+    assert callable(getattr(SwinTransformerBlock, "_attn", None))
+    assert hasattr(Attention(dim=8, num_heads=2), "qkv")
+
+
+@pytest.mark.parametrize("code, what", [
+    ("q, k, v = block.attn.qkv(x).chunk(3, -1)", ".qkv(...)"),
+    ("y = attn.qkv.forward(x)", ".qkv.forward(...)"),
+    ("x = model._pos_embed(model.patch_embed(x))", "._pos_embed"),
+    ("x = x + blk.drop_path1(blk._attn(blk.norm1(x)))", "._attn"),
+    ("f = getattr(model, '_pos_embed')", "getattr(..., '_pos_embed')"),
+    ("from timm.models.vision_transformer import _pos_embed", "import _pos_embed"),
+    ("class V(VisionTransformer):\n    def _pos_embed(self, x):\n        return x", "def _pos_embed"),
+])
+def test_timm_guard_sees_a_violation(code, what):
+    assert what in {found for _, found in timm_internal_reads(code)}
+
+
+@pytest.mark.parametrize("code", [
+    "config._attn_implementation = 'sdpa'",           # transformers' setting, not Swin's private method
+    "weight = attn.qkv.weight.shape[0]",               # reading a parameter's shape is not calling timm's forward
+    "ok = hasattr(b.attn, 'qkv')",
+    "result = attention(block.attn, x)",               # the walk's named function
+    "# model._pos_embed(x) in a comment\ntext = 'block._attn(x)'",
+])
+def test_timm_guard_passes_code_that_keeps_out(code):
+    assert timm_internal_reads(code) == []
+
+
+# ---------------------------------------------------------------------------------- 2. pages and tensors
+def page_tensor_code(source: str, filename: str = "<source>") -> list[tuple[int, str, str]]:
+    """(line, where, what) for each place a page touches torch: an import of torch (or a submodule), a call
+    of ``torch.*`` / ``F.*`` or of a name imported from torch, ``.backward(...)``, and ``no_grad`` /
+    ``inference_mode`` (as ``torch.no_grad`` or a bare name). ``where`` is the enclosing function (def,
+    async def, lambda) or ``<module>``: a page's script body runs on every rerun, so it counts too."""
+    tree = ast.parse(source, filename=filename)
+    roots = set(TORCH_ROOTS)
+    for node in ast.walk(tree):  # names bound by ``from torch import nn`` or ``import torch.nn as tnn``
+        if isinstance(node, ast.Import):
+            roots.update(a.asname for a in node.names if a.asname and a.name.split(".")[0] == "torch")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch" and not node.level:
+            roots.update(a.asname or a.name for a in node.names)
+    found = []
+
+    def visit(node: ast.AST, where: str) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            where = node.name
+        elif isinstance(node, ast.Lambda):
+            where = f"lambda (line {node.lineno})"
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, where, f"import {a.name}") for a in node.names
+                         if a.name.split(".")[0] == "torch")
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "torch":
+            found.append((node.lineno, where, f"from {node.module} import ..."))
+        elif isinstance(node, ast.Call):
+            func = node.func
+            if _root_name(func) in roots:
+                found.append((node.lineno, where, f"{ast.unparse(func)}(...)"))
+            elif isinstance(func, ast.Attribute) and func.attr == "backward":
+                found.append((node.lineno, where, ".backward(...)"))
+        if isinstance(node, (ast.Attribute, ast.Name)) and (getattr(node, "attr", None) or getattr(node, "id", None)) \
+                in GRAD_MODES:
+            found.append((node.lineno, where, ast.unparse(node)))
+        for child in ast.iter_child_nodes(node):
+            visit(child, where)
+
+    visit(tree, "<module>")
+    return sorted(set(found))
+
+
+def test_pages_compute_no_tensors():
+    offenders = {path: hits for path, source in _sources("pages", app=True).items()
+                 for hits in [page_tensor_code(source, path)] if hits}
+    assert not offenders, ("pages are thin (widgets -> one analysis call -> figures); move the tensor code into "
+                           f"the page's analysis module: {offenders}")
+
+
+@pytest.mark.parametrize("code, what", [
+    ("import torch", "import torch"),
+    ("import torch.nn.functional as F", "import torch.nn.functional"),
+    ("from torch.utils.data import DataLoader", "from torch.utils.data import ..."),
+    ("def f(x):\n    return x.softmax(-1).topk(5)\nlabels = torch.full((3,), 7)", "torch.full(...)"),
+    ("def f(x):\n    return F.softmax(x, dim=-1)", "F.softmax(...)"),
+    ("from torch import nn\nhead = nn.Linear(3, 4)", "nn.Linear(...)"),
+    ("from torch import tensor as T\ny = T([1, 2])", "T(...)"),
+    ("loss.backward()", ".backward(...)"),
+    ("with no_grad():\n    pass", "no_grad"),
+    ("g = lambda m, x: torch.inference_mode()", "torch.inference_mode(...)"),
+])
+def test_page_guard_sees_a_violation(code, what):
+    assert what in {found for _, _, found in page_tensor_code(code)}
+
+
+def test_page_guard_names_the_function():
+    code = "import streamlit as st\n\ndef _score(x):\n    return torch.topk(x, 5)\n\nst.write(lambda: F.relu(1))\n"
+    assert [(where, what) for _, where, what in page_tensor_code(code)] == [
+        ("_score", "torch.topk(...)"), ("lambda (line 6)", "F.relu(...)")]
+
+
+@pytest.mark.parametrize("code", [
+    "import streamlit as st\nst.caption('profiled with `torch.profiler`; torch.compile is slow')",
+    "from analysis.channel_importance import taylor_importance\nscores = taylor_importance(model, batches, 'self')",
+    "frame = df.mean()\nbest = rows.topk",
+])
+def test_page_guard_passes_a_thin_page(code):
+    assert page_tensor_code(code) == []
