@@ -22,11 +22,11 @@ from analysis.channel_importance import (TaylorScores, TaylorSums, budget_keep_f
                                          fraction_kept_figure, head_importance_figure)
 from analysis.head_redundancy import (BlockRedundancy, HeadSimilaritySums, RedundancyResult, redundancy_vs_depth,
                                       similarity_dataframe, similarity_heatmaps, to_dataframe)
-from analysis.token_reduction import dynamicvit_with_untrained_predictors, keep_frequency_figure
+from analysis.token_reduction import keep_frequency_figure
 from models.attention_recording import record_attention
 from models.dynamic_zoo import as_stage_trace
 from models.dynamicvit import dynamicvit_forward
-from models.methods import methods_for
+from models.methods import METHODS, methods_for
 from models.registry import get_spec
 from models.tome import check_supported, merge_schedule, tome_forward
 from models.vit_forward import token_count
@@ -485,11 +485,14 @@ def _pruner_for(model: nn.Module, model_name: str) -> tuple[nn.Module, Callable,
     from timm.models.vision_transformer import VisionTransformer
 
 
-    pruning = [m for m in methods_for(get_spec(model_name)) if m.main_setting.key == "rho"]
+    spec = get_spec(model_name)
+    pruning = [m for m in methods_for(spec) if m.main_setting.key == "rho"]
     if pruning:
         return model, pruning[0].forward_function(), ""
-    if isinstance(model, VisionTransformer):
-        return dynamicvit_with_untrained_predictors(model, seed=0), dynamicvit_forward, "untrained score predictors"
+    attachable = [m for m in METHODS.values() if m.needs_attachment(spec) and m.main_setting.key == "rho"]
+    if attachable and isinstance(model, VisionTransformer):
+        method = attachable[0]
+        return method.with_untrained_parts(model, seed=0), method.forward_function(), "untrained score predictors"
     raise ValueError(f"keep-frequency needs a DynamicViT-family model or a DeiT/ViT backbone, not {model_name}.")
 
 

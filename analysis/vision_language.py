@@ -267,7 +267,10 @@ def pumer_models() -> list[PuMerModel]:
             for method in methods_for(spec) if method.label == PUMER and spec.family in FAMILY_VIEWS]
 
 
-def _method_of(method: Method | str) -> Method:
+def _method_of(method: Method | str | None) -> Method:
+    """A record of the table by key; None: the table's first PuMer record (ViLT's)."""
+    if method is None:
+        return next(m for m in METHODS.values() if m.label == PUMER)
     return METHODS[method] if isinstance(method, str) else method
 
 
@@ -292,7 +295,7 @@ def batch_of(inputs: Mapping[str, torch.Tensor], batch: int) -> dict[str, torch.
 
 def benchmark_pumer(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], iters: int, device: str,
                     settings: PuMerSettings = PuMerSettings(), rounds: int = 3, precision: str = "fp32",
-                    method: Method | str = "pumer") -> PuMerSpeed:
+                    method: Method | str | None = None) -> PuMerSpeed:
     """Throughput of the model with and without PuMer on ``inputs`` (already on ``device``), interleaved rounds.
 
     Both sides run the method's explicit forward (the baseline at the record's neutral arguments, which equals
@@ -404,7 +407,7 @@ def correction_effects(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor
 
 
 def answer_question(model: torch.nn.Module, processor, image: Image.Image, question: str,
-                    settings: PuMerSettings | None = None, method: Method | str = "pumer") -> PuMerResult:
+                    settings: PuMerSettings | None = None, method: Method | str | None = None) -> PuMerResult:
     """Answer ``question`` about ``image`` with the full model and with PuMer, trace the reduction and time both
     on the model's device. ``method``: the PuMer record of the method table that applies to the model ("pumer"
     for ViLT, "pumer-meter" for METER); ``settings`` default to its paper setting. The model is only read."""
@@ -515,7 +518,7 @@ def records_to_json(result: PuMerResult, sample: int = 0) -> dict:
         "question": result.question, "text_tokens": result.text_tokens, "layers_are": result.layer_word + "s",
         "input_pixels": list(result.input_shape),
         "settings": asdict(result.settings), "grid_shape": list(trace.grid_shape), "patch_size": result.patch_size,
-        "answers": {"full": result.full_answers, "pumer": result.pumer_answers},
+        "answers": {"full": result.full_answers, "reduced": result.pumer_answers}, "method": PUMER,
         "speed": asdict(result.speed),
         "corrections": [asdict(e) for e in result.corrections],
         "image_cls": image_cls_fates(trace, sample),

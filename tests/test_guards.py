@@ -198,3 +198,38 @@ def test_page_guard_names_the_function():
 ])
 def test_page_guard_passes_a_thin_page(code):
     assert page_tensor_code(code) == []
+
+
+# ------------------------------------------------------------------------------------ 3. the method table
+TABLE = "models/methods.py"
+
+
+def method_key_literals(source: str, keys: set[str], filename: str = "<source>") -> list[tuple[int, str]]:
+    """(line, key) for each string literal equal to a method key of the table (``"tome"``, ``"dynamicvit"``):
+    code that names a method instead of looping over the table. f-string pieces count too."""
+    return sorted({(node.lineno, node.value) for node in ast.walk(ast.parse(source, filename=filename))
+                   if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in keys})
+
+
+def _method_keys() -> set[str]:
+    from models.methods import METHODS
+
+    return set(METHODS)
+
+
+def test_no_page_or_analysis_names_a_method():
+    """Issue #24: the method table is the only place a method is named; pages and analyses loop over it."""
+    offenders = {path: hits for path, source in _sources("analysis", "pages", app=True).items()
+                 for hits in [method_key_literals(source, _method_keys(), path)] if hits}
+    assert not offenders, f"method keys written out in analysis/ or pages/ (loop over models.methods.METHODS): " \
+                          f"{offenders}"
+
+
+def test_method_guard_sees_a_violation():
+    keys = _method_keys()
+    assert {"tome", "dynamicvit", "evit"} <= keys
+    bad = ['METHODS["tome"].bind(model, {})', 'if method.key == "dynamicvit":\n    pass',
+           'DEFAULTS = {"evit": [0.7]}', "key = f'{m}_{\"tome\"}'"]
+    for source in bad:
+        assert method_key_literals(source, keys), source
+    assert not method_key_literals('for m in METHODS.values():\n    label = f"tr_{m.key}"  # "tome"', keys)
