@@ -148,7 +148,7 @@ def test_frontier_computes_and_keeps_its_points_through_downloads(shared_dir, ap
 
         saved = _download_each(page, ("Download points (CSV)", "Download points (JSON)"), tmp_path, still_there)
         rows = saved["Download points (CSV)"].read_text().splitlines()
-        assert rows[0].startswith("model,weights,image,setting,") and len(rows) == 1 + 8  # unreduced, 4 r, 3 rho
+        assert rows[0].startswith("model,weights,image,setting,") and len(rows) == 1 + 11  # unreduced, 4 r, 3 EViT, 3 rho
         assert all(',"2 images: china, flower",' in row for row in rows[1:])  # the images, named on every row
         assert "deit_tiny_patch16_224.safetensors" in rows[1] and "(untrained predictors)" in rows[-1]
         assert '"points"' in saved["Download points (JSON)"].read_text()
