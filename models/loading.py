@@ -36,7 +36,8 @@ def build_random(spec: ModelSpec) -> nn.Module:
         return import_target(spec.factory)(**spec.factory_kwargs)
     import timm
 
-    return timm.create_model(spec.timm_id, pretrained=False)
+    # The tag's config where there is one: it may change the head (in21k: 21843 classes; DINOv2: none).
+    return timm.create_model(spec.pretrained_name or spec.timm_id, pretrained=False)
 
 
 def _timm_filter(model: nn.Module, state_dict: dict) -> dict:

@@ -1,0 +1,280 @@
+"""Any timm model by name (#24 item 2): small ViTs the registry does not list, registered with timm here, run through
+every analysis: a class-token ViT, one with 4 registers, one without a class token (global average pooling).
+
+Random weights, 64 px, no network and nothing from ../shared.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from timm.models import generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, _cfg, _create_vision_transformer
+
+from models.registry import CNN, IMAGE_CLASSIFICATION, IMAGE_FEATURES, MHSA, MethodNotApplicable, SWIN, get_spec
+
+TINY = dict(img_size=64, patch_size=16, embed_dim=48, depth=4, num_heads=3, num_classes=1000)
+CLS, REG4, GAP = "anyvit_tiny_cls_test", "anyvit_tiny_reg4_test", "anyvit_tiny_gap_test"
+NAMES = (CLS, REG4, GAP)
+PREFIX = {CLS: 1, REG4: 5, GAP: 0}
+
+# timm reads a module's ``default_cfgs`` when ``register_model`` runs: each test model gets a 64 px config.
+default_cfgs = generate_default_cfgs({f"{name}.untrained": _cfg(input_size=(3, 64, 64), num_classes=1000)
+                                      for name in NAMES})
+
+
+@register_model
+def anyvit_tiny_cls_test(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    return _create_vision_transformer(CLS, pretrained=pretrained, **dict(TINY, **kwargs))
+
+
+@register_model
+def anyvit_tiny_reg4_test(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    return _create_vision_transformer(REG4, pretrained=pretrained, **dict(TINY, reg_tokens=4, **kwargs))
+
+
+@register_model
+def anyvit_tiny_gap_test(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    return _create_vision_transformer(GAP, pretrained=pretrained,
+                                      **dict(TINY, class_token=False, global_pool="avg", **kwargs))
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from models.loading import load_model
+
+    torch.manual_seed(0)
+    return {name: load_model(name, random_weights=True) for name in NAMES}
+
+
+@pytest.fixture(scope="module")
+def batch() -> torch.Tensor:
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+# ----------------------------------------------------------------------------------------------- the spec
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_unregistered_timm_vit_gets_a_spec_inferred_from_its_class(name):
+    spec = get_spec(name)
+    assert (spec.family, spec.attention, spec.timm_id, spec.pretrained_tag) == (MHSA, MHSA, name, "untrained")
+    assert spec.input_size == 64 and spec.task == IMAGE_CLASSIFICATION
+    assert get_spec(name) is spec  # cached
+
+
+@pytest.mark.parametrize("name, family, tag, size, task", [
+    ("vit_base_patch16_224.augreg_in21k_ft_in1k", MHSA, "augreg_in21k_ft_in1k", 224, IMAGE_CLASSIFICATION),
+    ("deit3_small_patch16_224", MHSA, "fb_in1k", 224, IMAGE_CLASSIFICATION),  # timm's default tag
+    ("vit_small_patch14_dinov2", MHSA, "lvd142m", 518, IMAGE_FEATURES),      # no head: features only
+    ("vit_small_patch14_reg4_dinov2.lvd142m", MHSA, "lvd142m", 518, IMAGE_FEATURES),
+    ("swin_tiny_patch4_window7_224.ms_in22k", SWIN, "ms_in22k", 224, IMAGE_CLASSIFICATION),
+    ("resnet18.a1_in1k", CNN, "a1_in1k", 224, IMAGE_CLASSIFICATION),
+])
+def test_timm_names_with_and_without_tags(name, family, tag, size, task):
+    spec = get_spec(name)
+    assert (spec.family, spec.pretrained_tag, spec.input_size, spec.task) == (family, tag, size, task)
+    assert spec.pretrained_name == f"{spec.timm_id}.{tag}"
+
+
+def test_unknown_names_and_unsupported_classes_say_so_in_one_sentence():
+    with pytest.raises(KeyError) as unknown:
+        get_spec("vit_tiniest_patch3")
+    assert str(unknown.value).startswith("Unknown model 'vit_tiniest_patch3': timm has no model 'vit_tiniest_patch3'; "
+                                         "names look like vit_base_patch16_224.augreg_in21k_ft_in1k.")
+    with pytest.raises(KeyError, match="no pretrained tag 'nope' for vit_base_patch16_224; its tags: .*augreg_in1k"):
+        get_spec("vit_base_patch16_224.nope")
+    with pytest.raises(MethodNotApplicable, match="is a timm Eva, which this app does not run"):
+        get_spec("eva02_tiny_patch14_224")
+
+
+# ----------------------------------------------------------------------------------------------- the walks
+
+@pytest.mark.parametrize("name", NAMES)
+def test_explicit_forwards_equal_the_model_at_neutral_settings(name, loaded, batch):
+    from models.attention_recording import record_attention
+    from models.tome import tome_forward
+
+    model = loaded[name].model
+    with torch.inference_mode():
+        reference = model(batch)
+        recorded, record = record_attention(model, batch)
+        merged_nothing, trace = tome_forward(model, batch, r=0, return_trace=True)
+    assert reference.shape == (2, 1000)
+    torch.testing.assert_close(recorded, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged_nothing, reference, atol=1e-5, rtol=0)
+    tokens = 16 + PREFIX[name]
+    assert [b.maps.shape for b in record.blocks] == [(2, 3, tokens, tokens)] * 4
+    assert {b.num_prefix_tokens for b in record.blocks} == {PREFIX[name]}
+    assert trace.tokens_per_layer == [tokens] * 4
+
+
+# ViT variants timm ships: DINOv2 (patch 14, layer scale, registers), DeiT III (layer scale, position embedding
+# without the class token), qk-norm, a MAP head without class token, DeiT's distillation token; fused or not.
+VARIANTS = {
+    "dinov2_reg": dict(img_size=56, patch_size=14, init_values=0.1, reg_tokens=4),
+    "deit3": dict(no_embed_class=True, init_values=0.1),
+    "qk_norm": dict(qk_norm=True),
+    "gap_reg": dict(class_token=False, global_pool="avg", reg_tokens=2),
+    "map_head": dict(class_token=False, global_pool="map"),
+    "distilled": None,
+}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_walk_equals_the_model_on_vit_variants(variant, fused):
+    from timm.models.deit import VisionTransformerDistilled
+
+    from models.attention_recording import record_attention
+    from models.tome import tome_forward
+
+    torch.manual_seed(0)
+    kwargs = VARIANTS[variant]
+    model = (VisionTransformerDistilled(**TINY) if kwargs is None else VisionTransformer(**dict(TINY, **kwargs))).eval()
+    for block in model.blocks:  # a model of its own: the non-fused path is timm's explicit softmax
+        block.attn.fused_attn = fused
+    size = model.patch_embed.img_size[0]
+    x = torch.randn(2, 3, size, size)
+    with torch.inference_mode():
+        reference = model(x)
+        recorded, record = record_attention(model, x)
+        merged_nothing = tome_forward(model, x, r=0)
+        merged, trace = tome_forward(model, x, r=2, return_trace=True)
+    torch.testing.assert_close(recorded, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged_nothing, reference, atol=1e-5, rtol=0)
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    assert record.blocks[0].maps.shape[-1] == tokens
+    assert trace.tokens_per_layer == [tokens - 2 * (i + 1) for i in range(4)] and merged.shape == reference.shape
+    assert (trace.prefix_assignments[-1] == np.arange(model.num_prefix_tokens)).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tome_never_merges_the_prefix_tokens(name, loaded, batch):
+    """Registers, like the class token, stay out of every pair and in front; the patches lose r tokens per block."""
+    from models.tome import tome_forward
+
+    model, prefix = loaded[name].model, PREFIX[name]
+    with torch.inference_mode():
+        _, trace = tome_forward(model, batch, r=3, return_trace=True)
+    assert trace.tokens_per_layer == [16 + prefix - 3 * (i + 1) for i in range(4)]
+    for layer in range(4):
+        assert (trace.prefix_assignments[layer] == np.arange(prefix)).all()  # each prefix token holds itself
+        assert trace.assignments[layer].min() >= prefix                      # no patch went into a prefix token
+        assert trace.sizes[layer][:, prefix:].sum(axis=1).tolist() == [16.0, 16.0]
+        assert (trace.sizes[layer][:, :prefix] == 1).all()
+
+
+@pytest.mark.parametrize("name", [CLS, REG4])
+def test_merging_in_the_last_block_leaves_the_class_token_logits_alone(name, loaded, batch):
+    """The last block merges between its attention and its (per-token) MLP: with the class token kept out of every
+    pair and kept first, the logits read from it are exactly the unmerged model's."""
+    from models.tome import tome_forward
+
+    model = loaded[name].model
+    with torch.inference_mode():
+        merged, trace = tome_forward(model, batch, r=[0, 0, 0, 7], return_trace=True)
+        reference = model(batch)
+    assert trace.tokens_per_layer[-1] == 16 + PREFIX[name] - 7
+    torch.testing.assert_close(merged, reference, atol=1e-5, rtol=0)
+
+
+def test_without_a_class_token_the_pooled_mean_is_weighted_by_token_size(loaded):
+    """A merged token holding two patches counts twice in the average pooling, as its two patches did."""
+    from models.vit_forward import classify
+
+    model = loaded[GAP].model
+    tokens = torch.randn(1, 3, 48, generator=torch.Generator().manual_seed(2))
+    duplicated = torch.cat([tokens[:, :1], tokens], dim=1)  # token 0 twice
+    with torch.inference_mode():
+        weighted = classify(model, tokens, torch.tensor([[[2.0], [1.0], [1.0]]]))
+        plain = classify(model, duplicated)
+        unit = classify(model, tokens, torch.ones(1, 3, 1))
+        timm_pool = model.forward_head(model.norm(tokens))
+    torch.testing.assert_close(weighted, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(unit, timm_pool, atol=1e-5, rtol=0)
+    assert not torch.allclose(weighted, timm_pool, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- every analysis
+
+@pytest.mark.parametrize("name", NAMES)
+def test_head_redundancy(name, loaded, batch):
+    from analysis.head_redundancy import analyze_model, to_dataframe
+
+    result = analyze_model(loaded[name].model, batch, name, random_weights=True)
+    frame = to_dataframe(result)
+    assert len(result.blocks) == 4 and len(frame) == 4 * 3
+    assert all(b.attention_similarity.shape == b.feature_similarity.shape == (3, 3) for b in result.blocks)
+    assert np.isfinite(result.mean_redundancy()).all()
+    assert frame["model"].eq(name).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_taylor_importance(name, loaded, batch):
+    from analysis.channel_importance import taylor_importance
+
+    scores = taylor_importance(loaded[name].model, [(batch, None)], model_name=name)
+    frame = scores.to_dataframe()
+    assert set(frame["component"]) == {"embed", "q", "k", "v", "proj", "ffn_hidden"}
+    per_block = frame[frame["component"] == "ffn_hidden"].groupby("block").size()
+    assert per_block.tolist() == [4 * 48] * 4  # every block's FFN hidden channels (mlp ratio 4)
+    assert len(frame[frame["component"] == "embed"]) == 48
+    assert np.isfinite(scores.score).all() and (scores.score > 0).any()
+    assert scores.model == name and scores.num_images == 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tome_through_token_reductions_run(name, loaded, batch):
+    from analysis.token_reduction import tome_run
+
+    logits, trace = tome_run(loaded[name].model, batch, r=2)
+    assert logits.shape == (2, 1000)
+    assert trace.tokens_per_layer[-1] == 16 + PREFIX[name] - 8 and trace.num_prefix_tokens == PREFIX[name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_frontier_points_and_timing(name, loaded, batch):
+    from analysis.frontier import FrontierSetting, FrontierTask, measure_throughput
+    from analysis.throughput import BenchSettings
+
+    settings = [FrontierSetting.parse(t) for t in ["unreduced", "tome=0", "tome=2", "tome=4"]]
+    task = FrontierTask(loaded[name].model, name, settings)
+    task.update(batch, torch.full((2,), -1))
+    record = task.result(task.sums)
+    assert record.images == 2 and record.agree[0] == record.agree[1] == 2
+    speed = measure_throughput(loaded[name], settings, BenchSettings(batch=2, iters=1, rounds=1, warmup=0))
+    assert speed["setting_key"].tolist() == ["unreduced", "tome=0", "tome=2", "tome=4"]
+    assert (speed["img_per_s"] > 0).all()
+    gflops = speed.set_index("setting_key")["gflops"]
+    assert gflops["tome=4"] < gflops["tome=2"] < gflops["unreduced"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_throughput_cli_with_tome(name, capsys, tmp_path):
+    from analysis import throughput as T
+
+    out = tmp_path / "r.json"
+    code = T.main(["--models", name, f"{name}@tome=2", "--baseline", name, "--random-weights", "--device", "cpu",
+                   "--batch", "2", "--iters", "1", "--rounds", "1", "--warmup", "0", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert f"speedup {name}@tome=2 vs {name}: " in printed
+    assert f'"{name}@tome=2"' in out.read_text()
+
+
+def test_breakdown_cli_on_a_register_vit_with_tome(tmp_path, capsys):
+    """analysis.breakdown takes the typed name: the sdpa of each block is attention, ToMe's matching is reduction."""
+    import json
+
+    from analysis import breakdown as B
+    from models.scopes import ATTENTION, REDUCTION
+
+    code = B.main(["--models", REG4, f"{REG4}@tome=2", "--batch", "2", "--iters", "1", "--warmup", "0",
+                   "--no-roofline", "--out", str(tmp_path)])
+    assert code == 0
+    data = json.loads((tmp_path / "breakdown.json").read_text())
+    assert [m["model"] for m in data["models"]] == [REG4, f"{REG4}@tome=2"]
+    ops = __import__("pandas").read_csv(tmp_path / "ops.csv")
+    plain, merged = ops[ops["model"] == REG4], ops[ops["model"] == f"{REG4}@tome=2"]
+    assert plain[(plain["op"] == "scaled_dot_product_attention") & (plain["component"] == ATTENTION)]["calls"].sum() == 4
+    assert REDUCTION in set(merged["component"]) and REDUCTION not in set(plain["component"])
