@@ -12,6 +12,7 @@ kept indices directly readable as patch positions.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
@@ -22,9 +23,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
+from models.registry import MHSA, MethodNotApplicable, get_spec
 from models.scopes import REDUCTION, scope
 from models.vit_forward import (  # noqa: F401 - POLICY_EPS and policy_softmax are part of this module's API
-    POLICY_EPS, attention_residual, classify, embed_tokens, gather_tokens, mlp_residual, policy_softmax, vit_config,
+    POLICY_EPS, attention_residual, classify, embed_tokens, gather_tokens, is_plain_block, mlp_residual, policy_softmax,
+    vit_config,
 )
 
 DEFAULT_PRUNING_LOCATIONS = (3, 6, 9)
@@ -108,12 +111,36 @@ class DynamicViT(VisionTransformer):
 def _check_architecture(model: VisionTransformer, locations: tuple[int, ...]) -> None:
     """DynamicViT needs exactly one CLS token, token pooling and a fixed patch grid; locations must be increasing."""
     if model.cls_token is None or model.num_prefix_tokens != 1 or model.global_pool != "token":
-        raise ValueError("DynamicViT needs a ViT with one class token, no register tokens and global_pool='token'.")
+        raise MethodNotApplicable("DynamicViT needs a ViT with one class token, no register tokens and "
+                                  "global_pool='token'.")
     if getattr(model, "dynamic_img_size", False):
-        raise ValueError("DynamicViT keep counts are fixed by the patch grid; dynamic_img_size is not supported.")
+        raise MethodNotApplicable("DynamicViT keep counts are fixed by the patch grid; dynamic_img_size is not "
+                                  "supported.")
     if list(locations) != sorted(set(locations)) or not all(0 <= i < len(model.blocks) for i in locations):
-        raise ValueError(f"pruning_locations must be increasing block indices in [0, {len(model.blocks)}), "
-                         f"got {locations}.")
+        raise MethodNotApplicable(f"DynamicViT prunes before blocks {', '.join(map(str, locations))}, and this "
+                                  f"model has {len(model.blocks)} blocks (pruning_locations must be increasing "
+                                  f"block indices in [0, {len(model.blocks)})).")
+
+
+@functools.lru_cache(maxsize=64)
+def untrained_predictors_reason(model_name: str,
+                                pruning_locations: tuple[int, ...] = DEFAULT_PRUNING_LOCATIONS) -> str | None:
+    """None when untrained DynamicViT predictors can be attached to the MHSA backbone ``model_name`` (checked on its
+    architecture, built on the meta device); otherwise why not, in one sentence."""
+    import timm
+
+    spec = get_spec(model_name)
+    if spec.family != MHSA or not spec.timm_id:
+        return f"DynamicViT's untrained predictors go on a plain timm ViT, and {model_name} is none."
+    with torch.device("meta"):
+        vit = timm.create_model(spec.pretrained_name or spec.timm_id, pretrained=False)
+    if type(vit) is not VisionTransformer or not all(is_plain_block(b) for b in vit.blocks):
+        return f"DynamicViT wraps timm's plain VisionTransformer, and {model_name} is a {type(vit).__name__}."
+    try:
+        _check_architecture(vit, tuple(pruning_locations))
+    except MethodNotApplicable as exc:
+        return str(exc)
+    return None
 
 
 def build_dynamicvit(arch: str, pruning_locations: Sequence[int] = DEFAULT_PRUNING_LOCATIONS,

@@ -242,7 +242,10 @@ def sized(spec: ModelSpec, size: int | None) -> ModelSpec:
 
 
 class UnknownModelError(KeyError):
-    """Neither the registry nor timm knows the name. ``str()`` is the message itself (KeyError would quote it)."""
+    """Neither the registry nor timm knows the name. ``str()`` is the message itself (KeyError would quote it);
+    ``reason`` is its one sentence about timm ("timm has no model 'x'; names look like ...")."""
+
+    reason = ""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
@@ -276,7 +279,9 @@ def timm_spec(name: str) -> ModelSpec:
         arch = timm_specs.describe(name)
     except timm_specs.NoSuchTimmModel as exc:
         known = ", ".join(sorted(REGISTRY))
-        raise UnknownModelError(f"Unknown model {name!r}: {exc} Registry models: {known}") from None
+        error = UnknownModelError(f"Unknown model {name!r}: {exc} Registry models: {known}")
+        error.reason = str(exc)  # the one sentence about timm, for a page
+        raise error from None
     except timm_specs.UnsupportedTimmClass as exc:
         raise MethodNotApplicable(str(exc)) from None
     return ModelSpec(name, _TIMM_KIND_FAMILIES[arch.kind], arch.architecture, arch.tag,

@@ -37,6 +37,7 @@ from pages._ui import (
     run_through_app,
     session_result,
     show_weights_banner,
+    timm_model_names,
     weights_text,
 )
 
@@ -64,6 +65,7 @@ dataset_run_section(["taylor"], key="ci_run")
 left, right = st.columns(2)
 with left:
     name = kept(st.selectbox, "Model", key="ci_model", options=models_with_attention(MHSA, CGA))
+    name = next(iter(timm_model_names("ci_timm", attention=(MHSA, CGA), multiple=False)), name)
     random_weights = random_weights_toggle("ci_random")
     source = kept(st.radio, "Images", key="ci_source", options=["Sample photos / upload",
                                                                 "Folder with class sub-folders"], horizontal=True)

@@ -278,3 +278,140 @@ def test_breakdown_cli_on_a_register_vit_with_tome(tmp_path, capsys):
     plain, merged = ops[ops["model"] == REG4], ops[ops["model"] == f"{REG4}@tome=2"]
     assert plain[(plain["op"] == "scaled_dot_product_attention") & (plain["component"] == ATTENTION)]["calls"].sum() == 4
     assert REDUCTION in set(merged["component"]) and REDUCTION not in set(plain["component"])
+
+
+# ----------------------------------------------------------------------------------------------- pages
+
+def _page(name: str) -> str:
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parents[1] / "pages" / f"{name}.py")
+
+
+@pytest.fixture
+def no_weights(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
+
+
+def test_head_redundancy_page_on_a_typed_register_vit(no_weights):
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_file(_page("head_redundancy"), default_timeout=180)
+    app.session_state["hr_models"] = []
+    app.session_state["hr_timm"] = f"{REG4} no_such_vit_patch3 resnet18"
+    app.session_state["hr_random_models"] = [REG4]
+    app.session_state["hr_max_images"] = 1
+    app.run()
+    assert not app.exception, app.exception
+    errors = [e.value for e in app.error]
+    assert errors == ["timm has no model 'no_such_vit_patch3'; names look like vit_base_patch16_224.augreg_in21k_ft_in1k.",
+                      "resnet18 is a CNN model, and this page records the attention of ViT / DeiT (multi-head "
+                      "self-attention) or EfficientViT (cascaded group attention) models."]
+    assert any(f"{REG4} runs with RANDOM weights" in w.value for w in app.warning)
+    assert len(app.get("plotly_chart")) >= 2 and len(app.get("image")) == 1
+    assert app.get("image")[0].captions[0].startswith(f"{REG4} (random weights), block 3")
+
+    app.session_state["hr_timm"] = GAP  # no class token: the whole-image query is the mean attention received
+    app.session_state["hr_random_models"] = [GAP]
+    app.run()
+    assert not app.exception and not app.error, (app.exception, [e.value for e in app.error])
+    assert "mean attention received (no CLS token)" in app.get("image")[0].captions[0]
+
+
+def test_head_redundancy_page_without_weights_says_where_to_put_them(no_weights):
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_file(_page("head_redundancy"), default_timeout=180)
+    app.session_state["hr_models"] = []
+    app.session_state["hr_timm"] = CLS
+    app.run()
+    assert not app.exception, app.exception
+    message = " ".join(e.value for e in app.error)
+    assert f"No pretrained weights found for {CLS}" in message and f"Put {CLS}.safetensors (or .pth)" in message
+
+
+def test_throughput_page_times_a_typed_vit_with_tome():
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_file(_page("throughput"), default_timeout=240)
+    app.session_state["tp_models"] = []
+    app.session_state["tp_timm"] = CLS
+    app.session_state["tp_ToMe_tome"] = [2]
+    app.session_state["tp_batch"] = 2
+    app.session_state["tp_iters"] = 1
+    app.session_state["tp_rounds"] = 1
+    app.run()
+    assert not app.exception, app.exception
+    assert app.selectbox(key="tp_baseline").options == [CLS, f"{CLS}@tome=2"]
+    app.button(key="tp_run").click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    table = app.dataframe[0].value.set_index("model")
+    assert set(table.index) == {CLS, f"{CLS}@tome=2"} and (table["img_per_s"] > 0).all()
+    assert table.loc[CLS, "speedup"] == 1.0
+
+
+def test_frontier_and_channel_importance_refuse_a_backbone_without_head_in_one_sentence():
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_file(_page("channel_importance"), default_timeout=120)
+    app.session_state["ci_timm"] = "vit_small_patch14_dinov2"
+    app.session_state["ci_random"] = True
+    app.run(timeout=120)
+    assert not app.exception, app.exception
+    assert [e.value for e in app.error][:1] == [
+        "vit_small_patch14_dinov2 gives image features (timm num_classes=0: no classification head), and this page "
+        "needs image classification."]
+
+    frontier = AppTest.from_file(_page("frontier"), default_timeout=120)
+    frontier.session_state["fr_models"] = []
+    frontier.session_state["fr_timm"] = f"vit_small_patch14_dinov2 {CLS}"
+    frontier.run()
+    assert not frontier.exception, frontier.exception
+    assert frontier.error[0].value.startswith("vit_small_patch14_dinov2 gives image features")
+    # The typed 4-block ViT gets ToMe's values; DynamicViT (predictors before blocks 3, 6, 9) is not offered.
+    offered = {w.key for w in frontier.multiselect}
+    assert "fr_values_tome" in offered and "fr_values_dynamicvit" not in offered
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+def test_weights_resolve_from_a_file_named_after_the_model_then_the_hub_then_say_where(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from models import weights as W
+    from models.checkpoints import WeightsNotFoundError
+    from models.loading import build_random, load_model
+
+    name = "vit_base_patch16_224.augreg_in21k_ft_in1k"
+    spec = get_spec(name)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError) as missing:
+        W.resolve(spec, folder=tmp_path)
+    message = str(missing.value)
+    assert f"Put {name}.safetensors (or .pth) in the folder {tmp_path}" in message
+    assert f"timm's '{name}' on the Hugging Face hub" in message
+    monkeypatch.setattr(W, "hub_offline", lambda: False)
+    monkeypatch.setattr(W, "host_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(W, "in_hf_cache", lambda spec: False)
+    assert W.resolve(spec, folder=tmp_path) == W.WeightsSource(W.HUB, name)  # timm's hub id: arch.tag
+
+    # A file named after the typed model (or its architecture) in the weights folder comes first.
+    torch.manual_seed(3)
+    state = {k: v.contiguous() for k, v in build_random(get_spec(CLS)).state_dict().items()}
+    save_file(state, tmp_path / f"{CLS}.safetensors")
+    loaded = load_model(CLS, weights_folder=tmp_path, allow_network=False)
+    assert loaded.weights.kind == W.LOCAL and loaded.weights.location == str(tmp_path / f"{CLS}.safetensors")
+    torch.testing.assert_close(loaded.model.state_dict()["head.weight"], state["head.weight"])
+
+
+def test_an_uploaded_fine_tuned_checkpoint_is_matched_to_the_typed_model(tmp_path):
+    """The sidebar's upload matches a checkpoint by its shapes: a typed model's fine-tuned file fits it alone."""
+    from models.loading import build_random, checkpoint_mismatch, matching_models
+    from models.registry import REGISTRY
+
+    state = build_random(get_spec(REG4)).state_dict()
+    specs = list(REGISTRY.values()) + [get_spec(n) for n in NAMES]
+    assert matching_models(state, specs) == [REG4]
+    assert "keys missing" in checkpoint_mismatch(state, get_spec(CLS)) or "unexpected" in checkpoint_mismatch(
+        state, get_spec(CLS))
