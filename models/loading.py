@@ -104,7 +104,12 @@ def build_with_weights(spec: ModelSpec, source: W.WeightsSource) -> nn.Module:
 def data_config_for(model: nn.Module) -> dict:
     import timm.data
 
-    return timm.data.resolve_data_config({}, model=model)
+    given = {}
+    if not getattr(model, "pretrained_cfg", None):  # built without timm's config: the patch grid fixes the size
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if size:
+            given["input_size"] = (3, *size)
+    return timm.data.resolve_data_config(given, model=model)
 
 
 def _timm_model_and_transform(spec: ModelSpec, source: W.WeightsSource) -> tuple[nn.Module, Callable, dict]:

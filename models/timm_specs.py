@@ -81,13 +81,16 @@ def describe(name: str) -> TimmArch:
         tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{architecture}.*")]
         raise NoSuchTimmModel(f"timm has no pretrained tag {tag!r} for {architecture}; its tags: "
                               f"{', '.join(tags) or 'none'}.") from None
-    with torch.device("meta"):
-        model = timm.create_model(f"{architecture}.{tag}" if tag else architecture, pretrained=False)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(f"{architecture}.{tag}" if tag else architecture, pretrained=False)
+    except Exception as exc:  # noqa: BLE001 - a model function that fails to build is reported, not raised through
+        raise UnsupportedTimmClass(f"timm could not build {name}: {type(exc).__name__}: {exc}") from exc
     kind = _kind(model)
     if kind is None:
         raise UnsupportedTimmClass(f"{name} is a timm {type(model).__name__}, which this app does not run; "
                                    f"it runs {SUPPORTED}.")
-    sizes = getattr(cfg, "input_size", None) or (model.pretrained_cfg or {}).get("input_size")
+    sizes = getattr(cfg, "input_size", None) or (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
     if kind == VIT:  # the position embedding fixes the size the model was built for
         size = int(model.patch_embed.img_size[0])
     else:

@@ -39,6 +39,27 @@ def anyvit_tiny_gap_test(pretrained: bool = False, **kwargs) -> VisionTransforme
                                       **dict(TINY, class_token=False, global_pool="avg", **kwargs))
 
 
+@register_model
+def anyvit_tiny_bare_test(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Built directly, without timm's config machinery: no pretrained config, no tag."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    return VisionTransformer(**dict(TINY, **kwargs))
+
+
+def test_a_bare_model_function_without_a_config_is_sized_by_its_patch_grid(tmp_path):
+    from models import weights as W
+    from models.checkpoints import WeightsNotFoundError
+    from models.loading import load_model
+
+    spec = get_spec("anyvit_tiny_bare_test")
+    assert (spec.family, spec.pretrained_tag, spec.pretrained_name, spec.input_size) == (MHSA, None, None, 64)
+    model = load_model("anyvit_tiny_bare_test", random_weights=True)
+    assert model.data_config["input_size"] == (3, 64, 64)
+    with pytest.raises(WeightsNotFoundError, match="Put anyvit_tiny_bare_test.safetensors"):
+        W.resolve(spec, folder=tmp_path, allow_network=False)
+
+
 @pytest.fixture(scope="module")
 def loaded():
     from models.loading import load_model
@@ -415,3 +436,24 @@ def test_an_uploaded_fine_tuned_checkpoint_is_matched_to_the_typed_model(tmp_pat
     assert matching_models(state, specs) == [REG4]
     assert "keys missing" in checkpoint_mismatch(state, get_spec(CLS)) or "unexpected" in checkpoint_mismatch(
         state, get_spec(CLS))
+
+
+def test_dataset_cli_runs_tome_merge_and_taylor_on_a_typed_name(tmp_path, monkeypatch, capsys):
+    from analysis.data.images import sample_images
+    from analysis.run import main
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for sample in sample_images():
+        sample.image.save(folder / f"{sample.name}.jpg")
+    common = ["--model", REG4, "--data", str(folder), "--random-weights", "--device", "cpu", "--batch", "2",
+              "--workers", "0", "--no-progress"]
+    assert main(["tome-merge", *common, "--r", "2", "--out", str(tmp_path / "tome")]) == 0
+    assert main(["taylor", *common, "--out", str(tmp_path / "taylor")]) == 0
+    run = __import__("json").loads((tmp_path / "tome" / "run.json").read_text())
+    assert run["model"]["name"] == REG4 and run["counts"]["images_seen"] == 2
+    assert (tmp_path / "tome" / "tome_merge.csv").is_file() and (tmp_path / "taylor" / "taylor_scores.csv").is_file()
+    assert main(["taylor", "--model", "vit_nope_patch3", "--data", str(folder), "--out", str(tmp_path / "x")]) == 2
+    assert "timm has no model 'vit_nope_patch3'" in capsys.readouterr().err
