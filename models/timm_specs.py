@@ -44,7 +44,6 @@ class TimmArch:
     class_name: str
     input_size: int         # the side the pretrained config (or the patch embedding) expects
     num_classes: int        # 0: a feature extractor without a classification head (DINOv2)
-    num_prefix_tokens: int = 0  # ViTs: class + distillation + register tokens
 
 
 def _kind(model) -> str | None:
@@ -96,5 +95,4 @@ def describe(name: str) -> TimmArch:
     else:
         size = int(sizes[-1]) if sizes else 224
     return TimmArch(name=name, architecture=architecture, tag=tag or getattr(cfg, "tag", None) or None, kind=kind,
-                    class_name=type(model).__name__, input_size=size, num_classes=int(model.num_classes),
-                    num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)))
+                    class_name=type(model).__name__, input_size=size, num_classes=int(model.num_classes))

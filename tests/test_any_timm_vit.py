@@ -457,3 +457,41 @@ def test_dataset_cli_runs_tome_merge_and_taylor_on_a_typed_name(tmp_path, monkey
     assert (tmp_path / "tome" / "tome_merge.csv").is_file() and (tmp_path / "taylor" / "taylor_scores.csv").is_file()
     assert main(["taylor", "--model", "vit_nope_patch3", "--data", str(folder), "--out", str(tmp_path / "x")]) == 2
     assert "timm has no model 'vit_nope_patch3'" in capsys.readouterr().err
+
+
+def _sidebar_then_typed_model():
+    """The sidebar as app.py draws it, then a page loading the timm models typed in its 'Other timm models'."""
+    import streamlit as st
+
+    from pages._ui import cached_model, sidebar, timm_model_names
+
+    sidebar()
+    for name in timm_model_names("typed_models", task=None):
+        loaded = cached_model(name)
+        if loaded is not None:
+            st.success(f"{name}: {loaded.weights.description}")
+
+
+def test_a_fine_tuned_checkpoint_of_a_typed_model_loads_through_the_sidebar_upload(monkeypatch, tmp_path):
+    from safetensors.torch import save
+    from streamlit.testing.v1 import AppTest
+
+    from models.loading import build_random
+
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    app = AppTest.from_function(_sidebar_then_typed_model, default_timeout=120)
+    app.session_state["typed_models"] = REG4
+    app.run()
+    assert not app.exception, app.exception
+    assert any(f"No pretrained weights found for {REG4}" in e.value for e in app.error)
+    torch.manual_seed(5)
+    state = {k: v.contiguous() for k, v in build_random(get_spec(REG4)).state_dict().items()}
+    app.sidebar.file_uploader(key="vitlab_upload_ckpt").set_value(
+        ("reg4_finetuned.safetensors", save(state), "application/octet-stream")).run()
+    assert not app.exception, [e.value for e in app.exception]
+    picker = app.sidebar.selectbox(key="vitlab_upload_model")
+    assert picker.value == REG4 and picker.options[0] == f"{REG4} (fits)"  # matched against the typed name
+    assert not app.error
+    assert any(s.value.startswith(f"{REG4}: local file ") and s.value.endswith("reg4_finetuned.safetensors")
+               for s in app.success)
