@@ -495,3 +495,27 @@ def test_a_fine_tuned_checkpoint_of_a_typed_model_loads_through_the_sidebar_uplo
     assert not app.error
     assert any(s.value.startswith(f"{REG4}: local file ") and s.value.endswith("reg4_finetuned.safetensors")
                for s in app.success)
+
+
+def test_what_does_not_apply_says_so_in_one_sentence(batch):
+    """A headless backbone has no loss for Taylor importance; a post-norm block is not what ToMe and the recording
+    walk; DynamicViT needs one class token and blocks 3, 6, 9. Each is a MethodNotApplicable, never a traceback."""
+    from timm.models.vision_transformer import ResPostBlock
+
+    from analysis.channel_importance import taylor_importance
+    from models.attention_recording import record_attention
+    from models.dynamicvit import untrained_predictors_reason
+    from models.tome import tome_forward
+
+    headless = VisionTransformer(**dict(TINY, num_classes=0)).eval()
+    with pytest.raises(MethodNotApplicable, match="no classification head"):
+        taylor_importance(headless, [(batch, None)])
+    post_norm = VisionTransformer(**dict(TINY, block_fn=ResPostBlock)).eval()
+    with pytest.raises(MethodNotApplicable, match="block 0 is a ResPostBlock"):
+        tome_forward(post_norm, batch, r=2)
+    with pytest.raises(MethodNotApplicable, match="got ResPostBlock"):
+        record_attention(post_norm, batch)
+    assert untrained_predictors_reason(GAP) == ("DynamicViT needs a ViT with one class token, no register tokens and "
+                                                "global_pool='token'.")
+    assert untrained_predictors_reason(CLS).startswith("DynamicViT prunes before blocks 3, 6, 9, and this model has 4")
+    assert untrained_predictors_reason("deit_tiny_patch16_224") is None
