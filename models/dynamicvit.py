@@ -12,7 +12,6 @@ kept indices directly readable as patch positions.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
@@ -23,7 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
-from models.registry import MHSA, MethodNotApplicable, get_spec
+from models.registry import MethodNotApplicable
 from models.scopes import REDUCTION, scope
 from models.vit_forward import (  # noqa: F401 - POLICY_EPS and policy_softmax are part of this module's API
     POLICY_EPS, attention_residual, classify, embed_tokens, gather_tokens, is_plain_block, mlp_residual, policy_softmax,
@@ -122,25 +121,13 @@ def _check_architecture(model: VisionTransformer, locations: tuple[int, ...]) ->
                                   f"block indices in [0, {len(model.blocks)})).")
 
 
-@functools.lru_cache(maxsize=64)
-def untrained_predictors_reason(model_name: str,
-                                pruning_locations: tuple[int, ...] = DEFAULT_PRUNING_LOCATIONS) -> str | None:
-    """None when untrained DynamicViT predictors can be attached to the MHSA backbone ``model_name`` (checked on its
-    architecture, built on the meta device); otherwise why not, in one sentence."""
-    import timm
-
-    spec = get_spec(model_name)
-    if spec.family != MHSA or not spec.timm_id:
-        return f"DynamicViT's untrained predictors go on a plain timm ViT, and {model_name} is none."
-    with torch.device("meta"):
-        vit = timm.create_model(spec.pretrained_name or spec.timm_id, pretrained=False)
-    if type(vit) is not VisionTransformer or not all(is_plain_block(b) for b in vit.blocks):
-        return f"DynamicViT wraps timm's plain VisionTransformer, and {model_name} is a {type(vit).__name__}."
-    try:
-        _check_architecture(vit, tuple(pruning_locations))
-    except MethodNotApplicable as exc:
-        return str(exc)
-    return None
+def check_backbone(model: nn.Module) -> None:
+    """MethodNotApplicable (one sentence) unless DynamicViT's score predictors fit ``model``: a timm ViT of plain
+    pre-norm blocks with one class token, token pooling and the blocks 3, 6, 9 they go before."""
+    if not isinstance(model, VisionTransformer) or not all(is_plain_block(b) for b in model.blocks):
+        raise MethodNotApplicable(f"DynamicViT's predictors go on timm's plain VisionTransformer, not on a "
+                                  f"{type(model).__name__}.")
+    _check_architecture(model, DEFAULT_PRUNING_LOCATIONS)
 
 
 def build_dynamicvit(arch: str, pruning_locations: Sequence[int] = DEFAULT_PRUNING_LOCATIONS,

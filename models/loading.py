@@ -145,7 +145,7 @@ def load_model(name: str, device: str = "cpu", user_file: str | Path | None = No
 _META_MODELS: dict[str, nn.Module | None] = {}
 
 
-def _meta_model(spec) -> nn.Module | None:
+def meta_model(spec) -> nn.Module | None:
     """The spec's random-init architecture on the meta device (no memory, no init cost); cached per name."""
     if spec.name not in _META_MODELS:
         try:
@@ -167,7 +167,7 @@ def _shape_diff(own: Mapping[str, tuple], state_dict: Mapping[str, torch.Tensor]
 def checkpoint_mismatch(state_dict: Mapping[str, torch.Tensor], spec) -> str | None:
     """None when ``state_dict`` (as saved, or after timm's converter for the official layout) fits ``spec``'s
     architecture key for key and shape for shape; otherwise what differs, in one line."""
-    model = _meta_model(spec)
+    model = meta_model(spec)
     if model is None:
         return f"{spec.name} cannot be built to compare shapes."
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -245,12 +245,28 @@ def test_taylor_importance(name, loaded, batch):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_tome_through_token_reductions_run(name, loaded, batch):
-    from analysis.token_reduction import tome_run
+def test_token_reduction_comparison_on_the_typed_vit(name, loaded, batch):
+    """The token-reduction analysis offers the typed model and runs ToMe on it; EViT, which ranks by the class
+    token's attention, is offered and runs where there is one, and says in one sentence where there is none."""
+    from analysis.token_reduction import compare_reductions, methods_running_on, model_choices
+    from models.methods import METHODS
 
-    logits, trace = tome_run(loaded[name].model, batch, r=2)
-    assert logits.shape == (2, 1000)
-    assert trace.tokens_per_layer[-1] == 16 + PREFIX[name] - 8 and trace.num_prefix_tokens == PREFIX[name]
+    spec = get_spec(name)
+    assert name in model_choices([name])
+    running = {m.key for m in methods_running_on(spec)}
+    assert "tome" in running and ("evit" in running) == (name != GAP)  # EViT needs the class token
+    tome = METHODS["tome"]
+    comparison = compare_reductions(loaded[name].model, batch, ["a", "b"], [tome], {"tome": {"tome": 2}})
+    run = comparison.runs["tome"]
+    assert run.logits.shape == (2, 1000) and comparison.num_tokens == 16 + PREFIX[name]
+    assert run.trace.tokens_per_layer[-1] == 16 + PREFIX[name] - 8 and run.trace.num_prefix_tokens == PREFIX[name]
+    evit = METHODS["evit"]
+    if name == GAP:
+        with pytest.raises(MethodNotApplicable, match="this model has no class token"):
+            compare_reductions(loaded[name].model, batch, ["a", "b"], [evit])
+    else:
+        evit_run = compare_reductions(loaded[name].model, batch, ["a", "b"], [evit]).runs["evit"]
+        assert evit_run.logits.shape == (2, 1000)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -504,7 +520,7 @@ def test_what_does_not_apply_says_so_in_one_sentence(batch):
 
     from analysis.channel_importance import taylor_importance
     from models.attention_recording import record_attention
-    from models.dynamicvit import untrained_predictors_reason
+    from models.methods import METHODS
     from models.tome import tome_forward
 
     headless = VisionTransformer(**dict(TINY, num_classes=0)).eval()
@@ -515,7 +531,16 @@ def test_what_does_not_apply_says_so_in_one_sentence(batch):
         tome_forward(post_norm, batch, r=2)
     with pytest.raises(MethodNotApplicable, match="got ResPostBlock"):
         record_attention(post_norm, batch)
-    assert untrained_predictors_reason(GAP) == ("DynamicViT needs a ViT with one class token, no register tokens and "
-                                                "global_pool='token'.")
-    assert untrained_predictors_reason(CLS).startswith("DynamicViT prunes before blocks 3, 6, 9, and this model has 4")
-    assert untrained_predictors_reason("deit_tiny_patch16_224") is None
+    dynamicvit, evit, tome = METHODS["dynamicvit"], METHODS["evit"], METHODS["tome"]
+    assert dynamicvit.not_applicable_reason(get_spec(GAP)) == (
+        "DynamicViT needs a ViT with one class token, no register tokens and global_pool='token'.")
+    assert dynamicvit.not_applicable_reason(get_spec(CLS)).startswith(
+        "DynamicViT prunes before blocks 3, 6, 9, and this model has 4")
+    assert evit.not_applicable_reason(get_spec(GAP)) == (
+        "EViT ranks patches by the class token's attention, and this model has no class token.")
+    # The method table offers each model only what runs on it: DynamicViT's untrained predictors go on DeiT-Tiny
+    # alone, EViT not on the model without a class token, ToMe everywhere.
+    deit = get_spec("deit_tiny_patch16_224")
+    assert dynamicvit.needs_attachment(deit) and not any(dynamicvit.needs_attachment(get_spec(n)) for n in NAMES)
+    assert [n for n in NAMES if evit.runs_on(get_spec(n))] == [CLS, REG4]
+    assert all(tome.runs_on(get_spec(n)) for n in NAMES) and tome.fits(deit)
