@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis.data.images import folder_class_labels, load_folder
+from models.registry import MethodNotApplicable
 
 LossTarget = Literal["self", "labels"]
 Normalization = Literal["block", "layer", "l2", "none"]
@@ -186,13 +187,16 @@ def _efficientvit_groups(model: nn.Module) -> list[ChannelGroup]:
 
 
 def channel_groups(model: nn.Module) -> list[ChannelGroup]:
-    """Every prunable channel group of a timm ViT/DeiT or EfficientViT (MSRA) model."""
+    """Every prunable channel group of a timm ViT/DeiT or EfficientViT (MSRA) model with a classification head."""
+    if getattr(model, "num_classes", None) == 0:
+        raise MethodNotApplicable("Taylor importance needs a classification loss, and this model has no "
+                                  "classification head (timm num_classes=0: a feature backbone such as DINOv2).")
     if is_efficientvit_msra(model):
         return _efficientvit_groups(model)
     if is_vit(model):
         return _vit_groups(model)
-    raise ValueError(f"Channel importance supports timm ViT/DeiT and EfficientViT (MSRA) models, "
-                     f"not {type(model).__name__}.")
+    raise MethodNotApplicable(f"Channel importance supports timm ViT/DeiT and EfficientViT (MSRA) models, "
+                              f"not {type(model).__name__}.")
 
 
 # ----------------------------------------------------------------------------- results

@@ -471,14 +471,16 @@ def grid_query(block: BlockAttention, yx: tuple[float, float] | None) -> tuple[i
 def query_attention_grid(block: BlockAttention, image: int, head: int, query: tuple[int, int] | None) -> torch.Tensor:
     """One query's attention over the block's patch grid, [rows, cols]; CGA windows are stitched back in place.
 
-    ``query`` is (row, col) on the block's grid. None means the CLS token for MHSA; for CGA (which has no CLS
-    token) it means the attention each position receives, averaged over the queries of its window.
+    ``query`` is (row, col) on the block's grid. None means the CLS token for MHSA; for CGA and ViTs without a
+    CLS token it means the attention each position receives, averaged over the queries (of its window).
     """
     if block.maps is None:
         raise ValueError("This record kept no attention maps (store_maps=False).")
     rows, cols = block.grid
     if block.kind == MHSA:
         p = block.num_prefix_tokens
+        if query is None and not block.has_class_token:
+            return block.maps[image, head, p:, p:].mean(dim=0).reshape(rows, cols)
         token = 0 if query is None else p + query[0] * cols + query[1]
         return block.maps[image, head, token, p:].reshape(rows, cols)
     ws, (n_rows, n_cols) = block.window, block.windows
@@ -520,6 +522,12 @@ def mark_query(picture: Image.Image, block: BlockAttention, query: tuple[int, in
         [query[1] * cell_w, query[0] * cell_h, (query[1] + 1) * cell_w - 1, (query[0] + 1) * cell_h - 1],
         outline=(0, 255, 255), width=2)
     return marked
+
+
+def whole_image_query_label(model: nn.Module) -> str:
+    """What the query None of :func:`query_attention_grid` is on ``model``: its CLS token, or (EfficientViT, ViTs
+    pooled without one) the mean attention each position receives."""
+    return "CLS token" if getattr(model, "cls_token", None) is not None else "mean attention received (no CLS token)"
 
 
 def attention_overlays(model: nn.Module, image: torch.Tensor, block: int, mean: Sequence[float],

@@ -37,7 +37,7 @@ from models.attention_recording import UnsupportedModelError
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.device import synchronize
 from models.loading import load_model
-from models.registry import REGISTRY
+from models.registry import get_spec
 
 
 # ----------------------------------------------------------------------------- command line
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=list(TASKS))
-    p.add_argument("--model", required=True, help="registry name, e.g. deit_tiny_patch16_224, efficientvit_m0")
+    p.add_argument("--model", required=True, help="registry or timm name, e.g. deit_tiny_patch16_224, efficientvit_m0, "
+                                                  "vit_base_patch16_224.augreg_in21k_ft_in1k")
     p.add_argument("--data", required=True, help="image folder (recursive; class sub-folders give labels)")
     p.add_argument("--out", required=True, help="output folder for the records, run.json and state/")
     p.add_argument("--batch", type=int, default=32, help="images per batch and process")
@@ -273,8 +274,10 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one task; returns the exit status (2 with a clear message for bad input)."""
     args = build_parser().parse_args(argv)
-    if args.model not in REGISTRY:
-        print(f"error: unknown model {args.model!r}; known: {', '.join(sorted(REGISTRY))}.", file=sys.stderr)
+    try:
+        get_spec(args.model)  # a registry name or any timm model name
+    except (KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.batch < 1 or args.state_every < 1:
         print("error: --batch and --state-every must be at least 1.", file=sys.stderr)

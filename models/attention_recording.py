@@ -13,14 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.registry import MethodNotApplicable
 from models.vit_forward import attention_residual, classify, embed_tokens, is_plain_block, mlp_residual
 
 MHSA = "mhsa"
 CGA = "cga"
 
 
-class UnsupportedModelError(TypeError):
-    """The model is neither a timm VisionTransformer nor a timm EfficientVitMsra."""
+class UnsupportedModelError(MethodNotApplicable, TypeError):
+    """The model is neither a timm VisionTransformer nor a timm EfficientVitMsra, or has blocks the walk does not
+    reproduce."""
 
 
 @dataclass
@@ -41,6 +43,7 @@ class BlockAttention:
     window: int | None = None
     windows: tuple[int, int] = (1, 1)
     num_prefix_tokens: int = 0
+    has_class_token: bool = True  # MHSA: prefix token 0 is a class token (False: registers only, or no prefix)
     maps: torch.Tensor | None = None
     head_outputs: torch.Tensor | None = None
 
@@ -141,7 +144,7 @@ def _vit_forward(model, x, wanted, *, store_maps, store_head_outputs):
         maps, heads = result.maps, result.heads
         recorded.append(BlockAttention(
             block=index, stage=0, kind=MHSA, batch_size=x.shape[0], num_heads=maps.shape[1], grid=grid,
-            num_prefix_tokens=model.num_prefix_tokens,
+            num_prefix_tokens=model.num_prefix_tokens, has_class_token=getattr(model, "cls_token", None) is not None,
             maps=_to_cpu(maps, store_maps), head_outputs=_to_cpu(heads, store_head_outputs),
         ))
     return classify(model, h), recorded

@@ -22,9 +22,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
+from models.registry import MethodNotApplicable
 from models.scopes import REDUCTION, scope
 from models.vit_forward import (  # noqa: F401 - POLICY_EPS and policy_softmax are part of this module's API
-    POLICY_EPS, attention_residual, classify, embed_tokens, gather_tokens, mlp_residual, policy_softmax, vit_config,
+    POLICY_EPS, attention_residual, classify, embed_tokens, gather_tokens, is_plain_block, mlp_residual, policy_softmax,
+    vit_config,
 )
 
 DEFAULT_PRUNING_LOCATIONS = (3, 6, 9)
@@ -108,12 +110,24 @@ class DynamicViT(VisionTransformer):
 def _check_architecture(model: VisionTransformer, locations: tuple[int, ...]) -> None:
     """DynamicViT needs exactly one CLS token, token pooling and a fixed patch grid; locations must be increasing."""
     if model.cls_token is None or model.num_prefix_tokens != 1 or model.global_pool != "token":
-        raise ValueError("DynamicViT needs a ViT with one class token, no register tokens and global_pool='token'.")
+        raise MethodNotApplicable("DynamicViT needs a ViT with one class token, no register tokens and "
+                                  "global_pool='token'.")
     if getattr(model, "dynamic_img_size", False):
-        raise ValueError("DynamicViT keep counts are fixed by the patch grid; dynamic_img_size is not supported.")
+        raise MethodNotApplicable("DynamicViT keep counts are fixed by the patch grid; dynamic_img_size is not "
+                                  "supported.")
     if list(locations) != sorted(set(locations)) or not all(0 <= i < len(model.blocks) for i in locations):
-        raise ValueError(f"pruning_locations must be increasing block indices in [0, {len(model.blocks)}), "
-                         f"got {locations}.")
+        raise MethodNotApplicable(f"DynamicViT prunes before blocks {', '.join(map(str, locations))}, and this "
+                                  f"model has {len(model.blocks)} blocks (pruning_locations must be increasing "
+                                  f"block indices in [0, {len(model.blocks)})).")
+
+
+def check_backbone(model: nn.Module) -> None:
+    """MethodNotApplicable (one sentence) unless DynamicViT's score predictors fit ``model``: a timm ViT of plain
+    pre-norm blocks with one class token, token pooling and the blocks 3, 6, 9 they go before."""
+    if not isinstance(model, VisionTransformer) or not all(is_plain_block(b) for b in model.blocks):
+        raise MethodNotApplicable(f"DynamicViT's predictors go on timm's plain VisionTransformer, not on a "
+                                  f"{type(model).__name__}.")
+    _check_architecture(model, DEFAULT_PRUNING_LOCATIONS)
 
 
 def build_dynamicvit(arch: str, pruning_locations: Sequence[int] = DEFAULT_PRUNING_LOCATIONS,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from models.registry import MethodNotApplicable
 from models.scopes import REDUCTION, scope
 from models.vit_forward import (
     attention_residual, classify, embed_tokens, gather_tokens, is_plain_block, mlp_residual,
@@ -29,7 +30,7 @@ from models.vit_forward import (
 PAPER_LOCATIONS = (3, 6, 9)  # 0-based blocks of a 12-block DeiT; scaled to other depths by ``prune_locations``
 
 
-class NotApplicable(ValueError):
+class NotApplicable(MethodNotApplicable):
     """The method does not apply to this model (said in one sentence)."""
 
 

@@ -36,7 +36,8 @@ def build_random(spec: ModelSpec) -> nn.Module:
         return import_target(spec.factory)(**spec.factory_kwargs)
     import timm
 
-    return timm.create_model(spec.timm_id, pretrained=False)
+    # The tag's config where there is one: it may change the head (in21k: 21843 classes; DINOv2: none).
+    return timm.create_model(spec.pretrained_name or spec.timm_id, pretrained=False)
 
 
 def _timm_filter(model: nn.Module, state_dict: dict) -> dict:
@@ -103,7 +104,12 @@ def build_with_weights(spec: ModelSpec, source: W.WeightsSource) -> nn.Module:
 def data_config_for(model: nn.Module) -> dict:
     import timm.data
 
-    return timm.data.resolve_data_config({}, model=model)
+    given = {}
+    if not getattr(model, "pretrained_cfg", None):  # built without timm's config: the patch grid fixes the size
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if size:
+            given["input_size"] = (3, *size)
+    return timm.data.resolve_data_config(given, model=model)
 
 
 def _timm_model_and_transform(spec: ModelSpec, source: W.WeightsSource) -> tuple[nn.Module, Callable, dict]:
@@ -139,7 +145,7 @@ def load_model(name: str, device: str = "cpu", user_file: str | Path | None = No
 _META_MODELS: dict[str, nn.Module | None] = {}
 
 
-def _meta_model(spec) -> nn.Module | None:
+def meta_model(spec) -> nn.Module | None:
     """The spec's random-init architecture on the meta device (no memory, no init cost); cached per name."""
     if spec.name not in _META_MODELS:
         try:
@@ -161,7 +167,7 @@ def _shape_diff(own: Mapping[str, tuple], state_dict: Mapping[str, torch.Tensor]
 def checkpoint_mismatch(state_dict: Mapping[str, torch.Tensor], spec) -> str | None:
     """None when ``state_dict`` (as saved, or after timm's converter for the official layout) fits ``spec``'s
     architecture key for key and shape for shape; otherwise what differs, in one line."""
-    model = _meta_model(spec)
+    model = meta_model(spec)
     if model is None:
         return f"{spec.name} cannot be built to compare shapes."
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}

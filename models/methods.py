@@ -11,7 +11,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .registry import DYNAMIC_CNN, DYNAMIC_LVVIT, DYNAMIC_SWIN, DYNAMICVIT, METER, MHSA, VILT, ModelSpec, import_target
+from .registry import (DYNAMIC_CNN, DYNAMIC_LVVIT, DYNAMIC_SWIN, DYNAMICVIT, METER, MHSA, VILT, MethodNotApplicable,
+                       ModelSpec, get_spec, import_target)
 
 
 def _flag(value: Any) -> bool:
@@ -86,6 +87,10 @@ class Method:
     # "module:function(backbone) -> model" builds a seeded copy with them; the backbone itself is not changed.
     attachable_to: frozenset[str] = frozenset()
     attach: str | None = None
+    # "module:function(model)" raising MethodNotApplicable where a model of its families (or the backbone it attaches
+    # to) cannot run it: no class token, register tokens, too few blocks, blocks the forward does not walk. Checked on
+    # the architecture (meta device), so a timm model typed by name is offered only the methods that run on it.
+    check: str | None = None
 
     @property
     def main_setting(self) -> Setting:
@@ -99,11 +104,18 @@ class Method:
     def runs_on(self, spec: ModelSpec) -> bool:
         """Whether it runs on the model as released: on its family, or on the backbone a pruning release is built on
         (ToMe on DynamicViT's DeiT)."""
-        return self.applies_to(spec) or spec.backbone_family in self.families
+        return (self.applies_to(spec) or spec.backbone_family in self.families) and self.fits(spec)
 
     def needs_attachment(self, spec: ModelSpec) -> bool:
         """Whether it runs on the model only with untrained parts attached (DynamicViT on a plain DeiT)."""
-        return not self.runs_on(spec) and spec.family in self.attachable_to
+        return not self.runs_on(spec) and spec.family in self.attachable_to and self.fits(spec)
+
+    def not_applicable_reason(self, spec: ModelSpec) -> str | None:
+        """Why the method cannot run on ``spec``'s architecture, in one sentence; None when it can (or no check)."""
+        return _check_reason(self.check, spec.name) if self.check else None
+
+    def fits(self, spec: ModelSpec) -> bool:
+        return self.not_applicable_reason(spec) is None
 
     def with_untrained_parts(self, backbone, seed: int = 0):
         """A copy of ``backbone`` with this method's untrained parts attached, seeded (the global random state is not
@@ -189,10 +201,12 @@ METHODS: dict[str, Method] = {m.key: m for m in [
             Setting("prop_attn", "proportional_attention", "proportional attention", _flag, (True, False), True,
                     column="tome_proportional_attention", help="Adds log(size) to the attention logits, so that a "
                                                                "merged token counts as often as the patches it holds.")),
-           reference="ToMe (ICLR 2023)", neutral_arguments={"r": 0}, action="merging"),
+           reference="ToMe (ICLR 2023)", neutral_arguments={"r": 0}, action="merging",
+           check="models.tome:check_supported"),
     Method("dynamicvit", "DynamicViT", frozenset({DYNAMICVIT}), "models.dynamicvit:dynamicvit_forward", _RHO,
            reference="DynamicViT (NeurIPS 2021)", neutral_arguments={"keep_ratio": 1.0},
-           attachable_to=frozenset({MHSA}), attach="models.dynamicvit:dynamicvit_from_backbone"),
+           attachable_to=frozenset({MHSA}), attach="models.dynamicvit:dynamicvit_from_backbone",
+           check="models.dynamicvit:check_backbone"),
     # EViT keeps the patches the class token attends to most and fuses the rest into one token; no trained part.
     Method("evit", "EViT", frozenset({MHSA}), "models.evit:evit_forward",
            (Setting("evit", "keep_rate", "keep rate", float, (0.5, 0.6, 0.7, 0.8, 0.9), 0.7, "keep_rate",
@@ -202,7 +216,8 @@ METHODS: dict[str, Method] = {m.key: m for m in [
             Setting("fuse", "fuse", "fuse the inattentive tokens", _flag, (True, False), True, column="evit_fuse",
                     help="On (the paper): the tokens not kept become one token, their sum weighted by the class "
                          "token's attention; off: they are dropped.")),
-           reference="EViT (ICLR 2022)", neutral_arguments={"keep_rate": 1.0}, action="pruning + fusion"),
+           reference="EViT (ICLR 2022)", neutral_arguments={"keep_rate": 1.0}, action="pruning + fusion",
+           check="models.evit:check_supported"),
     Method("dynamicvit-lvvit", "DynamicViT", frozenset({DYNAMIC_LVVIT}), "models.dynamic_lvvit:lvvit_forward", _RHO,
            reference="DynamicViT (NeurIPS 2021), LV-ViT", neutral_arguments={"keep_ratio": 1.0}),
     # Structured sparsification (T-PAMI extension): the feature map stays whole; only kept positions run the MLP.
@@ -226,7 +241,21 @@ METHODS: dict[str, Method] = {m.key: m for m in [
 
 
 def methods_for(spec: ModelSpec) -> list[Method]:
-    return [m for m in METHODS.values() if m.applies_to(spec)]
+    return [m for m in METHODS.values() if m.applies_to(spec) and m.fits(spec)]
+
+
+@functools.lru_cache(maxsize=256)
+def _check_reason(check: str, model_name: str) -> str | None:
+    from .loading import meta_model
+
+    model = meta_model(get_spec(model_name))
+    if model is None:  # not buildable on the meta device: nothing to say before it runs
+        return None
+    try:
+        import_target(check)(model)
+    except MethodNotApplicable as exc:
+        return str(exc)
+    return None
 
 
 def method_of(settings: dict[str, Any], spec: ModelSpec | None = None) -> Method | None:

@@ -5,6 +5,7 @@ Token-reduction methods are not models: ``models.methods`` says which method app
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass, field, replace
 
@@ -45,6 +46,7 @@ VQA_INPUTS = "image+question"
 
 # What a model does: the pages offer a model only where its task fits (the frontier ranks image classifiers).
 IMAGE_CLASSIFICATION = "image classification"
+IMAGE_FEATURES = "image features"  # a backbone without a classification head (timm num_classes=0, e.g. DINOv2)
 VISUAL_QUESTION_ANSWERING = "visual question answering"
 
 # How released weights are stored: one checkpoint file, or a transformers save_pretrained folder.
@@ -239,12 +241,52 @@ def sized(spec: ModelSpec, size: int | None) -> ModelSpec:
     return replace(spec, input_size=size)
 
 
+class UnknownModelError(KeyError):
+    """Neither the registry nor timm knows the name. ``str()`` is the message itself (KeyError would quote it);
+    ``reason`` is its one sentence about timm ("timm has no model 'x'; names look like ...")."""
+
+    reason = ""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class MethodNotApplicable(ValueError):
+    """An analysis or method does not apply to this model (no class token, no classification head, a block the
+    explicit forwards do not walk, ...). The message says so in one sentence; pages show it, not a traceback."""
+
+
 def get_spec(name: str) -> ModelSpec:
+    """The registry entry ``name``, else a spec inferred from timm for any timm model name (``arch`` or
+    ``arch.tag``, e.g. ``vit_base_patch16_224.augreg_in21k_ft_in1k``): see :func:`timm_spec`."""
+    spec = REGISTRY.get(name)
+    return spec if spec is not None else timm_spec(name)
+
+
+# The families of the timm classes models.timm_specs recognises.
+_TIMM_KIND_FAMILIES = {"vit": MHSA, "efficientvit_msra": CGA, "swin": SWIN, "cnn": CNN}
+
+
+@functools.lru_cache(maxsize=128)
+def timm_spec(name: str) -> ModelSpec:
+    """A spec for a timm model the registry does not list, inferred from its class (built on the meta device,
+    nothing downloaded): family and attention kind from the class, ``timm_id``/``pretrained_tag`` from the name
+    (or timm's default tag), input size from its config. UnknownModelError when timm does not know the name,
+    MethodNotApplicable when its class is none the app runs."""
+    from . import timm_specs
+
     try:
-        return REGISTRY[name]
-    except KeyError:
+        arch = timm_specs.describe(name)
+    except timm_specs.NoSuchTimmModel as exc:
         known = ", ".join(sorted(REGISTRY))
-        raise KeyError(f"Unknown model {name!r}. Known models: {known}") from None
+        error = UnknownModelError(f"Unknown model {name!r}: {exc} Registry models: {known}")
+        error.reason = str(exc)  # the one sentence about timm, for a page
+        raise error from None
+    except timm_specs.UnsupportedTimmClass as exc:
+        raise MethodNotApplicable(str(exc)) from None
+    return ModelSpec(name, _TIMM_KIND_FAMILIES[arch.kind], arch.architecture, arch.tag,
+                     reference=f"timm {arch.class_name} (not in the registry: inferred from its class)",
+                     task=IMAGE_CLASSIFICATION if arch.num_classes else IMAGE_FEATURES, input_size=arch.input_size)
 
 
 def list_models(family: str | None = None, task: str | None = None) -> list[str]:

@@ -23,6 +23,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 from models.merging import bipartite_match, combine_tokens
+from models.registry import MethodNotApplicable
 from models.scopes import MATCHING, REDUCTION, scope
 from models.vit_forward import (
     attention, attention_residual, classify, embed_tokens, is_plain_block, mlp_residual,
@@ -184,18 +185,40 @@ class ToMeTrace:
     patch_size: tuple[int, int]
 
 
+class ToMeNotApplicable(MethodNotApplicable, TypeError):
+    """ToMe does not run on this model (not a timm ViT, or a block the explicit forward does not walk)."""
+
+
 def check_supported(model: VisionTransformer) -> None:
-    """Fail early, with a clear message, on ViT variants this forward does not walk correctly."""
+    """Fail early, with one sentence, on models this forward does not walk correctly."""
     if not isinstance(model, VisionTransformer):
-        raise TypeError(f"tome_forward needs a timm VisionTransformer, got {type(model).__name__}.")
-    if model.num_prefix_tokens > 1:
-        raise ValueError("ToMe here supports a single class token or none; this model has register tokens.")
+        raise ToMeNotApplicable(f"ToMe needs a timm VisionTransformer, not a {type(model).__name__}.")
     for index, block in enumerate(model.blocks):
         if not is_plain_block(block):
-            raise TypeError(
-                f"Block {index} is {type(block).__name__} with {type(block.attn).__name__}; "
-                "only timm's pre-norm Block with the standard Attention is supported."
+            raise ToMeNotApplicable(
+                f"ToMe does not apply here: block {index} is a {type(block).__name__} with "
+                f"{type(block.attn).__name__}, and only timm's pre-norm Block with its standard Attention is walked."
             )
+
+
+# Prefix tokens (class, distillation, register tokens) are never merged. ToMe's reference protects the class token
+# by keeping it out of every pair; with more prefix tokens (DeiT's distillation token, registers), all of them are
+# kept out: the matching runs over the last prefix token and the patches (that token protected, as a class token
+# would be), and the other prefix tokens pass unchanged in front. With one class token this is exactly ToMe; with
+# none (global average pooling) every token may merge, and the pooled mean is weighted by token size (``classify``
+# with sizes), so that a merged token counts as many times as the patches it holds, as the unmerged mean did.
+def _protected_split(num_prefix: int) -> tuple[int, bool]:
+    """(tokens passed through in front, whether the first matched token is protected)."""
+    return max(num_prefix - 1, 0), num_prefix > 0
+
+
+def _pass_through(destinations: torch.Tensor, skip: int) -> torch.Tensor:
+    """Token destinations of the matched tokens, shifted behind ``skip`` untouched prefix tokens that map to
+    themselves: [B, N - skip] -> [B, N]."""
+    if skip == 0:
+        return destinations
+    front = torch.arange(skip, device=destinations.device).expand(destinations.shape[0], -1)
+    return torch.cat([front, destinations + skip], dim=1)
 
 
 def attention_with_size_bias(
@@ -240,14 +263,16 @@ def tome_forward(
     location = torch.arange(num_tokens, device=x.device).expand(batch, -1) if return_trace else None
     tokens_per_layer, assignments, prefix_assignments, size_records = [], [], [], []
 
+    skip, protect_first = _protected_split(prefix)
     for block, merge_count in zip(model.blocks, schedule):
         x, attended = attention_residual(block, x, key_bias=size_bias(sizes, proportional_attention))
         if merge_count > 0:
             current_sizes = sizes if sizes is not None else x.new_ones(batch, x.shape[1], 1)
-            matching = pick_merges(attended.keys.mean(dim=1), merge_count, protect_first=prefix > 0)
-            x, sizes = merge_tokens(x, current_sizes, matching)
+            matching = pick_merges(attended.keys.mean(dim=1)[:, skip:], merge_count, protect_first=protect_first)
+            merged, merged_sizes = merge_tokens(x[:, skip:], current_sizes[:, skip:], matching)
+            x, sizes = torch.cat([x[:, :skip], merged], dim=1), torch.cat([current_sizes[:, :skip], merged_sizes], 1)
             if location is not None:
-                location = token_destinations(matching).gather(1, location)
+                location = _pass_through(token_destinations(matching), skip).gather(1, location)
         x = mlp_residual(block, x)
 
         tokens_per_layer.append(x.shape[1])
@@ -257,7 +282,7 @@ def tome_forward(
             layer_sizes = sizes[..., 0] if sizes is not None else x.new_ones(batch, x.shape[1])
             size_records.append(layer_sizes.float().cpu().numpy())
 
-    logits = classify(model, x)
+    logits = classify(model, x, sizes)
     if not return_trace:
         return logits
     trace = ToMeTrace(

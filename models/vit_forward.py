@@ -47,9 +47,19 @@ def token_count(model: VisionTransformer) -> int:
     return model.patch_embed.num_patches + model.num_prefix_tokens
 
 
-def classify(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
-    """Tokens after the last block -> logits (final norm, pooling, head)."""
-    return model.forward_head(model.norm(tokens))
+def classify(model: VisionTransformer, tokens: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens after the last block -> logits (final norm, pooling, head).
+
+    ``sizes`` [B, N, 1] (merged tokens: the patches each holds) makes a model's global average pooling weight each
+    token by its size, so the mean stays one over the original patches; other pooling is timm's own.
+    """
+    tokens = model.norm(tokens)
+    if sizes is None or model.attn_pool is not None or model.global_pool != "avg" or model.pool_include_prefix:
+        return model.forward_head(tokens)
+    prefix = model.num_prefix_tokens
+    weights = sizes[:, prefix:].to(tokens.dtype)
+    pooled = (tokens[:, prefix:] * weights).sum(dim=1) / weights.sum(dim=1)
+    return model.head(model.head_drop(model.fc_norm(pooled)))
 
 
 def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

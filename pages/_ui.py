@@ -21,6 +21,8 @@ from analysis.provenance import weights_label
 from models.checkpoints import CheckpointError, WeightsNotFoundError, read_state_dict
 from models.device import available_devices
 from models.loading import LoadedModel, checkpoint_mismatch, load_model, matching_models
+from models.registry import FAMILY_LABELS, IMAGE_CLASSIFICATION, REGISTRY, MethodNotApplicable, get_spec
+from models.timm_specs import NAME_EXAMPLE
 from models.weights import WEIGHTS_DIR_ENV
 
 DEVICE_KEY = "vitlab_device"
@@ -114,6 +116,45 @@ def set_kept(key: str, value: Any) -> None:
     """Set a kept widget's value before it is drawn (e.g. a model's trained setting when the model changes)."""
     st.session_state.setdefault(KEPT_KEY, {})[key] = value
     st.session_state[key] = value
+
+
+TYPED_MODELS_KEY = "vitlab_typed_models"  # timm names typed on any page: the checkpoint upload offers them too
+
+
+def timm_model_names(key: str, *, attention: Sequence[str] = (), task: str | None = IMAGE_CLASSIFICATION,
+                     multiple: bool = True) -> list[str]:
+    """An "Other timm models" text input (kept across pages) and the names typed there that fit the page.
+
+    Any timm name works (``vit_base_patch16_224.augreg_in21k_ft_in1k``, ``deit3_small_patch16_224``, a
+    fine-tuned checkpoint of one through the sidebar's upload); its family and weights are inferred by
+    ``models.registry.get_spec``. A name that is not a timm model, or does not fit the page (``attention``: the
+    attention kinds it records; ``task``: what the page ranks), gets one sentence and is left out.
+    """
+    label = ("Other timm models (space separated; they run with those picked)" if multiple
+             else "Other timm model (used instead of the one picked)")
+    text = kept(st.text_input, label, key=key, default="", placeholder=NAME_EXAMPLE,
+                help="Any timm model name, with or without its pretrained tag; its weights come from the weights "
+                     "folder (a file named after the model), the Hugging Face hub, or the sidebar's upload.")
+    names: list[str] = []
+    for name in dict.fromkeys(text.split()[: None if multiple else 1]):
+        try:
+            spec = get_spec(name)
+        except KeyError as exc:
+            st.error(getattr(exc, "reason", "") or str(exc))
+            continue
+        except MethodNotApplicable as exc:
+            st.error(str(exc))
+            continue
+        if attention and spec.attention not in attention:
+            kinds = " or ".join(FAMILY_LABELS[k] for k in attention)
+            st.error(f"{name} is a {spec.family_label} model, and this page records the attention of {kinds} models.")
+        elif task and spec.task != task:
+            st.error(f"{name} gives {spec.task} (timm num_classes=0: no classification head), and this page needs "
+                     f"{task}.")
+        else:
+            names.append(name)
+    st.session_state.setdefault(TYPED_MODELS_KEY, {}).update(dict.fromkeys(names))
+    return names
 
 
 def image_set_key(images: Sequence[NamedImage]) -> str:
@@ -268,15 +309,14 @@ UPLOAD_MODEL_KEY, UPLOAD_FILE_KEY, UPLOAD_SEEN_KEY = "vitlab_upload_model", "vit
 
 
 @st.cache_data(show_spinner="Reading the checkpoint ...", max_entries=4)
-def _inspect_checkpoint(path: str) -> tuple[list[str], dict[str, str], str | None]:
-    """(matching registry models, mismatch per other model, read error) for a saved upload."""
-    from models.registry import REGISTRY
-
+def _inspect_checkpoint(path: str, typed: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str], str | None]:
+    """(matching models, mismatch per other model, read error) for a saved upload: the registry's models and the
+    timm names typed on the pages."""
     try:
         state_dict = read_state_dict(path)
     except CheckpointError as exc:
         return [], {}, str(exc)
-    specs = list(REGISTRY.values())
+    specs = list(REGISTRY.values()) + [get_spec(n) for n in typed if n not in REGISTRY]
     matches = matching_models(state_dict, specs)
     mismatches = {s.name: checkpoint_mismatch(state_dict, s) or "" for s in specs if s.name not in matches}
     return matches, mismatches, None
@@ -295,8 +335,6 @@ def _save_upload(upload) -> Path:
 
 def upload_checkpoint() -> None:
     """Upload a checkpoint; the architecture is inferred from its shapes and a file that does not fit is refused."""
-    from models.registry import REGISTRY
-
     upload = st.file_uploader("Checkpoint (.safetensors, .pth)", type=["safetensors", "pth", "pt", "bin"],
                               key=UPLOAD_FILE_KEY)
     # What the pages load for each model is exactly what this widget holds now: removing or replacing the file
@@ -308,12 +346,13 @@ def upload_checkpoint() -> None:
         st.caption("The model it belongs to is recognised from the shapes of its tensors.")
         return
     path = _save_upload(upload)
-    matches, mismatches, error = _inspect_checkpoint(str(path))
+    typed = tuple(st.session_state.get(TYPED_MODELS_KEY, {}))
+    matches, mismatches, error = _inspect_checkpoint(str(path), typed)
     if error:
         used.clear()
         st.error(error)
         return
-    options = matches + sorted(n for n in REGISTRY if n not in matches)
+    options = matches + sorted(n for n in (*REGISTRY, *typed) if n not in matches)
     if st.session_state.get(UPLOAD_SEEN_KEY) != str(path):  # a new file: preselect what it fits
         st.session_state[UPLOAD_SEEN_KEY] = str(path)
         set_kept(UPLOAD_MODEL_KEY, options[0])
@@ -324,7 +363,8 @@ def upload_checkpoint() -> None:
         used[target] = str(path)
         st.success(f"{upload.name} is used for {target}.")
         return
-    fits = f" It fits {', '.join(matches)}." if matches else " It fits no model of the registry."
+    fits = (f" It fits {', '.join(matches)}." if matches else
+            " It fits no model of the registry (type its timm name on a page, e.g. under 'Other timm models').")
     st.error(f"{upload.name} does not fit {target}: {mismatches.get(target, '')}{fits}")
 
 

@@ -15,7 +15,7 @@ from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.registry import IMAGE_INPUTS, REGISTRY
 from models.variants import parse_variant
 from pages._ui import (cached_model, current_device, download_df, download_json, kept, latest_result, progress_bar,
-                       run_through_app, session_result, set_kept)
+                       run_through_app, session_result, set_kept, timm_model_names)
 
 PAPER_MODELS = ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", *[f"efficientvit_m{i}" for i in range(6)],
                 "mobilenetv3_large_100", "mobilevit_xxs"]
@@ -46,6 +46,7 @@ with left:
     models = kept(st.multiselect, "Models", key="bd_models", options=image_models,
                   default=["deit_tiny_patch16_224", "efficientvit_m0"],
                   help="The paper's comparison: " + ", ".join(PAPER_MODELS))
+    models += [n for n in timm_model_names("bd_timm", task=None) if n not in models]
     extra = kept(st.text_input, "Token-reduction variants (space separated, NAME@key=value)", key="bd_variants",
                  default="", help="e.g. deit_small_patch16_224@tome=13  dynamicvit_deit_256_patch16_224@rho=0.7; each "
                                    "is compared with its unreduced model, which is profiled too.")

@@ -24,7 +24,7 @@ from analysis.channel_importance import (
     taylor_vs_activation_figure,
 )
 from analysis.provenance import images_label, label_rows
-from models.registry import CGA, MHSA, models_with_attention
+from models.registry import CGA, MHSA, MethodNotApplicable, models_with_attention
 from pages._results import dataset_run_section
 from pages._ui import (
     cached_model,
@@ -37,6 +37,7 @@ from pages._ui import (
     run_through_app,
     session_result,
     show_weights_banner,
+    timm_model_names,
     weights_text,
 )
 
@@ -64,6 +65,7 @@ dataset_run_section(["taylor"], key="ci_run")
 left, right = st.columns(2)
 with left:
     name = kept(st.selectbox, "Model", key="ci_model", options=models_with_attention(MHSA, CGA))
+    name = next(iter(timm_model_names("ci_timm", attention=(MHSA, CGA), multiple=False)), name)
     random_weights = random_weights_toggle("ci_random")
     source = kept(st.radio, "Images", key="ci_source", options=["Sample photos / upload",
                                                                 "Folder with class sub-folders"], horizontal=True)
@@ -126,8 +128,14 @@ def _score():
     with st.status(f"Scoring channels on {len(images)} image{'s' if len(images) != 1 else ''} ...",
                    expanded=False) as status:
         show = progress_bar("Taylor: gradients per batch")
-        taylor = taylor_importance(loaded.model, batches, loss_target, model_name=name,
-                                   progress=lambda done, total: show(done / (2 * total), "Taylor: gradients per batch"))
+        try:
+            taylor = taylor_importance(loaded.model, batches, loss_target, model_name=name,
+                                       progress=lambda done, total: show(done / (2 * total),
+                                                                         "Taylor: gradients per batch"))
+        except MethodNotApplicable as exc:  # a model typed by name that the scoring does not cover
+            status.update(label="Channel importance does not apply to this model.", state="error")
+            st.error(str(exc))
+            st.stop()
         activation = activation_importance(
             loaded.model, batches, loss_target, model_name=name,
             progress=lambda done, total: show(0.5 + done / (2 * total), "captum: grad x activation per batch"))

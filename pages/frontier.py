@@ -24,7 +24,8 @@ from models.methods import METHODS
 from models.registry import IMAGE_CLASSIFICATION, list_models
 from pages._results import result_folder_input
 from pages._ui import (cached_model, current_device, download_df, download_json, image_picker, image_set_key, kept,
-                       latest_result, progress_bar, random_models_picker, run_through_app, session_result)
+                       latest_result, progress_bar, random_models_picker, run_through_app, session_result,
+                       timm_model_names)
 
 RESULT_SLOT = "frontier"
 BATCH = 8
@@ -49,6 +50,7 @@ st.markdown(
 left, right = st.columns(2)
 with left:
     models = kept(st.multiselect, "Backbones", key="fr_models", options=_backbones(), default=["deit_tiny_patch16_224"])
+    models += [n for n in timm_model_names("fr_timm") if n not in models]
     random_ok = random_models_picker(models, key="fr_random")
     chosen: dict[str, list] = {}
     schedules: list[str] = []

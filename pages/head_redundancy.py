@@ -16,6 +16,7 @@ from analysis.head_redundancy import (
     similarity_heatmaps,
     to_dataframe,
     untrained_notes,
+    whole_image_query_label,
 )
 from analysis.provenance import file_name, images_label, label_rows, title_line, with_title
 from models.attention_recording import UnsupportedModelError
@@ -34,6 +35,7 @@ from pages._ui import (
     run_through_app,
     session_result,
     show_weights_banner,
+    timm_model_names,
     weights_text,
 )
 
@@ -64,6 +66,7 @@ left, right = st.columns(2)
 with left:
     chosen = kept(st.multiselect, "Models", key="hr_models", options=names,
                   default=[n for n in ("deit_tiny_patch16_224", "efficientvit_m0") if n in names])
+    chosen += [n for n in timm_model_names("hr_timm", attention=(MHSA, CGA), task=None) if n not in chosen]
     random_models = random_models_picker(chosen, "hr_random_models")
     max_images = kept(st.number_input, "Images used (at most)", 1, MAX_IMAGES, key="hr_max_images", default=8)
 with right:
@@ -151,7 +154,7 @@ def overlay_view() -> None:
         block = kept(st.slider, "Block", 0, len(result.blocks) - 1, key="hr_block", default=len(result.blocks) - 1)
     with c2:
         image_name = kept(st.selectbox, "Image", key="hr_image", options=image_names)
-        cls_label = "CLS token" if result.kind == MHSA else "mean attention received (no CLS token)"
+        cls_label = whole_image_query_label(picked.model)
         use_query = kept(st.radio, "Query", key="hr_query_mode", options=[cls_label, "a patch"]) == "a patch"
     with c3:
         row = kept(st.number_input, "Patch row", 0, QUERY_GRID - 1, key="hr_row", default=QUERY_GRID // 2,

@@ -17,7 +17,7 @@ from models.device import cpu_threads, device_hardware, set_cpu_threads
 from models.registry import REGISTRY
 from models.variants import parse_variant, variant_groups
 from pages._ui import (cached_model, current_device, download_df, download_json, kept, latest_result, progress_bar,
-                       run_through_app, session_result)
+                       run_through_app, session_result, timm_model_names)
 
 SYNTHETIC_INPUT = "synthetic input (random tensor)"
 THROUGHPUT, LATENCY = "throughput", "latency"
@@ -49,6 +49,7 @@ col_models, col_settings = st.columns([3, 2])
 with col_models:
     models = kept(st.multiselect, "Models", key="tp_models", options=REGISTRY,
                   default=["deit_tiny_patch16_224", "efficientvit_m0", "mobilenetv3_large_100"])
+    models += [n for n in timm_model_names("tp_timm", task=None) if n not in models]
     reduced = method_variants(models)
     extra = kept(st.text_input, "More variants (space separated, NAME@key=value)", key="tp_extra", default="",
                  help="e.g. deit_small_patch16_224@tome=decreasing:13  dynamicvit_deit_256_patch16_224@rho=0.6")
