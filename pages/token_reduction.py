@@ -48,6 +48,7 @@ from pages._ui import (
     set_kept,
     setting_widgets,
     show_weights_banner,
+    timm_model_names,
     weights_text,
 )
 
@@ -70,9 +71,17 @@ st.markdown("On the same images, every method of the method table that runs on t
 
 dataset_run_section(["keep-frequency", "tome-merge"], key="tr_run")
 
-choices = model_choices()
 left, right = st.columns(2)
 with left:
+    typed = timm_model_names("tr_timm", task=None)
+    choices = model_choices(typed)
+    offered = [c for c, choice in choices.items() if choice.name in typed]
+    if [n for n in typed if n not in {choices[c].name for c in offered}]:
+        st.error("No method of the table runs on " + ", ".join(n for n in typed if n not in
+                                                                 {choices[c].name for c in offered}) + ".")
+    if offered and st.session_state.get("tr_typed") != offered:  # a newly typed model is the one shown
+        st.session_state["tr_typed"] = offered
+        set_kept("tr_model", offered[0])
     label = kept(st.selectbox, "Model", key="tr_model", options=choices,
                  format_func=lambda c: choice_text(c, choices[c]),
                  help="Each model lists the methods that run on it. Official token-pruning releases need their "

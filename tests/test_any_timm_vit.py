@@ -544,3 +544,28 @@ def test_what_does_not_apply_says_so_in_one_sentence(batch):
     assert dynamicvit.needs_attachment(deit) and not any(dynamicvit.needs_attachment(get_spec(n)) for n in NAMES)
     assert [n for n in NAMES if evit.runs_on(get_spec(n))] == [CLS, REG4]
     assert all(tome.runs_on(get_spec(n)) for n in NAMES) and tome.fits(deit)
+
+
+def test_token_reduction_page_on_typed_vits_runs_the_methods_that_apply(no_weights):
+    """A typed register ViT gets ToMe and EViT (prefix tokens protected) and DynamicViT's untrained predictors where
+    they attach; a ViT without a class token gets ToMe, and EViT is not offered (it ranks by the class token)."""
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_file(_page("token_reduction"), default_timeout=240)
+    app.session_state["tr_timm"] = f"{REG4} no_such_vit_patch3"
+    app.session_state["tr_random"] = True
+    app.run()
+    assert not app.exception, app.exception
+    assert [e.value for e in app.error] == [
+        "timm has no model 'no_such_vit_patch3'; names look like vit_base_patch16_224.augreg_in21k_ft_in1k."]
+    assert app.selectbox(key="tr_model").value == REG4  # a newly typed model is the one shown
+    subheaders = [s.value for s in app.subheader]
+    assert subheaders[0] == "no reduction" and {"ToMe merging", "EViT pruning + fusion"} <= set(subheaders)
+    counts = {h.value for h in app.header}
+    assert "EViT: kept and fused patches per stage (RANDOM weights)" in counts
+
+    app.session_state["tr_timm"] = GAP
+    app.run()
+    assert not app.exception, app.exception
+    assert app.selectbox(key="tr_model").value == GAP
+    assert [s.value for s in app.subheader] == ["no reduction", "ToMe merging"]

@@ -175,6 +175,21 @@ def test_order_independence_passes_only_when_every_run_agrees():
     assert [f["passed"] for f in failed] == [False, True, False]
 
 
+def test_order_independence_takes_each_runs_median_over_its_processes():
+    from analysis.bench.order import BASELINE, OTHER, order_figures
+
+    # one process of the used run was slow (a busy minute of the machine): the median of three is not
+    repeated = {"fresh, MobileNetV3 alone": [_worker_result({BASELINE: v}, None) for v in (100.0, 99.0, 101.0)],
+                "used, M5 then MobileNetV3": [_worker_result({OTHER: 120.0, BASELINE: b}, r)
+                                              for b, r in ((100.0, 1.2), (70.0, 1.6), (102.0, 1.19))],
+                "fresh, M5 alone": [_worker_result({OTHER: v}, None) for v in (119.0, 121.0, 150.0)]}
+    figures = order_figures(repeated)
+    assert [f["passed"] for f in figures] == [True, True, True]
+    assert "fresh, MobileNetV3 alone 100.0" in figures[0]["detail"] and "used, M5 then MobileNetV3 100.0" in \
+        figures[0]["detail"] and "in 3 fresh process(es)" in figures[2]["detail"]
+    assert "used, M5 then MobileNetV3 1.20x" in figures[2]["detail"]
+
+
 def test_allocator_figures_hold_the_controlled_state_to_its_target_only():
     from analysis.bench.allocator import allocator_figures
     from analysis.bench.order import BASELINE, OTHER
