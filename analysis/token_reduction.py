@@ -30,7 +30,7 @@ from analysis.data.images import imagenet_label
 from analysis.provenance import UNTRAINED_PREDICTORS, file_name, label_rows, title_line, with_title
 from analysis.tome_agreement import count_gflops, top1_agreement, top5_overlap
 from models.dynamic_zoo import DynamicStageTrace, as_stage_trace, linear_targets
-from models.dynamicvit import DynamicViTTrace, dynamicvit_from_backbone
+from models.dynamicvit import DynamicViTTrace
 from models.evit import EViTTrace
 from models.methods import METHODS, Method, Setting
 from models.registry import FAMILY_LABELS, REGISTRY, ModelSpec, get_spec
@@ -228,14 +228,6 @@ def with_untrained_parts(method: Method, backbone: torch.nn.Module, seed: int = 
     return method.with_untrained_parts(backbone, seed)
 
 
-def dynamicvit_with_untrained_predictors(backbone: VisionTransformer, seed: int = 0):
-    """A DynamicViT on a copy of ``backbone``'s weights with freshly initialised (untrained) score predictors,
-    seeded without disturbing the global random state (the keep-frequency task's pruner)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return dynamicvit_from_backbone(backbone).eval()
-
-
 # --------------------------------------------------------------------------------------------
 # Predictions and agreement
 # --------------------------------------------------------------------------------------------
@@ -288,18 +280,16 @@ def predictions_frame(comparison: ReductionComparison, image: int | None = None)
 PREDICTORS_COLUMN = "predictors"
 
 
-def reduction_settings(comparison: ReductionComparison, methods: Sequence[Method] = ()) -> dict[str, Any]:
-    """Every setting behind ``comparison``, as export columns (``Setting.column``): each method that ran gives its
-    values; one of ``methods`` that did not run leaves its columns empty (None)."""
+def reduction_settings(comparison: ReductionComparison) -> dict[str, Any]:
+    """Every setting behind ``comparison``, as export columns (``Setting.column``), from each method that ran; a
+    method that can carry untrained predictors also says whether its were trained."""
     columns: dict[str, Any] = {}
-    for method in list(methods) + [run.method for run in comparison.runs.values()]:
-        run = comparison.runs.get(method.key)
-        for setting in method.settings:
-            value = None if run is None else run.settings.get(setting.key)
+    for run in comparison.runs.values():
+        for setting in run.method.settings:
+            value = run.settings.get(setting.key)
             columns[setting.column] = None if value is None else (str(value) if setting.schedules else value)
-        if method.attach is not None:
-            columns[PREDICTORS_COLUMN] = (None if run is None else
-                                          "untrained" if run.untrained_predictors else "trained")
+        if run.method.attach is not None:
+            columns[PREDICTORS_COLUMN] = "untrained" if run.untrained_predictors else "trained"
     return columns
 
 
@@ -343,10 +333,6 @@ def tokens_per_block(comparison: ReductionComparison) -> dict[str, list[int]]:
     for run in comparison.runs.values():
         series[run.name] = run.figures.tokens_per_block(run.trace, comparison.unreduced_tokens)
     return series
-
-
-def is_structured(comparison: ReductionComparison) -> bool:
-    return comparison.structured
 
 
 # --------------------------------------------------------------------------------------------

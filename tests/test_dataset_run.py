@@ -209,13 +209,14 @@ def test_torchrun_keep_frequency_equals_one_process(image_folder, cli_env, run_h
     # The same statistic as the token page's own keep_frequency(trace) on the same four images.
     import timm.data
 
-    from analysis.token_reduction import dynamicvit_with_untrained_predictors, keep_frequency
+    from analysis.token_reduction import keep_frequency
+    from models.methods import METHODS
     from models.dynamicvit import dynamicvit_forward
 
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=deit_tiny_real))
     dataset = FolderImages.from_folder(image_folder, transform, limit=LIMIT)
     batch = torch.stack([dataset[i][1] for i in range(LIMIT) if dataset[i][3]])
-    pruner = dynamicvit_with_untrained_predictors(deit_tiny_real, seed=0)
+    pruner = METHODS["dynamicvit"].with_untrained_parts(deit_tiny_real, seed=0)
     with torch.inference_mode():
         _, trace = dynamicvit_forward(pruner, batch, 0.7, return_trace=True)
     record = load_run(out, "keep-frequency").record

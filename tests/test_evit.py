@@ -97,13 +97,12 @@ def test_on_real_deit_tiny_the_class_tokens_attention_prunes_meaningfully(deit_t
     """No trained predictor: EViT keeps real DeiT-Tiny's top-1 on the shared photos at the paper's 0.7, and at 0.5
     its ranking keeps far more of the top-5 than DynamicViT's untrained (random) predictors do."""
     from analysis.tome_agreement import top1_agreement, top5_overlap
-    from analysis.token_reduction import dynamicvit_with_untrained_predictors
     from models.dynamicvit import dynamicvit_forward
 
     with torch.inference_mode():
         reference = deit_tiny_real(deit_tiny_batch)
         assert top1_agreement(reference, evit_forward(deit_tiny_real, deit_tiny_batch, 0.7)) == 1.0
         evit = top5_overlap(reference, evit_forward(deit_tiny_real, deit_tiny_batch, 0.5))
-        untrained = dynamicvit_with_untrained_predictors(deit_tiny_real, seed=0)
+        untrained = METHODS["dynamicvit"].with_untrained_parts(deit_tiny_real, seed=0)
         random_pruning = top5_overlap(reference, dynamicvit_forward(untrained, deit_tiny_batch, 0.5))
     assert evit > random_pruning + 0.1, (evit, random_pruning)
