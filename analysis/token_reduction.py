@@ -91,9 +91,6 @@ def model_choices(extra: Sequence[str] = ()) -> dict[str, ModelChoice]:
     return choices
 
 
-UNTRAINED_ON_TINY = next(iter(model_choices()))  # the page's default: real DeiT-Tiny with untrained predictors
-
-
 def choice_text(label: str, choice: ModelChoice) -> str:
     """How the model picker shows a choice: its methods, a release's with the value it was trained for."""
     if choice.untrained_predictors:
@@ -221,11 +218,6 @@ def compare_reductions(model: torch.nn.Module, batch: torch.Tensor, image_names:
     runs = [(m, settings.get(m.key, m.defaults()), method_run(model, batch, m, settings.get(m.key, m.defaults())))
             for m in methods]
     return combine_runs(image_names, reference_run(model, batch, methods), runs, untrained_predictors)
-
-
-def with_untrained_parts(method: Method, backbone: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """A copy of ``backbone`` with ``method``'s untrained parts (score predictors) attached, seeded."""
-    return method.with_untrained_parts(backbone, seed)
 
 
 # --------------------------------------------------------------------------------------------

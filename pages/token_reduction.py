@@ -27,7 +27,6 @@ from analysis.token_reduction import (
     sweep_values,
     tokens_per_block,
     tokens_per_block_figure,
-    with_untrained_parts,
 )
 from analysis.tome_agreement import plot_agreement
 from models.methods import METHODS
@@ -59,7 +58,7 @@ SETTINGS_KEPT = 8  # results per setting kept in the session, so moving a slider
 @st.cache_resource(show_spinner="Attaching untrained predictors ...", max_entries=4)
 def _with_untrained_parts(name: str, weights: str, device: str, method_key: str, _backbone):
     # A separate cached copy: the shared backbone itself is never modified.
-    return with_untrained_parts(METHODS[method_key], _backbone)
+    return METHODS[method_key].with_untrained_parts(_backbone)
 
 
 run_through_app()
@@ -268,7 +267,7 @@ def sweep_view(run) -> None:
     title = f"{method.name} agreement: {name}, {_run_weights(run)}, {all_images}"
     st.plotly_chart(plot_agreement(frame, title, x="value", x_title=setting.label, tokens="tokens_last_block",
                                    tokens_name="tokens entering the last block"), key=f"tr_sweep_chart_{method.key}")
-    others_text = {method.settings[[s.key for s in method.settings].index(k)].column: v for k, v in others.items()}
+    others_text = {s.column: others[s.key] for s in method.settings if s.key in others}
     download_df(label_rows(frame.rename(columns={"value": setting.column}), name, _run_weights(run), all_images,
                            others_text), f"{method.key}_{setting.symbol}_sweep.csv",
                 f"Download the {setting.symbol} sweep (CSV)")

@@ -323,12 +323,13 @@ def test_stage_maps_are_drawn_to_the_scale_of_their_grid():
 
 
 def test_model_choices_loop_over_the_registry_and_the_method_table():
-    from analysis.token_reduction import UNTRAINED_ON_TINY, methods_running_on, model_choices
+    from analysis.token_reduction import methods_running_on, model_choices
     from models.methods import METHODS
     from models.registry import REGISTRY
 
     choices = model_choices()
-    assert next(iter(choices)) == UNTRAINED_ON_TINY == "deit_tiny_patch16_224 + UNTRAINED DynamicViT predictors"
+    untrained_on_tiny = next(iter(choices))  # the page's default: real DeiT-Tiny with untrained predictors
+    assert untrained_on_tiny == "deit_tiny_patch16_224 + UNTRAINED DynamicViT predictors"
     attached = {c.name for c in choices.values() if c.untrained_predictors}
     assert attached == {n for n, s in REGISTRY.items() if any(m.needs_attachment(s) for m in METHODS.values())}
     plain = {c.name for c in choices.values() if not c.untrained_predictors}
@@ -337,7 +338,7 @@ def test_model_choices_loop_over_the_registry_and_the_method_table():
             "dynamicswin_tiny", "deit_tiny_patch16_224"} <= plain and "convnext_tiny" not in plain
     labels = lambda name: [m.label for m in choices[name].methods()]  # noqa: E731
     assert labels("deit_tiny_patch16_224") == ["ToMe", "EViT"]
-    assert labels(UNTRAINED_ON_TINY) == ["DynamicViT", "ToMe", "EViT"]
+    assert labels(untrained_on_tiny) == ["DynamicViT", "ToMe", "EViT"]
     assert labels("dynamicvit_deit_small_patch16_224") == ["DynamicViT", "ToMe", "EViT"]  # its DeiT backbone too
     for name in ("dynamicvit_lvvit_s", "dynamiccnn_convnext_tiny", "dynamicswin_tiny"):
         assert len(labels(name)) == 1 and labels(name)[0].startswith("Dynamic"), name
