@@ -1,1 +1,4 @@
 """Computations and figure builders behind the pages; importable without streamlit."""
+from analysis.preload import rerun_under_tcmalloc
+
+rerun_under_tcmalloc()  # only for `python -m analysis...` (see analysis/preload.py)

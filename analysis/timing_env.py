@@ -10,7 +10,8 @@ friends, with a higher mmap and trim threshold, applied from inside the process,
 long-lived Streamlit server: every buffer under 512 MiB comes from the heap, and up to 1 GiB of freed heap is
 kept for the next forward instead of being returned and faulted in again); elsewhere it
 says that the allocator is not controlled. ``VITLAB_ALLOCATOR=default`` turns the control off (to reproduce
-the history effect).
+the history effect). The CLIs go one step further where Debian's tcmalloc is installed: ``analysis.preload``
+reruns them under it (``VITLAB_ALLOCATOR=glibc`` keeps glibc with the fixed thresholds).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import resource
 from pathlib import Path
 
 import torch
+
+from analysis.preload import TCMALLOC, TRIED as PRELOAD_TRIED
 
 # glibc's malloc.h: mallopt parameters
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -33,10 +36,11 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * MIB), "MALLOC_TRIM_THRESHOLD_":
               "MALLOC_TOP_PAD_": str(64 * MIB)}
 PRELOADABLE = {  # name -> Debian's library (packages libjemalloc2, libtcmalloc-minimal4)
     "jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
-    "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    "tcmalloc": TCMALLOC,
 }
 JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 OFF = "default"  # VITLAB_ALLOCATOR value that leaves the allocator as the process found it
+GLIBC = "glibc"  # VITLAB_ALLOCATOR value that keeps glibc (fixed thresholds) in a CLI that would rerun under tcmalloc
 
 _state: str | None = None
 
@@ -81,8 +85,10 @@ def allocator_env(name: str, base: dict[str, str] | None = None) -> dict[str, st
     (this module's fixed thresholds), 'malloc-env' (the same thresholds as MALLOC_* variables), 'jemalloc' or
     'tcmalloc' (preloaded). None when that library is not installed here."""
     env = {k: v for k, v in (base if base is not None else os.environ).items()
-           if k not in ("LD_PRELOAD", "VITLAB_ALLOCATOR") and k not in MALLOC_ENV}
-    if name == "default":
+           if k not in ("LD_PRELOAD", "VITLAB_ALLOCATOR", PRELOAD_TRIED) and k not in MALLOC_ENV}
+    if name == "mallopt":
+        env["VITLAB_ALLOCATOR"] = GLIBC  # else a `python -m analysis...` child reruns itself under tcmalloc
+    elif name == "default":
         env["VITLAB_ALLOCATOR"] = OFF
     elif name == "malloc-env":
         env.update(MALLOC_ENV, VITLAB_ALLOCATOR=OFF)
@@ -170,3 +176,7 @@ def environment_line(env: dict[str, str]) -> str:
     return (f"{env['hardware']} ({env['clocks']}), {env['intra_op_threads']} intra-op / {env['inter_op_threads']} "
             f"inter-op threads, allocator: {env['allocator']}; torch {env['torch']}, timm {env['timm']}; "
             f"{env['precision']}{batch}, {env['engine']}")
+
+
+if __name__ == "__main__":  # `python -m analysis.timing_env`: what this machine's timings run under
+    print(environment_line(timing_environment()))

@@ -311,6 +311,33 @@ def test_two_threads_on_one_model_match_sequential_runs():
     assert not np.allclose(parallel[0], parallel[1])
 
 
+def test_private_copy_is_reused_and_follows_the_models_weights():
+    """The copy a pass works on is kept for the next pass on the same model, sees in-place weight changes
+    through its shared storage, and is rebuilt when a parameter is replaced."""
+    import copy
+
+    from analysis.channel_importance import _WORKSPACES
+
+    model, x = tiny_vit(), images(2)
+    first = taylor_importance(model, [(x, None)])
+    kept = list(_WORKSPACES._free[model])
+    assert len(kept) == 1
+    np.testing.assert_array_equal(taylor_importance(model, [(x, None)]).score, first.score)
+    assert _WORKSPACES._free[model] == kept  # the same copy, handed back again
+
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight.mul_(3.0)  # in place: the kept copy shares this storage
+    scaled = taylor_importance(model, [(x, None)])
+    np.testing.assert_allclose(scaled.score, taylor_importance(copy.deepcopy(model), [(x, None)]).score, rtol=1e-6)
+    assert not np.allclose(scaled.score, first.score)
+
+    model.blocks[0].attn.qkv.weight = torch.nn.Parameter(torch.randn_like(model.blocks[0].attn.qkv.weight))
+    replaced = taylor_importance(model, [(x, None)])
+    np.testing.assert_allclose(replaced.score, taylor_importance(copy.deepcopy(model), [(x, None)]).score, rtol=1e-6)
+    assert _WORKSPACES._free[model] != kept
+    assert all(p.grad is None for p in model.parameters())  # the shared model is never written to
+
+
 def test_benchmark_record_describes_what_it_timed():
     # How much slower Taylor scoring is belongs to `python -m analysis.bench`, not to a test on a busy CPU.
     from analysis.bench.taylor_cost import time_taylor_vs_forward

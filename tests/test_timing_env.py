@@ -61,7 +61,7 @@ def test_missing_library_gives_no_environment_and_options_are_exclusive(monkeypa
     monkeypatch.setitem(E.PRELOADABLE, "jemalloc", str(tmp_path / "absent.so"))
     assert E.allocator_env("jemalloc") is None
     base = {"PATH": "/bin", "LD_PRELOAD": "/x.so", "MALLOC_TOP_PAD_": "1"}
-    assert E.allocator_env("mallopt", base) == {"PATH": "/bin"}
+    assert E.allocator_env("mallopt", base) == {"PATH": "/bin", "VITLAB_ALLOCATOR": "glibc"}
     assert E.allocator_env("default", base) == {"PATH": "/bin", "VITLAB_ALLOCATOR": "default"}
     assert E.allocator_env("malloc-env", base)["MALLOC_MMAP_THRESHOLD_"] == str(64 * 2**20)
     with pytest.raises(ValueError, match="Unknown allocator"):
@@ -93,3 +93,48 @@ def test_cpu_threads_are_set_and_given_back():
         assert set_cpu_threads(previous) == before + 1
     assert cpu_threads() == before
     assert device_hardware("cpu") == "cpu" and device_hardware("mps") == "mps"
+
+
+def test_the_module_a_command_runs():
+    from analysis.preload import command_module
+
+    assert command_module(["python", "-m", "analysis.bench", "--quick"]) == "analysis.bench"
+    assert command_module(["python3", "-u", "-X", "dev", "-m", "analysis.throughput"]) == "analysis.throughput"
+    assert command_module(["python", "-manalysis.breakdown"]) == "analysis.breakdown"
+    assert command_module(["python", "script.py", "-m", "analysis.x"]) is None
+    assert command_module(["streamlit", "run", "app.py"]) is None
+    assert command_module(["python"]) is None
+
+
+def test_only_analysis_clis_rerun_under_tcmalloc_and_only_once(tmp_path):
+    from analysis.preload import TRIED, rerun_command
+
+    library = tmp_path / "libtcmalloc_minimal.so.4"
+    library.write_bytes(b"")
+    cli = ["python", "-m", "analysis.bench", "--quick"]
+    env = rerun_command(cli, {"PATH": "/bin"}, str(library), "linux")
+    assert env == {"PATH": "/bin", "LD_PRELOAD": str(library), TRIED: "1"}
+    assert rerun_command(cli, {"LD_PRELOAD": "/x.so"}, str(library), "linux")["LD_PRELOAD"] == f"{library} /x.so"
+    assert rerun_command(cli, env, str(library), "linux") is None  # the rerun itself, or tcmalloc already there
+    for other in (["python", "-m", "pytest"], ["python", "-m", "streamlit", "run", "app.py"], ["python", "x.py"]):
+        assert rerun_command(other, {}, str(library), "linux") is None
+    for chosen in ("glibc", "default"):
+        assert rerun_command(cli, {"VITLAB_ALLOCATOR": chosen}, str(library), "linux") is None
+    assert rerun_command(cli, {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, str(library), "linux") is None
+    assert rerun_command(cli, {}, str(tmp_path / "absent.so"), "linux") is None
+    assert rerun_command(cli, {}, str(library), "darwin") is None
+
+
+def test_a_timing_cli_runs_under_tcmalloc_where_installed_and_glibc_on_request():
+    if not Path(E.PRELOADABLE["tcmalloc"]).exists():
+        pytest.skip(f"{E.PRELOADABLE['tcmalloc']} is not installed")
+    base = E.allocator_env("mallopt")
+    base.pop("VITLAB_ALLOCATOR")
+
+    def allocator_line(env):
+        done = subprocess.run([sys.executable, "-m", "analysis.timing_env"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120, check=True)
+        return done.stdout.split("allocator: ")[1].split(";")[0]
+
+    assert allocator_line(base) == "tcmalloc (preloaded)"
+    assert allocator_line(dict(base, VITLAB_ALLOCATOR="glibc")).startswith("glibc malloc, fixed thresholds")

@@ -14,24 +14,22 @@ the runs interleaved round-robin (run 1, 2, ..., 6, then 1, 2, ... again), and a
 its processes (``--quick``: one process per run). ``--threads 1`` times every worker on one torch thread: on a
 shared two-core machine a second thread waits on whatever else runs.
 
-A worker is ``python -m analysis.bench.order --worker SPEC`` (SPEC is JSON); it prints one JSON line.
+A worker is ``python -m analysis.bench.order --worker SPEC`` (``analysis.bench.workers``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 from typing import Callable, Sequence
+
+from analysis.bench.workers import report_result, run_in_fresh_process
 
 BASELINE, OTHER = "mobilenetv3_large_100", "efficientvit_m5"
 LABELS = {BASELINE: "MobileNetV3-Large", OTHER: "EfficientViT-M5"}
 USED_PRELUDE = ("deit_small_patch16_224", "dynamicvit_deit_small_patch16_224@rho=0.7",
                 "deit_small_patch16_224@tome=13")
 IMG_S_TARGET, SPEEDUP_TARGET = 0.10, 0.05
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def settings_for(quick: bool, rounds: int | None = None, threads: int | None = None) -> dict:
@@ -103,12 +101,7 @@ def worker(spec: dict) -> dict:
 # ----------------------------------------------------------------------------------------------- parent side
 def run_worker(spec: dict, env: dict[str, str] | None = None, timeout: float = 900) -> dict:
     """Run ``worker(spec)`` in a fresh Python process (with environment ``env``, default: this one's)."""
-    done = subprocess.run([sys.executable, "-m", "analysis.bench.order", "--worker", json.dumps(spec)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {spec} failed ({done.returncode}): {done.stderr.strip()[-800:]}")
-    return json.loads(lines[-1])
+    return run_in_fresh_process("analysis.bench.order", spec, env=env, timeout=timeout)
 
 
 RUNS = (  # (label, models in order, used)
@@ -186,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        report_result(worker(json.loads(args.worker)))
         return 0
     print(format_table(measure(args.quick, rounds=args.rounds, repeats=args.repeats, threads=args.threads),
                        details=True))

@@ -7,16 +7,20 @@ DeiT-S at batch 16; ViLT + PuMer against ViLT at batch 8; EfficientViT-M5 (the f
 against MobileNetV3-Large with BatchNorm fused, at batch 16. The full run adds DynamicViT's zoo (ConvNeXt-T,
 Swin-T, LV-ViT-S at rho 0.7 against their backbones, batch 16) and METER + PuMer against METER (batch 8). Random weights (timing does not depend on
 them). Every group is also timed at batch 1 (``analysis.throughput.latency``); batch 1 has no target.
+Each group runs in its own fresh worker process (``analysis.bench.workers``; ``--in-process`` to run them all in
+this one), so a group's figures are the same inside the full benchmark and alone.
 """
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from analysis.bench.suite import format_table
+from analysis.bench.workers import report_progress, report_result, run_in_fresh_process
 from analysis.throughput import BenchSettings, LatencyRow, ThroughputRow, benchmark, latency
 from models.device import default_device
 
@@ -156,27 +160,43 @@ def group_figures(group: Group, comparisons: list[Comparison], rows: list[Throug
     return figures
 
 
+def time_group(index: int, quick: bool, device: str, progress: Callable[[float, str], None] | None = None) -> list[dict]:
+    """The figures of ``GROUPS[index]``, timed in this process."""
+    group = GROUPS[index]
+    comparisons = [c for c in group.comparisons if not (quick and c.full_only)]
+
+    def step(message: str, fraction: float, offset: float = 0.0, share: float = 1.0) -> None:
+        if progress:
+            progress(offset + share * fraction, message)
+
+    step("loading models", 0.0)
+    runners = _runners(group, comparisons, device)
+    rows = benchmark(runners, batch_settings(quick, group.batch, device), baseline=group.baseline,
+                     progress=lambda f, m: step(f"batch {group.batch}, {m}", f, share=0.7))
+    lat = latency(runners, latency_settings(quick, device), baseline=group.baseline,
+                  progress=lambda f, m: step(f"batch 1, {m}", f, offset=0.7, share=0.3))
+    return group_figures(group, comparisons, rows, lat, device)
+
+
 def measure(quick: bool = False, progress: Callable[[float, str], None] | None = None,
-            device: str | None = None) -> list[dict]:
-    """Every group's speed-ups at its batch (with targets) and at batch 1 (reported)."""
+            device: str | None = None, isolate: bool = True) -> list[dict]:
+    """Every group's speed-ups at its batch (with targets) and at batch 1 (reported). With ``isolate`` (the
+    default) each group is timed in a fresh worker process, so no group's figures depend on the groups before it."""
     device = device or default_device()
     figures = []
-    groups = [g for g in GROUPS if not (quick and g.full_only)]
-    for g, group in enumerate(groups):
-        comparisons = [c for c in group.comparisons if not (quick and c.full_only)]
+    indices = [i for i, g in enumerate(GROUPS) if not (quick and g.full_only)]
+    for done, index in enumerate(indices):
+        label = f"{GROUPS[index].baseline_label} group"
 
-        def step(message: str, fraction: float, g=g, offset=0.0, share=1.0) -> None:
+        def step(fraction: float, message: str, done=done, label=label) -> None:
             if progress:
-                progress((g + offset + share * fraction) / len(groups), f"{group.baseline_label} group: {message}")
+                progress((done + fraction) / len(indices), f"{label}: {message}")
 
-        step("loading models", 0.0)
-        runners = _runners(group, comparisons, device)
-        rows = benchmark(runners, batch_settings(quick, group.batch, device), baseline=group.baseline,
-                         progress=lambda f, m: step(f"batch {group.batch}, {m}", f, share=0.7))
-        lat = latency(runners, latency_settings(quick, device), baseline=group.baseline,
-                      progress=lambda f, m: step(f"batch 1, {m}", f, offset=0.7, share=0.3))
-        figures += group_figures(group, comparisons, rows, lat, device)
-        del runners
+        if isolate:
+            figures += run_in_fresh_process("analysis.bench.speedups",
+                                            {"group": index, "quick": quick, "device": device}, progress=step)
+        else:
+            figures += time_group(index, quick, device, step)
     return figures
 
 
@@ -184,8 +204,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.bench.speedups", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds, headline models only")
     p.add_argument("--device", default=None)
+    p.add_argument("--in-process", action="store_true",
+                   help="time every group in this process instead of one fresh process per group")
+    p.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    print(format_table(measure(args.quick, device=args.device), details=True))
+    if args.worker:
+        from analysis.timing_env import control_allocator
+
+        control_allocator()  # before the group's models are built
+        spec = json.loads(args.worker)
+        report_result(time_group(spec["group"], spec["quick"], spec["device"], report_progress))
+        return 0
+    print(format_table(measure(args.quick, device=args.device, isolate=not args.in_process), details=True))
     return 0
 
 
