@@ -6,21 +6,19 @@ import time
 import pandas as pd
 import streamlit as st
 
-from analysis.onnx_engine import ENGINES, onnx_runners
+from analysis.onnx_engine import ENGINES
 from analysis.provenance import RANDOM, label_rows
-from analysis.throughput import (PRECISIONS, BenchSettings, ModelOptions, benchmark, is_out_of_memory, latency,
-                                 make_runner, rows_to_records, spread_warnings, sweep)
-from analysis.timing_env import environment_line
+from analysis.throughput import PRECISIONS, BenchSettings, ModelOptions, rows_to_records, spread_warnings
 from analysis.throughput_figures import accuracy_figure, latency_figure, latency_table, live_figure, results_table
-from models.checkpoints import CheckpointError, WeightsNotFoundError
-from models.device import cpu_threads, device_hardware, set_cpu_threads
+from analysis.timing_env import environment_line
+from analysis.timing_request import LATENCY, SWEEP, THROUGHPUT, TimingRefused, TimingRequest, run_in_fresh_process
+from models.device import cpu_threads, device_hardware
 from models.registry import REGISTRY
-from models.variants import parse_variant, variant_groups
-from pages._ui import (cached_model, current_device, download_df, download_json, kept, latest_result, progress_bar,
+from models.variants import variant_groups
+from pages._ui import (current_device, download_df, download_json, kept, latest_result, progress_bar,
                        run_through_app, session_result, timm_model_names)
 
 SYNTHETIC_INPUT = "synthetic input (random tensor)"
-THROUGHPUT, LATENCY = "throughput", "latency"
 
 
 def method_variants(models: list[str]) -> list[str]:
@@ -40,7 +38,8 @@ run_through_app()
 st.title("Live throughput")
 st.markdown(
     "Speed claims are made on someone else's V100. Here the models run on **this machine**, interleaved "
-    "round by round in one process so that both sides of every speed-up see the same conditions. "
+    "round by round in one process so that both sides of every speed-up see the same conditions; a fresh "
+    "process for every run, so nothing this server ran before moves the figures. "
     "Timing does not depend on the weight values, so models run with random weights here."
 )
 
@@ -86,7 +85,7 @@ with col_settings:
     compile_model = kept(st.checkbox, "torch.compile (slow first run)", key="tp_compile", default=False)
     threads = kept(st.number_input, "CPU threads", 1, max(1, cpu_threads() * 4), key="tp_threads",
                    default=cpu_threads(),
-                   help="Process-wide: other sessions share it while this runs.")
+                   help="torch threads of the timing process (each run is timed in a fresh one).")
 
 hardware = device_hardware(device)
 options = ModelOptions(channels_last=channels_last, fuse_bn=fuse_bn, compile=compile_model)
@@ -98,7 +97,7 @@ run = st.button("Run benchmark", type="primary", disabled=not variants, key="tp_
 
 
 def run_benchmark() -> dict:
-    """Time every variant; the live chart and the progress bar update as rounds arrive."""
+    """Time every variant in a fresh worker process; the live chart and the progress bar update as rounds arrive."""
     live_chart = st.empty()
     measurements: list[dict] = []
 
@@ -109,54 +108,30 @@ def run_benchmark() -> dict:
         live_chart.plotly_chart(latency_figure(frame) if latency_mode else live_figure(frame),
                                 key=f"live-{len(measurements)}")
 
-    previous_threads = set_cpu_threads(int(threads))
+    timing = TimingRequest(tuple(variants), settings, options, baseline=baseline,
+                           mode=LATENCY if latency_mode else SWEEP if sweep_mode else THROUGHPUT,
+                           batches=tuple(int(b) for b in batches), engine=engine, threads=int(threads))
     try:
-        with st.status("Benchmarking ...", expanded=True) as status:
+        with st.status("Starting a fresh timing process ...", expanded=True) as status:
             show = progress_bar()
-            runners = []
-            for index, text in enumerate(variants):
-                status.update(label=f"Preparing {index + 1}/{len(variants)}: {text}")
-                variant = parse_variant(text)
-                loaded = cached_model(variant.model, random_weights=True)
-                if loaded is None:
-                    st.stop()
-                runners.append(make_runner(text, device=device, loaded=loaded, options=options))
-            if engine == "onnxruntime" and not (latency_mode or sweep_mode):
-                status.update(label="Exporting to ONNX and checking ONNX Runtime against eager ...")
-                runners += onnx_runners(runners, settings.batch, device)
 
             def progress(fraction: float, message: str) -> None:
-                status.update(label=f"Timing {message}")
-                show(fraction, f"Timing {message}")
+                status.update(label=f"Timing: {message}")
+                show(fraction, message)
 
-            if latency_mode:
-                rows, notes = latency(runners, settings, baseline=baseline, progress=progress,
-                                      on_measure=on_measure), []
-            elif sweep_mode:
-                rows, notes = sweep(runners, settings, [int(b) for b in batches], baseline=baseline,
-                                    progress=progress, on_measure=on_measure)
-            else:
-                rows, notes = benchmark(runners, settings, baseline=baseline, progress=progress,
-                                        on_measure=on_measure), []
-            shapes = f"{len(runners)} model{'s' if len(runners) != 1 else ''}"
+            timed = run_in_fresh_process(timing, progress=progress, on_measure=on_measure)
+            timed_models = len({row.model for row in timed.rows})
+            shapes = f"{timed_models} model{'s' if timed_models != 1 else ''}"
             if len(batches) > 1:
                 shapes += f" x {len(batches)} batch sizes"
             status.update(label=f"Done: {len(measurements)} measurements ({shapes} x {int(rounds)} "
                                 f"round{'s' if int(rounds) != 1 else ''}) on {device}", state="complete")
-    except (KeyError, ValueError, WeightsNotFoundError, CheckpointError) as exc:
-        st.error(str(exc.args[0] if exc.args else exc))
+    except TimingRefused as exc:
+        st.error(str(exc))
         st.stop()
-    except (RuntimeError, MemoryError) as exc:
-        if not is_out_of_memory(exc):
-            raise
-        st.error(f"Out of memory at batch {settings.batch} on {device}: choose a smaller batch, or a batch sweep "
-                 f"(it backs off and keeps what it measured).")
-        st.stop()
-    finally:
-        set_cpu_threads(previous_threads)
     live_chart.empty()
-    return {"mode": mode, "rows": rows, "notes": notes, "measurements": measurements, "hardware": hardware,
-            "settings": vars(settings), "options": vars(options), "request": request}
+    return {"mode": mode, "rows": timed.rows, "notes": timed.notes, "measurements": measurements,
+            "hardware": hardware, "settings": vars(settings), "options": vars(options), "request": request}
 
 
 if run:

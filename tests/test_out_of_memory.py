@@ -113,13 +113,17 @@ def test_available_memory_follows_the_address_space_limit():
 def test_the_throughput_page_answers_an_out_of_memory_with_a_sentence(monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    import analysis.throughput
+    import analysis.fresh_process
+    import analysis.timing_request
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
                            "tried to allocate 99857989632 bytes. Error code 12 (Cannot allocate memory)")
 
-    monkeypatch.setattr(analysis.throughput, "benchmark", out_of_memory)
+    # The page's worker, run in this process so that its benchmark can fail here; its answer travels as JSON.
+    monkeypatch.setattr(analysis.timing_request, "benchmark", out_of_memory)
+    monkeypatch.setattr(analysis.fresh_process, "run_in_fresh_process",
+                        lambda module, spec, **kw: json.loads(json.dumps(analysis.timing_request.worker(spec))))
     at = AppTest.from_file(str(ROOT / "pages" / "throughput.py"), default_timeout=240).run()
     at.multiselect(key="tp_models").set_value(["efficientvit_m0"]).run()
     at.number_input(key="tp_batch").set_value(2)

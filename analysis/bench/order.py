@@ -14,7 +14,7 @@ the runs interleaved round-robin (run 1, 2, ..., 6, then 1, 2, ... again), and a
 its processes (``--quick``: one process per run). ``--threads 1`` times every worker on one torch thread: on a
 shared two-core machine a second thread waits on whatever else runs.
 
-A worker is ``python -m analysis.bench.order --worker SPEC`` (``analysis.bench.workers``).
+A worker is ``python -m analysis.bench.order --worker SPEC`` (``analysis.fresh_process``).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import json
 import statistics
 from typing import Callable, Sequence
 
-from analysis.bench.workers import report_result, run_in_fresh_process
+from analysis.fresh_process import report_result, run_in_fresh_process
 
 BASELINE, OTHER = "mobilenetv3_large_100", "efficientvit_m5"
 LABELS = {BASELINE: "MobileNetV3-Large", OTHER: "EfficientViT-M5"}

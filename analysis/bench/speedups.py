@@ -7,7 +7,7 @@ DeiT-S at batch 16; ViLT + PuMer against ViLT at batch 8; EfficientViT-M5 (the f
 against MobileNetV3-Large with BatchNorm fused, at batch 16. The full run adds DynamicViT's zoo (ConvNeXt-T,
 Swin-T, LV-ViT-S at rho 0.7 against their backbones, batch 16) and METER + PuMer against METER (batch 8). Random weights (timing does not depend on
 them). Every group is also timed at batch 1 (``analysis.throughput.latency``); batch 1 has no target.
-Each group runs in its own fresh worker process (``analysis.bench.workers``; ``--in-process`` to run them all in
+Each group runs in its own fresh worker process (``analysis.fresh_process``; ``--in-process`` to run them all in
 this one), so a group's figures are the same inside the full benchmark and alone.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from analysis.bench.suite import format_table
-from analysis.bench.workers import report_progress, report_result, run_in_fresh_process
+from analysis.fresh_process import report_progress, report_result, run_in_fresh_process
 from analysis.throughput import BenchSettings, LatencyRow, ThroughputRow, benchmark, latency
 from models.device import default_device
 

@@ -1,12 +1,14 @@
-"""A benchmark part timed in a fresh worker process: ``python -m MODULE --worker SPEC`` (SPEC is JSON).
+"""Timing in a fresh worker process: ``python -m MODULE --worker SPEC`` (SPEC is JSON).
 
 Why a fresh process: even with the allocator controlled, what a process ran before moves a CPU timing (README,
-*Limits*: MobileNetV3-Large about 10 % slower under glibc after the DeiT-S group, 6 % under tcmalloc). The full
-benchmark therefore times every group in its own process, so a figure is the same inside the full run and alone.
+*Limits*: MobileNetV3-Large about 10 % slower under glibc after the DeiT-S group, 6 % under tcmalloc). So the full
+benchmark times every group in its own process, and the throughput page times every run in one, so a figure
+does not depend on what the benchmark or the Streamlit server ran before.
 
-The worker writes one JSON object per line on stdout: ``{"progress": [fraction, message]}`` while it runs and
-``{"result": ...}`` at the end; the parent passes the progress on and returns the result. The worker inherits
-the parent's environment (so a parent rerun under tcmalloc has tcmalloc workers) unless ``env`` is given.
+The worker writes one JSON object per line on stdout: ``{"progress": [fraction, message]}`` and
+``{"measure": [...]}`` while it runs and ``{"result": ...}`` at the end; the parent passes progress and
+measurements on and returns the result. The worker inherits the parent's environment unless ``env`` is given;
+``python -m`` reruns it under tcmalloc where installed (``analysis.preload``).
 """
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 Progress = Callable[[float, str], None]
 
 
 def run_in_fresh_process(module: str, spec: dict, env: dict[str, str] | None = None,
-                         progress: Progress | None = None, timeout: float = 3600) -> Any:
+                         progress: Progress | None = None, on_measure: Callable | None = None,
+                         timeout: float = 3600) -> Any:
     """Run ``module``'s worker on ``spec`` in a new Python process and return its result."""
     command = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
     with tempfile.TemporaryFile(mode="w+") as stderr:  # a file, not a pipe: a chatty stderr cannot block the worker
@@ -33,6 +36,8 @@ def run_in_fresh_process(module: str, spec: dict, env: dict[str, str] | None = N
                 message = _message(line)
                 if "progress" in message and progress is not None:
                     progress(*message["progress"])
+                elif "measure" in message and on_measure is not None:
+                    on_measure(*message["measure"])
                 elif "result" in message:
                     result, found = message["result"], True
             code = proc.wait(timeout=timeout)
@@ -56,6 +61,11 @@ def _message(line: str) -> dict:
 def report_progress(fraction: float, message: str) -> None:
     """Worker side: one progress line for the parent."""
     print(json.dumps({"progress": [fraction, message]}), flush=True)
+
+
+def report_measure(*values: Any) -> None:
+    """Worker side: one measurement (e.g. a round's img/s) for the parent's live chart."""
+    print(json.dumps({"measure": list(values)}), flush=True)
 
 
 def report_result(result: Any) -> None:

@@ -1,0 +1,139 @@
+"""One throughput-page run (models, settings, mode), timed in a fresh worker process.
+
+A long-lived Streamlit server has run other models, pages and sessions before; what a process ran before moves
+a CPU timing even with the allocator controlled (``analysis.fresh_process``). So the page sends what it wants
+timed to ``python -m analysis.timing_request --worker SPEC``: the worker loads the models (random weights:
+timing does not depend on them), times them exactly as the CLI does, streams progress and every round to the
+page's live chart, and sends the rows back. ``run_request`` is the same run in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+from analysis.fresh_process import report_measure, report_progress, report_result
+from analysis.throughput import (BenchSettings, LatencyRow, ModelOptions, ThroughputRow, benchmark, is_out_of_memory,
+                                 latency, make_runner, rows_to_records, sweep)
+
+THROUGHPUT, LATENCY, SWEEP = "throughput", "latency", "sweep"
+Progress = Callable[[float, str], None]
+Measure = Callable[[str, int, int, float], None]
+
+
+class TimingRefused(ValueError):
+    """The run could not be timed: a model that does not load, a bad variant, or out of memory (one sentence)."""
+
+    def __init__(self, message: str, out_of_memory: bool = False) -> None:
+        super().__init__(message)
+        self.out_of_memory = out_of_memory
+
+
+@dataclass(frozen=True)
+class TimingRequest:
+    variants: tuple[str, ...]
+    settings: BenchSettings
+    options: ModelOptions = ModelOptions()
+    baseline: str | None = None
+    mode: str = THROUGHPUT  # throughput | latency | sweep
+    batches: tuple[int, ...] = ()  # the sweep's batch sizes
+    engine: str = "eager"  # eager | onnxruntime (throughput mode only)
+    threads: int | None = None  # torch CPU threads in the timing process
+
+    def to_spec(self) -> dict:
+        return {**asdict(self), "variants": list(self.variants), "batches": list(self.batches)}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "TimingRequest":
+        return cls(variants=tuple(spec["variants"]), settings=BenchSettings(**spec["settings"]),
+                   options=ModelOptions(**spec["options"]), baseline=spec.get("baseline"),
+                   mode=spec.get("mode", THROUGHPUT), batches=tuple(spec.get("batches", ())),
+                   engine=spec.get("engine", "eager"), threads=spec.get("threads"))
+
+
+@dataclass
+class TimingResult:
+    rows: list[ThroughputRow | LatencyRow]
+    notes: list[str] = field(default_factory=list)
+
+
+def run_request(request: TimingRequest, progress: Progress | None = None,
+                on_measure: Measure | None = None) -> TimingResult:
+    """Load and time ``request`` in this process; a load or memory failure becomes ``TimingRefused``."""
+    import torch
+
+    from models.checkpoints import CheckpointError, WeightsNotFoundError
+
+    if request.threads and request.settings.device == "cpu":
+        torch.set_num_threads(int(request.threads))
+    settings = request.settings
+    try:
+        runners = []
+        for index, text in enumerate(request.variants):
+            if progress:
+                progress(0.0, f"loading {index + 1}/{len(request.variants)}: {text}")
+            runners.append(make_runner(text, device=settings.device, random_weights=True, options=request.options))
+        if request.engine == "onnxruntime" and request.mode == THROUGHPUT:
+            from analysis.onnx_engine import onnx_runners
+
+            if progress:
+                progress(0.0, "exporting to ONNX and checking ONNX Runtime against eager")
+            runners += onnx_runners(runners, settings.batch, settings.device)
+    except (KeyError, ValueError, WeightsNotFoundError, CheckpointError) as exc:
+        raise TimingRefused(str(exc.args[0] if exc.args else exc)) from exc
+    try:
+        if request.mode == LATENCY:
+            return TimingResult(latency(runners, settings, baseline=request.baseline, progress=progress,
+                                        on_measure=on_measure))
+        if request.mode == SWEEP:
+            rows, notes = sweep(runners, settings, list(request.batches), baseline=request.baseline,
+                                progress=progress, on_measure=on_measure)
+            return TimingResult(rows, notes)
+        return TimingResult(benchmark(runners, settings, baseline=request.baseline, progress=progress,
+                                      on_measure=on_measure))
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise TimingRefused(f"Out of memory at batch {settings.batch} on {settings.device}: choose a smaller "
+                            f"batch, or a batch sweep (it backs off and keeps what it measured).",
+                            out_of_memory=True) from exc
+
+
+def rows_from_records(records: Sequence[dict]) -> list[ThroughputRow | LatencyRow]:
+    return [LatencyRow(**r) if "median_ms" in r else ThroughputRow(**r) for r in records]
+
+
+def run_in_fresh_process(request: TimingRequest, progress: Progress | None = None,
+                         on_measure: Measure | None = None) -> TimingResult:
+    """``run_request`` in a new worker process (``python -m analysis.timing_request --worker``)."""
+    from analysis import fresh_process
+
+    answer = fresh_process.run_in_fresh_process("analysis.timing_request", request.to_spec(), progress=progress,
+                                                on_measure=on_measure)
+    if "refused" in answer:
+        raise TimingRefused(answer["refused"], out_of_memory=answer.get("out_of_memory", False))
+    return TimingResult(rows_from_records(answer["rows"]), answer["notes"])
+
+
+def worker(spec: dict) -> dict:
+    from analysis.timing_env import control_allocator
+
+    control_allocator()  # before any model is built
+    try:
+        result = run_request(TimingRequest.from_spec(spec), report_progress, report_measure)
+    except TimingRefused as exc:
+        return {"refused": str(exc), "out_of_memory": exc.out_of_memory}
+    return {"rows": rows_to_records(result.rows), "notes": result.notes}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analysis.timing_request", description=__doc__.splitlines()[0])
+    p.add_argument("--worker", metavar="SPEC", required=True, help="the request as JSON (the page writes it)")
+    args = p.parse_args(argv)
+    report_result(worker(json.loads(args.worker)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
