@@ -9,6 +9,7 @@ page's live chart, and sends the rows back. ``run_request`` is the same run in t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -40,16 +41,21 @@ class TimingRequest:
     batches: tuple[int, ...] = ()  # the sweep's batch sizes
     engine: str = "eager"  # eager | onnxruntime (throughput mode only)
     threads: int | None = None  # torch CPU threads in the timing process
+    # (module name, file) of each module outside timm that registered a requested timm model in this process:
+    # the worker imports them first, so a model registered at run time is known there too
+    model_modules: tuple[tuple[str, str], ...] = ()
 
     def to_spec(self) -> dict:
-        return {**asdict(self), "variants": list(self.variants), "batches": list(self.batches)}
+        return {**asdict(self), "variants": list(self.variants), "batches": list(self.batches),
+                "model_modules": [list(m) for m in self.model_modules]}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "TimingRequest":
         return cls(variants=tuple(spec["variants"]), settings=BenchSettings(**spec["settings"]),
                    options=ModelOptions(**spec["options"]), baseline=spec.get("baseline"),
                    mode=spec.get("mode", THROUGHPUT), batches=tuple(spec.get("batches", ())),
-                   engine=spec.get("engine", "eager"), threads=spec.get("threads"))
+                   engine=spec.get("engine", "eager"), threads=spec.get("threads"),
+                   model_modules=tuple(tuple(m) for m in spec.get("model_modules", ())))
 
 
 @dataclass
@@ -100,6 +106,40 @@ def run_request(request: TimingRequest, progress: Progress | None = None,
                             out_of_memory=True) from exc
 
 
+def registering_modules(variants: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """(name, file) of the modules outside timm whose ``@register_model`` made a requested model known here."""
+    import sys
+
+    import timm.models
+
+    from models.variants import parse_variant
+
+    found = {}
+    for text in variants:
+        try:
+            module = timm.models.model_entrypoint(parse_variant(text).model).__module__
+        except (KeyError, RuntimeError, ValueError):
+            continue  # not a timm model (the registry's own, or unknown: the worker says so)
+        file = getattr(sys.modules.get(module), "__file__", None)
+        if not module.startswith("timm.") and file:
+            found[module] = file
+    return tuple(found.items())
+
+
+def import_registering_modules(modules: Sequence[Sequence[str]]) -> None:
+    """Worker side: import each (name, file) not imported yet, so that its models register with timm."""
+    import importlib.util
+    import sys
+
+    for name, file in modules:
+        if name in sys.modules:
+            continue
+        spec = importlib.util.spec_from_file_location(name, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+
 def rows_from_records(records: Sequence[dict]) -> list[ThroughputRow | LatencyRow]:
     return [LatencyRow(**r) if "median_ms" in r else ThroughputRow(**r) for r in records]
 
@@ -109,6 +149,7 @@ def run_in_fresh_process(request: TimingRequest, progress: Progress | None = Non
     """``run_request`` in a new worker process (``python -m analysis.timing_request --worker``)."""
     from analysis import fresh_process
 
+    request = dataclasses.replace(request, model_modules=registering_modules(request.variants))
     answer = fresh_process.run_in_fresh_process("analysis.timing_request", request.to_spec(), progress=progress,
                                                 on_measure=on_measure)
     if "refused" in answer:
@@ -120,8 +161,10 @@ def worker(spec: dict) -> dict:
     from analysis.timing_env import control_allocator
 
     control_allocator()  # before any model is built
+    request = TimingRequest.from_spec(spec)
+    import_registering_modules(request.model_modules)
     try:
-        result = run_request(TimingRequest.from_spec(spec), report_progress, report_measure)
+        result = run_request(request, report_progress, report_measure)
     except TimingRefused as exc:
         return {"refused": str(exc), "out_of_memory": exc.out_of_memory}
     return {"rows": rows_to_records(result.rows), "notes": result.notes}

@@ -6,8 +6,8 @@ import pytest
 from analysis.preload import rerun_command
 from analysis.throughput import BenchSettings, LatencyRow, ModelOptions, ThroughputRow
 from analysis.timing_env import control_allocator
-from analysis.timing_request import (LATENCY, TimingRefused, TimingRequest, run_in_fresh_process, run_request,
-                                     rows_from_records)
+from analysis.timing_request import (LATENCY, TimingRefused, TimingRequest, registering_modules,
+                                     run_in_fresh_process, run_request, rows_from_records)
 
 
 DEIT = "deit_tiny_patch16_224"
@@ -20,8 +20,11 @@ def tiny(mode: str = "throughput", **kw) -> TimingRequest:
 
 
 def test_a_request_survives_its_trip_as_json():
-    request = tiny(batches=(1, 2))
+    request = tiny(batches=(1, 2), model_modules=(("my_models", "/somewhere/my_models.py"),))
     assert TimingRequest.from_spec(request.to_spec()) == request
+    # timm's own models and the registry's need no import in the worker (a model registered by a module of one's
+    # own does: tests/test_any_timm_vit.py times one through the page)
+    assert registering_modules([DEIT, "dynamicvit_deit_small_patch16_224@rho=0.7", "no_such_model"]) == ()
 
 
 def test_the_worker_times_in_a_fresh_process_and_streams_every_round():
