@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,10 +27,19 @@ Progress = Callable[[float, str], None]
 def run_in_fresh_process(module: str, spec: dict, env: dict[str, str] | None = None,
                          progress: Progress | None = None, on_measure: Callable | None = None,
                          timeout: float = 3600) -> Any:
-    """Run ``module``'s worker on ``spec`` in a new Python process and return its result."""
+    """Run ``module``'s worker on ``spec`` in a new Python process and return its result; a worker still running
+    after ``timeout`` seconds is killed (reading its lines would otherwise wait for it forever)."""
     command = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
     with tempfile.TemporaryFile(mode="w+") as stderr:  # a file, not a pipe: a chatty stderr cannot block the worker
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        stopped = threading.Event()
+
+        def stop() -> None:
+            stopped.set()
+            proc.kill()
+
+        watchdog = threading.Timer(timeout, stop)
+        watchdog.start()
         result, found = None, False
         try:
             for line in proc.stdout:
@@ -40,10 +50,13 @@ def run_in_fresh_process(module: str, spec: dict, env: dict[str, str] | None = N
                     on_measure(*message["measure"])
                 elif "result" in message:
                     result, found = message["result"], True
-            code = proc.wait(timeout=timeout)
+            code = proc.wait()
         finally:
+            watchdog.cancel()
             if proc.poll() is None:
                 proc.kill()
+        if stopped.is_set():
+            raise RuntimeError(f"{module} worker {spec} was stopped after {timeout:g} s.")
         if code != 0 or not found:
             stderr.seek(0)
             raise RuntimeError(f"{module} worker {spec} failed ({code}): {stderr.read().strip()[-800:]}")

@@ -56,3 +56,10 @@ def test_a_model_that_does_not_load_is_refused_in_one_sentence():
     assert "no_such_model_anywhere" in str(refused.value) and not refused.value.out_of_memory
     with pytest.raises(TimingRefused):  # the same answer in this process
         run_request(request)
+
+
+def test_a_worker_that_outlives_its_timeout_is_stopped():
+    from analysis import fresh_process
+
+    with pytest.raises(RuntimeError, match="stopped after 0.05 s"):
+        fresh_process.run_in_fresh_process("analysis.timing_request", tiny().to_spec(), timeout=0.05)
