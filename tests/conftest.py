@@ -13,10 +13,20 @@ DEIT_TINY_WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.safetensors"
 SHARED_IMAGES = sorted((SHARED / "images").glob("photo_*.jpg"))
 
 
+# The suite runs in parallel workers (pytest-xdist, `-n auto` in pytest.ini): one per core, at most four, each on
+# one torch thread, so the workers share the cores instead of oversubscribing them.
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "shared: needs ../shared/weights or ../shared/images")
     config.addinivalue_line("markers", "browser: drives a real chromium")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 # CI sets this so that a missing ../shared or browser fails the run instead of skipping silently.
