@@ -175,8 +175,9 @@ def show_latency() -> None:
     table = latency_table(result["rows"])
     st.subheader("Batch-1 latency")
     st.caption(f"{shown['device']}, {shown['precision']}, batch 1, {rounds_text}; median and p90 of the rounds' "
-               "ms per image; speed-up = the baseline's median ms / this median ms, with the interquartile range "
-               "of the per-round ratios. Models run with random weights: timing does not depend on them.")
+               "ms per image; speed-up = the baseline's median ms / this median ms; the middle half of the per-round "
+               "ratios lies between the speed-up's Q1 and Q3. Models run with random weights: timing does not "
+               "depend on them.")
     st.dataframe(table, hide_index=True, column_config={
         "median_ms": st.column_config.NumberColumn("median ms", format="%.2f"),
         "p90_ms": st.column_config.NumberColumn("p90 ms", format="%.2f"),
@@ -194,8 +195,8 @@ def show_throughput() -> None:
     table = results_table(result["rows"], hardware=result["hardware"])
     st.subheader("Results")
     st.caption(f"{shown['device']}, {shown['precision']}, {rounds_text}; img/s = the median round; "
-               "speed-up = img/s / the baseline's img/s (the same medians), with the interquartile range of the "
-               "per-round ratios. "
+               "speed-up = img/s / the baseline's img/s (the same medians); the middle half of the rounds (or of "
+               "the per-round ratios) lies between Q1 and Q3. "
                "GFLOPs count 2 per multiply-add (papers' 'FLOPs' are half). A paper's claim is compared only on "
                "the hardware it was measured on; otherwise it is marked not comparable.")
     st.dataframe(table, hide_index=True, column_config={
