@@ -169,7 +169,8 @@ def benchmark(runners: Sequence[Runner], settings: BenchSettings, baseline: str 
     until a call faults no fresh pages in) brings it, the kernels and the caches to their steady state, so no
     cold first call is ever timed.
 
-    ``progress(fraction, message)`` follows each timed round, like every analysis's progress callback.
+    ``progress(fraction, message)`` says when each runner's FLOP counting and warm-up start and follows each timed
+    round, like every analysis's progress callback.
     ``on_measure(model, batch, round, img_per_s)`` sees each round as it finishes (for live charts).
     """
     if baseline is not None and baseline not in {r.name for r in runners}:
@@ -178,9 +179,14 @@ def benchmark(runners: Sequence[Runner], settings: BenchSettings, baseline: str 
     inputs = {r.name: r.make_inputs(settings.batch) for r in runners}
     peak: dict[str, float | None] = {}
     is_cuda = torch.device(settings.device).type == "cuda"
-    for r in runners:
+    for index, r in enumerate(runners):
+        where = f"{index + 1}/{len(runners)}: {r.name}"
         if r.flops_per_image is None:
+            if progress:
+                progress(0.0, f"counting FLOPs {where}")
             r.flops_per_image = count_flops(r)
+        if progress:  # warm-up can take longer than the rounds (first calls, the allocator's steady state)
+            progress(0.0, f"warming up {where}" + (" (compiling)" if r.engine == "torch.compile" else ""))
         if is_cuda:
             torch.cuda.reset_peak_memory_stats()
         _time_iters(r, inputs[r.name], max(1, settings.warmup), settings)
