@@ -9,7 +9,8 @@ import streamlit as st
 from analysis.onnx_engine import ENGINES
 from analysis.provenance import RANDOM, label_rows
 from analysis.throughput import PRECISIONS, BenchSettings, ModelOptions, rows_to_records, spread_warnings
-from analysis.throughput_figures import accuracy_figure, latency_figure, latency_table, live_figure, results_table
+from analysis.throughput_figures import (accuracy_caption, accuracy_figure, latency_figure, latency_table, live_figure,
+                                         results_table)
 from analysis.timing_env import environment_line
 from analysis.timing_request import LATENCY, SWEEP, THROUGHPUT, TimingRefused, TimingRequest, run_in_fresh_process
 from models.device import cpu_threads, device_hardware
@@ -206,9 +207,7 @@ def show_throughput() -> None:
         "img_per_s_q3": st.column_config.NumberColumn("img/s Q3", format="%.1f"), **SPREAD_COLUMNS})
     st.plotly_chart(live_figure(pd.DataFrame(result["measurements"])), key="tp_rounds_chart")
     st.plotly_chart(accuracy_figure(table), key="tp_accuracy_chart")
-    st.caption("Throughput against published ImageNet top-1; token-reduction variants have no single published "
-               "top-1 and are left out of this chart. Models run with random weights: timing does not depend on "
-               "them.")
+    st.caption(accuracy_caption(table) + " Models run with random weights: timing does not depend on them.")
     _downloads(table, "throughput")
 
 
