@@ -658,7 +658,8 @@ QK_SAME_NOTE = (
     "Q and K score the same, channel by channel, and that follows from the maths, not from these images: a "
     "channel's Taylor score |Σ w·∂L/∂w| over the weights that make it equals |Σ q_j·∂L/∂q_j| over the tokens, and "
     "with attention logits S = q·kᵀ·scale, both Σ_t q_j(t)·∂L/∂q_j(t) and Σ_t k_j(t)·∂L/∂k_j(t) equal "
-    "scale·Σ over query-key pairs of ∂L/∂S·q_j·k_j. Their lines below lie on each other (K dashed).")
+    "scale·Σ over query-key pairs of ∂L/∂S·q_j·k_j. In the chart above, their lines lie on each other (q wide "
+    "and faint underneath, k dashed on top).")
 
 
 def qk_scores_identical(scores: TaylorScores, tolerance: float = 1e-4) -> bool:

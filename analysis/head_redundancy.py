@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
@@ -410,14 +411,22 @@ def embedding_noise_axes(result: RedundancyResult) -> list[bool]:
     return [bool(s < EMBEDDING_NOISE) for s in spread]
 
 
+def _lowest_similarity_text(lowest: float) -> str:
+    """'identical attention maps', or the lowest similarity rounded down (0.9997 rounded to 1.000 is no lower
+    bound)."""
+    if lowest >= 1 - 1e-6:
+        return "identical attention maps (cosine similarity 1 to six decimals)"
+    return f"attention maps with cosine similarity ≥ {math.floor(lowest * 1000 + 1e-9) / 1000:.3f}"
+
+
 def untrained_notes(result: RedundancyResult) -> list[str]:
     """Why a result supports no conclusion (heads alike everywhere, an MDS of noise); empty when it does."""
     notes = []
     lowest = min((b.attention_similarity[~np.eye(b.num_heads, dtype=bool)].min() for b in result.blocks
                   if b.num_heads > 1), default=None)
     if lowest is not None and lowest >= ALIKE_HEADS:
-        notes.append(f"{result.label}: every pair of heads has attention maps at least {lowest:.3f} alike in every "
-                     "block, as when attention is (nearly) uniform: redundancy near 1 here reflects the weights "
+        notes.append(f"{result.label}: every pair of heads has {_lowest_similarity_text(lowest)} in every block, "
+                     "as when attention is (nearly) uniform: redundancy near 1 here reflects the weights "
                      "(untrained heads all look everywhere), not a property of the architecture.")
     noise = embedding_noise_axes(result)
     if all(noise):

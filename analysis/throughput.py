@@ -169,7 +169,8 @@ def benchmark(runners: Sequence[Runner], settings: BenchSettings, baseline: str 
     until a call faults no fresh pages in) brings it, the kernels and the caches to their steady state, so no
     cold first call is ever timed.
 
-    ``progress(fraction, message)`` follows each timed round, like every analysis's progress callback.
+    ``progress(fraction, message)`` says when each runner's FLOP counting and warm-up start and follows each timed
+    round, like every analysis's progress callback.
     ``on_measure(model, batch, round, img_per_s)`` sees each round as it finishes (for live charts).
     """
     if baseline is not None and baseline not in {r.name for r in runners}:
@@ -178,9 +179,14 @@ def benchmark(runners: Sequence[Runner], settings: BenchSettings, baseline: str 
     inputs = {r.name: r.make_inputs(settings.batch) for r in runners}
     peak: dict[str, float | None] = {}
     is_cuda = torch.device(settings.device).type == "cuda"
-    for r in runners:
+    for index, r in enumerate(runners):
+        where = f"{index + 1}/{len(runners)}: {r.name}"
         if r.flops_per_image is None:
+            if progress:
+                progress(0.0, f"counting FLOPs {where}")
             r.flops_per_image = count_flops(r)
+        if progress:  # warm-up can take longer than the rounds (first calls, the allocator's steady state)
+            progress(0.0, f"warming up {where}" + (" (compiling)" if r.engine == "torch.compile" else ""))
         if is_cuda:
             torch.cuda.reset_peak_memory_stats()
         _time_iters(r, inputs[r.name], max(1, settings.warmup), settings)
@@ -237,7 +243,7 @@ def add_speedups(rows: list[ThroughputRow], baseline: str, per_round: dict[str, 
                 [a / b for a, b in zip(per_round[row.model], per_round[baseline])])
 
 
-TRUST_SPREAD = 0.10  # an interquartile range wider than this fraction of its median is too wide to trust a ratio
+TRUST_SPREAD = 0.10  # the middle half of the rounds spread wider than this fraction of the median: not reliable
 AGREEMENT = 0.05  # median of per-round ratios vs ratio of medians
 
 
@@ -252,15 +258,17 @@ def spread_warnings(rows: Sequence[ThroughputRow | LatencyRow], limit: float = T
             continue
         q1, q3 = quartiles(rounds)
         median = statistics.median(rounds)
-        problems = []
+        problems, too_wide = [], False
         if (q3 - q1) / median > limit:
-            problems.append(f"its rounds range from {min(rounds):.1f} to {max(rounds):.1f} img/s, an interquartile "
-                            f"range of {(q3 - q1) / median:.0%} of the median")
+            too_wide = True
+            problems.append(f"its rounds range from {min(rounds):.1f} to {max(rounds):.1f} img/s, the middle half of "
+                            f"them between {q1:.1f} and {q3:.1f} img/s ({(q3 - q1) / median:.0%} of the median)")
         if row.speedup is not None and row.speedup_q1 is not None and row.model != row.baseline:
             width = (row.speedup_q3 - row.speedup_q1) / row.speedup
             if width > limit:
-                problems.append(f"its per-round speed-ups span {row.speedup_q1:.2f}x-{row.speedup_q3:.2f}x "
-                                f"(interquartile range {width:.0%} of the speed-up)")
+                too_wide = True
+                problems.append(f"the middle half of its per-round speed-ups lies between {row.speedup_q1:.2f}x and "
+                                f"{row.speedup_q3:.2f}x ({width:.0%} of the speed-up)")
             middle = (row.speedup_q1 + row.speedup_q3) / 2
             if abs(middle - row.speedup) / row.speedup > AGREEMENT:
                 problems.append(f"the middle of its per-round ratios ({middle:.2f}x) and the ratio of medians "
@@ -268,8 +276,10 @@ def spread_warnings(rows: Sequence[ThroughputRow | LatencyRow], limit: float = T
         if problems:
             subject = f"its speed-up of {row.speedup:.2f}x" if row.speedup is not None and row.model != row.baseline \
                 else "its img/s"
-            out.append(f"{row.model}: " + "; ".join(problems) + f" (more than {limit:.0%} is too wide to trust "
-                       f"{subject}). {advice}")
+            reason = (f"the middle half spreads wider than {limit:.0%} of the median" if too_wide
+                      else "the two ways of taking the ratio disagree")
+            out.append(f"{row.model}: " + "; ".join(problems) + f". Since {reason}, {subject} is not reliable. "
+                       f"{advice}")
     return out
 
 

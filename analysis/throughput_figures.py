@@ -125,13 +125,28 @@ def accuracy_figure(table: pd.DataFrame) -> go.Figure:
     if data.empty:
         return go.Figure()
     best = data.sort_values("img_per_s").groupby("model", as_index=False).last()
-    families = [REGISTRY[_base_name(m)].family for m in best["model"]]
+    families = [REGISTRY[_base_name(m)].family_label for m in best["model"]]
     fig = px.scatter(best, x="img_per_s", y="published top-1", text="model", color=families, log_x=True,
                      hover_data=["paper img/s (V100)", "batch", "gflops"],
                      labels={"img_per_s": "measured img/s on this machine (best batch)", "color": "family"})
     fig.update_traces(textposition="top center", cliponaxis=False)
-    fig.update_layout(height=420, margin=dict(t=30, b=10, l=80, r=80))
+    # The legend below the plot: at the right it covered the labels of the fastest models.
+    fig.update_layout(height=460, margin=dict(t=30, b=10, l=80, r=80),
+                      legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
     return fig
+
+
+def accuracy_caption(table: pd.DataFrame) -> str:
+    """What ``accuracy_figure`` shows and, by name, each model of ``table`` it leaves out and why."""
+    models = list(dict.fromkeys(table["model"]))
+    with_top1 = set(table.dropna(subset=["published top-1"])["model"])
+    variants = [m for m in models if "@" in m]
+    unknown = [m for m in models if "@" not in m and m not in with_top1]
+    left_out = [f"{m} (token-reduction variant: no single published top-1)" for m in variants]
+    left_out += [f"{m} (no published ImageNet top-1 on record: the app has one only for the models in its Models list)"
+                 for m in unknown]
+    text = "Throughput against published ImageNet top-1."
+    return text + (" Left out: " + "; ".join(left_out) + "." if left_out else "")
 
 
 def latency_table(rows: Sequence[LatencyRow]) -> pd.DataFrame:

@@ -9,7 +9,8 @@ import streamlit as st
 from analysis.onnx_engine import ENGINES
 from analysis.provenance import RANDOM, label_rows
 from analysis.throughput import PRECISIONS, BenchSettings, ModelOptions, rows_to_records, spread_warnings
-from analysis.throughput_figures import accuracy_figure, latency_figure, latency_table, live_figure, results_table
+from analysis.throughput_figures import (accuracy_caption, accuracy_figure, latency_figure, latency_table, live_figure,
+                                         results_table)
 from analysis.timing_env import environment_line
 from analysis.timing_request import LATENCY, SWEEP, THROUGHPUT, TimingRefused, TimingRequest, run_in_fresh_process
 from models.device import cpu_threads, device_hardware
@@ -175,8 +176,9 @@ def show_latency() -> None:
     table = latency_table(result["rows"])
     st.subheader("Batch-1 latency")
     st.caption(f"{shown['device']}, {shown['precision']}, batch 1, {rounds_text}; median and p90 of the rounds' "
-               "ms per image; speed-up = the baseline's median ms / this median ms, with the interquartile range "
-               "of the per-round ratios. Models run with random weights: timing does not depend on them.")
+               "ms per image; speed-up = the baseline's median ms / this median ms; the middle half of the per-round "
+               "ratios lies between the speed-up's Q1 and Q3. Models run with random weights: timing does not "
+               "depend on them.")
     st.dataframe(table, hide_index=True, column_config={
         "median_ms": st.column_config.NumberColumn("median ms", format="%.2f"),
         "p90_ms": st.column_config.NumberColumn("p90 ms", format="%.2f"),
@@ -194,8 +196,8 @@ def show_throughput() -> None:
     table = results_table(result["rows"], hardware=result["hardware"])
     st.subheader("Results")
     st.caption(f"{shown['device']}, {shown['precision']}, {rounds_text}; img/s = the median round; "
-               "speed-up = img/s / the baseline's img/s (the same medians), with the interquartile range of the "
-               "per-round ratios. "
+               "speed-up = img/s / the baseline's img/s (the same medians); the middle half of the rounds (or of "
+               "the per-round ratios) lies between Q1 and Q3. "
                "GFLOPs count 2 per multiply-add (papers' 'FLOPs' are half). A paper's claim is compared only on "
                "the hardware it was measured on; otherwise it is marked not comparable.")
     st.dataframe(table, hide_index=True, column_config={
@@ -205,9 +207,7 @@ def show_throughput() -> None:
         "img_per_s_q3": st.column_config.NumberColumn("img/s Q3", format="%.1f"), **SPREAD_COLUMNS})
     st.plotly_chart(live_figure(pd.DataFrame(result["measurements"])), key="tp_rounds_chart")
     st.plotly_chart(accuracy_figure(table), key="tp_accuracy_chart")
-    st.caption("Throughput against published ImageNet top-1; token-reduction variants have no single published "
-               "top-1 and are left out of this chart. Models run with random weights: timing does not depend on "
-               "them.")
+    st.caption(accuracy_caption(table) + " Models run with random weights: timing does not depend on them.")
     _downloads(table, "throughput")
 
 

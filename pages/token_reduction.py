@@ -199,9 +199,9 @@ def detail_view() -> None:
         with column:
             st.subheader(method)
             st.image(picture, caption=caption, width="stretch")
-            st.dataframe(predictions[predictions.method == method].drop(columns=["image", "method", "class index"]),
-                         hide_index=True,
-                         column_config={"probability": st.column_config.NumberColumn(format="%.3f")})
+            # A static table wraps a long class name; the data grid clipped it mid-word in these narrow columns.
+            top5 = predictions[predictions.method == method].drop(columns=["image", "method", "class index"])
+            st.table(top5.style.format({"probability": "{:.3f}"}).hide(axis="index"))
             if method != NO_REDUCTION:
                 st.metric("Top-5 overlap with unreduced", f"{per_image.loc[method, 'top-5 overlap']:.0%}")
                 same_top1 = per_image.loc[method, "top-1 agreement"] == 1.0

@@ -292,3 +292,20 @@ def test_mds_gives_every_block_its_own_colour_and_no_overlapping_labels(tiny_twe
     assert len(colours) == 12 and all(isinstance(c, str) for c in colours)
     assert len(set(colours)) == 12
     assert all("text" not in trace.mode for trace in figure.data)  # names in the hover, not on the chart
+
+
+def _two_heads_alike(similarity: float) -> hr.RedundancyResult:
+    sim = np.array([[1.0, similarity], [similarity, 1.0]])
+    block = hr.BlockRedundancy(0, 0, 0.0, sim, sim, np.array([[0.0, 1.0], [1.0, 0.0]]))
+    return hr.RedundancyResult("m", "mhsa", 1, True, [block], np.array([[0.0, 0.0], [1.0, 1.0]]))
+
+
+def test_alike_heads_note_writes_a_similarity_that_reads_right():
+    """Issue 30: 'attention maps at least 1.000 alike': 0.9997 rounded up to what 'at least' cannot claim."""
+    (note,) = hr.untrained_notes(_two_heads_alike(0.99973))
+    assert "cosine similarity ≥ 0.999 in every block" in note and "1.000" not in note and "alike" not in note
+    (note,) = hr.untrained_notes(_two_heads_alike(0.93456))
+    assert "cosine similarity ≥ 0.934 in every block" in note
+    (note,) = hr.untrained_notes(_two_heads_alike(1.0 - 1e-8))
+    assert "identical attention maps" in note and "≥" not in note
+    assert hr.untrained_notes(_two_heads_alike(0.5)) == []

@@ -20,6 +20,14 @@ def weights_folder(monkeypatch, tmp_path):
     return use
 
 
+def _in_order(block) -> list:
+    """The elements of an AppTest block, depth first, in the order the page shows them."""
+    children = getattr(block, "children", None)
+    if children is None:
+        return [block]
+    return [e for key in sorted(children) for e in _in_order(children[key])]
+
+
 @pytest.mark.shared
 def test_real_deit_tiny_on_sample_photos(shared_dir, weights_folder):
     weights_folder(shared_dir / "weights")
@@ -36,6 +44,10 @@ def test_real_deit_tiny_on_sample_photos(shared_dir, weights_folder):
     agreement = app.dataframe[1].value.set_index("component")
     assert agreement.loc["v", "spearman"] > 0.999  # Linear layers: both variants are equal
     assert [b.proto.label for b in app.get("download_button")] == DOWNLOADS
+    shown = _in_order(app.main)
+    chart = next(i for i, e in enumerate(shown) if e.type == "plotly_chart" and "channels kept with" in e.proto.spec)
+    note = next(i for i, e in enumerate(shown) if e.type == "caption" and "lie on each other" in e.value)
+    assert note == chart + 1 and "chart above" in shown[note].value  # issue 30: it said 'below'
 
     scores_before = dict(app.session_state["vitlab_results"]["ci_scores"])
     assert len(scores_before) == 1 and next(iter(scores_before))[3] == "self"

@@ -157,3 +157,45 @@ def test_throughput_page_times_onnx_runtime_beside_eager(tmp_path, monkeypatch):
     table = at.dataframe[0].value.set_index("model")
     assert set(table.index) == {"efficientvit_m0", "efficientvit_m0 [onnxruntime]"}
     assert (table["img_per_s"] > 0).all()
+
+
+def _timed(model: str, img_per_s: float):
+    from analysis.throughput import ThroughputRow
+
+    return ThroughputRow(model=model, batch=8, device="cpu", precision="fp32", img_per_s=img_per_s,
+                         ms_per_batch=8000.0 / img_per_s, params_m=1.0, gflops=1.0, peak_mem_mib=None,
+                         weights="random", rounds=[img_per_s])
+
+
+def _accuracy_table():
+    from analysis.throughput_figures import results_table
+
+    models = ["deit_tiny_patch16_224", "efficientvit_m0", "mobilenetv3_large_100", "deit_tiny_patch16_224@tome=8",
+              "deit3_small_patch16_224"]
+    return results_table([_timed(m, 100.0 + i) for i, m in enumerate(models)])
+
+
+def test_accuracy_chart_legend_names_the_families_in_words():
+    """Issue 30: the legend read 'mhsa' / 'cga' (internal codes)."""
+    from analysis.throughput_figures import accuracy_figure
+
+    figure = accuracy_figure(_accuracy_table())
+    legend = {trace.name for trace in figure.data}
+    assert legend == {"ViT / DeiT (multi-head self-attention)", "EfficientViT (cascaded group attention)", "CNN"}
+    assert figure.layout.legend.orientation == "h" and figure.layout.legend.y < 0  # below: it hid labels at the right
+
+
+def test_accuracy_caption_names_every_model_left_out_and_why():
+    """Issue 30: a typed deit3_small_patch16_224 was missing from the chart while the caption said only
+    token-reduction variants were left out."""
+    from analysis.throughput_figures import accuracy_caption, accuracy_figure
+
+    table = _accuracy_table()
+    plotted = {text for trace in accuracy_figure(table).data for text in trace.text}
+    assert plotted == {"deit_tiny_patch16_224", "efficientvit_m0", "mobilenetv3_large_100"}
+    caption = accuracy_caption(table)
+    assert "deit3_small_patch16_224 (no published ImageNet top-1 on record" in caption
+    assert "deit_tiny_patch16_224@tome=8 (token-reduction variant" in caption
+    assert "deit_tiny_patch16_224," not in caption  # a plotted model is not named as left out
+    everything = accuracy_caption(table[table["model"] == "deit_tiny_patch16_224"])
+    assert "left out" not in everything.lower()

@@ -29,10 +29,10 @@ def test_page_on_real_deit_tiny_shows_both_methods_and_sweep(real_weights_folder
     subheaders = [s.value for s in app.subheader]
     assert subheaders == ["no reduction", "DynamicViT pruning", "ToMe merging", "EViT pruning + fusion"]
 
-    overall = app.dataframe[4].value
+    overall = app.dataframe[0].value
     assert list(overall["method"]) == ["no reduction", "DynamicViT pruning", "ToMe merging", "EViT pruning + fusion"]
     assert overall.loc[0, "top-1 agreement"] == 1.0
-    top5 = app.dataframe[0].value
+    top5 = app.table[0].value
     assert list(top5["rank"]) == [1, 2, 3, 4, 5]
     assert len(app.get("plotly_chart")) >= 2  # keep scores, tokens per block (+ keep frequency for 2 images)
     labels = [b.proto.label for b in app.get("download_button")]
@@ -407,3 +407,16 @@ def test_r_sweep_title_fits_and_token_ticks_are_whole_numbers():
     assert figure.layout.margin.t >= 40 + 20 * len(lines)
     tokens = figure.layout.yaxis2
     assert tokens.tickformat == "d" and float(tokens.dtick).is_integer() and tokens.tickmode == "linear"
+
+
+def test_prediction_tables_show_whole_class_names(random_page):
+    """Issue 30: class names cut mid-word ('mountain ter', 'mosquito ne') in the narrow per-method grids, which
+    size a column by an estimate of its text's width; a static table wraps a long name instead."""
+    from analysis.data.images import imagenet_label
+
+    names = {imagenet_label(i) for i in range(1000)}
+    assert len(random_page.table) == len(random_page.subheader)  # one per method's panel
+    for table in random_page.table:
+        frame = table.value
+        assert list(frame.columns) == ["rank", "class", "probability"] and list(frame["rank"]) == [1, 2, 3, 4, 5]
+        assert set(frame["class"]) <= names

@@ -370,6 +370,7 @@ def test_q_and_k_score_the_same_and_both_lines_stay_visible():
     taylor = taylor_importance(model, batches)
     assert qk_scores_identical(taylor)
     assert "follows from the maths" in QK_SAME_NOTE
+    assert "chart above" in QK_SAME_NOTE and "below" not in QK_SAME_NOTE  # the page shows it under that chart
     changed = taylor_importance(model, batches)
     changed.score[np.flatnonzero(changed.component == "k")[0]] *= 2  # one K channel off: no longer the same
     assert not qk_scores_identical(changed)

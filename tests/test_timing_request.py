@@ -63,3 +63,14 @@ def test_a_worker_that_outlives_its_timeout_is_stopped():
 
     with pytest.raises(RuntimeError, match="stopped after 0.05 s"):
         fresh_process.run_in_fresh_process("analysis.timing_request", tiny().to_spec(), timeout=0.05)
+
+
+def test_the_worker_says_what_it_does_between_loading_and_the_first_round():
+    """Issue 30: the stage line sat on the last 'loading' message for 26 s of FLOP counting and warm-up."""
+    progress = []
+    run_request(tiny(), progress=lambda f, m: progress.append(m))
+    last_load = max(i for i, m in enumerate(progress) if m.startswith("loading"))
+    first_round = min(i for i, m in enumerate(progress) if m.startswith("round"))
+    between = progress[last_load + 1: first_round]
+    assert between == [f"{step} {i}/2: {model}" for i, model in ((1, DEIT), (2, DEIT + "@tome=4"))
+                       for step in ("counting FLOPs", "warming up")]
