@@ -288,7 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.workers is None:
         args.workers = default_workers()
-    env = init_distributed(args.device, args.timeout)
+    try:
+        env = init_distributed(args.device, args.timeout)
+    except RankTimeout as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:
         return run(args, env)
     except RankTimeout as exc:
