@@ -250,7 +250,12 @@ class FrontierTask(DatasetTask):
 
     @staticmethod
     def load(folder: Path, run: dict) -> pd.DataFrame:
-        return pd.read_csv(folder / "frontier.csv")
+        frame = pd.read_csv(folder / "frontier.csv")
+        unknown = sorted(set(frame["method"].astype(str)) - {UNREDUCED, *METHODS})
+        if unknown:  # the chart names each series from the method table
+            raise ValueError(f"its method column names {', '.join(map(repr, unknown))}, which the method table does "
+                             f"not know ({', '.join([UNREDUCED, *METHODS])})")
+        return frame
 
     @staticmethod
     def figures(frame: pd.DataFrame) -> dict[str, go.Figure]:
