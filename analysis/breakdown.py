@@ -22,6 +22,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -309,6 +310,13 @@ def count_costs(forward: Callable[[Any], Any], inputs: Any) -> dict[tuple[str, s
     return dict(mode.costs)
 
 
+def quiet_profiler_logs() -> None:
+    """Kineto, the profiler's C++ side, writes its own lines to stderr ("USDT: ... profiler_start", and on a machine
+    without a GPU "gpuGetDeviceCount failed") below level 6 (its highest, USDT, is 5). It reads the level when the
+    process first starts a profiler, so this runs before that; a level the user set is kept."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
 def profile_runner(name: str, forward: Callable[[Any], Any], inputs: Any, *, device: str = "cpu",
                    precision: str = "fp32", iters: int = 5, warmup: int = 2, weights: str = "",
                    batch: int | None = None, hooked: torch.nn.Module | None = None,
@@ -325,6 +333,7 @@ def profile_runner(name: str, forward: Callable[[Any], Any], inputs: Any, *, dev
         with torch.inference_mode(), autocast(device, enabled=dtype is not None, dtype=dtype), scope(FORWARD_SCOPE):
             forward(inputs)
 
+    quiet_profiler_logs()
     plain, profiled = [], []
     groups: dict[tuple[str, str, str, str], list] = defaultdict(lambda: [0.0, 0, []])
     attributed_total, scope_total, trace = 0.0, 0.0, None
@@ -402,7 +411,6 @@ def _batch_of(inputs: Any) -> int:
 
 
 def _chrome_trace(prof) -> str:
-    import os
     import tempfile
 
     handle, path = tempfile.mkstemp(suffix=".json")

@@ -42,7 +42,8 @@ class TaskOptions:
     r: str = "13"
     proportional_attention: bool = True
     loss_target: str = "self"
-    frontier_settings: tuple[str, ...] = ()  # frontier: "unreduced", "tome=8", "rho=0.7[:untrained]"; () = defaults
+    # frontier: "unreduced", "tome=8", "evit=0.7,fuse=off", "rho=0.7[:untrained]"; () = defaults
+    frontier_settings: tuple[str, ...] = ()
 
 
 def _zeros(*shape: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -25,9 +25,9 @@ from analysis.data.folders import NO_LABEL
 from analysis.dataset_tasks import DatasetTask, TaskOptions, _add, _device_of, _zeros
 from analysis.throughput import BenchSettings, Runner, benchmark, image_inputs
 from models.loading import LoadedModel
-from models.methods import METHODS, Method, methods_for
+from models.methods import METHODS, Method, method_of, methods_for
 from models.registry import REGISTRY, get_spec
-from models.variants import forward_for, parse_variant
+from models.variants import Variant, forward_for, parse_settings, parse_variant, settings_text
 
 FRONTIER = "frontier"
 UNREDUCED = "unreduced"
@@ -37,13 +37,20 @@ ACCURACY, AGREEMENT = "top-1 accuracy", "top-1 agreement with the unreduced mode
 
 @dataclass(frozen=True)
 class FrontierSetting:
-    """One point of one backbone: a method (or none) at one value of its main setting."""
+    """One point of one backbone: a method (or none) at one value of its main setting, with any of its other
+    settings given (the rest at their defaults)."""
 
     method: str  # UNREDUCED or a key of models.methods.METHODS
     value: Any = None
     # A method whose trained parts the backbone lacks (DynamicViT on a plain DeiT): freshly initialised score
     # predictors on the backbone's weights (not learned).
     untrained_predictors: bool = False
+    others: tuple[tuple[str, Any], ...] = ()  # the method's other settings given: (("fuse", False),)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Every given setting by key, main first, as a variant name holds them."""
+        return {METHODS[self.method].main_setting.key: self.value, **dict(self.others)}
 
     @property
     def label(self) -> str:
@@ -51,39 +58,45 @@ class FrontierSetting:
             return UNREDUCED
         method = METHODS[self.method]
         text = f"{method.label} {method.main_setting.symbol}={self.value}"
+        text += f", {method.describe(dict(self.others))}" if self.others else ""
         return text + (f" ({UNTRAINED_PREDICTORS})" if self.untrained_predictors else "")
 
     def variant(self, model: str) -> str:
-        return model if self.method == UNREDUCED else METHODS[self.method].variant(model, self.value)
+        return model if self.method == UNREDUCED else Variant(model, self.settings).label
 
     @staticmethod
     def parse(text: str) -> "FrontierSetting":
-        """``unreduced``, ``tome=8``, ``tome=decreasing:13``, ``rho=0.7`` or ``rho=0.7:untrained``."""
+        """``unreduced``, or a method's settings as a variant name writes them after its ``@`` (``tome=8``,
+        ``tome=decreasing:13``, ``evit=0.7,fuse=off``; the main one at its default when not given), and
+        ``:untrained`` at the end for untrained parts attached (``rho=0.7:untrained`` on a plain DeiT)."""
         if text == UNREDUCED:
             return FrontierSetting(UNREDUCED)
-        key, _, value = text.partition("=")
-        method = next((m for m in METHODS.values() if m.main_setting.key == key), None)
-        if method is None or not value:
-            known = ", ".join(m.main_setting.key for m in METHODS.values())
-            raise ValueError(f"Setting {text!r}: write unreduced or KEY=VALUE with KEY one of {known}.")
-        untrained = value.endswith(":untrained")
-        value = value.removesuffix(":untrained")
-        return FrontierSetting(method.key, method.main_setting.parse(_number(value)), untrained)
+        untrained = text.endswith(":untrained")
+        settings = parse_settings(text.removesuffix(":untrained"))
+        if not settings or "" in settings.values():
+            known = ", ".join(dict.fromkeys(m.main_setting.key for m in METHODS.values()))
+            raise ValueError(f"Setting {text!r}: write unreduced or KEY=VALUE[,KEY=VALUE] with KEY one of {known} "
+                             f"(and the method's other settings).")
+        try:
+            method = method_of(settings)
+        except ValueError as exc:
+            raise ValueError(f"Setting {text!r}: {exc}") from None
+        order = [s.key for s in method.settings] + [method.paper_flag]
+        parsed = {}
+        for key, value in sorted(settings.items(), key=lambda item: order.index(item[0])):
+            setting = next((s for s in method.settings if s.key == key), None)
+            try:
+                parsed[key] = setting.parse(value) if setting else value
+            except ValueError:
+                raise ValueError(f"Setting {text!r}: {key}={value} is not a {setting.label}.") from None
+        main = method.main_setting
+        value = parsed.pop(main.key, main.default)
+        return FrontierSetting(method.key, value, untrained, tuple(parsed.items()))
 
     def text(self) -> str:
         if self.method == UNREDUCED:
             return UNREDUCED
-        suffix = ":untrained" if self.untrained_predictors else ""
-        return f"{METHODS[self.method].main_setting.key}={self.value}{suffix}"
-
-
-def _number(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+        return settings_text(self.settings) + (":untrained" if self.untrained_predictors else "")
 
 
 def settings_methods(model_name: str) -> list[Method]:
@@ -128,7 +141,7 @@ def setting_forward(model: nn.Module, model_name: str, setting: FrontierSetting)
         return model
     method = METHODS[setting.method]
     if setting.untrained_predictors:
-        return method.bind(_with_untrained_parts(method.key, model), {method.main_setting.key: setting.value})
+        return method.bind(_with_untrained_parts(method.key, model), setting.settings)
     if method.needs_attachment(get_spec(model_name)):
         raise ValueError(f"{setting.text()} needs a {method.label} model, and {model_name} is a plain backbone: write "
                          f"{setting.text()}:untrained to attach untrained (seeded) score predictors to it.")
@@ -139,7 +152,7 @@ def _is_neutral(setting: FrontierSetting) -> bool:
     if setting.method == UNREDUCED:
         return True
     method = METHODS[setting.method]
-    return method.arguments({method.main_setting.key: setting.value}) == method.neutral_arguments
+    return method.arguments(setting.settings) == method.neutral_arguments
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -237,7 +250,12 @@ class FrontierTask(DatasetTask):
 
     @staticmethod
     def load(folder: Path, run: dict) -> pd.DataFrame:
-        return pd.read_csv(folder / "frontier.csv")
+        frame = pd.read_csv(folder / "frontier.csv")
+        unknown = sorted(set(frame["method"].astype(str)) - {UNREDUCED, *METHODS})
+        if unknown:  # the chart names each series from the method table
+            raise ValueError(f"its method column names {', '.join(map(repr, unknown))}, which the method table does "
+                             f"not know ({', '.join([UNREDUCED, *METHODS])})")
+        return frame
 
     @staticmethod
     def figures(frame: pd.DataFrame) -> dict[str, go.Figure]:
@@ -319,8 +337,10 @@ def paper_points() -> pd.DataFrame:
 # ----------------------------------------------------------------------------- the chart
 
 def _method_name(row: pd.Series) -> str:
+    """The series of a point: backbone, method and the method's other settings (a line runs through its main one)."""
     method = "none" if row["method"] == UNREDUCED else METHODS[row["method"]].label
-    return f"{row['model']} · {method}"
+    others = str(row["setting_key"]).partition(",")[2].removesuffix(":untrained")  # as ``FrontierSetting.text``
+    return f"{row['model']} · {method}" + (f" ({others})" if others else "")
 
 
 PAPERS_PANEL = "The papers: ImageNet top-1 on a V100"

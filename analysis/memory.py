@@ -1,5 +1,5 @@
-"""How much memory a batch needs and how much this process can still get: to refuse, before a CPU sweep starts,
-a batch that cannot fit, in one sentence with the estimate (instead of waiting for the allocator to fail).
+"""How much memory a batch needs and how much this process can still get: to refuse, before a CPU run or sweep
+starts, a batch that cannot fit, in one sentence with the estimate (instead of waiting for the allocator to fail).
 
 The estimate comes from one batch-1 forward: twice the largest output of any module (a layer's input and its
 output are alive together) plus the input, per image. It is an estimate, not a measurement; the sweep still
@@ -84,26 +84,45 @@ def gib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
+def _estimate(runners: Sequence[Any], available: int | None) -> tuple[int, int] | None:
+    """(bytes per image, bytes available), or None where the available memory is unknown."""
+    available = available_bytes() if available is None else available
+    if available is None or not runners:
+        return None
+    return max(bytes_per_image(r.forward, r.make_inputs) for r in runners), available
+
+
+def _shortfall(batch: int, per_image: int, available: int) -> str:
+    return (f"its activations would need about {gib(batch * per_image)} ({gib(per_image)} per image, estimated from "
+            f"a batch-1 forward) but only {gib(available)} of memory is available")
+
+
 def batches_that_fit(runners: Sequence[Any], batches: Sequence[int],
                      available: int | None = None) -> tuple[list[int], list[str]]:
     """The batches whose estimated activations fit in the available memory, and one sentence per batch left out.
 
     ``runners`` have ``forward`` and ``make_inputs`` (``analysis.throughput.Runner``); they run one at a time, so
     the largest estimate counts. Nothing is left out where the available memory is unknown."""
-    available = available_bytes() if available is None else available
-    if available is None or not runners:
+    estimate = _estimate(runners, available)
+    if estimate is None:
         return list(batches), []
-    per_image = max(bytes_per_image(r.forward, r.make_inputs) for r in runners)
+    per_image, available = estimate
     kept, notes = [], []
     for batch in batches:
-        need = batch * per_image
-        if need > available:
-            notes.append(f"batch {batch} left out: its activations would need about {gib(need)} "
-                         f"({gib(per_image)} per image, estimated from a batch-1 forward) but only {gib(available)} "
-                         f"of memory is available.")
+        if batch * per_image > available:
+            notes.append(f"batch {batch} left out: {_shortfall(batch, per_image, available)}.")
         else:
             kept.append(batch)
     return kept, notes
+
+
+def batch_refusal(runners: Sequence[Any], batch: int, available: int | None = None) -> str | None:
+    """One sentence refusing a single ``batch`` that cannot fit (the estimate of ``batches_that_fit``), or None."""
+    estimate = _estimate(runners, available)
+    if estimate is None or batch * estimate[0] <= estimate[1]:
+        return None
+    return (f"batch {batch} cannot run: {_shortfall(batch, *estimate)}; use a smaller --batch, or --batches for a "
+            f"sweep that leaves out what does not fit.")
 
 
 def release_freed_memory() -> None:

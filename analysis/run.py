@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", choices=["self", "folder"], default="self",
                    help="taylor: loss against the model's own top-1 (self) or the class sub-folders (folder)")
     p.add_argument("--settings", nargs="+", default=None,
-                   help="frontier: points of the backbone, e.g. unreduced tome=4 tome=8 tome=decreasing:13 "
-                        "rho=0.7 (rho=0.7:untrained on a plain DeiT); default: every offered value")
+                   help="frontier: points of the backbone, each written as a variant's settings after its @, e.g. "
+                        "unreduced tome=4 tome=decreasing:13 tome=8,prop_attn=off evit=0.7,fuse=off rho=0.7 "
+                        "(rho=0.7:untrained on a plain DeiT); default: every offered value")
     p.add_argument("--resume", action="store_true", help="continue from DIR/state (same settings and world size)")
     p.add_argument("--state-every", type=int, default=20, help="save each process's state every K batches")
     p.add_argument("--stop-after-batches", type=int, default=None,
@@ -287,7 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.workers is None:
         args.workers = default_workers()
-    env = init_distributed(args.device, args.timeout)
+    try:
+        env = init_distributed(args.device, args.timeout)
+    except RankTimeout as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:
         return run(args, env)
     except RankTimeout as exc:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from analysis.memory import batches_that_fit
+from analysis.memory import batch_refusal, batches_that_fit
 from analysis.timing_env import control_allocator, environment_line, timing_environment, warm_until_steady
 from models.device import autocast, default_device, hardware_info, synchronize
 from models.loading import LoadedModel, load_model
@@ -548,6 +548,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = ModelOptions(channels_last=args.channels_last, fuse_bn=args.fuse_bn, compile=args.compile)
         runners = [make_runner(name, device=device, random_weights=args.random_weights, options=options)
                    for name in args.models]
+        # A sweep leaves out what cannot fit (``sweep``); a single batch is refused the same way, before it runs.
+        refusal = (batch_refusal(runners, settings.batch)
+                   if torch.device(device).type == "cpu" and not (args.latency or args.batches) else None)
+        if refusal:
+            print(f"error: {refusal}", file=sys.stderr)
+            return 2
         if args.engine == "onnxruntime":
             from analysis.onnx_engine import onnx_runners
 

@@ -1,8 +1,9 @@
 """Reading checkpoint files safely and loading them strictly, with messages a person can act on."""
 from __future__ import annotations
 
-import re
 import argparse
+import json
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -48,8 +49,35 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_TYPES)):
                 obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any decoder error becomes one clear message
+        short = _safetensors_shortfall(path) if path.suffix == ".safetensors" else None
+        if short:
+            need, exact = short
+            raise CheckpointError(f"{path.name} is truncated: its header says the file holds {need:,} bytes"
+                                  f"{'' if exact else ' or more'}, but it has {path.stat().st_size:,} (a download or "
+                                  f"copy cut short?); fetch or copy it again.") from exc
         raise CheckpointError(_unreadable(path.name, exc)) from exc
     return unwrap_state_dict(obj, source=path.name)
+
+
+def _safetensors_shortfall(path: Path) -> tuple[int, bool] | None:
+    """The size a .safetensors file's own header declares when the file is shorter, and whether that size is exact
+    (the header whole) or a lower bound (the file ends inside the header); None when it is not that kind of file.
+
+    The format: an 8-byte little-endian header length, the JSON header, then the tensors' bytes at the header's
+    ``data_offsets`` (counted from the header's end)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > 100_000_000:  # safetensors' own limit: no real header is larger
+            return None
+        if 8 + length > size:
+            return 8 + length, False
+        try:
+            header = json.loads(f.read(length))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return None
+    return (8 + length + end, True) if isinstance(end, int) and 8 + length + end > size else None
 
 
 def _unreadable(name: str, exc: Exception) -> str:

@@ -22,9 +22,12 @@ class Variant:
 
     @property
     def label(self) -> str:
-        if not self.settings:
-            return self.model
-        return self.model + "@" + ",".join(k if v is True else f"{k}={v}" for k, v in self.settings.items())
+        return self.model + "@" + settings_text(self.settings) if self.settings else self.model
+
+
+def settings_text(settings: dict[str, Any]) -> str:
+    """Settings as a variant writes them after its ``@``: ``tome=8,prop_attn=False`` (a switch that is on: bare)."""
+    return ",".join(k if v is True else f"{k}={v}" for k, v in settings.items())
 
 
 def _value(text: str) -> Any:
@@ -38,14 +41,19 @@ def _value(text: str) -> Any:
     return text
 
 
+def parse_settings(text: str) -> dict[str, Any]:
+    """``key=value[,key=value]`` (a variant's part after ``@``; a bare key is a switch turned on) by key."""
+    settings: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, eq, value = item.partition("=")
+        settings[key.strip()] = _value(value.strip()) if eq else True
+    return settings
+
+
 def parse_variant(text: str) -> Variant:
     name, _, rest = text.partition("@")
     get_spec(name)  # raises a KeyError listing the known names
-    settings: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        settings[key.strip()] = _value(value.strip()) if eq else True
-    return Variant(name, settings)
+    return Variant(name, parse_settings(rest))
 
 
 def forward_for(model: nn.Module, model_name: str, variant: Variant) -> Callable:

@@ -210,3 +210,23 @@ def test_dynamicvit_predictors_are_token_reduction_machinery():
     # Blocks after a pruning location run on fewer tokens: their attention sees 1 + 137 tokens from block 3 on.
     sdpa_tokens = {s[0][2] for r in reduced.ops if r.op == "scaled_dot_product_attention" for s in r.shapes}
     assert {197, 138, 97, 68} <= sdpa_tokens
+
+
+def test_cli_prints_no_profiler_log_lines():
+    """Kineto (the profiler's C++ side) writes its own lines to fd 2; the CLI's output holds only its results."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-m", "analysis.breakdown", "--models", "efficientvit_m0", "--batch", "1",
+                           "--iters", "1", "--warmup", "0", "--no-roofline"],
+                          cwd=root, env={**env, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    assert "efficientvit_m0" in done.stdout and "profiled/plain" in done.stdout
+    for noise in ("USDT", "gpuGetDeviceCount", "DeviceProperties", "SyncActivityProfilerHandler"):
+        assert noise not in output

@@ -289,3 +289,38 @@ def test_frontier_timing_carries_its_spread_and_environment():
     assert (speed["img_per_s_q1"] <= speed["img_per_s"]).all() and (speed["img_per_s"] <= speed["img_per_s_q3"]).all()
     assert speed["env_allocator"].nunique() == 1 and speed["env_batch"].tolist() == ["1", "1"]
     assert {"env_hardware", "env_intra_op_threads", "env_torch", "env_engine"} <= set(speed.columns)
+
+
+def test_a_point_takes_every_setting_of_its_method_as_variant_names_do(tmp_path, capsys):
+    """``--settings evit=0.7,fuse=off`` (issue 30): the settings after a variant's ``@``, read by the same parser."""
+    from models.variants import forward_for, parse_variant
+
+    point = FrontierSetting.parse("evit=0.7,fuse=off")
+    assert (point.method, point.value) == ("evit", 0.7)
+    assert FrontierSetting.parse(point.text()) == point and point != FrontierSetting.parse("evit=0.7")
+    loaded = load_model(DEIT, random_weights=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        dropped = setting_forward(loaded.model, DEIT, point)(x)
+        variant = forward_for(loaded.model, DEIT, parse_variant(f"{DEIT}@evit=0.7,fuse=off"))(x)
+        fused = setting_forward(loaded.model, DEIT, FrontierSetting.parse("evit=0.7"))(x)
+    torch.testing.assert_close(dropped, variant)
+    assert not torch.allclose(dropped, fused)
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for sample in sample_images():
+        sample.image.save(folder / f"{sample.name}.jpg")
+    out = tmp_path / "run"
+    common = ["frontier", "--model", DEIT, "--data", str(folder), "--random-weights", "--batch", "2", "--workers",
+              "0", "--no-progress", "--device", "cpu", "--out", str(out)]
+    assert main([*common, "--settings", "unreduced", "evit=0.7,fuse=off", "evit=0.7"]) == 0
+    frame = pd.read_csv(out / "frontier.csv")
+    assert [FrontierSetting.parse(k) for k in frame["setting_key"]] == [
+        FrontierSetting.parse(t) for t in ["unreduced", "evit=0.7,fuse=off", "evit=0.7"]]
+    assert frame["setting"].nunique() == 3
+    series = {t.name for t in frontier_figure(frame.assign(img_per_s=[3.0, 2.0, 1.0])).data}
+    assert len([name for name in series if "EViT" in name]) == 2  # fused and dropped: two lines, not one zigzag
+    capsys.readouterr()
+    assert main([*common[:-1], str(tmp_path / "bad"), "--settings", "tome=8,fuse=off"]) == 2
+    assert "match no method" in capsys.readouterr().err

@@ -130,3 +130,25 @@ def test_the_throughput_page_answers_an_out_of_memory_with_a_sentence(monkeypatc
     at.button(key="tp_run").click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert any(e.value.startswith("Out of memory at batch 2 on ") for e in at.error), [e.value for e in at.error]
+
+
+def test_a_single_batch_that_cannot_fit_is_refused_before_any_timed_forward(monkeypatch, capsys):
+    """Issue 30: ``--batch 4096`` on a CPU was tried and failed 10 s later, while ``--batches`` refused it up front."""
+    import analysis.memory
+    import analysis.throughput as throughput
+
+    class Benchmarked(Exception):
+        pass
+
+    def benchmark(*args, **kwargs):
+        raise Benchmarked
+
+    monkeypatch.setattr(throughput, "benchmark", benchmark)
+    monkeypatch.setattr(analysis.memory, "available_bytes", lambda: 64 * 2**20)
+    args = ["--models", "efficientvit_m0", "--device", "cpu", "--random-weights", "--rounds", "1", "--iters", "1",
+            "--warmup", "0"]
+    assert throughput.main([*args, "--batch", "4096"]) == 2
+    error = capsys.readouterr().err
+    assert "batch 4096" in error and "would need about" in error and "64.0 MiB of memory is available" in error
+    with pytest.raises(Benchmarked):  # a batch that fits goes on to be measured
+        throughput.main([*args, "--batch", "2"])

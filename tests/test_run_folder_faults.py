@@ -1,7 +1,7 @@
 """Fault injection on dataset-scale run folders (issue 25): a result is either whole or refused.
 
 Every task's run is made once (random weights, 4 small images written here). Then: a kill at every step of writing
-the records and run.json, a real SIGKILL in the middle of taylor_scores.csv, 21 corrupted folders, a class folder
+the records and run.json, a real SIGKILL in the middle of taylor_scores.csv, 22 corrupted folders, a class folder
 renamed between a kill and its resume. A kill is an exception that no ``except Exception`` catches (``Killed``), or
 a real SIGKILL in a subprocess.
 """
@@ -237,6 +237,17 @@ def _cut_mid_row(data: bytes) -> bytes:
     return data[:cut]
 
 
+def _unknown_method(data: bytes) -> bytes:
+    """frontier.csv edited by hand: a method the table does not know (issue 30: a KeyError in ``figures``)."""
+    import io
+
+    import pandas as pd
+
+    frame = pd.read_csv(io.BytesIO(data))
+    frame.loc[frame["method"] != "unreduced", "method"] = "abc"
+    return frame.to_csv(index=False).encode()
+
+
 def _first_lines(count: int):
     return lambda data: b"".join(data.splitlines(True)[:count])
 
@@ -277,6 +288,7 @@ RECORD_CASES = [  # each is refused by its checksum; with run.json's checksums r
     ("taylor csv not UTF-8", "taylor", "taylor_scores.csv", _flip_byte, "not UTF-8"),
     ("frontier csv cut mid-row", "frontier", "frontier.csv", _cut_mid_row, "cut short mid-row"),
     ("frontier csv header only", "frontier", "frontier.csv", _first_lines(1), "no rows"),
+    ("frontier csv unknown method", "frontier", "frontier.csv", _unknown_method, "'abc', which the method table"),
 ]
 BOUNDARY_CASES = [  # whole rows only: a valid file, so only the checksum can tell
     ("taylor csv cut on a row boundary", "taylor", "taylor_scores.csv", _first_lines(10)),

@@ -123,3 +123,35 @@ def test_workers_default_to_the_cores_available(monkeypatch):
     assert default_workers() == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     assert default_workers() == 4
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_rank_missing_while_the_group_is_set_up_is_named(images, tmp_path, monkeypatch, capsys):
+    """A rank frozen before it joins the process group (the first seconds of a torchrun run) never publishes its
+    address: rank 0 names it in one sentence, not a raw DistStoreError. Run in this process as rank 0 of 2, with a
+    TCPStore in the role of torchrun's agent store; without one (plain env://) rank 0 hosts the store itself."""
+    import torch.distributed as dist
+
+    from analysis.run import main
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True",
+                           WORLD_SIZE="2", RANK="0", LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    args = cli_args(images, tmp_path / "run", "--workers", "0", "--timeout", "1")
+    assert main(args) == 1
+    error = capsys.readouterr().err
+    assert "rank 1 did not join the process group within --timeout 1 s" in error and "Traceback" not in error
+    assert not dist.is_initialized()
+
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    assert main(args) == 1
+    assert "only 1 of 2 processes joined the process group within --timeout 1 s" in capsys.readouterr().err

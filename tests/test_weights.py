@@ -249,3 +249,18 @@ def test_offline_resolution_is_fast_and_asks_the_network_once(tmp_path, monkeypa
     with pytest.raises(WeightsNotFoundError):
         load_model("vilt_b32_vqa", weights_folder=tmp_path)
     assert time.perf_counter() - start < 2.0
+
+
+def test_a_truncated_safetensors_file_is_called_truncated(tmp_path):
+    """Issue 30: a cut-short download was told it "is not a PyTorch or safetensors checkpoint"."""
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(64, 64), "b": torch.randn(8)}, str(path))
+    whole = path.read_bytes()
+    assert read_state_dict(path)["a"].shape == (64, 64)
+    for cut in (len(whole) - 100, 12):  # in the tensor data; in the header itself
+        path.write_bytes(whole[:cut])
+        with pytest.raises(CheckpointError) as caught:
+            read_state_dict(path)
+        message = str(caught.value)
+        assert "w.safetensors is truncated" in message and f"has {cut:,}" in message, message
+        assert "not a PyTorch" not in message

@@ -258,8 +258,11 @@ def init_distributed(requested_device: str | None = None, timeout_s: float = DEF
     owns = False
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        except dist.DistStoreError as exc:
+            raise _not_joined(exc, backend, rank, world_size, timeout_s) from exc
         owns = True
     barriers = None
     if world_size > 1 and dist.get_backend() != "gloo":  # monitored barriers exist only in gloo
@@ -278,9 +281,29 @@ def wait_for_ranks(env: DistEnv, point: str) -> None:
         found = re.search(r"Ranks? ([\d, ]+?) failed to pass monitoredBarrier", str(exc))
         ranks = found.group(1) if found else "0" if env.rank != 0 else "another"
         who = f"{'ranks' if ',' in ranks else 'rank'} {ranks}"
-        raise RankTimeout(f"{who} did not reach {point} within --timeout {env.timeout_s:g} s (frozen, killed or "
-                          f"much slower), so rank {env.rank} stops too; raise --timeout if the processes are only "
-                          f"slow.") from exc
+        raise _rank_timeout(f"{who} did not reach {point}", env.rank, env.timeout_s) from exc
+
+
+def _rank_timeout(what: str, rank: int, timeout_s: float) -> RankTimeout:
+    return RankTimeout(f"{what} within --timeout {timeout_s:g} s (frozen, killed or much slower), so rank {rank} "
+                       f"stops too; raise --timeout if the processes are only slow.")
+
+
+def _not_joined(exc: Exception, backend: str, rank: int, world_size: int, timeout_s: float) -> RankTimeout:
+    """A process missing while the group is set up. Gloo waits for each rank's address under a store key ending in
+    the rank (``wait timeout after 5000ms, keys: /default_pg/0//cpu//0/1``), the first missing one; a rank 0 that
+    hosts the store itself (env:// without torchrun) counts the processes (``1/2 clients joined``)."""
+    text = str(exc)
+    address = re.search(r"keys: \S*/(\d+)$", text) if backend == "gloo" else None
+    clients = re.search(r"(\d+)/(\d+) clients joined", text)
+    if address:
+        others = "" if world_size == 2 else " (and perhaps others)"
+        what = f"rank {address.group(1)}{others} did not join the process group"
+    elif clients:
+        what = f"only {clients.group(1)} of {clients.group(2)} processes joined the process group"
+    else:
+        what = f"a process of the {world_size} did not join the process group ({text})"
+    return _rank_timeout(what, rank, timeout_s)
 
 
 def close_distributed(env: DistEnv) -> None:
