@@ -33,7 +33,7 @@ from models.dynamic_zoo import DynamicStageTrace, as_stage_trace, linear_targets
 from models.dynamicvit import DynamicViTTrace
 from models.evit import EViTTrace
 from models.methods import METHODS, Method, Setting
-from models.registry import FAMILY_LABELS, REGISTRY, ModelSpec, get_spec
+from models.registry import FAMILY_LABELS, IMAGE_CLASSIFICATION, REGISTRY, ModelSpec, get_spec
 from models.tome import ToMeTrace
 from models.vit_forward import token_count
 
@@ -77,8 +77,10 @@ def untrained_choice_label(name: str, method: Method) -> str:
 
 def model_choices(extra: Sequence[str] = ()) -> dict[str, ModelChoice]:
     """The token-reduction page's models, by label: each plain backbone with a method's untrained parts attached,
-    then every model (registry, then ``extra`` names) on which at least one method runs."""
-    names = list(REGISTRY) + [n for n in extra if n not in REGISTRY]
+    then every image classifier (registry, then ``extra`` names) on which at least one method runs. Models of
+    other tasks (PuMer's vision-language models, which have their own page) are not offered."""
+    names = [n for n in list(REGISTRY) + [n for n in extra if n not in REGISTRY]
+             if get_spec(n).task == IMAGE_CLASSIFICATION]
     choices: dict[str, ModelChoice] = {}
     for name in names:
         spec = get_spec(name)

@@ -72,7 +72,7 @@ dataset_run_section(["keep-frequency", "tome-merge"], key="tr_run")
 
 left, right = st.columns(2)
 with left:
-    typed = timm_model_names("tr_timm", task=None)
+    typed = timm_model_names("tr_timm")  # image classifiers: a headless model gets one sentence
     choices = model_choices(typed)
     offered = [c for c, choice in choices.items() if choice.name in typed]
     if [n for n in typed if n not in {choices[c].name for c in offered}]:

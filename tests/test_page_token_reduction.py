@@ -325,7 +325,7 @@ def test_stage_maps_are_drawn_to_the_scale_of_their_grid():
 def test_model_choices_loop_over_the_registry_and_the_method_table():
     from analysis.token_reduction import methods_running_on, model_choices
     from models.methods import METHODS
-    from models.registry import REGISTRY
+    from models.registry import IMAGE_CLASSIFICATION, REGISTRY
 
     choices = model_choices()
     untrained_on_tiny = next(iter(choices))  # the page's default: real DeiT-Tiny with untrained predictors
@@ -333,7 +333,7 @@ def test_model_choices_loop_over_the_registry_and_the_method_table():
     attached = {c.name for c in choices.values() if c.untrained_predictors}
     assert attached == {n for n, s in REGISTRY.items() if any(m.needs_attachment(s) for m in METHODS.values())}
     plain = {c.name for c in choices.values() if not c.untrained_predictors}
-    assert plain == {n for n, s in REGISTRY.items() if methods_running_on(s)}
+    assert plain == {n for n, s in REGISTRY.items() if methods_running_on(s) and s.task == IMAGE_CLASSIFICATION}
     assert {"dynamicvit_deit_small_patch16_224", "dynamicvit_lvvit_s", "dynamiccnn_convnext_tiny",
             "dynamicswin_tiny", "deit_tiny_patch16_224"} <= plain and "convnext_tiny" not in plain
     labels = lambda name: [m.label for m in choices[name].methods()]  # noqa: E731
@@ -407,3 +407,55 @@ def test_r_sweep_title_fits_and_token_ticks_are_whole_numbers():
     assert figure.layout.margin.t >= 40 + 20 * len(lines)
     tokens = figure.layout.yaxis2
     assert tokens.tickformat == "d" and float(tokens.dtick).is_integer() and tokens.tickmode == "linear"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 30: the page offers only what it can run
+# ---------------------------------------------------------------------------------------------------------
+def test_model_choices_are_image_classifiers_only():
+    """PuMer's vision-language models live on their own page: here they crashed (no image transform)."""
+    from analysis.token_reduction import model_choices
+    from models.registry import IMAGE_CLASSIFICATION, REGISTRY, get_spec
+
+    headless = "vit_small_patch14_dinov2"  # a typed timm backbone without a classification head (ToMe runs on it)
+    choices = model_choices([headless])
+    assert choices and all(get_spec(c.name).task == IMAGE_CLASSIFICATION for c in choices.values())
+    assert any(s.task != IMAGE_CLASSIFICATION for s in REGISTRY.values())  # there is something to leave out
+    assert headless not in {c.name for c in choices.values()}
+
+
+def _offered_labels() -> list[str]:
+    from analysis.token_reduction import model_choices
+
+    return list(model_choices())
+
+
+def _other_value(setting, value):
+    """A value of ``setting`` other than ``value``: the largest of its choices, as a user moving the slider."""
+    return max(c for c in setting.choices if c != value)
+
+
+@pytest.mark.parametrize("label", _offered_labels())
+def test_every_offered_model_runs_and_reruns_with_random_weights(label, tmp_path, monkeypatch):
+    """Each model of the picker, with random weights on one sample photo: a run, then a rerun after its first
+    method's main slider moves, without an exception or an error box."""
+    import pages._ui
+    from analysis.token_reduction import model_choices
+
+    one_photo = pages._ui.sample_images()[:1]  # the forwards at the model's size cost most: one image, not two
+    monkeypatch.setattr(pages._ui, "sample_images", lambda: one_photo)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
+    app = AppTest.from_file(PAGE, default_timeout=240)
+    app.session_state["tr_model"] = label
+    app.session_state["tr_random"] = True
+    app.run()
+    assert not app.exception, app.exception
+    assert not app.error, [e.value for e in app.error]
+    assert app.selectbox(key="tr_model").value == label
+    setting = model_choices()[label].methods()[0].main_setting
+    slider = app.slider(key=f"tr_{setting.symbol}")
+    slider.set_value(_other_value(setting, slider.value)).run()
+    assert not app.exception, app.exception
+    assert not app.error, [e.value for e in app.error]
+    assert any(h.value.startswith("Side by side") for h in app.header)
