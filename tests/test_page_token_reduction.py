@@ -459,3 +459,29 @@ def test_every_offered_model_runs_and_reruns_with_random_weights(label, tmp_path
     assert not app.exception, app.exception
     assert not app.error, [e.value for e in app.error]
     assert any(h.value.startswith("Side by side") for h in app.header)
+
+
+def test_r_sweep_runs_the_chosen_schedule_and_names_it(random_page, downloads):
+    """Issue 30: at r = 8 decreasing the side by side said 106 tokens in the last block and the sweep 109 (it ran
+    the constant schedule)."""
+    import io
+    import json
+
+    import pandas as pd
+
+    app = random_page
+    app.slider(key="tr_r").set_value(8)
+    app.radio(key="tr_r_schedule").set_value("decreasing").run()
+    app.button(key="tr_sweep_r").click()
+    app.slider(key="tr_rmax").set_value(8).run()
+    assert not app.exception, app.exception
+    per_block = pd.read_csv(io.BytesIO(downloads["tokens_per_block.csv"]))
+    sweep = pd.read_csv(io.BytesIO(downloads["tome_r_sweep.csv"]))
+    at_8 = sweep[sweep["tome_r"] == 8].iloc[0]
+    assert at_8["tokens_last_block"] == per_block["ToMe merging"].iloc[-1]
+    assert (sweep["schedule"] == "decreasing").all()
+    rows = json.loads(downloads["tome_r_sweep.json"])
+    assert {row["schedule"] for row in rows} == {"decreasing"} and len(rows) == len(sweep)
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in app.get("plotly_chart")]
+    sweep_title = next(t for t in titles if t.startswith("ToMe merging agreement"))
+    assert "decreasing schedule" in sweep_title
