@@ -33,6 +33,7 @@ from models.methods import METHODS
 from models.registry import get_spec
 from pages._results import dataset_run_section
 from pages._ui import (
+    RANDOM_WEIGHTS_LABEL,
     cached_model,
     current_device,
     download_df,
@@ -94,7 +95,7 @@ with right:
 choice = choices[label]
 name, methods = choice.name, choice.methods()
 spec = get_spec(name)
-loaded = cached_model(name, random_weights)
+loaded = cached_model(name, random_weights, RANDOM_WEIGHTS_LABEL)
 if loaded is None:
     st.stop()
 show_weights_banner(loaded)

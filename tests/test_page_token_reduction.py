@@ -50,7 +50,10 @@ def test_missing_weights_are_explained_and_random_weights_say_so(tmp_path, monke
     monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
     app = AppTest.from_file(PAGE, default_timeout=180).run()
     assert not app.exception, app.exception
-    assert app.error  # no DeiT-Tiny file in the empty folder and no hub
+    # No DeiT-Tiny file in the empty folder and no hub: a first visit, so an info with the fix, not an error.
+    assert not app.error
+    assert any("No pretrained weights found for deit_tiny_patch16_224" in i.value
+               and "Use random weights (no pretrained file)" in i.value for i in app.info)
     assert not app.header  # nothing computed
 
     app.checkbox(key="tr_random").check()
