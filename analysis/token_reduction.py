@@ -33,7 +33,7 @@ from models.dynamic_zoo import DynamicStageTrace, as_stage_trace, linear_targets
 from models.dynamicvit import DynamicViTTrace
 from models.evit import EViTTrace
 from models.methods import METHODS, Method, Setting
-from models.registry import FAMILY_LABELS, REGISTRY, ModelSpec, get_spec
+from models.registry import FAMILY_LABELS, IMAGE_CLASSIFICATION, REGISTRY, ModelSpec, get_spec
 from models.tome import ToMeTrace
 from models.vit_forward import token_count
 
@@ -77,8 +77,10 @@ def untrained_choice_label(name: str, method: Method) -> str:
 
 def model_choices(extra: Sequence[str] = ()) -> dict[str, ModelChoice]:
     """The token-reduction page's models, by label: each plain backbone with a method's untrained parts attached,
-    then every model (registry, then ``extra`` names) on which at least one method runs."""
-    names = list(REGISTRY) + [n for n in extra if n not in REGISTRY]
+    then every image classifier (registry, then ``extra`` names) on which at least one method runs. Models of
+    other tasks (PuMer's vision-language models, which have their own page) are not offered."""
+    names = [n for n in list(REGISTRY) + [n for n in extra if n not in REGISTRY]
+             if get_spec(n).task == IMAGE_CLASSIFICATION]
     choices: dict[str, ModelChoice] = {}
     for name in names:
         spec = get_spec(name)
@@ -340,21 +342,24 @@ def sweep_values(setting: Setting, largest: Any = None) -> list[Any]:
 
 def setting_sweep(model: torch.nn.Module, batch: torch.Tensor, method: Method, settings: dict[str, Any],
                   values: Sequence[Any], unreduced_tokens: Sequence[int],
-                  progress: Callable[[float, str], None] | None = None) -> pd.DataFrame:
+                  progress: Callable[[float, str], None] | None = None, schedule: str | None = None) -> pd.DataFrame:
     """For each value of the method's main setting (its other settings as in ``settings``): top-1 agreement and
     top-5 overlap with the unreduced model, tokens entering the last block, GFLOPs per image. The model is only
-    read. Column ``value`` holds the main setting; ``unreduced_tokens`` is the comparison's."""
+    read. Column ``value`` holds the main setting; ``unreduced_tokens`` is the comparison's. A main setting with
+    schedules (ToMe's r) runs each value in ``schedule`` (default: its first form), named in column ``schedule``."""
     main = method.main_setting
+    schedule = (schedule or main.schedules[0]) if main.schedules else None
     batch = batch.to(_device(model))
     rows = []
     with torch.inference_mode():
         reference, _ = count_gflops(lambda: model(batch))
         for done, value in enumerate(values, start=1):
-            run = method.bind(model, {**settings, main.key: value})
+            run = method.bind(model, {**settings, main.key: main.scheduled(value, schedule)})
             (logits, trace), gflops = count_gflops(lambda: run(batch, return_trace=True))
             trace = prepared_trace(trace, tuple(batch.shape[-2:]))
             counts = figures_for(trace).tokens_per_block(trace, list(unreduced_tokens))
-            rows.append({"value": value, "top1_agreement": top1_agreement(reference, logits),
+            rows.append({"value": value, **({"schedule": schedule} if schedule else {}),
+                         "top1_agreement": top1_agreement(reference, logits),
                          "top5_overlap_mean": top5_overlap(reference, logits), "tokens_last_block": counts[-1],
                          "gflops_per_image": gflops / batch.shape[0]})
             if progress is not None:

@@ -56,6 +56,11 @@ class Setting:
         """``value`` in the form ``schedule`` (the first form: the bare value)."""
         return value if not self.schedules or schedule == self.schedules[0] else f"{schedule}:{value}"
 
+    def schedule_of(self, value: Any) -> str | None:
+        """The form ``value`` is written in ('decreasing' for 'decreasing:8', the first form for a bare value);
+        None for a setting with one form."""
+        return (str(value).rpartition(":")[0] or self.schedules[0]) if self.schedules else None
+
     def describe(self, value: Any) -> str:
         """The setting at ``value`` in words: 'rho=0.7', 'r=13 (decreasing schedule)', 'proportional attention on'."""
         if self.is_switch:

@@ -84,6 +84,9 @@ class ModelSpec:
     input_sizes: tuple[int, ...] = ()
     # The keep ratio a released token-pruning model was trained for (pages and CLIs default to it).
     trained_keep_ratio: float | None = None
+    # Folders it reads beside its weights in the weights folder, each as (folder name, the Hugging Face repository
+    # and files that fill it): METER's roberta-base tokenizer. Home and every missing-weights message name them.
+    companion_folders: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
     @property
     def attention(self) -> str | None:
@@ -228,7 +231,8 @@ register(ModelSpec("meter_clip16_288_vqa", METER,
                    factory="models.meter:meter_random", load_fn="models.meter:load_official_file",
                    loader="models.meter:meter_from_source", file_stem="meter_clip16_288_roberta_vqa",
                    url="https://github.com/zdou0830/METER/releases/download/checkpoint/meter_clip16_288_roberta_vqa.ckpt",
-                   inputs=VQA_INPUTS, task=VISUAL_QUESTION_ANSWERING, input_size=576, input_sizes=METER_IMAGE_SIZES))
+                   inputs=VQA_INPUTS, task=VISUAL_QUESTION_ANSWERING, input_size=576, input_sizes=METER_IMAGE_SIZES,
+                   companion_folders=(("roberta-base", "FacebookAI/roberta-base", ("vocab.json", "merges.txt")),)))
 
 
 def sized(spec: ModelSpec, size: int | None) -> ModelSpec:

@@ -136,7 +136,14 @@ def fix_instruction(spec: ModelSpec, folder: Path | None = None) -> str:
     released = Path(urlparse(spec.url).path).suffix if spec.url else ""
     name = (f"{spec.weight_file_stem}{released}" if released in WEIGHT_SUFFIXES
             else f"{spec.weight_file_stem}.safetensors (or .pth)")
-    return f"Put {name} in {_where(folder)}, or upload it in the sidebar's 'Upload a checkpoint'."
+    if not spec.companion_folders:
+        return f"Put {name} in {_where(folder)}, or upload it in the sidebar's 'Upload a checkpoint'."
+    base = folder or Path(f"${WEIGHTS_DIR_ENV}")
+    companions = " and ".join(
+        f"the folder {folder_name}/ with {', '.join(files)} of {repo} (`hf download {repo} {' '.join(files)} "
+        f"--local-dir {base / folder_name}`)" for folder_name, repo, files in spec.companion_folders)
+    return (f"Put {name} in {_where(folder)} (or upload it in the sidebar's 'Upload a checkpoint'), and {companions} "
+            "beside it.")
 
 
 def missing_weights_message(spec: ModelSpec, reason: str = "", folder: Path | None = None) -> str:

@@ -185,24 +185,36 @@ def _load_cached(name: str, device: str, user_file: str | None, random_weights: 
                       weights_folder=folder or None)
 
 
-def cached_model(name: str, random_weights: bool = False) -> LoadedModel | None:
-    """The shared model, or None after showing why it could not be loaded (the page then stops)."""
+RANDOM_WEIGHTS_LABEL = "Use random weights (no pretrained file)"
+RANDOM_MODELS_LABEL = "Run these with random weights (untrained)"
+
+
+def cached_model(name: str, random_weights: bool = False, random_choice: str | None = None) -> LoadedModel | None:
+    """The shared model, or None after showing why it could not be loaded (the page then stops or leaves it out).
+
+    Missing weights are a normal first visit, not a fault: an info box says where to put the file and points to
+    the random-weights choice (``random_choice``: the label of the page's widget). A checkpoint that is there but
+    cannot be read or does not fit is an error."""
     try:
         return _load_cached(name, current_device(), user_weight_files().get(name), random_weights,
                             weights_folder())
-    except (WeightsNotFoundError, CheckpointError) as exc:
+    except WeightsNotFoundError as exc:
+        choice = f"tick **{random_choice}**" if random_choice else "choose random weights on this page"
+        st.info(f"{exc.args[0] if exc.args else exc} Or {choice} to run it untrained (every figure then says so).")
+        return None
+    except CheckpointError as exc:
         st.error(str(exc.args[0] if exc.args else exc))
         return None
 
 
 def random_weights_toggle(key: str, default: bool = False) -> bool:
-    return kept(st.checkbox, "Use random weights (no pretrained file)", key=key, default=default,
+    return kept(st.checkbox, RANDOM_WEIGHTS_LABEL, key=key, default=default,
                 help="Untrained weights show the mechanics and the speed, not what a trained model sees.")
 
 
 def random_models_picker(models: Sequence[str], key: str) -> set[str]:
     """Per-model choice of random weights: only the ticked models run untrained, the others need their file."""
-    picked = kept(st.multiselect, "Run these with random weights (untrained)", key=key, default=[], options=models,
+    picked = kept(st.multiselect, RANDOM_MODELS_LABEL, key=key, default=[], options=models,
                   help="Each model not ticked loads its pretrained weights, so a real model and an "
                        "untrained one can be compared side by side; every chart names its weights.")
     return set(picked)

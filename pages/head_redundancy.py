@@ -23,6 +23,7 @@ from models.attention_recording import UnsupportedModelError
 from models.registry import CGA, MHSA, models_with_attention
 from pages._results import dataset_run_section
 from pages._ui import (
+    RANDOM_MODELS_LABEL,
     cached_model,
     current_device,
     download_df,
@@ -76,10 +77,8 @@ if not chosen:
     st.info("Pick at least one model.")
     st.stop()
 
-loaded = [m for m in (cached_model(n, n in random_models) for n in chosen) if m is not None]
-if len(loaded) < len(chosen):
-    st.info("Models without weights are left out; tick them under *Run these with random weights* to run them "
-            "untrained.")
+# A model without weights gets an info with the fix and the random-weights choice; the others are shown.
+loaded = [m for m in (cached_model(n, n in random_models, RANDOM_MODELS_LABEL) for n in chosen) if m is not None]
 if not loaded:
     st.stop()
 for model in loaded:

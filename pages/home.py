@@ -20,6 +20,14 @@ st.markdown(
     "which channels a first-order Taylor analysis says deserve width, and what each setting really buys in img/s."
 )
 
+st.subheader("Start here")
+st.markdown(
+    "**Which tokens does a method drop or merge, and what does it cost?** *Token reduction* (DynamicViT, ToMe, "
+    "EViT on your images); *Vision-language* (PuMer on ViLT and METER, with your question).  \n"
+    "**Where do the speed and the waste come from?** *Head redundancy* and *Channel importance* (what is "
+    "redundant); *Live throughput*, *Accuracy vs throughput* and *Where the time goes* (img/s on this machine)."
+)
+
 st.subheader("This machine")
 info = hardware_info()
 st.dataframe(pd.DataFrame({"": list(info), "value": list(info.values())}), hide_index=True)

@@ -33,9 +33,11 @@ from models.methods import METHODS
 from models.registry import get_spec
 from pages._results import dataset_run_section
 from pages._ui import (
+    RANDOM_WEIGHTS_LABEL,
     cached_model,
     current_device,
     download_df,
+    download_json,
     download_png,
     image_picker,
     image_set_key,
@@ -72,7 +74,7 @@ dataset_run_section(["keep-frequency", "tome-merge"], key="tr_run")
 
 left, right = st.columns(2)
 with left:
-    typed = timm_model_names("tr_timm", task=None)
+    typed = timm_model_names("tr_timm")  # image classifiers: a headless model gets one sentence
     choices = model_choices(typed)
     offered = [c for c, choice in choices.items() if choice.name in typed]
     if [n for n in typed if n not in {choices[c].name for c in offered}]:
@@ -93,7 +95,7 @@ with right:
 choice = choices[label]
 name, methods = choice.name, choice.methods()
 spec = get_spec(name)
-loaded = cached_model(name, random_weights)
+loaded = cached_model(name, random_weights, RANDOM_WEIGHTS_LABEL)
 if loaded is None:
     st.stop()
 show_weights_banner(loaded)
@@ -243,34 +245,43 @@ def sweep_view(run) -> None:
     """One method's sweep of its main setting reruns alone; its result stays until the images, model or settings
     change."""
     method, setting = run.method, run.method.main_setting
-    st.header(f"{method.label}: agreement with the unreduced model as {setting.symbol} changes" + _tags(run))
+    schedule = setting.schedule_of(run.settings[setting.key])  # the sweep runs the form chosen above
+    in_schedule = f", {schedule} schedule" if schedule else ""
+    st.header(f"{method.label}: agreement with the unreduced model as {setting.symbol} changes"
+              + (f" ({schedule} schedule)" if schedule else "") + _tags(run))
     largest = None
     if all(isinstance(c, int) for c in setting.choices):
         largest = kept(st.slider, f"Largest {setting.symbol} in the sweep", 2, max(setting.span[1], 2),
                        key=f"tr_{setting.symbol}max", default=16)
     others = {k: v for k, v in run.settings.items() if k != setting.key}
     values = sweep_values(setting, largest)
-    sweep_key = inputs + tuple(others.values()) + (tuple(values),)
+    sweep_key = inputs + tuple(others.values()) + (tuple(values), schedule)
     if st.button(f"Run the {setting.symbol} sweep on these images", key=f"tr_sweep_{setting.symbol}"):
         slot = st.empty()  # the progress bar goes when the sweep is done
         with slot:
             show = progress_bar(f"Sweeping {setting.symbol} ...")
         session_result(f"tr_sweep_{method.key}", sweep_key,
                        lambda: setting_sweep(model, batch, method, others, values,
-                                                     comparison.unreduced_tokens, progress=show))
+                                             comparison.unreduced_tokens, progress=show, schedule=schedule))
         slot.empty()
     frame = session_result(f"tr_sweep_{method.key}", sweep_key)
     if frame is None:
-        st.caption(f"Runs {method.name} once per {setting.symbol} ({', '.join(map(str, values))}) and compares with "
-                   "the unreduced model; GFLOPs per image are counted with torch's FlopCounterMode.")
+        st.caption(f"Runs {method.name} once per {setting.symbol} ({', '.join(map(str, values))}{in_schedule}) and "
+                   "compares with the unreduced model; GFLOPs per image are counted with torch's FlopCounterMode.")
         return
-    title = f"{method.name} agreement: {name}, {_run_weights(run)}, {all_images}"
+    title = f"{method.name} agreement{in_schedule}: {name}, {_run_weights(run)}, {all_images}"
     st.plotly_chart(plot_agreement(frame, title, x="value", x_title=setting.label, tokens="tokens_last_block",
                                    tokens_name="tokens entering the last block"), key=f"tr_sweep_chart_{method.key}")
     others_text = {s.column: others[s.key] for s in method.settings if s.key in others}
-    download_df(label_rows(frame.rename(columns={"value": setting.column}), name, _run_weights(run), all_images,
-                           others_text), f"{method.key}_{setting.symbol}_sweep.csv",
-                f"Download the {setting.symbol} sweep (CSV)")
+    labelled = label_rows(frame.rename(columns={"value": setting.column}), name, _run_weights(run), all_images,
+                          others_text)
+    file_stem = f"{method.key}_{setting.symbol}_sweep"
+    csv, json_file = st.columns(2)
+    with csv:
+        download_df(labelled, f"{file_stem}.csv", f"Download the {setting.symbol} sweep (CSV)")
+    with json_file:
+        download_json(labelled.to_dict(orient="records"), f"{file_stem}.json",
+                      f"Download the {setting.symbol} sweep (JSON)")
 
 
 for run in comparison.runs.values():

@@ -64,7 +64,10 @@ if missing:
     details, unreadable = missing
     first = details.splitlines()[0]
     short = first if len(first) <= 240 else first[:240] + " ... (see below)"
-    st.error(short if unreadable else entry.missing_message(weights_folder()))
+    if unreadable:
+        st.error(short)
+    else:  # a first visit without the weights: the fix and the random model, not a fault
+        st.info(entry.missing_message(weights_folder()))
     with st.expander("What was tried"):
         st.write(details)
     if st.button("Retry", key="vl_retry", help="Look for the weights again (after adding the files)."):

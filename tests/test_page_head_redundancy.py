@@ -72,7 +72,8 @@ def test_page_without_weights_says_so(monkeypatch, tmp_path):
     app.session_state["hr_models"] = ["efficientvit_m0"]
     app.run()
     assert not app.exception, app.exception
-    assert app.error and not app.get("plotly_chart")
+    assert any("No pretrained weights found for efficientvit_m0" in i.value for i in app.info)
+    assert not app.error and not app.get("plotly_chart")
 
 
 @pytest.mark.shared
@@ -132,3 +133,33 @@ def test_attention_png_is_named_after_the_image_without_its_extension(monkeypatc
     pngs = [n for n in downloads if n.endswith(".png")]
     assert "attention_deit_tiny_patch16_224_block11_red_square.png" in pngs
     assert not [n for n in pngs if ".jpg" in n], pngs
+
+
+def test_first_visit_without_weights_is_an_info_with_the_fix_then_shows_what_it_can(monkeypatch, tmp_path):
+    """Issue 30: the default models without their weights gave red errors. Missing weights are a first visit, not a
+    fault: an info per model with the file to put where and the random-weights choice; a model whose file is
+    there is shown beside them."""
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
+    app = AppTest.from_file(PAGE, default_timeout=180)
+    app.session_state["hr_max_images"] = 1
+    app.run()
+    assert not app.exception, app.exception
+    assert not app.error, [e.value for e in app.error]
+    notes = [i.value for i in app.info]
+    for name in ("deit_tiny_patch16_224", "efficientvit_m0"):
+        note = next(n for n in notes if f"No pretrained weights found for {name}" in n)
+        assert f"Put {name}.safetensors (or .pth) in the folder {tmp_path}" in note
+        assert "Run these with random weights (untrained)" in note
+    assert not app.get("plotly_chart")
+
+    save_file(timm.create_model("deit_tiny_patch16_224").state_dict(), tmp_path / "deit_tiny_patch16_224.safetensors")
+    app.run()
+    assert not app.exception, app.exception
+    assert not app.error, [e.value for e in app.error]
+    assert [n for n in (i.value for i in app.info) if "No pretrained weights found" in n] == [
+        next(n for n in notes if "efficientvit_m0" in n)]
+    assert app.get("plotly_chart") and "Redundancy vs depth" in [h.value for h in app.header]

@@ -50,7 +50,10 @@ def test_missing_weights_are_explained_and_random_weights_say_so(tmp_path, monke
     monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
     app = AppTest.from_file(PAGE, default_timeout=180).run()
     assert not app.exception, app.exception
-    assert app.error  # no DeiT-Tiny file in the empty folder and no hub
+    # No DeiT-Tiny file in the empty folder and no hub: a first visit, so an info with the fix, not an error.
+    assert not app.error
+    assert any("No pretrained weights found for deit_tiny_patch16_224" in i.value
+               and "Use random weights (no pretrained file)" in i.value for i in app.info)
     assert not app.header  # nothing computed
 
     app.checkbox(key="tr_random").check()
@@ -325,7 +328,7 @@ def test_stage_maps_are_drawn_to_the_scale_of_their_grid():
 def test_model_choices_loop_over_the_registry_and_the_method_table():
     from analysis.token_reduction import methods_running_on, model_choices
     from models.methods import METHODS
-    from models.registry import REGISTRY
+    from models.registry import IMAGE_CLASSIFICATION, REGISTRY
 
     choices = model_choices()
     untrained_on_tiny = next(iter(choices))  # the page's default: real DeiT-Tiny with untrained predictors
@@ -333,7 +336,7 @@ def test_model_choices_loop_over_the_registry_and_the_method_table():
     attached = {c.name for c in choices.values() if c.untrained_predictors}
     assert attached == {n for n, s in REGISTRY.items() if any(m.needs_attachment(s) for m in METHODS.values())}
     plain = {c.name for c in choices.values() if not c.untrained_predictors}
-    assert plain == {n for n, s in REGISTRY.items() if methods_running_on(s)}
+    assert plain == {n for n, s in REGISTRY.items() if methods_running_on(s) and s.task == IMAGE_CLASSIFICATION}
     assert {"dynamicvit_deit_small_patch16_224", "dynamicvit_lvvit_s", "dynamiccnn_convnext_tiny",
             "dynamicswin_tiny", "deit_tiny_patch16_224"} <= plain and "convnext_tiny" not in plain
     labels = lambda name: [m.label for m in choices[name].methods()]  # noqa: E731
@@ -420,3 +423,81 @@ def test_prediction_tables_show_whole_class_names(random_page):
         frame = table.value
         assert list(frame.columns) == ["rank", "class", "probability"] and list(frame["rank"]) == [1, 2, 3, 4, 5]
         assert set(frame["class"]) <= names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 30: the page offers only what it can run
+# ---------------------------------------------------------------------------------------------------------
+def test_model_choices_are_image_classifiers_only():
+    """PuMer's vision-language models live on their own page: here they crashed (no image transform)."""
+    from analysis.token_reduction import model_choices
+    from models.registry import IMAGE_CLASSIFICATION, REGISTRY, get_spec
+
+    headless = "vit_small_patch14_dinov2"  # a typed timm backbone without a classification head (ToMe runs on it)
+    choices = model_choices([headless])
+    assert choices and all(get_spec(c.name).task == IMAGE_CLASSIFICATION for c in choices.values())
+    assert any(s.task != IMAGE_CLASSIFICATION for s in REGISTRY.values())  # there is something to leave out
+    assert headless not in {c.name for c in choices.values()}
+
+
+def _offered_labels() -> list[str]:
+    from analysis.token_reduction import model_choices
+
+    return list(model_choices())
+
+
+def _other_value(setting, value):
+    """A value of ``setting`` other than ``value``: the largest of its choices, as a user moving the slider."""
+    return max(c for c in setting.choices if c != value)
+
+
+@pytest.mark.parametrize("label", _offered_labels())
+def test_every_offered_model_runs_and_reruns_with_random_weights(label, tmp_path, monkeypatch):
+    """Each model of the picker, with random weights on one sample photo: a run, then a rerun after its first
+    method's main slider moves, without an exception or an error box."""
+    import pages._ui
+    from analysis.token_reduction import model_choices
+
+    one_photo = pages._ui.sample_images()[:1]  # the forwards at the model's size cost most: one image, not two
+    monkeypatch.setattr(pages._ui, "sample_images", lambda: one_photo)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
+    app = AppTest.from_file(PAGE, default_timeout=240)
+    app.session_state["tr_model"] = label
+    app.session_state["tr_random"] = True
+    app.run()
+    assert not app.exception, app.exception
+    assert not app.error, [e.value for e in app.error]
+    assert app.selectbox(key="tr_model").value == label
+    setting = model_choices()[label].methods()[0].main_setting
+    slider = app.slider(key=f"tr_{setting.symbol}")
+    slider.set_value(_other_value(setting, slider.value)).run()
+    assert not app.exception, app.exception
+    assert not app.error, [e.value for e in app.error]
+    assert any(h.value.startswith("Side by side") for h in app.header)
+
+
+def test_r_sweep_runs_the_chosen_schedule_and_names_it(random_page, downloads):
+    """Issue 30: at r = 8 decreasing the side by side said 106 tokens in the last block and the sweep 109 (it ran
+    the constant schedule)."""
+    import io
+    import json
+
+    import pandas as pd
+
+    app = random_page
+    app.slider(key="tr_r").set_value(8)
+    app.radio(key="tr_r_schedule").set_value("decreasing").run()
+    app.button(key="tr_sweep_r").click()
+    app.slider(key="tr_rmax").set_value(8).run()
+    assert not app.exception, app.exception
+    per_block = pd.read_csv(io.BytesIO(downloads["tokens_per_block.csv"]))
+    sweep = pd.read_csv(io.BytesIO(downloads["tome_r_sweep.csv"]))
+    at_8 = sweep[sweep["tome_r"] == 8].iloc[0]
+    assert at_8["tokens_last_block"] == per_block["ToMe merging"].iloc[-1]
+    assert (sweep["schedule"] == "decreasing").all()
+    rows = json.loads(downloads["tome_r_sweep.json"])
+    assert {row["schedule"] for row in rows} == {"decreasing"} and len(rows) == len(sweep)
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in app.get("plotly_chart")]
+    sweep_title = next(t for t in titles if t.startswith("ToMe merging agreement"))
+    assert "decreasing schedule" in sweep_title
