@@ -233,15 +233,22 @@ def show_weights_banner(loaded: LoadedModel) -> None:
         st.caption(f"{loaded.name}: weights from {loaded.weights.description}, on {loaded.device}.")
 
 
+def _forget_uploads_if_emptied(key: str) -> None:
+    # A change callback runs only when the user changed the uploader, never when it is drawn again empty.
+    if not st.session_state.get(key):
+        st.session_state.get(UPLOADS_KEY, {}).pop(key, None)
+
+
 def image_picker(key: str, multiple: bool = True, label: str = "Upload images") -> list[NamedImage]:
     """Uploaded images if any, else the bundled sample photos. Unreadable uploads are reported and skipped.
 
     The readable uploads are kept in the session: a file uploader cannot be filled again after the user was on
-    another page, so there it says which uploads are still used and offers a button to clear them.
+    another page, so there it says which uploads are still used and offers a button to clear them. They go only
+    when the user empties the uploader or clears them: an uploader drawn again empty is no removal.
     """
     stored = st.session_state.setdefault(UPLOADS_KEY, {})
-    mounted = key in st.session_state  # False on a page's first run after another page: the widget starts empty
     uploads = st.file_uploader(label, type=list(ACCEPTED_TYPES), accept_multiple_files=multiple, key=key,
+                               on_change=_forget_uploads_if_emptied, args=(key,),
                                help="JPEG, PNG, WebP, BMP, TIFF or GIF (first frame); up to about 90 megapixels.")
     files = uploads if isinstance(uploads, list) else ([uploads] if uploads else [])
     images: list[NamedImage] = []
@@ -254,8 +261,6 @@ def image_picker(key: str, multiple: bool = True, label: str = "Upload images") 
             st.error(str(exc))
     if files:
         stored[key] = readable
-    elif mounted:  # the user removed the files from the uploader
-        stored.pop(key, None)
     elif stored.get(key):
         images = [load_image(data, name=name, max_side=UPLOAD_MAX_SIDE) for name, data in stored[key]]
         noun = "image" if len(images) == 1 else "images"

@@ -268,6 +268,21 @@ def _upload(page, files) -> None:
     _wait_until_idle(page)
 
 
+def _still_uses_uploads(page, caption: str, button: str, names: str, folder: Path) -> None:
+    """Issue 30: after Home and back and one more widget, the page still shows ``caption`` (not the samples) and
+    the CSV behind ``button`` names the uploads (``names``)."""
+    assert page.get_by_text(caption).count() == 1
+    assert page.get_by_text("No upload: using the bundled sample photos").count() == 0
+    with page.expect_download(timeout=60_000) as download:
+        page.get_by_role("button", name=button).click()
+    saved = folder / download.value.suggested_filename
+    download.value.save_as(saved)
+    text = saved.read_text()
+    assert names in text and "china" not in text and "flower" not in text
+    time.sleep(1)
+    _wait_until_idle(page)
+
+
 def _slider_text(page, label: str) -> str:
     """The value a slider shows on its thumb."""
     slider = page.locator('[data-testid="stSlider"]').filter(has_text=label)
@@ -292,7 +307,7 @@ def test_token_reduction_keeps_uploads_settings_and_results_in_a_real_browser(sh
 
     heading = "Token reduction: pruning, merging and fusing tokens"
     with sync_playwright() as p:
-        page = _open(p, app_url, "token_reduction", heading)
+        page = _open(p, app_url, "token_reduction", heading, downloads=True)
         _upload(page, _photo_files(tmp_path))
         image = page.get_by_label("Image for the detailed view")
         assert image.input_value() == "first.png"
@@ -309,6 +324,11 @@ def test_token_reduction_keeps_uploads_settings_and_results_in_a_real_browser(sh
         assert page.get_by_text("(rho = 0.65)").count() >= 1  # the result shown is the one for the shown value
         assert page.get_by_role("radio", name="decreasing").is_checked()
         page.screenshot(path=str(tmp_path / "token_reduction_back.png"), full_page=True)
+        page.get_by_role("slider", name="DynamicViT: keep ratio rho").press("ArrowRight")  # the next rerun
+        _wait_until_idle(page)
+        page.get_by_text("(rho = 0.70)").first.wait_for(timeout=30_000)
+        _still_uses_uploads(page, "Using your 2 uploaded images: first.png, second.png", "Download agreement (CSV)",
+                            "2 images: first.png, second.png", tmp_path)
 
 
 def _pick(page, label: str, option: str) -> None:
@@ -332,7 +352,7 @@ def test_head_redundancy_keeps_uploads_and_choices_in_a_real_browser(shared_dir,
 
     heading = "Head redundancy: multi-head vs cascaded group attention"
     with sync_playwright() as p:
-        page = _open(p, app_url, "head_redundancy", heading)
+        page = _open(p, app_url, "head_redundancy", heading, downloads=True)
         _upload(page, _photo_files(tmp_path))
         assert page.get_by_label("Image", exact=True).input_value() == "first.png"
         _pick(page, "Image", "second.png")
@@ -344,14 +364,19 @@ def test_head_redundancy_keeps_uploads_and_choices_in_a_real_browser(shared_dir,
         assert page.get_by_label("Image", exact=True).input_value() == "second.png"
         assert page.get_by_role("radio", name="head outputs (linear CKA)").is_checked()
         assert page.locator('[data-testid="stPlotlyChart"]').count() >= 2  # the analysis is shown again
+        page.get_by_text("attention maps (cosine)", exact=True).click()  # the next rerun
+        _wait_until_idle(page)
+        _still_uses_uploads(page, "Using your 2 uploaded images: first.png, second.png",
+                            "Download redundancy per head (CSV)", "2 images: first.png, second.png", tmp_path)
 
 
-def test_channel_importance_keeps_budget_and_normalisation_in_a_real_browser(shared_dir, app_url):
+def test_channel_importance_keeps_budget_normalisation_and_uploads_in_a_real_browser(shared_dir, app_url, tmp_path):
     from playwright.sync_api import sync_playwright
 
     heading = "Channel importance (first-order Taylor)"
     with sync_playwright() as p:
-        page = _open(p, app_url, "channel_importance", heading)
+        page = _open(p, app_url, "channel_importance", heading, downloads=True)
+        _upload(page, _photo_files(tmp_path))
         page.get_by_role("slider", name="Global budget: fraction of channels kept").press("ArrowRight")  # 0.55
         _wait_until_idle(page)
         _pick(page, "Normalisation before the global ranking", "layer:")
@@ -360,16 +385,22 @@ def test_channel_importance_keeps_budget_and_normalisation_in_a_real_browser(sha
         assert _slider_text(page, "Global budget: fraction of channels kept") == "0.55"
         assert page.get_by_label("Normalisation before the global ranking").input_value().startswith("layer:")
         assert page.get_by_text("With 55% of all channels kept").count() == 1  # computed at the shown budget
+        page.get_by_role("slider", name="Global budget: fraction of channels kept").press("ArrowRight")  # 0.60
+        _wait_until_idle(page)
+        page.get_by_text("With 60% of all channels kept").wait_for(timeout=30_000)
+        _still_uses_uploads(page, "Using your 2 uploaded images: first.png, second.png",
+                            "Download fraction kept per block (CSV)", "2 images: first.png, second.png", tmp_path)
 
 
-def test_vision_language_keeps_model_question_and_answers_in_a_real_browser(app_url):
+def test_vision_language_keeps_model_question_upload_and_answers_in_a_real_browser(app_url, tmp_path):
     from playwright.sync_api import sync_playwright
 
     heading = "Vision-language: PuMer on ViLT and METER"
     with sync_playwright() as p:
-        page = _open(p, app_url, "vision_language", heading)
+        page = _open(p, app_url, "vision_language", heading, downloads=True)
         page.get_by_text("Use a small random ViLT").first.click()
         _wait_until_idle(page)
+        _upload(page, _photo_files(tmp_path)[:1])
         question = page.get_by_label("Question", exact=True)
         question.fill("What colour is the sky?")
         question.press("Enter")
@@ -379,6 +410,10 @@ def test_vision_language_keeps_model_question_and_answers_in_a_real_browser(app_
         assert page.get_by_role("checkbox", name="Use a small random ViLT").is_checked()
         assert page.get_by_label("Question", exact=True).input_value() == "What colour is the sky?"
         assert page.locator('[data-testid="stDataFrame"]').count() >= 2  # answers and records
+        page.get_by_role("slider", name="Image prune ratio").press("ArrowRight")  # the next rerun
+        _wait_until_idle(page)
+        _still_uses_uploads(page, "Using your 1 uploaded image: first.png", "Download reduce steps (CSV)",
+                            "first.png", tmp_path)
 
 
 def test_throughput_and_frontier_keep_settings_uploads_and_results_in_a_real_browser(app_url, tmp_path):
@@ -406,6 +441,9 @@ def test_throughput_and_frontier_keep_settings_uploads_and_results_in_a_real_bro
         assert page.get_by_label("Throughput batch size").input_value() == "1"
         assert page.get_by_label("Interleaved timing rounds").input_value() == "1"
         assert page.get_by_text("Using your 2 uploaded images: first.png, second.png").count() == 1
+        _fill_numbers(page, (("Throughput batch size", "2"),))  # the next rerun (the frontier is not computed here)
+        assert page.get_by_text("Using your 2 uploaded images: first.png, second.png").count() == 1
+        assert page.get_by_text("No upload: using the bundled sample photos").count() == 0
 
 
 @pytest.fixture

@@ -165,6 +165,70 @@ def test_vision_language_keeps_question_and_upload_across_models_and_pages(app):
     assert _last_key(at, "vl_answer") == asked  # same image, question and settings: nothing recomputed
 
 
+# page -> (its image uploader, the widgets that let it run without weights, a widget touched after returning)
+UPLOAD_PAGES = {
+    TOKENS: ("tr_images", [("checkbox", "tr_random", True)], ("slider", "tr_rho", 0.5)),
+    "pages/head_redundancy.py": ("hr_images", [("multiselect", "hr_models", ["deit_tiny_patch16_224"]),
+                                               ("multiselect", "hr_random_models", ["deit_tiny_patch16_224"])],
+                                 ("radio", "hr_metric", "head outputs (linear CKA)")),
+    "pages/channel_importance.py": ("ci_images", [("checkbox", "ci_random", True)], ("slider", "ci_budget", 0.3)),
+    "pages/frontier.py": ("fr_images", [("multiselect", "fr_models", ["efficientvit_m0"]),
+                                        ("multiselect", "fr_random", ["efficientvit_m0"])],
+                          ("number_input", "fr_batch", 1)),
+    "pages/vision_language.py": ("vl_image", [("checkbox", "vl_random_vilt_b32_vqa", True)],
+                                 ("slider", "vl_prune_vilt_b32_vqa", 0.3)),
+}
+
+
+def _set(at: AppTest, kind: str, key: str, value) -> AppTest:
+    widget = getattr(at, kind)(key=key)
+    (widget.check() if kind == "checkbox" else widget.set_value(value)).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _uses_uploads(at: AppTest, names: list[str]) -> bool:
+    noun = "image" if len(names) == 1 else "images"
+    return any(c.value == f"Using your {len(names)} uploaded {noun}: {', '.join(names)}" for c in at.caption)
+
+
+@pytest.mark.parametrize("page", list(UPLOAD_PAGES))
+def test_uploads_stay_whatever_is_touched_after_another_page(app, page):
+    """Issue 30: after returning, the uploader is empty; the next rerun must not take that for a removal."""
+    uploader, setup, touched = UPLOAD_PAGES[page]
+    at = _visit(app, page)
+    for kind, key, value in setup:
+        _set(at, kind, key, value)
+    files = UPLOADS[:1] if page.endswith("vision_language.py") else UPLOADS
+    at.file_uploader(key=uploader).set_value(files).run()
+    _away_and_back(at, page)
+    names = [name for name, _, _ in files]
+    assert _uses_uploads(at, names)
+    _set(at, *touched)
+    assert _uses_uploads(at, names), [c.value for c in at.caption]
+    assert not any(c.value.startswith("No upload") for c in at.caption)
+
+
+def test_new_uploads_replace_the_kept_ones_and_removing_them_goes_back_to_the_samples(app):
+    at = _visit(app, TOKENS)
+    _set(at, "checkbox", "tr_random", True)
+    at.file_uploader(key="tr_images").set_value(UPLOADS).run()
+    _away_and_back(at, TOKENS)
+    _set(at, "slider", "tr_rho", 0.5)
+    third = [("third.png", _png((30, 200, 30)), "image/png")]
+    at.file_uploader(key="tr_images").set_value(third).run()  # new files after returning: they replace the kept ones
+    assert at.selectbox(key="tr_image").options == ["third.png"]
+    _away_and_back(at, TOKENS)
+    _set(at, "slider", "tr_rho", 0.6)
+    assert _uses_uploads(at, ["third.png"]) and at.selectbox(key="tr_image").options == ["third.png"]
+
+    at.file_uploader(key="tr_images").set_value(UPLOADS).run()
+    at.file_uploader(key="tr_images").set_value(None).run()  # the uploader's own remove: back to the samples
+    assert at.selectbox(key="tr_image").options == ["china", "flower"]
+    _set(at, "slider", "tr_rho", 0.5)
+    assert at.selectbox(key="tr_image").options == ["china", "flower"]
+
+
 def _sidebar_then_home():
     """The sidebar as app.py draws it, then Home."""
     import runpy
