@@ -1,4 +1,4 @@
 """Computations and figure builders behind the pages; importable without streamlit."""
-from analysis.preload import rerun_under_tcmalloc
+from analysis.timing.preload import rerun_under_tcmalloc
 
-rerun_under_tcmalloc()  # only for `python -m analysis...` (see analysis/preload.py)
+rerun_under_tcmalloc()  # only for `python -m analysis...` (see analysis/timing/preload.py)

@@ -12,7 +12,7 @@ with forwards timed without the profiler; every operator's self time goes to
 
 A dispatch-level pass counts each operator's FLOPs (``torch.utils.flop_counter``'s formulas) and the bytes its
 tensors occupy (inputs + outputs; views move nothing), attributed to the same class and component, so every
-(class, component) group has an arithmetic intensity to put on the roofline (``analysis.roofline``).
+(class, component) group has an arithmetic intensity to put on the roofline (``analysis.timing.roofline``).
 
 ``python -m analysis.breakdown --models ... --batch 8 --device cpu`` prints the same records.
 """
@@ -263,7 +263,7 @@ class _CostMode(TorchDispatchMode):
         super().__init__()
         from torch.utils.flop_counter import FlopCounterMode
 
-        from analysis.throughput import extra_flop_formulas
+        from analysis.timing.flops import extra_flop_formulas
 
         self.registry = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()).flop_registry
         self.costs: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
@@ -323,7 +323,7 @@ def profile_runner(name: str, forward: Callable[[Any], Any], inputs: Any, *, dev
                    keep_trace: bool = True, progress: Callable[[float, str], None] | None = None) -> Breakdown:
     """Profile ``forward(inputs)``: ``warmup`` forwards, then ``iters`` rounds of one plain timed forward and one
     profiled forward. ``hooked`` (a private model copy) gets component scopes from module hooks while profiled."""
-    from analysis.throughput import PRECISIONS
+    from analysis.timing.harness import PRECISIONS
 
     dtype = PRECISIONS[precision]
     cuda = torch.device(device).type == "cuda"
@@ -428,8 +428,8 @@ def profile_model(text: str, *, batch: int = 8, device: str = "cpu", precision: 
     """Profile a registry model or variant (``NAME@key=value``) on random images at ``batch``.
 
     The model is deep-copied before hooks go on it, so a cached model is never touched. ``engine='onnxruntime'``
-    profiles the exported ONNX graph in ONNX Runtime instead (``analysis.onnx_engine``)."""
-    from analysis.throughput import make_runner
+    profiles the exported ONNX graph in ONNX Runtime instead (``analysis.timing.onnx_engine``)."""
+    from analysis.timing.runners import make_runner
     from models.loading import load_model
     from models.variants import parse_variant
 
@@ -570,8 +570,8 @@ def profile_onnx(text: str, loaded, *, batch: int, device: str = "cpu", iters: i
                  progress: Callable[[float, str], None] | None = None):
     """``analysis.breakdown.Breakdown`` of the exported graph in ONNX Runtime: its own per-node profile (kernel
     time per node) by operator class and component, interleaved with unprofiled runs of the same session."""
-    from analysis.onnx_engine import onnx_runner, session
-    from analysis.throughput import make_runner
+    from analysis.timing.onnx_engine import onnx_runner, session
+    from analysis.timing.runners import make_runner
 
     runner = onnx_runner(make_runner(text, device=device, loaded=loaded), batch, device)
     images = runner.make_inputs(batch)
@@ -632,7 +632,7 @@ def format_report(b: Breakdown, roof=None) -> str:
     lines.append(f"  memory-bound share (data movement, element-wise, norm, softmax, bookkeeping): "
                  f"{b.memory_bound_share():.1%}")
     if roof is not None:
-        from analysis.roofline import below_roof_share
+        from analysis.timing.roofline import below_roof_share
 
         lines.append(f"  time below the bandwidth roof ({roof.ridge:.1f} FLOP/byte): {below_roof_share(b, roof):.1%}")
     lines.append(f"  plain {b.plain_median_ms:.2f} ms, profiled {b.profiled_median_ms:.2f} ms per forward "
@@ -667,7 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     roof = None
     if not args.no_roofline:
-        from analysis.roofline import machine_roofline
+        from analysis.timing.roofline import machine_roofline
 
         roof = machine_roofline(args.device, args.precision)
         print(f"roofline {roof.device} {roof.dtype}: {roof.peak_gflops:.1f} GFLOP/s, {roof.bandwidth_gbs:.1f} GB/s, "

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analysis.breakdown import COMPONENT_ORDER, OP_CLASSES, Breakdown, share_table
-from analysis.roofline import Roofline, points
+from analysis.timing.roofline import Roofline, points
 
 CLASS_COLOURS = {"compute": "#4c78a8", "data movement": "#f58518", "element-wise": "#e45756",
                  "normalisation": "#72b7b2", "softmax": "#eeca3b", "token-reduction bookkeeping": "#b279a2",
@@ -121,7 +121,7 @@ def roofline_figure(results: Sequence[Breakdown], roof: Roofline) -> go.Figure:
 
 
 def summary_table(results: Sequence[Breakdown], roof: Roofline | None = None) -> pd.DataFrame:
-    from analysis.roofline import below_roof_share
+    from analysis.timing.roofline import below_roof_share
 
     rows = []
     for b in results:

@@ -23,7 +23,7 @@ from plotly.subplots import make_subplots
 
 from analysis.data.images import load_folder, sample_images, to_batch
 from analysis.provenance import figure_title
-from analysis.throughput import measure_flops
+from analysis.timing.flops import measure_flops
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.loading import load_model
 from models.tome import merge_schedule, tome_forward

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from analysis.data.images import denormalize
-from analysis.throughput import BenchSettings, Runner, benchmark
+from analysis.timing.harness import BenchSettings, Runner, benchmark
 from models.methods import METHODS, Method, methods_for
 from models.registry import FAMILY_LABELS, METER, METER_SIZE_NOTES, REGISTRY, VILT, ModelSpec, import_target
 from models.vilt_pumer import ENTAILMENT_REDUCE_LAYERS, PuMerTrace, pumer_forward

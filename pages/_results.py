@@ -1,13 +1,13 @@
 """Streamlit glue for showing a finished command-line run (``python -m analysis.run``) on a page.
 
-Reading and drawing live in ``analysis.run_folders`` (``load_run``, ``RunResult.figures``); this file only holds
+Reading and drawing live in ``analysis.runs.folders`` (``load_run``, ``RunResult.figures``); this file only holds
 the widget that asks for the run's folder and reports what is wrong with it.
 """
 from __future__ import annotations
 
 import streamlit as st
 
-from analysis.run_folders import RunFolderError, RunResult, load_run
+from analysis.runs.folders import RunFolderError, RunResult, load_run
 from pages._ui import kept
 
 __all__ = ["RunResult", "load_run", "result_folder_input"]

@@ -16,7 +16,7 @@ import streamlit as st
 
 from analysis.data.images import (ACCEPTED_TYPES, UPLOAD_MAX_SIDE, ImageError, NamedImage, load_image,
                                   sample_images)
-from analysis.memory import release_freed_memory
+from analysis.timing.memory import release_freed_memory
 from analysis.provenance import weights_label
 from models.checkpoints import CheckpointError, WeightsNotFoundError, read_state_dict
 from models.device import available_devices

@@ -8,9 +8,9 @@ import streamlit as st
 from analysis.breakdown import baseline_of, ops_table, profile_model, reduction_savings, to_json
 from analysis.breakdown_figures import (block_figure, component_table, roofline_figure, savings_figure, share_figure,
                                        summary_table)
-from analysis.onnx_engine import ENGINES, OnnxEngineError
+from analysis.timing.onnx_engine import ENGINES, OnnxEngineError
 from analysis.provenance import RANDOM
-from analysis.roofline import machine_roofline
+from analysis.timing.roofline import machine_roofline
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.registry import IMAGE_INPUTS, REGISTRY
 from models.variants import parse_variant

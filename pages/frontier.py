@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.data.folders import DatasetError, folder_batches, image_batches
-from analysis.frontier import (
+from analysis.runs.frontier import (
     FrontierSetting,
     evaluate,
     frontier_figure,
@@ -19,7 +19,7 @@ from analysis.frontier import (
     settings_methods,
 )
 from analysis.provenance import images_label, label_rows
-from analysis.throughput import BenchSettings
+from analysis.timing.harness import BenchSettings
 from models.methods import METHODS
 from models.registry import IMAGE_CLASSIFICATION, list_models
 from pages._results import result_folder_input

@@ -6,13 +6,14 @@ import time
 import pandas as pd
 import streamlit as st
 
-from analysis.onnx_engine import ENGINES
+from analysis.timing.onnx_engine import ENGINES
 from analysis.provenance import RANDOM, label_rows
-from analysis.throughput import PRECISIONS, BenchSettings, ModelOptions, rows_to_records, spread_warnings
-from analysis.throughput_figures import (accuracy_caption, accuracy_figure, latency_figure, latency_table, live_figure,
+from analysis.timing.harness import PRECISIONS, BenchSettings, rows_to_records, spread_warnings
+from analysis.timing.runners import ModelOptions
+from analysis.throughput.figures import (accuracy_caption, accuracy_figure, latency_figure, latency_table, live_figure,
                                          results_table)
-from analysis.timing_env import environment_line
-from analysis.timing_request import LATENCY, SWEEP, THROUGHPUT, TimingRefused, TimingRequest, run_in_fresh_process
+from analysis.timing.env import environment_line
+from analysis.timing.request import LATENCY, SWEEP, THROUGHPUT, TimingRefused, TimingRequest, run_in_fresh_process
 from models.device import cpu_threads, device_hardware
 from models.registry import REGISTRY
 from models.variants import variant_groups

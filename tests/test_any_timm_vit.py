@@ -271,8 +271,8 @@ def test_token_reduction_comparison_on_the_typed_vit(name, loaded, batch):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_frontier_points_and_timing(name, loaded, batch):
-    from analysis.frontier import FrontierSetting, FrontierTask, measure_throughput
-    from analysis.throughput import BenchSettings
+    from analysis.runs.frontier import FrontierSetting, FrontierTask, measure_throughput
+    from analysis.timing.harness import BenchSettings
 
     settings = [FrontierSetting.parse(t) for t in ["unreduced", "tome=0", "tome=2", "tome=4"]]
     task = FrontierTask(loaded[name].model, name, settings)
@@ -288,7 +288,7 @@ def test_frontier_points_and_timing(name, loaded, batch):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_throughput_cli_with_tome(name, capsys, tmp_path):
-    from analysis import throughput as T
+    from analysis.throughput import cli as T
 
     out = tmp_path / "r.json"
     code = T.main(["--models", name, f"{name}@tome=2", "--baseline", name, "--random-weights", "--device", "cpu",
@@ -457,7 +457,7 @@ def test_an_uploaded_fine_tuned_checkpoint_is_matched_to_the_typed_model(tmp_pat
 
 def test_dataset_cli_runs_tome_merge_and_taylor_on_a_typed_name(tmp_path, monkeypatch, capsys):
     from analysis.data.images import sample_images
-    from analysis.run import main
+    from analysis.runs.cli import main
 
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)

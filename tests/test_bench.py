@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from analysis.bench import suite
-from analysis.throughput import LatencyRow, ThroughputRow
+from analysis.timing.harness import LatencyRow, ThroughputRow
 
 FAKE = '''
 def measure(quick=False, progress=None):
@@ -210,8 +210,8 @@ def test_a_worker_times_in_its_own_process_with_the_allocator_controlled():
     import os
 
     from analysis.bench.order import run_worker
-    from analysis.preload import rerun_command
-    from analysis.timing_env import control_allocator
+    from analysis.timing.preload import rerun_command
+    from analysis.timing.env import control_allocator
 
     result = run_worker({"batch": 1, "iters": 1, "rounds": 1, "warmup": 1, "models": ["efficientvit_m0"],
                          "used": False})
@@ -224,7 +224,7 @@ def test_a_worker_times_in_its_own_process_with_the_allocator_controlled():
 
 
 def test_the_table_header_names_the_timing_environment():
-    from analysis.timing_env import timing_environment
+    from analysis.timing.env import timing_environment
     from models.device import cpu_name
 
     line = suite.machine_line(False, timing_environment("cpu"), "2026-12-01 12:00 UTC")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from analysis.bench.ceiling import figures_for_batch
-from analysis.throughput import ThroughputRow, add_speedups
+from analysis.timing.harness import ThroughputRow, add_speedups
 
 
 def _row(name: str, rounds: list[float]) -> ThroughputRow:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from analysis import breakdown as B
-from analysis.roofline import Roofline, below_roof_share, machine_roofline, points
+from analysis.timing.roofline import Roofline, below_roof_share, machine_roofline, points
 from models.loading import load_model
 from models.scopes import ATTENTION, EMBEDDING, FFN, HEAD, REDUCTION, open_scopes
 
@@ -58,7 +58,7 @@ def test_vit_components_and_classes_appear_where_expected(deit, deit_profile):
     assert by[("gelu", FFN)].op_class == B.ELEMENTWISE
     assert by[("layer_norm", B.REST)].op_class == B.NORM  # the pre-norms sit between the components
     # FLOPs of the compute class equal torch.utils.flop_counter's count of the whole forward.
-    from analysis.throughput import measure_flops
+    from analysis.timing.flops import measure_flops
     with torch.inference_mode():
         total = measure_flops(lambda: deit.model(torch.randn(1, 3, 224, 224)))[1]
     assert sum(g["flops"] for g in b.groups() if g["op_class"] == B.COMPUTE) == pytest.approx(total, rel=1e-6)
@@ -145,10 +145,10 @@ def test_onnx_runtime_output_is_checked_and_a_broken_export_refused(tmp_path, mo
     from onnx import numpy_helper  # noqa: F401 - onnx.helper is used below
     import onnx.helper
 
-    from analysis.onnx_engine import OnnxMismatchError, check_equal, onnx_runner, session
+    from analysis.timing.onnx_engine import OnnxMismatchError, check_equal, onnx_runner, session
 
     monkeypatch.setenv("VITLAB_ONNX_CACHE", str(tmp_path))
-    from analysis.throughput import make_runner
+    from analysis.timing.runners import make_runner
 
     loaded = load_model("efficientvit_m0", random_weights=True)
     runner = onnx_runner(make_runner("efficientvit_m0", loaded=loaded), batch=2)
@@ -181,7 +181,7 @@ def test_attention_and_ffn_are_split_per_block(deit_profile):
 
 def test_onnx_runtime_profile_and_throughput_engine(tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnxruntime")
-    from analysis import throughput
+    from analysis.throughput import cli as throughput
 
     monkeypatch.setenv("VITLAB_ONNX_CACHE", str(tmp_path))
     loaded = load_model("efficientvit_m0", random_weights=True)

@@ -449,7 +449,7 @@ def test_throughput_and_frontier_keep_settings_uploads_and_results_in_a_real_bro
 @pytest.fixture
 def breakdown_app_url(tmp_path_factory):
     """A server whose roofline is already cached (small sizes), so the page does not measure the machine first."""
-    from analysis import roofline
+    from analysis.timing import roofline
 
     cache = tmp_path_factory.mktemp("roof") / "roof.json"
     previous = os.environ.get(roofline.CACHE_ENV)

@@ -22,8 +22,8 @@ from torch.utils.data import DistributedSampler
 
 from analysis.data.folders import (NO_LABEL, FolderImages, ShardSampler, collate_readable, folder_batches,
                                    image_batches)
-from analysis.run import main
-from analysis.run_folders import RunFolderError, load_run
+from analysis.runs.cli import main
+from analysis.runs.folders import RunFolderError, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEIT, EVIT = "deit_tiny_patch16_224", "efficientvit_m0"
@@ -32,7 +32,7 @@ LIMIT = 5  # the first 5 sorted files: 4 readable + the corrupt one; shards of 3
 DRIVER = """
 import json, sys
 import torch.distributed as dist
-from analysis.run import main
+from analysis.runs.cli import main
 dist.init_process_group("gloo")
 try:
     for argv in json.loads(sys.argv[1]):

@@ -613,7 +613,7 @@ def test_training_cli_takes_hierarchical_backbones(family, tmp_path, monkeypatch
 def test_keep_frequency_task_counts_the_zoo_forward():
     """analysis.run keep-frequency on a hierarchical family: positions of the pruned stage's 14 x 14 map."""
     from analysis.data.folders import NO_LABEL
-    from analysis.dataset_tasks import KEEP_FREQUENCY, TaskOptions, build_task
+    from analysis.runs.tasks import KEEP_FREQUENCY, TaskOptions, build_task
     from models.loading import load_model
 
     loaded = load_model("dynamiccnn_convnext_tiny", random_weights=True)

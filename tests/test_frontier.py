@@ -13,7 +13,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from analysis.data.folders import NO_LABEL
-from analysis.frontier import (
+from analysis.runs.frontier import (
     AGREEMENT,
     ACCURACY,
     FrontierSetting,
@@ -26,7 +26,7 @@ from analysis.frontier import (
     wilson_interval,
 )
 from analysis.data.images import sample_images
-from analysis.run import main
+from analysis.runs.cli import main
 from models.loading import load_model
 
 from models.registry import IMAGE_CLASSIFICATION, list_models
@@ -280,8 +280,8 @@ def test_measured_axis_ticks_are_distinct_round_numbers():
 
 
 def test_frontier_timing_carries_its_spread_and_environment():
-    from analysis.frontier import measure_throughput
-    from analysis.throughput import BenchSettings
+    from analysis.runs.frontier import measure_throughput
+    from analysis.timing.harness import BenchSettings
 
     loaded = load_model(DEIT, random_weights=True)
     settings = [FrontierSetting.parse(t) for t in ["unreduced", "tome=4"]]

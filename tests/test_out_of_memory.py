@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.memory import _kib_field, available_bytes, batches_that_fit, bytes_per_image
-from analysis.throughput import Runner, is_out_of_memory
+from analysis.timing.memory import _kib_field, available_bytes, batches_that_fit, bytes_per_image
+from analysis.timing.harness import Runner, is_out_of_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +42,8 @@ def test_cpu_and_cuda_out_of_memory_are_recognised_alike():
 
 SWEEP = """
 import json, torch
-import analysis.throughput as throughput
-from analysis.throughput import BenchSettings, Runner, is_out_of_memory, sweep
+import analysis.timing.harness as throughput
+from analysis.timing.harness import BenchSettings, Runner, is_out_of_memory, sweep
 
 try:
     torch.empty(1 << 40, dtype=torch.uint8)
@@ -96,7 +96,7 @@ def test_the_activation_estimate_and_the_refusal():
 
 AVAILABLE = """
 import json, resource
-from analysis.memory import _kib_field, available_bytes
+from analysis.timing.memory import _kib_field, available_bytes
 print(json.dumps({"available": available_bytes(), "limit": resource.getrlimit(resource.RLIMIT_AS)[0],
                   "used": _kib_field("/proc/self/status", "VmSize")}))
 """
@@ -113,17 +113,17 @@ def test_available_memory_follows_the_address_space_limit():
 def test_the_throughput_page_answers_an_out_of_memory_with_a_sentence(monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    import analysis.fresh_process
-    import analysis.timing_request
+    import analysis.timing.fresh_process
+    import analysis.timing.request
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
                            "tried to allocate 99857989632 bytes. Error code 12 (Cannot allocate memory)")
 
     # The page's worker, run in this process so that its benchmark can fail here; its answer travels as JSON.
-    monkeypatch.setattr(analysis.timing_request, "benchmark", out_of_memory)
-    monkeypatch.setattr(analysis.fresh_process, "run_in_fresh_process",
-                        lambda module, spec, **kw: json.loads(json.dumps(analysis.timing_request.worker(spec))))
+    monkeypatch.setattr(analysis.timing.request, "benchmark", out_of_memory)
+    monkeypatch.setattr(analysis.timing.fresh_process, "run_in_fresh_process",
+                        lambda module, spec, **kw: json.loads(json.dumps(analysis.timing.request.worker(spec))))
     at = AppTest.from_file(str(ROOT / "pages" / "throughput.py"), default_timeout=240).run()
     at.multiselect(key="tp_models").set_value(["efficientvit_m0"]).run()
     at.number_input(key="tp_batch").set_value(2)
@@ -134,8 +134,8 @@ def test_the_throughput_page_answers_an_out_of_memory_with_a_sentence(monkeypatc
 
 def test_a_single_batch_that_cannot_fit_is_refused_before_any_timed_forward(monkeypatch, capsys):
     """Issue 30: ``--batch 4096`` on a CPU was tried and failed 10 s later, while ``--batches`` refused it up front."""
-    import analysis.memory
-    import analysis.throughput as throughput
+    import analysis.timing.memory
+    import analysis.throughput.cli as throughput
 
     class Benchmarked(Exception):
         pass
@@ -144,7 +144,7 @@ def test_a_single_batch_that_cannot_fit_is_refused_before_any_timed_forward(monk
         raise Benchmarked
 
     monkeypatch.setattr(throughput, "benchmark", benchmark)
-    monkeypatch.setattr(analysis.memory, "available_bytes", lambda: 64 * 2**20)
+    monkeypatch.setattr(analysis.timing.memory, "available_bytes", lambda: 64 * 2**20)
     args = ["--models", "efficientvit_m0", "--device", "cpu", "--random-weights", "--rounds", "1", "--iters", "1",
             "--warmup", "0"]
     assert throughput.main([*args, "--batch", "4096"]) == 2

@@ -11,7 +11,7 @@ PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "breakdown.py")
 @pytest.fixture()
 def small_roofline(tmp_path, monkeypatch):
     # A cached roofline so the page does not spend its time measuring this machine.
-    from analysis import roofline
+    from analysis.timing import roofline
 
     monkeypatch.setenv(roofline.CACHE_ENV, str(tmp_path / "roof.json"))
     roofline.machine_roofline("cpu", matmul_sizes=(128,), copy_mib=4)

@@ -5,7 +5,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from analysis.data.images import sample_images
-from analysis.run import main as run_main
+from analysis.runs.cli import main as run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [  # page, task, radio choice (pages with several tasks), model

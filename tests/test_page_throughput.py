@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.throughput_figures import claim_text, same_hardware
+from analysis.throughput.figures import claim_text, same_hardware
 from models.device import cpu_name
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "throughput.py")
@@ -160,7 +160,7 @@ def test_throughput_page_times_onnx_runtime_beside_eager(tmp_path, monkeypatch):
 
 
 def _timed(model: str, img_per_s: float):
-    from analysis.throughput import ThroughputRow
+    from analysis.timing.harness import ThroughputRow
 
     return ThroughputRow(model=model, batch=8, device="cpu", precision="fp32", img_per_s=img_per_s,
                          ms_per_batch=8000.0 / img_per_s, params_m=1.0, gflops=1.0, peak_mem_mib=None,
@@ -168,7 +168,7 @@ def _timed(model: str, img_per_s: float):
 
 
 def _accuracy_table():
-    from analysis.throughput_figures import results_table
+    from analysis.throughput.figures import results_table
 
     models = ["deit_tiny_patch16_224", "efficientvit_m0", "mobilenetv3_large_100", "deit_tiny_patch16_224@tome=8",
               "deit3_small_patch16_224"]
@@ -177,7 +177,7 @@ def _accuracy_table():
 
 def test_accuracy_chart_legend_names_the_families_in_words():
     """Issue 30: the legend read 'mhsa' / 'cga' (internal codes)."""
-    from analysis.throughput_figures import accuracy_figure
+    from analysis.throughput.figures import accuracy_figure
 
     figure = accuracy_figure(_accuracy_table())
     legend = {trace.name for trace in figure.data}
@@ -188,7 +188,7 @@ def test_accuracy_chart_legend_names_the_families_in_words():
 def test_accuracy_caption_names_every_model_left_out_and_why():
     """Issue 30: a typed deit3_small_patch16_224 was missing from the chart while the caption said only
     token-reduction variants were left out."""
-    from analysis.throughput_figures import accuracy_caption, accuracy_figure
+    from analysis.throughput.figures import accuracy_caption, accuracy_figure
 
     table = _accuracy_table()
     plotted = {text for trace in accuracy_figure(table).data for text in trace.text}

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import run_folders
+from analysis.runs import folders as run_folders
 from analysis.data.images import sample_images
-from analysis.run import main
-from analysis.run_folders import RUN_FILE, TASKS, RunFolderError, file_digest, load_run, write_run
+from analysis.runs.cli import main
+from analysis.runs.folders import RUN_FILE, TASKS, RunFolderError, file_digest, load_run, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 EVIT, DEIT = "efficientvit_m0", "deit_tiny_patch16_224"
@@ -177,7 +177,7 @@ def test_resume_finishes_a_run_killed_while_writing_its_first_record(task, finis
 DRIVER = """
 import os, signal, sys
 import pandas as pd
-from analysis.run import main
+from analysis.runs.cli import main
 
 real_to_csv = pd.DataFrame.to_csv
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from analysis.data.images import sample_images
-from analysis.run import default_workers
+from analysis.runs.cli import default_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 FREEZE = """
 import os, sys, time
-import analysis.run as run
+import analysis.runs.cli as run
 
 if os.environ["FREEZE_RANK"] == os.environ.get("RANK", "0"):
     run.run_shard = lambda *args: time.sleep(3600)  # a rank that hangs (a stuck file system, a deadlocked worker)
@@ -25,7 +25,7 @@ sys.exit(run.main(sys.argv[1:]))
 """
 WORKERS = """
 import os, sys, time
-import analysis.run as run
+import analysis.runs.cli as run
 
 def started_then_frozen(task, dataset, state, args, env, path):  # the shard's DataLoader workers run, then a hang
     batches = iter(run.make_loader(dataset, run.ShardSampler(dataset, env.world_size, env.rank), args, env))
@@ -139,7 +139,7 @@ def test_a_rank_missing_while_the_group_is_set_up_is_named(images, tmp_path, mon
     TCPStore in the role of torchrun's agent store; without one (plain env://) rank 0 hosts the store itself."""
     import torch.distributed as dist
 
-    from analysis.run import main
+    from analysis.runs.cli import main
 
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True",

@@ -3,7 +3,8 @@ import time
 import pytest
 import torch
 
-from analysis import throughput as T
+from analysis.throughput import cli
+from analysis.timing import harness as T
 from models.variants import parse_variant
 
 
@@ -84,7 +85,7 @@ def test_flops_of_a_linear_layer():
 
 def test_cli_prints_table_and_speedup(capsys, tmp_path):
     out = tmp_path / "r.json"
-    code = T.main(["--models", "efficientvit_m0", "--baseline", "mobilenetv3_large_100", "--random-weights",
+    code = cli.main(["--models", "efficientvit_m0", "--baseline", "mobilenetv3_large_100", "--random-weights",
                    "--device", "cpu", "--batch", "2", "--iters", "1", "--rounds", "2", "--warmup", "1",
                    "--out", str(out)])
     printed = capsys.readouterr().out
@@ -95,7 +96,7 @@ def test_cli_prints_table_and_speedup(capsys, tmp_path):
 
 
 def test_cli_refuses_unknown_names_clearly(capsys):
-    assert T.main(["--models", "deit_gigantic", "--random-weights"]) == 2
+    assert cli.main(["--models", "deit_gigantic", "--random-weights"]) == 2
     assert "Unknown model 'deit_gigantic'" in capsys.readouterr().err
 
 
@@ -106,8 +107,8 @@ def test_variant_names():
 
 
 def test_vilt_variants_run_the_reduced_forward():
+    from analysis.timing.runners import make_runner
     from models.loading import load_model
-    from analysis.throughput import make_runner
 
     loaded = load_model("vilt_b32_vqa", random_weights=True)
     plain = make_runner("vilt_b32_vqa", loaded=loaded)
@@ -120,8 +121,8 @@ def test_vilt_variants_run_the_reduced_forward():
 
 
 def test_settings_of_another_method_are_refused():
+    from analysis.timing.runners import make_runner
     from models.loading import load_model
-    from analysis.throughput import make_runner
 
     loaded = load_model("deit_tiny_patch16_224", random_weights=True)
     with pytest.raises(ValueError, match="rho= needs a DynamicViT model"):
@@ -131,7 +132,7 @@ def test_settings_of_another_method_are_refused():
 
 
 def test_meter_variants_run_pumer_in_the_fusion_layers():
-    from analysis.throughput import make_runner
+    from analysis.timing.runners import make_runner
     from models.loading import LoadedModel
     from models.meter import tiny_meter
     from models.registry import get_spec
@@ -176,7 +177,7 @@ def test_latency_runs_at_batch_one():
 
 def test_cli_latency_prints_ms_and_batch_one_speedup(capsys, tmp_path):
     out = tmp_path / "latency.csv"
-    code = T.main(["--models", "deit_tiny_patch16_224@tome=4", "--baseline", "deit_tiny_patch16_224",
+    code = cli.main(["--models", "deit_tiny_patch16_224@tome=4", "--baseline", "deit_tiny_patch16_224",
                    "--random-weights", "--device", "cpu", "--latency", "--rounds", "2", "--iters", "1",
                    "--warmup", "1", "--out", str(out)])
     printed = capsys.readouterr().out
@@ -188,7 +189,7 @@ def test_cli_latency_prints_ms_and_batch_one_speedup(capsys, tmp_path):
 
 def test_cli_latency_refuses_a_batch_sweep():
     with pytest.raises(SystemExit):
-        T.main(["--models", "deit_tiny_patch16_224", "--latency", "--batches", "1", "2"])
+        cli.main(["--models", "deit_tiny_patch16_224", "--latency", "--batches", "1", "2"])
 
 
 def test_img_per_s_and_speedup_agree_by_construction_and_carry_spread_and_environment():

@@ -1,11 +1,11 @@
-"""The allocator control and the timing environment (analysis.timing_env); no timing assertions."""
+"""The allocator control and the timing environment (analysis.timing.env); no timing assertions."""
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from analysis import timing_env as E
+from analysis.timing import env as E
 
 ROOT = Path(__file__).resolve().parents[1]
 GLIBC = sys.platform.startswith("linux") and __import__("platform").libc_ver()[0] == "glibc"
@@ -14,7 +14,7 @@ GLIBC = sys.platform.startswith("linux") and __import__("platform").libc_ver()[0
 # prints the allocator state and the minor page faults per allocation.
 FAULT_PROBE = """
 import torch
-from analysis.timing_env import control_allocator, minor_faults
+from analysis.timing.env import control_allocator, minor_faults
 state = control_allocator()
 def once():
     x = torch.empty(10 * 2**20)  # 40 MiB
@@ -96,7 +96,7 @@ def test_cpu_threads_are_set_and_given_back():
 
 
 def test_the_module_a_command_runs():
-    from analysis.preload import command_module
+    from analysis.timing.preload import command_module
 
     assert command_module(["python", "-m", "analysis.bench", "--quick"]) == "analysis.bench"
     assert command_module(["python3", "-u", "-X", "dev", "-m", "analysis.throughput"]) == "analysis.throughput"
@@ -107,7 +107,7 @@ def test_the_module_a_command_runs():
 
 
 def test_only_analysis_clis_rerun_under_tcmalloc_and_only_once(tmp_path):
-    from analysis.preload import TRIED, rerun_command
+    from analysis.timing.preload import TRIED, rerun_command
 
     library = tmp_path / "libtcmalloc_minimal.so.4"
     library.write_bytes(b"")
@@ -132,7 +132,7 @@ def test_a_timing_cli_runs_under_tcmalloc_where_installed_and_glibc_on_request()
     base.pop("VITLAB_ALLOCATOR")
 
     def allocator_line(env):
-        done = subprocess.run([sys.executable, "-m", "analysis.timing_env"], cwd=ROOT, env=env, capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "analysis.timing.env"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=120, check=True)
         return done.stdout.split("allocator: ")[1].split(";")[0]
 

@@ -1,12 +1,13 @@
-"""The throughput page's runs are timed in a fresh worker process (analysis.timing_request); no timing asserted."""
+"""The throughput page's runs are timed in a fresh worker process (analysis.timing.request); no timing asserted."""
 import os
 
 import pytest
 
-from analysis.preload import rerun_command
-from analysis.throughput import BenchSettings, LatencyRow, ModelOptions, ThroughputRow
-from analysis.timing_env import control_allocator
-from analysis.timing_request import (LATENCY, TimingRefused, TimingRequest, registering_modules,
+from analysis.timing.preload import rerun_command
+from analysis.timing.harness import BenchSettings, LatencyRow, ThroughputRow
+from analysis.timing.runners import ModelOptions
+from analysis.timing.env import control_allocator
+from analysis.timing.request import (LATENCY, TimingRefused, TimingRequest, registering_modules,
                                      run_in_fresh_process, run_request, rows_from_records)
 
 
@@ -39,7 +40,7 @@ def test_the_worker_times_in_a_fresh_process_and_streams_every_round():
     assert progress and progress[0][1].startswith("loading 1/2")
     env = result.rows[0].environment
     assert env["intra_op_threads"] == "1"  # the request's threads, in the worker; this process is untouched
-    cli = rerun_command(["python", "-m", "analysis.timing_request"], os.environ)
+    cli = rerun_command(["python", "-m", "analysis.timing.request"], os.environ)
     assert env["allocator"] == ("tcmalloc (preloaded)" if cli else control_allocator())
 
 
@@ -59,10 +60,10 @@ def test_a_model_that_does_not_load_is_refused_in_one_sentence():
 
 
 def test_a_worker_that_outlives_its_timeout_is_stopped():
-    from analysis import fresh_process
+    from analysis.timing import fresh_process
 
     with pytest.raises(RuntimeError, match="stopped after 0.05 s"):
-        fresh_process.run_in_fresh_process("analysis.timing_request", tiny().to_spec(), timeout=0.05)
+        fresh_process.run_in_fresh_process("analysis.timing.request", tiny().to_spec(), timeout=0.05)
 
 
 def test_the_worker_says_what_it_does_between_loading_and_the_first_round():

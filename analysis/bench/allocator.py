@@ -15,7 +15,7 @@ import argparse
 from typing import Callable, Sequence
 
 from analysis.bench.order import BASELINE, LABELS, OTHER, run_worker, settings_for
-from analysis.timing_env import PRELOADABLE, allocator_env
+from analysis.timing.env import PRELOADABLE, allocator_env
 
 ALLOCATORS = ("default", "malloc-env", "mallopt", "jemalloc", "tcmalloc")
 CONTROLLED = "mallopt"  # the harness's own state: fresh and used processes must agree

@@ -20,7 +20,7 @@ import timm
 import torch
 
 from analysis.bench.suite import format_table
-from analysis.throughput import BenchSettings, Runner, ThroughputRow, benchmark
+from analysis.timing.harness import BenchSettings, Runner, ThroughputRow, benchmark
 from models.device import default_device, hardware_info
 from models.dynamicvit import build_dynamicvit, dynamicvit_forward, dynamicvit_schedule_forward
 from models.tome import tome_forward, tome_schedule_forward

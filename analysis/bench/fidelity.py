@@ -2,7 +2,7 @@
 
     python -m analysis.bench.fidelity [--models deit_tiny_patch16_224 efficientvit_m0] [--batch 16] [--quick]
 
-For each model, interleaved in one process: ``analysis.throughput.benchmark`` and an independent loop
+For each model, interleaved in one process: ``analysis.timing.harness.benchmark`` and an independent loop
 (perf_counter around N forwards, synchronised). Prints both img/s and their ratio; they should agree within 10 %.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from analysis.throughput import BenchSettings, benchmark
+from analysis.timing.harness import BenchSettings, benchmark
 from models.device import default_device, synchronize
 
 MODELS = ("deit_tiny_patch16_224", "efficientvit_m0")
@@ -34,7 +34,7 @@ def plain_loop_img_per_s(model, x: torch.Tensor, iters: int, device: str) -> flo
 def measure(quick: bool = False, progress=None, models: Sequence[str] = MODELS, batch: int = 16,
             iters: int | None = None, repeats: int | None = None, device: str | None = None) -> list[dict]:
     """One figure per model: harness img/s over plain-loop img/s, medians of interleaved pairs."""
-    from analysis.throughput import make_runner
+    from analysis.timing.runners import make_runner
 
     device = device or default_device()
     iters = iters or (2 if quick else 5)

@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 
 from analysis.data.folders import NO_LABEL
-from analysis.frontier import FrontierSetting, FrontierTask, _is_neutral, setting_forward
-from analysis.throughput import time_call
+from analysis.runs.frontier import FrontierSetting, FrontierTask, _is_neutral, setting_forward
+from analysis.timing.harness import time_call
 from models.loading import load_model
 
 TARGET = 1.2

@@ -13,7 +13,7 @@ import statistics
 import torch
 
 from analysis.head_redundancy import analyze_model
-from analysis.throughput import time_call
+from analysis.timing.harness import time_call
 from models.attention_recording import record_attention
 
 TARGET = 2.0

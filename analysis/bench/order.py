@@ -7,14 +7,14 @@ the speed-ups benchmark's pair) are timed in separate worker processes: each alo
 and both again in a process that first ran the DeiT-S group (DeiT-S, DynamicViT rho 0.7, ToMe r = 13 at
 batch 16, what the full benchmark runs before them). Every model's img/s must stay within 10 % across the
 runs (max - min over the median) and M5's speed-up within 5 %. Every worker puts its allocator into the
-harness's controlled state (``analysis.timing_env.control_allocator``), as every timing of the app does.
+harness's controlled state (``analysis.timing.env.control_allocator``), as every timing of the app does.
 
 What is compared is the order, not one process's luck: each run is repeated in ``repeats`` fresh processes,
 the runs interleaved round-robin (run 1, 2, ..., 6, then 1, 2, ... again), and a run's figure is the median over
 its processes (``--quick``: one process per run). ``--threads 1`` times every worker on one torch thread: on a
 shared two-core machine a second thread waits on whatever else runs.
 
-A worker is ``python -m analysis.bench.order --worker SPEC`` (``analysis.fresh_process``).
+A worker is ``python -m analysis.bench.order --worker SPEC`` (``analysis.timing.fresh_process``).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import json
 import statistics
 from typing import Callable, Sequence
 
-from analysis.fresh_process import report_result, run_in_fresh_process
+from analysis.timing.fresh_process import report_result, run_in_fresh_process
 
 BASELINE, OTHER = "mobilenetv3_large_100", "efficientvit_m5"
 LABELS = {BASELINE: "MobileNetV3-Large", OTHER: "EfficientViT-M5"}
@@ -48,7 +48,7 @@ def run_prelude(batch: int, forwards: int = 2) -> None:
     """What the full benchmark does before the MobileNetV3 group: the DeiT-S group's models at batch 16."""
     import torch
 
-    from analysis.throughput import make_runner
+    from analysis.timing.runners import make_runner
 
     runners = [make_runner(name, random_weights=True) for name in USED_PRELUDE]
     with torch.inference_mode():
@@ -63,7 +63,7 @@ def faults_per_forward(runner, batch: int, forwards: int = 3) -> float:
     """Minor page faults per forward, after the timing (the allocator's steady state)."""
     import torch
 
-    from analysis.timing_env import minor_faults
+    from analysis.timing.env import minor_faults
 
     x = runner.make_inputs(batch)
     with torch.inference_mode():
@@ -76,12 +76,13 @@ def faults_per_forward(runner, batch: int, forwards: int = 3) -> float:
 
 def worker(spec: dict) -> dict:
     """Time ``spec['models']`` (interleaved, after the prelude when ``spec['used']``) in this process."""
-    from analysis.timing_env import control_allocator
+    from analysis.timing.env import control_allocator
 
     allocator = control_allocator()  # before anything large is allocated
     import torch
 
-    from analysis.throughput import BenchSettings, ModelOptions, benchmark, make_runner
+    from analysis.timing.harness import BenchSettings, benchmark
+    from analysis.timing.runners import ModelOptions, make_runner
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))

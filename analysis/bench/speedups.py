@@ -6,8 +6,8 @@ DynamicViT-DeiT-S (rho 0.7) and ToMe (r = 13; the full run adds r = 4, 8, 16 and
 DeiT-S at batch 16; ViLT + PuMer against ViLT at batch 8; EfficientViT-M5 (the full run adds M0..M4)
 against MobileNetV3-Large with BatchNorm fused, at batch 16. The full run adds DynamicViT's zoo (ConvNeXt-T,
 Swin-T, LV-ViT-S at rho 0.7 against their backbones, batch 16) and METER + PuMer against METER (batch 8). Random weights (timing does not depend on
-them). Every group is also timed at batch 1 (``analysis.throughput.latency``); batch 1 has no target.
-Each group runs in its own fresh worker process (``analysis.fresh_process``; ``--in-process`` to run them all in
+them). Every group is also timed at batch 1 (``analysis.timing.harness.latency``); batch 1 has no target.
+Each group runs in its own fresh worker process (``analysis.timing.fresh_process``; ``--in-process`` to run them all in
 this one), so a group's figures are the same inside the full benchmark and alone.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 
 from analysis.bench.suite import format_table
-from analysis.fresh_process import report_progress, report_result, run_in_fresh_process
-from analysis.throughput import BenchSettings, LatencyRow, ThroughputRow, benchmark, latency
+from analysis.timing.fresh_process import report_progress, report_result, run_in_fresh_process
+from analysis.timing.harness import BenchSettings, LatencyRow, ThroughputRow, benchmark, latency
 from models.device import default_device
 
 FEWER_FLOPS_TARGET = 0.30  # DynamicViT rho 0.7: at least 30 % fewer FLOPs than DeiT-S
@@ -109,7 +109,7 @@ def latency_settings(quick: bool, device: str) -> BenchSettings:
 
 def _runners(group: Group, comparisons: list[Comparison], device: str) -> list:
     """One runner per model; variants of the same registry model share one loaded model."""
-    from analysis.throughput import ModelOptions, make_runner
+    from analysis.timing.runners import ModelOptions, make_runner
     from models.loading import load_model
     from models.variants import parse_variant
 
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        from analysis.timing_env import control_allocator
+        from analysis.timing.env import control_allocator
 
         control_allocator()  # before the group's models are built
         spec = json.loads(args.worker)

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from analysis.channel_importance import taylor_importance
-from analysis.throughput import time_call
-from analysis.timing_env import control_allocator
+from analysis.timing.harness import time_call
+from analysis.timing.env import control_allocator
 
 MODELS = ("deit_small_patch16_224", "efficientvit_m0")
 TARGET = 3.5

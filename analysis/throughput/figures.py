@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from analysis.throughput import LatencyRow, ThroughputRow, rows_to_dataframe
+from analysis.timing.harness import LatencyRow, ThroughputRow, rows_to_dataframe
 from models.registry import REGISTRY
 
 

@@ -1,7 +1,7 @@
 """The timing CLIs (``python -m analysis...``) run under tcmalloc when it is installed.
 
 Measured on this project's 2-core CPU (README, *Limits*): with glibc's malloc, even with its thresholds fixed
-(``analysis.timing_env.control_allocator``), MobileNetV3-Large ran about 10 % slower in a process that had run
+(``analysis.timing.env.control_allocator``), MobileNetV3-Large ran about 10 % slower in a process that had run
 the DeiT-S group first than in a fresh one, and still did after 12 s of idling (so not the CPU's clock);
 under Debian's tcmalloc (``libtcmalloc-minimal4``) it was faster in both and the gap smaller. An allocator can
 only be preloaded before the process starts, so ``rerun_under_tcmalloc`` replaces a fresh ``python -m

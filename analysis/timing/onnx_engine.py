@@ -2,7 +2,7 @@
 
 ``onnx_runner`` exports the forward (``torch.onnx.export``; the file is cached per model, variant, batch and
 weights), refuses to time it unless ONNX Runtime's output equals eager PyTorch's within ``ATOL`` on the same
-input, and returns a copy of the eager ``analysis.throughput.Runner`` that the throughput harness interleaves with the eager runs.
+input, and returns a copy of the eager ``analysis.timing.harness.Runner`` that the throughput harness interleaves with the eager runs.
 ``analysis.breakdown.profile_onnx`` attributes ONNX Runtime's own per-node profile to its operator classes and
 components.
 """
@@ -134,7 +134,7 @@ def check_equal(sess, forward: Callable, inputs: torch.Tensor, label: str, atol:
 
 
 def onnx_runner(eager, batch: int, device: str = "cpu"):
-    """The eager ``analysis.throughput.Runner`` run in ONNX Runtime at ``batch`` only (the same model, variant,
+    """The eager ``analysis.timing.harness.Runner`` run in ONNX Runtime at ``batch`` only (the same model, variant,
     weights and options), checked against the eager forward first; its FLOPs are the eager runner's."""
     images = eager.make_inputs(batch)
     if not isinstance(images, torch.Tensor):

@@ -18,10 +18,23 @@ import plotly.graph_objects as go
 import torch
 from torch import nn
 
-from analysis.channel_importance import (TaylorScores, TaylorSums, budget_keep_fraction, component_importance_figure,
-                                         fraction_kept_figure, head_importance_figure)
-from analysis.head_redundancy import (BlockRedundancy, HeadSimilaritySums, RedundancyResult, redundancy_vs_depth,
-                                      similarity_dataframe, similarity_heatmaps, to_dataframe)
+from analysis.channel_importance import (
+    TaylorScores,
+    TaylorSums,
+    budget_keep_fraction,
+    component_importance_figure,
+    fraction_kept_figure,
+    head_importance_figure,
+)
+from analysis.head_redundancy import (
+    BlockRedundancy,
+    HeadSimilaritySums,
+    RedundancyResult,
+    redundancy_vs_depth,
+    similarity_dataframe,
+    similarity_heatmaps,
+    to_dataframe,
+)
 from analysis.token_reduction import keep_frequency_figure
 from models.attention_recording import record_attention
 from models.dynamic_zoo import as_stage_trace

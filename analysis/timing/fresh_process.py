@@ -8,7 +8,7 @@ does not depend on what the benchmark or the Streamlit server ran before.
 The worker writes one JSON object per line on stdout: ``{"progress": [fraction, message]}`` and
 ``{"measure": [...]}`` while it runs and ``{"result": ...}`` at the end; the parent passes progress and
 measurements on and returns the result. The worker inherits the parent's environment unless ``env`` is given;
-``python -m`` reruns it under tcmalloc where installed (``analysis.preload``).
+``python -m`` reruns it under tcmalloc where installed (``analysis.timing.preload``).
 """
 from __future__ import annotations
 

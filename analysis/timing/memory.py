@@ -3,7 +3,7 @@ starts, a batch that cannot fit, in one sentence with the estimate (instead of w
 
 The estimate comes from one batch-1 forward: twice the largest output of any module (a layer's input and its
 output are alive together) plus the input, per image. It is an estimate, not a measurement; the sweep still
-backs off when the allocator fails anyway (``analysis.throughput.is_out_of_memory``).
+backs off when the allocator fails anyway (``analysis.timing.harness.is_out_of_memory``).
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def batches_that_fit(runners: Sequence[Any], batches: Sequence[int],
                      available: int | None = None) -> tuple[list[int], list[str]]:
     """The batches whose estimated activations fit in the available memory, and one sentence per batch left out.
 
-    ``runners`` have ``forward`` and ``make_inputs`` (``analysis.throughput.Runner``); they run one at a time, so
+    ``runners`` have ``forward`` and ``make_inputs`` (``analysis.timing.harness.Runner``); they run one at a time, so
     the largest estimate counts. Nothing is left out where the available memory is unknown."""
     estimate = _estimate(runners, available)
     if estimate is None:

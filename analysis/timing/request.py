@@ -1,8 +1,8 @@
 """One throughput-page run (models, settings, mode), timed in a fresh worker process.
 
 A long-lived Streamlit server has run other models, pages and sessions before; what a process ran before moves
-a CPU timing even with the allocator controlled (``analysis.fresh_process``). So the page sends what it wants
-timed to ``python -m analysis.timing_request --worker SPEC``: the worker loads the models (random weights:
+a CPU timing even with the allocator controlled (``analysis.timing.fresh_process``). So the page sends what it wants
+timed to ``python -m analysis.timing.request --worker SPEC``: the worker loads the models (random weights:
 timing does not depend on them), times them exactly as the CLI does, streams progress and every round to the
 page's live chart, and sends the rows back. ``run_request`` is the same run in this process.
 """
@@ -14,9 +14,18 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
-from analysis.fresh_process import report_measure, report_progress, report_result
-from analysis.throughput import (BenchSettings, LatencyRow, ModelOptions, ThroughputRow, benchmark, is_out_of_memory,
-                                 latency, make_runner, rows_to_records, sweep)
+from analysis.timing.fresh_process import report_measure, report_progress, report_result
+from analysis.timing.harness import (
+    BenchSettings,
+    LatencyRow,
+    ThroughputRow,
+    benchmark,
+    is_out_of_memory,
+    latency,
+    rows_to_records,
+    sweep,
+)
+from analysis.timing.runners import ModelOptions, make_runner
 
 THROUGHPUT, LATENCY, SWEEP = "throughput", "latency", "sweep"
 Progress = Callable[[float, str], None]
@@ -81,7 +90,7 @@ def run_request(request: TimingRequest, progress: Progress | None = None,
                 progress(0.0, f"loading {index + 1}/{len(request.variants)}: {text}")
             runners.append(make_runner(text, device=settings.device, random_weights=True, options=request.options))
         if request.engine == "onnxruntime" and request.mode == THROUGHPUT:
-            from analysis.onnx_engine import onnx_runners
+            from analysis.timing.onnx_engine import onnx_runners
 
             if progress:
                 progress(0.0, "exporting to ONNX and checking ONNX Runtime against eager")
@@ -146,11 +155,11 @@ def rows_from_records(records: Sequence[dict]) -> list[ThroughputRow | LatencyRo
 
 def run_in_fresh_process(request: TimingRequest, progress: Progress | None = None,
                          on_measure: Measure | None = None) -> TimingResult:
-    """``run_request`` in a new worker process (``python -m analysis.timing_request --worker``)."""
-    from analysis import fresh_process
+    """``run_request`` in a new worker process (``python -m analysis.timing.request --worker``)."""
+    from analysis.timing import fresh_process
 
     request = dataclasses.replace(request, model_modules=registering_modules(request.variants))
-    answer = fresh_process.run_in_fresh_process("analysis.timing_request", request.to_spec(), progress=progress,
+    answer = fresh_process.run_in_fresh_process("analysis.timing.request", request.to_spec(), progress=progress,
                                                 on_measure=on_measure)
     if "refused" in answer:
         raise TimingRefused(answer["refused"], out_of_memory=answer.get("out_of_memory", False))
@@ -158,7 +167,7 @@ def run_in_fresh_process(request: TimingRequest, progress: Progress | None = Non
 
 
 def worker(spec: dict) -> dict:
-    from analysis.timing_env import control_allocator
+    from analysis.timing.env import control_allocator
 
     control_allocator()  # before any model is built
     request = TimingRequest.from_spec(spec)
@@ -171,7 +180,7 @@ def worker(spec: dict) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m analysis.timing_request", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m analysis.timing.request", description=__doc__.splitlines()[0])
     p.add_argument("--worker", metavar="SPEC", required=True, help="the request as JSON (the page writes it)")
     args = p.parse_args(argv)
     report_result(worker(json.loads(args.worker)))

@@ -4,7 +4,7 @@ images and hardware.
 Accuracy: top-1 against folder labels, or, without labels, top-1 agreement with the backbone's unreduced model
 (labelled "agreement, not accuracy"). One pass over the images per backbone: each batch runs the unreduced model
 once and every setting once (``FrontierTask``, the same accumulator in the app and under ``analysis.run``).
-Throughput: the interleaved harness of ``analysis.throughput`` on the local device. Every point carries a Wilson
+Throughput: the interleaved harness of ``analysis.timing.harness`` on the local device. Every point carries a Wilson
 95 % interval: with 200 images, one point of accuracy is noise.
 """
 from __future__ import annotations
@@ -22,12 +22,19 @@ from scipy.stats import binomtest
 from torch import nn
 
 from analysis.data.folders import NO_LABEL
-from analysis.dataset_tasks import DatasetTask, TaskOptions, _add, _device_of, _zeros
-from analysis.throughput import BenchSettings, Runner, benchmark, image_inputs
+from analysis.runs.tasks import DatasetTask, TaskOptions, _add, _device_of, _zeros
+from analysis.timing.harness import BenchSettings, Runner, benchmark
+from analysis.timing.runners import image_inputs
 from models.loading import LoadedModel
 from models.methods import METHODS, Method, method_of, methods_for
 from models.registry import REGISTRY, get_spec
-from models.variants import Variant, forward_for, parse_settings, parse_variant, settings_text
+from models.variants import (
+    Variant,
+    forward_for,
+    parse_settings,
+    parse_variant,
+    settings_text,
+)
 
 FRONTIER = "frontier"
 UNREDUCED = "unreduced"

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.dataset_tasks import TASKS as ANALYSIS_TASKS
-from analysis.dataset_tasks import DatasetTask
-from analysis.frontier import FRONTIER, FrontierTask
+from analysis.runs.frontier import FRONTIER, FrontierTask
+from analysis.runs.tasks import TASKS as ANALYSIS_TASKS
+from analysis.runs.tasks import DatasetTask
 
 TASKS: dict[str, type[DatasetTask]] = {**ANALYSIS_TASKS, FRONTIER: FrontierTask}
 RUN_FILE = "run.json"

@@ -1,0 +1,187 @@
+"""`python -m analysis.throughput`: time models and variants side by side on this machine, print and write the rows.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from analysis.timing.env import control_allocator, environment_line, timing_environment
+from analysis.timing.harness import (
+    PRECISIONS,
+    BenchSettings,
+    LatencyRow,
+    ThroughputRow,
+    add_speedups,
+    benchmark,
+    is_out_of_memory,
+    latency,
+    rows_to_dataframe,
+    rows_to_records,
+    spread_warnings,
+    sweep,
+)
+from analysis.timing.memory import batch_refusal
+from analysis.timing.runners import ModelOptions, make_runner
+from models.device import default_device, hardware_info
+
+
+def format_table(rows: Sequence[ThroughputRow]) -> str:
+    header = (f"{'model':<48} {'batch':>5} {'img/s':>10} {'IQR img/s':>15} {'ms/batch':>10} {'params(M)':>10} "
+              f"{'GFLOPs':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        gflops = "n/a" if r.gflops is None else f"{r.gflops:.2f}"
+        iqr = f"{r.img_per_s_q1:.1f}-{r.img_per_s_q3:.1f}" if r.img_per_s_q1 is not None else ""
+        lines.append(f"{r.model:<48} {r.batch:>5} {r.img_per_s:>10.1f} {iqr:>15} {r.ms_per_batch:>10.1f} "
+                     f"{r.params_m:>10.2f} {gflops:>8}")
+    return "\n".join(lines)
+
+
+def format_latency_table(rows: Sequence[LatencyRow]) -> str:
+    header = f"{'model':<48} {'batch':>5} {'median ms':>10} {'p90 ms':>10} {'params(M)':>10} {'GFLOPs':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        gflops = "n/a" if r.gflops is None else f"{r.gflops:.2f}"
+        lines.append(f"{r.model:<48} {1:>5} {r.median_ms:>10.2f} {r.p90_ms:>10.2f} {r.params_m:>10.2f} {gflops:>8}")
+    return "\n".join(lines)
+
+
+def speedup_text(row: ThroughputRow | LatencyRow) -> str:
+    """'1.57x (IQR 1.52-1.61x over rounds)' or '1.57x'."""
+    if row.speedup_q1 is None:
+        return f"{row.speedup:.2f}x"
+    return f"{row.speedup:.2f}x (IQR {row.speedup_q1:.2f}-{row.speedup_q3:.2f}x over rounds)"
+
+
+def speedup_lines(rows: Sequence[ThroughputRow | LatencyRow]) -> list[str]:
+    at = " at batch 1" if rows and isinstance(rows[0], LatencyRow) else ""
+    return [f"speedup {r.model} vs {r.baseline}{at}: {speedup_text(r)}" for r in rows
+            if r.baseline is not None and r.model != r.baseline and r.speedup is not None]
+
+
+def write_results(rows: Sequence[ThroughputRow | LatencyRow], path: str | Path, settings: BenchSettings) -> None:
+    path = Path(path)
+    if path.suffix == ".json":
+        payload = {"settings": asdict(settings), "hardware": hardware_info(),
+                   "environment": rows[0].environment if rows else {}, "rows": rows_to_records(rows)}
+        path.write_text(json.dumps(payload, indent=2))
+    else:
+        rows_to_dataframe(rows).to_csv(path, index=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m analysis.throughput",
+        description="Measure img/s of registry models and their token-reduction variants on this machine.")
+    p.add_argument("--models", nargs="+", required=True,
+                   help="registry names, optionally with settings: NAME@key=value[,key=value] (see README)")
+    p.add_argument("--baseline", help="print 'speedup <model> vs <baseline>' for every other model")
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: fastest present)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batches", type=int, nargs="+", help="a batch sweep instead of one batch")
+    p.add_argument("--latency", action="store_true",
+                   help="batch-1 latency: ms per image, median and p90 over rounds (default 20 rounds of 1 iteration)")
+    p.add_argument("--iters", type=int, help="timed iterations per round (default 10; 1 with --latency)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds, the median counts (default 3; 20 with --latency)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--fuse-bn", action="store_true", help="fold BatchNorm into convolutions (EfficientViT, MobileNetV3)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--random-weights", action="store_true", help="use untrained weights (fine for timing)")
+    p.add_argument("--engine", choices=["eager", "onnxruntime"], default="eager",
+                   help="onnxruntime: also time each model exported to ONNX, interleaved with its eager runs "
+                        "(refused unless ONNX Runtime equals eager within 1e-4)")
+    p.add_argument("--out", help="write results to .csv or .json")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from models.checkpoints import CheckpointError, WeightsNotFoundError
+    control_allocator()  # before any model or tensor is allocated
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.latency and args.batches:
+        parser.error("--latency measures batch 1; it cannot be combined with --batches")
+    iters = args.iters or (1 if args.latency else 10)
+    rounds = args.rounds or (20 if args.latency else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or default_device()
+    settings = BenchSettings(batch=1 if args.latency else args.batch, iters=iters, rounds=rounds, warmup=args.warmup,
+                             device=device, precision=args.precision)
+    if args.baseline and args.baseline not in args.models:
+        args.models = [args.baseline] + list(args.models)
+    try:
+        options = ModelOptions(channels_last=args.channels_last, fuse_bn=args.fuse_bn, compile=args.compile)
+        runners = [make_runner(name, device=device, random_weights=args.random_weights, options=options)
+                   for name in args.models]
+        # A sweep leaves out what cannot fit (``sweep``); a single batch is refused the same way, before it runs.
+        refusal = (batch_refusal(runners, settings.batch)
+                   if torch.device(device).type == "cpu" and not (args.latency or args.batches) else None)
+        if refusal:
+            print(f"error: {refusal}", file=sys.stderr)
+            return 2
+        if args.engine == "onnxruntime":
+            from analysis.timing.onnx_engine import onnx_runners
+
+            if args.latency or args.batches:
+                parser.error("--engine onnxruntime exports at one batch: use --batch, not --latency or --batches")
+            for r in runners:  # the exported graph runs the same FLOPs; torch's counter cannot see inside ORT
+                r.flops_per_image = count_flops(r)
+            runners += onnx_runners(runners, settings.batch, device)
+    except (KeyError, ValueError, WeightsNotFoundError, CheckpointError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    engine = "torch.compile" if args.compile else "eager"
+    print(f"device={device}: {environment_line(timing_environment(device, args.precision, settings.batch, engine))}; "
+          f"rounds={rounds}x{iters} iters, interleaved")
+
+    def report(fraction: float, message: str) -> None:
+        print(f"  [{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+
+    if args.latency:
+        rows = latency(runners, settings, baseline=args.baseline, progress=report)
+        print(format_latency_table(rows))
+    else:
+        if args.batches:
+            rows, notes = sweep(runners, settings, args.batches, baseline=args.baseline, progress=report)
+            for note in notes:
+                print(f"note: {note}")
+        else:
+            try:
+                rows = benchmark(runners, settings, baseline=args.baseline, progress=report)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory becomes a sentence; the rest propagates
+                if not is_out_of_memory(exc):
+                    raise
+                print(f"error: out of memory at batch {settings.batch} on {device}: use a smaller --batch, or "
+                      f"--batches for a sweep that backs off.", file=sys.stderr)
+                return 2
+        print(format_table(rows))
+    for warning in spread_warnings(rows):
+        print(f"warning: {warning}")
+    for line in speedup_lines(rows):
+        print(line)
+    if args.engine == "onnxruntime" and args.baseline:
+        from analysis.timing.onnx_engine import ENGINE_SUFFIX
+
+        engine_rows = [dataclasses.replace(r) for r in rows if r.model.endswith(ENGINE_SUFFIX)]
+        add_speedups(engine_rows, args.baseline + ENGINE_SUFFIX, {r.model: r.rounds for r in engine_rows})
+        for line in speedup_lines(engine_rows):
+            print(line)
+    if args.out:
+        write_results(rows, args.out, settings)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
