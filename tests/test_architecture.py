@@ -93,3 +93,28 @@ def test_the_checker_sees_a_function_level_cycle(tmp_path):
     path.write_text("def f():\n    from models import weights\n    from .sibling import thing\n")
     assert {"models", "models.weights"} <= _imports("analysis.x", path)
     assert "analysis.sibling" in _imports("analysis.x", path)
+
+
+# Inside analysis/, kinds stack too: the timing infrastructure and the shared data helpers at the bottom, one
+# package per analysis above them, and the command-line and dataset-run layers (throughput, runs, bench) on top.
+ANALYSIS_BASE = ("analysis.timing", "analysis.data", "analysis.provenance")
+ANALYSIS_TOP = ("analysis.throughput", "analysis.runs", "analysis.run", "analysis.bench", "analysis.timing_env",
+                "analysis.tome_agreement", "analysis.train_dynamicvit")
+
+
+def _within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def test_timing_imports_no_analysis():
+    graph = _graph()
+    offenders = sorted((a, b) for a, deps in graph.items() if _within(a, ("analysis.timing",))
+                       for b in deps if b.startswith("analysis") and b != "analysis" and not _within(b, ANALYSIS_BASE))
+    assert not offenders, f"analysis/timing/ is infrastructure: it imports no analysis: {offenders}"
+
+
+def test_analyses_import_no_runs_or_command_lines():
+    graph = _graph()
+    analyses = [a for a in graph if a.startswith("analysis.") and not _within(a, ANALYSIS_BASE + ANALYSIS_TOP)]
+    offenders = sorted((a, b) for a in analyses for b in graph[a] if _within(b, ANALYSIS_TOP))
+    assert not offenders, f"an analysis depends on a dataset run or a command line: {offenders}"
