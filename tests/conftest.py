@@ -146,3 +146,21 @@ def training_checkpoint():
         return path
 
     return save
+
+
+# The real-browser tests' servers (tests/browser_support.py): one per test module, or a fresh one per test.
+@pytest.fixture(scope="module")
+def app_url():
+    from browser_support import running_app
+
+    with running_app() as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_app_url():
+    """A server nobody has visited yet: its first request goes straight to a page URL."""
+    from browser_support import running_app
+
+    with running_app() as url:
+        yield url
