@@ -316,7 +316,7 @@ def test_private_copy_is_reused_and_follows_the_models_weights():
     through its shared storage, and is rebuilt when a parameter is replaced."""
     import copy
 
-    from analysis.channel_importance import _WORKSPACES
+    from analysis.channel_importance.taylor import _WORKSPACES
 
     model, x = tiny_vit(), images(2)
     first = taylor_importance(model, [(x, None)])
