@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages._ui import APP_RUN_KEY, sidebar
+from pages._state import APP_RUN_KEY
+from pages._sidebar import sidebar
 
 st.set_page_config(page_title="ViT Efficiency Lab", page_icon=":material/speed:", layout="wide")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.runs.folders import RunFolderError, RunResult, load_run
-from pages._ui import kept
+from pages._state import kept
 
 __all__ = ["RunResult", "load_run", "result_folder_input"]
 

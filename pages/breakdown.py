@@ -14,8 +14,8 @@ from analysis.timing.roofline import machine_roofline
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.registry import IMAGE_INPUTS, REGISTRY
 from models.variants import parse_variant
-from pages._ui import (cached_model, current_device, download_df, download_json, kept, latest_result, progress_bar,
-                       run_through_app, session_result, set_kept, timm_model_names)
+from pages._state import current_device, kept, latest_result, run_through_app, session_result, set_kept
+from pages._widgets import cached_model, download_df, download_json, progress_bar, timm_model_names
 
 PAPER_MODELS = ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", *[f"efficientvit_m{i}" for i in range(6)],
                 "mobilenetv3_large_100", "mobilevit_xxs"]

@@ -26,20 +26,9 @@ from analysis.channel_importance import (
 from analysis.provenance import images_label, label_rows
 from models.registry import CGA, MHSA, MethodNotApplicable, models_with_attention
 from pages._results import dataset_run_section
-from pages._ui import (
-    cached_model,
-    current_device,
-    download_df,
-    image_picker,
-    kept,
-    progress_bar,
-    random_weights_toggle,
-    run_through_app,
-    session_result,
-    show_weights_banner,
-    timm_model_names,
-    weights_text,
-)
+from pages._state import current_device, kept, run_through_app, session_result
+from pages._widgets import (cached_model, download_df, image_picker, progress_bar, random_weights_toggle,
+                            show_weights_banner, timm_model_names, weights_text)
 
 BATCH_SIZE = 8
 SELF, CLASS, FOLDER = "Model's own top-1 (pseudo-label)", "One ImageNet class for all images", "Folder labels"

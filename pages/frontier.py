@@ -23,9 +23,9 @@ from analysis.timing.harness import BenchSettings
 from models.methods import METHODS
 from models.registry import IMAGE_CLASSIFICATION, list_models
 from pages._results import result_folder_input
-from pages._ui import (cached_model, current_device, download_df, download_json, image_picker, image_set_key, kept,
-                       latest_result, progress_bar, random_models_picker, run_through_app, session_result,
-                       timm_model_names)
+from pages._state import current_device, image_set_key, kept, latest_result, run_through_app, session_result
+from pages._widgets import (cached_model, download_df, download_json, image_picker, progress_bar, random_models_picker,
+                            timm_model_names)
 
 RESULT_SLOT = "frontier"
 BATCH = 8

@@ -22,23 +22,9 @@ from analysis.provenance import file_name, images_label, label_rows, title_line,
 from models.attention_recording import UnsupportedModelError
 from models.registry import CGA, MHSA, models_with_attention
 from pages._results import dataset_run_section
-from pages._ui import (
-    RANDOM_MODELS_LABEL,
-    cached_model,
-    current_device,
-    download_df,
-    download_png,
-    image_picker,
-    image_set_key,
-    kept,
-    progress_bar,
-    random_models_picker,
-    run_through_app,
-    session_result,
-    show_weights_banner,
-    timm_model_names,
-    weights_text,
-)
+from pages._state import current_device, image_set_key, kept, run_through_app, session_result
+from pages._widgets import (RANDOM_MODELS_LABEL, cached_model, download_df, download_png, image_picker, progress_bar,
+                            random_models_picker, show_weights_banner, timm_model_names, weights_text)
 
 MAX_IMAGES = 16
 QUERY_GRID = 14  # the query patch is picked on the 14 x 14 grid of 16-px patches of a 224-px input

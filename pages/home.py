@@ -9,7 +9,7 @@ import streamlit as st
 from models.device import hardware_info
 from models.registry import REGISTRY
 from models.weights import status
-from pages._ui import run_through_app, user_weight_files, weights_folder
+from pages._state import run_through_app, user_weight_files, weights_folder
 
 run_through_app()
 st.title("ViT Efficiency Lab")

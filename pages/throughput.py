@@ -17,8 +17,8 @@ from analysis.timing.request import LATENCY, SWEEP, THROUGHPUT, TimingRefused, T
 from models.device import cpu_threads, device_hardware
 from models.registry import REGISTRY
 from models.variants import variant_groups
-from pages._ui import (current_device, download_df, download_json, kept, latest_result, progress_bar,
-                       run_through_app, session_result, timm_model_names)
+from pages._state import current_device, kept, latest_result, run_through_app, session_result
+from pages._widgets import download_df, download_json, progress_bar, timm_model_names
 
 SYNTHETIC_INPUT = "synthetic input (random tensor)"
 

@@ -32,26 +32,10 @@ from analysis.tome_agreement import plot_agreement
 from models.methods import METHODS
 from models.registry import get_spec
 from pages._results import dataset_run_section
-from pages._ui import (
-    RANDOM_WEIGHTS_LABEL,
-    cached_model,
-    current_device,
-    download_df,
-    download_json,
-    download_png,
-    image_picker,
-    image_set_key,
-    kept,
-    progress_bar,
-    random_weights_toggle,
-    run_through_app,
-    session_result,
-    set_kept,
-    setting_widgets,
-    show_weights_banner,
-    timm_model_names,
-    weights_text,
-)
+from pages._state import current_device, image_set_key, kept, run_through_app, session_result, set_kept
+from pages._widgets import (RANDOM_WEIGHTS_LABEL, cached_model, download_df, download_json, download_png, image_picker,
+                            progress_bar, random_weights_toggle, setting_widgets, show_weights_banner, timm_model_names,
+                            weights_text)
 
 MAX_IMAGES = 8
 SETTINGS_KEPT = 8  # results per setting kept in the session, so moving a slider back is instant

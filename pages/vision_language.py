@@ -9,8 +9,9 @@ from analysis.vision_language import (CORRECTION_ARGUMENTS, PuMerSettings, answe
                                       pruned_overlay, pumer_models, records_to_json, steps_frame, text_groups_html,
                                       token_counts_figure, tokens)
 from models.checkpoints import CheckpointError, WeightsNotFoundError
-from pages._ui import (current_device, download_df, download_json, download_png, image_picker, image_set_key, kept,
-                       run_through_app, session_result, user_weight_files, weights_folder)
+from pages._state import (current_device, image_set_key, kept, run_through_app, session_result, user_weight_files,
+                          weights_folder)
+from pages._widgets import download_df, download_json, download_png, image_picker
 
 MODELS = {entry.name: entry for entry in pumer_models()}
 

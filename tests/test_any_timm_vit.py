@@ -480,7 +480,8 @@ def _sidebar_then_typed_model():
     """The sidebar as app.py draws it, then a page loading the timm models typed in its 'Other timm models'."""
     import streamlit as st
 
-    from pages._ui import cached_model, sidebar, timm_model_names
+    from pages._widgets import cached_model, timm_model_names
+    from pages._sidebar import sidebar
 
     sidebar()
     for name in timm_model_names("typed_models", task=None):

@@ -11,7 +11,7 @@ import streamlit as st
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from pages._ui import RESULTS_KEY, USER_WEIGHTS_KEY
+from pages._state import RESULTS_KEY, USER_WEIGHTS_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
@@ -233,7 +233,7 @@ def _sidebar_then_home():
     """The sidebar as app.py draws it, then Home."""
     import runpy
 
-    from pages._ui import sidebar
+    from pages._sidebar import sidebar
 
     sidebar()
     runpy.run_path("pages/home.py")

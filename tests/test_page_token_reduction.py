@@ -455,11 +455,11 @@ def _other_value(setting, value):
 def test_every_offered_model_runs_and_reruns_with_random_weights(label, tmp_path, monkeypatch):
     """Each model of the picker, with random weights on one sample photo: a run, then a rerun after its first
     method's main slider moves, without an exception or an error box."""
-    import pages._ui
+    import pages._widgets
     from analysis.token_reduction import model_choices
 
-    one_photo = pages._ui.sample_images()[:1]  # the forwards at the model's size cost most: one image, not two
-    monkeypatch.setattr(pages._ui, "sample_images", lambda: one_photo)
+    one_photo = pages._widgets.sample_images()[:1]  # the forwards at the model's size cost most: one image, not two
+    monkeypatch.setattr(pages._widgets, "sample_images", lambda: one_photo)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("VITLAB_WEIGHTS_DIR", str(tmp_path))
     app = AppTest.from_file(PAGE, default_timeout=240)

@@ -46,7 +46,7 @@ def page():
     import streamlit as st
     from timm.data import create_transform
     from analysis.data.images import to_batch
-    from pages._ui import image_picker
+    from pages._widgets import image_picker
     images = image_picker("images")
     to_batch(images, create_transform(input_size=224, interpolation="bicubic", crop_pct=0.875))  # as pages do
     st.write(f"{images[0].name}: {images[0].image.size[0]}x{images[0].image.size[1]}")

@@ -9,7 +9,7 @@ from streamlit.testing.v1 import AppTest
 
 from models.loading import build_random
 from models.registry import get_spec
-from pages._ui import USER_WEIGHTS_KEY
+from pages._state import USER_WEIGHTS_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,8 @@ def test_uploaded_images_replace_the_samples_and_broken_ones_are_reported(real_w
 
 def _sidebar_then_load():
     """The sidebar as app.py draws it, then a page asking for DeiT-Tiny."""
-    from pages._ui import cached_model, sidebar
+    from pages._widgets import cached_model
+    from pages._sidebar import sidebar
 
     sidebar()
     cached_model("deit_tiny_patch16_224")
@@ -71,7 +72,7 @@ def _sidebar_then_home():
     """The sidebar as app.py draws it, then the Home page (AppTest reruns of st.navigation skip app.py's sidebar)."""
     import runpy
 
-    from pages._ui import sidebar
+    from pages._sidebar import sidebar
 
     sidebar()
     runpy.run_path("pages/home.py")

@@ -1,16 +1,13 @@
-"""Streamlit glue shared by the pages: sidebar state, cached models, image inputs, downloads.
+"""Widgets shared by the pages: progress bar, image picker, timm model names, random-weights choices,
+a method's setting widgets, downloads, the weights banner and the cached model.
 
 Only widgets and caching live here; every computation is in analysis/ or models/.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
-import tempfile
-from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Sequence
 
 import streamlit as st
 
@@ -18,107 +15,17 @@ from analysis.data.images import (ACCEPTED_TYPES, UPLOAD_MAX_SIDE, ImageError, N
                                   sample_images)
 from analysis.timing.memory import release_freed_memory
 from analysis.provenance import weights_label
-from models.checkpoints import CheckpointError, WeightsNotFoundError, read_state_dict
-from models.device import available_devices
-from models.loading import LoadedModel, checkpoint_mismatch, load_model, matching_models
-from models.registry import FAMILY_LABELS, IMAGE_CLASSIFICATION, REGISTRY, MethodNotApplicable, get_spec
+from models.checkpoints import CheckpointError, WeightsNotFoundError
+from models.loading import LoadedModel, load_model
+from models.registry import FAMILY_LABELS, IMAGE_CLASSIFICATION, MethodNotApplicable, get_spec
 from models.timm_specs import NAME_EXAMPLE
-from models.weights import WEIGHTS_DIR_ENV
-
-DEVICE_KEY = "vitlab_device"
-FOLDER_KEY = "vitlab_weights_folder"
-USER_WEIGHTS_KEY = "vitlab_user_weights"  # model name -> path of an uploaded checkpoint
-
-
-RESULTS_KEY = "vitlab_results"  # slot -> {key: result}; the one place pages keep what they computed
-_MISSING = object()
-
-
-def session_result(slot: str, key: Hashable, compute: Callable[[], Any] | None = None, keep: int = 1) -> Any:
-    """The result stored in ``slot`` for ``key``; if there is none, ``compute()`` it and store it.
-
-    Results live in ``st.session_state``, so they survive every rerun (downloads, other widgets) until
-    the inputs they depend on (``key``) change. A slot holds the ``keep`` most recent keys, so moving a
-    slider back is instant. Without ``compute`` the stored result (or None) is returned.
-    """
-    store = st.session_state.setdefault(RESULTS_KEY, {}).setdefault(slot, {})
-    value = store.get(key, _MISSING)
-    if value is not _MISSING:
-        store[key] = store.pop(key)  # most recently used last
-        return value
-    if compute is None:
-        return None
-    value = compute()
-    store[key] = value
-    while len(store) > keep:
-        store.pop(next(iter(store)))
-    return value
-
-
-def latest_result(slot: str) -> tuple[Hashable, Any] | None:
-    """The most recent (key, result) of ``slot``, whatever its key: what a button last computed."""
-    store = st.session_state.get(RESULTS_KEY, {}).get(slot)
-    if not store:
-        return None
-    key = next(reversed(store))
-    return key, store[key]
+from pages._state import TYPED_MODELS_KEY, UPLOADS_KEY, current_device, kept, user_weight_files, weights_folder
 
 
 def progress_bar(text: str = "") -> Callable[[float, str], None]:
     """A progress bar and its callback in the one signature every analysis uses: ``(fraction, message)``."""
     bar = st.progress(0.0, text=text)
     return lambda fraction, message="": bar.progress(min(max(float(fraction), 0.0), 1.0), text=message or text)
-
-
-KEPT_KEY = "vitlab_kept"  # widget key -> the value it last had: what the user chose survives other pages
-UPLOADS_KEY = "vitlab_uploads"  # image uploader key -> [(file name, bytes)] of the readable files last uploaded
-_INDEXED = {"selectbox": "index", "radio": "index", "multiselect": "default"}
-
-
-def kept(widget: Callable, label: str, *args, key: str, default: Any = None, options: Sequence | None = None,
-         **kwargs) -> Any:
-    """``widget(label, *args, key=key, ...)`` whose value survives navigation and is always what it shows.
-
-    Streamlit forgets a widget's value when its page is not rendered. The value is kept here under ``key`` in
-    this session's own dict and passed back as the widget's value (index, default), so a widget that the browser
-    mounts again, after another page or at any time, is drawn at exactly the value the page computes with. A
-    stored choice that is no longer among ``options`` (a new upload, another model) falls back to ``default``
-    (else the first option), and the browser is told so. ``widget`` is any of ``st``'s (or a column's)
-    slider, number_input, checkbox, toggle, text_input, selectbox, radio or multiselect.
-    """
-    store = st.session_state.setdefault(KEPT_KEY, {})
-    value = st.session_state[key] if key in st.session_state else store.get(key, default)
-    kind = getattr(widget, "__name__", "")
-    if options is not None:
-        options = list(options)
-        if kind == "multiselect":
-            fixed = [v for v in (value or []) if v in options]
-        else:
-            fixed = value if value in options else (default if default in options else (options[:1] or [None])[0])
-        if fixed != value and key in st.session_state:
-            st.session_state[key] = fixed  # tells the browser too: a deleted key would leave it showing the old one
-        value = fixed
-        if kind in _INDEXED:
-            kwargs[_INDEXED[kind]] = value if kind == "multiselect" else (options.index(value) if options else None)
-        result = widget(label, options, *args, key=key, **kwargs)
-    else:
-        low, high = (args + (None, None))[:2] if kind in ("slider", "number_input") else (None, None)
-        if low is not None and high is not None and value is not None and not low <= value <= high:
-            value = default
-            if key in st.session_state:
-                st.session_state[key] = value
-        result = widget(label, *args, value=value, key=key, **kwargs)
-    store[key] = result
-    return result
-
-
-def set_kept(key: str, value: Any) -> None:
-    """Set a kept widget's value before it is drawn (e.g. a model's trained setting when the model changes)."""
-    st.session_state.setdefault(KEPT_KEY, {})[key] = value
-    st.session_state[key] = value
-
-
-TYPED_MODELS_KEY = "vitlab_typed_models"  # timm names typed on any page: the checkpoint upload offers them too
 
 
 def timm_model_names(key: str, *, attention: Sequence[str] = (), task: str | None = IMAGE_CLASSIFICATION,
@@ -155,27 +62,6 @@ def timm_model_names(key: str, *, attention: Sequence[str] = (), task: str | Non
             names.append(name)
     st.session_state.setdefault(TYPED_MODELS_KEY, {}).update(dict.fromkeys(names))
     return names
-
-
-def image_set_key(images: Sequence[NamedImage]) -> str:
-    """A digest of the images' names and pixels: results computed on them are stored under it."""
-    digest = hashlib.sha1()
-    for image in images:
-        digest.update(image.name.encode())
-        digest.update(image.image.tobytes())
-    return digest.hexdigest()
-
-
-def current_device() -> str:
-    return st.session_state.get(DEVICE_KEY) or available_devices()[0]
-
-
-def weights_folder() -> str:
-    return st.session_state.get(FOLDER_KEY, os.environ.get(WEIGHTS_DIR_ENV, ""))
-
-
-def user_weight_files() -> dict[str, str]:
-    return st.session_state.setdefault(USER_WEIGHTS_KEY, {})
 
 
 @st.cache_resource(show_spinner="Loading model ...", max_entries=12)
@@ -305,101 +191,6 @@ def download_png(image_or_bytes, filename: str, label: str = "Download PNG", key
         data = lambda image=image_or_bytes: _png_bytes(image)  # noqa: E731
     st.download_button(label, data, file_name=filename, mime="image/png", key=key or f"dl-{filename}",
                        on_click="ignore")
-
-
-def sidebar() -> None:
-    """Device choice, weights folder and checkpoint upload; rendered by app.py on every page."""
-    with st.sidebar:
-        devices = available_devices()
-        st.selectbox("Device", devices, key=DEVICE_KEY,
-                     help="Fastest present first: CUDA, Apple MPS, CPU. AMP is used on GPU when timing.")
-        st.text_input("Weights folder", value=weights_folder(), key=FOLDER_KEY,
-                      help=f"Holds <model name>.safetensors or .pth; default from ${WEIGHTS_DIR_ENV}.")
-        folder = weights_folder()
-        if folder and not Path(folder).expanduser().is_dir():
-            st.warning(f"{folder} is not a folder.")
-        with st.expander("Upload a checkpoint"):
-            upload_checkpoint()
-
-
-UPLOAD_MODEL_KEY, UPLOAD_FILE_KEY, UPLOAD_SEEN_KEY = "vitlab_upload_model", "vitlab_upload_ckpt", "vitlab_upload_seen"
-
-
-@st.cache_data(show_spinner="Reading the checkpoint ...", max_entries=4)
-def _inspect_checkpoint(path: str, typed: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str], str | None]:
-    """(matching models, mismatch per other model, read error) for a saved upload: the registry's models and the
-    timm names typed on the pages."""
-    try:
-        state_dict = read_state_dict(path)
-    except CheckpointError as exc:
-        return [], {}, str(exc)
-    specs = list(REGISTRY.values()) + [get_spec(n) for n in typed if n not in REGISTRY]
-    matches = matching_models(state_dict, specs)
-    mismatches = {s.name: checkpoint_mismatch(state_dict, s) or "" for s in specs if s.name not in matches}
-    return matches, mismatches, None
-
-
-def _save_upload(upload) -> Path:
-    """The upload on disk under its own file name (in a folder named by its content digest)."""
-    data = upload.getvalue()
-    folder = Path(tempfile.gettempdir()) / "vitlab_uploads" / hashlib.sha256(data).hexdigest()[:16]
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / Path(upload.name).name
-    if not path.exists():
-        path.write_bytes(data)
-    return path
-
-
-def upload_checkpoint() -> None:
-    """Upload a checkpoint; the architecture is inferred from its shapes and a file that does not fit is refused."""
-    upload = st.file_uploader("Checkpoint (.safetensors, .pth)", type=["safetensors", "pth", "pt", "bin"],
-                              key=UPLOAD_FILE_KEY)
-    # What the pages load for each model is exactly what this widget holds now: removing or replacing the file
-    # drops the old mapping (the cached model is keyed by the file, so a stale path would keep the old weights).
-    used = user_weight_files()
-    if upload is None:
-        used.clear()
-        st.session_state.pop(UPLOAD_SEEN_KEY, None)
-        st.caption("The model it belongs to is recognised from the shapes of its tensors.")
-        return
-    path = _save_upload(upload)
-    typed = tuple(st.session_state.get(TYPED_MODELS_KEY, {}))
-    matches, mismatches, error = _inspect_checkpoint(str(path), typed)
-    if error:
-        used.clear()
-        st.error(error)
-        return
-    options = matches + sorted(n for n in (*REGISTRY, *typed) if n not in matches)
-    if st.session_state.get(UPLOAD_SEEN_KEY) != str(path):  # a new file: preselect what it fits
-        st.session_state[UPLOAD_SEEN_KEY] = str(path)
-        set_kept(UPLOAD_MODEL_KEY, options[0])
-    target = kept(st.selectbox, "For model", key=UPLOAD_MODEL_KEY, options=options,
-                  format_func=lambda n: f"{n} (fits)" if n in matches else n)
-    used.clear()
-    if target in matches:
-        used[target] = str(path)
-        st.success(f"{upload.name} is used for {target}.")
-        return
-    fits = (f" It fits {', '.join(matches)}." if matches else
-            " It fits no model of the registry (type its timm name on a page, e.g. under 'Other timm models').")
-    st.error(f"{upload.name} does not fit {target}: {mismatches.get(target, '')}{fits}")
-
-
-def run_through_app() -> None:
-    """Make sure a page runs inside app.py's navigation (sidebar, page titles), also on a fresh server.
-
-    Streamlit starts in its legacy multipage mode when a ``pages/`` folder sits next to the main script,
-    and stays there until ``st.navigation`` has run once; a first visit straight to a page URL would then
-    run that page alone, without the sidebar. Leaving the legacy mode and rerunning lets app.py take over.
-    """
-    from streamlit.runtime.pages_manager import PagesManager
-
-    if PagesManager.uses_pages_directory and not st.session_state.get(APP_RUN_KEY):
-        PagesManager.uses_pages_directory = False
-        st.rerun()
-
-
-APP_RUN_KEY = "vitlab_app_ran"
 
 
 def setting_widgets(method, key: str, container=st, main_default: Any = None, disabled: bool = False) -> dict:
