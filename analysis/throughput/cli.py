@@ -19,6 +19,7 @@ from analysis.timing.harness import (
     LatencyRow,
     ThroughputRow,
     add_speedups,
+    count_flops,
     benchmark,
     is_out_of_memory,
     latency,
