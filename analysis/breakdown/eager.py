@@ -1,6 +1,7 @@
 """Profiling in eager PyTorch: ``torch.profiler`` over several forwards, interleaved with forwards timed without
 it, every operator's self time attributed to its class and component; a dispatch-level pass counts FLOPs and
-bytes. ``profile_model`` is the entry for both engines (``engine='onnxruntime'``: ``analysis.breakdown.onnx_runtime``)."""
+bytes. ``profile_model`` is the entry for both engines (``engine='onnxruntime'``:
+``analysis.breakdown.onnx_runtime``)."""
 from __future__ import annotations
 
 import copy
