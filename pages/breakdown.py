@@ -5,9 +5,9 @@ import time
 
 import streamlit as st
 
-from analysis.breakdown import baseline_of, ops_table, profile_model, reduction_savings, to_json
-from analysis.breakdown_figures import (block_figure, component_table, roofline_figure, savings_figure, share_figure,
-                                       summary_table)
+from analysis.breakdown import (baseline_of, component_table, ops_table, profile_model, reduction_savings,
+                                summary_table, to_json)
+from analysis.breakdown.figures import block_figure, roofline_figure, savings_figure, share_figure
 from analysis.timing.onnx_engine import ENGINES, OnnxEngineError
 from analysis.provenance import RANDOM
 from analysis.timing.roofline import machine_roofline

@@ -7,8 +7,11 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis.breakdown import COMPONENT_ORDER, OP_CLASSES, Breakdown, share_table
+from analysis.breakdown.operators import COMPONENT_ORDER, OP_CLASSES
+from analysis.breakdown.records import Breakdown
+from analysis.breakdown.tables import block_shares
 from analysis.timing.roofline import Roofline, points
+
 
 CLASS_COLOURS = {"compute": "#4c78a8", "data movement": "#f58518", "element-wise": "#e45756",
                  "normalisation": "#72b7b2", "softmax": "#eeca3b", "token-reduction bookkeeping": "#b279a2",
@@ -38,18 +41,6 @@ def share_figure(results: Sequence[Breakdown], by: str = "op_class", title: str 
     return fig
 
 
-def component_table(results: Sequence[Breakdown]) -> pd.DataFrame:
-    """ms per forward per component and model, with each component's memory-bound share (time outside compute)."""
-    rows = []
-    for b in results:
-        for g in b.groups(("component",)):
-            memory = sum(r.ms for r in b.ops if r.component == g["component"] and r.op_class not in ("compute", "other"))
-            rows.append(dict(model=b.model, batch=b.batch, engine=b.engine, component=g["component"],
-                             ms=g["ms"], share=g["ms"] / max(b.attributed_ms, 1e-12),
-                             memory_bound=memory / g["ms"] if g["ms"] else 0.0, gflops=g["flops"] / 1e9))
-    return pd.DataFrame(rows)
-
-
 def savings_figure(savings: Sequence[dict]) -> go.Figure:
     """Per token-reduction variant and batch: ms saved per component against its unreduced model (negative: its
     own machinery, which is pure cost)."""
@@ -75,8 +66,6 @@ BLOCK_PARTS = {"attention compute": "#4c78a8", "attention memory-bound": "#9ecae
 
 def block_figure(b: Breakdown) -> go.Figure:
     """Per block: attention and FFN time, each split into compute and memory-bound operators."""
-    from analysis.breakdown import block_shares
-
     blocks = block_shares(b)
     fig = go.Figure()
     names = [row["block"] for row in blocks]
@@ -120,16 +109,4 @@ def roofline_figure(results: Sequence[Breakdown], roof: Roofline) -> go.Figure:
     return fig
 
 
-def summary_table(results: Sequence[Breakdown], roof: Roofline | None = None) -> pd.DataFrame:
-    from analysis.timing.roofline import below_roof_share
-
-    rows = []
-    for b in results:
-        row = b.summary()
-        if roof is not None:
-            row["below_bandwidth_roof"] = below_roof_share(b, roof)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-__all__ = ["block_figure", "share_figure", "component_table", "savings_figure", "roofline_figure", "summary_table", "share_table"]
+__all__ = ["block_figure", "share_figure", "savings_figure", "roofline_figure"]

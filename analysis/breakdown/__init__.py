@@ -1,0 +1,39 @@
+"""Where the time goes: per-operator runtime by operator class and component, against this machine's roofline.
+
+EfficientViT's first finding is that vision transformers lose their time in memory-bound operators (reshapes,
+element-wise functions, normalisation, softmax) more than in FLOPs. ``profile_model`` measures that for a
+registry model or variant (``NAME@...``): ``torch.profiler`` over several forwards after warm-up, interleaved
+with forwards timed without the profiler; every operator's self time goes to
+
+- an **operator class** (``op_class``): compute, data movement, element-wise, normalisation, softmax,
+  token-reduction bookkeeping, other (Python and framework time between operators counts as other);
+- a **component** (``models.scopes``): patch embedding, attention, FFN, token reduction, head, or the rest
+  (norms and residual adds between them, downsampling, pooling).
+
+A dispatch-level pass counts each operator's FLOPs (``torch.utils.flop_counter``'s formulas) and the bytes its
+tensors occupy (inputs + outputs; views move nothing), attributed to the same class and component, so every
+(class, component) group has an arithmetic intensity to put on the roofline (``analysis.timing.roofline``).
+
+``python -m analysis.breakdown --models ... --batch 8 --device cpu`` prints the same records.
+
+The package: ``operators`` (the classes and components of operators), ``records`` (``OpRow``, ``Breakdown``),
+``eager`` (the torch profiler, ``profile_model``), ``onnx_runtime`` (ONNX Runtime's own profile), ``tables``
+(shares, savings, per-operator and per-component tables), ``figures`` (plotly), ``cli``.
+"""
+from analysis.breakdown.cli import build_parser, format_report, main
+from analysis.breakdown.eager import (attribute_events, count_costs, profile_model, profile_models, profile_runner,
+                                      quiet_profiler_logs)
+from analysis.breakdown.onnx_runtime import profile_onnx
+from analysis.breakdown.operators import (BOOKKEEPING, COMPONENT_ORDER, COMPUTE, DATA, ELEMENTWISE, FORWARD_SCOPE,
+                                          MEMORY_CLASSES, NORM, OP_CLASSES, OTHER, OVERHEAD_OP, REST, SOFTMAX,
+                                          base_name, block_of, op_class, ort_component, ort_op_class)
+from analysis.breakdown.records import Breakdown, OpRow
+from analysis.breakdown.tables import (baseline_of, block_shares, component_table, ops_table, reduction_savings,
+                                       share_table, summary_table, to_json)
+
+__all__ = ["BOOKKEEPING", "COMPONENT_ORDER", "COMPUTE", "DATA", "ELEMENTWISE", "FORWARD_SCOPE", "MEMORY_CLASSES",
+           "NORM", "OP_CLASSES", "OTHER", "OVERHEAD_OP", "REST", "SOFTMAX", "Breakdown", "OpRow", "attribute_events",
+           "base_name", "baseline_of", "block_of", "block_shares", "build_parser", "component_table", "count_costs",
+           "format_report", "main", "op_class", "ops_table", "ort_component", "ort_op_class", "profile_model",
+           "profile_models", "profile_onnx", "profile_runner", "quiet_profiler_logs", "reduction_savings",
+           "share_table", "summary_table", "to_json"]

@@ -1,0 +1,97 @@
+"""Tables and comparisons of breakdown records: per-operator and per-class shares, component savings of a
+token-reduction variant against its unreduced model, attention vs FFN per block, the JSON export."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict
+from typing import Sequence
+
+import pandas as pd
+
+from analysis.breakdown.operators import COMPONENT_ORDER, COMPUTE, MEMORY_CLASSES
+from analysis.breakdown.records import Breakdown
+from analysis.timing.roofline import Roofline, below_roof_share
+from models.device import hardware_info
+from models.scopes import ATTENTION, FFN
+
+
+# --------------------------------------------------------------------------- comparisons
+def reduction_savings(reduced: Breakdown, base: Breakdown) -> list[dict]:
+    """Per component: ms per forward in the unreduced model and in the token-reduction variant, and the saving
+    (negative = the variant spends more there; its own machinery is all cost)."""
+    def per_component(b: Breakdown) -> dict[str, float]:
+        totals = defaultdict(float)
+        for row in b.ops:
+            totals[row.component] += row.ms
+        return totals
+
+    a, r = per_component(base), per_component(reduced)
+    return [dict(variant=reduced.model, baseline=base.model, batch=reduced.batch, component=c,
+                 baseline_ms=a.get(c, 0.0), variant_ms=r.get(c, 0.0), saved_ms=a.get(c, 0.0) - r.get(c, 0.0))
+            for c in COMPONENT_ORDER if c in a or c in r]
+
+
+def block_shares(b: Breakdown) -> list[dict]:
+    """Per block: ms per forward of its attention and its FFN, each split into compute and memory-bound time
+    (EfficientViT: MHSA is more memory-bound than FFN). Only blocks whose modules ran under hooks have a name."""
+    out: dict[str, dict] = {}
+    for row in b.ops:
+        if not row.block or row.component not in (ATTENTION, FFN):
+            continue
+        entry = out.setdefault(row.block, {"model": b.model, "batch": b.batch, "block": row.block})
+        part = "compute" if row.op_class == COMPUTE else "memory-bound" if row.op_class in MEMORY_CLASSES else "other"
+        key = f"{row.component} {part}"
+        entry[key] = entry.get(key, 0.0) + row.ms
+    natural = lambda name: [int(p) if p.isdigit() else p for p in name.split(".")]  # noqa: E731
+    return [out[k] for k in sorted(out, key=natural)]
+
+
+def baseline_of(text: str) -> str | None:
+    """The unreduced model a token-reduction variant is compared with (the same registry model, no settings)."""
+    name, _, settings = text.partition("@")
+    return name if settings else None
+
+
+def ops_table(results: Sequence[Breakdown]):
+    rows = []
+    for b in results:
+        for row in b.ops:
+            record = asdict(row)
+            record["shapes"] = json.dumps(record["shapes"])
+            record.update(batch=b.batch, device=b.device, precision=b.precision, engine=b.engine, weights=b.weights)
+            rows.append(record)
+    return pd.DataFrame(rows)
+
+
+def share_table(results: Sequence[Breakdown], by: str = "op_class"):
+    return pd.DataFrame([dict(model=b.model, batch=b.batch, engine=b.engine, **{k: v for k, v in b.shares(by).items()})
+                         for b in results]).fillna(0.0)
+
+
+def to_json(results: Sequence[Breakdown], roof=None) -> dict:
+    return {"hardware": hardware_info(), "roofline": None if roof is None else asdict(roof),
+            "models": [dict(b.summary(), shares=b.shares(), components=b.shares("component"),
+                            ops=[asdict(r) for r in b.ops]) for b in results]}
+
+
+def component_table(results: Sequence[Breakdown]) -> pd.DataFrame:
+    """ms per forward per component and model, with each component's memory-bound share (time outside compute)."""
+    rows = []
+    for b in results:
+        for g in b.groups(("component",)):
+            memory = sum(r.ms for r in b.ops if r.component == g["component"] and r.op_class not in ("compute", "other"))
+            rows.append(dict(model=b.model, batch=b.batch, engine=b.engine, component=g["component"],
+                             ms=g["ms"], share=g["ms"] / max(b.attributed_ms, 1e-12),
+                             memory_bound=memory / g["ms"] if g["ms"] else 0.0, gflops=g["flops"] / 1e9))
+    return pd.DataFrame(rows)
+
+
+def summary_table(results: Sequence[Breakdown], roof: Roofline | None = None) -> pd.DataFrame:
+    rows = []
+    for b in results:
+        row = b.summary()
+        if roof is not None:
+            row["below_bandwidth_roof"] = below_roof_share(b, roof)
+        rows.append(row)
+    return pd.DataFrame(rows)
