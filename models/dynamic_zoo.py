@@ -27,10 +27,11 @@ from torch import nn
 
 from models.checkpoints import CheckpointError
 from models.dynamicvit import check_keep_ratio, distillation_kl, keep_ratio_loss
+from models.traces import ReductionTrace
 
 
 @dataclass
-class DynamicStageTrace:
+class DynamicStageTrace(ReductionTrace):
     """Per pruning stage: where the decision was made and what was kept. CPU tensors, a page can loop over it.
 
     Differs from ``DynamicViTTrace``: each stage has its own grid (``stage_grids``, rows x cols of the map
@@ -57,6 +58,11 @@ class DynamicStageTrace:
     @property
     def kept_counts(self) -> list[int]:
         return [int(kept.shape[1]) for kept in self.kept_indices]
+
+    @property
+    def structured(self) -> bool:
+        """ConvNeXt and Swin keep the feature map whole; DeiT and LV-ViT drop tokens for good."""
+        return not self.nested
 
     def cell_size(self, stage: int) -> tuple[float, float]:
         """Image pixels (height, width) covered by one cell of the stage's grid."""

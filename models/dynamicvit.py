@@ -24,6 +24,7 @@ from torch import nn
 from models.checkpoints import CheckpointError, load_strict, state_dict_and_source
 from models.registry import MethodNotApplicable
 from models.scopes import REDUCTION, scope
+from models.traces import ReductionTrace
 from models.vit_forward import (  # noqa: F401 - POLICY_EPS and policy_softmax are part of this module's API
     POLICY_EPS, attention_residual, classify, embed_tokens, gather_tokens, is_plain_block, mlp_residual, policy_softmax,
     vit_config,
@@ -205,7 +206,7 @@ def keep_counts(num_patches: int, keep_ratio: float, num_stages: int) -> list[in
 
 
 @dataclass
-class DynamicViTTrace:
+class DynamicViTTrace(ReductionTrace):
     """What the pruned forward did, per stage, in original patch coordinates (0 .. num_patches-1). CPU tensors."""
 
     keep_ratio: float

@@ -23,6 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from models.registry import MethodNotApplicable
 from models.scopes import REDUCTION, scope
+from models.traces import ReductionTrace
 from models.vit_forward import (
     attention_residual, classify, embed_tokens, gather_tokens, is_plain_block, mlp_residual,
 )
@@ -47,7 +48,7 @@ def kept_count(tokens: int, keep_rate: float) -> int:
 
 
 @dataclass
-class EViTTrace:
+class EViTTrace(ReductionTrace):
     """What EViT did to a batch. Stage s is the pruning in block ``prune_blocks[s]``.
 
     ``tokens_per_block[b]``: tokens entering block b (prefix and any fused token included).

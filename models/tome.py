@@ -25,6 +25,7 @@ from timm.models.vision_transformer import VisionTransformer
 from models.merging import bipartite_match, combine_tokens
 from models.registry import MethodNotApplicable
 from models.scopes import MATCHING, REDUCTION, scope
+from models.traces import ReductionTrace
 from models.vit_forward import (
     attention, attention_residual, classify, embed_tokens, is_plain_block, mlp_residual,
 )
@@ -164,7 +165,7 @@ def token_destinations(matching: Matching) -> torch.Tensor:
 # The explicit forward
 # --------------------------------------------------------------------------------------------
 @dataclass
-class ToMeTrace:
+class ToMeTrace(ReductionTrace):
     """What ToMe did to a batch, per block (layer l = after block l).
 
     ``tokens_per_layer[l]``: tokens (class token included) after block l.
@@ -183,6 +184,10 @@ class ToMeTrace:
     num_prefix_tokens: int
     grid_size: tuple[int, int]
     patch_size: tuple[int, int]
+
+    def counts_per_block(self, unreduced: Sequence[int]) -> list[int]:
+        """Tokens entering each block: block l merges inside itself, so it is entered by what block l-1 left."""
+        return [unreduced[0]] + self.tokens_per_layer[:-1]
 
 
 class ToMeNotApplicable(MethodNotApplicable, TypeError):

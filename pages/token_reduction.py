@@ -19,8 +19,10 @@ from analysis.token_reduction import (
     choice_text,
     combine_runs,
     export_frame,
+    figures_for,
     method_run,
     model_choices,
+    plot_agreement,
     predictions_frame,
     reference_run,
     setting_sweep,
@@ -28,7 +30,6 @@ from analysis.token_reduction import (
     tokens_per_block,
     tokens_per_block_figure,
 )
-from analysis.tome_agreement import plot_agreement
 from models.methods import METHODS
 from models.registry import get_spec
 from pages._results import dataset_run_section
@@ -180,7 +181,8 @@ def detail_view() -> None:
         unreduced = f"{comparison.num_tokens} tokens in every block"
     panels = {NO_REDUCTION: (canvas, unreduced)}
     for run in comparison.runs.values():
-        panels[run.name] = run.figures.summary(run, View(canvas, chosen, image_name, name, _run_weights(run)))
+        view = View(canvas, chosen, image_name, name, _run_weights(run))
+        panels[run.name] = figures_for(run.trace).summary(run, view)
     for column, (method, (picture, caption)) in zip(st.columns(len(panels)), panels.items()):
         with column:
             st.subheader(method)
@@ -205,17 +207,18 @@ def detail_view() -> None:
         download_df(_labelled(overall, all_images), "agreement.csv", "Download agreement (CSV)")
 
     for key, run in comparison.runs.items():
-        st.header(run.figures.heading(run) + _tags(run))
+        figures = figures_for(run.trace)
+        st.header(figures.heading(run) + _tags(run))
         picked = {c.name: kept(st.multiselect, c.label, key=f"tr_{key}_{c.name}", options=c.options, default=c.default)
-                  for c in run.figures.choices(run, comparison.depth)}
+                  for c in figures.choices(run, comparison.depth)}
         view = View(canvas, chosen, image_name, name, _run_weights(run), _tags(run), picked)
-        _show(run.figures.detail(run, view), run, f"tr_{key}")
+        _show(figures.detail(run, view), run, f"tr_{key}")
 
 
 detail_view()
 
 for key, run in comparison.runs.items():
-    _show(run.figures.over_images(run, names, _tags(run)), run, f"tr_{key}")
+    _show(figures_for(run.trace).over_images(run, names, _tags(run)), run, f"tr_{key}")
 
 counts = tokens_per_block(comparison)
 chart_title = ("Positions taking each block's full path" if structured else "Tokens entering each block") + weights_tag

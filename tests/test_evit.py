@@ -96,7 +96,7 @@ def test_variant_names_and_two_threads_on_one_model(small_vit):
 def test_on_real_deit_tiny_the_class_tokens_attention_prunes_meaningfully(deit_tiny_real, deit_tiny_batch):
     """No trained predictor: EViT keeps real DeiT-Tiny's top-1 on the shared photos at the paper's 0.7, and at 0.5
     its ranking keeps far more of the top-5 than DynamicViT's untrained (random) predictors do."""
-    from analysis.tome_agreement import top1_agreement, top5_overlap
+    from analysis.token_reduction.metrics import top1_agreement, top5_overlap
     from models.dynamicvit import dynamicvit_forward
 
     with torch.inference_mode():

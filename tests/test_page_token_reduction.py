@@ -124,7 +124,7 @@ def test_every_export_names_model_weights_images_and_settings(random_page, downl
 
     import pandas as pd
 
-    import analysis.token_reduction as token_maps
+    import analysis.token_reduction.pictures as token_maps
 
     titles = []
     original = token_maps.with_title
@@ -214,7 +214,7 @@ def test_a_slider_reruns_only_its_method(random_page, monkeypatch):
 
 
 def test_r_sweep_axis_ticks_at_round_numbers():
-    from analysis.tome_agreement import AgreementRow, plot_agreement
+    from analysis.token_reduction.metrics import AgreementRow, plot_agreement
 
     rows = [AgreementRow(r, 1.0, 1.0, 197 - 11 * r, 1.0) for r in range(0, 17)]
     axis = plot_agreement(rows).layout.xaxis
@@ -398,7 +398,7 @@ def test_r_sweep_leaves_no_progress_bar(random_page):
 
 def test_r_sweep_title_fits_and_token_ticks_are_whole_numbers():
     """Issue 20: the sweep's title was cut off and its right axis read 203.3, 162.6."""
-    from analysis.tome_agreement import AgreementRow, plot_agreement
+    from analysis.token_reduction.metrics import AgreementRow, plot_agreement
 
     rows = [AgreementRow(r, 1.0, 1.0, 197 - 11 * r, 1.0) for r in range(0, 17)]
     title = ("ToMe agreement: deit_tiny_patch16_224, local file /home/someone/weights/deit_tiny_patch16_224."

@@ -10,7 +10,8 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 from analysis.token_reduction import tome_merge_map_image
-from analysis.tome_agreement import agreement_sweep, plot_agreement, top5_overlap
+from analysis.token_reduction.metrics import plot_agreement, top5_overlap
+from analysis.tome_agreement import agreement_sweep
 from models.tome import (
     Matching,
     attention_with_size_bias,
