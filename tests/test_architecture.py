@@ -118,3 +118,20 @@ def test_analyses_import_no_runs_or_command_lines():
     analyses = [a for a in graph if a.startswith("analysis.") and not _within(a, ANALYSIS_BASE + ANALYSIS_TOP)]
     offenders = sorted((a, b) for a in analyses for b in graph[a] if _within(b, ANALYSIS_TOP))
     assert not offenders, f"an analysis depends on a dataset run or a command line: {offenders}"
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 60
+
+
+def test_no_module_over_500_lines_and_no_function_over_60():
+    too_long = []
+    for name, path in _modules().items():
+        text = path.read_text()
+        if text.count("\n") > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}.{node.name}: {length} lines")
+    assert not too_long, too_long
