@@ -22,7 +22,14 @@ from scipy.stats import binomtest
 from torch import nn
 
 from analysis.data.folders import NO_LABEL
-from analysis.runs.tasks import DatasetTask, TaskOptions, _add, _device_of, _zeros
+from analysis.runs.common import (
+    DatasetTask,
+    TaskModel,
+    TaskOptions,
+    add_sum,
+    device_of,
+    zeros,
+)
 from analysis.timing.harness import BenchSettings, Runner, benchmark
 from analysis.timing.runners import image_inputs
 from models.loading import LoadedModel
@@ -211,21 +218,20 @@ class FrontierTask(DatasetTask):
         self.points = list(settings)
         # The unreduced logits serve every setting that reduces nothing (ToMe r = 0, rho = 1): no second forward.
         self.forwards = [None if _is_neutral(s) else setting_forward(model, model_name, s) for s in self.points]
-        device = _device_of(model)
+        device = device_of(model)
         n = len(self.points)
-        self.sums = {"images": _zeros(device=device), "labelled": _zeros(device=device),
-                     "correct": _zeros(n, device=device), "agree": _zeros(n, device=device)}
+        self.sums = {"images": zeros(device=device), "labelled": zeros(device=device),
+                     "correct": zeros(n, device=device), "agree": zeros(n, device=device)}
 
     @staticmethod
     def settings(options: TaskOptions) -> dict[str, Any]:
         return {"frontier_settings": list(options.frontier_settings)}
 
     @classmethod
-    def build(cls, loaded: LoadedModel, options: TaskOptions) -> "FrontierTask":
+    def build(cls, subject: TaskModel, options: TaskOptions) -> "FrontierTask":
         points = ([FrontierSetting.parse(t) for t in options.frontier_settings] if options.frontier_settings
-                  else default_settings(loaded.name))
-        return cls(loaded.model, loaded.name, points, "random weights" if loaded.weights.is_random else "",
-                   loaded.weights.description)
+                  else default_settings(subject.name))
+        return cls(subject.model, subject.name, points, subject.note, subject.weights)
 
     def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         labels = labels.to(images.device)
@@ -238,10 +244,10 @@ class FrontierTask(DatasetTask):
                 predicted = reference if forward is None else _logits(forward(images)).argmax(-1)
                 correct[i] = float(((predicted == labels) & has_label).sum())
                 agree[i] = float((predicted == reference).sum())
-        _add(self.sums, "correct", correct)
-        _add(self.sums, "agree", agree)
-        _add(self.sums, "images", images.shape[0])
-        _add(self.sums, "labelled", float(has_label.sum()))
+        add_sum(self.sums, "correct", correct)
+        add_sum(self.sums, "agree", agree)
+        add_sum(self.sums, "images", images.shape[0])
+        add_sum(self.sums, "labelled", float(has_label.sum()))
 
     def result(self, sums: dict[str, torch.Tensor]) -> FrontierRecord:
         return FrontierRecord(self.model_name, self.weights, self.points, int(sums["images"].item()),
@@ -275,7 +281,7 @@ def evaluate(loaded: LoadedModel, batches: Iterable[tuple[torch.Tensor, torch.Te
     """The in-app run of ``FrontierTask``: ``batches`` of (images, labels with NO_LABEL where none)."""
     task = FrontierTask(loaded.model, loaded.name, settings, "random weights" if loaded.weights.is_random else "",
                         loaded.weights.description)
-    device = _device_of(loaded.model)
+    device = device_of(loaded.model)
     for done, (images, labels) in enumerate(batches, start=1):
         task.update(images.to(device), labels)
         if progress:
