@@ -198,5 +198,6 @@ def meter_pumer_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor],
                                       image_context=image_context, protect_image_cls=protect_image_cls,
                                       size_weighted=size_weighted))
 
+
 __all__ = ["DEFAULT_REDUCE_LAYERS", "DEFAULT_PRUNE_RATIO", "DEFAULT_IMAGE_MERGE_RATIO",
            "DEFAULT_TEXT_MERGE_RATIO", "IMAGE_CONTEXTS", "PuMerTrace", "meter_pumer_forward"]

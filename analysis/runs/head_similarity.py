@@ -28,6 +28,7 @@ from models.attention_recording import record_attention
 
 HEAD_SIMILARITY = "head-similarity"
 
+
 class HeadSimilarityTask(DatasetTask):
     """Per-block head-by-head similarity sums and counts over a dataset -> mean similarity and redundancy.
 

@@ -30,6 +30,7 @@ from models.registry import get_spec
 
 KEEP_FREQUENCY = "keep-frequency"
 
+
 @dataclass
 class KeepFrequencyRecord:
     """How often each position survives each pruning stage of a DynamicViT-family model, over a dataset.

@@ -26,6 +26,7 @@ from analysis.runs.common import (
 
 TAYLOR = "taylor"
 
+
 class TaylorTask(DatasetTask):
     """First-order Taylor importance |sum(w * dL/dw)| per channel, with dL/dw summed over the whole dataset.
 

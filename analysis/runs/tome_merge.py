@@ -27,6 +27,7 @@ from models.vit_forward import token_count
 
 TOME_MERGE = "tome-merge"
 
+
 @dataclass
 class ToMeMergeRecord:
     """ToMe merging over a dataset: per layer, token sizes and how often each patch sits in a merged group."""

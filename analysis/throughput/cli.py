@@ -219,5 +219,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     _print_findings(args, rows, settings)
     return 0
 
+
 if __name__ == "__main__":
     raise SystemExit(main())
