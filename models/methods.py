@@ -96,6 +96,10 @@ class Method:
     # to) cannot run it: no class token, register tokens, too few blocks, blocks the forward does not walk. Checked on
     # the architecture (meta device), so a timm model typed by name is offered only the methods that run on it.
     check: str | None = None
+    # Score predictors drop positions stage by stage at a keep ratio (the DynamicViT family): its forward takes
+    # ``keep_ratio`` and, with ``return_trace=True``, returns each stage's keep masks and scores
+    # (``models.dynamic_zoo.as_stage_trace``), which ``python -m analysis.run keep-frequency`` counts.
+    stage_pruning: bool = False
 
     @property
     def main_setting(self) -> Setting:
@@ -211,7 +215,7 @@ METHODS: dict[str, Method] = {m.key: m for m in [
     Method("dynamicvit", "DynamicViT", frozenset({DYNAMICVIT}), "models.dynamicvit:dynamicvit_forward", _RHO,
            reference="DynamicViT (NeurIPS 2021)", neutral_arguments={"keep_ratio": 1.0},
            attachable_to=frozenset({MHSA}), attach="models.dynamicvit:dynamicvit_from_backbone",
-           check="models.dynamicvit:check_backbone"),
+           check="models.dynamicvit:check_backbone", stage_pruning=True),
     # EViT keeps the patches the class token attends to most and fuses the rest into one token; no trained part.
     Method("evit", "EViT", frozenset({MHSA}), "models.evit:evit_forward",
            (Setting("evit", "keep_rate", "keep rate", float, (0.5, 0.6, 0.7, 0.8, 0.9), 0.7, "keep_rate",
@@ -224,12 +228,14 @@ METHODS: dict[str, Method] = {m.key: m for m in [
            reference="EViT (ICLR 2022)", neutral_arguments={"keep_rate": 1.0}, action="pruning + fusion",
            check="models.evit:check_supported"),
     Method("dynamicvit-lvvit", "DynamicViT", frozenset({DYNAMIC_LVVIT}), "models.dynamic_lvvit:lvvit_forward", _RHO,
-           reference="DynamicViT (NeurIPS 2021), LV-ViT", neutral_arguments={"keep_ratio": 1.0}),
+           reference="DynamicViT (NeurIPS 2021), LV-ViT", neutral_arguments={"keep_ratio": 1.0}, stage_pruning=True),
     # Structured sparsification (T-PAMI extension): the feature map stays whole; only kept positions run the MLP.
     Method("dynamiccnn", "DynamicCNN", frozenset({DYNAMIC_CNN}), "models.dynamic_convnext:convnext_forward", _RHO,
-           reference="Dynamic Spatial Sparsification (T-PAMI 2023), ConvNeXt", neutral_arguments={"keep_ratio": 1.0}),
+           reference="Dynamic Spatial Sparsification (T-PAMI 2023), ConvNeXt", neutral_arguments={"keep_ratio": 1.0},
+           stage_pruning=True),
     Method("dynamicswin", "DynamicSwin", frozenset({DYNAMIC_SWIN}), "models.dynamic_swin:swin_forward", _RHO,
-           reference="Dynamic Spatial Sparsification (T-PAMI 2023), Swin", neutral_arguments={"keep_ratio": 1.0}),
+           reference="Dynamic Spatial Sparsification (T-PAMI 2023), Swin", neutral_arguments={"keep_ratio": 1.0},
+           stage_pruning=True),
     Method("pumer", "PuMer", frozenset({VILT}), "models.vilt_pumer:pumer_forward",
            _PUMER_SETTINGS + _PUMER_CORRECTIONS,
            reference="PuMer (ACL 2023), ViLT: layers 2, 5, 8", paper_flag="pumer",

@@ -94,19 +94,21 @@ with left:
     st.image(picked.image, caption=picked.name, width=360)
 with right:
     question = kept(st.text_input, "Question", key="vl_question", default="What animal is in the picture?")
-    keys = {part: f"vl_{part}_{name}" for part in ("layers", "prune", "image_merge", "text_merge", "proportional")}
+    # Each setting's widget is keyed vl_<its key in the method table>_<model>, by the forward argument it sets.
+    keys = {"layers": f"vl_layers_{name}", "proportional": f"vl_proportional_{name}",
+            **{s.argument: f"vl_{s.key}_{name}" for s in entry.method.settings}}
     preset = kept(st.radio, f"Reduce {word}s", key=keys["layers"], options=presets)
-    prune = kept(st.slider, "Image prune ratio", 0.0, 0.5, key=keys["prune"], default=paper.prune_ratio, step=0.05)
-    image_merge = kept(st.slider, "Image merge ratio", 0.0, 0.5, key=keys["image_merge"],
+    prune = kept(st.slider, "Image prune ratio", 0.0, 0.5, key=keys["prune_ratio"], default=paper.prune_ratio, step=0.05)
+    image_merge = kept(st.slider, "Image merge ratio", 0.0, 0.5, key=keys["image_merge_ratio"],
                        default=paper.image_merge_ratio, step=0.05)
-    text_merge = kept(st.slider, "Text merge ratio", 0.0, 0.5, key=keys["text_merge"], default=paper.text_merge_ratio,
-                      step=0.05)
+    text_merge = kept(st.slider, "Text merge ratio", 0.0, 0.5, key=keys["text_merge_ratio"],
+                      default=paper.text_merge_ratio, step=0.05)
     proportional = kept(st.checkbox, "Proportional attention (add log token size; PuMer's code does not)",
                         key=keys["proportional"], default=False)
     corrections = {}
     with st.expander("Corrections of PuMer's code (off: the paper's code)"):
         for setting in (s for s in entry.method.settings if s.argument in CORRECTION_ARGUMENTS):
-            key = f"vl_{setting.key}_{name}"
+            key = keys[setting.argument]
             if isinstance(setting.default, bool):
                 corrections[setting.argument] = kept(st.checkbox, setting.label, key=key, default=setting.default,
                                                      help=setting.help)

@@ -217,12 +217,23 @@ def _method_keys() -> set[str]:
     return set(METHODS)
 
 
+def _setting_keys() -> set[str]:
+    """The keys of the methods' settings and paper flags (``"rho"``, ``"prune"``): picking a method by its setting's
+    key (``main_setting.key == "rho"``) names it as surely as its own key does."""
+    from models.methods import METHODS
+
+    return {s.key for m in METHODS.values() for s in m.settings} | {m.paper_flag for m in METHODS.values()
+                                                                   if m.paper_flag}
+
+
 def test_no_page_or_analysis_names_a_method():
-    """Issue #24: the method table is the only place a method is named; pages and analyses loop over it."""
+    """Issue #24: the method table is the only place a method is named; pages and analyses loop over it, and pick
+    methods by the table's fields (``stage_pruning``), never by a setting's key."""
+    keys = _method_keys() | _setting_keys()
     offenders = {path: hits for path, source in _sources("analysis", "pages", app=True).items()
-                 for hits in [method_key_literals(source, _method_keys(), path)] if hits}
-    assert not offenders, f"method keys written out in analysis/ or pages/ (loop over models.methods.METHODS): " \
-                          f"{offenders}"
+                 for hits in [method_key_literals(source, keys, path)] if hits}
+    assert not offenders, f"method or setting keys written out in analysis/ or pages/ (loop over " \
+                          f"models.methods.METHODS, pick by its fields): {offenders}"
 
 
 def test_method_guard_sees_a_violation():
@@ -232,4 +243,10 @@ def test_method_guard_sees_a_violation():
            'DEFAULTS = {"evit": [0.7]}', "key = f'{m}_{\"tome\"}'"]
     for source in bad:
         assert method_key_literals(source, keys), source
+    settings = _setting_keys()
+    assert {"rho", "prop_attn", "fuse", "prune"} <= settings
+    for source in ['pruning = [m for m in METHODS.values() if m.main_setting.key == "rho"]',
+                   'keys = {part: f"vl_{part}" for part in ("layers", "prune")}']:
+        assert not method_key_literals(source, keys), source
+        assert method_key_literals(source, keys | settings), source
     assert not method_key_literals('for m in METHODS.values():\n    label = f"tr_{m.key}"  # "tome"', keys)

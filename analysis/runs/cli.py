@@ -51,13 +51,11 @@ from analysis.data.folders import (
 )
 from analysis.runs.folders import (
     RUN_FILE,
-    TASKS,
     forget_finished_run,
     write_json_atomic,
     write_run,
 )
-from analysis.runs.frontier import FRONTIER, FrontierTask
-from analysis.runs.tasks import DatasetTask, TaskOptions, build_task
+from analysis.runs.tasks import TASKS, DatasetTask, TaskModel, TaskOptions
 from models.attention_recording import UnsupportedModelError
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.device import synchronize
@@ -242,11 +240,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     loaded = load_model(args.model, device=str(env.device), user_file=args.weights,
                         random_weights=args.random_weights, weights_folder=args.weights_folder)
     dataset = FolderImages.from_folder(args.data, loaded.transform, args.limit, args.labels)
-    if args.task == FRONTIER:
-        task = FrontierTask.build(loaded, task_options(args))
-    else:
-        task = build_task(args.task, loaded.model, args.model, task_options(args),
-                          tuple(loaded.data_config["input_size"]), loaded.weights.is_random)
+    task = TASKS[args.task].build(TaskModel.of(loaded), task_options(args))
     table = file_table(dataset)
     settings = run_settings(args, dataset, loaded.weights.description, table)
     path = state_path(out, env.rank)

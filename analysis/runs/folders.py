@@ -1,6 +1,6 @@
 """A dataset-scale run's --out folder (``python -m analysis.run``): writing it so that it is either whole or
 refused, and reading it back (its run.json and the task's records) for the pages' "Dataset-scale results" panels.
-The task table lives here, below the CLI.
+Each task's files, writer and reader come from the task table, ``analysis.runs.tasks.TASKS``.
 
 Writing: an old run.json is removed first, then every record file is written under a staging folder inside the
 --out folder, fsynced and renamed into place, and run.json is written last (temporary name, fsync, rename) with
@@ -20,11 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.runs.frontier import FRONTIER, FrontierTask
-from analysis.runs.tasks import TASKS as ANALYSIS_TASKS
-from analysis.runs.tasks import DatasetTask
+from analysis.runs.tasks import TASKS
 
-TASKS: dict[str, type[DatasetTask]] = {**ANALYSIS_TASKS, FRONTIER: FrontierTask}
 RUN_FILE = "run.json"
 STAGING = ".writing"  # record files are written here, then renamed into the --out folder
 RESUME_HINT = "finish it with the same command plus --resume (already processed images are not read again)"

@@ -22,7 +22,14 @@ from scipy.stats import binomtest
 from torch import nn
 
 from analysis.data.folders import NO_LABEL
-from analysis.runs.tasks import DatasetTask, TaskOptions, _add, _device_of, _zeros
+from analysis.runs.common import (
+    DatasetTask,
+    TaskModel,
+    TaskOptions,
+    add_sum,
+    device_of,
+    zeros,
+)
 from analysis.timing.harness import BenchSettings, Runner, benchmark
 from analysis.timing.runners import image_inputs
 from models.loading import LoadedModel
@@ -211,21 +218,20 @@ class FrontierTask(DatasetTask):
         self.points = list(settings)
         # The unreduced logits serve every setting that reduces nothing (ToMe r = 0, rho = 1): no second forward.
         self.forwards = [None if _is_neutral(s) else setting_forward(model, model_name, s) for s in self.points]
-        device = _device_of(model)
+        device = device_of(model)
         n = len(self.points)
-        self.sums = {"images": _zeros(device=device), "labelled": _zeros(device=device),
-                     "correct": _zeros(n, device=device), "agree": _zeros(n, device=device)}
+        self.sums = {"images": zeros(device=device), "labelled": zeros(device=device),
+                     "correct": zeros(n, device=device), "agree": zeros(n, device=device)}
 
     @staticmethod
     def settings(options: TaskOptions) -> dict[str, Any]:
         return {"frontier_settings": list(options.frontier_settings)}
 
     @classmethod
-    def build(cls, loaded: LoadedModel, options: TaskOptions) -> "FrontierTask":
+    def build(cls, subject: TaskModel, options: TaskOptions) -> "FrontierTask":
         points = ([FrontierSetting.parse(t) for t in options.frontier_settings] if options.frontier_settings
-                  else default_settings(loaded.name))
-        return cls(loaded.model, loaded.name, points, "random weights" if loaded.weights.is_random else "",
-                   loaded.weights.description)
+                  else default_settings(subject.name))
+        return cls(subject.model, subject.name, points, subject.note, subject.weights)
 
     def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         labels = labels.to(images.device)
@@ -238,10 +244,10 @@ class FrontierTask(DatasetTask):
                 predicted = reference if forward is None else _logits(forward(images)).argmax(-1)
                 correct[i] = float(((predicted == labels) & has_label).sum())
                 agree[i] = float((predicted == reference).sum())
-        _add(self.sums, "correct", correct)
-        _add(self.sums, "agree", agree)
-        _add(self.sums, "images", images.shape[0])
-        _add(self.sums, "labelled", float(has_label.sum()))
+        add_sum(self.sums, "correct", correct)
+        add_sum(self.sums, "agree", agree)
+        add_sum(self.sums, "images", images.shape[0])
+        add_sum(self.sums, "labelled", float(has_label.sum()))
 
     def result(self, sums: dict[str, torch.Tensor]) -> FrontierRecord:
         return FrontierRecord(self.model_name, self.weights, self.points, int(sums["images"].item()),
@@ -275,7 +281,7 @@ def evaluate(loaded: LoadedModel, batches: Iterable[tuple[torch.Tensor, torch.Te
     """The in-app run of ``FrontierTask``: ``batches`` of (images, labels with NO_LABEL where none)."""
     task = FrontierTask(loaded.model, loaded.name, settings, "random weights" if loaded.weights.is_random else "",
                         loaded.weights.description)
-    device = _device_of(loaded.model)
+    device = device_of(loaded.model)
     for done, (images, labels) in enumerate(batches, start=1):
         task.update(images.to(device), labels)
         if progress:
@@ -366,6 +372,48 @@ def log_ticks(low: float, high: float) -> tuple[list[float], list[str]]:
     return values, texts
 
 
+def _add_series(fig: go.Figure, data: pd.DataFrame, x_col: str, has_speed: bool) -> None:
+    """One line per backbone and method through its settings (from the backbone's unreduced point), with Wilson
+    intervals, and the Pareto frontier of the measured points."""
+    for series, group in data.groupby("series", sort=False):
+        group = group.sort_values(x_col)
+        unreduced = data[(data["model"] == group["model"].iloc[0]) & (data["method"] == UNREDUCED)]
+        if not group["method"].eq(UNREDUCED).all():
+            group = pd.concat([unreduced, group]).drop_duplicates("setting_key").sort_values(x_col)
+        hover = [f"{r.model}<br>{r.setting}<br>{r.metric}: {r.score:.1%} [{r.ci_low:.1%}, {r.ci_high:.1%}] "
+                 f"of {r.images} images" + (f"<br>{r.img_per_s:.1f} img/s" if has_speed else "")
+                 + (f"<br>{r.gflops:.2f} GFLOPs" if "gflops" in group and pd.notna(r.gflops) else "")
+                 for r in group.itertuples()]
+        fig.add_trace(go.Scatter(
+            x=group[x_col], y=group["score"], mode="lines+markers", name=series, hovertext=hover, hoverinfo="text",
+            error_y=dict(type="data", symmetric=False, array=group["ci_high"] - group["score"],
+                         arrayminus=group["score"] - group["ci_low"], thickness=1)))
+    if has_speed:
+        front = pareto_front(data, x_col, "score")
+        fig.add_trace(go.Scatter(x=front[x_col], y=front["score"], mode="lines", name="Pareto frontier (measured)",
+                                 line=dict(color="black", dash="dot", width=2), hoverinfo="skip"))
+
+
+def _add_papers_panel(fig: go.Figure, papers: pd.DataFrame) -> None:
+    """The papers' points on their own panel: another metric (ImageNet top-1, not agreement) on other hardware
+    (V100, not this machine). Labels point inwards, so that none runs off the panel."""
+    low, high = papers["img_per_s"].min() / 1.6, papers["img_per_s"].max() * 1.6
+    middle = np.sqrt(low * high)
+    fig.add_trace(go.Scatter(
+        x=papers["img_per_s"], y=papers["score"], mode="markers+text", xaxis="x2", yaxis="y2",
+        name="papers: ImageNet top-1 vs V100 img/s (right panel)", text=papers["model"],
+        textposition=["middle left" if x > middle else "middle right" for x in papers["img_per_s"]],
+        textfont=dict(size=10, color="grey"),
+        marker=dict(symbol="circle-open", size=11, line=dict(width=2), color="grey"), visible=True,
+        hovertext=[f"{r.model}: {r.score:.1%} top-1, {r.img_per_s:.0f} img/s<br>{r.source} (not this machine)"
+                   for r in papers.itertuples()], hoverinfo="text"))
+    values, texts = log_ticks(low, high)
+    fig.update_layout(
+        xaxis2=dict(title="papers' img/s (V100, not this machine)", type="log",
+                    range=[np.log10(low), np.log10(high)], tickvals=values, ticktext=texts),
+        yaxis2=dict(title="ImageNet top-1 (papers)", tickformat=".0%"))
+
+
 def frontier_figure(points: pd.DataFrame, papers: pd.DataFrame | None = None, title: str = "") -> go.Figure:
     """Accuracy (or agreement) against img/s: one colour per backbone and method, lines through each method's
     settings, Wilson intervals and the Pareto frontier; the papers' points, when given, on a panel of their own
@@ -385,23 +433,7 @@ def frontier_figure(points: pd.DataFrame, papers: pd.DataFrame | None = None, ti
     if not has_speed:
         data[x_col] = np.arange(len(data))
     data["series"] = data.apply(_method_name, axis=1)
-    for series, group in data.groupby("series", sort=False):
-        group = group.sort_values(x_col)
-        unreduced = data[(data["model"] == group["model"].iloc[0]) & (data["method"] == UNREDUCED)]
-        if not group["method"].eq(UNREDUCED).all():
-            group = pd.concat([unreduced, group]).drop_duplicates("setting_key").sort_values(x_col)
-        hover = [f"{r.model}<br>{r.setting}<br>{r.metric}: {r.score:.1%} [{r.ci_low:.1%}, {r.ci_high:.1%}] "
-                 f"of {r.images} images" + (f"<br>{r.img_per_s:.1f} img/s" if has_speed else "")
-                 + (f"<br>{r.gflops:.2f} GFLOPs" if "gflops" in group and pd.notna(r.gflops) else "")
-                 for r in group.itertuples()]
-        fig.add_trace(go.Scatter(
-            x=group[x_col], y=group["score"], mode="lines+markers", name=series, hovertext=hover, hoverinfo="text",
-            error_y=dict(type="data", symmetric=False, array=group["ci_high"] - group["score"],
-                         arrayminus=group["score"] - group["ci_low"], thickness=1)))
-    if has_speed:
-        front = pareto_front(data, x_col, "score")
-        fig.add_trace(go.Scatter(x=front[x_col], y=front["score"], mode="lines", name="Pareto frontier (measured)",
-                                 line=dict(color="black", dash="dot", width=2), hoverinfo="skip"))
+    _add_series(fig, data, x_col, has_speed)
     fig.update_layout(
         title=title or "Accuracy vs throughput on this machine", height=640, margin=dict(t=110, b=120),
         xaxis=dict(title="img/s on this machine" if has_speed else "setting (no throughput measured yet)",
@@ -413,23 +445,7 @@ def frontier_figure(points: pd.DataFrame, papers: pd.DataFrame | None = None, ti
         values, texts = log_ticks(low, high)
         fig.update_layout(xaxis=dict(range=[np.log10(low), np.log10(high)], tickvals=values, ticktext=texts))
     if with_papers:
-        # Their own panel: another metric (ImageNet top-1, not agreement) on other hardware (V100, not this machine).
-        # Labels point inwards, so that none runs off the panel.
-        low, high = papers["img_per_s"].min() / 1.6, papers["img_per_s"].max() * 1.6
-        middle = np.sqrt(low * high)
-        fig.add_trace(go.Scatter(
-            x=papers["img_per_s"], y=papers["score"], mode="markers+text", xaxis="x2", yaxis="y2",
-            name="papers: ImageNet top-1 vs V100 img/s (right panel)", text=papers["model"],
-            textposition=["middle left" if x > middle else "middle right" for x in papers["img_per_s"]],
-            textfont=dict(size=10, color="grey"),
-            marker=dict(symbol="circle-open", size=11, line=dict(width=2), color="grey"), visible=True,
-            hovertext=[f"{r.model}: {r.score:.1%} top-1, {r.img_per_s:.0f} img/s<br>{r.source} (not this machine)"
-                       for r in papers.itertuples()], hoverinfo="text"))
-        values, texts = log_ticks(low, high)
-        fig.update_layout(
-            xaxis2=dict(title="papers' img/s (V100, not this machine)", type="log",
-                        range=[np.log10(low), np.log10(high)], tickvals=values, ticktext=texts),
-            yaxis2=dict(title="ImageNet top-1 (papers)", tickformat=".0%"))
+        _add_papers_panel(fig, papers)
     return fig
 
 

@@ -17,10 +17,12 @@ from analysis.timing.harness import (
     PRECISIONS,
     BenchSettings,
     LatencyRow,
+    Runner,
     ThroughputRow,
     add_speedups,
     count_flops,
     benchmark,
+    count_flops,
     is_out_of_memory,
     latency,
     rows_to_dataframe,
@@ -105,68 +107,77 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from models.checkpoints import CheckpointError, WeightsNotFoundError
-    control_allocator()  # before any model or tensor is allocated
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.latency and args.batches:
-        parser.error("--latency measures batch 1; it cannot be combined with --batches")
+def _bench_settings(args: argparse.Namespace) -> BenchSettings:
+    """The harness settings the arguments ask for (batch 1 and more rounds for --latency); sets the thread count and
+    puts the baseline first among the models."""
     iters = args.iters or (1 if args.latency else 10)
     rounds = args.rounds or (20 if args.latency else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or default_device()
-    settings = BenchSettings(batch=1 if args.latency else args.batch, iters=iters, rounds=rounds, warmup=args.warmup,
-                             device=device, precision=args.precision)
     if args.baseline and args.baseline not in args.models:
         args.models = [args.baseline] + list(args.models)
-    try:
-        options = ModelOptions(channels_last=args.channels_last, fuse_bn=args.fuse_bn, compile=args.compile)
-        runners = [make_runner(name, device=device, random_weights=args.random_weights, options=options)
-                   for name in args.models]
-        # A sweep leaves out what cannot fit (``sweep``); a single batch is refused the same way, before it runs.
-        refusal = (batch_refusal(runners, settings.batch)
-                   if torch.device(device).type == "cpu" and not (args.latency or args.batches) else None)
-        if refusal:
-            print(f"error: {refusal}", file=sys.stderr)
-            return 2
-        if args.engine == "onnxruntime":
-            from analysis.timing.onnx_engine import onnx_runners
+    return BenchSettings(batch=1 if args.latency else args.batch, iters=iters, rounds=rounds, warmup=args.warmup,
+                         device=device, precision=args.precision)
 
-            if args.latency or args.batches:
-                parser.error("--engine onnxruntime exports at one batch: use --batch, not --latency or --batches")
-            for r in runners:  # the exported graph runs the same FLOPs; torch's counter cannot see inside ORT
-                r.flops_per_image = count_flops(r)
-            runners += onnx_runners(runners, settings.batch, device)
-    except (KeyError, ValueError, WeightsNotFoundError, CheckpointError) as exc:
-        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
-        return 2
-    engine = "torch.compile" if args.compile else "eager"
-    print(f"device={device}: {environment_line(timing_environment(device, args.precision, settings.batch, engine))}; "
-          f"rounds={rounds}x{iters} iters, interleaved")
 
-    def report(fraction: float, message: str) -> None:
-        print(f"  [{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+class _Refused(Exception):
+    """A batch refused before it runs; the message is the sentence to print."""
 
+
+def _runners(args: argparse.Namespace, parser: argparse.ArgumentParser, settings: BenchSettings) -> list[Runner]:
+    """One runner per model (and its ONNX Runtime twin with --engine onnxruntime); ValueError when the batch cannot
+    fit, the errors of loading otherwise."""
+    device = settings.device
+    options = ModelOptions(channels_last=args.channels_last, fuse_bn=args.fuse_bn, compile=args.compile)
+    runners = [make_runner(name, device=device, random_weights=args.random_weights, options=options)
+               for name in args.models]
+    # A sweep leaves out what cannot fit (``sweep``); a single batch is refused the same way, before it runs.
+    refusal = (batch_refusal(runners, settings.batch)
+               if torch.device(device).type == "cpu" and not (args.latency or args.batches) else None)
+    if refusal:
+        raise _Refused(refusal)
+    if args.engine == "onnxruntime":
+        from analysis.timing.onnx_engine import onnx_runners
+
+        if args.latency or args.batches:
+            parser.error("--engine onnxruntime exports at one batch: use --batch, not --latency or --batches")
+        for r in runners:  # the exported graph runs the same FLOPs; torch's counter cannot see inside ORT
+            r.flops_per_image = count_flops(r)
+        runners += onnx_runners(runners, settings.batch, device)
+    return runners
+
+
+def _report(fraction: float, message: str) -> None:
+    print(f"  [{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+
+
+def _measure(args: argparse.Namespace, runners: list[Runner], settings: BenchSettings) -> list | None:
+    """Time the runners as asked (latency, a sweep of batches, or one batch) and print the table; None after
+    printing why when one batch runs out of memory."""
     if args.latency:
-        rows = latency(runners, settings, baseline=args.baseline, progress=report)
+        rows = latency(runners, settings, baseline=args.baseline, progress=_report)
         print(format_latency_table(rows))
+        return rows
+    if args.batches:
+        rows, notes = sweep(runners, settings, args.batches, baseline=args.baseline, progress=_report)
+        for note in notes:
+            print(f"note: {note}")
     else:
-        if args.batches:
-            rows, notes = sweep(runners, settings, args.batches, baseline=args.baseline, progress=report)
-            for note in notes:
-                print(f"note: {note}")
-        else:
-            try:
-                rows = benchmark(runners, settings, baseline=args.baseline, progress=report)
-            except Exception as exc:  # noqa: BLE001 - only out-of-memory becomes a sentence; the rest propagates
-                if not is_out_of_memory(exc):
-                    raise
-                print(f"error: out of memory at batch {settings.batch} on {device}: use a smaller --batch, or "
-                      f"--batches for a sweep that backs off.", file=sys.stderr)
-                return 2
-        print(format_table(rows))
+        try:
+            rows = benchmark(runners, settings, baseline=args.baseline, progress=_report)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory becomes a sentence; the rest propagates
+            if not is_out_of_memory(exc):
+                raise
+            print(f"error: out of memory at batch {settings.batch} on {settings.device}: use a smaller --batch, or "
+                  f"--batches for a sweep that backs off.", file=sys.stderr)
+            return None
+    print(format_table(rows))
+    return rows
+
+
+def _print_findings(args: argparse.Namespace, rows: list, settings: BenchSettings) -> None:
+    """Spread warnings, speed-ups (within each engine too), and the rows written to --out."""
     for warning in spread_warnings(rows):
         print(f"warning: {warning}")
     for line in speedup_lines(rows):
@@ -181,6 +192,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         write_results(rows, args.out, settings)
         print(f"wrote {args.out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from models.checkpoints import CheckpointError, WeightsNotFoundError
+    control_allocator()  # before any model or tensor is allocated
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.latency and args.batches:
+        parser.error("--latency measures batch 1; it cannot be combined with --batches")
+    settings = _bench_settings(args)
+    try:
+        runners = _runners(args, parser, settings)
+    except _Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (KeyError, ValueError, WeightsNotFoundError, CheckpointError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    engine = "torch.compile" if args.compile else "eager"
+    print(f"device={settings.device}: "
+          f"{environment_line(timing_environment(settings.device, args.precision, settings.batch, engine))}; "
+          f"rounds={settings.rounds}x{settings.iters} iters, interleaved")
+    rows = _measure(args, runners, settings)
+    if rows is None:
+        return 2
+    _print_findings(args, rows, settings)
     return 0
 
 
