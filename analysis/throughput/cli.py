@@ -20,7 +20,6 @@ from analysis.timing.harness import (
     Runner,
     ThroughputRow,
     add_speedups,
-    count_flops,
     benchmark,
     count_flops,
     is_out_of_memory,
