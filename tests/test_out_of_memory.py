@@ -3,6 +3,7 @@ whose estimated activations exceed the available memory is refused up front. The
 subprocesses whose address space is limited with ``resource.setrlimit`` (RLIMIT_AS) in ``preexec_fn``."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -20,15 +21,28 @@ from analysis.timing.harness import Runner, is_out_of_memory
 ROOT = Path(__file__).resolve().parents[1]
 
 
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+# What a fresh python holds after the imports the limited runs make; measured in a child because this worker's own
+# size depends on what the tests before ran in it (a parallel worker grows), which made the limit drift.
+BASELINE = "import torch, timm, analysis.throughput.cli; from analysis.timing.memory import _kib_field; " \
+           "print(_kib_field('/proc/self/status', 'VmSize'))"
+
+
+@functools.lru_cache(maxsize=1)
+def fresh_process_size() -> int:
+    done = subprocess.run([sys.executable, "-c", BASELINE], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
 def limited_run(code_or_args: list[str], headroom: int) -> subprocess.CompletedProcess:
-    """Run python with an address-space limit of this process's size plus ``headroom`` bytes (same imports)."""
-    limit = _kib_field("/proc/self/status", "VmSize") + headroom
+    """Run python with an address-space limit of a fresh process's size (same imports) plus ``headroom`` bytes."""
+    limit = fresh_process_size() + headroom
 
     def limit_memory():
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, *code_or_args], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, *code_or_args], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=300, preexec_fn=limit_memory)
 
 
