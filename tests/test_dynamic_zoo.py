@@ -613,11 +613,13 @@ def test_training_cli_takes_hierarchical_backbones(family, tmp_path, monkeypatch
 def test_keep_frequency_task_counts_the_zoo_forward():
     """analysis.run keep-frequency on a hierarchical family: positions of the pruned stage's 14 x 14 map."""
     from analysis.data.folders import NO_LABEL
-    from analysis.runs.tasks import KEEP_FREQUENCY, TaskOptions, build_task
+    from analysis.runs.common import TaskModel, TaskOptions
+    from analysis.runs.keep_frequency import KEEP_FREQUENCY
+    from analysis.runs.tasks import TASKS
     from models.loading import load_model
 
     loaded = load_model("dynamiccnn_convnext_tiny", random_weights=True)
-    task = build_task(KEEP_FREQUENCY, loaded.model, loaded.name, TaskOptions(keep_ratio=0.7))
+    task = TASKS[KEEP_FREQUENCY].build(TaskModel.of(loaded), TaskOptions(keep_ratio=0.7))
     task.update(torch.randn(2, 3, 224, 224), torch.full((2,), NO_LABEL))
     record = task.result(task.sums)
     assert record.grid_size == (14, 14) and record.kept_tokens == (137, 97, 58)

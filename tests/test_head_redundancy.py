@@ -250,7 +250,7 @@ def test_tables_and_figures(deit_tiny_result, efficientvit_m0):
 def test_page_analysis_and_dataset_task_share_one_accumulator():
     """analyze_model (page) and analysis.run's head-similarity task run HeadSimilaritySums: same result,
     whatever the chunking, and the task's sums are the accumulator's."""
-    from analysis.runs.tasks import HeadSimilarityTask
+    from analysis.runs.head_similarity import HeadSimilarityTask
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_heads=3,

@@ -349,7 +349,7 @@ def test_benchmark_record_describes_what_it_timed():
 
 
 def test_page_function_and_dataset_task_share_one_accumulator():
-    from analysis.runs.tasks import TaylorTask
+    from analysis.runs.taylor import TaylorTask
     from analysis.channel_importance import TaylorSums
 
     model, x, labels = tiny_vit(), images(4), torch.tensor([0, 1, 2, 3])

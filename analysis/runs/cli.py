@@ -55,7 +55,8 @@ from analysis.runs.folders import (
     write_json_atomic,
     write_run,
 )
-from analysis.runs.tasks import TASKS, DatasetTask, TaskModel, TaskOptions
+from analysis.runs.common import DatasetTask, TaskModel, TaskOptions
+from analysis.runs.tasks import TASKS
 from models.attention_recording import UnsupportedModelError
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.device import synchronize
