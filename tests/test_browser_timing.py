@@ -20,37 +20,6 @@ from browser_support import (
 pytestmark = pytest.mark.browser
 
 
-def test_throughput_downloads_keep_the_results_on_the_page(fresh_app_url, tmp_path):
-    """Issue 12.1: after one run, both downloads arrive and the table, the charts and the buttons stay."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        page = open_page(p, fresh_app_url, "throughput", "Live throughput", downloads=True)
-        # A fresh server's first visit straight to a page URL still runs inside app.py: sidebar and titles.
-        page.get_by_text("Upload a checkpoint").wait_for(timeout=30_000)
-        assert page.get_by_text("Live throughput", exact=True).count() >= 1
-        fill_numbers(page, (("Batch size", "1"), ("Timed iterations per round", "1"),
-                             ("Interleaved rounds (median counts)", "2")))
-        page.get_by_role("button", name="Run benchmark").click()
-        page.get_by_role("button", name="Download CSV").wait_for(timeout=240_000)
-        wait_until_idle(page)
-        charts = page.locator('[data-testid="stPlotlyChart"]')
-        assert charts.count() == 2
-
-        def still_there() -> None:  # the result is still there after each click: no return to the form
-            assert page.get_by_text("Pick models and press").count() == 0
-            assert charts.count() == 2 and page.locator('[data-testid="stDataFrame"]').count() == 1
-            assert page.get_by_role("button", name="Download CSV").count() == 1
-            assert page.get_by_role("button", name="Download JSON").count() == 1
-
-        saved = download_each(page, ("Download CSV", "Download JSON"), tmp_path, still_there)
-        assert saved["Download CSV"].name == "throughput.csv" and saved["Download JSON"].name == "throughput.json"
-        header = saved["Download CSV"].read_text().splitlines()[0]
-        assert header.startswith("model,weights,image,")
-        assert '"weights": "random"' in saved["Download JSON"].read_text()
-        page.screenshot(path=str(tmp_path / "throughput_after_downloads.png"), full_page=True)
-
-
 def test_frontier_computes_and_keeps_its_points_through_downloads(shared_dir, app_url, tmp_path):
     """Issue 15: the frontier page, real DeiT-Tiny on the sample photos: chart, table and both downloads.
 
@@ -82,16 +51,38 @@ def test_frontier_computes_and_keeps_its_points_through_downloads(shared_dir, ap
         browser.close()
 
 
-def test_throughput_and_frontier_keep_settings_uploads_and_results_in_a_real_browser(app_url, tmp_path):
+def test_throughput_and_frontier_keep_settings_uploads_and_results_in_a_real_browser(fresh_app_url, tmp_path):
+    """Issues 12.1 and 30: one benchmark run on a server nobody has visited, then both downloads arrive and the
+    table, the charts and the buttons stay; the settings and the result survive Home and back; the frontier
+    keeps its settings and uploads through Home and back and one more widget."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        page = open_page(p, app_url, "throughput", "Live throughput")
+        page = open_page(p, fresh_app_url, "throughput", "Live throughput", downloads=True)
+        # A fresh server's first visit straight to a page URL still runs inside app.py: sidebar and titles.
+        page.get_by_text("Upload a checkpoint").wait_for(timeout=30_000)
+        assert page.get_by_text("Live throughput", exact=True).count() >= 1
         settings = (("Batch size", "1"), ("Timed iterations per round", "1"), ("Interleaved rounds (median counts)", "2"))
         fill_numbers(page, settings)
         page.get_by_role("button", name="Run benchmark").click()
         page.get_by_role("button", name="Download CSV").wait_for(timeout=240_000)
         wait_until_idle(page)
+        charts = page.locator('[data-testid="stPlotlyChart"]')
+        assert charts.count() == 2
+
+        def still_there() -> None:  # the result is still there after each click: no return to the form
+            assert page.get_by_text("Pick models and press").count() == 0
+            assert charts.count() == 2 and page.locator('[data-testid="stDataFrame"]').count() == 1
+            assert page.get_by_role("button", name="Download CSV").count() == 1
+            assert page.get_by_role("button", name="Download JSON").count() == 1
+
+        saved = download_each(page, ("Download CSV", "Download JSON"), tmp_path, still_there)
+        assert saved["Download CSV"].name == "throughput.csv" and saved["Download JSON"].name == "throughput.json"
+        header = saved["Download CSV"].read_text().splitlines()[0]
+        assert header.startswith("model,weights,image,")
+        assert '"weights": "random"' in saved["Download JSON"].read_text()
+        page.screenshot(path=str(tmp_path / "throughput_after_downloads.png"), full_page=True)
+
         away_and_back(page, "Live throughput", "Live throughput")
         assert [page.get_by_label(label).input_value() for label, _ in settings] == ["1", "1", "2"]
         assert page.get_by_role("button", name="Download CSV").count() == 1

@@ -63,11 +63,11 @@ def test_a_frozen_rank_is_named_when_the_timeout_fires(images, tmp_path):
     driver = tmp_path / "freeze.py"
     driver.write_text(FREEZE)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
-               *cli_args(images, tmp_path / "run", "--workers", "0", "--timeout", "20")]
+               *cli_args(images, tmp_path / "run", "--workers", "0", "--timeout", "10")]
     done = subprocess.run(command, cwd=ROOT, env=child_env(FREEZE_RANK="1"), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode != 0
-    assert ("rank 1 did not reach the final all-reduce of the sums within --timeout 20 s" in done.stderr
+    assert ("rank 1 did not reach the final all-reduce of the sums within --timeout 10 s" in done.stderr
             ), done.stderr[-3000:]
 
 
