@@ -1,5 +1,6 @@
 """A roofline you can trust: the hardware's own peak from what the machine says, a measurement with its conditions,
 refused by the cache under load, measured again on request, and drawn beside the hardware peak."""
+import inspect
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -146,7 +147,8 @@ def test_repeatability_benchmark_reports_ratios():
     from analysis.bench import roofline as bench
     from analysis.bench.suite import BENCHMARKS
 
-    assert "analysis.bench.roofline" in BENCHMARKS.values()
+    assert "analysis.bench.roofline" in BENCHMARKS.values() and callable(bench.main)
+    assert list(inspect.signature(bench.measure).parameters)[:2] == ["quick", "progress"]
     first = roofline.Roofline(device="cpu", dtype="float32", hardware="t", threads=2, peak_gflops=100.0,
                               bandwidth_gbs=20.0, matmul_sizes=[], copy_mib=1, hardware_peak_gflops=200.0)
     second = roofline.Roofline(**{**first.__dict__, "peak_gflops": 95.0, "bandwidth_gbs": 25.0,

@@ -176,7 +176,12 @@ def measure_matmul_gflops(device: str, dtype: torch.dtype, sizes=None, samples: 
     for i, n in enumerate(candidates):
         _report(progress, 0.8 * i / len(candidates), f"matmul {n}x{n}")
         best_before = max(rates.values(), default=0.0)
-        rates[n] = _matmul_rate(n, device, dtype, 2 if grow else samples, deadline)
+        try:
+            rates[n] = _matmul_rate(n, device, dtype, 2 if grow else samples, deadline)
+        except torch.OutOfMemoryError:
+            if not rates:
+                raise
+            break  # a device too small for the next size: the sizes that fitted decide
         one_call_s = 2 * n ** 3 / 1e9 / rates[n]
         if grow and (rates[n] < IMPROVES * best_before
                      or time.perf_counter() + 8 * one_call_s * (3 + samples) > deadline):
