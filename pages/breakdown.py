@@ -72,8 +72,8 @@ run = st.button("Profile", type="primary", disabled=not variants or not batches,
 def run_profiles() -> dict:
     with st.status("Profiling ...", expanded=True) as status:
         show = progress_bar()
-        status.update(label=f"Measuring this machine's limits on {device} (once, then cached) ...")
-        roof = machine_roofline(device, precision)
+        status.update(label=f"This machine's limits on {device}: from the cache, or measured (10-20 s) ...")
+        roof = machine_roofline(device, precision, progress=lambda f, m: show(f, f"this machine's limits: {m}"))
         results, steps = [], len(variants) * len(batches)
         for index, (text, batch) in enumerate((t, b) for b in sorted(batches) for t in variants):
             loaded = cached_model(parse_variant(text).model, random_weights=True)
@@ -102,6 +102,10 @@ if stored is None:
     st.info("Pick models and batch sizes and press **Profile**.")
     st.stop()
 result = stored[1]
+if st.session_state.get("bd_remeasure"):  # the button below, pressed: measure before anything is drawn
+    with st.status(f"Measuring this machine's limits on {device} again ...", expanded=True) as measuring:
+        result["roof"] = machine_roofline(device, precision, refresh=True, progress=progress_bar())
+        measuring.update(label=f"Limits measured again: {result['roof'].cache_status()}", state="complete")
 results, roof = result["results"], result["roof"]
 if result["request"] != request:
     st.caption("Results of the last run; the settings above have changed since: press **Profile** to measure them.")
@@ -149,10 +153,17 @@ if savings:
 
 st.subheader("Roofline")
 st.plotly_chart(roofline_figure(results, roof), key="bd_roofline")
-st.caption(f"Limits measured once on this machine and cached: dense {roof.matmul_sizes} square matmul "
-           f"{roof.peak_gflops:.1f} GFLOP/s, {roof.copy_mib} MiB copy {roof.bandwidth_gbs:.1f} GB/s. Bytes are "
-           "the operators' tensors read and written (views move nothing); element-wise, norm and softmax count "
-           "one or five operations per output element. Data movement does no FLOPs and is not drawn.")
+st.markdown("**This machine's limits** (best of spaced samples of dense square matmuls and of a copy far larger "
+            "than the last-level cache; the dashed roof is the hardware's own peak):\n"
+            + "\n".join(f"- {line}" for line in roof.summary_lines()))
+if roof.under_load:
+    st.warning(f"These limits were measured under load ({roof.under_load}): the roofline, and with it the time "
+               "below the bandwidth roof, may sit below what this machine reaches when quiet. Measure again when "
+               "it is quiet.")
+st.button("Measure this machine's limits again", key="bd_remeasure",
+          help="Measures now (10-20 s) instead of reading the cache; cached only when the machine is quiet.")
+st.caption("Bytes are the operators' tensors read and written (views move nothing); element-wise, norm and "
+           "softmax count one or five operations per output element. Data movement does no FLOPs and is not drawn.")
 
 st.subheader("Downloads")
 d1, d2, d3 = st.columns(3)

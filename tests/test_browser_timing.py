@@ -111,7 +111,7 @@ def breakdown_app_url(tmp_path_factory):
     cache = tmp_path_factory.mktemp("roof") / "roof.json"
     previous = os.environ.get(roofline.CACHE_ENV)
     os.environ[roofline.CACHE_ENV] = str(cache)
-    roofline.machine_roofline("cpu", matmul_sizes=(512,), copy_mib=32)
+    roofline.store(roofline.machine_roofline("cpu", matmul_sizes=(512,), copy_mib=32))  # cached even under load
     try:
         with running_app() as url:
             yield url

@@ -14,7 +14,7 @@ def small_roofline(tmp_path, monkeypatch):
     from analysis.timing import roofline
 
     monkeypatch.setenv(roofline.CACHE_ENV, str(tmp_path / "roof.json"))
-    roofline.machine_roofline("cpu", matmul_sizes=(128,), copy_mib=4)
+    roofline.store(roofline.machine_roofline("cpu", matmul_sizes=(128,), copy_mib=4, samples=1))  # even under load
 
 
 def test_page_profiles_shows_figures_and_keeps_results(small_roofline):

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, help="CPU threads for torch (and ONNX Runtime)")
     p.add_argument("--no-roofline", action="store_true", help="skip measuring the machine's limits")
+    p.add_argument("--refresh-roofline", action="store_true",
+                   help="measure the machine's limits again instead of reading them from the cache (the new "
+                        "measurement is cached only when taken on a quiet machine)")
     p.add_argument("--out", help="folder for ops.csv, breakdown.json and one Chrome trace per model")
     return p
 
@@ -56,9 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     roof = None
     if not args.no_roofline:
-        roof = machine_roofline(args.device, args.precision)
-        print(f"roofline {roof.device} {roof.dtype}: {roof.peak_gflops:.1f} GFLOP/s, {roof.bandwidth_gbs:.1f} GB/s, "
-              f"ridge {roof.ridge:.1f} FLOP/byte ({'cached' if roof.cached else 'measured now'})")
+        roof = machine_roofline(args.device, args.precision, refresh=args.refresh_roofline,
+                                progress=lambda fraction, message: print(f"  measuring the roofline: {message}",
+                                                                         file=sys.stderr, flush=True))
+        print(f"roofline {roof.device} {roof.dtype}: " + "\n  ".join(roof.summary_lines()))
     results = []
     for text in args.models:
         try:

@@ -77,6 +77,17 @@ def block_figure(b: Breakdown) -> go.Figure:
     return fig
 
 
+def _hardware_roof(fig: go.Figure, roof: Roofline, x: np.ndarray) -> None:
+    """The hardware's own peak, dashed: its compute roof, and its bandwidth roof where that is known."""
+    if not roof.hardware_peak_gflops:
+        return
+    y = np.full_like(x, roof.hardware_peak_gflops)
+    if roof.hardware_bandwidth_gbs:
+        y = np.minimum(y, roof.hardware_bandwidth_gbs * x)
+    fig.add_scatter(x=x, y=y, mode="lines", name=f"hardware peak {roof.hardware_peak_gflops:.0f} GFLOP/s",
+                    line=dict(color="grey", dash="dash"), hovertext=roof.hardware_peak_how, hoverinfo="text+name")
+
+
 def roofline_figure(results: Sequence[Breakdown], roof: Roofline) -> go.Figure:
     """Achieved GFLOP/s against arithmetic intensity per operator class and model, under this machine's roofs."""
     pts = [p for b in results for p in points(b, roof) if p["flops"] > 0 and p["bytes"] > 0]
@@ -84,9 +95,10 @@ def roofline_figure(results: Sequence[Breakdown], roof: Roofline) -> go.Figure:
     lo = min([p["intensity"] for p in pts] + [roof.ridge / 100]) / 2
     hi = max([p["intensity"] for p in pts] + [roof.ridge * 10]) * 2
     x = np.geomspace(lo, hi, 200)
-    fig.add_scatter(x=x, y=np.minimum(roof.peak_gflops, roof.bandwidth_gbs * x), mode="lines", name="roof",
+    fig.add_scatter(x=x, y=np.minimum(roof.peak_gflops, roof.bandwidth_gbs * x), mode="lines", name="measured roof",
                     line=dict(color="black"), hoverinfo="skip")
     fig.add_vline(x=roof.ridge, line_dash="dot", annotation_text=f"ridge {roof.ridge:.1f} FLOP/B")
+    _hardware_roof(fig, roof, x)
     symbols = ["circle", "square", "diamond", "triangle-up", "x", "star", "cross", "pentagon"]
     models = list(dict.fromkeys(_label(b) for b in results))
     for kind in OP_CLASSES:
@@ -105,7 +117,8 @@ def roofline_figure(results: Sequence[Breakdown], roof: Roofline) -> go.Figure:
         xaxis=dict(type="log", dtick=1, title="arithmetic intensity (FLOPs per byte of tensors read and written)"),
         yaxis=dict(type="log", dtick=1, title="achieved GFLOP/s"),
         title=f"Roofline of this machine ({roof.hardware}, {roof.threads} threads, {roof.dtype}): "
-              f"{roof.peak_gflops:.0f} GFLOP/s, {roof.bandwidth_gbs:.1f} GB/s")
+              f"{roof.peak_gflops:.0f} GFLOP/s, {roof.bandwidth_gbs:.1f} GB/s measured"
+              + (f" (hardware peak {roof.hardware_peak_gflops:.0f} GFLOP/s)" if roof.hardware_peak_gflops else ""))
     return fig
 
 
