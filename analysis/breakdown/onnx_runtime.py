@@ -56,8 +56,8 @@ def profile_onnx_file(path: Path, images: np.ndarray, *, name: str, batch: int, 
     graph = optimised_graph(path, prof_sess.get_providers())
     rows, found = attribute_nodes(events, iters, graph, model=name)
     note = [f"ONNX Runtime {_ort_version()}", checked,
-            f"nodes {found['nodes_ms']:.2f} ms + session between nodes {found['between_ms']:.2f} ms = its run "
-            f"{found['run_ms']:.2f} ms per forward"]
+            (f"nodes {found['nodes_ms']:.2f} ms + session between nodes {found['between_ms']:.2f} ms = its run "
+             f"{found['run_ms']:.2f} ms per forward")]
     if found["unclassed"]:
         note.append("op types not classed: " + ", ".join(sorted(found["unclassed"])))
     if found["uncounted"]:
