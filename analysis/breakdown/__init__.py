@@ -17,7 +17,8 @@ tensors occupy (inputs + outputs; views move nothing), attributed to the same cl
 ``python -m analysis.breakdown --models ... --batch 8 --device cpu`` prints the same records.
 
 The package: ``operators`` (the classes and components of operators), ``records`` (``OpRow``, ``Breakdown``),
-``eager`` (the torch profiler, ``profile_model``), ``onnx_runtime`` (ONNX Runtime's own profile), ``tables``
+``eager`` (the torch profiler, ``profile_model``), ``onnx_runtime`` (ONNX Runtime's own profile) and
+``onnx_costs`` (FLOPs and bytes of its nodes), ``tables``
 (shares, savings, per-operator and per-component tables), ``figures`` (plotly), ``cli``.
 """
 from analysis.breakdown.cli import build_parser, format_report, main

@@ -19,7 +19,8 @@ CLASS_COLOURS = {"compute": "#4c78a8", "data movement": "#f58518", "element-wise
 
 
 def _label(b: Breakdown) -> str:
-    engine = "" if b.engine == "eager" else f" ({b.engine})"
+    """``model b8``; the engine once: ONNX Runtime's runner names already end in `` [onnxruntime]``."""
+    engine = "" if b.engine == "eager" or b.engine in b.model else f" [{b.engine}]"
     return f"{b.model}{engine} b{b.batch}"
 
 
@@ -90,7 +91,7 @@ def _hardware_roof(fig: go.Figure, roof: Roofline, x: np.ndarray) -> None:
 
 def roofline_figure(results: Sequence[Breakdown], roof: Roofline) -> go.Figure:
     """Achieved GFLOP/s against arithmetic intensity per operator class and model, under this machine's roofs."""
-    pts = [p for b in results for p in points(b, roof) if p["flops"] > 0 and p["bytes"] > 0]
+    pts = [dict(p, label=_label(b)) for b in results for p in points(b, roof) if p["flops"] > 0 and p["bytes"] > 0]
     fig = go.Figure()
     lo = min([p["intensity"] for p in pts] + [roof.ridge / 100]) / 2
     hi = max([p["intensity"] for p in pts] + [roof.ridge * 10]) * 2
@@ -105,7 +106,7 @@ def roofline_figure(results: Sequence[Breakdown], roof: Roofline) -> go.Figure:
         part = [p for p in pts if p["op_class"] == kind]
         if not part:
             continue
-        labels = [f"{p['model']} b{p['batch']}" for p in part]
+        labels = [p["label"] for p in part]
         fig.add_scatter(
             x=[p["intensity"] for p in part], y=[p["gflops_per_s"] for p in part], mode="markers", name=kind,
             marker=dict(color=CLASS_COLOURS.get(kind), size=11,

@@ -13,7 +13,8 @@ OP_CLASSES = (COMPUTE, DATA, ELEMENTWISE, NORM, SOFTMAX, BOOKKEEPING, OTHER)
 # EfficientViT's memory-inefficient operators: everything but the dense products (and the rest, "other").
 MEMORY_CLASSES = (DATA, ELEMENTWISE, NORM, SOFTMAX, BOOKKEEPING)
 REST = "rest (norms, residuals, pooling)"
-COMPONENT_ORDER = COMPONENTS + (REST,)
+UNKNOWN = "unknown"  # the component of an ONNX Runtime node whose name carries no module path
+COMPONENT_ORDER = COMPONENTS + (REST, UNKNOWN)
 FORWARD_SCOPE = "forward"
 OVERHEAD_OP = "(Python / framework between operators)"
 
@@ -86,32 +87,84 @@ def block_of(path: str) -> str:
 
 
 # ------------------------------------------------------------------ ONNX Runtime's nodes
-_ORT_CLASSES = {
-    "compute": {"MatMul", "Gemm", "Conv", "FusedConv", "FusedMatMul", "MatMulNBits", "QLinearConv", "ConvTranspose",
-                "Attention", "MultiHeadAttention", "NhwcConv", "FusedGemm", "QuickGelu_FusedMatMul"},
-    "data movement": {"Reshape", "Transpose", "Concat", "Gather", "GatherElements", "GatherND", "Slice", "Split",
-                      "Squeeze", "Unsqueeze", "Expand", "Flatten", "Pad", "Tile", "ScatterND", "ScatterElements",
-                      "Identity", "Cast", "Shape", "ConstantOfShape", "Range", "ReorderInput", "ReorderOutput",
-                      "DepthToSpace", "SpaceToDepth", "Trilu"},
-    "element-wise": {"Add", "Sub", "Mul", "Div", "Relu", "Gelu", "FastGelu", "BiasGelu", "HardSwish", "HardSigmoid",
-                     "Sigmoid", "Erf", "Tanh", "Exp", "Sqrt", "Pow", "Clip", "Where", "Neg", "Equal", "Less",
-                     "Greater", "Not", "And", "Max", "Min", "QuickGelu", "Silu", "Mish", "Abs", "Log", "Reciprocal"},
-    "normalisation": {"LayerNormalization", "SkipLayerNormalization", "BatchNormalization", "SimplifiedLayerNormalization",
-                      "GroupNorm", "InstanceNormalization", "SkipSimplifiedLayerNormalization"},
-    "softmax": {"Softmax", "LogSoftmax"},
-    "token-reduction bookkeeping": {"TopK", "ArgMax", "ArgMin", "CumSum", "NonZero"},
+# Each ONNX / ONNX Runtime op type (standard ONNX, ORT's contrib fusions in com.microsoft, its NCHWc layout ops)
+# is classed as the aten operator it computes, so both engines share one set of classes by construction: a
+# fused node by its principal operator (FusedMatMul and Gemm compute, BiasGelu element-wise,
+# SkipLayerNormalization a norm). Reductions and pooling stay "other", as aten's mean and pooling do.
+_ORT_AS_ATEN = {
+    # compute
+    "MatMul": "matmul", "FusedMatMul": "matmul", "MatMulNBits": "matmul", "MatMulInteger": "matmul",
+    "QLinearMatMul": "matmul", "MatMulIntegerToFloat": "matmul", "DynamicQuantizeMatMul": "matmul",
+    "Gemm": "addmm", "FusedGemm": "addmm", "Conv": "convolution", "FusedConv": "convolution",
+    "NhwcConv": "convolution", "QLinearConv": "convolution", "ConvInteger": "convolution",
+    "ConvTranspose": "convolution", "Einsum": "einsum", "Attention": "scaled_dot_product_attention",
+    "MultiHeadAttention": "scaled_dot_product_attention", "GroupQueryAttention": "scaled_dot_product_attention",
+    # data movement
+    "Reshape": "reshape", "Transpose": "permute", "Concat": "cat", "Gather": "index_select",
+    "GatherElements": "gather", "GatherND": "index", "Slice": "slice", "Split": "split", "Squeeze": "squeeze",
+    "Unsqueeze": "unsqueeze", "Expand": "expand", "Flatten": "flatten", "Pad": "constant_pad_nd", "Tile": "tile",
+    "ScatterND": "index_put", "ScatterElements": "scatter", "Identity": "alias", "Cast": "_to_copy",
+    "ConstantOfShape": "full", "Constant": "lift_fresh", "Range": "arange", "DepthToSpace": "pixel_shuffle",
+    "ReorderInput": "contiguous", "ReorderOutput": "contiguous",  # NCHWc layout changes: copies
+    "Shape": "alias", "Size": "alias",  # read a tensor's metadata, like a view
+    # element-wise
+    "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Relu": "relu", "Gelu": "gelu", "FastGelu": "gelu",
+    "BiasGelu": "gelu", "QuickGelu": "gelu", "BiasAdd": "add", "HardSwish": "hardswish",
+    "HardSigmoid": "hardsigmoid", "Sigmoid": "sigmoid", "Erf": "erf", "Tanh": "tanh", "Exp": "exp",
+    "Sqrt": "sqrt", "Pow": "pow", "Clip": "clamp", "Where": "where", "Neg": "neg", "Equal": "eq", "Less": "lt",
+    "Greater": "gt", "LessOrEqual": "le", "GreaterOrEqual": "ge", "Not": "logical_not", "And": "logical_and",
+    "Or": "logical_or", "Max": "maximum", "Min": "minimum", "Mish": "mish", "Abs": "abs", "Log": "log",
+    "Reciprocal": "reciprocal", "Floor": "floor", "Ceil": "ceil", "Round": "round", "Sign": "sign",
+    "LeakyRelu": "leaky_relu", "Elu": "elu", "Softplus": "softplus", "Dropout": "dropout", "Sum": "add",
+    # normalisation
+    "LayerNormalization": "layer_norm", "SkipLayerNormalization": "layer_norm",
+    "SimplifiedLayerNormalization": "rms_norm", "SkipSimplifiedLayerNormalization": "rms_norm",
+    "BatchNormalization": "batch_norm", "InstanceNormalization": "instance_norm",
+    "GroupNormalization": "group_norm", "GroupNorm": "group_norm", "LpNormalization": "normalize",
+    # softmax
+    "Softmax": "softmax", "LogSoftmax": "log_softmax", "BiasSoftmax": "softmax",
+    # bookkeeping
+    "TopK": "topk", "ArgMax": "argmax", "ArgMin": "argmin", "CumSum": "cumsum", "NonZero": "nonzero",
+    "Unique": "unique",
+    # the rest: reductions, pooling, resizing, remainders (aten's counterparts are "other" too)
+    "ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "amax", "ReduceMin": "amin",
+    "GlobalAveragePool": "adaptive_avg_pool2d", "AveragePool": "avg_pool2d", "MaxPool": "max_pool2d",
+    "GlobalMaxPool": "adaptive_max_pool2d", "Resize": "upsample_bilinear2d", "Mod": "remainder",
 }
+ORT_OP_TYPES = frozenset(_ORT_AS_ATEN)
 
 
 def ort_op_class(op_type: str) -> str:
-    for kind, members in _ORT_CLASSES.items():
-        if op_type in members:
-            return kind
-    return "other"
+    """The class of an ONNX Runtime node's op type: that of the aten operator it computes; an op type not in the
+    table is "other" (``profile_onnx`` names it in its note)."""
+    aten = _ORT_AS_ATEN.get(op_type)
+    return op_class(aten) if aten else OTHER
+
+
+def ort_module_path(node_name: str) -> str:
+    """The module path in an exported node's name: ``/model/stages/stages.0/blocks/blocks.1/mixer/m/MatMul`` ->
+    ``stages.0.blocks.1.mixer.m`` (module names are lower case, op names not; the exporter names a container's child by its dotted path from the container;
+    the first level, ``model``, is the exporter's wrapper)."""
+    segments = [s for s in node_name.split("/") if s]
+    if segments[:1] == ["model"]:
+        segments = segments[1:]
+    parts, last = [], None
+    for segment in segments:
+        if segment[:1].isupper():  # the exporter's op name (``MatMul``, ``Conv_output_0_nchwc``): modules end
+            break
+        if last is not None and segment.startswith(last + "."):
+            parts.append(segment[len(last) + 1:])
+        else:
+            parts.append(segment)
+        last = segment
+    return ".".join(parts)
 
 
 def ort_component(node_name: str) -> str:
-    """The component of an exported node from the module path in its name (``/blocks.0/attn/qkv/MatMul``)."""
+    """The component of an exported node from the module path in its name (``/blocks.0/attn/qkv/MatMul``);
+    ``unknown`` for a node ONNX Runtime made without one (a fusion or layout change named ``Gelu_token_3``)."""
+    if "/" not in node_name:
+        return UNKNOWN
     parts = [p.split(".")[0] for p in node_name.replace("::", "/").split("/") if p]
     lowered = [p.lower() for p in parts]
     if any(p in ("patch_embed", "stem", "conv_stem") for p in lowered[:3]):

@@ -74,6 +74,11 @@ class Breakdown:
         shares = self.shares()
         return sum(shares.get(k, 0.0) for k in MEMORY_CLASSES)
 
+    @property
+    def costs_counted(self) -> bool:
+        """Whether any operator has FLOPs or bytes: without them the roofline has no point and nothing is below it."""
+        return any(row.flops > 0 or row.bytes > 0 for row in self.ops)
+
     def groups(self, by: Sequence[str] = ("op_class",)) -> list[dict]:
         """Time, FLOPs and bytes per forward summed over rows with the same ``by`` fields."""
         out: dict[tuple, dict] = {}

@@ -83,7 +83,8 @@ def component_table(results: Sequence[Breakdown]) -> pd.DataFrame:
             memory = sum(r.ms for r in b.ops if r.component == g["component"] and r.op_class not in ("compute", "other"))
             rows.append(dict(model=b.model, batch=b.batch, engine=b.engine, component=g["component"],
                              ms=g["ms"], share=g["ms"] / max(b.attributed_ms, 1e-12),
-                             memory_bound=memory / g["ms"] if g["ms"] else 0.0, gflops=g["flops"] / 1e9))
+                             memory_bound=memory / g["ms"] if g["ms"] else 0.0,
+                             gflops=g["flops"] / 1e9 if b.costs_counted else None))
     return pd.DataFrame(rows)
 
 
@@ -92,6 +93,6 @@ def summary_table(results: Sequence[Breakdown], roof: Roofline | None = None) ->
     for b in results:
         row = b.summary()
         if roof is not None:
-            row["below_bandwidth_roof"] = below_roof_share(b, roof)
+            row["below_bandwidth_roof"] = below_roof_share(b, roof) if b.costs_counted else None  # n/a, not 0
         rows.append(row)
     return pd.DataFrame(rows)
