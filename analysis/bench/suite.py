@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, str] = {
     "Taylor cost": "analysis.bench.taylor_cost",
     "frontier task cost": "analysis.bench.frontier",
     "page interaction": "analysis.bench.pages",
+    "attribution": "analysis.bench.attribution",
 }
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
