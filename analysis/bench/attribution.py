@@ -76,7 +76,8 @@ def format_table(results: Sequence) -> str:
     from analysis.breakdown import attribution_table
 
     table = attribution_table(results).drop(columns=["engine"])
-    return table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="n/a")
+    return table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="n/a",
+                           formatters={"events": lambda v: "n/a" if v != v else f"{v:.0f}"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

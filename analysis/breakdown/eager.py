@@ -201,8 +201,8 @@ def profile_runner(name: str, forward: Callable[[Any], Any], inputs: Any, *, dev
     per_event = calibration.per_event_us if calibration is not None else None
     b = _median_breakdown(name, [attribute_events(events, cuda, per_event or 0.0) for events in rounds], costs,
                           shapes, device=device, precision=precision, weights=weights,
-                          batch=batch or _batch_of(inputs), plain=plain, profiled=profiled, trace=trace)
-    b.per_event_us = per_event
+                          batch=batch or _batch_of(inputs), plain=plain, profiled=profiled, trace=trace,
+                          per_event_us=per_event)
     report(1.0, f"{name}: done")
     return b
 
