@@ -5,8 +5,8 @@ import time
 
 import streamlit as st
 
-from analysis.breakdown import (baseline_of, component_table, ops_table, profile_model, reduction_savings,
-                                summary_table, to_json)
+from analysis.breakdown import (TOLERANCE, attribution_table, attribution_warning, baseline_of, component_table,
+                                ops_table, profile_model, reduction_savings, summary_table, to_json)
 from analysis.breakdown.figures import block_figure, roofline_figure, savings_figure, share_figure
 from analysis.timing.onnx_engine import ENGINES, OnnxEngineError
 from analysis.provenance import RANDOM
@@ -17,6 +17,7 @@ from models.variants import parse_variant
 from pages._state import current_device, kept, latest_result, run_through_app, session_result, set_kept
 from pages._widgets import cached_model, download_df, download_json, progress_bar, timm_model_names
 
+AGAIN_KEY = "bd_profile_again_requested"
 PAPER_MODELS = ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", *[f"efficientvit_m{i}" for i in range(6)],
                 "mobilenetv3_large_100", "mobilevit_xxs"]
 
@@ -67,6 +68,7 @@ for text in list(variants):
         variants.insert(variants.index(text), base)
 request = (tuple(variants), tuple(sorted(int(b) for b in batches)), precision, engine, int(iters), device)
 run = st.button("Profile", type="primary", disabled=not variants or not batches, key="bd_run")
+run = run or st.session_state.pop(AGAIN_KEY, False)  # "Profile again" under a warning that the times miss
 
 
 def run_profiles() -> dict:
@@ -89,6 +91,41 @@ def run_profiles() -> dict:
                                          progress=progress))
         status.update(label=f"Done: {len(results)} profiles on {device}", state="complete")
     return {"results": results, "roof": roof, "request": request}
+
+
+def _profile_again() -> None:
+    st.session_state[AGAIN_KEY] = True
+
+
+def _attribution_check(results) -> None:
+    """Whether the operators' time adds up to the forward timed without the profiler, first and at full width;
+    a warning with the figure and a button to profile again where it misses."""
+    table = attribution_table(results)
+    ratios = table["attributed_vs_plain"]
+    missed = [b for b in results if not b.adds_up]
+    st.markdown(f"**Does the attribution add up?** attributed / plain {ratios.min():.2f} to {ratios.max():.2f} over "
+                f"{len(results)} profile{'s' if len(results) > 1 else ''}; profiled / plain "
+                f"{table['profiled_vs_plain'].min():.2f} to {table['profiled_vs_plain'].max():.2f}"
+                + ("" if missed else f" (all within {TOLERANCE:.0%})"))
+    st.dataframe(table, hide_index=True, column_order=[c for c in table.columns if c != "engine"], column_config={
+        "model": st.column_config.TextColumn("model", pinned=True),
+        "plain_ms": st.column_config.NumberColumn("plain ms", format="%.2f"),
+        "profiled_ms": st.column_config.NumberColumn("profiled ms", format="%.2f"),
+        "profiled_vs_plain": st.column_config.NumberColumn("profiled / plain", format="%.2f"),
+        "per_event_us": st.column_config.NumberColumn("profiler µs / event", format="%.2f"),
+        "events": st.column_config.NumberColumn("events / forward", format="%d"),
+        "attributed_ms": st.column_config.NumberColumn("attributed ms", format="%.2f"),
+        "attributed_vs_plain": st.column_config.NumberColumn("attributed / plain", format="%.2f"),
+        "within_10pct": st.column_config.TextColumn(f"within {TOLERANCE:.0%}"),
+        "load_1min": st.column_config.NumberColumn("load (1 min)", format="%.1f")}, key="bd_attribution")
+    st.caption("Plain: the forward timed without the profiler; profiled: with it, in the same interleaved rounds "
+               "(medians). The profiler's cost per recorded event is calibrated on this machine (tiny operators "
+               "timed with and without it) and taken out of the operators' times; attributed / plain near 1 "
+               "means the per-operator milliseconds add up to the real forward.")
+    for b in missed:
+        st.warning(attribution_warning(b))
+    if missed:
+        st.button("Profile again", on_click=_profile_again, key="bd_again")
 
 
 if run:
@@ -114,12 +151,16 @@ hardware = roof.hardware
 st.caption(f"{results[0].device} ({hardware}, {roof.threads} threads), {results[0].precision}, "
            f"engine {results[0].engine}; weights: {RANDOM}; input: random images. Shares are of the time the profiler "
            "attributes to operators; Python between operators counts as *other*.")
+_attribution_check(results)
 st.plotly_chart(share_figure(results), key="bd_classes")
 st.plotly_chart(share_figure(results, by="component"), key="bd_components")
 
 st.subheader("Per model")
 summary = summary_table(results, roof)
-st.dataframe(summary, hide_index=True, column_config={
+first = ["model", "batch", "memory_bound_share", "below_bandwidth_roof", "profiler_overhead", "attributed_vs_plain"]
+st.dataframe(summary, hide_index=True, column_order=[c for c in first if c in summary] + [
+    c for c in summary.columns if c not in first], column_config={
+    "model": st.column_config.TextColumn("model", pinned=True),
     "memory_bound_share": st.column_config.NumberColumn("memory-bound share", format="%.2f"),
     "below_bandwidth_roof": st.column_config.NumberColumn("time below bandwidth roof", format="%.2f"),
     "profiler_overhead": st.column_config.NumberColumn("profiled / plain", format="%.2f"),

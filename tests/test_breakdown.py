@@ -37,7 +37,9 @@ def test_attribution_adds_up_to_the_profiled_forward(deit_profile):
     # Every microsecond inside the forward goes to exactly one (operator, class, component): nothing is lost
     # or counted twice.
     assert sum(r.ms for r in b.ops) == pytest.approx(b.attributed_ms, rel=1e-9)
-    assert b.attributed_ms == pytest.approx(b.forward_scope_ms, rel=0.01)
+    # As recorded, the self times are the forward's total; the profiler's cost per event comes out of them.
+    assert b.raw_attributed_ms == pytest.approx(b.forward_scope_ms, rel=0.01)
+    assert b.attributed_ms <= b.raw_attributed_ms
     assert sum(b.shares().values()) == pytest.approx(1.0)
     assert sum(b.shares("component").values()) == pytest.approx(1.0)
     assert b.plain_median_ms > 0 and b.overhead > 0 and b.attributed_vs_plain > 0
@@ -78,7 +80,8 @@ def test_cascaded_group_attention_has_no_softmax_over_all_heads():
     # One softmax per head over that head's own (batch x windows, N, N) logits, never a [B, heads, N, N] tensor.
     assert all(len(shape) == 3 and shape[-1] == shape[-2] for shape in shapes)
     heads = sum(m.num_heads for m in loaded.model.modules() if type(m).__name__ == "CascadedGroupAttention")
-    assert sum(r.calls for r in softmax) == heads
+    assert sum(r.calls for r in softmax if " > " not in r.op) == heads  # the outer aten::softmax
+    assert sum(r.calls for r in softmax if r.op == "softmax > _softmax") == heads  # a child counts its own calls
     assert {EMBEDDING, ATTENTION, FFN, HEAD} <= set(b.shares("component"))
 
 

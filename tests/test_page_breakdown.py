@@ -28,12 +28,16 @@ def test_page_profiles_shows_figures_and_keeps_results(small_roofline):
     at.button(key="bd_run").click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.status[0].label == "Done: 3 profiles on cpu"  # M0, DeiT-T (added as ToMe's baseline), DeiT-T + ToMe
-    summary = at.dataframe[0].value.set_index("model")
-    assert set(summary.index) == {"efficientvit_m0", "deit_tiny_patch16_224", "deit_tiny_patch16_224@tome=8"}
+    names = {"efficientvit_m0", "deit_tiny_patch16_224", "deit_tiny_patch16_224@tome=8"}  # variants in full
+    check = at.dataframe[0].value  # does the attribution add up: first, its ratios in the first columns
+    assert set(check["model"]) == names and check["attributed_vs_plain"].gt(0).all()
+    summary = at.dataframe[1].value.set_index("model")
+    assert set(summary.index) == names
     assert summary["memory_bound_share"].between(0, 1).all()
     assert summary["below_bandwidth_roof"].between(0, 1).all()
-    components = at.dataframe[1].value
+    components = at.dataframe[2].value
     assert {"attention", "FFN", "token reduction"} <= set(components["component"])
+    assert set(components["model"]) == names
     charts = at.get("plotly_chart")
     assert len(charts) == 5  # classes, components, blocks, savings, roofline
     labels = {b.label for b in at.get("download_button")}
@@ -43,7 +47,7 @@ def test_page_profiles_shows_figures_and_keeps_results(small_roofline):
     # Another widget reruns the page: the results stay, marked as those of the last run.
     at.number_input(key="bd_iters").set_value(2).run()
     assert not at.exception
-    assert at.dataframe[0].value.shape[0] == 3
+    assert at.dataframe[1].value.shape[0] == 3
     assert any("settings above have changed" in c.value for c in at.caption)
 
 

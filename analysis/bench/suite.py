@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, str] = {
     "frontier task cost": "analysis.bench.frontier",
     "page interaction": "analysis.bench.pages",
     "roofline repeatability": "analysis.bench.roofline",
+    "attribution": "analysis.bench.attribution",
 }
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 

@@ -11,7 +11,8 @@ from typing import Sequence
 import torch
 
 from analysis.breakdown.eager import profile_model
-from analysis.breakdown.records import Breakdown
+from analysis.breakdown.attribution import attribution_warning
+from analysis.breakdown.records import TOLERANCE, Breakdown
 from analysis.breakdown.tables import ops_table, to_json
 from analysis.timing.roofline import below_roof_share, machine_roofline
 from models.checkpoints import CheckpointError, WeightsNotFoundError
@@ -28,11 +29,25 @@ def format_report(b: Breakdown, roof=None) -> str:
         below = f"{below_roof_share(b, roof):.1%}" if b.costs_counted else "n/a (no FLOPs or bytes counted)"
         lines.append(f"  time below the bandwidth roof ({roof.ridge:.1f} FLOP/byte): {below}")
     lines.append(f"  plain {b.plain_median_ms:.2f} ms, profiled {b.profiled_median_ms:.2f} ms per forward "
-                 f"(profiled/plain {b.overhead:.2f}); attributed {b.attributed_ms:.2f} ms = "
-                 f"{b.attributed_vs_plain:.2f}x the plain time")
+                 f"(profiled/plain {b.overhead:.2f}){_profiler_cost(b)}; attributed {b.attributed_ms:.2f} ms = "
+                 f"{b.attributed_vs_plain:.2f}x the plain time ({'within' if b.adds_up else 'OUTSIDE'} "
+                 f"{TOLERANCE:.0%}{_load(b)})")
+    warning = attribution_warning(b)
+    if warning:
+        lines.append(f"  warning: {warning}")
     if b.note:
         lines.append(f"  note: {b.note}")
     return "\n".join(lines)
+
+
+def _profiler_cost(b: Breakdown) -> str:
+    if b.per_event_us is None:
+        return ""
+    return f"; profiler cost {b.per_event_us:.2f} us per event x {b.events_per_forward:,.0f} events taken out"
+
+
+def _load(b: Breakdown) -> str:
+    return "" if b.load_1min is None else f"; load average {b.load_1min:.1f}, {b.threads} threads"
 
 
 def build_parser() -> argparse.ArgumentParser:

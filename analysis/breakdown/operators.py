@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 from models.scopes import ATTENTION, COMPONENTS, EMBEDDING, FFN, HEAD, MATCHING
 
 COMPUTE, DATA, ELEMENTWISE, NORM, SOFTMAX, BOOKKEEPING, OTHER = (
@@ -54,6 +56,25 @@ def base_name(op: str) -> str:
     if name.startswith("aten."):
         name = name[5:]
     return name.split(".", 1)[0]
+
+
+# Operators that do no arithmetic and move no data though torch does not mark them as views: a fresh
+# uninitialised buffer, a view under another name.
+_NO_WORK = {"_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "lift_fresh", "resolve_neg"}
+
+
+def does_no_work(op: str) -> bool:
+    """Whether an aten operator computes nothing and moves nothing: a view (any overload torch marks ``is_view``:
+    ``view``, ``t``, ``transpose``, ``as_strided``, ``expand``, ...) or an allocation without a fill. A composite
+    such as ``reshape`` that copies when it must does so in a child operator (``clone``, ``copy_``)."""
+    name = base_name(op)
+    if name in _NO_WORK:
+        return True
+    packet = getattr(torch.ops.aten, name, None)
+    try:
+        return packet is not None and any(getattr(packet, o).is_view for o in packet.overloads())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def op_class(op: str) -> str:

@@ -76,19 +76,21 @@ def to_json(results: Sequence[Breakdown], roof=None) -> dict:
 
 
 def component_table(results: Sequence[Breakdown]) -> pd.DataFrame:
-    """ms per forward per component and model, with each component's memory-bound share (time outside compute)."""
+    """ms per forward per component and model, with each component's memory-bound share (time outside compute);
+    GFLOPs only where FLOPs were counted (None otherwise: nothing was measured)."""
     rows = []
     for b in results:
         for g in b.groups(("component",)):
             memory = sum(r.ms for r in b.ops if r.component == g["component"] and r.op_class not in ("compute", "other"))
             rows.append(dict(model=b.model, batch=b.batch, engine=b.engine, component=g["component"],
                              ms=g["ms"], share=g["ms"] / max(b.attributed_ms, 1e-12),
-                             memory_bound=memory / g["ms"] if g["ms"] else 0.0,
+                             memory_bound=memory / g["ms"] if g["ms"] else None,
                              gflops=g["flops"] / 1e9 if b.costs_counted else None))
     return pd.DataFrame(rows)
 
 
 def summary_table(results: Sequence[Breakdown], roof: Roofline | None = None) -> pd.DataFrame:
+    """One row per profile; the time below the bandwidth roof only where FLOPs and bytes were counted."""
     rows = []
     for b in results:
         row = b.summary()
@@ -96,3 +98,15 @@ def summary_table(results: Sequence[Breakdown], roof: Roofline | None = None) ->
             row["below_bandwidth_roof"] = below_roof_share(b, roof) if b.costs_counted else None  # n/a, not 0
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def attribution_table(results: Sequence[Breakdown]) -> pd.DataFrame:
+    """Does each attribution add up: the plain and the profiled forward (medians), the profiler's overhead, its
+    calibrated cost per event and the events per forward, the attributed time after taking that cost out, its
+    ratio to the plain forward and whether that is within ``TOLERANCE``, and the load while it ran."""
+    return pd.DataFrame([dict(model=b.model, batch=b.batch, engine=b.engine, plain_ms=b.plain_median_ms,
+                              profiled_ms=b.profiled_median_ms, profiled_vs_plain=b.overhead,
+                              per_event_us=b.per_event_us, events=b.events_per_forward or None,
+                              attributed_ms=b.attributed_ms, attributed_vs_plain=b.attributed_vs_plain,
+                              within_10pct="yes" if b.adds_up else "no", load_1min=b.load_1min)
+                         for b in results])
