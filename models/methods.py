@@ -214,8 +214,8 @@ _PUMER_NEUTRAL = dict(prune_ratio=0.0, image_merge_ratio=0.0, text_merge_ratio=0
 
 
 def _reduce_layers(choices: tuple[str, ...], word: str) -> Setting:
-    return Setting("reduce", "reduce_layers", f"reduce {word}s", _layers, choices, choices[0],
-                   help=f"Where PuMer reduces: 0-based {word}s joined by '-' (the paper: {choices[0]}).")
+    """Where PuMer reduces: 0-based layers (fusion blocks) joined by '-', the paper's first."""
+    return Setting("reduce", "reduce_layers", f"reduce {word}s", _layers, choices, choices[0])
 
 
 def _pumer_ablations(*where: tuple[str, str]) -> tuple[tuple[str, str], ...]:
