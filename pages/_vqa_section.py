@@ -77,7 +77,8 @@ def _dataset(processor, source: str, limit: int):
 
 def _variants(model_name: str) -> list:
     offered = {variant_text(v): v for v in default_variants(model_name)}
-    picked = kept(st.multiselect, "Variants (the unreduced model is always scored)", key=f"vl_vqa_variants_{model_name}",
+    picked = kept(st.multiselect, "Variants (the unreduced model is always scored)",
+                  key=f"vl_vqa_variants_{model_name}",
                   options=list(offered), default=list(offered), format_func=lambda t: f"{offered[t].label}  [{t}]",
                   help="From the method table: each method for this model at its paper setting and picks, and the "
                        "paper's ablations. Variant text: the settings after a variant name's @.")

@@ -13,7 +13,8 @@ from analysis.vision_language.vqa_accuracy import (normalize_answer, process_dig
 
 def official_loop(prediction: str, answers: list[str]) -> float:
     """vqaEval.py's per-question loop over annotator records (each with its own id), as it is written there."""
-    records = [{"answer_id": i, "answer": a.replace("\n", " ").replace("\t", " ").strip()} for i, a in enumerate(answers)]
+    records = [{"answer_id": i, "answer": a.replace("\n", " ").replace("\t", " ").strip()}
+               for i, a in enumerate(answers)]
     predicted = prediction.replace("\n", " ").replace("\t", " ").strip()
     if len({r["answer"] for r in records}) > 1:
         for r in records:

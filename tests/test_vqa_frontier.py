@@ -18,14 +18,15 @@ from analysis.runs.folders import load_run
 from analysis.runs.vqa_frontier import VQAFrontierTask, evaluate
 from analysis.runs.vqa_points import ACCURACY, AGREEMENT, default_variants, variant_of
 from analysis.vision_language.vqa_accuracy import vqa_accuracy
-from models.meter import tiny_meter
 from models.vilt_pumer import tiny_vilt
 
 VILT, METER = "vilt_b32_vqa", "meter_clip16_288_vqa"
 # Every answer of the small random models' vocabulary, in varied counts: whatever they answer scores differently.
 QUESTIONS = [
-    ("china.jpg", "What animal is in the picture?", ["bird", "bird", "dog", "cat", "cat", "cat", "yes", "no", "2", "red"]),
-    ("flower.jpg", "What color is the flower?", ["Red.", "red", "red", "bird", "water", "no", "dog", "cat", "2", "yes"]),
+    ("china.jpg", "What animal is in the picture?",
+     ["bird", "bird", "dog", "cat", "cat", "cat", "yes", "no", "2", "red"]),
+    ("flower.jpg", "What color is the flower?",
+     ["Red.", "red", "red", "bird", "water", "no", "dog", "cat", "2", "yes"]),
     ("china.jpg", "Is there water?", ["yes", "Yes", "no", "water", "bird", "bird", "bird", "dog", "cat", "two"]),
     ("missing_pixels.jpg", "How many birds?", ["2", "two", "2", "bird", "yes", "no", "red", "dog", "cat", "water"]),
     ("flower.jpg", "Is it a dog?", ["no", "no", "no", "no", "dog", "bird", "bird", "bird", "bird", "cat"]),
