@@ -20,6 +20,13 @@ def _flag(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
+def _layers(value: Any) -> tuple[int, ...]:
+    """Reduce layers in a variant name, 0-based, joined by '-' (',' separates settings): ``reduce=2-5-8``."""
+    if isinstance(value, (tuple, list)):
+        return tuple(int(v) for v in value)
+    return tuple(int(v) for v in str(value).replace("-", " ").split())
+
+
 def _r_spec(value: Any) -> int | str:
     """ToMe's r: an int per block, or a schedule string such as ``decreasing:13``."""
     return value if isinstance(value, int) else str(value)
@@ -100,6 +107,9 @@ class Method:
     # ``keep_ratio`` and, with ``return_trace=True``, returns each stage's keep masks and scores
     # (``models.dynamic_zoo.as_stage_trace``), which ``python -m analysis.run keep-frequency`` counts.
     stage_pruning: bool = False
+    # The paper's ablations of the method, each (what it shows, the settings after a variant's ``@``): the
+    # vision-language frontier (``python -m analysis.run vqa-frontier``) scores them beside the paper's setting.
+    ablations: tuple[tuple[str, str], ...] = ()
 
     @property
     def main_setting(self) -> Setting:
@@ -202,6 +212,20 @@ _METER_ORDER = Setting(
          "(text_output); block_input is METER's own order, the one the released weights were trained with.")
 _PUMER_NEUTRAL = dict(prune_ratio=0.0, image_merge_ratio=0.0, text_merge_ratio=0.0)
 
+
+def _reduce_layers(choices: tuple[str, ...], word: str) -> Setting:
+    """Where PuMer reduces: 0-based layers (fusion blocks) joined by '-', the paper's first."""
+    return Setting("reduce", "reduce_layers", f"reduce {word}s", _layers, choices, choices[0])
+
+
+def _pumer_ablations(*where: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+    """PuMer's ablations (its section 5): text-informed pruning alone, modality-aware merging alone, larger ratios,
+    and other reduce layers (``where``: (name, layers))."""
+    return (("pruning only", "pumer,image_merge=0,text_merge=0"), ("merging only", "pumer,prune=0"),
+            ("larger ratios", "pumer,prune=0.3,image_merge=0.3,text_merge=0.3"),
+            *((name, f"pumer,reduce={layers}") for name, layers in where))
+
+
 METHODS: dict[str, Method] = {m.key: m for m in [
     Method("tome", "ToMe", frozenset({MHSA}), "models.tome:tome_forward",
            (Setting("tome", "r", "tokens merged per block (r)", _r_spec, tuple(range(1, 25)), 13, "r",
@@ -237,17 +261,21 @@ METHODS: dict[str, Method] = {m.key: m for m in [
            reference="Dynamic Spatial Sparsification (T-PAMI 2023), Swin", neutral_arguments={"keep_ratio": 1.0},
            stage_pruning=True),
     Method("pumer", "PuMer", frozenset({VILT}), "models.vilt_pumer:pumer_forward",
-           _PUMER_SETTINGS + _PUMER_CORRECTIONS,
+           _PUMER_SETTINGS + (_reduce_layers(("2-5-8", "2-4-6-8", "0-1-2-3", "8-9-10-11"), "layer"),)
+           + _PUMER_CORRECTIONS,
            reference="PuMer (ACL 2023), ViLT: layers 2, 5, 8", paper_flag="pumer",
            paper_arguments=dict(prune_ratio=0.1, image_merge_ratio=0.3, text_merge_ratio=0.2),
-           neutral_arguments=_PUMER_NEUTRAL, plain_for=frozenset({VILT})),
+           neutral_arguments=_PUMER_NEUTRAL, plain_for=frozenset({VILT}),
+           ablations=_pumer_ablations(("early layers", "0-1-2"), ("late layers", "8-9-10"))),
     # PuMer's METER-VQA setting: fusion blocks 0-3, prune 0.2, image and text merge 0.2 (csarron/PuMer).
     # Unreduced, it runs METER's own order, so the baseline is the released model.
     Method("pumer-meter", "PuMer", frozenset({METER}), "models.meter_pumer:meter_pumer_forward",
-           _PUMER_SETTINGS + _PUMER_CORRECTIONS + (_METER_ORDER,),
+           _PUMER_SETTINGS + (_reduce_layers(("0-1-2-3", "0-2-4", "0-1-2-3-4-5", "2-3-4-5"), "fusion block"),)
+           + _PUMER_CORRECTIONS + (_METER_ORDER,),
            reference="PuMer (ACL 2023), METER: fusion blocks 0-3", paper_flag="pumer",
            paper_arguments=dict(prune_ratio=0.2, image_merge_ratio=0.2, text_merge_ratio=0.2),
-           neutral_arguments=dict(_PUMER_NEUTRAL, image_context="block_input"), plain_for=frozenset({METER})),
+           neutral_arguments=dict(_PUMER_NEUTRAL, image_context="block_input"), plain_for=frozenset({METER}),
+           ablations=_pumer_ablations(("late fusion blocks", "2-3-4-5"), ("alternate fusion blocks", "0-2-4"))),
 ]}
 
 

@@ -11,6 +11,7 @@ from analysis.vision_language import (CORRECTION_ARGUMENTS, PuMerSettings, answe
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from pages._state import (current_device, image_set_key, kept, run_through_app, session_result, user_weight_files,
                           weights_folder)
+from pages._vqa_section import vqa_frontier_section
 from pages._widgets import download_df, download_json, download_png, image_picker
 
 MODELS = {entry.name: entry for entry in pumer_models()}
@@ -230,3 +231,5 @@ st.caption("Your settings as PuMer's code runs them, then each correction flippe
 st.dataframe(corrections_frame(result), hide_index=True)
 download_df(_labelled(corrections_frame(result)), f"pumer_{file_stem}_corrections.csv",
             "Download correction effects (CSV)")
+
+vqa_frontier_section(name, model, processor, model_name, weights, current_device(), random_weights)

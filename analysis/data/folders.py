@@ -104,6 +104,14 @@ class FolderImages(Dataset):
             return index, torch.empty(0), self.labels[index], False
         return index, self.transform(image), self.labels[index], True
 
+    def collate(self, samples: Sequence[tuple[int, torch.Tensor, int, bool]]) -> "Batch":
+        """The DataLoader's collate for this dataset (``collate_readable``)."""
+        return collate_readable(samples)
+
+    def table(self) -> list[list]:
+        """What a resume must find (``file_table``)."""
+        return file_table(self)
+
 
 class Batch(NamedTuple):
     """The readable images of one loader batch, and the dataset indices of the unreadable ones."""

@@ -3,7 +3,8 @@
     python -m analysis.run TASK --model NAME --data FOLDER --out DIR [options]
     torchrun --nproc_per_node 4 -m analysis.run TASK ...        # one process per GPU (or CPU slot)
 
-TASK is keep-frequency (DynamicViT), tome-merge (ToMe), head-similarity, taylor or frontier. The folder is streamed
+TASK is keep-frequency (DynamicViT), tome-merge (ToMe), head-similarity, taylor, frontier or vqa-frontier (a
+vision-language model on a questions file: --images FOLDER --questions FILE.jsonl). The folder is streamed
 (recursively; class sub-folders give labels) through a DataLoader; each process takes its own shard, keeps
 running sums, and rank 0 writes the all-reduced result (the same records the pages show) and ``run.json``.
 Every ``--state-every`` batches each process saves its sums to ``DIR/state/rank{r}.pt``; ``--resume``
@@ -37,9 +38,7 @@ from analysis.data.folders import (
     all_reduce_sums,
     check_resumable,
     close_distributed,
-    collate_readable,
     describe_table_change,
-    file_table,
     gather_lists,
     init_distributed,
     load_state,
@@ -55,12 +54,11 @@ from analysis.runs.folders import (
     write_json_atomic,
     write_run,
 )
-from analysis.runs.common import DatasetTask, TaskModel, TaskOptions
+from analysis.runs.common import DatasetTask, RunSource, TaskOptions
 from analysis.runs.tasks import TASKS
 from models.attention_recording import UnsupportedModelError
 from models.checkpoints import CheckpointError, WeightsNotFoundError
 from models.device import synchronize
-from models.loading import load_model
 from models.registry import get_spec
 
 # ----------------------------------------------------------------------------- command line
@@ -71,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=list(TASKS))
     p.add_argument("--model", required=True, help="registry or timm name, e.g. deit_tiny_patch16_224, efficientvit_m0, "
                                                   "vit_base_patch16_224.augreg_in21k_ft_in1k")
-    p.add_argument("--data", required=True, help="image folder (recursive; class sub-folders give labels)")
+    p.add_argument("--data", "--images", dest="data", required=True,
+                   help="image folder (recursive; class sub-folders give labels); vqa-frontier: the folder the "
+                        "questions' image names are in")
+    p.add_argument("--questions", default=None,
+                   help="vqa-frontier: JSON Lines, one question a line: image (file name in --images), question, "
+                        "answers (the annotators' answers, optional: without them, agreement with the unreduced "
+                        "model is scored)")
     p.add_argument("--out", required=True, help="output folder for the records, run.json and state/")
     p.add_argument("--batch", type=int, default=32, help="images per batch and process")
     p.add_argument("--workers", type=int, default=None,
@@ -96,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frontier: points of the backbone, each written as a variant's settings after its @, e.g. "
                         "unreduced tome=4 tome=decreasing:13 tome=8,prop_attn=off evit=0.7,fuse=off rho=0.7 "
                         "(rho=0.7:untrained on a plain DeiT); default: every offered value")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="vqa-frontier: variant names (NAME@pumer, NAME@pumer,prune=0,reduce=0-1-2, NAME@tome=8; or "
+                        "the part after @ alone); the unreduced model is always scored. Default: the unreduced model, "
+                        "each method of the method table for the model at its paper setting and picks, and its "
+                        "ablations")
+    p.add_argument("--no-timing", action="store_true",
+                   help="vqa-frontier: score only, time nothing (the throughput columns stay empty)")
+    p.add_argument("--timing-iters", type=int, default=3, help="vqa-frontier: timed forwards per round")
+    p.add_argument("--timing-rounds", type=int, default=3, help="vqa-frontier: interleaved timing rounds")
     p.add_argument("--resume", action="store_true", help="continue from DIR/state (same settings and world size)")
     p.add_argument("--state-every", type=int, default=20, help="save each process's state every K batches")
     p.add_argument("--stop-after-batches", type=int, default=None,
@@ -104,10 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def task_options(args: argparse.Namespace) -> TaskOptions:
+def task_options(args: argparse.Namespace, device: str = "cpu") -> TaskOptions:
     return TaskOptions(keep_ratio=args.keep_ratio, r=str(args.r), proportional_attention=not args.no_prop_attn,
                        loss_target="labels" if args.labels == "folder" else "self",
-                       frontier_settings=tuple(args.settings or ()))
+                       frontier_settings=tuple(args.settings or ()), variants=tuple(args.variants or ()),
+                       timing=not args.no_timing, timing_iters=args.timing_iters, timing_rounds=args.timing_rounds,
+                       batch=args.batch, device=device)
+
+
+def run_source(args: argparse.Namespace, env: DistEnv) -> RunSource:
+    return RunSource(args.model, args.data, str(env.device), args.random_weights, args.weights, args.weights_folder,
+                     args.limit, args.labels, args.questions)
 
 
 FILE_TABLE = "files.json"  # in state/: the data's file table, to name what changed when a resume is refused
@@ -119,9 +139,10 @@ def run_settings(args: argparse.Namespace, dataset: FolderImages, weights: str,
 
     ``data_fingerprint`` covers the sorted relative paths, sizes, modification times and labels of the files."""
     seed = {"seed": args.seed} if args.random_weights else {}
-    table = file_table(dataset) if table is None else table
+    table = dataset.table() if table is None else table
+    questions = {"questions": str(Path(args.questions).expanduser().resolve())} if args.questions else {}
     return {"task": args.task, "model": args.model, "weights": weights, **seed, "data": str(dataset.root),
-            "files": len(dataset), "data_fingerprint": table_fingerprint(table), "limit": args.limit,
+            **questions, "files": len(dataset), "data_fingerprint": table_fingerprint(table), "limit": args.limit,
             "labels": args.labels,
             **TASKS[args.task].settings(task_options(args))}
 
@@ -156,7 +177,7 @@ def die_with_parent(worker_id: int) -> None:
 
 def make_loader(dataset: FolderImages, sampler: ShardSampler, args: argparse.Namespace, env: DistEnv) -> DataLoader:
     return DataLoader(dataset, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
-                      collate_fn=collate_readable, pin_memory=env.device.type == "cuda",
+                      collate_fn=dataset.collate, pin_memory=env.device.type == "cuda",
                       persistent_workers=False, worker_init_fn=die_with_parent if args.workers else None)
 
 
@@ -176,7 +197,7 @@ def run_shard(task: DatasetTask, dataset: FolderImages, state: ShardState, args:
     start = time.perf_counter()
     for step, batch in enumerate(make_loader(dataset, sampler, args, env), start=1):
         if len(batch.indices):
-            task.update(batch.images.to(env.device, non_blocking=True), batch.labels)
+            task.update_batch(batch, env.device)
         state.corrupt += [dataset.path(i) for i in batch.corrupt]
         state.processed += batch.num_samples
         outcome.images_now += len(batch.indices)
@@ -238,12 +259,11 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)  # random weights must be the same model in every process
-    loaded = load_model(args.model, device=str(env.device), user_file=args.weights,
-                        random_weights=args.random_weights, weights_folder=args.weights_folder)
-    dataset = FolderImages.from_folder(args.data, loaded.transform, args.limit, args.labels)
-    task = TASKS[args.task].build(TaskModel.of(loaded), task_options(args))
-    table = file_table(dataset)
-    settings = run_settings(args, dataset, loaded.weights.description, table)
+    options = task_options(args, str(env.device))
+    opened = TASKS[args.task].open(run_source(args, env), options)
+    task, dataset = opened.task, opened.dataset
+    table = dataset.table()
+    settings = run_settings(args, dataset, opened.weights, table)
     path = state_path(out, env.rank)
     state = resume_state(task, settings, args, env, path, table)
     resumed_from = state.processed
@@ -267,12 +287,12 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     loop_s = max_over_ranks(outcome.loop_s, env)
     if not env.is_main:
         return 0
-    record = task.result(sums)
+    record = task.complete(task.result(sums), options)
     images_now = int(sums["now.images"].item())
     info = {
         "task": args.task, "settings": settings, "note": task.note,
-        "model": {"name": args.model, "weights": loaded.weights.description,
-                  "random_weights": loaded.weights.is_random, "parameters": loaded.num_params},
+        "model": {"name": args.model, "weights": opened.weights,
+                  "random_weights": opened.random_weights, "parameters": opened.parameters},
         "run": {"world_size": env.world_size, "device": env.device.type, "batch": args.batch,
                 "workers": args.workers, "resumed": bool(args.resume), "samples_resumed": int(sums["now.resumed"].item()),
                 "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -299,8 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.batch < 1 or args.state_every < 1:
-        print("error: --batch and --state-every must be at least 1.", file=sys.stderr)
+    if args.batch < 1 or args.state_every < 1 or args.timing_iters < 1 or args.timing_rounds < 1:
+        print("error: --batch, --state-every, --timing-iters and --timing-rounds must be at least 1.", file=sys.stderr)
         return 2
     if args.timeout <= 0 or (args.workers is not None and args.workers < 0):
         print("error: --timeout must be positive and --workers at least 0.", file=sys.stderr)

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.loading import LoadedModel
+from analysis.data.folders import Batch, FolderImages
+from models.loading import LoadedModel, load_model
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,40 @@ class TaskOptions:
     loss_target: str = "self"
     # frontier: "unreduced", "tome=8", "evit=0.7,fuse=off", "rho=0.7[:untrained]"; () = defaults
     frontier_settings: tuple[str, ...] = ()
+    # vqa-frontier: variant names ("NAME@pumer", "pumer,prune=0" for the run's model); () = the method table's
+    variants: tuple[str, ...] = ()
+    timing: bool = True  # vqa-frontier: time every variant after scoring it (interleaved, at the run's batch)
+    timing_iters: int = 3
+    timing_rounds: int = 3
+    batch: int = 8
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class RunSource:
+    """Where a run's model and data come from: the command line's choices, as a task's ``open`` reads them."""
+
+    model: str
+    data: str
+    device: str = "cpu"
+    random_weights: bool = False
+    weights: str | None = None  # a checkpoint file
+    weights_folder: str | None = None
+    limit: int | None = None
+    labels: str = "self"
+    questions: str | None = None  # vqa-frontier: the questions file (JSON Lines)
+
+
+@dataclass
+class OpenedRun:
+    """A task ready to stream its data: the task, the dataset (``len``, ``root``, ``path(i)``, ``table()``,
+    ``collate(samples)``), and the model's weights and size in words for run.json."""
+
+    task: "DatasetTask"
+    dataset: Any
+    weights: str
+    random_weights: bool
+    parameters: int
 
 
 @dataclass(frozen=True)
@@ -70,6 +105,15 @@ class DatasetTask(ABC):
     def build(cls, subject: TaskModel, options: TaskOptions) -> "DatasetTask":
         """This task on ``subject`` with the options it depends on (the task table builds every task so)."""
 
+    @classmethod
+    def open(cls, source: RunSource, options: TaskOptions) -> OpenedRun:
+        """Load the model and the data and build the task (an image folder through the model's transform)."""
+        loaded = load_model(source.model, device=source.device, user_file=source.weights,
+                            random_weights=source.random_weights, weights_folder=source.weights_folder)
+        dataset = FolderImages.from_folder(source.data, loaded.transform, source.limit, source.labels)
+        return OpenedRun(cls.build(TaskModel.of(loaded), options), dataset, loaded.weights.description,
+                         loaded.weights.is_random, loaded.num_params)
+
     @staticmethod
     def settings(options: TaskOptions) -> dict[str, Any]:
         """The options this task's result depends on (stored in the resume state and run.json)."""
@@ -78,6 +122,15 @@ class DatasetTask(ABC):
     @abstractmethod
     def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Add one batch of preprocessed images (on the model's device) to the sums."""
+
+    def update_batch(self, batch: Batch, device: torch.device) -> None:
+        """Add one loader batch (the dataset's ``collate`` output, some samples readable) to the sums."""
+        self.update(batch.images.to(device, non_blocking=True), batch.labels)
+
+    def complete(self, record: Any, options: TaskOptions) -> Any:
+        """The record as written, after the last all-reduce on the main process (vqa-frontier times its variants
+        here); by default the record itself."""
+        return record
 
     @abstractmethod
     def result(self, sums: dict[str, torch.Tensor]) -> Any:

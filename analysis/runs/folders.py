@@ -181,6 +181,9 @@ def _check_readable(path: Path) -> None:
         raw.decode("utf-8")
         if not raw.endswith(b"\n"):
             raise RunFolderError(f"{path} does not end with a line break: it was cut short mid-row.")
+        if path.suffix == ".json":
+            json.loads(raw)
+            return
         if pd.read_csv(path).empty:
             raise RunFolderError(f"{path} has a header but no rows.")
     except RunFolderError:
