@@ -11,8 +11,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .registry import (DYNAMIC_CNN, DYNAMIC_LVVIT, DYNAMIC_SWIN, DYNAMICVIT, METER, MHSA, VILT, MethodNotApplicable,
-                       ModelSpec, get_spec, import_target)
+from .registry import (DYNAMIC_CNN, DYNAMIC_LVVIT, DYNAMIC_SWIN, DYNAMICVIT, METER, METER_IMAGE_SIZES, MHSA, VILT,
+                       VILT_IMAGE_SIZES, MethodNotApplicable, ModelSpec, get_spec, import_target)
 
 
 def _flag(value: Any) -> bool:
@@ -110,6 +110,9 @@ class Method:
     # The paper's ablations of the method, each (what it shows, the settings after a variant's ``@``): the
     # vision-language frontier (``python -m analysis.run vqa-frontier``) scores them beside the paper's setting.
     ablations: tuple[tuple[str, str], ...] = ()
+    # A setting of the loaded model and its inputs rather than of a forward (the input size): its variant loads the
+    # entry at the value, and its key combines with another method's settings (``NAME@pumer,size=320``).
+    model_setting: bool = False
 
     @property
     def main_setting(self) -> Setting:
@@ -170,7 +173,7 @@ class Method:
         by_key = {s.key: s for s in self.settings}
         arguments = dict(self.paper_arguments) if self.paper_flag in settings else {}
         for key, value in settings.items():
-            if key != self.paper_flag:
+            if key != self.paper_flag and (key in by_key or key not in MODEL_SETTING_KEYS):
                 arguments[by_key[key].argument] = by_key[key].parse(value)
         return arguments
 
@@ -226,6 +229,70 @@ def _pumer_ablations(*where: tuple[str, str]) -> tuple[tuple[str, str], ...]:
             *((name, f"pumer,reduce={layers}") for name, layers in where))
 
 
+# PuMer's baselines on ViLT and METER (models.vilt_baselines, models.meter_baselines): ToMe and EViT on the image
+# tokens only, each either at its own setting or at a target FLOP ratio (the paper sets its baselines to a speed-up
+# similar to PuMer's), and the model at a smaller input size.
+_NO_DYNAMICVIT = ("DynamicViT is not offered on ViLT or METER: its score predictors would have to be trained on "
+                  "VQA first (the paper trained them), and no such weights are released.")
+_FLOP_HELP = ("Picks the {what} whose forward's counted FLOPs (torch's FlopCounterMode, an 11-token question) are "
+              "closest to this share of the unreduced forward's, once per model and size: the paper configures its "
+              "baselines to a speed-up similar to PuMer's. " + _NO_DYNAMICVIT)
+_VL_PROP_ATTN = Setting("prop_attn", "proportional_attention", "proportional attention", _flag, (True, False), True,
+                        column="tome_proportional_attention",
+                        help="Adds log(size) to the attention logits of every key, so that a merged image token counts "
+                             "as often as the patches it holds (ToMe's default).")
+_VL_FUSE = Setting("fuse", "fuse", "fuse the inattentive tokens", _flag, (True, False), True, column="evit_fuse",
+                   help="On (the paper): the image tokens not kept become one token, their sum weighted by the class "
+                        "token's attention; off: they are dropped.")
+
+
+def _vl_tome_r(default: int, choices: tuple, span: tuple, picks: tuple, where: str) -> Setting:
+    return Setting("tome", "r", "image tokens merged per layer (r)", _r_spec, choices, default, "r", column="tome_r",
+                   span=span, picks=picks, schedules=("constant", "decreasing"),
+                   help=f"ToMe merges r image tokens in every {where} (the class tokens and the text never); "
+                        f"decreasing: 1.5 r at the first to 0.5 r at the last. " + _NO_DYNAMICVIT)
+
+
+_VL_TOME_FLOPS = Setting("tome_flops", "flop_ratio", "target FLOP ratio", float, (0.5, 0.6, 0.7, 0.8, 0.9), 0.6,
+                         "FLOPs", column="tome_flop_ratio", span=(0.3, 1.0, 0.05), picks=(0.5, 0.6, 0.8),
+                         help=_FLOP_HELP.format(what="constant r"))
+_VL_EVIT = Setting("evit", "keep_rate", "image keep rate", float, (0.5, 0.6, 0.7, 0.8, 0.9), 0.7, "keep_rate",
+                   column="evit_keep_rate", span=(0.3, 1.0, 0.05), picks=(0.5, 0.7, 0.9),
+                   help="The share of the image patch tokens kept at each of EViT's three layers (its DeiT blocks "
+                        "4, 7, 10 of 12, scaled to the depth), ranked by the class token's attention. " + _NO_DYNAMICVIT)
+_VL_EVIT_FLOPS = Setting("evit_flops", "flop_ratio", "target FLOP ratio", float, (0.5, 0.6, 0.7, 0.8, 0.9), 0.6,
+                         "FLOPs", column="evit_flop_ratio", span=(0.3, 1.0, 0.05), picks=(0.5, 0.6, 0.8),
+                         help=_FLOP_HELP.format(what="keep rate (in steps of 0.01)"))
+
+
+SIZE_KEY = "size"  # the input size: a model setting (``Method.model_setting``), the "Input size" records' only one
+
+
+def _size(sizes: tuple[int, ...], model: str) -> Setting:
+    return Setting(SIZE_KEY, "input_size", "input size (px)", int, sizes, sizes[0], "size", column="input_size",
+                   picks=sizes[1:],
+                   help=f"The image side {model} is loaded and fed at (its default first); combines with the other "
+                        "methods (NAME@pumer,size=320). PuMer's baseline: a smaller image instead of fewer tokens.")
+
+
+def _vl_baselines(family: str, module: str, where: str, r: Setting) -> list[Method]:
+    """ToMe and EViT on a vision-language family, each at its own setting and at a target FLOP ratio."""
+    tome, evit = f"models.{module}:{family}_tome_forward", f"models.{module}:{family}_evit_forward"
+    reference = f"{{}}, on the image tokens {where} (PuMer's baseline)"
+    return [
+        Method(f"tome-{family}", "ToMe", frozenset({family}), tome, (r, _VL_PROP_ATTN),
+               reference=reference.format("ToMe (ICLR 2023)"), neutral_arguments={"r": 0}, action="merging"),
+        Method(f"tome-flops-{family}", "ToMe", frozenset({family}), tome, (_VL_TOME_FLOPS, _VL_PROP_ATTN),
+               reference=reference.format("ToMe (ICLR 2023) at a target FLOP ratio"), neutral_arguments={"r": 0},
+               action="merging"),
+        Method(f"evit-{family}", "EViT", frozenset({family}), evit, (_VL_EVIT, _VL_FUSE),
+               reference=reference.format("EViT (ICLR 2022)"), neutral_arguments={"keep_rate": 1.0},
+               action="pruning + fusion"),
+        Method(f"evit-flops-{family}", "EViT", frozenset({family}), evit, (_VL_EVIT_FLOPS, _VL_FUSE),
+               reference=reference.format("EViT (ICLR 2022) at a target FLOP ratio"),
+               neutral_arguments={"keep_rate": 1.0}, action="pruning + fusion"),
+    ]
+
 METHODS: dict[str, Method] = {m.key: m for m in [
     Method("tome", "ToMe", frozenset({MHSA}), "models.tome:tome_forward",
            (Setting("tome", "r", "tokens merged per block (r)", _r_spec, tuple(range(1, 25)), 13, "r",
@@ -276,7 +343,19 @@ METHODS: dict[str, Method] = {m.key: m for m in [
            paper_arguments=dict(prune_ratio=0.2, image_merge_ratio=0.2, text_merge_ratio=0.2),
            neutral_arguments=dict(_PUMER_NEUTRAL, image_context="block_input"), plain_for=frozenset({METER}),
            ablations=_pumer_ablations(("late fusion blocks", "2-3-4-5"), ("alternate fusion blocks", "0-2-4"))),
+    *_vl_baselines(VILT, "vilt_baselines", "of ViLT's encoder",
+                   _vl_tome_r(8, (2, 4, 6, 8, 10, 12), (0, 16, 1), (4, 8, 12), "encoder layer")),
+    *_vl_baselines(METER, "meter_baselines", "in METER's CLIP image tower",
+                   _vl_tome_r(40, (10, 20, 30, 40, 60, 80, 100), (0, 110, 5), (20, 40, 80), "image tower block")),
+    Method("size-vilt", "Input size", frozenset({VILT}), "models.input_sizes:sized_forward",
+           (_size(VILT_IMAGE_SIZES, "ViLT"),), reference="PuMer (ACL 2023): smaller input resolution, ViLT",
+           action="reduction", model_setting=True),
+    Method("size-meter", "Input size", frozenset({METER}), "models.input_sizes:sized_forward",
+           (_size(METER_IMAGE_SIZES, "METER"),), reference="PuMer (ACL 2023): smaller input resolution, METER 320 px",
+           action="reduction", model_setting=True),
 ]}
+# Keys of settings that change what is loaded (the input size), not a forward; they combine with any method's.
+MODEL_SETTING_KEYS = frozenset(s.key for m in METHODS.values() if m.model_setting for s in m.settings)
 
 
 def methods_for(spec: ModelSpec) -> list[Method]:
@@ -298,11 +377,14 @@ def _check_reason(check: str, model_name: str) -> str | None:
 
 
 def method_of(settings: dict[str, Any], spec: ModelSpec | None = None) -> Method | None:
-    """The method whose keys the settings use (preferring one that applies to ``spec``); None for no settings.
-    ValueError when none matches."""
+    """The method whose keys the settings use (preferring one that applies to ``spec``), leaving out the model
+    settings (``MODEL_SETTING_KEYS``) unless they are all there is; None for no settings. ValueError when none
+    matches."""
     if not settings:
         return None
-    matching = [m for m in METHODS.values() if set(settings) <= m.keys]
+    # A model setting (the input size) combines with another method's settings; alone, its own record runs.
+    keys = set(settings) - MODEL_SETTING_KEYS or set(settings)
+    matching = [m for m in METHODS.values() if keys <= m.keys]
     if matching:
         return next((m for m in matching if spec is not None and m.applies_to(spec)), matching[0])
     known = "; ".join(sorted({f"{m.label}: {', '.join(sorted(m.keys))}" for m in METHODS.values()}))

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from .methods import METHODS, Method, Setting, method_of, plain_method
+from .methods import METHODS, SIZE_KEY, Method, Setting, method_of, plain_method
 from .registry import get_spec
 
 
@@ -23,6 +23,12 @@ class Variant:
     @property
     def label(self) -> str:
         return self.model + "@" + settings_text(self.settings) if self.settings else self.model
+
+    @property
+    def input_size(self) -> int | None:
+        """The input size the variant loads its model at (``NAME@size=320``); None: the entry's default."""
+        size = self.settings.get(SIZE_KEY)
+        return None if size is None else int(size)
 
 
 def settings_text(settings: dict[str, Any]) -> str:
@@ -99,7 +105,9 @@ class VariantGroup:
 
     @property
     def options(self) -> list:
-        return ([TRAINED] if self.trained else []) + list(self.setting.choices)
+        """Every target's choices (ToMe's r, an input size: they differ by family), the trained value first."""
+        choices = dict.fromkeys(c for _, method in self.targets for c in method.main_setting.choices)
+        return ([TRAINED] if self.trained else []) + list(choices)
 
     @property
     def default(self) -> list:
@@ -131,7 +139,9 @@ class VariantGroup:
         """The variant names for the picked values (``TRAINED``: each release's own) and the paper's setting."""
         names = []
         for model, method in self.targets:
-            values = [self.trained.get(model) if v == TRAINED else v for v in picked]
+            offered = method.main_setting.choices  # a value another family's record offers is not this one's
+            values = [self.trained.get(model) if v == TRAINED else v for v in picked
+                      if v == TRAINED or not offered or v in offered]
             names += [method.variant(model, v) for v in dict.fromkeys(values) if v is not None]
         if paper:
             names += [f"{m}@{method.paper_flag}" for m, method in self.paper_targets]

@@ -54,10 +54,13 @@ ENTAILMENT_REDUCE_LAYERS = (2, 4, 6, 8)  # visual entailment (SNLI-VE)
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def vilt_from_source(spec: ModelSpec, source: WeightsSource, folder: Path | None = None):
+def vilt_from_source(spec: ModelSpec, source: WeightsSource, folder: Path | None = None,
+                     image_size: int | None = None):
     """``(model in eval mode, processor)`` from what the resolver chose; the registry's ``loader`` for ViLT.
     Random weights give the full-size architecture and no processor (for timing). ``folder`` (the weights
-    folder, which METER's loader needs for its tokenizer) is not needed here: the source is the whole folder."""
+    folder, which METER's loader needs for its tokenizer) is not needed here: the source is the whole folder.
+    ``image_size`` (default: the spec's ``input_size``): the shorter side the processor resizes images to; the
+    model interpolates its position embeddings to the patch grid itself."""
     from transformers import ViltForQuestionAnswering, ViltProcessor
 
     if source.is_random:
@@ -66,6 +69,9 @@ def vilt_from_source(spec: ModelSpec, source: WeightsSource, folder: Path | None
     try:
         model = ViltForQuestionAnswering.from_pretrained(source.location, **kwargs).eval()
         processor = ViltProcessor.from_pretrained(source.location, **kwargs)
+        side = image_size or spec.input_size  # the shorter side, where another of the entry's sizes is asked
+        if processor.image_processor.size.get("shortest_edge") != side:
+            processor.image_processor.size = {"shortest_edge": side}
     except Exception as exc:  # noqa: BLE001 - any reading failure becomes one message naming the folder
         first_line = (str(exc).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"Could not read ViLT from {source.description}: {type(exc).__name__} {first_line}. "
@@ -73,13 +79,14 @@ def vilt_from_source(spec: ModelSpec, source: WeightsSource, folder: Path | None
     return model, processor
 
 
-def load_vilt(source: str | None = None, weights_dir: str | Path | None = None):
+def load_vilt(source: str | None = None, weights_dir: str | Path | None = None, image_size: int | None = None):
     """ViLT fine-tuned on VQAv2 and its processor, through the one resolver: the folder ``source``, then
     ``<weights dir>/vilt-b32-finetuned-vqa`` (a ``save_pretrained`` folder), the Hugging Face cache, the hub.
+    ``image_size``: the shorter side images are resized to (one of the entry's sizes; default 384).
     Returns ``(model in eval mode, processor)``; raises WeightsNotFoundError saying which folder to create."""
     spec = get_spec(VILT_VQA_NAME)
     folder = Path(weights_dir).expanduser() if weights_dir else None
-    return vilt_from_source(spec, resolve(spec, user_file=source, folder=folder))
+    return vilt_from_source(spec, resolve(spec, user_file=source, folder=folder), image_size=image_size)
 
 
 # A vocabulary small enough to write here, large enough for everyday questions; letters let WordPiece spell

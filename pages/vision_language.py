@@ -58,8 +58,9 @@ image_size = None
 if entry.image_sizes and not random_weights:
     image_size = kept(st.selectbox, "Image size", key=f"vl_size_{name}", options=entry.image_sizes,
                       default=entry.image_sizes[0], format_func=entry.size_label,
-                      help="The square crop the model sees. The VQAv2 checkpoint was fine-tuned at 576 px; "
-                           "smaller is faster and less faithful.")
+                      help="The image side the model sees (METER: a square crop; ViLT: the shorter side). The "
+                           "released checkpoints were fine-tuned at the first size; smaller is faster and less "
+                           "faithful (PuMer's smaller-resolution baseline; as a variant: NAME@size=320).")
 model, processor, model_name, weights, missing = _cached_model(
     name, random_weights, weights_folder(), user_weight_files().get(name), current_device(), image_size)
 if missing:

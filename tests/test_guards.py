@@ -222,8 +222,9 @@ def _setting_keys() -> set[str]:
     key (``main_setting.key == "rho"``) names it as surely as its own key does."""
     from models.methods import METHODS
 
-    return {s.key for m in METHODS.values() for s in m.settings} | {m.paper_flag for m in METHODS.values()
-                                                                   if m.paper_flag}
+    # A model setting (the input size, ``size``) picks no method: it changes what is loaded, for every method.
+    return {s.key for m in METHODS.values() if not m.model_setting for s in m.settings} | {
+        m.paper_flag for m in METHODS.values() if m.paper_flag}
 
 
 def test_no_page_or_analysis_names_a_method():

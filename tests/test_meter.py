@@ -362,7 +362,7 @@ def test_registry_entry_builds_and_loads_official_files(official_file):
     load_official_file(model, official_file)
     torch.testing.assert_close(model.token_type_embeddings.weight, official["token_type_embeddings.weight"])
     # The VQAv2 checkpoint's fine-tuned size is the default; 384 (PuMer's benchmarks) and 288 are offered
-    assert MeterConfig().grid == 36 and spec.input_size == 576 and spec.input_sizes == (576, 384, 288)
+    assert MeterConfig().grid == 36 and spec.input_size == 576 and spec.input_sizes == (576, 384, 320, 288)
 
 
 def test_a_size_is_a_setting_of_the_entry(tmp_path, monkeypatch):
@@ -372,7 +372,7 @@ def test_a_size_is_a_setting_of_the_entry(tmp_path, monkeypatch):
 
     spec = get_spec("meter_clip16_288_vqa")
     assert sized(spec, 384).input_size == 384 and sized(spec, None) is spec
-    with pytest.raises(ValueError, match="576, 384, 288 px, not 500 px"):
+    with pytest.raises(ValueError, match="576, 384, 320, 288 px, not 500 px"):
         sized(spec, 500)
     loaded = load_model("meter_clip16_288_vqa", random_weights=True, input_size=288)
     assert loaded.model.config.image_size == 288 and loaded.data_config["input_size"] == (3, 288, 288)

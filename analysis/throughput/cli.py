@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m analysis.throughput",
         description="Measure img/s of registry models and their token-reduction variants on this machine.")
     p.add_argument("--models", nargs="+", required=True,
-                   help="registry names, optionally with settings: NAME@key=value[,key=value] (see README)")
+                   help="registry names, optionally with settings: NAME@key=value[,key=value] (see README); "
+                        "ViLT and METER also at another input size: NAME@size=320, NAME@pumer,size=320")
     p.add_argument("--baseline", help="print 'speedup <model> vs <baseline>' for every other model")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: fastest present)")
     p.add_argument("--batch", type=int, default=16)

@@ -94,7 +94,11 @@ def make_runner(text: str, device: str = "cpu", random_weights: bool = False,
                 loaded: LoadedModel | None = None, options: ModelOptions = ModelOptions()) -> Runner:
     """A throughput Runner for a variant name; loads the model unless one is given."""
     variant = parse_variant(text)
-    loaded = prepared(loaded or load_model(variant.model, device=device, random_weights=random_weights), options)
+    if loaded is not None and variant.input_size not in (None, loaded.spec.input_size):
+        raise ValueError(f"{text} runs at {variant.input_size} px; the model given is loaded at "
+                         f"{loaded.spec.input_size} px.")
+    loaded = prepared(loaded or load_model(variant.model, device=device, random_weights=random_weights,
+                                           input_size=variant.input_size), options)
     forward = forward_for(loaded.model, loaded.name, variant)
     return Runner(name=variant.label, forward=forward, make_inputs=INPUT_BUILDERS[loaded.spec.inputs](loaded),
                   params=loaded.num_params, weights=loaded.weights.description,
