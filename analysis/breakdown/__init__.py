@@ -17,23 +17,27 @@ tensors occupy (inputs + outputs; views move nothing), attributed to the same cl
 ``python -m analysis.breakdown --models ... --batch 8 --device cpu`` prints the same records.
 
 The package: ``operators`` (the classes and components of operators), ``records`` (``OpRow``, ``Breakdown``),
-``eager`` (the torch profiler, ``profile_model``), ``onnx_runtime`` (ONNX Runtime's own profile), ``tables``
-(shares, savings, per-operator and per-component tables), ``figures`` (plotly), ``cli``.
+``eager`` (the torch profiler, ``profile_model`` for every engine of ``analysis.timing.engines``), ``compiled``
+(the torch.compile'd forward, fused kernels classed by name), ``onnx_runtime`` (ONNX Runtime's own profile),
+``tables`` (shares, savings, per-operator and per-component tables, memory-bound time per engine), ``figures``
+(plotly), ``cli``.
 """
 from analysis.breakdown.cli import build_parser, format_report, main
-from analysis.breakdown.eager import (attribute_events, count_costs, profile_model, profile_models, profile_runner,
-                                      quiet_profiler_logs)
+from analysis.breakdown.compiled import fused_kernel_class, fused_kernel_ops, profile_compiled
+from analysis.breakdown.eager import (attribute_events, count_costs, profile_eager, profile_model, profile_models,
+                                      profile_runner, quiet_profiler_logs)
 from analysis.breakdown.onnx_runtime import profile_onnx
 from analysis.breakdown.operators import (BOOKKEEPING, COMPONENT_ORDER, COMPUTE, DATA, ELEMENTWISE, FORWARD_SCOPE,
                                           MEMORY_CLASSES, NORM, OP_CLASSES, OTHER, OVERHEAD_OP, REST, SOFTMAX,
                                           base_name, block_of, op_class, ort_component, ort_op_class)
 from analysis.breakdown.records import Breakdown, OpRow
-from analysis.breakdown.tables import (baseline_of, block_shares, component_table, ops_table, reduction_savings,
-                                       share_table, summary_table, to_json)
+from analysis.breakdown.tables import (baseline_of, block_shares, component_table, engine_comparison, ops_table,
+                                       reduction_savings, share_table, summary_table, to_json)
 
 __all__ = ["BOOKKEEPING", "COMPONENT_ORDER", "COMPUTE", "DATA", "ELEMENTWISE", "FORWARD_SCOPE", "MEMORY_CLASSES",
            "NORM", "OP_CLASSES", "OTHER", "OVERHEAD_OP", "REST", "SOFTMAX", "Breakdown", "OpRow", "attribute_events",
            "base_name", "baseline_of", "block_of", "block_shares", "build_parser", "component_table", "count_costs",
-           "format_report", "main", "op_class", "ops_table", "ort_component", "ort_op_class", "profile_model",
+           "engine_comparison", "format_report", "fused_kernel_class", "fused_kernel_ops", "main", "op_class",
+           "ops_table", "ort_component", "ort_op_class", "profile_compiled", "profile_eager", "profile_model",
            "profile_models", "profile_onnx", "profile_runner", "quiet_profiler_logs", "reduction_savings",
            "share_table", "summary_table", "to_json"]
