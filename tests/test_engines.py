@@ -79,14 +79,15 @@ def _same(eager: Runner, batch: int, device: str = "cpu") -> Runner:
     return dataclasses.replace(eager)
 
 
-def test_an_engine_that_cannot_run_a_model_is_refused_and_left_out():
+def test_an_engine_that_cannot_run_a_model_is_refused_and_left_out(monkeypatch):
     broken = dataclasses.replace(COMPILED, wrap=f"{__name__}:_cannot")
     with pytest.raises(EngineRefused, match=r"^tiny does not run under torch.compile \(inductor\): "
                                             r"RuntimeError: no kernel for this\.$"):
         broken.runner(tiny_runner(), batch=1)
-    # Through the table: the eager runner stays, the refused one is one sentence.
-    runners, notes = engine_runners(["eager"], [tiny_runner()], batch=1)
-    assert [r.name for r in runners] == ["tiny"] and notes == []
+    # Through the table: the eager runner stays and is timed; the refused one is one sentence.
+    monkeypatch.setitem(ENGINES, COMPILED.key, broken)
+    runners, notes = engine_runners(["compile", "eager"], [tiny_runner()], batch=1)
+    assert [r.name for r in runners] == ["tiny"] and len(notes) == 1 and "no kernel for this" in notes[0]
 
 
 def _cannot(eager: Runner, batch: int, device: str = "cpu") -> Runner:
