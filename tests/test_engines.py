@@ -133,7 +133,7 @@ def test_compile_is_checked_timed_interleaved_with_eager_and_profiled_by_its_fus
     compiled = runners[1]
     assert compiled.engine == "compile" and compiled.reference is eager and compiled.max_abs_diff <= 1e-4
     assert compiled.flops_per_image == eager.flops_per_image > 0  # the eager count: the same math
-    copy = compiled.forward._orig_mod  # a private copy was compiled; the eager module is untouched
+    copy = compiled.forward.compiled._orig_mod  # a private copy was compiled; the eager module is untouched
     assert copy is not eager.forward and next(copy.parameters()) is not next(eager.forward.parameters())
 
     wrong = dataclasses.replace(compiled, forward=lambda x: compiled.forward(x) + 1e-2)
