@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import time
 
+import pandas as pd
 import streamlit as st
 
 from analysis.breakdown import (TOLERANCE, attribution_table, attribution_warning, baseline_of, component_table,
-                                ops_table, profile_model, reduction_savings, summary_table, to_json)
-from analysis.breakdown.figures import block_figure, roofline_figure, savings_figure, share_figure
-from analysis.timing.onnx_engine import ENGINES, OnnxEngineError
+                                engine_comparison, ops_table, profile_model, reduction_savings, summary_table,
+                                to_json)
+from analysis.breakdown.figures import block_figure, engine_figure, roofline_figure, savings_figure, share_figure
+from analysis.breakdown.tables import ENGINE_NOTE
+from analysis.timing.engines import EAGER, ENGINES, EngineRefused, engine as engine_named
+from analysis.timing.runners import ModelOptions
 from analysis.provenance import RANDOM
 from analysis.timing.roofline import machine_roofline
 from models.checkpoints import CheckpointError, WeightsNotFoundError
@@ -56,9 +60,13 @@ with right:
                    help="Batch 1 and the throughput batch show why token reduction gains less at batch 1.")
     precision = kept(st.selectbox, "Precision", key="bd_precision",
                      options=["fp32", "fp16", "bf16"] if device != "cpu" else ["fp32"])
-    engine = kept(st.selectbox, "Engine", key="bd_engine", options=ENGINES,
-                  help="onnxruntime: the model exported to ONNX (checked against eager within 1e-4) and "
-                       "profiled by ONNX Runtime's own per-node profiler.")
+    chosen_engines = kept(st.multiselect, "Engines", key="bd_engines", options=list(ENGINES), default=[EAGER.key],
+                          format_func=lambda k: ENGINES[k].label,
+                          help="Each model is profiled under each engine, checked against eager on the same input "
+                               "first. " + "; ".join(f"{e.label}: {e.help}" for e in ENGINES.values()))
+    fuse_bn = kept(st.checkbox, "Deployment form: BatchNorm folded into convolutions", key="bd_fuse_bn",
+                   default=False, help="As the throughput page's option: under every engine (EfficientViT, "
+                                       "MobileNetV3; models without BatchNorm are unchanged).")
     iters = kept(st.number_input, "Profiled forwards (each next to a plain one)", 1, 50, key="bd_iters", default=3)
 
 variants = list(dict.fromkeys(models + extra.split()))
@@ -66,8 +74,9 @@ for text in list(variants):
     base = baseline_of(text)
     if base and base not in variants:
         variants.insert(variants.index(text), base)
-request = (tuple(variants), tuple(sorted(int(b) for b in batches)), precision, engine, int(iters), device)
-run = st.button("Profile", type="primary", disabled=not variants or not batches, key="bd_run")
+request = (tuple(variants), tuple(sorted(int(b) for b in batches)), precision, tuple(chosen_engines), fuse_bn,
+           int(iters), device)
+run = st.button("Profile", type="primary", disabled=not variants or not batches or not chosen_engines, key="bd_run")
 run = run or st.session_state.pop(AGAIN_KEY, False)  # "Profile again" under a warning that the times miss
 
 
@@ -76,21 +85,27 @@ def run_profiles() -> dict:
         show = progress_bar()
         status.update(label=f"This machine's limits on {device}: from the cache, or measured (10-20 s) ...")
         roof = machine_roofline(device, precision, progress=lambda f, m: show(f, f"this machine's limits: {m}"))
-        results, steps = [], len(variants) * len(batches)
-        for index, (text, batch) in enumerate((t, b) for b in sorted(batches) for t in variants):
+        results, refused = [], []
+        runs = [(t, b, e) for b in sorted(batches) for t in variants for e in chosen_engines]
+        for index, (text, batch, key) in enumerate(runs):
             loaded = cached_model(parse_variant(text).model, random_weights=True)
             if loaded is None:
                 st.stop()
 
-            def progress(fraction: float, message: str, index=index) -> None:
-                status.update(label=f"Profiling {message} (batch {batch})")
-                show((index + fraction) / steps, message)
+            def progress(fraction: float, message: str, index=index, batch=batch, key=key) -> None:
+                status.update(label=f"Profiling {message} (batch {batch}, {ENGINES[key].label})")
+                show((index + fraction) / len(runs), message)
 
-            results.append(profile_model(text, batch=int(batch), device=device, precision=precision,
-                                         iters=int(iters), warmup=1, loaded=loaded, engine=engine,
-                                         progress=progress))
+            try:
+                results.append(profile_model(text, batch=int(batch), device=device, precision=precision,
+                                             iters=int(iters), warmup=1, loaded=loaded, engine=key,
+                                             options=ModelOptions(fuse_bn=fuse_bn), progress=progress))
+            except EngineRefused as exc:
+                refused.append(str(exc))
+        if not results:
+            raise EngineRefused(" ".join(refused))
         status.update(label=f"Done: {len(results)} profiles on {device}", state="complete")
-    return {"results": results, "roof": roof, "request": request}
+    return {"results": results, "roof": roof, "request": request, "refused": refused}
 
 
 def _profile_again() -> None:
@@ -131,7 +146,7 @@ def _attribution_check(results) -> None:
 if run:
     try:
         session_result("breakdown", time.time_ns(), run_profiles)
-    except (KeyError, ValueError, OnnxEngineError, WeightsNotFoundError, CheckpointError) as exc:
+    except (KeyError, ValueError, WeightsNotFoundError, CheckpointError) as exc:
         st.error(str(exc.args[0] if exc.args else exc))
         st.stop()
 stored = latest_result("breakdown")
@@ -148,8 +163,11 @@ if result["request"] != request:
     st.caption("Results of the last run; the settings above have changed since: press **Profile** to measure them.")
 
 hardware = roof.hardware
+for sentence in result.get("refused", []):
+    st.warning(sentence)
+engines_shown = ", ".join(dict.fromkeys(engine_named(b.engine).label for b in results))
 st.caption(f"{results[0].device} ({hardware}, {roof.threads} threads), {results[0].precision}, "
-           f"engine {results[0].engine}; weights: {RANDOM}; input: random images. Shares are of the time the profiler "
+           f"engines: {engines_shown}; weights: {RANDOM}; input: random images. Shares are of the time the profiler "
            "attributes to operators; Python between operators counts as *other*.")
 _attribution_check(results)
 st.plotly_chart(share_figure(results), key="bd_classes")
@@ -183,9 +201,21 @@ if with_blocks:
     st.caption("Memory-bound: data movement, element-wise, normalisation, softmax and bookkeeping operators. "
                "Blocks are named by module path; ToMe's attention runs outside timm's module and has no block.")
 
-by_key = {(b.model, b.batch): b for b in results}
-savings = [s for b in results if (base := baseline_of(b.model)) and (base, b.batch) in by_key
-           for s in reduction_savings(b, by_key[(base, b.batch)])]
+if len({b.engine for b in results}) > 1:
+    st.subheader("Engines side by side: how much memory-bound time each removes")
+    st.plotly_chart(engine_figure(results), key="bd_engines_chart")
+    engines_table = engine_comparison(results)
+    st.dataframe(engines_table, hide_index=True, column_config={
+        "memory_bound_share": st.column_config.NumberColumn("memory-bound share", format="%.2f"),
+        "speedup_over_eager": st.column_config.NumberColumn("speed-up over eager", format="%.2fx"),
+        "memory_bound_removed_share": st.column_config.NumberColumn("memory-bound time removed", format="%.2f")})
+    st.caption(ENGINE_NOTE + " Under torch.compile, fused kernels are classed by the operators their names list "
+               "and every component is the whole forward.")
+    download_df(pd.DataFrame(engines_table), "breakdown_engines.csv", label="Engines table (CSV)")
+
+by_key = {(b.model, b.batch, b.engine): b for b in results}
+savings = [s for b in results if (base := baseline_of(b.model)) and (base, b.batch, b.engine) in by_key
+           for s in reduction_savings(b, by_key[(base, b.batch, b.engine)])]
 if savings:
     st.subheader("Token reduction: saved and spent")
     st.plotly_chart(savings_figure(savings), key="bd_savings")
@@ -215,7 +245,7 @@ with d2:
 with d3:
     traced = [b for b in results if b.trace]
     if traced:
-        names = [f"{b.model} b{b.batch}" for b in traced]
+        names = [f"{engine_named(b.engine).tag(b.model)} b{b.batch}" for b in traced]
         pick = kept(st.selectbox, "Trace of", key="bd_trace_pick", options=names)
         chosen = traced[names.index(pick)]
         st.download_button("Raw trace (Chrome JSON, opens in Perfetto)", chosen.trace.encode(),

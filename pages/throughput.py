@@ -6,12 +6,12 @@ import time
 import pandas as pd
 import streamlit as st
 
-from analysis.timing.onnx_engine import ENGINES
+from analysis.timing.engines import EAGER, ENGINES, refuse_batches
 from analysis.provenance import RANDOM, label_rows
 from analysis.timing.harness import PRECISIONS, BenchSettings, rows_to_records, spread_warnings
 from analysis.timing.runners import ModelOptions
-from analysis.throughput.figures import (accuracy_caption, accuracy_figure, latency_figure, latency_table, live_figure,
-                                         results_table)
+from analysis.throughput.figures import (accuracy_caption, accuracy_figure, engine_table, latency_figure,
+                                         latency_table, live_figure, results_table)
 from analysis.timing.env import environment_line
 from analysis.timing.request import LATENCY, SWEEP, THROUGHPUT, TimingRefused, TimingRequest, run_in_fresh_process
 from models.device import cpu_threads, device_hardware
@@ -75,27 +75,29 @@ with col_settings:
     on_gpu = device != "cpu"
     precision = kept(st.selectbox, "Precision", key="tp_precision", options=list(PRECISIONS) if on_gpu else ["fp32"],
                      help="fp16/bf16 autocast on GPU; CPU runs fp32.")
-    engine = kept(st.selectbox, "Engine", key="tp_engine", options=ENGINES, default=ENGINES[0],
-                  disabled=latency_mode or sweep_mode,
-                  help="onnxruntime: each model also runs exported to ONNX (refused unless its output equals "
-                       "eager PyTorch's within 1e-4), interleaved with the eager runs; one batch size.")
+    chosen_engines = kept(st.multiselect, "Engines (timed interleaved in the same rounds)", key="tp_engines",
+                          options=list(ENGINES), default=[EAGER.key], format_func=lambda k: ENGINES[k].label,
+                          help="; ".join(f"{e.label}: {e.help}" for e in ENGINES.values()))
     iters = kept(st.number_input, "Timed iterations per round", 1, 1000, key="tp_iters", default=5)
     rounds = kept(st.number_input, "Interleaved rounds (median counts)", 1, 50, key="tp_rounds", default=3)
     channels_last = kept(st.checkbox, "channels_last", key="tp_channels_last", default=False)
     fuse_bn = kept(st.checkbox, "Fuse BatchNorm into convolutions (EfficientViT, MobileNetV3)", key="tp_fuse_bn",
                    default=False)
-    compile_model = kept(st.checkbox, "torch.compile (slow first run)", key="tp_compile", default=False)
     threads = kept(st.number_input, "CPU threads", 1, max(1, cpu_threads() * 4), key="tp_threads",
                    default=cpu_threads(),
                    help="torch threads of the timing process (each run is timed in a fresh one).")
 
 hardware = device_hardware(device)
-options = ModelOptions(channels_last=channels_last, fuse_bn=fuse_bn, compile=compile_model)
+options = ModelOptions(channels_last=channels_last, fuse_bn=fuse_bn)
 settings = BenchSettings(batch=int(batches[0]), iters=int(iters), rounds=int(rounds),
                          warmup=max(2, int(iters) // 2), device=device, precision=precision)
 mode = LATENCY if latency_mode else THROUGHPUT
-request = (mode, engine, tuple(variants), baseline, tuple(int(b) for b in batches), sweep_mode, repr(settings), repr(options))
-run = st.button("Run benchmark", type="primary", disabled=not variants, key="tp_run")
+request = (mode, tuple(chosen_engines), tuple(variants), baseline, tuple(int(b) for b in batches), sweep_mode, repr(settings), repr(options))
+engine_refusal = refuse_batches(chosen_engines, sweep_mode and len(batches) > 1)
+if engine_refusal:
+    st.warning(engine_refusal)
+run = st.button("Run benchmark", type="primary", disabled=not variants or not chosen_engines or bool(engine_refusal),
+                key="tp_run")
 
 
 def run_benchmark() -> dict:
@@ -112,7 +114,8 @@ def run_benchmark() -> dict:
 
     timing = TimingRequest(tuple(variants), settings, options, baseline=baseline,
                            mode=LATENCY if latency_mode else SWEEP if sweep_mode else THROUGHPUT,
-                           batches=tuple(int(b) for b in batches), engine=engine, threads=int(threads))
+                           batches=tuple(int(b) for b in batches), engines=tuple(chosen_engines),
+                           threads=int(threads))
     try:
         with st.status("Starting a fresh timing process ...", expanded=True) as status:
             show = progress_bar()
@@ -133,7 +136,8 @@ def run_benchmark() -> dict:
         st.stop()
     live_chart.empty()
     return {"mode": mode, "rows": timed.rows, "notes": timed.notes, "measurements": measurements,
-            "hardware": hardware, "settings": vars(settings), "options": vars(options), "request": request}
+            "hardware": hardware, "settings": vars(settings), "options": vars(options), "request": request,
+            "baseline": baseline}
 
 
 if run:
@@ -171,6 +175,20 @@ def _downloads(table, stem: str) -> None:
 
 SPREAD_COLUMNS = {"speedup_q1": st.column_config.NumberColumn("speed-up Q1 (per-round ratios)", format="%.2fx"),
                   "speedup_q3": st.column_config.NumberColumn("speed-up Q3 (per-round ratios)", format="%.2fx")}
+
+
+def show_engines() -> None:
+    """With several engines: each variant's speed-up over eager and over the baseline in the same engine."""
+    if len({row.environment.get("engine") for row in result["rows"]}) < 2:
+        return
+    st.subheader("Engines")
+    table = engine_table(result["rows"], result.get("baseline"))
+    st.dataframe(table, hide_index=True)
+    st.caption("Each engine's runs were checked against eager PyTorch on the same input and timed in the same "
+               "interleaved rounds; speed-ups are ratios of median rounds. The last column: does a token-reduction "
+               "variant keep its speed-up over the baseline under that engine? A variant an engine refused is "
+               "named above, with the reason.")
+    download_df(table, "engines.csv", label="Engines table (CSV)")
 
 
 def show_latency() -> None:
@@ -216,3 +234,4 @@ if result["mode"] == LATENCY:
     show_latency()
 else:
     show_throughput()
+show_engines()

@@ -158,7 +158,7 @@ def test_onnx_runtime_output_is_checked_and_a_broken_export_refused(tmp_path, mo
 
     loaded = load_model("efficientvit_m0", random_weights=True)
     runner = onnx_runner(make_runner("efficientvit_m0", loaded=loaded), batch=2)
-    assert runner.max_abs_diff <= 1e-4 and runner.name.endswith("[onnxruntime]")
+    assert runner.max_abs_diff <= 1e-4 and runner.name == "efficientvit_m0"  # the engine table tags rows
     logits = runner.forward(runner.make_inputs(2))[0]
     assert logits.shape == (2, 1000)
     # A deliberately broken export: the graph adds 0.001 to the logits after the classifier.
@@ -192,7 +192,7 @@ def test_onnx_runtime_profile_and_throughput_engine(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("VITLAB_ONNX_CACHE", str(tmp_path))
     loaded = load_model("efficientvit_m0", random_weights=True)
     b = B.profile_model("efficientvit_m0", batch=1, iters=1, warmup=1, loaded=loaded, engine="onnxruntime")
-    assert b.engine == "onnxruntime" and b.model.endswith("[onnxruntime]")
+    assert b.engine == "onnxruntime" and b.model == "efficientvit_m0"  # the variant; the engine once, in its field
     assert B.COMPUTE in b.shares() and sum(b.shares().values()) == pytest.approx(1.0)
     assert {ATTENTION, FFN} <= set(b.shares("component"))  # from the module paths in the exported node names
     assert "max |ORT - eager|" in b.note
@@ -200,11 +200,14 @@ def test_onnx_runtime_profile_and_throughput_engine(tmp_path, monkeypatch, capsy
     assert B.ort_component("/stages.0/blocks.0/mixer/m/attn/MatMul") == ATTENTION
     code = throughput.main(["--models", "efficientvit_m0", "--baseline", "efficientvit_m0", "--batch", "1",
                             "--rounds", "1", "--iters", "1", "--warmup", "1", "--random-weights",
-                            "--engine", "onnxruntime"])
+                            "--engine", "eager", "onnxruntime"])
     assert code == 0
     out = capsys.readouterr().out
     assert "efficientvit_m0 [onnxruntime]" in out
     assert "speedup efficientvit_m0 [onnxruntime] vs efficientvit_m0:" in out
+    assert "(engine over eager)" in out
+    from analysis.breakdown.figures import _label
+    assert _label(b) == "efficientvit_m0 [onnxruntime] b1"  # the engine named once
 
 
 def test_dynamicvit_predictors_are_token_reduction_machinery():

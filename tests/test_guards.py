@@ -251,3 +251,59 @@ def test_method_guard_sees_a_violation():
         assert not method_key_literals(source, keys), source
         assert method_key_literals(source, keys | settings), source
     assert not method_key_literals('for m in METHODS.values():\n    label = f"tr_{m.key}"  # "tome"', keys)
+
+
+# ------------------------------------------------------------------------------------ 4. the engine table
+ENGINE_TABLE = "analysis/timing/engines.py"
+
+
+def _engine_strings() -> set[str]:
+    from analysis.timing.engines import ENGINES
+
+    return set(ENGINES) | {"torch.compile"}
+
+
+def engine_string_comparisons(source: str, strings: set[str], filename: str = "<source>") -> list[tuple[int, str]]:
+    """(line, what) for each comparison with an engine's name (``engine == "onnxruntime"``, ``key in ("eager",
+    "compile")``), each ``.endswith`` / ``.startswith`` of a string holding one (``" [onnxruntime]"``), and each use
+    of the old name suffix: code that picks an engine by its string instead of the table's fields."""
+    def names_engine(node: ast.AST) -> bool:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value in strings
+        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(names_engine(e) for e in node.elts)
+
+    found = []
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        if isinstance(node, ast.Compare) and any(names_engine(n) for n in [node.left, *node.comparators]):
+            found.append((node.lineno, "comparison with an engine's name"))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("endswith", "startswith", "removesuffix")
+              and any(isinstance(a, ast.Constant) and isinstance(a.value, str)
+                      and any(s in a.value for s in strings if s != "eager") for a in node.args)):
+            found.append((node.lineno, f".{node.func.attr}(engine name)"))
+        elif ((isinstance(node, ast.Name) and node.id == "ENGINE_SUFFIX")
+              or (isinstance(node, ast.Attribute) and node.attr == "ENGINE_SUFFIX")
+              or (isinstance(node, ast.alias) and node.name == "ENGINE_SUFFIX")):
+            found.append((node.lineno, "ENGINE_SUFFIX"))
+    return sorted(set(found))
+
+
+def test_no_page_or_analysis_compares_engine_strings():
+    """Issue #31: the engine table is the only place an engine is told apart by its name; everything else loops over
+    ``analysis.timing.engines.ENGINES`` or asks a record (``is_reference``, ``one_batch``, ``tag``)."""
+    strings = _engine_strings()
+    offenders = {path: hits for path, source in _sources("analysis", "pages", app=True).items() if path != ENGINE_TABLE
+                 for hits in [engine_string_comparisons(source, strings, path)] if hits}
+    assert not offenders, f"engine names compared outside {ENGINE_TABLE}: {offenders}"
+
+
+def test_engine_guard_sees_a_violation():
+    strings = _engine_strings()
+    assert {"eager", "compile", "onnxruntime"} <= strings
+    for bad in ['if args.engine == "onnxruntime":\n    pass', 'x = r.engine != "torch.compile"',
+                'if key in ("eager", "compile"):\n    pass', 'rows = [r for r in rows if r.model.endswith(" [onnxruntime]")]',
+                'from analysis.timing.onnx_engine import ENGINE_SUFFIX']:
+        assert engine_string_comparisons(bad, strings), bad
+    for fine in ['Breakdown(engine="onnxruntime")', 'def f(engine: str = "eager"):\n    pass',
+                 'pattern = re.compile("x")', 'if e.is_reference:\n    pass']:
+        assert not engine_string_comparisons(fine, strings), fine

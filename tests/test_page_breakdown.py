@@ -59,3 +59,25 @@ def test_unknown_variant_gets_one_sentence(small_roofline):
     at.button(key="bd_run").click().run()
     assert not at.exception
     assert at.error and "DynamicViT" in at.error[0].value
+
+
+def test_page_profiles_two_engines_side_by_side(small_roofline, tmp_path, monkeypatch):
+    """Eager and ONNX Runtime on one model: the memory-bound time of each, side by side, downloadable; a variant
+    ONNX cannot export is named in one sentence and the rest is still profiled."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("VITLAB_ONNX_CACHE", str(tmp_path))
+    at = AppTest.from_file(PAGE, default_timeout=300).run()
+    at.multiselect(key="bd_models").set_value(["efficientvit_m0"]).run()
+    at.multiselect(key="bd_batches").set_value([1]).run()
+    at.multiselect(key="bd_engines").set_value(["eager", "onnxruntime"]).run()
+    at.checkbox(key="bd_fuse_bn").check()
+    at.number_input(key="bd_iters").set_value(1)
+    at.button(key="bd_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.status[0].label == "Done: 2 profiles on cpu"
+    assert "Engines side by side: how much memory-bound time each removes" in [s.value for s in at.subheader]
+    table = next(d.value for d in at.dataframe if "speedup_over_eager" in d.value.columns)
+    assert list(table["engine"]) == ["eager PyTorch", "ONNX Runtime"]
+    assert table["speedup_over_eager"].iloc[0] == 1.0 and table["memory_bound_share"].between(0, 1).all()
+    assert "Engines table (CSV)" in {b.label for b in at.get("download_button")}
+    assert any("BatchNorm folded" in str(v) for v in at.dataframe[0].value["note"])

@@ -154,11 +154,15 @@ def test_throughput_page_times_onnx_runtime_beside_eager(tmp_path, monkeypatch):
     monkeypatch.setenv("VITLAB_ONNX_CACHE", str(tmp_path))
     at = AppTest.from_file(PAGE, default_timeout=300).run()
     at.multiselect(key="tp_models").set_value(["efficientvit_m0"]).run()
-    at.selectbox(key="tp_engine").set_value("onnxruntime")
+    at.multiselect(key="tp_engines").set_value(["eager", "onnxruntime"])
     _run_once(at)
     table = at.dataframe[0].value.set_index("model")
     assert set(table.index) == {"efficientvit_m0", "efficientvit_m0 [onnxruntime]"}
     assert (table["img_per_s"] > 0).all()
+    assert "Engines" in [s.value for s in at.subheader]
+    engines = at.dataframe[1].value
+    assert list(engines["engine"]) == ["eager PyTorch", "ONNX Runtime"] and set(engines["variant"]) == {"efficientvit_m0"}
+    assert engines["speed-up over eager"].iloc[1] > 0
 
 
 def _timed(model: str, img_per_s: float):

@@ -22,26 +22,30 @@ times (``attribution``), so the attributed time adds up to the forward timed wit
 
 The package: ``operators`` (the classes and components of operators), ``records`` (``OpRow``, ``Breakdown``),
 ``attribution`` (the profiler's cost per event, calibrated and taken out),
-``eager`` (the torch profiler, ``profile_model``), ``onnx_runtime`` (ONNX Runtime's own profile) and
-``onnx_costs`` (FLOPs and bytes of its nodes), ``tables``
-(shares, savings, per-operator and per-component tables), ``figures`` (plotly), ``cli``.
+``eager`` (the torch profiler, ``profile_model`` for every engine of ``analysis.timing.engines``), ``compiled``
+(the torch.compile'd forward, fused kernels classed by name), ``onnx_runtime`` (ONNX Runtime's own profile) and
+``onnx_costs`` (FLOPs and bytes of its nodes), ``tables`` (shares, savings, per-operator and per-component
+tables, memory-bound time per engine), ``figures`` (plotly), ``cli``.
 """
 from analysis.breakdown.attribution import Calibration, attribution_warning, deduct_per_event_cost
 from analysis.breakdown.cli import build_parser, format_report, main
-from analysis.breakdown.eager import (attribute_events, count_costs, profile_model, profile_models, profile_runner,
-                                      quiet_profiler_logs)
+from analysis.breakdown.compiled import fused_kernel_class, fused_kernel_ops, profile_compiled
+from analysis.breakdown.eager import (attribute_events, count_costs, profile_eager, profile_model, profile_models,
+                                      profile_runner, quiet_profiler_logs)
 from analysis.breakdown.onnx_runtime import profile_onnx
 from analysis.breakdown.operators import (BOOKKEEPING, COMPONENT_ORDER, COMPUTE, DATA, ELEMENTWISE, FORWARD_SCOPE,
                                           MEMORY_CLASSES, NORM, OP_CLASSES, OTHER, OVERHEAD_OP, REST, SOFTMAX,
                                           base_name, block_of, does_no_work, op_class, ort_component, ort_op_class)
 from analysis.breakdown.records import TOLERANCE, Breakdown, OpRow
-from analysis.breakdown.tables import (attribution_table, baseline_of, block_shares, component_table, ops_table,
-                                       reduction_savings, share_table, summary_table, to_json)
+from analysis.breakdown.tables import (attribution_table, baseline_of, block_shares, component_table,
+                                       engine_comparison, ops_table, reduction_savings, share_table, summary_table,
+                                       to_json)
 
 __all__ = ["BOOKKEEPING", "COMPONENT_ORDER", "COMPUTE", "DATA", "ELEMENTWISE", "FORWARD_SCOPE", "MEMORY_CLASSES",
            "NORM", "OP_CLASSES", "OTHER", "OVERHEAD_OP", "REST", "SOFTMAX", "TOLERANCE", "Breakdown", "Calibration",
            "OpRow", "attribute_events", "attribution_table", "attribution_warning", "base_name", "baseline_of",
            "block_of", "block_shares", "build_parser", "component_table", "count_costs", "deduct_per_event_cost",
-           "does_no_work", "format_report", "main", "op_class", "ops_table", "ort_component", "ort_op_class", "profile_model",
-           "profile_models", "profile_onnx", "profile_runner", "quiet_profiler_logs", "reduction_savings",
-           "share_table", "summary_table", "to_json"]
+           "does_no_work", "engine_comparison", "format_report", "fused_kernel_class", "fused_kernel_ops", "main",
+           "op_class", "ops_table", "ort_component", "ort_op_class", "profile_compiled", "profile_eager",
+           "profile_model", "profile_models", "profile_onnx", "profile_runner", "quiet_profiler_logs",
+           "reduction_savings", "share_table", "summary_table", "to_json"]

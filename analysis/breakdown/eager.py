@@ -1,7 +1,7 @@
 """Profiling in eager PyTorch: ``torch.profiler`` over several forwards, interleaved with forwards timed without
 it, every operator's self time attributed to its class and component; a dispatch-level pass counts FLOPs and
-bytes. ``profile_model`` is the entry for both engines (``engine='onnxruntime'``:
-``analysis.breakdown.onnx_runtime``)."""
+bytes. ``profile_model`` is the entry for every engine of ``analysis.timing.engines`` (each record names its
+profiler: ``profile_eager`` here, ``analysis.breakdown.compiled``, ``analysis.breakdown.onnx_runtime``)."""
 from __future__ import annotations
 
 import copy
@@ -20,13 +20,13 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from analysis.breakdown.attribution import Calibration, deduct_per_event_cost, load_average
-from analysis.breakdown.onnx_runtime import profile_onnx
 from analysis.breakdown.operators import (BOOKKEEPING, DATA, ELEMENTWISE, FORWARD_SCOPE, NORM, OTHER, OVERHEAD_OP,
                                           SOFTMAX, _component, base_name, does_no_work, op_class)
 from analysis.breakdown.records import Breakdown, OpRow
 from analysis.timing.flops import extra_flop_formulas
+from analysis.timing.engines import EAGER, EngineRefused, engine as engine_named
 from analysis.timing.harness import PRECISIONS
-from analysis.timing.runners import make_runner
+from analysis.timing.runners import ModelOptions, make_runner, prepared
 from models.device import autocast, synchronize
 from models.loading import load_model
 from models.scopes import PREFIX, component_hooks, open_scopes, scope
@@ -235,7 +235,7 @@ def _median_breakdown(name: str, rounds: list, costs: dict, shapes: dict, *, pla
     rows.sort(key=lambda r: -r.ms)
     recorded = [sum(g[3] for g in groups.values()) for groups, _, _ in rounds]
     events = [sum(g[1] for g in groups.values()) for groups, _, _ in rounds]
-    return Breakdown(model=name, engine="eager", ops=rows, profiled_ms=profiled, plain_ms=plain,
+    return Breakdown(model=name, engine=EAGER.key, ops=rows, profiled_ms=profiled, plain_ms=plain,
                      attributed_ms=sum(r.ms for r in rows),
                      forward_scope_ms=_median([total for _, total, _ in rounds]) / 1000,
                      raw_attributed_ms=_median(recorded) / 1000, events_per_forward=_median(events),
@@ -305,18 +305,28 @@ def _chrome_trace(prof) -> str:
 
 
 def profile_model(text: str, *, batch: int = 8, device: str = "cpu", precision: str = "fp32", iters: int = 5,
-                  warmup: int = 2, random_weights: bool = True, loaded=None, engine: str = "eager",
+                  warmup: int = 2, random_weights: bool = True, loaded=None, engine: str = EAGER.key,
+                  options: ModelOptions = ModelOptions(),
                   progress: Callable[[float, str], None] | None = None) -> Breakdown:
-    """Profile a registry model or variant (``NAME@key=value``) on random images at ``batch``.
-
-    The model is deep-copied before hooks go on it, so a cached model is never touched. ``engine='onnxruntime'``
-    profiles the exported ONNX graph in ONNX Runtime instead (``analysis.timing.onnx_engine``)."""
+    """Profile a registry model or variant (``NAME@key=value``) on random images at ``batch`` in ``engine`` (a key of
+    ``analysis.timing.engines.ENGINES``, whose record names the profiler), with ``options`` (BatchNorm folded:
+    the deployment form) applied to a private copy first. A cached model is never touched."""
+    chosen = engine_named(engine)
+    if chosen.fp32_only and precision != "fp32":
+        raise EngineRefused(f"{chosen.label} runs the fp32 model here, not {precision}.")
     variant = parse_variant(text)
-    loaded = loaded or load_model(variant.model, device=device, random_weights=random_weights)
-    if engine == "onnxruntime":
-        return profile_onnx(text, loaded, batch=batch, device=device, iters=iters, warmup=warmup, progress=progress)
-    if engine != "eager":
-        raise ValueError(f"Unknown engine {engine!r}: use eager or onnxruntime.")
+    loaded = prepared(loaded or load_model(variant.model, device=device, random_weights=random_weights), options)
+    extra = {} if chosen.fp32_only else {"precision": precision}
+    b = chosen.profiler()(text, loaded, batch=batch, device=device, iters=iters, warmup=warmup, progress=progress,
+                          **extra)
+    if options.any:
+        b.note = "; ".join(filter(None, [options.describe(), b.note]))
+    return b
+
+
+def profile_eager(text: str, loaded, *, batch: int = 8, device: str = "cpu", precision: str = "fp32",
+                  iters: int = 5, warmup: int = 2, progress: Callable[[float, str], None] | None = None) -> Breakdown:
+    """The eager profile (the ``eager`` record's profiler): the model is deep-copied before hooks go on it."""
     private = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
     runner = make_runner(text, device=device, loaded=private)
     inputs = runner.make_inputs(batch)

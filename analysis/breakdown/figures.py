@@ -1,4 +1,5 @@
-"""Figures of ``analysis.breakdown`` records: stacked runtime shares, component savings, the roofline."""
+"""Figures of ``analysis.breakdown`` records: stacked runtime shares, component savings, memory-bound time per
+engine, the roofline."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,9 +8,10 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis.breakdown.operators import COMPONENT_ORDER, OP_CLASSES
+from analysis.breakdown.operators import COMPONENT_ORDER, MEMORY_CLASSES, OP_CLASSES
 from analysis.breakdown.records import Breakdown
-from analysis.breakdown.tables import block_shares
+from analysis.breakdown.tables import block_shares, engine_comparison
+from analysis.timing.engines import engine as engine_named
 from analysis.timing.roofline import Roofline, points
 
 
@@ -19,9 +21,8 @@ CLASS_COLOURS = {"compute": "#4c78a8", "data movement": "#f58518", "element-wise
 
 
 def _label(b: Breakdown) -> str:
-    """``model b8``; the engine once: ONNX Runtime's runner names already end in `` [onnxruntime]``."""
-    engine = "" if b.engine == "eager" or b.engine in b.model else f" [{b.engine}]"
-    return f"{b.model}{engine} b{b.batch}"
+    """The variant, its engine once (none for eager) and the batch: 'deit_tiny_patch16_224 [onnxruntime] b1'."""
+    return f"{engine_named(b.engine).tag(b.model)} b{b.batch}"
 
 
 def share_figure(results: Sequence[Breakdown], by: str = "op_class", title: str | None = None) -> go.Figure:
@@ -58,6 +59,31 @@ def savings_figure(savings: Sequence[dict]) -> go.Figure:
                     hovertemplate="%{x}<br>" + component + ": %{y:.2f} ms saved<extra></extra>")
     fig.update_layout(barmode="relative", yaxis_title="ms saved per forward vs unreduced",
                       title="Where token reduction saves time, and what its machinery costs")
+    return fig
+
+
+def engine_figure(results: Sequence[Breakdown]) -> go.Figure:
+    """Per model and batch, one stacked bar per engine: the plain forward's ms by operator class (memory-bound
+    classes in their colours above compute), labelled with the memory-bound share and the speed-up over eager."""
+    rows = engine_comparison(results)
+    fig = go.Figure()
+    if not rows:
+        return fig
+    x = [[f"{r['model']} b{r['batch']}" for r in rows], [r["engine"] for r in rows]]
+    for kind in tuple(k for k in OP_CLASSES if k not in MEMORY_CLASSES) + MEMORY_CLASSES:
+        values = [r[f"{kind} ms"] for r in rows]
+        if not any(values):
+            continue
+        group = "memory-bound" if kind in MEMORY_CLASSES else "compute and other"
+        fig.add_bar(x=x, y=values, name=kind, marker_color=CLASS_COLOURS.get(kind), legendgroup=group,
+                    legendgrouptitle_text=group, hovertemplate="%{x}<br>" + kind + ": %{y:.2f} ms<extra></extra>")
+    text = [f"{r['memory_bound_share']:.0%} mem-bound" + (f"<br>{r['speedup_over_eager']:.2f}x eager"
+                                                          if r["speedup_over_eager"] is not None else "")
+            for r in rows]
+    fig.add_scatter(x=x, y=[r["plain_ms"] for r in rows], text=text, mode="text", textposition="top center",
+                    showlegend=False, hoverinfo="skip")
+    fig.update_layout(barmode="stack", yaxis_title="ms per forward (plain), split by the profile's shares",
+                      title="How much memory-bound time each engine removes", legend_title="operator class")
     return fig
 
 
@@ -132,4 +158,4 @@ def roofline_figure(results: Sequence[Breakdown], roof: Roofline) -> go.Figure:
     return fig
 
 
-__all__ = ["block_figure", "share_figure", "savings_figure", "roofline_figure"]
+__all__ = ["block_figure", "engine_figure", "share_figure", "savings_figure", "roofline_figure"]

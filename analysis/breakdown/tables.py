@@ -1,5 +1,6 @@
 """Tables and comparisons of breakdown records: per-operator and per-class shares, component savings of a
-token-reduction variant against its unreduced model, attention vs FFN per block, the JSON export."""
+token-reduction variant against its unreduced model, attention vs FFN per block, memory-bound time per engine, the
+JSON export."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,9 @@ from typing import Sequence
 
 import pandas as pd
 
-from analysis.breakdown.operators import COMPONENT_ORDER, COMPUTE, MEMORY_CLASSES
+from analysis.breakdown.operators import COMPONENT_ORDER, COMPUTE, MEMORY_CLASSES, OP_CLASSES
 from analysis.breakdown.records import Breakdown
+from analysis.timing.engines import engine as engine_named
 from analysis.timing.roofline import Roofline, below_roof_share
 from models.device import hardware_info
 from models.scopes import ATTENTION, FFN
@@ -72,7 +74,36 @@ def share_table(results: Sequence[Breakdown], by: str = "op_class"):
 def to_json(results: Sequence[Breakdown], roof=None) -> dict:
     return {"hardware": hardware_info(), "roofline": None if roof is None else asdict(roof),
             "models": [dict(b.summary(), shares=b.shares(), components=b.shares("component"),
-                            ops=[asdict(r) for r in b.ops]) for b in results]}
+                            ops=[asdict(r) for r in b.ops]) for b in results],
+            "engines": engine_comparison(results)}
+
+
+ENGINE_NOTE = ("Per model and batch, under each engine: the plain forward's median time split by the profile's "
+               "shares of operator classes; memory-bound = data movement, element-wise, normalisation, softmax and "
+               "bookkeeping. Speed-up and memory-bound time removed are against eager PyTorch's profile of the same "
+               "model and batch; each engine's plain forwards were timed in its own profiling run, not interleaved "
+               "with the other engines' (python -m analysis.throughput --engine ... interleaves them).")
+
+
+def engine_comparison(results: Sequence[Breakdown]) -> list[dict]:
+    """Per model, batch and engine: ms per forward (the plain median) by operator class, the memory-bound share and
+    time, and against eager PyTorch (where it was profiled too) the speed-up and the memory-bound ms removed."""
+    eager = {(b.model, b.batch): b for b in results if engine_named(b.engine).is_reference}
+    rows = []
+    for b in results:
+        shares, ms = b.shares(), b.plain_median_ms
+        memory = b.memory_bound_share() * ms
+        row = dict(model=b.model, batch=b.batch, engine=engine_named(b.engine).label, plain_ms=ms,
+                   memory_bound_share=b.memory_bound_share(), memory_bound_ms=memory,
+                   **{f"{kind} ms": shares.get(kind, 0.0) * ms for kind in OP_CLASSES},
+                   speedup_over_eager=None, memory_bound_ms_removed=None, memory_bound_removed_share=None)
+        base = eager.get((b.model, b.batch))
+        if base is not None:
+            base_memory = base.memory_bound_share() * base.plain_median_ms
+            row.update(speedup_over_eager=base.plain_median_ms / ms, memory_bound_ms_removed=base_memory - memory,
+                       memory_bound_removed_share=(base_memory - memory) / base_memory if base_memory else None)
+        rows.append(row)
+    return rows
 
 
 def component_table(results: Sequence[Breakdown]) -> pd.DataFrame:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from dataclasses import asdict
@@ -12,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from analysis.timing.engines import ENGINES, EAGER, engine_runners, engines, over_eager, refuse_batches, within_engines
 from analysis.timing.env import control_allocator, environment_line, timing_environment
 from analysis.timing.harness import (
     PRECISIONS,
@@ -19,9 +19,7 @@ from analysis.timing.harness import (
     LatencyRow,
     Runner,
     ThroughputRow,
-    add_speedups,
     benchmark,
-    count_flops,
     is_out_of_memory,
     latency,
     rows_to_dataframe,
@@ -98,11 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--fuse-bn", action="store_true", help="fold BatchNorm into convolutions (EfficientViT, MobileNetV3)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument("--random-weights", action="store_true", help="use untrained weights (fine for timing)")
-    p.add_argument("--engine", choices=["eager", "onnxruntime"], default="eager",
-                   help="onnxruntime: also time each model exported to ONNX, interleaved with its eager runs "
-                        "(refused unless ONNX Runtime equals eager within 1e-4)")
+    p.add_argument("--engine", nargs="+", choices=list(ENGINES), default=[EAGER.key], metavar="ENGINE",
+                   help="engines to time each model in, interleaved in the same rounds: " +
+                        "; ".join(f"{e.key}: {e.help}" for e in ENGINES.values()))
     p.add_argument("--out", help="write results to .csv or .json")
     return p
 
@@ -126,10 +123,13 @@ class _Refused(Exception):
 
 
 def _runners(args: argparse.Namespace, parser: argparse.ArgumentParser, settings: BenchSettings) -> list[Runner]:
-    """One runner per model (and its ONNX Runtime twin with --engine onnxruntime); ValueError when the batch cannot
-    fit, the errors of loading otherwise."""
+    """One runner per model under each --engine (a model an engine refuses is left out with a sentence); _Refused
+    when the batch cannot fit or nothing is left, the errors of loading otherwise."""
     device = settings.device
-    options = ModelOptions(channels_last=args.channels_last, fuse_bn=args.fuse_bn, compile=args.compile)
+    refusal = refuse_batches(args.engine, bool(args.batches))
+    if refusal:
+        parser.error(refusal)
+    options = ModelOptions(channels_last=args.channels_last, fuse_bn=args.fuse_bn)
     runners = [make_runner(name, device=device, random_weights=args.random_weights, options=options)
                for name in args.models]
     # A sweep leaves out what cannot fit (``sweep``); a single batch is refused the same way, before it runs.
@@ -137,14 +137,16 @@ def _runners(args: argparse.Namespace, parser: argparse.ArgumentParser, settings
                if torch.device(device).type == "cpu" and not (args.latency or args.batches) else None)
     if refusal:
         raise _Refused(refusal)
-    if args.engine == "onnxruntime":
-        from analysis.timing.onnx_engine import onnx_runners
-
-        if args.latency or args.batches:
-            parser.error("--engine onnxruntime exports at one batch: use --batch, not --latency or --batches")
-        for r in runners:  # the exported graph runs the same FLOPs; torch's counter cannot see inside ORT
-            r.flops_per_image = count_flops(r)
-        runners += onnx_runners(runners, settings.batch, device)
+    runners, notes = engine_runners(args.engine, runners, settings.batch, device, progress=_report)
+    for note in notes:
+        print(f"refused: {note}")
+    if not runners:
+        raise _Refused("no model runs under the engines asked for.")
+    args.baseline_variant = args.baseline
+    if args.baseline:  # the baseline under the first engine that runs it
+        names = {r.name for r in runners}
+        args.baseline = next((e.tag(args.baseline) for e in engines(args.engine) if e.tag(args.baseline) in names),
+                             None)
     return runners
 
 
@@ -177,18 +179,17 @@ def _measure(args: argparse.Namespace, runners: list[Runner], settings: BenchSet
 
 
 def _print_findings(args: argparse.Namespace, rows: list, settings: BenchSettings) -> None:
-    """Spread warnings, speed-ups (within each engine too), and the rows written to --out."""
+    """Spread warnings, speed-ups (within each engine too, and of each engine over eager), and the rows written to
+    --out."""
     for warning in spread_warnings(rows):
         print(f"warning: {warning}")
     for line in speedup_lines(rows):
         print(line)
-    if args.engine == "onnxruntime" and args.baseline:
-        from analysis.timing.onnx_engine import ENGINE_SUFFIX
-
-        engine_rows = [dataclasses.replace(r) for r in rows if r.model.endswith(ENGINE_SUFFIX)]
-        add_speedups(engine_rows, args.baseline + ENGINE_SUFFIX, {r.model: r.rounds for r in engine_rows})
-        for line in speedup_lines(engine_rows):
-            print(line)
+    if args.baseline:
+        for line in speedup_lines(within_engines(rows, args.baseline_variant)):
+            print(f"{line} (same engine)")
+    for line in speedup_lines(over_eager(rows)):
+        print(f"{line} (engine over eager)")
     if args.out:
         write_results(rows, args.out, settings)
         print(f"wrote {args.out}")
@@ -210,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyError, ValueError, WeightsNotFoundError, CheckpointError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
-    engine = "torch.compile" if args.compile else "eager"
+    engine = ", ".join(e.label for e in engines(args.engine))
     print(f"device={settings.device}: "
           f"{environment_line(timing_environment(settings.device, args.precision, settings.batch, engine))}; "
           f"rounds={settings.rounds}x{settings.iters} iters, interleaved")

@@ -9,6 +9,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
+from analysis.timing.engines import engine_of_row, over_eager, variant_of, within_engines
 from analysis.timing.harness import LatencyRow, ThroughputRow, rows_to_dataframe
 from models.registry import REGISTRY
 
@@ -98,6 +99,25 @@ def results_table(rows: Sequence[ThroughputRow], hardware: str = "cpu") -> pd.Da
     return df[first + [c for c in df.columns if c not in first]].round(
         {"img_per_s": 1, "img_per_s_q1": 1, "img_per_s_q3": 1, "ms_per_batch": 1, "speedup": 2, "speedup_q1": 2,
          "speedup_q3": 2, "gflops": 2, "params_m": 2, "peak_mem_mib": 0})
+
+
+def engine_table(rows: Sequence[ThroughputRow | LatencyRow], baseline: str | None) -> pd.DataFrame:
+    """Per variant and engine: its speed-up over the same variant in eager PyTorch, and over ``baseline`` (a variant)
+    in the same engine (does a token-reduction variant keep its speed-up there?); both from interleaved rounds."""
+    def key(r) -> tuple:
+        return r.model, getattr(r, "batch", 1)
+
+    eager = {key(r): r.speedup for r in over_eager(rows)}
+    same = {key(r): r.speedup for r in within_engines(rows, baseline, include_reference=True)} if baseline else {}
+    records = []
+    for r in rows:
+        record = dict(variant=variant_of(r), engine=engine_of_row(r).label, batch=getattr(r, "batch", 1))
+        record.update({"img/s": r.img_per_s} if isinstance(r, ThroughputRow) else {"median ms": r.median_ms})
+        record["speed-up over eager"] = eager.get(key(r))
+        if baseline:
+            record[f"speed-up over {baseline}, same engine"] = same.get(key(r))
+        records.append(record)
+    return pd.DataFrame(records).round(2)
 
 
 def live_figure(measurements: pd.DataFrame) -> go.Figure:

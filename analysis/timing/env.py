@@ -149,7 +149,7 @@ def gpu_clocks() -> str:
 def timing_environment(device: str = "cpu", precision: str = "fp32", batch: int | None = None,
                        engine: str = "eager") -> dict[str, str]:
     """What a timing depends on, for every exported row: versions, threads, allocator, the chip and its clock
-    policy, precision, batch and engine (eager, torch.compile)."""
+    policy, precision, batch and engine (a key of ``analysis.timing.engines.ENGINES``)."""
     import timm
 
     from models.device import cpu_name

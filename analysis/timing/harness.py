@@ -34,7 +34,9 @@ class Runner:
     params: int = 0
     weights: str = ""
     flops_per_image: float | None = None  # filled by count_flops
-    engine: str = "eager"  # eager | torch.compile
+    engine: str = "eager"  # a key of analysis.timing.engines.ENGINES
+    warmup_note: str = ""  # what its first calls do ("compiling"), shown while it warms up
+    reference: "Runner | None" = None  # the eager runner an engine runner wraps (same model, variant and inputs)
 
 
 @dataclass
@@ -154,7 +156,7 @@ def benchmark(runners: Sequence[Runner], settings: BenchSettings, baseline: str 
                 progress(0.0, f"counting FLOPs {where}")
             r.flops_per_image = count_flops(r)
         if progress:  # warm-up can take longer than the rounds (first calls, the allocator's steady state)
-            progress(0.0, f"warming up {where}" + (" (compiling)" if r.engine == "torch.compile" else ""))
+            progress(0.0, f"warming up {where}" + (f" ({r.warmup_note})" if r.warmup_note else ""))
         if is_cuda:
             torch.cuda.reset_peak_memory_stats()
         _time_iters(r, inputs[r.name], max(1, settings.warmup), settings)

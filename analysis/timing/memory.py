@@ -89,7 +89,9 @@ def _estimate(runners: Sequence[Any], available: int | None) -> tuple[int, int] 
     available = available_bytes() if available is None else available
     if available is None or not runners:
         return None
-    return max(bytes_per_image(r.forward, r.make_inputs) for r in runners), available
+    # An engine's runner (compiled, exported at one batch) is estimated by the eager runner it wraps.
+    eager = list({id(r): r for r in (getattr(r, "reference", None) or r for r in runners)}.values())
+    return max(bytes_per_image(r.forward, r.make_inputs) for r in eager), available
 
 
 def _shortfall(batch: int, per_image: int, available: int) -> str:

@@ -1,8 +1,10 @@
-"""ONNX Runtime as a second engine: export a model or variant at one batch, check it, time and profile it.
+"""ONNX Runtime as an engine (``analysis.timing.engines``): export a model or variant at one batch, check it, time
+and profile it.
 
-``onnx_runner`` exports the forward (``torch.onnx.export``; the file is cached per model, variant, batch and
-weights), refuses to time it unless ONNX Runtime's output equals eager PyTorch's within ``ATOL`` on the same
-input, and returns a copy of the eager ``analysis.timing.harness.Runner`` that the throughput harness interleaves with the eager runs.
+``onnx_runner`` (the ``onnxruntime`` record's wrap) exports the forward (``torch.onnx.export``; the file is cached
+per model, variant, batch and weights), refuses to time it unless ONNX Runtime's output equals eager PyTorch's
+within ``ATOL`` on the same input, and returns a copy of the eager ``analysis.timing.harness.Runner`` that the
+throughput harness interleaves with the eager runs.
 ``analysis.breakdown.profile_onnx`` attributes ONNX Runtime's own per-node profile to its operator classes and
 components.
 """
@@ -20,17 +22,17 @@ import numpy as np
 import torch
 from torch import nn
 
-ATOL = 1e-4
-ENGINES = ("eager", "onnxruntime")
-ENGINE_SUFFIX = " [onnxruntime]"
+from analysis.timing.engines import ONNX_RUNTIME, EngineMismatch, EngineRefused
+
+ATOL = ONNX_RUNTIME.tolerance
 CACHE_DIR_ENV = "VITLAB_ONNX_CACHE"
 
 
-class OnnxEngineError(ValueError):
+class OnnxEngineError(EngineRefused):
     """A model that cannot run in ONNX Runtime here, in one sentence."""
 
 
-class OnnxMismatchError(OnnxEngineError):
+class OnnxMismatchError(OnnxEngineError, EngineMismatch):
     """ONNX Runtime's output differs from eager PyTorch's: the export is not timed."""
 
 
@@ -135,7 +137,7 @@ def check_equal(sess, forward: Callable, inputs: torch.Tensor, label: str, atol:
 
 def onnx_runner(eager, batch: int, device: str = "cpu"):
     """The eager ``analysis.timing.harness.Runner`` run in ONNX Runtime at ``batch`` only (the same model, variant,
-    weights and options), checked against the eager forward first; its FLOPs are the eager runner's."""
+    weights, options and name), checked against the eager forward first; its FLOPs are the eager runner's."""
     images = eager.make_inputs(batch)
     if not isinstance(images, torch.Tensor):
         raise OnnxEngineError(f"{eager.name}: only image models run in ONNX Runtime here.")
@@ -150,16 +152,9 @@ def onnx_runner(eager, batch: int, device: str = "cpu"):
             raise OnnxEngineError(f"{eager.name}: exported for batch {batch}, asked for {n}.")
         return images.cpu().numpy()
 
-    runner = dataclasses.replace(eager, name=eager.name + ENGINE_SUFFIX, make_inputs=make_inputs,
-                                 forward=lambda x: sess.run(None, {input_name: x}))
+    runner = dataclasses.replace(eager, make_inputs=make_inputs, forward=lambda x: sess.run(None, {input_name: x}))
     runner.max_abs_diff = diff
     runner.onnx_file = str(path)
     return runner
-
-
-def onnx_runners(eager_runners, batch: int, device: str = "cpu") -> list:
-    """An ONNX Runtime runner for each eager runner (same model, variant, weights and options), to time
-    interleaved with them."""
-    return [onnx_runner(eager, batch, device) for eager in eager_runners]
 
 

@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
+from analysis.timing.engines import EAGER, engine_runners, engines, refuse_batches
 from analysis.timing.fresh_process import report_measure, report_progress, report_result
 from analysis.timing.harness import (
     BenchSettings,
@@ -48,7 +49,7 @@ class TimingRequest:
     baseline: str | None = None
     mode: str = THROUGHPUT  # throughput | latency | sweep
     batches: tuple[int, ...] = ()  # the sweep's batch sizes
-    engine: str = "eager"  # eager | onnxruntime (throughput mode only)
+    engines: tuple[str, ...] = (EAGER.key,)  # keys of analysis.timing.engines.ENGINES, timed interleaved
     threads: int | None = None  # torch CPU threads in the timing process
     # (module name, file) of each module outside timm that registered a requested timm model in this process:
     # the worker imports them first, so a model registered at run time is known there too
@@ -56,14 +57,14 @@ class TimingRequest:
 
     def to_spec(self) -> dict:
         return {**asdict(self), "variants": list(self.variants), "batches": list(self.batches),
-                "model_modules": [list(m) for m in self.model_modules]}
+                "engines": list(self.engines), "model_modules": [list(m) for m in self.model_modules]}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "TimingRequest":
         return cls(variants=tuple(spec["variants"]), settings=BenchSettings(**spec["settings"]),
                    options=ModelOptions(**spec["options"]), baseline=spec.get("baseline"),
                    mode=spec.get("mode", THROUGHPUT), batches=tuple(spec.get("batches", ())),
-                   engine=spec.get("engine", "eager"), threads=spec.get("threads"),
+                   engines=tuple(spec.get("engines", (EAGER.key,))), threads=spec.get("threads"),
                    model_modules=tuple(tuple(m) for m in spec.get("model_modules", ())))
 
 
@@ -84,35 +85,52 @@ def run_request(request: TimingRequest, progress: Progress | None = None,
         torch.set_num_threads(int(request.threads))
     settings = request.settings
     try:
-        runners = []
-        for index, text in enumerate(request.variants):
-            if progress:
-                progress(0.0, f"loading {index + 1}/{len(request.variants)}: {text}")
-            runners.append(make_runner(text, device=settings.device, random_weights=True, options=request.options))
-        if request.engine == "onnxruntime" and request.mode == THROUGHPUT:
-            from analysis.timing.onnx_engine import onnx_runners
-
-            if progress:
-                progress(0.0, "exporting to ONNX and checking ONNX Runtime against eager")
-            runners += onnx_runners(runners, settings.batch, settings.device)
+        runners, notes = _runners(request, progress)
     except (KeyError, ValueError, WeightsNotFoundError, CheckpointError) as exc:
         raise TimingRefused(str(exc.args[0] if exc.args else exc)) from exc
+    baseline = _baseline(request, runners)
     try:
         if request.mode == LATENCY:
-            return TimingResult(latency(runners, settings, baseline=request.baseline, progress=progress,
-                                        on_measure=on_measure))
+            return TimingResult(latency(runners, settings, baseline=baseline, progress=progress,
+                                        on_measure=on_measure), notes)
         if request.mode == SWEEP:
-            rows, notes = sweep(runners, settings, list(request.batches), baseline=request.baseline,
-                                progress=progress, on_measure=on_measure)
-            return TimingResult(rows, notes)
-        return TimingResult(benchmark(runners, settings, baseline=request.baseline, progress=progress,
-                                      on_measure=on_measure))
+            rows, more = sweep(runners, settings, list(request.batches), baseline=baseline,
+                               progress=progress, on_measure=on_measure)
+            return TimingResult(rows, notes + more)
+        return TimingResult(benchmark(runners, settings, baseline=baseline, progress=progress,
+                                      on_measure=on_measure), notes)
     except (RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
             raise
         raise TimingRefused(f"Out of memory at batch {settings.batch} on {settings.device}: choose a smaller "
                             f"batch, or a batch sweep (it backs off and keeps what it measured).",
                             out_of_memory=True) from exc
+
+
+def _runners(request: TimingRequest, progress: Progress | None) -> tuple[list, list[str]]:
+    """The eager runner of every variant under every engine asked for, and one sentence per (variant, engine)
+    refused; ValueError (one sentence) when an engine cannot run the mode or no runner is left."""
+    refusal = refuse_batches(request.engines, request.mode == SWEEP)
+    if refusal:
+        raise ValueError(refusal)
+    eager = []
+    for index, text in enumerate(request.variants):
+        if progress:
+            progress(0.0, f"loading {index + 1}/{len(request.variants)}: {text}")
+        eager.append(make_runner(text, device=request.settings.device, random_weights=True, options=request.options))
+    batch = 1 if request.mode == LATENCY else request.settings.batch
+    runners, notes = engine_runners(request.engines, eager, batch, request.settings.device, progress)
+    if not runners:
+        raise ValueError(" ".join(notes))
+    return runners, notes
+
+
+def _baseline(request: TimingRequest, runners: Sequence) -> str | None:
+    """The baseline's runner under the first engine that ran it (None when none did)."""
+    if request.baseline is None:
+        return None
+    names = {r.name for r in runners}
+    return next((e.tag(request.baseline) for e in engines(request.engines) if e.tag(request.baseline) in names), None)
 
 
 def registering_modules(variants: Sequence[str]) -> tuple[tuple[str, str], ...]:

@@ -1,5 +1,5 @@
 """Runners from model names: a loaded model, its variant's forward and its inputs, prepared as a timing asks
-(precision, channels_last, BN fusion, torch.compile).
+(channels_last, BN fusion: the deployment form every engine of ``analysis.timing.engines`` wraps).
 """
 from __future__ import annotations
 
@@ -64,14 +64,19 @@ INPUT_BUILDERS: dict[str, Callable[[LoadedModel], Callable[[int], object]]] = {
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """Deployment-style changes applied to a private copy of the model before timing."""
+    """Deployment-style changes applied to a private copy of the model before timing or profiling, under any engine
+    (``analysis.timing.engines`` wraps the model they give)."""
     channels_last: bool = False
-    fuse_bn: bool = False  # fold BatchNorm into convolutions (EfficientViT, MobileNetV3)
-    compile: bool = False  # torch.compile
+    fuse_bn: bool = False  # fold BatchNorm into convolutions (EfficientViT, MobileNetV3): the deployment form
 
     @property
     def any(self) -> bool:
-        return self.channels_last or self.fuse_bn or self.compile
+        return self.channels_last or self.fuse_bn
+
+    def describe(self) -> str:
+        """The options in words ('' for none), for notes and captions."""
+        return ", ".join(text for on, text in ((self.fuse_bn, "BatchNorm folded into convolutions"),
+                                                (self.channels_last, "channels_last")) if on)
 
 
 def prepared(loaded: LoadedModel, options: ModelOptions) -> LoadedModel:
@@ -85,14 +90,13 @@ def prepared(loaded: LoadedModel, options: ModelOptions) -> LoadedModel:
         model = reparameterize_model(model, inplace=True)
     if options.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if options.compile:
-        model = torch.compile(model)
     return dataclasses.replace(loaded, model=model)
 
 
 def make_runner(text: str, device: str = "cpu", random_weights: bool = False,
                 loaded: LoadedModel | None = None, options: ModelOptions = ModelOptions()) -> Runner:
-    """A throughput Runner for a variant name; loads the model unless one is given."""
+    """An eager throughput Runner for a variant name; loads the model unless one is given. Other engines wrap it
+    (``analysis.timing.engines``)."""
     variant = parse_variant(text)
     if loaded is not None and variant.input_size not in (None, loaded.spec.input_size):
         raise ValueError(f"{text} runs at {variant.input_size} px; the model given is loaded at "
@@ -101,5 +105,4 @@ def make_runner(text: str, device: str = "cpu", random_weights: bool = False,
                                            input_size=variant.input_size), options)
     forward = forward_for(loaded.model, loaded.name, variant)
     return Runner(name=variant.label, forward=forward, make_inputs=INPUT_BUILDERS[loaded.spec.inputs](loaded),
-                  params=loaded.num_params, weights=loaded.weights.description,
-                  engine="torch.compile" if options.compile else "eager")
+                  params=loaded.num_params, weights=loaded.weights.description)
