@@ -17,6 +17,7 @@ from analysis.runs.cli import main
 from analysis.runs.folders import load_run
 from analysis.runs.vqa_frontier import VQAFrontierTask, evaluate
 from analysis.runs.vqa_points import ACCURACY, AGREEMENT, default_variants, variant_of
+from analysis.runs.vqa_sizes import ModelsAtSizes
 from analysis.vision_language.vqa_accuracy import vqa_accuracy
 from models.vilt_pumer import tiny_vilt
 
@@ -156,7 +157,7 @@ def test_shards_add_up_to_one_process(files):
     variants = [variant_of(VILT, t) for t in ("unreduced", "pumer")]
 
     def sums(rank: int, world: int) -> dict[str, torch.Tensor]:
-        task = VQAFrontierTask(model, VILT, variants, dataset.questions)
+        task = VQAFrontierTask(ModelsAtSizes.single(model, processor), VILT, variants, dataset.questions)
         for start in range(0, len(dataset), 2):
             indices = list(ShardSampler(dataset, world, rank))[start:start + 2]
             if indices:
@@ -165,5 +166,5 @@ def test_shards_add_up_to_one_process(files):
 
     one, (a, b) = sums(0, 1), (sums(0, 2), sums(1, 2))
     assert all(torch.equal(one[k], a[k] + b[k]) for k in one)
-    record = evaluate(model, VILT, dataset, variants[1:], batch_size=2)
+    record = evaluate(ModelsAtSizes.single(model, processor), VILT, dataset, variants[1:], batch_size=2)
     assert record.seen.sum() == 4 and np.array_equal(record.scores, one["score"].numpy())

@@ -74,8 +74,9 @@ def variant_of(model_name: str, text: str) -> VQAVariant:
 def _arguments(variant: VQAVariant) -> tuple:
     if variant.method == UNREDUCED:
         return (UNREDUCED,)
-    arguments = METHODS[variant.method].arguments(parse_variant(variant.name).settings)
-    return (variant.method, *sorted(arguments.items()))
+    parsed = parse_variant(variant.name)
+    arguments = METHODS[variant.method].arguments(parsed.settings)
+    return (variant.method, parsed.input_size, *sorted(arguments.items()))  # the size: a setting of no forward
 
 
 def default_variants(model_name: str) -> list[VQAVariant]:
