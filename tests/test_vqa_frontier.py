@@ -19,8 +19,8 @@ from analysis.runs.vqa_frontier import VQAFrontierTask, evaluate
 from analysis.runs.vqa_points import ACCURACY, AGREEMENT, default_variants, variant_of
 from analysis.runs.vqa_sizes import ModelsAtSizes
 from analysis.vision_language.models import pumer_models
-from models.input_sizes import sized_forward
 from analysis.vision_language.vqa_accuracy import vqa_accuracy
+from models.input_sizes import sized_forward
 from models.vilt_pumer import tiny_vilt
 
 VILT, METER = "vilt_b32_vqa", "meter_clip16_288_vqa"

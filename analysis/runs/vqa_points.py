@@ -10,7 +10,14 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analysis.runs.frontier import json_records, log_ticks, pareto_front
-from models.methods import METHODS, MODEL_SETTING_KEYS, SIZE_KEY, Method, method_of, methods_for
+from models.methods import (
+    METHODS,
+    MODEL_SETTING_KEYS,
+    SIZE_KEY,
+    Method,
+    method_of,
+    methods_for,
+)
 from models.registry import get_spec
 from models.variants import parse_settings, parse_variant, settings_text
 
