@@ -19,7 +19,7 @@ embedding, then pass the fusion layers where each stream attends to itself and t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -47,6 +47,7 @@ ROBERTA_FOLDER_NAME = "roberta-base"
 LABELS_FILE = "meter_vqa_labels.json"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+POSITION_KEY = "vit_model.embeddings.position_embedding.weight"  # the image tower's, sized by the input grid
 
 
 # ----------------------------------------------------------------------------------------------- config and model
@@ -313,10 +314,11 @@ def _tiny_tokenizer(max_text_len: int):
     return RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=max_text_len)
 
 
-def tiny_meter(seed: int = 0):
+def tiny_meter(seed: int = 0, image_size: int | None = None):
     """A small random METER (widths 32, 2 heads; 2 CLIP blocks at 64 px, patch 16; 2 RoBERTa layers; 3 fusion
     layers) and a processor built offline. RANDOM weights: its answers mean nothing; it shows the mechanics.
-    Returns ``(model in eval mode, processor)``."""
+    ``image_size``: the same weights at that input size (``meter_at_size``). Returns ``(model in eval mode,
+    processor)``."""
     tokenizer = _tiny_tokenizer(max_text_len=24)
     config = MeterConfig(image_size=64, patch_size=16, vision_width=32, vision_layers=2, vision_heads=2,
                          text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64,
@@ -326,7 +328,20 @@ def tiny_meter(seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MeterForQuestionAnswering(config).eval()
-    return model, MeterProcessor(tokenizer, config.image_size, config.max_text_len)
+    if image_size is not None and image_size != config.image_size:
+        model = meter_at_size(model, image_size)
+    return model, MeterProcessor(tokenizer, model.config.image_size, config.max_text_len)
+
+
+def meter_at_size(model: MeterForQuestionAnswering, image_size: int) -> MeterForQuestionAnswering:
+    """A new model with ``model``'s weights at input ``image_size``: the position embedding resized as loading
+    the checkpoint at a size resizes it (``resize_position_embedding``); ``model`` itself is not changed."""
+    config = replace(model.config, image_size=image_size)
+    state = model.state_dict()
+    state[POSITION_KEY] = resize_position_embedding(state[POSITION_KEY], config.grid)
+    sized = MeterForQuestionAnswering(config).eval()
+    sized.load_state_dict(state)
+    return sized.to(next(model.parameters()).device)
 
 
 def meter_random(image_size: int = 576) -> nn.Module:

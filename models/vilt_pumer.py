@@ -107,10 +107,12 @@ def _tiny_vocab() -> list[str]:
     return specials + symbols + letters + [f"##{c}" for c in letters + list("0123456789")] + _TINY_WORDS
 
 
-def tiny_vilt(seed: int = 0):
+def tiny_vilt(seed: int = 0, image_size: int | None = None):
     """A small random ViLT for VQA (hidden 64, 4 heads, 10 layers, 160 px, patch 32) and a processor built
     offline (BERT WordPiece tokenizer over a small vocabulary). Its answers mean nothing; it exists so tests
-    and the app's "random weights" mode can show the mechanics. Returns ``(model in eval mode, processor)``."""
+    and the app's "random weights" mode can show the mechanics. ``image_size``: the shorter side the processor
+    resizes to (the model interpolates its position embeddings to any grid, as the released one does). Returns
+    ``(model in eval mode, processor)``."""
     from transformers import BertTokenizer, ViltConfig, ViltForQuestionAnswering, ViltImageProcessor, ViltProcessor
 
     vocab = _tiny_vocab()
@@ -125,7 +127,8 @@ def tiny_vilt(seed: int = 0):
         torch.manual_seed(seed)
         model = ViltForQuestionAnswering(config).eval()
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=max_text)
-    image_processor = ViltImageProcessor(size={"shortest_edge": config.image_size}, size_divisor=config.patch_size)
+    image_processor = ViltImageProcessor(size={"shortest_edge": image_size or config.image_size},
+                                         size_divisor=config.patch_size)
     return model, ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 

@@ -13,7 +13,9 @@ from analysis.data.questions import QuestionImages, parse_questions
 from analysis.runs.vqa_frontier import evaluate, measure_speed, question_inputs
 from analysis.runs.vqa_points import (AGREEMENT, INTERVAL, default_variants, to_json, variant_of, variant_text,
                                       vqa_frontier_figure)
+from analysis.runs.vqa_sizes import Loader, ModelsAtSizes
 from analysis.timing.harness import BenchSettings
+from models.checkpoints import CheckpointError
 from pages._results import result_folder_input
 from pages._state import UPLOADS_KEY, image_set_key, kept, latest_result, session_result
 from pages._widgets import download_df, download_json, image_picker, progress_bar
@@ -93,15 +95,17 @@ def _variants(model_name: str) -> list:
     return variants
 
 
-def _compute(model, registry_name: str, dataset, variants, weights: str, note: str, bench: BenchSettings) -> dict:
+def _compute(models: ModelsAtSizes, registry_name: str, dataset, variants, weights: str, note: str,
+             bench: BenchSettings) -> dict:
     with st.status(f"Answering {len(dataset)} questions with {len(variants) + 1} variants ...",
                    expanded=True) as status:
         report = progress_bar()
-        record = evaluate(model, registry_name, dataset, variants, bench.batch, note, weights,
+        record = evaluate(models, registry_name, dataset, variants, bench.batch, note, weights,
                           lambda f, msg: report(0.6 * f, msg))
         status.update(label=f"Timing {len(record.variants)} variants, interleaved, batch {bench.batch} ...")
-        record.speed = measure_speed(model, registry_name, record.variants, question_inputs(dataset, bench.device),
-                                     bench, lambda f, msg: report(0.6 + 0.4 * f, msg))
+        record.speed = measure_speed(models, registry_name, record.variants,
+                                     question_inputs(models.questions(dataset), bench.device), bench,
+                                     lambda f, msg: report(0.6 + 0.4 * f, msg))
         status.update(label=f"Done: {len(record.variants)} variants on {int(record.seen.sum())} questions.",
                       state="complete", expanded=False)
     return {"points": record.to_frame(), "answers": record.answers(), "weights": weights}
@@ -136,13 +140,16 @@ def _show(result: dict, file_stem: str) -> None:
         download_df(result["answers"], f"vqa_answers_{file_stem}.csv", "Download answers per question (CSV)")
 
 
-def vqa_frontier_section(registry_name: str, model, processor, model_name: str, weights: str, device: str,
-                         random_weights: bool) -> None:
-    """The section, for the page's chosen model (``model_name``: its provenance name, ``weights``: in words)."""
+def vqa_frontier_section(registry_name: str, processor, load: Loader, model_name: str, weights: str, device: str,
+                         random_weights: bool, default_size: int | None = None) -> None:
+    """The section, for the page's chosen model: ``processor`` (the page's) opens the questions; ``load(size)`` gives
+    the model and its processor at each input size the variants ask for (None: the default, ``default_size`` px
+    where known: the reference); ``model_name``: the reference's provenance name, ``weights``: in words."""
     st.subheader("Accuracy on your questions: every variant against throughput")
     st.markdown(
         "Scores each variant of the method table for this model (the unreduced model, PuMer at the paper's setting "
-        "and other ratios, its ablations, and any other method the table offers here) on **your questions**, with "
+        "and other ratios, its ablations, ToMe, EViT and the model at smaller input sizes, each size on its own "
+        "model and images processed at that size) on **your questions**, with "
         "VQAv2's accuracy (the official answer normalisation, min(#annotators / 3, 1) averaged over the "
         "leave-one-out subsets), then times them on this machine, interleaved.")
     left, right = st.columns(2)
@@ -163,8 +170,14 @@ def vqa_frontier_section(registry_name: str, model, processor, model_name: str, 
     if st.button("Compute the VQA frontier", key="vl_vqa_compute", type="primary", disabled=opened is None):
         bench = BenchSettings(batch=batch, iters=2, rounds=rounds, warmup=1, device=device)
         note = "random weights" if random_weights else ""
+        try:
+            with st.spinner("Loading the model at each input size the variants ask for ..."):
+                models = ModelsAtSizes.load(variants, load, device, default_size)
+        except CheckpointError as exc:
+            st.error(f"The model could not be loaded at every size the variants ask for: {exc}")
+            return
         session_result(SLOT, (*key, time.monotonic()),
-                       lambda: _compute(model, registry_name, opened[0], variants, f"{model_name}: {weights}", note,
+                       lambda: _compute(models, registry_name, opened[0], variants, f"{model_name}: {weights}", note,
                                         bench))
     with st.expander("A run from the command line (`python -m analysis.run vqa-frontier`)"):
         run = result_folder_input("vqa-frontier", key="vl_vqa_run")

@@ -233,4 +233,16 @@ st.dataframe(corrections_frame(result), hide_index=True)
 download_df(_labelled(corrections_frame(result)), f"pumer_{file_stem}_corrections.csv",
             "Download correction effects (CSV)")
 
-vqa_frontier_section(name, model, processor, model_name, weights, current_device(), random_weights)
+
+
+def _at_size(size: int | None):
+    """The frontier's model and processor at an input size (None: the entry's default), through the page's cache."""
+    loaded = _cached_model(name, random_weights, weights_folder(), user_weight_files().get(name), current_device(),
+                           size)
+    if loaded[4]:
+        raise CheckpointError(loaded[4][0].splitlines()[0])
+    return loaded[0], loaded[1]
+
+
+vqa_frontier_section(name, processor, _at_size, entry.tiny_name if random_weights else entry.sized_name(None),
+                     weights, current_device(), random_weights, None if random_weights else entry.spec.input_size)

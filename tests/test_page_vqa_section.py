@@ -62,7 +62,7 @@ def test_section_scores_variants_of_the_table_and_keeps_the_result(page, downloa
     lines = "".join(json.dumps(q) + "\n" for q in QUESTIONS).encode()
     app.file_uploader(key="vl_vqa_questions").set_value([("mine.jsonl", lines, "application/json")]).run()
     app.multiselect(key=f"vl_vqa_variants_{VILT}").set_value(["pumer"]).run()
-    app.text_input(key=f"vl_vqa_other_{VILT}").set_value("pumer,prune=0.5").run()
+    app.text_input(key=f"vl_vqa_other_{VILT}").set_value("pumer,prune=0.5 size=256").run()
     app.number_input(key="vl_vqa_batch").set_value(2).run()
     app.number_input(key="vl_vqa_rounds").set_value(1).run()
     app.button(key="vl_vqa_compute").click().run()
@@ -71,7 +71,8 @@ def test_section_scores_variants_of_the_table_and_keeps_the_result(page, downloa
     assert evaluations == [VILT]
 
     table = app.dataframe[-1].value
-    assert list(table["setting"]) == ["unreduced", "PuMer (paper setting)", "PuMer paper setting, prune=0.5"]
+    assert list(table["setting"]) == ["unreduced", "PuMer (paper setting)", "PuMer paper setting, prune=0.5",
+                                      "Input size 256 px"]  # on the model and images at 256 px
     assert (table["metric"] == "VQA accuracy").all() and (table["img_per_s"] > 0).all()
     assert any("percentile bootstrap" in c.value and "load" in c.value for c in app.caption)
     assert any("RANDOM weights" in w.value for w in app.warning)

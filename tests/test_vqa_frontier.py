@@ -17,7 +17,10 @@ from analysis.runs.cli import main
 from analysis.runs.folders import load_run
 from analysis.runs.vqa_frontier import VQAFrontierTask, evaluate
 from analysis.runs.vqa_points import ACCURACY, AGREEMENT, default_variants, variant_of
+from analysis.runs.vqa_sizes import ModelsAtSizes
+from analysis.vision_language.models import pumer_models
 from analysis.vision_language.vqa_accuracy import vqa_accuracy
+from models.input_sizes import sized_forward
 from models.vilt_pumer import tiny_vilt
 
 VILT, METER = "vilt_b32_vqa", "meter_clip16_288_vqa"
@@ -67,13 +70,13 @@ def run_cli(tmp_path: Path, name: str, *argv: str, expect: int = 0) -> Path:
 def test_vilt_scores_times_and_resumes_to_the_same_answers(files, tmp_path):
     images, questions, _ = files
     argv = ("--model", VILT, "--images", str(images), "--questions", str(questions), "--batch", "2",
-            "--variants", "pumer", f"{VILT}@pumer,prune=0", "--timing-iters", "1", "--timing-rounds", "1")
+            "--variants", "pumer", f"{VILT}@pumer,prune=0", "size=256", "--timing-iters", "1", "--timing-rounds", "1")
     whole = run_cli(tmp_path, "whole", *argv)
     run = load_run(whole, "vqa-frontier")  # checksums and record files as for every task
     assert run.info["counts"]["corrupt_skipped"] == 1 and run.info["counts"]["images_seen"] == 4
     points, answers = run.record, pd.read_csv(whole / "vqa_answers.csv", keep_default_na=False)
-    assert list(points["variant"]) == [VILT, f"{VILT}@pumer", f"{VILT}@pumer,prune=0"]
-    assert list(points["setting"]) == ["unreduced", "PuMer (paper setting)", "PuMer: merging only"]
+    assert list(points["variant"]) == [VILT, f"{VILT}@pumer", f"{VILT}@pumer,prune=0", f"{VILT}@size=256"]
+    assert list(points["setting"]) == ["unreduced", "PuMer (paper setting)", "PuMer: merging only", "Input size 256 px"]
     assert (points["metric"] == ACCURACY).all() and (points["questions"] == 4).all()
     scored = answers[answers["scored"]]
     for variant in points["variant"]:  # every score is VQAv2's accuracy of the answer written beside it
@@ -105,11 +108,25 @@ def test_meter_without_answers_scores_agreement_with_the_table_variants(files, t
     points = load_run(out, "vqa-frontier").record
     assert list(points["variant"]) == [v.name for v in default_variants(METER)]
     assert {"PuMer (paper setting)", "PuMer: pruning only", "PuMer: merging only", "PuMer: larger ratios",
-            "PuMer: late fusion blocks"} <= set(points["setting"])
+            "PuMer: late fusion blocks", "Input size 320 px", "Input size 288 px"} <= set(points["setting"])
     assert (points["metric"] == AGREEMENT).all() and points["score"].iloc[0] == 1.0
     assert np.allclose(points["score"], points["agreement"]) and "img_per_s" not in points
-    answers = pd.read_csv(out / "vqa_answers.csv")
+    assert (points["questions"] == 4).all() and points["score"].notna().all()
+    answers = pd.read_csv(out / "vqa_answers.csv", keep_default_na=False)
     assert not any(c.endswith(" accuracy") for c in answers.columns)
+    # Each variant runs on the model and the images at its size: the same weights, the position embedding resized.
+    entry = next(e for e in pumer_models() if e.name == METER)
+    variants = [variant_of(METER, t) for t in ("unreduced", "size=320", "pumer,size=320", "pumer")]
+    models = ModelsAtSizes.load(variants, lambda size: entry.load(True, image_size=size)[:2], "cpu")
+    assert sorted(models.models, key=str) == [320, None]
+    dataset = models.questions(QuestionImages.from_files(images, unlabelled, models.processors[None]))
+    batch = dataset.collate([dataset[i] for i in (0, 1)])
+    assert {s: b["pixel_values"].shape[-1] for s, b in batch.images.items()} == {None: 64, 320: 320}
+    with torch.inference_mode():
+        logits = [models.bind(v, METER)(batch.images) for v in variants]
+        direct = sized_forward(models.models[320], batch.images[320], 320)
+    assert torch.equal(logits[1], direct) and not torch.allclose(logits[1], logits[0])
+    assert models.bind(variants[2], METER).model is models.models[320]
 
 
 def test_bad_input_is_one_sentence(files, tmp_path, capsys):
@@ -156,7 +173,7 @@ def test_shards_add_up_to_one_process(files):
     variants = [variant_of(VILT, t) for t in ("unreduced", "pumer")]
 
     def sums(rank: int, world: int) -> dict[str, torch.Tensor]:
-        task = VQAFrontierTask(model, VILT, variants, dataset.questions)
+        task = VQAFrontierTask(ModelsAtSizes.single(model, processor), VILT, variants, dataset.questions)
         for start in range(0, len(dataset), 2):
             indices = list(ShardSampler(dataset, world, rank))[start:start + 2]
             if indices:
@@ -165,5 +182,5 @@ def test_shards_add_up_to_one_process(files):
 
     one, (a, b) = sums(0, 1), (sums(0, 2), sums(1, 2))
     assert all(torch.equal(one[k], a[k] + b[k]) for k in one)
-    record = evaluate(model, VILT, dataset, variants[1:], batch_size=2)
+    record = evaluate(ModelsAtSizes.single(model, processor), VILT, dataset, variants[1:], batch_size=2)
     assert record.seen.sum() == 4 and np.array_equal(record.scores, one["score"].numpy())

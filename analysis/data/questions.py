@@ -7,6 +7,7 @@ when given. A question without answers is scored by agreement with the unreduced
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,12 +94,15 @@ class QuestionImages(Dataset):
 
     Images come from ``root`` (a folder) or from ``images`` (name -> PIL image, matched by file name or stem);
     ``collate`` runs the model's processor over a batch: the model's inputs, the dataset indices, the skipped ones.
+    With processors at several input sizes (``with_processors``), it runs each over the batch's images (kept only
+    while the batch is built): the batch's ``images`` are the inputs by size (None: the default processor's).
     """
 
     def __init__(self, questions: Sequence[Question], processor: Callable, root: str | Path | None = None,
                  images: Mapping[str, Image.Image] | None = None, questions_file: str | Path | None = None):
         self.questions = list(questions)
         self.processor = processor
+        self.processors: dict[int | None, Callable] = {None: processor}
         self.root = Path(root).expanduser().resolve() if root is not None else Path("(uploaded images)")
         self.images = None if images is None else {**{Path(k).stem: v for k, v in images.items()}, **images}
         self.questions_file = Path(questions_file).expanduser().resolve() if questions_file else None
@@ -113,6 +117,15 @@ class QuestionImages(Dataset):
     def from_files(cls, images_folder: str | Path, questions_file: str | Path, processor: Callable,
                    limit: int | None = None) -> "QuestionImages":
         return cls(read_questions(questions_file, limit), processor, images_folder, questions_file=questions_file)
+
+    def with_processors(self, processors: Mapping[int | None, Callable]) -> "QuestionImages":
+        """The same questions and images, processed by each of ``processors`` (input size -> processor; None: the
+        default size, which must be there)."""
+        if None not in processors:
+            raise ValueError("The processors must include the default size's (key None).")
+        sized = copy.copy(self)
+        sized.processor, sized.processors = processors[None], dict(processors)
+        return sized
 
     def _in_memory(self, name: str) -> bool:
         return name in self.images or Path(name).stem in self.images
@@ -140,15 +153,19 @@ class QuestionImages(Dataset):
         except ImageError:
             return index, None, False
 
+    def inputs(self, samples: Sequence[tuple[int, Image.Image | None, bool]], size: int | None = None) -> dict:
+        """The processor's inputs (of the processor at ``size``) for readable samples, padded to the longest
+        question."""
+        return dict(self.processors[size](images=[s[1] for s in samples],
+                                          text=[self.questions[s[0]].question for s in samples],
+                                          padding="longest", truncation=True, return_tensors="pt"))
+
     def collate(self, samples: Sequence[tuple[int, Image.Image | None, bool]]) -> Batch:
-        """The processor's inputs for the readable samples (padded to the longest question), and the rest by index."""
+        """The inputs of the readable samples at every size (``{size: inputs}``, None: the default size), and the
+        rest by index."""
         good = [s for s in samples if s[2]]
         indices = torch.tensor([s[0] for s in good], dtype=torch.long)
-        inputs = {}
-        if good:
-            inputs = dict(self.processor(images=[s[1] for s in good],
-                                         text=[self.questions[s[0]].question for s in good],
-                                         padding="longest", truncation=True, return_tensors="pt"))
+        inputs = {size: self.inputs(good, size) for size in self.processors} if good else {}
         return Batch(inputs, torch.full((len(good),), NO_LABEL), indices, [s[0] for s in samples if not s[2]])
 
     def table(self) -> list[list]:

@@ -9,13 +9,15 @@ questions file without answers, agreement of the top answer with the unreduced m
 point carries a 95 % percentile-bootstrap interval over the questions, and every variant its drop from the
 unreduced model with a paired bootstrap interval (the same resampled questions for both).
 
-One pass over the questions: each batch runs every variant. The task keeps, per variant and question, the answer's
+One pass over the questions: each batch runs every variant, a variant at another input size (``size=``) on the
+model and the images at that size (``analysis.runs.vqa_sizes``). The task keeps, per variant and question, the answer's
 index and its score as float64 sums (each question is filled by the one process that saw it), so the sums of
 several processes add up exactly under torchrun and a stopped run resumes.
 """
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -31,10 +33,10 @@ from analysis.data.questions import Question, QuestionImages
 from analysis.runs.common import DatasetTask, OpenedRun, RunSource, TaskModel, TaskOptions, add_sum, zeros
 from analysis.runs.vqa_points import (ACCURACY, AGREEMENT, UNREDUCED, VQAVariant, answers_frame, default_variants,
                                       points_frame, to_json, variant_of, vqa_frontier_figure)
+from analysis.runs.vqa_sizes import ModelsAtSizes, variant_forward  # noqa: F401 - variant_forward: importable here
 from analysis.timing.harness import BenchSettings, Runner, benchmark
 from analysis.vision_language.models import pumer_models
 from analysis.vision_language.vqa_accuracy import ScoredQuestion
-from models.variants import forward_for, parse_variant
 
 VQA_FRONTIER = "vqa-frontier"
 POINTS_CSV, POINTS_JSON, ANSWERS_CSV = "vqa_frontier.csv", "vqa_frontier.json", "vqa_answers.csv"
@@ -43,18 +45,6 @@ POINTS_CSV, POINTS_JSON, ANSWERS_CSV = "vqa_frontier.csv", "vqa_frontier.json", 
 def _plain(value: Any) -> Any:
     """numpy scalars as JSON writes them."""
     return value.item() if hasattr(value, "item") else str(value)
-
-
-def _logits(output: Any) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output
-
-
-def variant_forward(model: torch.nn.Module, model_name: str, variant: VQAVariant) -> Callable[[dict], torch.Tensor]:
-    """The logits of ``variant`` for a dict of the processor's inputs; the model itself is never changed."""
-    forward = forward_for(model, model_name, parse_variant(variant.name))
-    if forward is model:  # no explicit forward for the family: the model's own call, which takes keywords
-        return lambda inputs: _logits(model(**inputs))
-    return lambda inputs: _logits(forward(inputs))
 
 
 # ----------------------------------------------------------------------------- the record
@@ -102,18 +92,19 @@ class VQAFrontierTask(DatasetTask):
     name = VQA_FRONTIER
     files = (POINTS_CSV, POINTS_JSON, ANSWERS_CSV)
 
-    def __init__(self, model: torch.nn.Module, model_name: str, variants: Sequence[VQAVariant],
+    def __init__(self, models: ModelsAtSizes, model_name: str, variants: Sequence[VQAVariant],
                  questions: Sequence[Question], note: str = "", weights: str = "",
-                 timing_inputs: Callable[[int], dict] | None = None) -> None:
+                 timing_inputs: Callable[[int, int | None], dict] | None = None) -> None:
         super().__init__(model_name, note)
-        self.model, self.weights = model, weights or note
+        self.models, self.weights = models, weights or note
+        model = models.reference
         self.variants = list(variants)
         if not self.variants or self.variants[0].method != UNREDUCED:
             raise ValueError("The unreduced model must be the first variant (agreement and drops refer to it).")
         self.questions = list(questions)
         self.scored = [ScoredQuestion(q.answers) if q.answers else None for q in self.questions]
         self.labels = model.config.id2label
-        self.forwards = [variant_forward(model, model_name, v) for v in self.variants]
+        self.forwards = [models.bind(v, model_name) for v in self.variants]
         self.timing_inputs = timing_inputs
         device = next(model.parameters()).device
         n, v = len(self.questions), len(self.variants)
@@ -137,15 +128,25 @@ class VQAFrontierTask(DatasetTask):
             raise DatasetError(f"{VQA_FRONTIER} answers questions with a VQA model ({names}), not {source.model}.")
         if not source.questions:
             raise DatasetError(f"{VQA_FRONTIER} needs --questions FILE.jsonl (image, question, answers a line).")
-        model, processor, name, weights = entry.load(source.random_weights, source.weights_folder, source.weights)
-        model = model.to(source.device)
-        dataset = QuestionImages.from_files(source.data, source.questions, processor, source.limit)
-        variants = [variant_of(source.model, t) for t in options.variants] or default_variants(source.model)
-        task = cls(model, source.model, with_unreduced(source.model, variants), dataset.questions,
+        variants = with_unreduced(source.model, [variant_of(source.model, t) for t in options.variants]
+                                  or default_variants(source.model))
+        names: dict[int | None, tuple[str, str]] = {}
+
+        def load(size: int | None):
+            model, processor, *names[size] = entry.load(source.random_weights, source.weights_folder,
+                                                        source.weights, image_size=size)
+            return model, processor
+
+        models = ModelsAtSizes.load(variants, load, source.device,
+                                    None if source.random_weights else entry.spec.input_size)
+        dataset = models.questions(QuestionImages.from_files(source.data, source.questions, models.processors[None],
+                                                             source.limit))
+        name, weights = names[None]
+        task = cls(models, source.model, variants, dataset.questions,
                    "random weights" if source.random_weights else "", f"{name}: {weights}",
                    timing_inputs=question_inputs(dataset, source.device))
         return OpenedRun(task, dataset, f"{name}: {weights}", source.random_weights,
-                         sum(p.numel() for p in model.parameters()))
+                         sum(p.numel() for p in models.reference.parameters()))
 
     def update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         raise TypeError(f"{VQA_FRONTIER} takes batches of questions (update_batch), not images alone.")
@@ -153,7 +154,7 @@ class VQAFrontierTask(DatasetTask):
     def update_batch(self, batch, device: torch.device) -> None:
         if not len(batch.indices):
             return
-        inputs = {k: v.to(device) for k, v in batch.images.items()}
+        inputs = {size: {k: v.to(device) for k, v in sized.items()} for size, sized in batch.images.items()}
         indices = batch.indices.tolist()
         answer = torch.zeros(len(self.variants), len(indices), dtype=torch.float64)
         score = torch.zeros_like(answer)
@@ -181,7 +182,7 @@ class VQAFrontierTask(DatasetTask):
         if options.timing and self.timing_inputs is not None:
             bench = BenchSettings(batch=options.batch, iters=options.timing_iters, rounds=options.timing_rounds,
                                   warmup=1, device=options.device)
-            record.speed = measure_speed(self.model, self.model_name, self.variants, self.timing_inputs, bench)
+            record.speed = measure_speed(self.models, self.model_name, self.variants, self.timing_inputs, bench)
         return record
 
     @staticmethod
@@ -209,27 +210,30 @@ def with_unreduced(model_name: str, variants: Sequence[VQAVariant]) -> list[VQAV
     return [unreduced, *rest]
 
 
-def question_inputs(dataset: QuestionImages, device: str | torch.device) -> Callable[[int], dict]:
-    """A batch of ``b`` real questions for timing: the first readable ones, repeated to fill the batch."""
-    def make(batch: int) -> dict:
+def question_inputs(dataset: QuestionImages, device: str | torch.device) -> Callable[[int, int | None], dict]:
+    """A batch of ``b`` real questions at input ``size`` (None: the default) for timing: the first readable ones,
+    repeated to fill the batch."""
+    def make(batch: int, size: int | None = None) -> dict:
         samples = [s for s in (dataset[i] for i in range(min(len(dataset), batch * 2))) if s[2]][:batch]
         if not samples:
             raise DatasetError("No readable image among the first questions: nothing to time.")
         samples = (samples * batch)[:batch]
-        return {k: v.to(device) for k, v in dataset.collate(samples).images.items()}
+        return {k: v.to(device) for k, v in dataset.inputs(samples, size).items()}
     return make
 
 
 # ----------------------------------------------------------------------------- throughput
 
-def measure_speed(model: torch.nn.Module, model_name: str, variants: Sequence[VQAVariant],
-                  make_inputs: Callable[[int], dict], bench: BenchSettings,
+def measure_speed(models: ModelsAtSizes, model_name: str, variants: Sequence[VQAVariant],
+                  make_inputs: Callable[[int, int | None], dict], bench: BenchSettings,
                   progress: Callable[[float, str], None] | None = None) -> pd.DataFrame:
-    """Questions per second of every variant on the same batch of real questions, in interleaved rounds (the
-    harness of ``analysis.timing``), its speed-up over the unreduced model, GFLOPs and peak memory where the
-    harness measures it; the timing environment as ``env_*`` columns."""
-    params = sum(p.numel() for p in model.parameters())
-    runners = [Runner(v.name, variant_forward(model, model_name, v), make_inputs, params) for v in variants]
+    """Questions per second of every variant on the same batch of real questions (each variant's model and images
+    at its input size), in interleaved rounds (the harness of ``analysis.timing``), its speed-up over the unreduced
+    model, GFLOPs and peak memory where the harness measures it; the timing environment as ``env_*`` columns."""
+    runners = []
+    for sized in (models.bind(v, model_name) for v in variants):
+        runners.append(Runner(sized.variant.name, sized.forward, functools.partial(make_inputs, size=sized.size),
+                              sum(p.numel() for p in sized.model.parameters())))
     started, load = datetime.datetime.now(datetime.timezone.utc), os.getloadavg()[0]
     rows = benchmark(runners, bench, baseline=variants[0].name, progress=progress)
     base_memory = rows[0].peak_mem_mib
@@ -249,14 +253,16 @@ def measure_speed(model: torch.nn.Module, model_name: str, variants: Sequence[VQ
 
 # ----------------------------------------------------------------------------- in the app
 
-def evaluate(model: torch.nn.Module, model_name: str, dataset: QuestionImages, variants: Sequence[VQAVariant],
+def evaluate(models: ModelsAtSizes, model_name: str, dataset: QuestionImages, variants: Sequence[VQAVariant],
              batch_size: int, note: str = "", weights: str = "",
              progress: Callable[[float, str], None] | None = None) -> VQAFrontierRecord:
-    """The in-app run of ``VQAFrontierTask`` over ``dataset`` (one process), without timing."""
+    """The in-app run of ``VQAFrontierTask`` over ``dataset`` (one process; its images processed at every size of
+    ``models``), without timing."""
     from torch.utils.data import DataLoader
 
-    task = VQAFrontierTask(model, model_name, with_unreduced(model_name, variants), dataset.questions, note, weights)
-    device = next(model.parameters()).device
+    task = VQAFrontierTask(models, model_name, with_unreduced(model_name, variants), dataset.questions, note, weights)
+    dataset = models.questions(dataset)
+    device = next(models.reference.parameters()).device
     loader: Iterable = DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate)
     total = len(loader)
     for done, batch in enumerate(loader, start=1):

@@ -10,7 +10,14 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analysis.runs.frontier import json_records, log_ticks, pareto_front
-from models.methods import METHODS, Method, method_of, methods_for
+from models.methods import (
+    METHODS,
+    MODEL_SETTING_KEYS,
+    SIZE_KEY,
+    Method,
+    method_of,
+    methods_for,
+)
 from models.registry import get_spec
 from models.variants import parse_settings, parse_variant, settings_text
 
@@ -34,7 +41,14 @@ class VQAVariant:
 
 
 def _describe(method: Method, settings: dict[str, Any]) -> tuple[str, str]:
-    """(label, series) of a method's settings: one of its ablations, its paper setting, or the settings in words."""
+    """(label, series) of a method's settings: one of its ablations, its paper setting, or the settings in words;
+    at another input size (a model setting), "at 320 px" added and a series of its own."""
+    size = settings.get(SIZE_KEY)
+    if method.model_setting:
+        return f"{method.label} {size} px", method.label
+    if size is not None:
+        label, series = _describe(method, {k: v for k, v in settings.items() if k not in MODEL_SETTING_KEYS})
+        return f"{label} at {size} px", f"{series} at {size} px"
     for name, text in method.ablations:
         if parse_settings(text) == settings:
             return f"{method.label}: {name}", f"{method.label} ablations"
@@ -74,8 +88,9 @@ def variant_of(model_name: str, text: str) -> VQAVariant:
 def _arguments(variant: VQAVariant) -> tuple:
     if variant.method == UNREDUCED:
         return (UNREDUCED,)
-    arguments = METHODS[variant.method].arguments(parse_variant(variant.name).settings)
-    return (variant.method, *sorted(arguments.items()))
+    parsed = parse_variant(variant.name)
+    arguments = METHODS[variant.method].arguments(parsed.settings)
+    return (variant.method, parsed.input_size, *sorted(arguments.items()))  # the size: a setting of no forward
 
 
 def default_variants(model_name: str) -> list[VQAVariant]:

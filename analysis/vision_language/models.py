@@ -29,7 +29,8 @@ class FamilyView:
     summary: str  # where PuMer acts in this model (markdown)
     missing: str  # what is missing when loading fails: "The ... are"
     load: str  # "module:function(source=None, weights_dir=None) -> (model, processor)" through the resolver
-    tiny: str  # "module:function(seed) -> (model, processor)": a small random model of the same structure
+    tiny: str  # "module:function(seed, image_size=None) -> (model, processor)": a small random model of the same
+    # structure (at ``image_size``: the same weights, its processor at that size)
     tiny_description: str
     fetch: Callable[[ModelSpec, Path], str]  # what to put where, one sentence body
 
@@ -122,12 +123,14 @@ class PuMerModel:
 
     def load(self, random_weights: bool, folder: str | None = None, user_file: str | None = None,
              image_size: int | None = None):
-        """``(model, processor, provenance name, weights label)``: the small random model when asked, else the
-        released weights through the one resolver, at ``image_size`` where the entry offers sizes. Raises
+        """``(model, processor, provenance name, weights label)``: the small random model when asked (at
+        ``image_size`` when given), else the released weights through the one resolver, at ``image_size`` where the
+        entry offers sizes. Raises
         WeightsNotFoundError or CheckpointError."""
         if random_weights:
-            model, processor = import_target(self.view.tiny)(0)
-            return model, processor, self.tiny_name, self.tiny_weights
+            model, processor = import_target(self.view.tiny)(0, image_size=image_size)
+            name = f"{self.tiny_name} at {image_size} px" if image_size else self.tiny_name
+            return model, processor, name, self.tiny_weights
         from analysis.provenance import weights_label
         from models.weights import resolve
 
