@@ -24,7 +24,7 @@ def _profile(model: nn.Module, example: torch.Tensor, path, name: str) -> B.Brea
 
     model.eval()
     export(model, model, example, path, name)
-    return profile_onnx_file(path, example.numpy(), name=name + " [onnxruntime]", batch=example.shape[0], iters=1,
+    return profile_onnx_file(path, example.numpy(), name=name, batch=example.shape[0], iters=1,
                              warmup=1)
 
 

@@ -71,7 +71,8 @@ def test_method_table_gives_the_variant_widgets_and_the_variants_run():
     widgets = {w.label: w for w in at.multiselect}
     assert set(widgets) == {"Models", "ToMe: tokens merged per block (r)", "DynamicViT: keep ratio rho",
                             "EViT: keep rate", "PuMer: image prune ratio", "ToMe: target FLOP ratio",
-                            "EViT: target FLOP ratio", "Input size: input size (px)"}
+                            "EViT: target FLOP ratio", "Input size: input size (px)",
+                            "Engines (timed interleaved in the same rounds)"}
     assert widgets["EViT: keep rate"].value == []  # EViT has no release: nothing picked until asked
     rho = widgets["DynamicViT: keep ratio rho"]
     assert rho.value == ["trained"] and rho.format_func("trained") == "each release's trained rho (0.7)"
