@@ -21,7 +21,9 @@ from analysis.timing.harness import (
     ThroughputRow,
     add_speedups,
     benchmark,
+    best_batch,
     count_flops,
+    growing_sweep,
     is_out_of_memory,
     latency,
     rows_to_dataframe,
@@ -29,9 +31,11 @@ from analysis.timing.harness import (
     spread_warnings,
     sweep,
 )
-from analysis.timing.memory import batch_refusal
+from analysis.timing.memory import PEAK_MEMORY_METHODS, batch_refusal
 from analysis.timing.runners import ModelOptions, make_runner
 from models.device import default_device, hardware_info
+from models.registry import batch_growth, get_spec
+from models.variants import parse_variant
 
 
 def format_table(rows: Sequence[ThroughputRow]) -> str:
@@ -68,14 +72,26 @@ def speedup_lines(rows: Sequence[ThroughputRow | LatencyRow]) -> list[str]:
             if r.baseline is not None and r.model != r.baseline and r.speedup is not None]
 
 
-def write_results(rows: Sequence[ThroughputRow | LatencyRow], path: str | Path, settings: BenchSettings) -> None:
-    path = Path(path)
+def peak_memory_lines(rows: Sequence[ThroughputRow]) -> list[str]:
+    """One line per row with a measured one-forward peak: MiB, and the reduction against the baseline's."""
+    lines = []
+    for r in (r for r in rows if r.forward_peak_mib is not None):
+        against = (f" ({100 * r.memory_reduction:.1f} % less than {r.baseline})"
+                   if r.memory_reduction is not None and r.baseline not in (None, r.model) else "")
+        lines.append(f"peak memory {r.model} at batch {r.batch}: {r.forward_peak_mib:.1f} MiB{against}")
+    return lines
+
+
+def write_results(rows: Sequence[ThroughputRow | LatencyRow], path: str | Path, settings: BenchSettings,
+                  extra: dict | None = None) -> None:
+    """Rows as JSON (with settings, hardware, environment and ``extra``) or CSV (``extra`` as constant columns)."""
+    path, extra = Path(path), extra or {}
     if path.suffix == ".json":
         payload = {"settings": asdict(settings), "hardware": hardware_info(),
-                   "environment": rows[0].environment if rows else {}, "rows": rows_to_records(rows)}
+                   "environment": rows[0].environment if rows else {}, **extra, "rows": rows_to_records(rows)}
         path.write_text(json.dumps(payload, indent=2))
     else:
-        rows_to_dataframe(rows).to_csv(path, index=False)
+        rows_to_dataframe(rows).assign(**extra).to_csv(path, index=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["eager", "onnxruntime"], default="eager",
                    help="onnxruntime: also time each model exported to ONNX, interleaved with its eager runs "
                         "(refused unless ONNX Runtime equals eager within 1e-4)")
+    p.add_argument("--peak-memory", action="store_true",
+                   help="also measure one forward's peak memory per model (CPU: the allocator's live bytes through "
+                        "torch.profiler; CUDA: max_memory_allocated), net of the weights, and its reduction against "
+                        "--baseline")
+    p.add_argument("--paper-protocol", action="store_true",
+                   help="PuMer's throughput protocol: grow the batch from the family's start (ViLT 32, METER 16) in "
+                        "steps of 8 until out of memory or --time-limit; report every model at the batch where "
+                        "the baseline is fastest, with peak memory")
+    p.add_argument("--time-limit", type=float, default=600.0,
+                   help="seconds after which --paper-protocol starts no larger batch (default 600)")
     p.add_argument("--out", help="write results to .csv or .json")
     return p
 
@@ -117,7 +143,7 @@ def _bench_settings(args: argparse.Namespace) -> BenchSettings:
     if args.baseline and args.baseline not in args.models:
         args.models = [args.baseline] + list(args.models)
     return BenchSettings(batch=1 if args.latency else args.batch, iters=iters, rounds=rounds, warmup=args.warmup,
-                         device=device, precision=args.precision)
+                         device=device, precision=args.precision, peak_memory=args.peak_memory or args.paper_protocol)
 
 
 class _Refused(Exception):
@@ -132,15 +158,16 @@ def _runners(args: argparse.Namespace, parser: argparse.ArgumentParser, settings
     runners = [make_runner(name, device=device, random_weights=args.random_weights, options=options)
                for name in args.models]
     # A sweep leaves out what cannot fit (``sweep``); a single batch is refused the same way, before it runs.
-    refusal = (batch_refusal(runners, settings.batch)
-               if torch.device(device).type == "cpu" and not (args.latency or args.batches) else None)
+    refusal = (batch_refusal(runners, settings.batch) if torch.device(device).type == "cpu"
+               and not (args.latency or args.batches or args.paper_protocol) else None)
     if refusal:
         raise _Refused(refusal)
     if args.engine == "onnxruntime":
         from analysis.timing.onnx_engine import onnx_runners
 
-        if args.latency or args.batches:
-            parser.error("--engine onnxruntime exports at one batch: use --batch, not --latency or --batches")
+        if args.latency or args.batches or args.paper_protocol:
+            parser.error("--engine onnxruntime exports at one batch: use --batch, not --latency, --batches or "
+                         "--paper-protocol")
         for r in runners:  # the exported graph runs the same FLOPs; torch's counter cannot see inside ORT
             r.flops_per_image = count_flops(r)
         runners += onnx_runners(runners, settings.batch, device)
@@ -158,8 +185,15 @@ def _measure(args: argparse.Namespace, runners: list[Runner], settings: BenchSet
         rows = latency(runners, settings, baseline=args.baseline, progress=_report)
         print(format_latency_table(rows))
         return rows
-    if args.batches:
-        rows, notes = sweep(runners, settings, args.batches, baseline=args.baseline, progress=_report)
+    if args.batches or args.paper_protocol:
+        if args.paper_protocol:
+            start, step = protocol_growth(args.baseline or args.models[0])
+            print(f"paper protocol: batch grown from {start} in steps of {step} until out of memory or "
+                  f"{args.time_limit:g} s")
+            rows, notes = growing_sweep(runners, settings, start, step, time_limit=args.time_limit,
+                                        baseline=args.baseline, progress=_report)
+        else:
+            rows, notes = sweep(runners, settings, args.batches, baseline=args.baseline, progress=_report)
         for note in notes:
             print(f"note: {note}")
     else:
@@ -175,12 +209,36 @@ def _measure(args: argparse.Namespace, runners: list[Runner], settings: BenchSet
     return rows
 
 
+def protocol_growth(model: str) -> tuple[int, int]:
+    """(first batch, step) of the paper's protocol for a variant name's family (``models.registry.batch_growth``);
+    ValueError naming the families that have one."""
+    spec = get_spec(parse_variant(model).model)
+    growth = batch_growth(spec.family)
+    if growth is None:
+        raise ValueError(f"--paper-protocol: the paper gives no batch protocol for {spec.name} ({spec.family_label}); "
+                         f"use --batches for a sweep.")
+    return growth
+
+
 def _print_findings(args: argparse.Namespace, rows: list, settings: BenchSettings) -> None:
-    """Spread warnings, speed-ups (within each engine too), and the rows written to --out."""
-    for warning in spread_warnings(rows):
+    """Spread warnings, speed-ups (within each engine too), peak memory, and the rows written to --out; with
+    --paper-protocol, the speed-ups and memory at the best batch only."""
+    extra = {}
+    if args.paper_protocol:
+        best = best_batch(rows, args.baseline)
+        extra = {"protocol": "paper", "best_batch": best}
+        print(f"paper protocol: best batch {best} (where {args.baseline or rows[0].model} is fastest)")
+        rows_shown = [r for r in rows if r.batch == best]
+    else:
+        rows_shown = rows
+    for warning in spread_warnings(rows_shown):
         print(f"warning: {warning}")
-    for line in speedup_lines(rows):
+    for line in speedup_lines(rows_shown):
         print(line)
+    for line in peak_memory_lines(rows_shown):
+        print(line)
+    if any(r.forward_peak_mib is not None for r in rows_shown):
+        print(f"peak memory: {PEAK_MEMORY_METHODS[torch.device(settings.device).type]}")
     if args.engine == "onnxruntime" and args.baseline:
         from analysis.timing.onnx_engine import ENGINE_SUFFIX
 
@@ -189,7 +247,7 @@ def _print_findings(args: argparse.Namespace, rows: list, settings: BenchSetting
         for line in speedup_lines(engine_rows):
             print(line)
     if args.out:
-        write_results(rows, args.out, settings)
+        write_results(rows, args.out, settings, extra)
         print(f"wrote {args.out}")
 
 
@@ -198,10 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     control_allocator()  # before any model or tensor is allocated
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.latency and args.batches:
-        parser.error("--latency measures batch 1; it cannot be combined with --batches")
+    if sum(map(bool, (args.latency, args.batches, args.paper_protocol))) > 1:
+        parser.error("--latency, --batches and --paper-protocol choose the batches three ways: pick one")
     settings = _bench_settings(args)
     try:
+        if args.paper_protocol:
+            protocol_growth(args.baseline or args.models[0])  # refused before any model loads
         runners = _runners(args, parser, settings)
     except _Refused as exc:
         print(f"error: {exc}", file=sys.stderr)
