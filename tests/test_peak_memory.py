@@ -102,3 +102,20 @@ def test_the_best_batch_is_where_the_baseline_is_fastest_and_every_model_is_repo
 def test_the_cli_refuses_the_paper_protocol_for_a_family_the_paper_gives_none(capsys):
     assert cli.main(["--models", "deit_tiny_patch16_224", "--paper-protocol", "--random-weights"]) == 2
     assert "gives no batch protocol for deit_tiny_patch16_224" in capsys.readouterr().err
+
+
+def test_the_cli_prints_and_exports_each_models_peak_memory_and_its_reduction(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "rows.json"
+    assert cli.main(["--models", "deit_tiny_patch16_224@tome=8", "--baseline", "deit_tiny_patch16_224", "--batch", "1",
+                     "--iters", "1", "--rounds", "1", "--warmup", "1", "--random-weights", "--peak-memory",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "peak memory deit_tiny_patch16_224 at batch 1: " in printed
+    assert "% less than deit_tiny_patch16_224)" in printed and "torch.profiler memory events" in printed
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    tome = rows["deit_tiny_patch16_224@tome=8"]
+    # ToMe computes attention itself (no fused kernel) and can need more at batch 1: the reduction may be negative
+    assert tome["forward_peak_mib"] > 0 and rows["deit_tiny_patch16_224"]["forward_peak_mib"] > 0
+    assert tome["memory_reduction"] == 1 - tome["forward_peak_mib"] / rows["deit_tiny_patch16_224"]["forward_peak_mib"]

@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, str] = {
     "Taylor cost": "analysis.bench.taylor_cost",
     "frontier task cost": "analysis.bench.frontier",
     "page interaction": "analysis.bench.pages",
+    "PuMer memory": "analysis.bench.pumer_memory",
 }
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 

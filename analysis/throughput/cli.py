@@ -72,10 +72,11 @@ def speedup_lines(rows: Sequence[ThroughputRow | LatencyRow]) -> list[str]:
             if r.baseline is not None and r.model != r.baseline and r.speedup is not None]
 
 
-def peak_memory_lines(rows: Sequence[ThroughputRow]) -> list[str]:
-    """One line per row with a measured one-forward peak: MiB, and the reduction against the baseline's."""
+def peak_memory_lines(rows: Sequence[ThroughputRow | LatencyRow]) -> list[str]:
+    """One line per row with a measured one-forward peak (latency rows have none): MiB, and the reduction against
+    the baseline's."""
     lines = []
-    for r in (r for r in rows if r.forward_peak_mib is not None):
+    for r in (r for r in rows if getattr(r, "forward_peak_mib", None) is not None):
         against = (f" ({100 * r.memory_reduction:.1f} % less than {r.baseline})"
                    if r.memory_reduction is not None and r.baseline not in (None, r.model) else "")
         lines.append(f"peak memory {r.model} at batch {r.batch}: {r.forward_peak_mib:.1f} MiB{against}")
@@ -235,9 +236,10 @@ def _print_findings(args: argparse.Namespace, rows: list, settings: BenchSetting
         print(f"warning: {warning}")
     for line in speedup_lines(rows_shown):
         print(line)
-    for line in peak_memory_lines(rows_shown):
+    memory = peak_memory_lines(rows_shown)
+    for line in memory:
         print(line)
-    if any(r.forward_peak_mib is not None for r in rows_shown):
+    if memory:
         print(f"peak memory: {PEAK_MEMORY_METHODS[torch.device(settings.device).type]}")
     if args.engine == "onnxruntime" and args.baseline:
         from analysis.timing.onnx_engine import ENGINE_SUFFIX
