@@ -119,3 +119,14 @@ def test_the_cli_prints_and_exports_each_models_peak_memory_and_its_reduction(tm
     # ToMe computes attention itself (no fused kernel) and can need more at batch 1: the reduction may be negative
     assert tome["forward_peak_mib"] > 0 and rows["deit_tiny_patch16_224"]["forward_peak_mib"] > 0
     assert tome["memory_reduction"] == 1 - tome["forward_peak_mib"] / rows["deit_tiny_patch16_224"]["forward_peak_mib"]
+
+
+def test_the_batches_the_cpu_estimate_leaves_out_are_one_note(monkeypatch):
+    """On a CPU the growth stops one step past the estimate; where the available memory moved between the two
+    estimates, the batches left out read as one sentence, not one each."""
+    monkeypatch.setattr(T, "largest_batch_that_fits", lambda runners: 48)
+    monkeypatch.setattr(T, "batches_that_fit", lambda runners, batches: (
+        [b for b in batches if b <= 32], [f"batch {b} left out: it would not fit." for b in batches if b > 32]))
+    rows, notes = T.growing_sweep([_oom_above(10**6)], T.BenchSettings(iters=1, rounds=1, warmup=1), 32, 8)
+    assert [r.batch for r in rows] == [32]
+    assert notes == ["batch 40 left out: it would not fit; 2 larger batches likewise."]

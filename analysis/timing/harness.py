@@ -357,8 +357,13 @@ def growing_sweep(runners: Sequence[Runner], settings: BenchSettings, start: int
     if torch.device(settings.device).type == "cpu":  # list one batch past the estimate: the sweep says why it stops
         fits = largest_batch_that_fits(runners)
         max_batch = max_batch if fits is None else min(max_batch, max(fits, start) + step)
-    return sweep(runners, settings, range(start, max(start, max_batch) + 1, step), baseline=baseline,
-                 progress=progress, on_measure=on_measure, time_limit=time_limit)
+    rows, notes = sweep(runners, settings, range(start, max(start, max_batch) + 1, step), baseline=baseline,
+                        progress=progress, on_measure=on_measure, time_limit=time_limit)
+    left_out = [n for n in notes if " left out: " in n]  # the available memory moves between two estimates
+    if len(left_out) > 1:
+        notes = [f"{left_out[0][:-1]}; {len(left_out) - 1} larger batches likewise."] + \
+                [n for n in notes if n not in left_out]
+    return rows, notes
 
 
 def best_batch(rows: Sequence[ThroughputRow], baseline: str | None = None) -> int | None:
