@@ -4,6 +4,9 @@ starts, a batch that cannot fit, in one sentence with the estimate (instead of w
 The estimate comes from one batch-1 forward: twice the largest output of any module (a layer's input and its
 output are alive together) plus the input, per image. It is an estimate, not a measurement; the sweep still
 backs off when the allocator fails anyway (``analysis.timing.harness.is_out_of_memory``).
+
+And what one forward did need: ``forward_peak_bytes`` measures its peak on CUDA and on a CPU alike, net of what was
+allocated before it (``kept_activations_peak_bytes``: the same with autograd on).
 """
 from __future__ import annotations
 
