@@ -40,6 +40,16 @@ FAMILY_LABELS = {
 # The family of the plain backbone a token-pruning family is built on (LV-ViT's backbone is no registry family).
 BACKBONE_FAMILIES = {DYNAMICVIT: MHSA, DYNAMIC_CNN: CNN, DYNAMIC_SWIN: SWIN}
 
+# PuMer's throughput protocol (ACL 2023, section 4): the batch grows from a start in steps until out of memory and the
+# best batch's throughput counts; (start, step) per family. ``batch_growth`` reads it; nothing else names the numbers.
+BATCH_GROWTH = {VILT: (32, 8), METER: (16, 8)}
+
+
+def batch_growth(family: str) -> tuple[int, int] | None:
+    """(first batch, step) of the paper's throughput protocol for a family; None where the paper gives none."""
+    return BATCH_GROWTH.get(family)
+
+
 # What a model's forward takes; the throughput harness builds inputs of this kind.
 IMAGE_INPUTS = "image"
 VQA_INPUTS = "image+question"

@@ -4,15 +4,18 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.provenance import label_rows, title_line, with_title
+from analysis.timing.env import environment_line
 from analysis.vision_language import (CORRECTION_ARGUMENTS, PuMerSettings, answer_question, answers_frame,
                                       corrections_frame, counts_frame, for_display, merge_overlay, numbered_answers,
                                       pruned_overlay, pumer_models, records_to_json, steps_frame, text_groups_html,
                                       token_counts_figure, tokens)
+from analysis.vision_language import paper_protocol, protocol_figure, protocol_frame, protocol_to_json
 from models.checkpoints import CheckpointError, WeightsNotFoundError
+from models.registry import batch_growth
 from pages._state import (current_device, image_set_key, kept, run_through_app, session_result, user_weight_files,
                           weights_folder)
 from pages._vqa_section import vqa_frontier_section
-from pages._widgets import download_df, download_json, download_png, image_picker
+from pages._widgets import download_df, download_json, download_png, image_picker, progress_bar
 
 MODELS = {entry.name: entry for entry in pumer_models()}
 
@@ -162,6 +165,57 @@ def _gflops(value: float) -> str:
     return f"{value:.1f}" if value >= 1 else f"{value:.2g}"
 
 
+def _paper_protocol_section() -> None:
+    """PuMer's throughput protocol on request: the batch grown from the family's start, the best batch reported."""
+    start, step = batch_growth(entry.spec.family)
+    with st.expander(f"The paper's throughput protocol (batch from {start} in steps of {step})"):
+        st.caption(f"As PuMer's paper measures throughput: the batch grows from {start} in steps of {step} until out "
+                   "of memory or the time limit; both models are reported at the batch where the model without "
+                   "PuMer is fastest, with each one's peak memory there. This question's first sample fills the "
+                   "batch; the rounds are the ones set above.")
+        limit = kept(st.number_input, "Time limit (s)", 10, 3600, key=f"vl_protocol_limit_{name}", default=120,
+                     step=10, help="No larger batch starts after this long.")
+        protocol_key = (run_key, limit)
+        if st.button("Run the protocol", key="vl_protocol_run"):
+            report = progress_bar("Growing the batch ...")
+            session_result("vl_protocol", protocol_key, lambda: paper_protocol(
+                model, processor, picked.image, question, settings, method=entry.method, family=entry.spec.family,
+                time_limit=limit, progress=report))
+        protocol = session_result("vl_protocol", protocol_key)
+        if protocol is not None:
+            _show_protocol(protocol)
+
+
+def _show_protocol(protocol) -> None:
+    best = protocol.speed
+    for note in protocol.notes:
+        st.caption(note)
+    if best is None:
+        st.warning("Not even the smallest batch could run: nothing to report.")
+        return
+    cols = st.columns(3)
+    cols[0].metric(f"Best batch ({result.full_name} fastest)", str(protocol.best_batch))
+    cols[1].metric(f"Samples/s, {result.full_name} / {result.pumer_name}",
+                   f"{best.full_per_s:.1f} / {best.pumer_per_s:.1f}", f"{best.speedup:.2f}x")
+    cols[2].metric("Peak memory saving at that batch",
+                   "n/a" if best.memory_saving is None else f"{100 * best.memory_saving:.1f} %",
+                   help=None if best.full_peak_mib is None else
+                   f"{best.full_peak_mib:.1f} MiB without PuMer, {best.pumer_peak_mib:.1f} MiB with it.")
+    st.plotly_chart(protocol_figure(protocol, title, result.full_name, result.pumer_name), key="vl_protocol_chart")
+    frame = protocol_frame(protocol, result.full_name, result.pumer_name)
+    st.dataframe(frame, hide_index=True)
+    load = "" if protocol.load_average is None else f", 1-minute load average {protocol.load_average:.2f}"
+    st.caption(f"Measured from {protocol.measured_at}{load} on {best.device}, {best.rounds} interleaved rounds of "
+               f"{best.iters} forwards per batch: {environment_line(protocol.rows[0].environment)}; "
+               f"memory: {best.memory_note}.")
+    p1, p2 = st.columns(2)
+    with p1:
+        download_df(_labelled(frame), f"pumer_{file_stem}_paper_protocol.csv", "Download protocol rows (CSV)")
+    with p2:
+        download_json({**provenance, **protocol_to_json(protocol)}, f"pumer_{file_stem}_paper_protocol.json",
+                      "Download protocol (JSON)")
+
+
 st.subheader("Answers")
 st.dataframe(answers_frame(result), hide_index=True)
 cols = st.columns(4)
@@ -175,11 +229,23 @@ if speed.full_gflops and speed.pumer_gflops is not None:
                    help=f"Without PuMer: {_gflops(speed.full_gflops)} GFLOPs per batch.")
 else:
     cols[2].metric("GFLOPs with PuMer", "n/a")
-cols[3].metric("Peak memory saving", "n/a" if speed.memory_saving is None else f"{100 * speed.memory_saving:.1f} %")
+cols[3].metric("Peak memory saving", "n/a" if speed.memory_saving is None else f"{100 * speed.memory_saving:.1f} %",
+               help=None if speed.full_peak_mib is None else
+               f"Peak of one forward at batch {speed.batch}: {speed.full_peak_mib:.1f} MiB without PuMer, "
+               f"{speed.pumer_peak_mib:.1f} MiB with it.")
 st.caption(f"Speed-up: median of {speed.rounds} interleaved rounds of {speed.iters} forwards each on "
            f"{speed.device} after {speed.warmup} warm-up forwards per side; the rounds ranged {low:.2f}x to "
            f"{high:.2f}x (a wide range: a busy machine, time it again). Input {result.input_shape[0]}x"
            f"{result.input_shape[1]} px; memory: {speed.memory_note}.")
+if speed.full_peak_mib is not None:
+    st.caption(f"Peak memory of one forward at batch {speed.batch}, net of the weights and inputs: "
+               f"{speed.full_peak_mib:.1f} MiB ({result.full_name}) and {speed.pumer_peak_mib:.1f} MiB "
+               f"({result.pumer_name}); the paper reports 35-51 % less. Only one layer's activations are alive at "
+               f"a time, so a peak reached before the first reduce {word} is one PuMer cannot lower."
+               + ("" if speed.kept_saving is None else
+                  f" With autograd on (every layer's activations kept, as in training): {speed.full_kept_mib:.1f} "
+                  f"and {speed.pumer_kept_mib:.1f} MiB, {100 * speed.kept_saving:.1f} % less."))
+_paper_protocol_section()
 
 
 st.subheader(f"Tokens per {word}")

@@ -96,7 +96,8 @@ def test_the_readme_has_the_markers():
 @pytest.mark.parametrize("module", ["analysis.bench.speedups", "analysis.bench.fidelity",
                                     "analysis.bench.head_recording", "analysis.bench.taylor_cost",
                                     "analysis.bench.order", "analysis.bench.allocator",
-                                    "analysis.bench.attribution"])
+                                    "analysis.bench.attribution",
+                                    "analysis.bench.pumer_memory"])
 def test_project_benchmarks_follow_the_interface(module):
     import inspect
 

@@ -115,7 +115,35 @@ def test_a_failed_resolution_is_remembered_until_retry(offline_without_weights, 
     assert calls == [VILT, VILT]
 
 
-def test_random_vilt_shows_answers_layers_and_labelled_downloads(offline_without_weights, downloads, answer_calls):
+def _protocol_of_two_batches(model, processor, image, question, settings, method=None, family=None,
+                              time_limit=120.0, progress=None):
+    """What ``paper_protocol`` returns after batches 32 and 40 (the timing itself is tested in test_peak_memory)."""
+    from analysis.timing.env import timing_environment
+    from analysis.timing.harness import BenchSettings, ThroughputRow, add_speedups
+    from analysis.vision_language import PuMerProtocol
+    from analysis.vision_language.compute import FULL, _speed
+
+    def row(model, batch, img_s, peak):
+        return ThroughputRow(model=model, batch=batch, device="cpu", precision="fp32", img_per_s=img_s,
+                             ms_per_batch=1000 * batch / img_s, params_m=1.0, gflops=1.0, peak_mem_mib=None,
+                             weights="random", rounds=[img_s], img_per_s_q1=img_s, img_per_s_q3=img_s,
+                             forward_peak_mib=peak, environment=timing_environment("cpu", "fp32", batch))
+
+    rows = [row(FULL, 32, 10.0, 100.0), row("PuMer", 32, 18.0, 60.0)]
+    add_speedups(rows, FULL)
+    rows2 = [row(FULL, 40, 9.0, 125.0), row("PuMer", 40, 17.0, 75.0)]
+    add_speedups(rows2, FULL)
+    speed = _speed(rows[0], rows[1], BenchSettings(batch=32, iters=1, rounds=1, device="cpu"))
+    return PuMerProtocol(32, 8, time_limit, 32, speed, tuple(rows + rows2),
+                         ("stopped the sweep before batch 48: the time limit of 10 s was reached after batch 40.",),
+                         measured_at="2026-01-01T00:00:00", load_average=1.5)
+
+
+def test_random_vilt_shows_answers_layers_and_labelled_downloads(offline_without_weights, downloads, answer_calls,
+                                                                 monkeypatch):
+    import analysis.vision_language as vl
+
+    monkeypatch.setattr(vl, "paper_protocol", _protocol_of_two_batches)
     app = AppTest.from_file(PAGE, default_timeout=120).run()
     app.checkbox(key=f"vl_random_{VILT}").check().run()
     assert not app.exception
@@ -127,7 +155,9 @@ def test_random_vilt_shows_answers_layers_and_labelled_downloads(offline_without
     assert {"ViLT answer", "ViLT+PuMer answer"} <= set(answers.columns)
     assert [t.label for t in app.tabs] == ["Layer 2", "Layer 5", "Layer 8"]
     assert app.metric[0].value.endswith("x")
-    assert app.metric[3].value.endswith("%") if torch.cuda.is_available() else app.metric[3].value == "n/a"
+    assert app.metric[3].value.endswith("%")  # peak memory on every device, the CPU included
+    memory = next(c.value for c in app.caption if c.value.startswith("Peak memory of one forward at batch 1"))
+    assert "MiB (ViLT)" in memory and "MiB (ViLT+PuMer)" in memory and "% less." in memory
     steps = app.dataframe[1].value
     assert list(steps["layer"]) == [2, 5, 8] and (steps["image_pruned"] > 0).all()
     assert len(app.get("download_button")) == 2 * 3 + 4
@@ -149,6 +179,17 @@ def test_random_vilt_shows_answers_layers_and_labelled_downloads(offline_without
 
     app.run()  # a rerun (a download click, another widget) shows the stored result
     assert len(answer_calls) == 1 and app.dataframe[0].value.equals(answers)
+
+    app.number_input(key=f"vl_protocol_limit_{VILT}").set_value(10).run()
+    app.button(key="vl_protocol_run").click().run()  # the paper's protocol: the best batch, both sides, memory
+    assert not app.exception
+    assert [m.value for m in app.metric[-3:]] == ["32", "10.0 / 18.0", "40.0 %"]
+    protocol = pd.read_csv(io.BytesIO(downloads["pumer_vilt_tiny_random_paper_protocol.csv"]))
+    assert list(protocol["batch"]) == [32, 32, 40, 40] and list(protocol["reported"]) == [True, True, False, False]
+    assert list(protocol["memory_reduction_pct"]) == [0.0, 40.0, 0.0, 40.0]
+    assert json.loads(downloads["pumer_vilt_tiny_random_paper_protocol.json"])["best_batch"] == 32
+    assert any("time limit of 10 s" in c.value for c in app.caption)
+    assert any("1-minute load average 1.50" in c.value for c in app.caption)
 
     app.radio(key=f"vl_layers_{VILT}").set_value("Visual entailment: layers 2, 4, 6, 8").run()
     assert not app.exception

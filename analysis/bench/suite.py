@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "page interaction": "analysis.bench.pages",
     "roofline repeatability": "analysis.bench.roofline",
     "attribution": "analysis.bench.attribution",
+    "PuMer memory": "analysis.bench.pumer_memory",
 }
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 

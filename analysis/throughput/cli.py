@@ -20,6 +20,8 @@ from analysis.timing.harness import (
     Runner,
     ThroughputRow,
     benchmark,
+    best_batch,
+    growing_sweep,
     is_out_of_memory,
     latency,
     rows_to_dataframe,
@@ -27,9 +29,11 @@ from analysis.timing.harness import (
     spread_warnings,
     sweep,
 )
-from analysis.timing.memory import batch_refusal
+from analysis.timing.memory import PEAK_MEMORY_METHODS, batch_refusal
 from analysis.timing.runners import ModelOptions, make_runner
 from models.device import default_device, hardware_info
+from models.registry import batch_growth, get_spec
+from models.variants import parse_variant
 
 
 def format_table(rows: Sequence[ThroughputRow]) -> str:
@@ -66,14 +70,27 @@ def speedup_lines(rows: Sequence[ThroughputRow | LatencyRow]) -> list[str]:
             if r.baseline is not None and r.model != r.baseline and r.speedup is not None]
 
 
-def write_results(rows: Sequence[ThroughputRow | LatencyRow], path: str | Path, settings: BenchSettings) -> None:
-    path = Path(path)
+def peak_memory_lines(rows: Sequence[ThroughputRow | LatencyRow]) -> list[str]:
+    """One line per row with a measured one-forward peak (latency rows have none): MiB, and the reduction against
+    the baseline's."""
+    lines = []
+    for r in (r for r in rows if getattr(r, "forward_peak_mib", None) is not None):
+        against = (f" ({100 * r.memory_reduction:.1f} % less than {r.baseline})"
+                   if r.memory_reduction is not None and r.baseline not in (None, r.model) else "")
+        lines.append(f"peak memory {r.model} at batch {r.batch}: {r.forward_peak_mib:.1f} MiB{against}")
+    return lines
+
+
+def write_results(rows: Sequence[ThroughputRow | LatencyRow], path: str | Path, settings: BenchSettings,
+                  extra: dict | None = None) -> None:
+    """Rows as JSON (with settings, hardware, environment and ``extra``) or CSV (``extra`` as constant columns)."""
+    path, extra = Path(path), extra or {}
     if path.suffix == ".json":
         payload = {"settings": asdict(settings), "hardware": hardware_info(),
-                   "environment": rows[0].environment if rows else {}, "rows": rows_to_records(rows)}
+                   "environment": rows[0].environment if rows else {}, **extra, "rows": rows_to_records(rows)}
         path.write_text(json.dumps(payload, indent=2))
     else:
-        rows_to_dataframe(rows).to_csv(path, index=False)
+        rows_to_dataframe(rows).assign(**extra).to_csv(path, index=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", nargs="+", choices=list(ENGINES), default=[EAGER.key], metavar="ENGINE",
                    help="engines to time each model in, interleaved in the same rounds: " +
                         "; ".join(f"{e.key}: {e.help}" for e in ENGINES.values()))
+    p.add_argument("--peak-memory", action="store_true",
+                   help="also measure one forward's peak memory per model (CPU: the allocator's live bytes through "
+                        "torch.profiler; CUDA: max_memory_allocated), net of the weights, and its reduction against "
+                        "--baseline")
+    p.add_argument("--paper-protocol", action="store_true",
+                   help="PuMer's throughput protocol: grow the batch from the family's start (ViLT 32, METER 16) in "
+                        "steps of 8 until out of memory or --time-limit; report every model at the batch where "
+                        "the baseline is fastest, with peak memory")
+    p.add_argument("--time-limit", type=float, default=600.0,
+                   help="seconds after which --paper-protocol starts no larger batch (default 600)")
     p.add_argument("--out", help="write results to .csv or .json")
     return p
 
@@ -115,7 +142,7 @@ def _bench_settings(args: argparse.Namespace) -> BenchSettings:
     if args.baseline and args.baseline not in args.models:
         args.models = [args.baseline] + list(args.models)
     return BenchSettings(batch=1 if args.latency else args.batch, iters=iters, rounds=rounds, warmup=args.warmup,
-                         device=device, precision=args.precision)
+                         device=device, precision=args.precision, peak_memory=args.peak_memory or args.paper_protocol)
 
 
 class _Refused(Exception):
@@ -126,15 +153,15 @@ def _runners(args: argparse.Namespace, parser: argparse.ArgumentParser, settings
     """One runner per model under each --engine (a model an engine refuses is left out with a sentence); _Refused
     when the batch cannot fit or nothing is left, the errors of loading otherwise."""
     device = settings.device
-    refusal = refuse_batches(args.engine, bool(args.batches))
+    refusal = refuse_batches(args.engine, bool(args.batches or args.paper_protocol))
     if refusal:
         parser.error(refusal)
     options = ModelOptions(channels_last=args.channels_last, fuse_bn=args.fuse_bn)
     runners = [make_runner(name, device=device, random_weights=args.random_weights, options=options)
                for name in args.models]
     # A sweep leaves out what cannot fit (``sweep``); a single batch is refused the same way, before it runs.
-    refusal = (batch_refusal(runners, settings.batch)
-               if torch.device(device).type == "cpu" and not (args.latency or args.batches) else None)
+    refusal = (batch_refusal(runners, settings.batch) if torch.device(device).type == "cpu"
+               and not (args.latency or args.batches or args.paper_protocol) else None)
     if refusal:
         raise _Refused(refusal)
     runners, notes = engine_runners(args.engine, runners, settings.batch, device, progress=_report)
@@ -161,8 +188,15 @@ def _measure(args: argparse.Namespace, runners: list[Runner], settings: BenchSet
         rows = latency(runners, settings, baseline=args.baseline, progress=_report)
         print(format_latency_table(rows))
         return rows
-    if args.batches:
-        rows, notes = sweep(runners, settings, args.batches, baseline=args.baseline, progress=_report)
+    if args.batches or args.paper_protocol:
+        if args.paper_protocol:
+            start, step = protocol_growth(args.baseline or args.models[0])
+            print(f"paper protocol: batch grown from {start} in steps of {step} until out of memory or "
+                  f"{args.time_limit:g} s")
+            rows, notes = growing_sweep(runners, settings, start, step, time_limit=args.time_limit,
+                                        baseline=args.baseline, progress=_report)
+        else:
+            rows, notes = sweep(runners, settings, args.batches, baseline=args.baseline, progress=_report)
         for note in notes:
             print(f"note: {note}")
     else:
@@ -178,20 +212,44 @@ def _measure(args: argparse.Namespace, runners: list[Runner], settings: BenchSet
     return rows
 
 
+def protocol_growth(model: str) -> tuple[int, int]:
+    """(first batch, step) of the paper's protocol for a variant name's family (``models.registry.batch_growth``);
+    ValueError naming the families that have one."""
+    spec = get_spec(parse_variant(model).model)
+    growth = batch_growth(spec.family)
+    if growth is None:
+        raise ValueError(f"--paper-protocol: the paper gives no batch protocol for {spec.name} ({spec.family_label}); "
+                         f"use --batches for a sweep.")
+    return growth
+
+
 def _print_findings(args: argparse.Namespace, rows: list, settings: BenchSettings) -> None:
-    """Spread warnings, speed-ups (within each engine too, and of each engine over eager), and the rows written to
-    --out."""
-    for warning in spread_warnings(rows):
+    """Spread warnings, speed-ups (within each engine too), peak memory, and the rows written to --out; with
+    --paper-protocol, the speed-ups and memory at the best batch only."""
+    extra = {}
+    if args.paper_protocol:
+        best = best_batch(rows, args.baseline)
+        extra = {"protocol": "paper", "best_batch": best}
+        print(f"paper protocol: best batch {best} (where {args.baseline or rows[0].model} is fastest)")
+        rows_shown = [r for r in rows if r.batch == best]
+    else:
+        rows_shown = rows
+    for warning in spread_warnings(rows_shown):
         print(f"warning: {warning}")
-    for line in speedup_lines(rows):
+    for line in speedup_lines(rows_shown):
         print(line)
     if args.baseline:
-        for line in speedup_lines(within_engines(rows, args.baseline_variant)):
+        for line in speedup_lines(within_engines(rows_shown, args.baseline_variant)):
             print(f"{line} (same engine)")
-    for line in speedup_lines(over_eager(rows)):
+    for line in speedup_lines(over_eager(rows_shown)):
         print(f"{line} (engine over eager)")
+    memory = peak_memory_lines(rows_shown)
+    for line in memory:
+        print(line)
+    if memory:
+        print(f"peak memory: {PEAK_MEMORY_METHODS[torch.device(settings.device).type]}")
     if args.out:
-        write_results(rows, args.out, settings)
+        write_results(rows, args.out, settings, extra)
         print(f"wrote {args.out}")
 
 
@@ -200,10 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     control_allocator()  # before any model or tensor is allocated
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.latency and args.batches:
-        parser.error("--latency measures batch 1; it cannot be combined with --batches")
+    if sum(map(bool, (args.latency, args.batches, args.paper_protocol))) > 1:
+        parser.error("--latency, --batches and --paper-protocol choose the batches three ways: pick one")
     settings = _bench_settings(args)
     try:
+        if args.paper_protocol:
+            protocol_growth(args.baseline or args.models[0])  # refused before any model loads
         runners = _runners(args, parser, settings)
     except _Refused as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -19,7 +19,7 @@ import torch
 
 from analysis.timing.env import control_allocator, timing_environment, warm_until_steady
 from analysis.timing.flops import measure_flops
-from analysis.timing.memory import batches_that_fit
+from analysis.timing.memory import batches_that_fit, forward_peak_bytes, largest_batch_that_fits, memory_reduction
 from models.device import autocast, synchronize
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -47,6 +47,7 @@ class BenchSettings:
     warmup: int = 3
     device: str = "cpu"
     precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast; GPU only)
+    peak_memory: bool = False  # also measure one forward's peak memory, after the rounds (forward_peak_bytes)
 
 
 @dataclass
@@ -70,6 +71,10 @@ class ThroughputRow:
     speedup_q1: float | None = None  # interquartile range of the per-round ratios to the baseline
     speedup_q3: float | None = None
     environment: dict = field(default_factory=dict)  # analysis.timing.env.timing_environment
+    # One forward's peak memory at this batch, net of the weights and inputs (analysis.timing.memory
+    # .forward_peak_bytes; CPU and CUDA), with BenchSettings.peak_memory; and 1 - it / the baseline's.
+    forward_peak_mib: float | None = None
+    memory_reduction: float | None = None
 
 
 @dataclass
@@ -147,22 +152,7 @@ def benchmark(runners: Sequence[Runner], settings: BenchSettings, baseline: str 
         raise ValueError(f"baseline {baseline!r} is not among the models {[r.name for r in runners]}")
     control_allocator()
     inputs = {r.name: r.make_inputs(settings.batch) for r in runners}
-    peak: dict[str, float | None] = {}
-    is_cuda = torch.device(settings.device).type == "cuda"
-    for index, r in enumerate(runners):
-        where = f"{index + 1}/{len(runners)}: {r.name}"
-        if r.flops_per_image is None:
-            if progress:
-                progress(0.0, f"counting FLOPs {where}")
-            r.flops_per_image = count_flops(r)
-        if progress:  # warm-up can take longer than the rounds (first calls, the allocator's steady state)
-            progress(0.0, f"warming up {where}" + (f" ({r.warmup_note})" if r.warmup_note else ""))
-        if is_cuda:
-            torch.cuda.reset_peak_memory_stats()
-        _time_iters(r, inputs[r.name], max(1, settings.warmup), settings)
-        if not is_cuda:  # until a forward runs without faulting in fresh pages (the allocator's steady state)
-            warm_until_steady(lambda r=r: _time_iters(r, inputs[r.name], 1, settings))
-        peak[r.name] = torch.cuda.max_memory_allocated() / 2**20 if is_cuda else None
+    peak = _warm_up(runners, inputs, settings, progress)
     per_round: dict[str, list[float]] = {r.name: [] for r in runners}
     steps, done = settings.rounds * len(runners), 0
     for round_index in range(settings.rounds):
@@ -185,9 +175,44 @@ def benchmark(runners: Sequence[Runner], settings: BenchSettings, baseline: str 
             peak_mem_mib=peak[r.name], weights=r.weights, rounds=per_round[r.name], img_per_s_q1=q1,
             img_per_s_q3=q3, environment=timing_environment(settings.device, settings.precision, settings.batch,
                                                              r.engine)))
+    if settings.peak_memory:
+        _add_forward_peaks(rows, runners, inputs, settings, progress)
     if baseline is not None:
         add_speedups(rows, baseline, per_round)
     return rows
+
+
+def _warm_up(runners: Sequence[Runner], inputs: dict, settings: BenchSettings,
+             progress: Callable[[float, str], None] | None) -> dict[str, float | None]:
+    """Count each runner's FLOPs where unknown and warm it up; its CUDA peak (weights included) in MiB, else None."""
+    peak: dict[str, float | None] = {}
+    is_cuda = torch.device(settings.device).type == "cuda"
+    for index, r in enumerate(runners):
+        where = f"{index + 1}/{len(runners)}: {r.name}"
+        if r.flops_per_image is None:
+            if progress:
+                progress(0.0, f"counting FLOPs {where}")
+            r.flops_per_image = count_flops(r)
+        if progress:  # warm-up can take longer than the rounds (first calls, the allocator's steady state)
+            progress(0.0, f"warming up {where}" + (f" ({r.warmup_note})" if r.warmup_note else ""))
+        if is_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        _time_iters(r, inputs[r.name], max(1, settings.warmup), settings)
+        if not is_cuda:  # until a forward runs without faulting in fresh pages (the allocator's steady state)
+            warm_until_steady(lambda r=r: _time_iters(r, inputs[r.name], 1, settings))
+        peak[r.name] = torch.cuda.max_memory_allocated() / 2**20 if is_cuda else None
+    return peak
+
+
+def _add_forward_peaks(rows: Sequence[ThroughputRow], runners: Sequence[Runner], inputs: dict,
+                       settings: BenchSettings, progress: Callable[[float, str], None] | None) -> None:
+    """Each row's ``forward_peak_mib``: one more forward of its runner (warm, after the timed rounds, so that the
+    measurement cannot disturb them) under ``forward_peak_bytes``."""
+    for row, r in zip(rows, runners):
+        if progress:
+            progress(1.0, f"peak memory of one forward: {r.name}")
+        peak = forward_peak_bytes(lambda r=r: _time_iters(r, inputs[r.name], 1, settings), settings.device)
+        row.forward_peak_mib = None if peak is None else peak / 2**20
 
 
 def quartiles(values: Sequence[float]) -> tuple[float, float]:
@@ -207,6 +232,7 @@ def add_speedups(rows: list[ThroughputRow], baseline: str, per_round: dict[str, 
     for row in rows:
         row.speedup = row.img_per_s / base.img_per_s
         row.baseline = baseline
+        row.memory_reduction = memory_reduction(base.forward_peak_mib, row.forward_peak_mib)
         paired = per_round is not None and len(per_round.get(row.model, [])) == len(per_round.get(baseline, []))
         if paired:
             row.speedup_q1, row.speedup_q3 = quartiles(
@@ -279,18 +305,24 @@ def latency(runners: Sequence[Runner], settings: BenchSettings, baseline: str | 
 
 def sweep(runners: Sequence[Runner], settings: BenchSettings, batches: Sequence[int], baseline: str | None = None,
           progress: Callable[[float, str], None] | None = None,
-          on_measure: Callable[[str, int, int, float], None] | None = None) -> tuple[list[ThroughputRow], list[str]]:
+          on_measure: Callable[[str, int, int, float], None] | None = None,
+          time_limit: float | None = None) -> tuple[list[ThroughputRow], list[str]]:
     """Benchmark at each batch size; on out-of-memory, retry at half the batch and stop going larger.
 
     On a CPU, batches whose estimated activations exceed the available memory are left out first
-    (``analysis.timing.memory.batches_that_fit``). Returns the rows and notes saying what was left out or backed off.
+    (``analysis.timing.memory.batches_that_fit``). With ``time_limit`` (seconds), no batch starts once the sweep has
+    run that long. Returns the rows and notes saying what was left out, backed off or stopped.
     """
     rows: list[ThroughputRow] = []
     notes: list[str] = []
     if torch.device(settings.device).type == "cpu":
         batches, notes = batches_that_fit(runners, batches)
-    largest_done = 0
+    largest_done, started = 0, time.monotonic()
     for batch in sorted(batches):
+        if time_limit is not None and largest_done and time.monotonic() - started >= time_limit:
+            notes.append(f"stopped the sweep before batch {batch}: the time limit of {time_limit:g} s was reached "
+                         f"after batch {largest_done}.")
+            break
         current, step = batch, []
         while current > largest_done:
             try:
@@ -312,6 +344,36 @@ def sweep(runners: Sequence[Runner], settings: BenchSettings, batches: Sequence[
             break
         largest_done = batch
     return rows, notes
+
+
+def growing_sweep(runners: Sequence[Runner], settings: BenchSettings, start: int, step: int,
+                  time_limit: float | None = None, max_batch: int = 4096, baseline: str | None = None,
+                  progress: Callable[[float, str], None] | None = None,
+                  on_measure: Callable[[str, int, int, float], None] | None = None
+                  ) -> tuple[list[ThroughputRow], list[str]]:
+    """PuMer's throughput protocol: ``sweep`` over start, start + step, ... (up to ``max_batch``), which stops at the
+    first batch that runs out of memory (or, on a CPU, the first whose estimate does not fit) or at ``time_limit``.
+    ``best_batch`` of the rows picks the batch to report."""
+    if start < 1 or step < 1:
+        raise ValueError(f"the batch grows from {start} in steps of {step}: both must be at least 1")
+    if torch.device(settings.device).type == "cpu":  # list one batch past the estimate: the sweep says why it stops
+        fits = largest_batch_that_fits(runners)
+        max_batch = max_batch if fits is None else min(max_batch, max(fits, start) + step)
+    rows, notes = sweep(runners, settings, range(start, max(start, max_batch) + 1, step), baseline=baseline,
+                        progress=progress, on_measure=on_measure, time_limit=time_limit)
+    left_out = [n for n in notes if " left out: " in n]  # the available memory moves between two estimates
+    if len(left_out) > 1:
+        notes = [f"{left_out[0][:-1]}; {len(left_out) - 1} larger batches likewise."] + \
+                [n for n in notes if n not in left_out]
+    return rows, notes
+
+
+def best_batch(rows: Sequence[ThroughputRow], baseline: str | None = None) -> int | None:
+    """The batch at which ``baseline`` (else the first model) reached its highest img/s; None without rows. Every
+    model is reported at this one batch, so speed-up and memory reduction compare like with like."""
+    model = baseline if baseline is not None else (rows[0].model if rows else None)
+    ranked = [r for r in rows if r.model == model]
+    return max(ranked, key=lambda r: r.img_per_s).batch if ranked else None
 
 
 def _with_batch(settings: BenchSettings, batch: int) -> BenchSettings:

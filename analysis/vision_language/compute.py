@@ -2,20 +2,23 @@
 memory timed in interleaved rounds."""
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import Mapping
+import datetime
+import os
+from dataclasses import asdict, replace
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 from PIL import Image
 
 from analysis.data.images import denormalize
-from analysis.timing.harness import BenchSettings, Runner, benchmark
+from analysis.timing.harness import BenchSettings, Runner, ThroughputRow, benchmark, best_batch, growing_sweep
+from analysis.timing.memory import PEAK_MEMORY_METHODS, kept_activations_peak_bytes, memory_reduction
 from analysis.vision_language.models import _method_of, _view_of
-from analysis.vision_language.records import (CORRECTION_ARGUMENTS, PUMER, CorrectionEffect, PuMerResult,
-                                              PuMerSettings, PuMerSpeed)
+from analysis.vision_language.records import (CORRECTION_ARGUMENTS, PUMER, CorrectionEffect, PuMerProtocol,
+                                              PuMerResult, PuMerSettings, PuMerSpeed)
 from models.methods import Method
-from models.registry import FAMILY_LABELS
+from models.registry import FAMILY_LABELS, batch_growth
 from models.vilt_pumer import PuMerTrace
 
 
@@ -40,34 +43,81 @@ def benchmark_pumer(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], 
     """Throughput of the model with and without PuMer on ``inputs`` (already on ``device``), interleaved rounds.
 
     Both sides run the method's explicit forward (the baseline at the record's neutral arguments, which equals
-    ``model(**inputs)``), so the ratio measures the token reduction alone. Peak memory is
-    ``torch.cuda.max_memory_allocated`` on CUDA; elsewhere there is no allocator to ask and it is None."""
-    method = _method_of(method)
-    forward = method.forward_function()
+    ``model(**inputs)``), so the ratio measures the token reduction alone. Peak memory is that of one forward of
+    each at the same batch, net of the weights and inputs (``analysis.timing.memory.forward_peak_bytes``: the CPU
+    allocator's live bytes through ``torch.profiler``, ``torch.cuda.max_memory_allocated`` on CUDA; None on MPS), and
+    again with autograd on (``kept_activations_peak_bytes``: every layer's activations kept, as in training)."""
     batch = next(iter(inputs.values())).shape[0]
-    reduce = settings.forward_kwargs()
-    full_name, pumer_name = "full", PUMER
-    runners = [
-        Runner(full_name, lambda x: forward(model, x, **method.neutral_arguments), lambda b: batch_of(inputs, b)),
-        Runner(pumer_name, lambda x: forward(model, x, **reduce), lambda b: batch_of(inputs, b)),
-    ]
+    runners = _runners(model, inputs, settings, _method_of(method))
     # Warmed (a cold first round once read 1.83x where the next read 0.65x), then interleaved rounds; the
     # speed-up is the median of the per-round ratios and the page shows their spread.
     bench = BenchSettings(batch=batch, iters=iters, rounds=rounds, warmup=max(2, iters), device=device,
-                          precision=precision)
-    full, pumer = benchmark(runners, bench, baseline=full_name)
-    memory_saving = None
-    if full.peak_mem_mib and pumer.peak_mem_mib is not None:
-        memory_saving = 1.0 - pumer.peak_mem_mib / full.peak_mem_mib
+                          precision=precision, peak_memory=True)
+    full, pumer = benchmark(runners, bench, baseline=FULL)
+    kept = [kept_activations_peak_bytes(r.forward, r.make_inputs(batch), device) for r in runners]
+    return _speed(full, pumer, bench, tuple(None if k is None else k / 2**20 for k in kept))
+
+
+FULL = "full"  # the unreduced side's runner
+
+
+def _runners(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], settings: PuMerSettings,
+             method: Method) -> list[Runner]:
+    """The full model (the method's forward at its neutral arguments) and PuMer at ``settings``, over ``inputs``'s
+    first sample repeated to each batch."""
+    forward, reduce = method.forward_function(), settings.forward_kwargs()
+    return [Runner(FULL, lambda x: forward(model, x, **method.neutral_arguments), lambda b: batch_of(inputs, b)),
+            Runner(PUMER, lambda x: forward(model, x, **reduce), lambda b: batch_of(inputs, b))]
+
+
+def paper_protocol(model: torch.nn.Module, processor, image: Image.Image, question: str,
+                   settings: PuMerSettings, method: Method | str | None = None, family: str | None = None,
+                   time_limit: float = 120.0, progress: Callable[[float, str], None] | None = None) -> PuMerProtocol:
+    """PuMer's throughput protocol on this question: the batch grows from the family's start in its steps
+    (``models.registry.batch_growth``: ViLT 32, METER 16, steps of 8) until out of memory or ``time_limit`` seconds
+    (``analysis.timing.harness.growing_sweep``, its out-of-memory back-off included), every batch timed with and
+    without PuMer in ``settings``' interleaved rounds and its peak memory measured; the full model's fastest batch
+    is reported for both. ``family``: the model's registry family (default: the method's)."""
+    method = _method_of(method)
+    growth = batch_growth(family or sorted(method.families)[0])
+    if growth is None:
+        raise ValueError(f"The paper gives no batch protocol for {family or sorted(method.families)[0]}.")
+    bench = BenchSettings(batch=growth[0], iters=settings.timing_iters, rounds=settings.timing_rounds,
+                          warmup=max(2, settings.timing_iters), device=str(next(model.parameters()).device),
+                          peak_memory=True)
+    runners = _runners(model, _inputs(model, processor, image, question), settings, method)
+    when, load = datetime.datetime.now().isoformat(timespec="seconds"), _load_average()
+    rows, notes = growing_sweep(runners, bench, *growth, time_limit=time_limit, baseline=FULL, progress=progress)
+    best = best_batch(rows, FULL)
+    at_best = {r.model: r for r in rows if r.batch == best}
+    speed = _speed(at_best[FULL], at_best[PUMER], replace(bench, batch=best)) if best is not None else None
+    return PuMerProtocol(start=growth[0], step=growth[1], time_limit=time_limit, best_batch=best, speed=speed,
+                         rows=tuple(rows), notes=tuple(notes), measured_at=when, load_average=load)
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on every system
+        return None
+
+
+def _speed(full: ThroughputRow, pumer: ThroughputRow, bench: BenchSettings,
+           kept: tuple[float | None, float | None] = (None, None)) -> PuMerSpeed:
+    """The record of one interleaved timing of the full model and PuMer at one batch (``kept``: their peaks in MiB
+    with autograd on, where measured)."""
+    device, memory_saving = bench.device, pumer.memory_reduction
+    method = PEAK_MEMORY_METHODS.get(torch.device(device).type)
     return PuMerSpeed(
-        device=device, batch=batch, precision=precision, iters=iters, rounds=rounds,
+        device=device, batch=bench.batch, precision=bench.precision, iters=bench.iters, rounds=bench.rounds,
         full_ms=full.ms_per_batch, pumer_ms=pumer.ms_per_batch,
         full_per_s=full.img_per_s, pumer_per_s=pumer.img_per_s, speedup=pumer.speedup,
         full_gflops=full.gflops, pumer_gflops=pumer.gflops,
-        full_peak_mib=full.peak_mem_mib, pumer_peak_mib=pumer.peak_mem_mib, memory_saving=memory_saving,
-        memory_note=("peak of torch.cuda.max_memory_allocated (weights included)" if memory_saving is not None
-                     else f"n/a on {device}: peak memory is measured on CUDA only"),
+        full_peak_mib=full.forward_peak_mib, pumer_peak_mib=pumer.forward_peak_mib, memory_saving=memory_saving,
+        memory_note=(f"peak of one forward at batch {bench.batch}: {method}" if memory_saving is not None
+                     else f"n/a on {device}: no allocator to ask for its peak there"),
         round_speedups=tuple(p / f for p, f in zip(pumer.rounds, full.rounds)), warmup=bench.warmup,
+        full_kept_mib=kept[0], pumer_kept_mib=kept[1], kept_saving=memory_reduction(*kept),
     )
 
 
@@ -142,8 +192,7 @@ def answer_question(model: torch.nn.Module, processor, image: Image.Image, quest
     forward = method.forward_function()
     view = _view_of(method)
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in processor(images=image.convert("RGB"), text=question,
-                                                     return_tensors="pt").items()}
+    inputs = _inputs(model, processor, image, question)
     with torch.inference_mode():
         full_logits = forward(model, inputs, **method.neutral_arguments)
         pumer_logits, trace = forward(model, inputs, **settings.forward_kwargs(), return_trace=True)
@@ -164,6 +213,13 @@ def answer_question(model: torch.nn.Module, processor, image: Image.Image, quest
         layer_word=view.layer_word if view else "layer", corrections=corrections,
         input_shape=tuple(int(v) for v in inputs["pixel_values"].shape[-2:]),
     )
+
+
+def _inputs(model: torch.nn.Module, processor, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
+    """The processor's inputs for one question, on the model's device."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in processor(images=image.convert("RGB"), text=question,
+                                                   return_tensors="pt").items()}
 
 
 def numbered_answers(model: torch.nn.Module) -> bool:

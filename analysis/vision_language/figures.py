@@ -7,7 +7,8 @@ import math
 import numpy as np
 from PIL import Image
 
-from analysis.vision_language.records import PuMerResult
+from analysis.vision_language.records import PUMER, PuMerProtocol, PuMerResult
+from analysis.vision_language.compute import FULL
 from analysis.vision_language.tables import _column, counts_frame
 from models.vilt_pumer import PuMerTrace
 
@@ -113,3 +114,25 @@ def for_display(picture: Image.Image, min_side: int = 320) -> Image.Image:
     factor = max(1, math.ceil(min_side / max(picture.size)))
     return picture if factor == 1 else picture.resize((picture.width * factor, picture.height * factor),
                                                       Image.NEAREST)
+
+
+def protocol_figure(protocol: PuMerProtocol, subtitle: str = "", full_name: str = "full", pumer_name: str = "PuMer"):
+    """Samples per second at each batch of the paper's protocol, with and without PuMer (its interquartile range
+    over the rounds as error bars); the reported batch marked."""
+    import plotly.graph_objects as go
+
+    figure = go.Figure()
+    for model, name, colour in ((FULL, full_name, "#444"), (PUMER, pumer_name, "#d62728")):
+        rows = [r for r in protocol.rows if r.model == model]
+        figure.add_scatter(x=[r.batch for r in rows], y=[r.img_per_s for r in rows], mode="lines+markers", name=name,
+                           line=dict(color=colour), error_y=dict(
+                               type="data", symmetric=False, array=[r.img_per_s_q3 - r.img_per_s for r in rows],
+                               arrayminus=[r.img_per_s - r.img_per_s_q1 for r in rows]))
+    if protocol.best_batch is not None:
+        figure.add_vline(x=protocol.best_batch, line=dict(color="#999", dash="dot"),
+                         annotation_text=f"reported: batch {protocol.best_batch}")
+    title = f"Paper's protocol: batch from {protocol.start} in steps of {protocol.step}"
+    figure.update_layout(xaxis_title="batch", yaxis_title="samples / s",
+                         title=title + (f"<br><sup>{subtitle}</sup>" if subtitle else ""),
+                         legend=dict(orientation="h", y=-0.25), margin=dict(t=70, b=10))
+    return figure

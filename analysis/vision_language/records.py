@@ -1,5 +1,5 @@
 """PuMer's settings and what one question's run gives back: ``PuMerSettings``, ``PuMerSpeed``, ``PuMerResult``,
-``CorrectionEffect``."""
+``CorrectionEffect``, ``PuMerProtocol``."""
 from __future__ import annotations
 
 import inspect
@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from analysis.timing.harness import ThroughputRow
 from models.methods import METHODS, Method
 from models.vilt_pumer import PuMerTrace, pumer_forward
 
@@ -76,17 +77,39 @@ class PuMerSpeed:
     speedup: float
     full_gflops: float | None
     pumer_gflops: float | None
-    full_peak_mib: float | None  # CUDA only
+    full_peak_mib: float | None  # one forward's peak, net of weights and inputs (CPU and CUDA; None on MPS)
     pumer_peak_mib: float | None
-    memory_saving: float | None  # 1 - pumer / full peak memory; None off CUDA
+    memory_saving: float | None  # 1 - pumer / full peak memory (the paper's "memory reduction")
     memory_note: str
     round_speedups: tuple[float, ...] = ()  # the ratio of each interleaved round; ``speedup`` is their median
     warmup: int = 0  # untimed forwards of each side before the rounds
+    # The same peaks with autograd on (every layer's activations kept for a backward: training, or a forward
+    # outside no_grad), where the tokens PuMer removes count in every later layer; None where not measured.
+    full_kept_mib: float | None = None
+    pumer_kept_mib: float | None = None
+    kept_saving: float | None = None
 
     @property
     def spread(self) -> tuple[float, float]:
         """The lowest and highest per-round speed-up (both ``speedup`` with a single round)."""
         return (min(self.round_speedups), max(self.round_speedups)) if self.round_speedups else (self.speedup,) * 2
+
+
+@dataclass(frozen=True)
+class PuMerProtocol:
+    """PuMer's throughput protocol on one question (``paper_protocol``): the batch grown from ``start`` in steps of
+    ``step`` until out of memory or ``time_limit`` seconds, and both sides at the batch where the full model was
+    fastest (``speed``; None when not even one batch could run)."""
+
+    start: int
+    step: int
+    time_limit: float
+    best_batch: int | None
+    speed: PuMerSpeed | None
+    rows: tuple[ThroughputRow, ...]  # every batch, both sides (analysis.timing.harness rows)
+    notes: tuple[str, ...]  # what was left out, backed off or stopped, in words
+    measured_at: str = ""  # when it started (local time, ISO 8601)
+    load_average: float | None = None  # the 1-minute load average when it started (None where unknown)
 
 
 @dataclass

@@ -6,8 +6,8 @@ from dataclasses import asdict
 
 import numpy as np
 
-from analysis.vision_language.compute import image_cls_fates
-from analysis.vision_language.records import PUMER, PuMerResult
+from analysis.vision_language.compute import FULL, image_cls_fates
+from analysis.vision_language.records import PUMER, PuMerProtocol, PuMerResult
 from models.vilt_pumer import PuMerTrace
 
 
@@ -98,3 +98,25 @@ def records_to_json(result: PuMerResult, sample: int = 0) -> dict:
             "patch_scores": _finite_or_none(s.patch_scores[sample]),
         } for s in trace.steps],
     }
+
+
+def protocol_frame(protocol: PuMerProtocol, full_name: str = "full", pumer_name: str = PUMER):
+    """Every batch of the paper's protocol, both sides: samples/s (median and interquartile range over the rounds),
+    speed-up, one forward's peak memory and its reduction, whether it is the reported batch."""
+    import pandas as pd
+
+    names = {FULL: full_name, PUMER: pumer_name}
+    return pd.DataFrame([{
+        "batch": r.batch, "model": names.get(r.model, r.model), "samples_per_s": round(r.img_per_s, 3),
+        "samples_per_s_q1": round(r.img_per_s_q1, 3), "samples_per_s_q3": round(r.img_per_s_q3, 3),
+        "speedup": None if r.speedup is None else round(r.speedup, 4),
+        "peak_memory_mib": None if r.forward_peak_mib is None else round(r.forward_peak_mib, 2),
+        "memory_reduction_pct": None if r.memory_reduction is None else round(100 * r.memory_reduction, 2),
+        "reported": r.batch == protocol.best_batch, "note": r.note} for r in protocol.rows])
+
+
+def protocol_to_json(protocol: PuMerProtocol) -> dict:
+    """The protocol's settings, the reported batch's speed and memory, every row and the notes, as JSON types."""
+    return {"protocol": {"start": protocol.start, "step": protocol.step, "time_limit_s": protocol.time_limit},
+            "best_batch": protocol.best_batch, "speed": None if protocol.speed is None else asdict(protocol.speed),
+            "rows": [asdict(r) for r in protocol.rows], "notes": list(protocol.notes)}
