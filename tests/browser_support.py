@@ -179,6 +179,15 @@ def away_and_back(page, link: str, heading: str) -> None:
     wait_until_idle(page)
 
 
+def add_option(page, label: str, option: str) -> None:
+    """Add ``option`` (the start of its text) to the multiselect labelled ``label``."""
+    box = page.locator('[data-testid="stMultiSelect"]').filter(has_text=label)
+    box.locator("input").click()
+    page.get_by_role("option", name=option).first.click()
+    page.keyboard.press("Escape")
+    wait_until_idle(page)
+
+
 def pick_option(page, label: str, option: str) -> None:
     """Choose ``option`` (the start of its text) in the selectbox labelled ``label``."""
     field = page.get_by_label(label, exact=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from browser_support import (
+    add_option,
     away_and_back,
     download_each,
     fill_numbers,
@@ -122,28 +123,36 @@ def breakdown_app_url(tmp_path_factory):
             os.environ[roofline.CACHE_ENV] = previous
 
 
-def test_breakdown_page_profiles_and_keeps_results_through_downloads(breakdown_app_url, tmp_path):
-    """Issue 21: "Where the time goes" profiles DeiT-Tiny and EfficientViT-M0; the table and the raw trace
-    download and the charts stay."""
+def test_breakdown_page_profiles_two_engines_and_keeps_results_through_downloads(breakdown_app_url, tmp_path):
+    """Issues 21 and 31: "Where the time goes" profiles DeiT-Tiny and EfficientViT-M0 under eager PyTorch and ONNX
+    Runtime: whether the attribution adds up comes first, the engines side by side, the roofline with the
+    hardware's peak; the tables and the raw trace download and the charts stay."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        page = open_page(p, breakdown_app_url, "breakdown", "Where the time goes", height=3600, downloads=True)
+        page = open_page(p, breakdown_app_url, "breakdown", "Where the time goes", height=4400, downloads=True)
         fill_numbers(page, (("Profiled forwards (each next to a plain one)", "1"),))
+        add_option(page, "Engines", "ONNX Runtime")
         page.get_by_role("button", name="Profile").click()
-        page.get_by_role("button", name="Per-operator table (CSV)").wait_for(timeout=240_000)
+        page.get_by_role("button", name="Per-operator table (CSV)").wait_for(timeout=300_000)
         wait_until_idle(page)
         charts = page.locator('[data-testid="stPlotlyChart"]')
-        assert charts.count() == 4  # operator classes, components, attention vs FFN per block, roofline
+        # operator classes, components, attention vs FFN per block, engines side by side, roofline
+        assert charts.count() == 5
+        assert page.get_by_text("Does the attribution add up?").count() == 1
+        assert page.get_by_text("Engines side by side: how much memory-bound time each removes").count() == 1
+        assert page.get_by_text("efficientvit_m0 [onnxruntime] b8").count() >= 1
 
         def still_there() -> None:
             assert page.get_by_text("press **Profile**").count() == 0
-            assert charts.count() == 4 and page.locator('[data-testid="stDataFrame"]').count() == 2
+            assert charts.count() == 5 and page.locator('[data-testid="stDataFrame"]').count() == 4
 
-        saved = download_each(page, ("Per-operator table (CSV)", "Raw trace (Chrome JSON, opens in Perfetto)"),
-                               tmp_path, still_there)
+        saved = download_each(page, ("Per-operator table (CSV)", "Engines table (CSV)",
+                                     "Raw trace (Chrome JSON, opens in Perfetto)"), tmp_path, still_there)
         header = saved["Per-operator table (CSV)"].read_text().splitlines()[0]
         assert header.startswith("model,op,op_class,component,ms,calls,flops,bytes")
+        engines_csv = saved["Engines table (CSV)"].read_text()
+        assert "eager PyTorch" in engines_csv and "ONNX Runtime" in engines_csv
         import json
         trace = json.loads(saved["Raw trace (Chrome JSON, opens in Perfetto)"].read_text())
         assert any(e.get("name", "").startswith("vitlab::attention") for e in trace["traceEvents"])

@@ -127,10 +127,10 @@ def roofline_figure(results: Sequence[Breakdown], roof: Roofline) -> go.Figure:
     fig.add_vline(x=roof.ridge, line_dash="dot", annotation_text=f"ridge {roof.ridge:.1f} FLOP/B")
     _hardware_roof(fig, roof, x)
     symbols = ["circle", "square", "diamond", "triangle-up", "x", "star", "cross", "pentagon"]
-    # A point's colour is its operator class, its shape the profile (model, batch) it comes from.
-    shape_of = {(b.model, b.batch): symbols[i % len(symbols)] for i, b in enumerate(
-        {(b.model, b.batch): b for b in results}.values())}
-    label_of = {(b.model, b.batch): _label(b) for b in results}
+    # A point's colour is its operator class, its shape the profile (model, batch, engine) it comes from.
+    shape_of = {(b.model, b.batch, b.engine): symbols[i % len(symbols)] for i, b in enumerate(
+        {(b.model, b.batch, b.engine): b for b in results}.values())}
+    label_of = {(b.model, b.batch, b.engine): _label(b) for b in results}
     for kind in OP_CLASSES:
         part = [p for p in pts if p["op_class"] == kind]
         if not part:
@@ -139,11 +139,11 @@ def roofline_figure(results: Sequence[Breakdown], roof: Roofline) -> go.Figure:
             x=[p["intensity"] for p in part], y=[p["gflops_per_s"] for p in part], mode="markers", name=kind,
             legendgroup="classes", legendgrouptitle_text="colour: operator class",
             marker=dict(color=CLASS_COLOURS.get(kind), size=11,
-                        symbol=[shape_of.get((p["model"], p["batch"]), "circle") for p in part]),
-            text=[label_of.get((p["model"], p["batch"]), p["model"]) for p in part], customdata=[p["ms"] for p in part],
+                        symbol=[shape_of.get((p["model"], p["batch"], p["engine"]), "circle") for p in part]),
+            text=[label_of.get((p["model"], p["batch"], p["engine"]), p["model"]) for p in part], customdata=[p["ms"] for p in part],
             hovertemplate="%{text}<br>" + kind + "<br>%{x:.2f} FLOP/byte, %{y:.2f} GFLOP/s<br>%{customdata:.2f} ms"
                           "<extra></extra>")
-    drawn = {(p["model"], p["batch"]) for p in pts}
+    drawn = {(p["model"], p["batch"], p["engine"]) for p in pts}
     for key, symbol in shape_of.items():
         if key in drawn:  # legend entries for the shapes: no data, only the marker and the profile's name
             fig.add_scatter(x=[None], y=[None], mode="markers", name=label_of[key], legendgroup="profiles",
