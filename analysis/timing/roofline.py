@@ -371,7 +371,7 @@ def points(breakdown, roof: Roofline, by=("op_class",)) -> list[dict]:
         intensity = g["flops"] / g["bytes"] if g["bytes"] > 0 else None
         achieved = g["flops"] / (g["ms"] / 1000) / 1e9
         out.append(dict(g, model=breakdown.model, batch=breakdown.batch, engine=breakdown.engine,
-                        intensity=intensity,                        gflops_per_s=achieved, gbytes_per_s=g["bytes"] / (g["ms"] / 1000) / 1e9,
+                        intensity=intensity, gflops_per_s=achieved, gbytes_per_s=g["bytes"] / (g["ms"] / 1000) / 1e9,
                         roof_gflops=None if intensity is None else roof.attainable(intensity),
                         below_ridge=intensity is None or intensity < roof.ridge))
     return out
