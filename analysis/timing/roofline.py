@@ -166,13 +166,14 @@ def _matmul_rate(n: int, device: str, dtype: torch.dtype, samples: int, deadline
 def measure_matmul_gflops(device: str, dtype: torch.dtype, sizes=None, samples: int = SAMPLES,
                           budget_s: float = BUDGET_S, progress=None) -> tuple[float, int, list[int]]:
     """(best GFLOP/s, the size that reached it, the sizes timed). With ``sizes=None`` the sizes grow through
-    ``SIZES`` (two samples each) until one no longer beats the best by ``IMPROVES`` or the next (8x the work)
+    ``SIZES`` (two samples each) until two in a row no longer beat the best by ``IMPROVES`` or the next (8x the work)
     would not fit the budget with its samples; the best size then gets ``samples`` more spaced samples. Given
     ``sizes`` are each timed with ``samples`` samples."""
     grow = sizes is None
     candidates = list((SIZES.get(torch.device(device).type) or SIZES["cuda"]) if grow else sizes)
     deadline = time.perf_counter() + budget_s
     rates: dict[int, float] = {}
+    flat = 0  # sizes in a row that did not beat the best by IMPROVES
     for i, n in enumerate(candidates):
         _report(progress, 0.8 * i / len(candidates), f"matmul {n}x{n}")
         best_before = max(rates.values(), default=0.0)
@@ -183,8 +184,10 @@ def measure_matmul_gflops(device: str, dtype: torch.dtype, sizes=None, samples: 
                 raise
             break  # a device too small for the next size: the sizes that fitted decide
         one_call_s = 2 * n ** 3 / 1e9 / rates[n]
-        if grow and (rates[n] < IMPROVES * best_before
-                     or time.perf_counter() + 8 * one_call_s * (3 + samples) > deadline):
+        flat = flat + 1 if rates[n] < IMPROVES * best_before else 0
+        # Two flat sizes in a row: one noisy sample of a size must not end the sweep below the peak (on 2 cores
+        # one run stopped at 512, 125 GFLOP/s, where 2048 reached 178).
+        if grow and (flat >= 2 or time.perf_counter() + 8 * one_call_s * (3 + samples) > deadline):
             break
     size = max(rates, key=rates.get)
     peak = rates[size]
