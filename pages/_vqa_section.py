@@ -125,7 +125,8 @@ def _show(result: dict, file_stem: str) -> None:
                f"{first.get('timing_iters')} forwards at batch {first.get('batch')} on {first.get('device')}, "
                f"measured {first.get('measured_at')} (1-minute load {first.get('load_1min_before')} before, "
                f"{first.get('load_1min_after')} after; {first.get('env_intra_op_threads')} threads). Peak memory: "
-               f"where the timing harness measures it (CUDA), else empty.")
+               "one forward per variant after the timed rounds, net of the weights and inputs (CPU: the allocator's "
+               "live bytes through torch.profiler; CUDA: max_memory_allocated); saving against the unreduced model.")
     shown = points[[c for c in SHOWN if c in points]]
     st.dataframe(shown, hide_index=True, column_config={
         c: st.column_config.NumberColumn(format="%.3f") for c in ("score", "ci_low", "ci_high", "drop",

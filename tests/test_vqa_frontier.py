@@ -87,6 +87,8 @@ def test_vilt_scores_times_and_resumes_to_the_same_answers(files, tmp_path):
         assert row["ci_low"] <= row["score"] <= row["ci_high"]
     assert points["drop"].iloc[0] == 0 and (points["img_per_s"] > 0).all() and points["speedup"].iloc[0] == 1.0
     assert {"gflops", "peak_mem_mib", "measured_at", "env_intra_op_threads"} <= set(points.columns)
+    # Peak memory of one forward on the CPU too, and each variant's saving against the unreduced model
+    assert (points["peak_mem_mib"] > 0).all() and points["memory_saving"].iloc[0] == 0.0
     assert json.loads((whole / "vqa_frontier.json").read_text())["points"][1]["variant"] == f"{VILT}@pumer"
     assert "questions per second" in run.figures()["vqa_frontier"].layout.xaxis.title.text
 

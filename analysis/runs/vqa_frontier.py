@@ -16,6 +16,7 @@ several processes add up exactly under torchrun and a stopped run resumes.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
@@ -229,22 +230,23 @@ def measure_speed(models: ModelsAtSizes, model_name: str, variants: Sequence[VQA
                   progress: Callable[[float, str], None] | None = None) -> pd.DataFrame:
     """Questions per second of every variant on the same batch of real questions (each variant's model and images
     at its input size), in interleaved rounds (the harness of ``analysis.timing``), its speed-up over the unreduced
-    model, GFLOPs and peak memory where the harness measures it; the timing environment as ``env_*`` columns."""
+    model, GFLOPs and the peak memory of one forward (CPU or CUDA); the timing environment as ``env_*`` columns."""
     runners = []
     for sized in (models.bind(v, model_name) for v in variants):
         runners.append(Runner(sized.variant.name, sized.forward, functools.partial(make_inputs, size=sized.size),
                               sum(p.numel() for p in sized.model.parameters())))
     started, load = datetime.datetime.now(datetime.timezone.utc), os.getloadavg()[0]
-    rows = benchmark(runners, bench, baseline=variants[0].name, progress=progress)
-    base_memory = rows[0].peak_mem_mib
+    # Peak memory of one forward per variant, after the timed rounds, on CPU and CUDA alike (the harness's
+    # forward_peak_bytes: net of the weights and inputs); its reduction against the unreduced model.
+    rows = benchmark(runners, dataclasses.replace(bench, peak_memory=True), baseline=variants[0].name,
+                     progress=progress)
     return pd.DataFrame({
         "variant": [v.name for v in variants], "img_per_s": [r.img_per_s for r in rows],
         "img_per_s_q1": [r.img_per_s_q1 for r in rows], "img_per_s_q3": [r.img_per_s_q3 for r in rows],
         "speedup": [r.speedup for r in rows], "speedup_q1": [r.speedup_q1 for r in rows],
         "speedup_q3": [r.speedup_q3 for r in rows], "ms_per_batch": [r.ms_per_batch for r in rows],
-        "gflops": [r.gflops for r in rows], "peak_mem_mib": [r.peak_mem_mib for r in rows],
-        "memory_saving": [1.0 - r.peak_mem_mib / base_memory if base_memory and r.peak_mem_mib else None
-                          for r in rows],
+        "gflops": [r.gflops for r in rows], "peak_mem_mib": [r.forward_peak_mib for r in rows],
+        "memory_saving": [r.memory_reduction for r in rows],
         "batch": bench.batch, "device": bench.device, "timing_rounds": bench.rounds, "timing_iters": bench.iters,
         "measured_at": started.isoformat(timespec="seconds"), "load_1min_before": round(load, 2),
         "load_1min_after": round(os.getloadavg()[0], 2),

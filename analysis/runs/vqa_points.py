@@ -221,7 +221,7 @@ def vqa_frontier_figure(points: pd.DataFrame, title: str = "") -> go.Figure:
                       annotation_position="bottom right")
     fig.update_layout(
         title=title or f"{data['model'].iloc[0]}: {metric} vs throughput on this machine", height=620,
-        margin=dict(t=90, b=120), yaxis=dict(title=metric, tickformat=".0%"),
+        margin=dict(t=90, b=120), yaxis=dict(title=metric, tickformat=".1%"),
         xaxis=dict(title="questions per second on this machine (log)" if has_speed
                    else "variant (not timed)", type="log" if has_speed else "linear"),
         legend=dict(orientation="h", yanchor="top", y=-0.18))
