@@ -318,6 +318,19 @@ def setting_runners(loaded: LoadedModel, settings: Sequence[FrontierSetting]) ->
                    make_inputs=make_inputs, params=loaded.num_params, weights=loaded.weights.description)
             for s in settings]
 
+def score_interval(group: pd.DataFrame) -> dict:
+    """Plotly error bars from a frame's ``ci_low`` / ``ci_high`` around its ``score``."""
+    return dict(type="data", symmetric=False, array=group["ci_high"] - group["score"],
+                arrayminus=group["score"] - group["ci_low"], thickness=1)
+
+
+def add_pareto_trace(fig: go.Figure, data: pd.DataFrame, x_col: str) -> None:
+    """The measured Pareto frontier of ``score`` against ``x_col`` as a dotted line."""
+    front = pareto_front(data, x_col, "score")
+    fig.add_trace(go.Scatter(x=front[x_col], y=front["score"], mode="lines", name="Pareto frontier (measured)",
+                             line=dict(color="black", dash="dot", width=2), hoverinfo="skip"))
+
+
 
 def measure_throughput(loaded: LoadedModel, settings: Sequence[FrontierSetting], bench: BenchSettings,
                        progress: Callable[[float, str], None] | None = None) -> pd.DataFrame:
@@ -386,12 +399,9 @@ def _add_series(fig: go.Figure, data: pd.DataFrame, x_col: str, has_speed: bool)
                  for r in group.itertuples()]
         fig.add_trace(go.Scatter(
             x=group[x_col], y=group["score"], mode="lines+markers", name=series, hovertext=hover, hoverinfo="text",
-            error_y=dict(type="data", symmetric=False, array=group["ci_high"] - group["score"],
-                         arrayminus=group["score"] - group["ci_low"], thickness=1)))
+            error_y=score_interval(group)))
     if has_speed:
-        front = pareto_front(data, x_col, "score")
-        fig.add_trace(go.Scatter(x=front[x_col], y=front["score"], mode="lines", name="Pareto frontier (measured)",
-                                 line=dict(color="black", dash="dot", width=2), hoverinfo="skip"))
+        add_pareto_trace(fig, data, x_col)
 
 
 def _add_papers_panel(fig: go.Figure, papers: pd.DataFrame) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis.runs.frontier import json_records, log_ticks, pareto_front
+from analysis.runs.frontier import add_pareto_trace, json_records, log_ticks, score_interval
 from models.methods import (
     METHODS,
     MODEL_SETTING_KEYS,
@@ -208,12 +208,9 @@ def vqa_frontier_figure(points: pd.DataFrame, title: str = "") -> go.Figure:
             x=group[x_col], y=group["score"], mode="markers+text", name=series, text=group["setting"],
             textposition="top center", textfont=dict(size=9), marker=dict(size=10),
             hovertext=[_hover(r, has_speed) for r in group.itertuples()], hoverinfo="text",
-            error_y=dict(type="data", symmetric=False, array=group["ci_high"] - group["score"],
-                         arrayminus=group["score"] - group["ci_low"], thickness=1)))
+            error_y=score_interval(group)))
     if has_speed:
-        front = pareto_front(data, x_col, "score")
-        fig.add_trace(go.Scatter(x=front[x_col], y=front["score"], mode="lines", name="Pareto frontier (measured)",
-                                 line=dict(color="black", dash="dot", width=2), hoverinfo="skip"))
+        add_pareto_trace(fig, data, x_col)
     metric = str(data["metric"].iloc[0])
     if metric == ACCURACY:
         fig.add_hline(y=float(data["score"].iloc[0]) - CLAIM, line=dict(color="grey", dash="dash", width=1),
