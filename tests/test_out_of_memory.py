@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.timing.memory import _kib_field, available_bytes, batches_that_fit, bytes_per_image
+from analysis.timing.memory import available_bytes, batches_that_fit, bytes_per_image
 from analysis.timing.harness import Runner, is_out_of_memory
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import streamlit as st
-import torch
 from streamlit.testing.v1 import AppTest
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "vision_language.py")

@@ -34,7 +34,7 @@ def peaks(name: str, batch: int, kept_batch: int | None, device: str) -> dict:
         inputs = runner.make_inputs(batch)
         with torch.inference_mode():
             runner.forward(inputs)  # warm: one-time allocations do not count
-            found["inference"].append(forward_peak_bytes(lambda: runner.forward(inputs), device) / 2**20)
+            found["inference"].append(forward_peak_bytes(lambda inputs=inputs: runner.forward(inputs), device) / 2**20)
         del inputs
         if kept_batch:
             found["kept"].append(kept_activations_peak_bytes(runner.forward, runner.make_inputs(kept_batch),

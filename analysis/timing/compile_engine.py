@@ -13,7 +13,6 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from analysis.timing.harness import Runner
