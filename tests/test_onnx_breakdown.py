@@ -1,5 +1,6 @@
 """ONNX Runtime on the same breakdown as eager: every op type of an exported ViT and conv net classed, FLOPs and bytes
 per node from the profile's shapes, roofline points, and "n/a" where nothing was counted."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -123,3 +124,27 @@ def test_the_report_says_n_a_where_nothing_was_counted():
     assert B.summary_table([b], ROOF)["below_bandwidth_roof"].isna().all()
     assert B.component_table([b])["gflops"].isna().all()
     assert points(b, ROOF)[0]["intensity"] is None
+
+
+def test_an_export_with_external_data_is_saved_as_one_file(tmp_path):
+    """The dynamo exporter can write the weights beside the graph (``tmp.onnx.data``); the cached file must carry
+    them (a DeiT-S ToMe export was refused with 'External data path does not exist' once its temp files went)."""
+    import onnx
+    import onnxruntime as ort
+
+    from analysis.timing.onnx_engine import _save_self_contained
+
+    model = torch.nn.Linear(64, 8).eval()
+    x = torch.randn(2, 64)
+    plain = tmp_path / "plain.onnx"
+    torch.onnx.export(model, (x,), str(plain), input_names=["images"], output_names=["logits"], dynamo=False,
+                      opset_version=17)
+    tmp = tmp_path / "linear.tmp1.onnx"
+    onnx.save_model(onnx.load(str(plain)), str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=tmp.name + ".data", size_threshold=0)
+    assert (tmp_path / (tmp.name + ".data")).is_file()
+    final = tmp_path / "linear.onnx"
+    _save_self_contained(tmp, final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linear.onnx", "plain.onnx"]
+    got = ort.InferenceSession(str(final)).run(None, {"images": x.numpy()})[0]
+    assert np.allclose(got, model(x).detach().numpy(), atol=1e-5)

@@ -93,15 +93,28 @@ def export(forward: Callable, model: nn.Module, example: torch.Tensor, path: Pat
                 if not dynamo:
                     kwargs["opset_version"] = 17
                 torch.onnx.export(module, (example,), str(tmp), **kwargs)
-            os.replace(tmp, path)
-            for extra in path.parent.glob(tmp.name + "*"):
-                extra.unlink(missing_ok=True)
+            _save_self_contained(tmp, path)
             return path
         except Exception as exc:  # noqa: BLE001 - any exporter failure becomes one sentence
-            tmp.unlink(missing_ok=True)
+            for extra in path.parent.glob(tmp.name + "*"):
+                extra.unlink(missing_ok=True)
             errors.append(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
     raise OnnxEngineError(f"{label} cannot be exported to ONNX ({errors[-1][:200]}); token-reduction forwards "
                           "pick tokens by data-dependent top-k and gathers, which the exporters do not trace.")
+
+
+def _save_self_contained(tmp: Path, path: Path) -> None:
+    """``tmp`` as one file at ``path``: the dynamo exporter may write the weights beside the graph as external data
+    named after ``tmp`` (``tmp.onnx.data``), which a renamed graph would no longer find; loading it with its data
+    and saving it whole keeps the weights in the file (the models here are far below protobuf's 2 GB)."""
+    import onnx
+
+    model = onnx.load(str(tmp), load_external_data=True)
+    staged = path.with_suffix(f".staged{os.getpid()}.onnx")
+    onnx.save_model(model, str(staged))
+    os.replace(staged, path)
+    for extra in path.parent.glob(tmp.name + "*"):
+        extra.unlink(missing_ok=True)
 
 
 def session(path: Path, device: str = "cpu", profile: bool = False):
