@@ -30,7 +30,8 @@ def format_report(b: Breakdown, roof=None) -> str:
     lines.append(f"  memory-bound share (data movement, element-wise, norm, softmax, bookkeeping): "
                  f"{b.memory_bound_share():.1%}")
     if roof is not None:
-        below = f"{below_roof_share(b, roof):.1%}" if b.costs_counted else "n/a (no FLOPs or bytes counted)"
+        share = below_roof_share(b, roof)
+        below = "n/a (no FLOPs or bytes counted)" if share is None else f"{share:.1%}"
         lines.append(f"  time below the bandwidth roof ({roof.ridge:.1f} FLOP/byte): {below}")
     lines.append(f"  plain {b.plain_median_ms:.2f} ms, profiled {b.profiled_median_ms:.2f} ms per forward "
                  f"(profiled/plain {b.overhead:.2f}){_profiler_cost(b)}; attributed {b.attributed_ms:.2f} ms = "

@@ -15,6 +15,7 @@ from analysis.breakdown.onnx_costs import GraphNode, profile_tensors, node_bytes
 from analysis.breakdown.operators import (ORT_OP_TYPES, OTHER, OVERHEAD_OP, REST, UNKNOWN, block_of, ort_component,
                                           ort_module_path, ort_op_class)
 from analysis.breakdown.records import Breakdown, OpRow
+from analysis.timing.engines import ONNX_RUNTIME
 from analysis.timing.onnx_engine import onnx_runner, session
 from analysis.timing.runners import make_runner
 
@@ -67,7 +68,7 @@ def profile_onnx_file(path: Path, images: np.ndarray, *, name: str, batch: int, 
     unknown = sum(r.ms for r in rows if r.component == UNKNOWN)
     if unknown:
         note.append(f"{unknown:.2f} ms in nodes ORT's fusions left without a module name (component unknown)")
-    return Breakdown(model=name, batch=batch, device=device, precision="fp32", engine="onnxruntime",
+    return Breakdown(model=name, batch=batch, device=device, precision="fp32", engine=ONNX_RUNTIME.key,
                      weights=weights, ops=rows, profiled_ms=profiled, plain_ms=plain,
                      attributed_ms=sum(r.ms for r in rows), forward_scope_ms=found["run_ms"],
                      note="; ".join(n for n in note if n), trace=json.dumps(events))

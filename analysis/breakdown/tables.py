@@ -126,7 +126,7 @@ def summary_table(results: Sequence[Breakdown], roof: Roofline | None = None) ->
     for b in results:
         row = b.summary()
         if roof is not None:
-            row["below_bandwidth_roof"] = below_roof_share(b, roof) if b.costs_counted else None  # n/a, not 0
+            row["below_bandwidth_roof"] = below_roof_share(b, roof)  # None (n/a, not 0) where nothing was counted
         rows.append(row)
     return pd.DataFrame(rows)
 

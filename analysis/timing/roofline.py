@@ -380,10 +380,11 @@ def points(breakdown, roof: Roofline, by=("op_class",)) -> list[dict]:
     return out
 
 
-def below_roof_share(breakdown, roof: Roofline) -> float:
+def below_roof_share(breakdown, roof: Roofline) -> float | None:
     """Fraction of the model's attributed time in (class, component) groups whose arithmetic intensity is below
     the ridge point: time that this machine's memory bandwidth, not its arithmetic, bounds. Time that moves no
-    bytes and does no FLOPs (Python between operators) is left out of both sides."""
+    bytes and does no FLOPs (Python between operators) is left out of both sides; None (not 0) when no operator
+    has FLOPs or bytes counted: nothing was measured."""
     groups = [p for p in points(breakdown, roof, by=("op_class", "component")) if p["bytes"] > 0 or p["flops"] > 0]
     total = sum(p["ms"] for p in groups)
-    return sum(p["ms"] for p in groups if p["below_ridge"]) / total if total else 0.0
+    return sum(p["ms"] for p in groups if p["below_ridge"]) / total if total else None
