@@ -164,3 +164,13 @@ def fresh_app_url():
 
     with running_app() as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests, restored after: two threads per process on 2 busy shared cores are
+    many times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

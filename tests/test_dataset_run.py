@@ -72,12 +72,8 @@ def cli_env(shared_dir) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads per process on 2 busy shared cores are many times slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """Each run of this module on one torch thread (``one_torch_thread`` in conftest)."""
 
 
 @pytest.fixture(scope="module")

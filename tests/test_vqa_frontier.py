@@ -37,11 +37,8 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """Each run of this module on one torch thread (``one_torch_thread`` in conftest)."""
 
 
 @pytest.fixture(scope="module")
