@@ -107,18 +107,25 @@ def all_photos(folder: Path) -> list[Path]:
     return files
 
 
-def wait_until_idle(page, limit_s: float = 300) -> None:
-    """Streamlit shows its status widget while the script runs; wait until it has been gone for 3 s."""
+BUSY_SCRIPT_STATES = ("running", "rerunRequested", "stopRequested")
+
+
+def wait_until_idle(page, limit_s: float = 300, settle_s: float = 1.0) -> None:
+    """Wait until the script has not been running for ``settle_s``: the app root's ``data-test-script-state``
+    (Streamlit's own run state, set as soon as a rerun is requested or starts) says so and the status widget is gone.
+    The settle time covers the moment between a click and the server's "script started"."""
+    app = page.locator('[data-testid="stApp"]')
     deadline, quiet_since = time.time() + limit_s, None
     while time.time() < deadline:
-        busy = page.locator('[data-testid="stStatusWidget"]').count() > 0
+        state = app.get_attribute("data-test-script-state") if app.count() else None
+        busy = state in BUSY_SCRIPT_STATES or page.locator('[data-testid="stStatusWidget"]').count() > 0
         if busy:
             quiet_since = None
         elif quiet_since is None:
             quiet_since = time.time()
-        elif time.time() - quiet_since > 3:
+        elif time.time() - quiet_since > settle_s:
             return
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 # Issue 20: what a user uploaded, set and computed is still there after another page, in a real browser.

@@ -1,6 +1,7 @@
 """Shared fixtures: the real DeiT-Tiny weights and photographs from ../shared."""
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
 
@@ -13,13 +14,30 @@ DEIT_TINY_WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.safetensors"
 SHARED_IMAGES = sorted((SHARED / "images").glob("photo_*.jpg"))
 
 
-# The suite runs in parallel workers (pytest-xdist, `-n auto` in pytest.ini): one per core, at most four, each on
+# The suite runs in parallel workers (pytest-xdist, `-n auto --dist loadgroup` in pytest.ini): one per core plus one
+# for the real-browser tests, which mostly wait on their Streamlit server and chromium; at most four workers, each on
 # one torch thread, so the workers share the cores instead of oversubscribing them.
 MAX_WORKERS = 4
+BROWSER_GROUP = "browser"
 
 
 def pytest_xdist_auto_num_workers(config):
-    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    return max(1, min(MAX_WORKERS, (os.cpu_count() or 1) + 1))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Work units for `--dist loadgroup`: a module's tests stay on one worker (its module-scoped model or server is
+    built once), and every real-browser test goes to one worker, which shares one Streamlit server (``app_url``).
+    The browser unit comes first, then the others by size, so that the longest unit is never the tail of the run
+    (pytest.ini turns off xdist's own reordering by size, which would put the browser unit last)."""
+    groups = {}
+    for item in items:
+        group = BROWSER_GROUP if item.get_closest_marker("browser") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+        groups[item.nodeid] = group
+    sizes = collections.Counter(groups.values())
+    items.sort(key=lambda item: (groups[item.nodeid] != BROWSER_GROUP, -sizes[groups[item.nodeid]]))
 
 
 def pytest_configure(config):
@@ -148,8 +166,9 @@ def training_checkpoint():
     return save
 
 
-# The real-browser tests' servers (tests/browser_support.py): one per test module, or a fresh one per test.
-@pytest.fixture(scope="module")
+# The real-browser tests' servers (tests/browser_support.py): one for the whole run (the browser tests share a worker),
+# or a fresh one per test.
+@pytest.fixture(scope="session")
 def app_url():
     from browser_support import running_app
 
