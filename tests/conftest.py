@@ -14,30 +14,45 @@ DEIT_TINY_WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224.safetensors"
 SHARED_IMAGES = sorted((SHARED / "images").glob("photo_*.jpg"))
 
 
-# The suite runs in parallel workers (pytest-xdist, `-n auto --dist loadgroup` in pytest.ini): one per core plus one
-# for the real-browser tests, which mostly wait on their Streamlit server and chromium; at most four workers, each on
-# one torch thread, so the workers share the cores instead of oversubscribing them.
+# The suite runs in parallel workers (pytest-xdist, `-n auto` in pytest.ini): one per core plus one for the
+# real-browser tests, which mostly wait on their Streamlit server and chromium; at most four workers, each on one
+# torch thread, so the workers share the cores instead of oversubscribing them.
 MAX_WORKERS = 4
 BROWSER_GROUP = "browser"
+BROWSER_MODULE_PREFIX = "tests/test_browser"  # every real-browser test lives in tests/test_browser*.py
 
 
 def pytest_xdist_auto_num_workers(config):
     return max(1, min(MAX_WORKERS, (os.cpu_count() or 1) + 1))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def work_unit(nodeid: str) -> str:
+    """A module's tests stay on one worker (its module-scoped model or server is built once); every real-browser
+    test goes to one worker, which shares one Streamlit server (``app_url``)."""
+    module = nodeid.split("::")[0]
+    return BROWSER_GROUP if module.startswith(BROWSER_MODULE_PREFIX) else module
+
+
+def pytest_xdist_make_scheduler(config, log):
+    # xdist's own `--dist loadgroup` renames node ids, which pytest 9 no longer allows: our units, by hand.
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return WorkUnitScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Work units for `--dist loadgroup`: a module's tests stay on one worker (its module-scoped model or server is
-    built once), and every real-browser test goes to one worker, which shares one Streamlit server (``app_url``).
-    The browser unit comes first, then the others by size, so that the longest unit is never the tail of the run
-    (pytest.ini turns off xdist's own reordering by size, which would put the browser unit last)."""
-    groups = {}
+    """The browser unit first, then the others by size, so that the longest unit is never the tail of the run
+    (pytest.ini turns off xdist's own reordering by size, which would put the browser unit, few but long tests,
+    last). A browser test outside tests/test_browser*.py would get a server of its own: refused."""
     for item in items:
-        group = BROWSER_GROUP if item.get_closest_marker("browser") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-        groups[item.nodeid] = group
-    sizes = collections.Counter(groups.values())
-    items.sort(key=lambda item: (groups[item.nodeid] != BROWSER_GROUP, -sizes[groups[item.nodeid]]))
+        if item.get_closest_marker("browser") and work_unit(item.nodeid) != BROWSER_GROUP:
+            raise pytest.UsageError(f"{item.nodeid}: real-browser tests live in {BROWSER_MODULE_PREFIX}*.py")
+    sizes = collections.Counter(work_unit(item.nodeid) for item in items)
+    items.sort(key=lambda item: (work_unit(item.nodeid) != BROWSER_GROUP, -sizes[work_unit(item.nodeid)]))
 
 
 def pytest_configure(config):
