@@ -6,7 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# One OpenMP thread in every process the suite starts (workers, Streamlit servers, CLIs, timing workers), before
+# torch is loaded: the workers already share the cores, and a second OpenMP thread spinning at each barrier while
+# its sibling waits for a core doubled a Streamlit server's CPU time on a loaded 2-core machine. A test that is about
+# threads sets them itself.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -46,8 +46,9 @@ def _uploader(page, label: str):
 
 
 def test_vqa_frontier_section_scores_uploaded_questions_and_keeps_them_in_a_real_browser(app_url, tmp_path):
-    """Issue 32: a questions file and its images uploaded, every variant the method table offers scored and timed,
-    chart, table and downloads; after Home and back the questions and the frontier are still there."""
+    """Issue 32: a questions file and its images uploaded, the table's variants cleared and three typed ones scored
+    and timed beside the unreduced model (every offered variant is scored in tests/test_page_vqa_section.py), chart,
+    table and downloads; after Home and back the questions and the frontier are still there."""
     import json
 
     from playwright.sync_api import sync_playwright
@@ -67,6 +68,13 @@ def test_vqa_frontier_section_scores_uploaded_questions_and_keeps_them_in_a_real
         _uploader(page, "Images the questions name").set_input_files([str(f) for f in photos])
         wait_until_idle(page)
         fill_numbers(page, (("Batch (answering and timing)", "2"), ("Interleaved timing rounds", "1")))
+        variants = page.locator('[data-testid="stMultiSelect"]').filter(has_text="Variants (the unreduced model")
+        variants.get_by_role("button", name="Clear all").click()
+        wait_until_idle(page)
+        typed = page.get_by_label("Other variants (space separated, e.g. pumer,prune=0.5,reduce=1-4-7)")
+        typed.fill("pumer tome=8 size=288")
+        typed.press("Enter")
+        wait_until_idle(page)
         page.get_by_role("button", name="Compute the VQA frontier").click()
         page.get_by_role("button", name="Download points (CSV)").wait_for(timeout=300_000)
         wait_until_idle(page)
@@ -79,7 +87,8 @@ def test_vqa_frontier_section_scores_uploaded_questions_and_keeps_them_in_a_real
         saved = download_each(page, ("Download points (CSV)", "Download answers per question (CSV)"), tmp_path,
                               still_there)
         points = saved["Download points (CSV)"].read_text()
-        assert "unreduced" in points and "pumer" in points and "tome" in points and "size=" in points
+        assert len(points.strip().splitlines()) == 1 + 4  # the unreduced model and the three typed variants
+        assert "unreduced" in points and "pumer" in points and "tome=8" in points and "size=288" in points
         answers = saved["Download answers per question (CSV)"].read_text()
         assert "first.png" in answers and "second.png" in answers and "Is it blue?" in answers
 
