@@ -31,13 +31,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app():
+def running_app(extra_env: dict[str, str] | None = None):
     if not Path(CHROMIUM).exists():
         if REQUIRE:
             pytest.fail("chromium is not installed (apt-get install chromium)")
         pytest.skip("chromium is not installed (apt-get install chromium)")
     port = free_port()
-    env = dict(os.environ, VITLAB_WEIGHTS_DIR=str(ROOT.parent / "shared" / "weights"), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, VITLAB_WEIGHTS_DIR=str(ROOT.parent / "shared" / "weights"), HF_HUB_OFFLINE="1",
+               **(extra_env or {}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
          "--server.fileWatcherType", "none", "--server.port", str(port), "--server.address", "127.0.0.1",
@@ -107,25 +108,28 @@ def all_photos(folder: Path) -> list[Path]:
     return files
 
 
-BUSY_SCRIPT_STATES = ("running", "rerunRequested", "stopRequested")
+# Busy while Streamlit's own run state (the app root's data-test-script-state, set as soon as a rerun is requested
+# or starts) says so, or while its status widget shows; one query per poll.
+IS_BUSY = """() => {
+    const app = document.querySelector('[data-testid="stApp"]');
+    const state = app ? app.getAttribute("data-test-script-state") : null;
+    return ["running", "rerunRequested", "stopRequested"].includes(state)
+        || document.querySelector('[data-testid="stStatusWidget"]') !== null;
+}"""
 
 
-def wait_until_idle(page, limit_s: float = 300, settle_s: float = 1.0) -> None:
-    """Wait until the script has not been running for ``settle_s``: the app root's ``data-test-script-state``
-    (Streamlit's own run state, set as soon as a rerun is requested or starts) says so and the status widget is gone.
-    The settle time covers the moment between a click and the server's "script started"."""
-    app = page.locator('[data-testid="stApp"]')
+def wait_until_idle(page, limit_s: float = 300, settle_s: float = 1.0, poll_s: float = 0.25) -> None:
+    """Wait until the script has not been running for ``settle_s``; the settle time covers the moment between a
+    click and the server's "script started"."""
     deadline, quiet_since = time.time() + limit_s, None
     while time.time() < deadline:
-        state = app.get_attribute("data-test-script-state") if app.count() else None
-        busy = state in BUSY_SCRIPT_STATES or page.locator('[data-testid="stStatusWidget"]').count() > 0
-        if busy:
+        if page.evaluate(IS_BUSY):
             quiet_since = None
         elif quiet_since is None:
             quiet_since = time.time()
         elif time.time() - quiet_since > settle_s:
             return
-        time.sleep(0.1)
+        time.sleep(poll_s)
 
 
 # Issue 20: what a user uploaded, set and computed is still there after another page, in a real browser.

@@ -13,7 +13,7 @@ import pytest
 # threads sets them itself.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -191,10 +191,18 @@ def training_checkpoint():
 # The real-browser tests' servers (tests/browser_support.py): one for the whole run (the browser tests share a worker),
 # or a fresh one per test.
 @pytest.fixture(scope="session")
-def app_url():
+def app_url(tmp_path_factory):
+    """The shared server. Its roofline is cached beforehand (small sizes), so that "Where the time goes" does not
+    measure the machine first and nothing is written to the user's own cache."""
     from browser_support import running_app
 
-    with running_app() as url:
+    from analysis.timing import roofline
+
+    cache = tmp_path_factory.mktemp("roofline") / "roofline.json"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(roofline.CACHE_ENV, str(cache))
+        roofline.store(roofline.machine_roofline("cpu", matmul_sizes=(512,), copy_mib=32))  # cached even under load
+    with running_app({roofline.CACHE_ENV: str(cache)}) as url:
         yield url
 
 

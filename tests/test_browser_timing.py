@@ -13,7 +13,6 @@ from browser_support import (
     launch_browser,
     open_page,
     photo_files,
-    running_app,
     upload_files,
     wait_until_idle,
 )
@@ -104,33 +103,14 @@ def test_throughput_and_frontier_keep_settings_uploads_and_results_in_a_real_bro
         assert page.get_by_text("No upload: using the bundled sample photos").count() == 0
 
 
-@pytest.fixture
-def breakdown_app_url(tmp_path_factory):
-    """A server whose roofline is already cached (small sizes), so the page does not measure the machine first."""
-    from analysis.timing import roofline
-
-    cache = tmp_path_factory.mktemp("roof") / "roof.json"
-    previous = os.environ.get(roofline.CACHE_ENV)
-    os.environ[roofline.CACHE_ENV] = str(cache)
-    roofline.store(roofline.machine_roofline("cpu", matmul_sizes=(512,), copy_mib=32))  # cached even under load
-    try:
-        with running_app() as url:
-            yield url
-    finally:
-        if previous is None:
-            os.environ.pop(roofline.CACHE_ENV, None)
-        else:
-            os.environ[roofline.CACHE_ENV] = previous
-
-
-def test_breakdown_page_profiles_two_engines_and_keeps_results_through_downloads(breakdown_app_url, tmp_path):
+def test_breakdown_page_profiles_two_engines_and_keeps_results_through_downloads(app_url, tmp_path):
     """Issues 21 and 31: "Where the time goes" profiles DeiT-Tiny and EfficientViT-M0 under eager PyTorch and ONNX
     Runtime: whether the attribution adds up comes first, the engines side by side, the roofline with the
     hardware's peak; the tables and the raw trace download and the charts stay."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        page = open_page(p, breakdown_app_url, "breakdown", "Where the time goes", height=4400, downloads=True)
+        page = open_page(p, app_url, "breakdown", "Where the time goes", height=4400, downloads=True)
         fill_numbers(page, (("Profiled forwards (each next to a plain one)", "1"),))
         add_option(page, "Engines", "ONNX Runtime")
         page.get_by_role("button", name="Profile").click()
