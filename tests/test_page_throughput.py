@@ -11,6 +11,11 @@ from models.device import cpu_name
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "throughput.py")
 
 
+@pytest.fixture(autouse=True)
+def _timing_here(timing_in_this_process):
+    """What the page shows is under test here; its worker process is tested in tests/test_timing_request.py."""
+
+
 def _tiny_run() -> AppTest:
     at = AppTest.from_file(PAGE, default_timeout=240).run()
     assert not at.exception
