@@ -132,6 +132,14 @@ def wait_until_idle(page, limit_s: float = 300, settle_s: float = 1.0, poll_s: f
         time.sleep(poll_s)
 
 
+def charts_shown(page, at_least: int, timeout_ms: int = 60_000):
+    """The page's plotly charts, once at least ``at_least`` are on it: Streamlit loads the chart component lazily,
+    so on a busy machine a chart can mount a moment after the script has finished."""
+    charts = page.locator('[data-testid="stPlotlyChart"]')
+    charts.nth(at_least - 1).wait_for(timeout=timeout_ms)
+    return charts
+
+
 # Issue 20: what a user uploaded, set and computed is still there after another page, in a real browser.
 def photo_files(folder: Path) -> list[Path]:
     from PIL import Image

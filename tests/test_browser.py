@@ -10,6 +10,7 @@ import pytest
 from browser_support import (
     CHROMIUM,
     all_photos,
+    charts_shown,
     away_and_back,
     open_page,
     photo_files,
@@ -129,7 +130,7 @@ def test_head_redundancy_keeps_uploads_and_choices_in_a_real_browser(shared_dir,
         assert page.get_by_text("Using your 2 uploaded images: first.png, second.png").count() == 1
         assert page.get_by_label("Image", exact=True).input_value() == "second.png"
         assert page.get_by_role("radio", name="head outputs (linear CKA)").is_checked()
-        assert page.locator('[data-testid="stPlotlyChart"]').count() >= 2  # the analysis is shown again
+        assert charts_shown(page, 2).count() >= 2  # the analysis is shown again
         page.get_by_text("attention maps (cosine)", exact=True).click()  # the next rerun
         wait_until_idle(page)
         still_uses_uploads(page, "Using your 2 uploaded images: first.png, second.png",

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from browser_support import (
     add_option,
+    charts_shown,
     away_and_back,
     download_each,
     fill_numbers,
@@ -36,7 +37,7 @@ def test_frontier_computes_and_keeps_its_points_through_downloads(shared_dir, ap
         page.get_by_role("button", name="Compute the frontier").click()
         page.get_by_role("button", name="Download points (CSV)").wait_for(timeout=300_000)
         wait_until_idle(page)
-        assert page.locator('[data-testid="stPlotlyChart"]').count() == 1
+        assert charts_shown(page, 1).count() == 1
 
         def still_there() -> None:
             assert page.locator('[data-testid="stPlotlyChart"]').count() == 1
@@ -67,7 +68,7 @@ def test_throughput_and_frontier_keep_settings_uploads_and_results_in_a_real_bro
         page.get_by_role("button", name="Run benchmark").click()
         page.get_by_role("button", name="Download CSV").wait_for(timeout=240_000)
         wait_until_idle(page)
-        charts = page.locator('[data-testid="stPlotlyChart"]')
+        charts = charts_shown(page, 2)
         assert charts.count() == 2
 
         def still_there() -> None:  # the result is still there after each click: no return to the form
@@ -116,7 +117,7 @@ def test_breakdown_page_profiles_two_engines_and_keeps_results_through_downloads
         page.get_by_role("button", name="Profile").click()
         page.get_by_role("button", name="Per-operator table (CSV)").wait_for(timeout=300_000)
         wait_until_idle(page)
-        charts = page.locator('[data-testid="stPlotlyChart"]')
+        charts = charts_shown(page, 5)
         # operator classes, components, attention vs FFN per block, engines side by side, roofline
         assert charts.count() == 5
         assert page.get_by_text("Does the attribution add up?").count() == 1

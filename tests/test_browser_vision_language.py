@@ -79,6 +79,7 @@ def test_vqa_frontier_section_scores_uploaded_questions_and_keeps_them_in_a_real
         page.get_by_role("button", name="Download points (CSV)").wait_for(timeout=300_000)
         wait_until_idle(page)
         chart = page.locator('[data-testid="stPlotlyChart"]').filter(has_text="questions per second")
+        chart.first.wait_for(timeout=60_000)  # the chart component loads lazily
 
         def still_there() -> None:
             assert page.get_by_role("button", name="Download points (CSV)").count() == 1
