@@ -226,27 +226,26 @@ def fresh_app_url():
 
 @pytest.fixture
 def timing_in_this_process(monkeypatch):
-    """The throughput page's timing request run in the test's own process, after the same trip through JSON and
-    back as to its worker: for page tests about what the page shows, not about the worker. The fresh worker process
-    has its own tests (tests/test_timing_request.py, the real-browser throughput test, the typed-ViT page test);
-    here it would only add its imports, about 5 s of CPU a run. The request's thread count is restored after."""
-    import dataclasses
+    """The throughput page's timing worker run in the test's own process: the page's request goes through
+    ``run_in_fresh_process`` and the worker as it would, spec and answer through JSON, only the new process is left
+    out (about 5 s of CPU a run for its imports). For page tests about what the page shows; the worker process has
+    its own tests (tests/test_timing_request.py, the real-browser throughput test, the typed-ViT page test). The
+    thread count the request sets is restored after."""
     import json
 
+    from analysis.timing import fresh_process
     from analysis.timing import request as timing
 
-    def run(request, progress=None, on_measure=None):
-        request = dataclasses.replace(request, model_modules=timing.registering_modules(request.variants))
-        request = timing.TimingRequest.from_spec(json.loads(json.dumps(request.to_spec())))
+    def run(module, spec, env=None, progress=None, on_measure=None, timeout=None):
+        assert module == "analysis.timing.request", module
         threads = torch.get_num_threads()
         try:
-            result = timing.run_request(request, progress, on_measure)
+            answer = timing.worker(json.loads(json.dumps(spec)), progress, on_measure)
         finally:
             torch.set_num_threads(threads)
-        records = json.loads(json.dumps(timing.rows_to_records(result.rows)))
-        return timing.TimingResult(timing.rows_from_records(records), list(result.notes))
+        return json.loads(json.dumps(answer))
 
-    monkeypatch.setattr(timing, "run_in_fresh_process", run)
+    monkeypatch.setattr(fresh_process, "run_in_fresh_process", run)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 from browser_support import (
     CHROMIUM,
     all_photos,
-    charts_shown,
     away_and_back,
+    charts_shown,
     open_page,
     photo_files,
     pick_option,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from browser_support import (
     add_option,
-    charts_shown,
     away_and_back,
+    charts_shown,
     download_each,
     fill_numbers,
     launch_browser,

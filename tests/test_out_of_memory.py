@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.timing.memory import available_bytes, batches_that_fit, bytes_per_image
 from analysis.timing.harness import Runner, is_out_of_memory
+from analysis.timing.memory import available_bytes, batches_that_fit, bytes_per_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,20 +124,18 @@ def test_available_memory_follows_the_address_space_limit():
     assert found["limit"] - found["used"] < available_bytes()  # the limit, not the machine's memory, counted
 
 
-def test_the_throughput_page_answers_an_out_of_memory_with_a_sentence(monkeypatch):
+def test_the_throughput_page_answers_an_out_of_memory_with_a_sentence(monkeypatch, timing_in_this_process):
     from streamlit.testing.v1 import AppTest
 
-    import analysis.timing.fresh_process
     import analysis.timing.request
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
                            "tried to allocate 99857989632 bytes. Error code 12 (Cannot allocate memory)")
 
-    # The page's worker, run in this process so that its benchmark can fail here; its answer travels as JSON.
+    # The page's worker, run in this process (timing_in_this_process) so that its benchmark can fail here; its
+    # answer travels as JSON.
     monkeypatch.setattr(analysis.timing.request, "benchmark", out_of_memory)
-    monkeypatch.setattr(analysis.timing.fresh_process, "run_in_fresh_process",
-                        lambda module, spec, **kw: json.loads(json.dumps(analysis.timing.request.worker(spec))))
     at = AppTest.from_file(str(ROOT / "pages" / "throughput.py"), default_timeout=240).run()
     at.multiselect(key="tp_models").set_value(["efficientvit_m0"]).run()
     at.number_input(key="tp_batch").set_value(2)
@@ -148,8 +146,8 @@ def test_the_throughput_page_answers_an_out_of_memory_with_a_sentence(monkeypatc
 
 def test_a_single_batch_that_cannot_fit_is_refused_before_any_timed_forward(monkeypatch, capsys):
     """Issue 30: ``--batch 4096`` on a CPU was tried and failed 10 s later, while ``--batches`` refused it up front."""
-    import analysis.timing.memory
     import analysis.throughput.cli as throughput
+    import analysis.timing.memory
 
     class Benchmarked(Exception):
         pass

@@ -318,6 +318,7 @@ def setting_runners(loaded: LoadedModel, settings: Sequence[FrontierSetting]) ->
                    make_inputs=make_inputs, params=loaded.num_params, weights=loaded.weights.description)
             for s in settings]
 
+
 def score_interval(group: pd.DataFrame) -> dict:
     """Plotly error bars from a frame's ``ci_low`` / ``ci_high`` around its ``score``."""
     return dict(type="data", symmetric=False, array=group["ci_high"] - group["score"],
@@ -329,7 +330,6 @@ def add_pareto_trace(fig: go.Figure, data: pd.DataFrame, x_col: str) -> None:
     front = pareto_front(data, x_col, "score")
     fig.add_trace(go.Scatter(x=front[x_col], y=front["score"], mode="lines", name="Pareto frontier (measured)",
                              line=dict(color="black", dash="dot", width=2), hoverinfo="skip"))
-
 
 
 def measure_throughput(loaded: LoadedModel, settings: Sequence[FrontierSetting], bench: BenchSettings,

@@ -184,14 +184,16 @@ def run_in_fresh_process(request: TimingRequest, progress: Progress | None = Non
     return TimingResult(rows_from_records(answer["rows"]), answer["notes"])
 
 
-def worker(spec: dict) -> dict:
+def worker(spec: dict, progress: Progress = report_progress, on_measure: Measure = report_measure) -> dict:
+    """The worker process's answer to ``spec``; progress and measurements go to the parent as lines (a caller in
+    the same process, as the page tests are, passes its own callbacks)."""
     from analysis.timing.env import control_allocator
 
     control_allocator()  # before any model is built
     request = TimingRequest.from_spec(spec)
     import_registering_modules(request.model_modules)
     try:
-        result = run_request(request, report_progress, report_measure)
+        result = run_request(request, progress, on_measure)
     except TimingRefused as exc:
         return {"refused": str(exc), "out_of_memory": exc.out_of_memory}
     return {"rows": rows_to_records(result.rows), "notes": result.notes}
