@@ -5,16 +5,18 @@ import collections
 import gc
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 # One OpenMP thread in every process the suite starts (workers, Streamlit servers, CLIs, timing workers), before
 # torch is loaded: the workers already share the cores, and a second OpenMP thread spinning at each barrier while
 # its sibling waits for a core doubled a Streamlit server's CPU time on a loaded 2-core machine. A test that is about
 # threads sets them itself.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -66,8 +68,40 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     config.addinivalue_line("markers", "shared: needs ../shared/weights or ../shared/images")
     config.addinivalue_line("markers", "browser: drives a real chromium")
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # torch only in the workers: the controller starts them 2 s sooner
+        import torch
+
         torch.set_num_threads(1)
+    _lighten_apptest()
+
+
+def _lighten_apptest():
+    """Two costs of Streamlit's AppTest that check nothing of ours. Each new AppTest scans every installed
+    distribution's metadata for custom components (none is installed, and the packages do not change during a run):
+    scanned once per process. And while a page script runs, the test's thread wakes every millisecond to look through
+    the script's whole event list for the end, taking the GIL from the script thread each time: it looks every 5 ms.
+    Measured on two page-test modules in one process: 81 -> 70 CPU-s for the scan, -> 68 for the polling."""
+    import functools
+
+    from streamlit.components.v2 import manifest_scanner
+    from streamlit.testing.v1 import local_script_runner
+
+    manifest_scanner.scan_component_manifests = functools.cache(manifest_scanner.scan_component_manifests)
+    local_script_runner.require_widgets_deltas = _wait_for_script_end
+
+
+def _wait_for_script_end(runner, timeout: float = 3) -> None:
+    """Streamlit's ``require_widgets_deltas``, polling every 5 ms instead of every 1 ms."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.005)
+        if runner.script_stopped():
+            return
+    runner.request_stop()
+    runner.join()
+    raise RuntimeError(f"AppTest script run timed out after {timeout}(s)")
 
 
 def pytest_collection_finish(session):
@@ -116,6 +150,7 @@ def shared_photos(shared_dir):
 def deit_tiny_batch(deit_tiny_real, shared_photos) -> torch.Tensor:
     """The five shared photos preprocessed with DeiT-Tiny's own timm data config."""
     import timm.data
+    import torch
 
     cfg = timm.data.resolve_data_config({}, model=deit_tiny_real)
     tf = timm.data.create_transform(**cfg)
@@ -162,6 +197,8 @@ def training_checkpoint():
     ``lr_schedulers``, ``callbacks``, ``hyper_parameters``, ``epoch``, ``global_step``). ``state_dict`` replaces
     the model's own (for files in an official key layout)."""
     import argparse
+
+    import torch
 
     def save(path, model, layout, state_dict=None):
         params = [p.detach().clone().requires_grad_(True) for p in model.parameters()][:4]  # model untouched
@@ -233,6 +270,8 @@ def timing_in_this_process(monkeypatch):
     thread count the request sets is restored after."""
     import json
 
+    import torch
+
     from analysis.timing import fresh_process
     from analysis.timing import request as timing
 
@@ -252,6 +291,8 @@ def timing_in_this_process(monkeypatch):
 def one_torch_thread():
     """One torch thread for a module's tests, restored after: two threads per process on 2 busy shared cores are
     many times slower than one."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
