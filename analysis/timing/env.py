@@ -150,14 +150,12 @@ def timing_environment(device: str = "cpu", precision: str = "fp32", batch: int 
                        engine: str = "eager") -> dict[str, str]:
     """What a timing depends on, for every exported row: versions, threads, allocator, the chip and its clock
     policy, precision, batch and engine (a key of ``analysis.timing.engines.ENGINES``)."""
-    import timm
-
-    from models.device import cpu_name
+    from models.device import cpu_name, timm_version
 
     on_gpu = torch.device(device).type == "cuda" and torch.cuda.is_available()
     env = {
         "torch": torch.__version__,
-        "timm": timm.__version__,
+        "timm": timm_version(),
         "intra_op_threads": str(torch.get_num_threads()),
         "inter_op_threads": str(torch.get_num_interop_threads()),
         "allocator": control_allocator(),
