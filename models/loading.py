@@ -11,6 +11,7 @@ from torch import nn
 
 from . import weights as W
 from .checkpoints import CheckpointError, WeightsNotFoundError, _first, load_strict, read_state_dict
+from .device import on_meta
 from .registry import ModelSpec, get_spec, import_target, sized
 
 CACHE_DIR = Path.home() / ".cache" / "vitlab"
@@ -149,7 +150,7 @@ def meta_model(spec) -> nn.Module | None:
     """The spec's random-init architecture on the meta device (no memory, no init cost); cached per name."""
     if spec.name not in _META_MODELS:
         try:
-            with torch.device("meta"):
+            with on_meta():
                 _META_MODELS[spec.name] = build_random(spec)
         except Exception:  # noqa: BLE001 - a model that cannot be built on meta just never matches
             _META_MODELS[spec.name] = None

@@ -68,8 +68,9 @@ def describe(name: str) -> TimmArch:
     Raises NoSuchTimmModel for a name timm does not know, UnsupportedTimmClass for a class the project cannot run.
     """
     import timm
-    import torch
     from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    from .device import on_meta
 
     architecture, tag = split_model_name_tag(name.strip())
     if not name.strip() or not timm.is_model(architecture):
@@ -81,7 +82,7 @@ def describe(name: str) -> TimmArch:
         raise NoSuchTimmModel(f"timm has no pretrained tag {tag!r} for {architecture}; its tags: "
                               f"{', '.join(tags) or 'none'}.") from None
     try:
-        with torch.device("meta"):
+        with on_meta():
             model = timm.create_model(f"{architecture}.{tag}" if tag else architecture, pretrained=False)
     except Exception as exc:  # noqa: BLE001 - a model function that fails to build is reported, not raised through
         raise UnsupportedTimmClass(f"timm could not build {name}: {type(exc).__name__}: {exc}") from exc

@@ -44,6 +44,28 @@ def test_every_entry_builds_with_random_weights(name):
         assert logits.shape == (2, 1000) and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "efficientvit_m0", "dynamicswin_tiny",
+                                  "dynamiccnn_convnext_tiny", "vilt_b32_vqa"])
+def test_meta_builds_skip_the_initialisers_and_keep_every_shape(name):
+    """``on_meta`` (the method checks, checkpoint matching, typed timm names) builds the same architecture as
+    ``torch.device("meta")``: every parameter and buffer with its shape and dtype, the same modules."""
+    from models.device import on_meta
+
+    spec = get_spec(name)
+    with torch.device("meta"):
+        initialised = build_random(spec)
+    with on_meta():
+        skipped = build_random(spec)
+    assert repr(skipped) == repr(initialised)
+    for mine, theirs in ((skipped.state_dict(), initialised.state_dict()),
+                         (dict(skipped.named_buffers()), dict(initialised.named_buffers()))):
+        assert {k: (v.shape, v.dtype, v.device) for k, v in mine.items()} == {
+            k: (v.shape, v.dtype, v.device) for k, v in theirs.items()}
+    with on_meta():
+        real = torch.ones(2, device="cpu").mul_(3)  # a tensor with values still gets them
+    assert real.tolist() == [3.0, 3.0]
+
+
 def test_every_method_forward_exists_and_applies_to_some_model():
     from models.methods import METHODS, methods_for
 
