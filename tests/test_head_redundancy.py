@@ -244,6 +244,11 @@ def test_tables_and_figures(deit_tiny_result, efficientvit_m0):
     depth = hr.redundancy_vs_depth(results)
     assert {t.xaxis for t in depth.data} == {"x", "x2"}  # MHSA left, CGA right
     assert "random weights" in depth.data[1].name
+    # Issue 30: without EfficientViT (no weights on a first visit) there was an empty "Cascaded group attention" panel
+    for alone, title in ((deit_tiny_result, "Multi-head"), (cga, "Cascaded")):
+        single = hr.redundancy_vs_depth([alone])
+        assert [a.text.split(" ")[0] for a in single.layout.annotations] == [title]
+        assert "xaxis2" not in single.to_dict()["layout"] and single.data[0].xaxis == "x"
     assert cga.embedding.shape == (24, 2) and len(hr.head_embedding_figure(cga).data) == 6
 
 

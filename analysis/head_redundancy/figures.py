@@ -46,9 +46,11 @@ METRIC_WORDS = {ATTENTION: "max cosine of attention maps to another head",
 
 
 def redundancy_vs_depth(results: Sequence[RedundancyResult], metric: str = ATTENTION) -> go.Figure:
-    """Mean head redundancy per block against relative depth; MHSA models left, cascaded group attention right."""
-    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=(
-        "Multi-head self-attention (ViT / DeiT)", "Cascaded group attention (EfficientViT)"))
+    """Mean head redundancy per block against relative depth; MHSA models left, cascaded group attention right. A
+    panel only for a kind that has a model here: no empty EfficientViT panel when it could not be loaded."""
+    panels = [is_cga for is_cga in (False, True) if any((r.kind == CGA) == is_cga for r in results)] or [False]
+    titles = {False: "Multi-head self-attention (ViT / DeiT)", True: "Cascaded group attention (EfficientViT)"}
+    fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True, subplot_titles=[titles[p] for p in panels])
     for r in results:
         is_cga = r.kind == CGA
         lows = [np.nanmin(b.redundancy(metric)) for b in r.blocks]
@@ -62,7 +64,7 @@ def redundancy_vs_depth(results: Sequence[RedundancyResult], metric: str = ATTEN
                          arrayminus=np.subtract(mean, lows), thickness=1),
             customdata=[[b.block, b.stage] for b in r.blocks],
             hovertemplate="block %{customdata[0]} (stage %{customdata[1]})<br>mean %{y:.3f}<extra>%{fullData.name}</extra>",
-        ), row=1, col=2 if is_cga else 1)
+        ), row=1, col=panels.index(is_cga) + 1)
     fig.update_xaxes(title_text="relative depth (0 = first block, 1 = last)", range=[-0.05, 1.05])
     fig.update_yaxes(title_text=f"head redundancy: {METRIC_WORDS[metric]}", row=1, col=1)
     fig.update_layout(title="Head redundancy vs depth (mean over heads; bars span min-max)", height=450)
