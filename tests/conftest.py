@@ -72,7 +72,6 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(1)
-    _lighten_apptest()
 
 
 def _lighten_apptest():
@@ -105,9 +104,11 @@ def _wait_for_script_end(runner, timeout: float = 3) -> None:
 
 
 def pytest_collection_finish(session):
-    """The collected modules (torch, timm, streamlit, the tests) live as long as the run: keep the cyclic garbage
-    collector from walking them again and again, and let it run less often. About 6 % less CPU in the page tests,
-    whose reruns allocate many small objects; memory is still freed by reference counting as before."""
+    """Where tests run (each worker; not xdist's controller, which collects nothing): AppTest lightened, then the
+    collected modules (torch, timm, streamlit, the tests), which live as long as the run, kept from the cyclic
+    garbage collector's walks, which also run less often. About 6 % less CPU in the page tests, whose reruns
+    allocate many small objects; memory is still freed by reference counting as before."""
+    _lighten_apptest()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
 
